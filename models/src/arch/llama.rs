@@ -1,0 +1,93 @@
+//! Llama (and every config with Llama's layout): GQA attention + SwiGLU MLP.
+
+use std::num::NonZeroU32;
+
+use serde::Deserialize;
+
+use crate::blocks::{self, GqaConfig};
+use crate::common::{self, DecoderBase};
+use crate::config::ConfigFile;
+use crate::error::ModelError;
+use crate::spec::*;
+
+#[derive(Debug, Deserialize)]
+pub struct LlamaConfig {
+    #[serde(flatten)]
+    pub base: DecoderBase,
+    pub intermediate_size: NonZeroU32,
+    pub num_attention_heads: NonZeroU32,
+    pub num_key_value_heads: Option<NonZeroU32>,
+    pub head_dim: Option<NonZeroU32>,
+    #[serde(default)]
+    pub attention_bias: bool,
+}
+
+/// Options that distinguish Llama-shaped families (Qwen3 adds per-head q/k norms).
+pub struct DenseFamily {
+    pub qk_norm: bool,
+}
+
+pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
+    build_dense(cfg, &DenseFamily { qk_norm: false })
+}
+
+pub fn build_dense(cfg: &ConfigFile, family: &DenseFamily) -> Result<ModelSpec, ModelError> {
+    let c: LlamaConfig = cfg.parse(None)?;
+    let hidden = c.base.hidden_size.get();
+    let format = WeightFormat::Plain;
+    let attention = attention_config(cfg, &c, family.qk_norm)?;
+    let layers = (0..c.base.num_hidden_layers.get())
+        .map(|i| {
+            let prefix = format!("model.layers.{i}");
+            LayerSpec {
+                mixer: Some(MixerSpec::Attention(blocks::gqa_attention(&attention, &blocks::path(&prefix, "self_attn"), format))),
+                ffn: Some(FfnSpec::Dense(blocks::dense_mlp(
+                    blocks::elements(hidden, "hidden_size"),
+                    c.intermediate_size.get(),
+                    "intermediate_size",
+                    Activation::SwiGlu,
+                    &blocks::path(&prefix, "mlp"),
+                    format,
+                ))),
+                params: blocks::pre_norms(&prefix, hidden),
+            }
+        })
+        .collect();
+    Ok(standard_model(cfg, &c.base, layers)?)
+}
+
+pub fn attention_config(cfg: &ConfigFile, c: &LlamaConfig, qk_norm: bool) -> Result<GqaConfig, ModelError> {
+    let hidden = c.base.hidden_size.get();
+    let heads = c.num_attention_heads.get();
+    let kv_heads = c.num_key_value_heads.map_or(heads, NonZeroU32::get);
+    common::check_gqa(&cfg.path, heads, kv_heads, "")?;
+    Ok(GqaConfig {
+        hidden: blocks::elements(hidden, "hidden_size"),
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim: common::head_dim(&cfg.path, c.head_dim, hidden, heads)?,
+        output_gate: false,
+        qk_norm,
+        bias: c.attention_bias,
+        heads_field: "num_attention_heads",
+        kv_heads_field: "num_key_value_heads",
+    })
+}
+
+/// Embedding, final norm and lm_head under the `model.` / `lm_head` names most families use.
+pub fn standard_model(cfg: &ConfigFile, base: &DecoderBase, layers: Vec<LayerSpec>) -> Result<ModelSpec, ModelError> {
+    let hidden = base.hidden_size.get();
+    let vocab = base.vocab_size.get();
+    Ok(ModelSpec {
+        model_type: cfg.model_type()?.to_string(),
+        hidden_size: hidden,
+        vocab_size: vocab,
+        dtype: base.weight_dtype(&cfg.path)?,
+        embedding: blocks::embedding(vocab, hidden, "model.embed_tokens".into()),
+        layers,
+        final_norm: ParamSpec::replicated("model.norm.weight".into(), vec![hidden]),
+        lm_head: blocks::lm_head(vocab, hidden, "lm_head".into()),
+        tie_word_embeddings: base.tie_word_embeddings,
+        ignored_weight_prefixes: Vec::new(),
+    })
+}

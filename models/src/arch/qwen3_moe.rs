@@ -1,0 +1,75 @@
+//! Qwen3-MoE: Qwen3 attention; MoE FFN on every `decoder_sparse_step`-th layer except
+//! `mlp_only_layers`, experts stored one tensor each, no shared expert.
+
+use std::num::NonZeroU32;
+
+use serde::Deserialize;
+
+use crate::arch::llama::{self, LlamaConfig};
+use crate::blocks::{self, ExpertsConfig};
+use crate::config::ConfigFile;
+use crate::error::ModelError;
+use crate::spec::*;
+
+#[derive(Debug, Deserialize)]
+struct Qwen3MoeConfig {
+    #[serde(flatten)]
+    dense: LlamaConfig,
+    num_experts: NonZeroU32,
+    num_experts_per_tok: NonZeroU32,
+    moe_intermediate_size: NonZeroU32,
+    #[serde(default = "one")]
+    decoder_sparse_step: NonZeroU32,
+    #[serde(default)]
+    mlp_only_layers: Vec<u32>,
+}
+
+fn one() -> NonZeroU32 {
+    NonZeroU32::MIN
+}
+
+pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
+    let c: Qwen3MoeConfig = cfg.parse(None)?;
+    let hidden = c.dense.base.hidden_size.get();
+    let format = WeightFormat::Plain;
+    let attention = llama::attention_config(cfg, &c.dense, true)?;
+    let layers = (0..c.dense.base.num_hidden_layers.get())
+        .map(|i| {
+            let prefix = format!("model.layers.{i}");
+            let mlp = blocks::path(&prefix, "mlp");
+            let sparse = !c.mlp_only_layers.contains(&i) && (i + 1) % c.decoder_sparse_step.get() == 0;
+            let ffn = if sparse {
+                let (experts_up, experts_down) = blocks::routed_experts(&ExpertsConfig {
+                    input: blocks::elements(hidden, "hidden_size"),
+                    num_experts: c.num_experts.get(),
+                    experts_field: "num_experts",
+                    intermediate: c.moe_intermediate_size.get(),
+                    intermediate_field: "moe_intermediate_size",
+                    activation: Activation::SwiGlu,
+                    experts_prefix: &blocks::path(&mlp, "experts"),
+                    format,
+                });
+                FfnSpec::Moe(MoeSpec {
+                    num_experts: c.num_experts.get(),
+                    top_k: c.num_experts_per_tok.get(),
+                    intermediate: c.moe_intermediate_size.get(),
+                    activation: Activation::SwiGlu,
+                    experts_up,
+                    experts_down,
+                    shared: None,
+                    latent: None,
+                    params: vec![ParamSpec::replicated(blocks::path(&mlp, "gate.weight"), vec![c.num_experts.get(), hidden])],
+                })
+            } else {
+                let h = blocks::elements(hidden, "hidden_size");
+                FfnSpec::Dense(blocks::dense_mlp(h, c.dense.intermediate_size.get(), "intermediate_size", Activation::SwiGlu, &mlp, format))
+            };
+            LayerSpec {
+                mixer: Some(MixerSpec::Attention(blocks::gqa_attention(&attention, &blocks::path(&prefix, "self_attn"), format))),
+                ffn: Some(ffn),
+                params: blocks::pre_norms(&prefix, hidden),
+            }
+        })
+        .collect();
+    llama::standard_model(cfg, &c.dense.base, layers)
+}

@@ -1,0 +1,64 @@
+//! Config fields and checks several frontends share.
+
+use std::num::NonZeroU32;
+use std::path::Path;
+
+use lorac_plan::DType;
+use serde::Deserialize;
+
+use crate::error::ModelError;
+
+/// Fields every decoder config has, under their Hugging Face names.
+#[derive(Debug, Deserialize)]
+pub struct DecoderBase {
+    pub hidden_size: NonZeroU32,
+    pub num_hidden_layers: NonZeroU32,
+    pub vocab_size: NonZeroU32,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
+    #[serde(default)]
+    pub dtype: Option<String>,
+}
+
+impl DecoderBase {
+    /// The checkpoint dtype (`dtype` in new configs, `torch_dtype` in older ones); bf16 when absent.
+    pub fn weight_dtype(&self, path: &Path) -> Result<DType, ModelError> {
+        let (field, name) = match (&self.dtype, &self.torch_dtype) {
+            (Some(d), _) => ("dtype", d),
+            (None, Some(d)) => ("torch_dtype", d),
+            (None, None) => return Ok(DType::BF16),
+        };
+        DType::from_hf(name).ok_or_else(|| ModelError::field(path, field, format!("unsupported dtype `{name}` (expected float32, bfloat16 or float16)")))
+    }
+}
+
+/// `head_dim` when given, else hidden_size / num_attention_heads (which must divide).
+pub fn head_dim(path: &Path, explicit: Option<NonZeroU32>, hidden: u32, heads: u32) -> Result<u32, ModelError> {
+    match explicit {
+        Some(d) => Ok(d.get()),
+        None if hidden % heads == 0 => Ok(hidden / heads),
+        None => Err(ModelError::field(path, "head_dim", format!("missing, and hidden_size {hidden} is not divisible by num_attention_heads {heads}"))),
+    }
+}
+
+/// GQA needs the query heads to be a multiple of the KV heads.
+pub fn check_gqa(path: &Path, heads: u32, kv_heads: u32, prefix: &str) -> Result<(), ModelError> {
+    if heads % kv_heads != 0 {
+        return Err(ModelError::field(
+            path,
+            format!("{prefix}num_key_value_heads"),
+            format!("{kv_heads} does not divide num_attention_heads {heads}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A per-layer list (`layer_types`, `layers_block_type`) must have one entry per layer.
+pub fn check_layer_count(path: &Path, field: &str, found: usize, layers: u32) -> Result<(), ModelError> {
+    if found != layers as usize {
+        return Err(ModelError::field(path, field, format!("has {found} entries but num_hidden_layers is {layers}")));
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! Every real config in models/configs parses into the layout its model card describes.
+
+use std::path::PathBuf;
+
+use lorac_models::spec::{FfnSpec, MixerSpec};
+use lorac_models::{ModelError, ModelSpec};
+
+fn load(name: &str) -> ModelSpec {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs").join(name);
+    lorac_models::load(&path).unwrap_or_else(|e| panic!("{name}: {e}")).1
+}
+
+fn count(spec: &ModelSpec, f: impl Fn(&lorac_models::spec::LayerSpec) -> bool) -> usize {
+    spec.layers.iter().filter(|l| f(l)).count()
+}
+
+#[test]
+fn llama_3_1_8b() {
+    let s = load("meta-llama__Meta-Llama-3.1-8B.json");
+    assert_eq!((s.num_layers(), s.hidden_size, s.vocab_size), (32, 4096, 128256));
+    let Some(MixerSpec::Attention(a)) = &s.layers[0].mixer else { panic!("attention expected") };
+    assert_eq!((a.num_heads, a.num_kv_heads, a.head_dim), (32, 8, 128));
+    assert_eq!(a.qkv.out_features(), 4096 + 1024 + 1024);
+}
+
+#[test]
+fn deepseek_v3_dense_then_moe() {
+    let s = load("deepseek-ai__DeepSeek-V3.json");
+    assert_eq!(s.num_layers(), 61);
+    assert_eq!(count(&s, |l| matches!(l.ffn, Some(FfnSpec::Dense(_)))), 3);
+    assert_eq!(count(&s, |l| matches!(l.ffn, Some(FfnSpec::Moe(_)))), 58);
+    let Some(MixerSpec::Mla(m)) = &s.layers[0].mixer else { panic!("MLA expected") };
+    assert_eq!(m.qkv_a.out_features(), 1536 + 576);
+    assert_eq!(m.q_b.out_features(), 128 * 192);
+    assert_eq!(m.kv_b.out_features(), 128 * 256);
+}
+
+#[test]
+fn qwen3_5_27b_has_16_full_attention_layers() {
+    let s = load("Qwen__Qwen3.5-27B.json");
+    assert_eq!(count(&s, |l| matches!(l.mixer, Some(MixerSpec::Attention(_)))), 16);
+    assert_eq!(count(&s, |l| matches!(l.mixer, Some(MixerSpec::GatedDeltaNet(_)))), 48);
+}
+
+#[test]
+fn nemotron_layouts_from_pattern() {
+    let s = load("nvidia__NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json");
+    assert_eq!(s.num_layers(), 52);
+    assert_eq!(count(&s, |l| matches!(l.mixer, Some(MixerSpec::Mamba2(_)))), 23);
+    assert_eq!(count(&s, |l| matches!(l.mixer, Some(MixerSpec::Attention(_)))), 6);
+    assert_eq!(count(&s, |l| matches!(l.ffn, Some(FfnSpec::Moe(_)))), 23);
+    let s = load("nvidia__Nemotron-H-56B-Base-8K.json");
+    assert_eq!(s.num_layers(), 118);
+    let s = load("nvidia__NVIDIA-Nemotron-3-Super-120B-A12B-NVFP4.json");
+    let Some(FfnSpec::Moe(m)) = &s.layers[1].ffn else { panic!("MoE expected") };
+    assert_eq!(m.latent.as_ref().map(|l| l.size), Some(1024));
+}
+
+#[test]
+fn every_supported_config_loads() {
+    for entry in std::fs::read_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs")).unwrap() {
+        let path = entry.unwrap().path();
+        match lorac_models::load(&path) {
+            Ok(_) => {}
+            Err(ModelError::UnknownModelType { found, .. }) => assert_eq!(found, "gpt_oss", "{}", path.display()),
+            Err(e) => panic!("{}: {e}", path.display()),
+        }
+    }
+}
