@@ -257,11 +257,15 @@ def cfg_deepseek_v3():
         v_head_dim=16,
         rope_interleave=True,
         tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        # YaRN as in the real DeepSeek-V3 config (mscale_all_dim also rescales the softmax scale).
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "mscale": 1.0, "mscale_all_dim": 1.0},
         **COMMON,
     )
     return c, DeepseekV3ForCausalLM, ("DeepseekV3ForCausalLM: 2 layers (layer 0 dense, layer 1 MoE: first_k_dense_replace=1), hidden 64, "
-                                      "MLA 4 heads q_lora_rank 32 kv_lora_rank 16 qk_nope 16 qk_rope 8 v 16, 8 routed experts top-2 "
+                                      "MLA 4 heads q_lora_rank 32 kv_lora_rank 16 qk_nope 16 qk_rope 8 v 16, YaRN rope (factor 4, mscale_all_dim 1), "
+                                      "interleaved rope, 8 routed experts top-2 "
                                       "(n_group 2, topk_group 1, sigmoid + e_score_correction_bias), 1 shared expert, expert ffn 16")
 
 
@@ -390,7 +394,7 @@ def cfg_nemotron_h():
         mamba_head_dim=16,
         n_groups=2,
         conv_kernel=4,
-        expand=2,
+        expand=1,  # unused by HF (mamba width = mamba_num_heads * mamba_head_dim = 64); kept consistent
         chunk_size=16,
         n_routed_experts=8,
         num_experts_per_tok=2,
@@ -462,9 +466,15 @@ def text_config(cfg):
 
 def save_tokenizer(tok, d: Path):
     tok.save_pretrained(str(d))
+    # transformers v5 writes the template to chat_template.jinja; many runtimes (and older hub
+    # checkpoints) read it from tokenizer_config.json, so put it there too.
+    tc = d / "tokenizer_config.json"
+    cfg = json.loads(tc.read_text())
+    cfg["chat_template"] = CHAT_TEMPLATE
+    tc.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def randomize_lora(model, seed: int, b_std: float = 0.05):
+def randomize_lora(model, seed: int, b_std: float = 0.02):
     """Give every LoRA A/B (and embedding A/B) deterministic non-zero values."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -493,6 +503,82 @@ def normalize_adapter_dir(adir: Path, base_name: str):
     readme = adir / "README.md"
     if readme.exists():
         readme.unlink()
+
+
+def perturb_constant_tensors(model, seed: int, std: float = 0.1):
+    """HF initialises norms to 1 (or 0 for Qwen3-Next-style (1+w) norms), biases / D / router score-correction
+    biases to constants. A runtime that ignored such a tensor would still match, so add N(0, std) noise to
+    every saved tensor whose elements are all equal. Returns the name patterns that were perturbed."""
+    g = torch.Generator().manual_seed(seed)
+    pats = set()
+    with torch.no_grad():
+        sd = model.state_dict()
+        seen = set()
+        for k in sorted(sd):
+            t = sd[k]
+            if not torch.is_floating_point(t) or t.numel() == 0 or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            if bool((t == t.flatten()[0]).all()):
+                t.add_(torch.randn(t.shape, generator=g) * std)
+                import re as _re
+                pats.add(_re.sub(r"\.(\d+)\.", ".{n}.", k))
+    return sorted(pats)
+
+
+def to_hub_style(cfg_json: dict) -> dict:
+    """Rewrite transformers-v5 keys into the older spelling found in most hub checkpoints:
+    rope_parameters -> rope_theta (+ rope_scaling when not default; partial_rotary_factor top level),
+    nemotron_h layers_block_type -> hybrid_override_pattern."""
+    c = copy.deepcopy(cfg_json)
+    rp = c.pop("rope_parameters", None)
+    if isinstance(rp, dict):
+        rp = dict(rp)
+        c["rope_theta"] = rp.pop("rope_theta")
+        if "partial_rotary_factor" in rp:
+            c["partial_rotary_factor"] = rp.pop("partial_rotary_factor")
+        if rp.get("rope_type", "default") == "default" and len(rp) == 1:
+            c["rope_scaling"] = None
+        else:
+            c["rope_scaling"] = rp
+    lt = c.get("layer_types")
+    if c.get("model_type") == "qwen3_next" and isinstance(lt, list):
+        # hub Qwen3-Next configs carry full_attention_interval, not layer_types
+        for k in range(1, len(lt) + 1):
+            if lt == ["linear_attention" if (i + 1) % k else "full_attention" for i in range(len(lt))]:
+                c.pop("layer_types")
+                c["full_attention_interval"] = k
+                break
+    if c.get("model_type") == "nemotron_h" and "layers_block_type" in c:
+        m = {"linear_attention": "M", "moe": "E", "full_attention": "*", "mlp": "-"}
+        c["hybrid_override_pattern"] = "".join(m[x] for x in c.pop("layers_block_type"))
+        mtp = c.pop("mtp_layers_block_type", None)
+        if mtp is not None:
+            c["mtp_hybrid_override_pattern"] = "".join(m[x] for x in mtp)
+    return c
+
+
+def write_hub_style_config(name: str, d: Path, cls):
+    """Write config.hub_style.json (legacy key spelling) if transformers loads it to the same config."""
+    if name in ("qwen3_5", "qwen3_5_moe"):
+        return None  # Qwen3.5 was released with the v5 spelling (rope_parameters in text_config)
+    cfg_json = json.loads((d / "config.json").read_text())
+    hub = to_hub_style(cfg_json)
+    if hub == cfg_json:
+        return None
+    tmp = d / "_hub_check"
+    tmp.mkdir(exist_ok=True)
+    (tmp / "config.json").write_text(json.dumps(hub, indent=2, sort_keys=True) + "\n")
+    a = cls.config_class.from_pretrained(str(d)).to_dict()
+    b = cls.config_class.from_pretrained(str(tmp)).to_dict()
+    shutil.rmtree(tmp)
+    for x in (a, b):
+        x.pop("transformers_version", None)
+    if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        return f"not written: transformers loads it differently ({diff})"
+    (d / "config.hub_style.json").write_text(json.dumps(hub, indent=2, sort_keys=True) + "\n")
+    return "config.hub_style.json"
 
 
 def list_safetensors(path: Path):
@@ -564,6 +650,7 @@ def make_model(name: str, out: Path, tok):
             sc._attn_implementation = "eager"
     seed_all(SEEDS[name])
     model = cls(cfg).eval().to(torch.float32)
+    perturbed = perturb_constant_tensors(model, SEEDS[name] + 7)
     d = out / name
     if d.exists():
         shutil.rmtree(d)
@@ -573,7 +660,7 @@ def make_model(name: str, out: Path, tok):
     save_tokenizer(tok, d)
     # Reload from disk so references come from exactly the committed weights.
     model = cls.from_pretrained(str(d), attn_implementation="eager", dtype=torch.float32).eval()
-    return model, cfg, summary, d
+    return model, cfg, summary, d, perturbed
 
 
 def reference_base_only(name, model, tok, d: Path):
@@ -713,6 +800,26 @@ def make_adapters_and_reference(name, base_model, tok, d: Path, cls):
     return ref
 
 
+def write_tokenizer_examples(tok, tdir: Path):
+    texts = PROMPTS + ["", " leading space", "Tabs\tand\nnewlines", "unicode: caf\u00e9 \u00fc\u00f1\u00ee \u2603 \U0001F600",
+                       "<|im_start|>user<|im_end|>"]
+    ex = []
+    for t in texts:
+        ids = tok(t).input_ids
+        ex.append(dict(text=t, ids=ids, tokens=tok.convert_ids_to_tokens(ids),
+                       decoded=tok.decode(ids), decoded_skip_special=tok.decode(ids, skip_special_tokens=True)))
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello, world!"}]
+    rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    # the template already emits bos; tokenize without the post-processor's bos
+    chat_ids = tok(rendered, add_special_tokens=False).input_ids
+    doc = dict(description="Tokenizer reference: ids are from tokenizer(text) (post-processor prepends <|bos|>=1); "
+                           "chat: apply_chat_template(messages, add_generation_prompt=True) then tokenize with "
+                           "add_special_tokens=False.",
+               vocab_size=len(tok), special_tokens={t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS},
+               examples=ex, chat=dict(messages=msgs, add_generation_prompt=True, rendered=rendered, ids=chat_ids))
+    (tdir / "examples.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+
+
 def make_bad_adapters(d: Path, tok, cls):
     """Adapters that lorac must refuse (or handle specially). Only for llama."""
     bd = d / "bad_adapters"
@@ -821,6 +928,31 @@ def layout_keys(cfg_json: dict):
     return out
 
 
+def pattern_table(path: Path):
+    import re
+    lst, _ = list_safetensors(path)
+    pats = {}
+    for k, shp, dt in lst:
+        p = re.sub(r"layers\.(\d+)\.", "layers.{i}.", k)
+        p = re.sub(r"experts\.(\d+)\.", "experts.{e}.", p)
+        m = re.search(r"layers\.(\d+)\.", k)
+        e = re.search(r"experts\.(\d+)\.", k)
+        ent = pats.setdefault((p, tuple(shp), dt), [set(), set()])
+        if m:
+            ent[0].add(int(m.group(1)))
+        if e:
+            ent[1].add(int(e.group(1)))
+    out = []
+    for (p, shp, dt), (ls, es) in sorted(pats.items()):
+        extra = ""
+        if ls:
+            extra += f" layers={sorted(ls)}"
+        if es:
+            extra += f" experts={min(es)}..{max(es)}"
+        out.append(f"{p} {list(shp)} {dt}{extra}")
+    return out
+
+
 def write_manifest(out: Path, done: dict, skipped: dict):
     versions = dict(python=sys.version.split()[0], torch=torch.__version__, transformers=transformers.__version__,
                     peft=peft.__version__, safetensors=safetensors.__version__, tokenizers=tokenizers.__version__,
@@ -851,8 +983,21 @@ def write_manifest(out: Path, done: dict, skipped: dict):
         L += ["Layer-layout keys in config.json:", "", "```json", json.dumps(layout_keys(cj), indent=1), "```", ""]
         if "text_config" in cj:
             L += ["text_config layout keys:", "", "```json", json.dumps(layout_keys(cj["text_config"]), indent=1), "```", ""]
+        hs = info.get("hub_style_config")
+        if hs == "config.hub_style.json":
+            hj = json.loads((d / hs).read_text())
+            L += ["`config.hub_style.json` (same model, older key spelling as in most hub checkpoints; verified to load "
+                  "to an identical config in transformers) layout keys:", "", "```json",
+                  json.dumps(layout_keys(hj), indent=1), "```", ""]
+        elif hs:
+            L += [f"hub-style config: {hs}", ""]
+        if info.get("perturbed_constant_tensors"):
+            L += ["Tensors that HF initialises to a constant and that were perturbed with N(0, 0.1) noise (so a runtime "
+                  "that ignores them cannot match; transformers in-memory names, which can differ from the file's): " + ", ".join(f"`{x}`" for x in info["perturbed_constant_tensors"]), ""]
         L += ["Full config.json:", "", "<details><summary>config.json</summary>", "", "```json",
               (d / "config.json").read_text().strip(), "```", "</details>", ""]
+        L += ["Weight-name patterns in `model.safetensors` (`{i}` = layer, `{e}` = expert; layers listed where the "
+              "pattern occurs):", "", "```"] + pattern_table(d / "model.safetensors") + ["```", ""]
         for stf in sorted(d.rglob("*.safetensors")):
             rel = stf.relative_to(d)
             if "bad_adapters" in rel.parts and stf.parent.name == "truncated":
@@ -883,6 +1028,7 @@ def main():
     if tdir.exists():
         shutil.rmtree(tdir)
     save_tokenizer(tok, tdir)
+    write_tokenizer_examples(tok, tdir)
 
     done, skipped = {}, {}
     status_path = out / "generation_status.json"
@@ -890,7 +1036,7 @@ def main():
     for name in only:
         print(f"== {name}", flush=True)
         try:
-            model, cfg, summary, d = make_model(name, out, tok)
+            model, cfg, summary, d, perturbed = make_model(name, out, tok)
         except Exception as e:
             skipped[name] = f"{type(e).__name__}: {e}"
             print(f"   SKIPPED {skipped[name]}", flush=True)
@@ -902,7 +1048,9 @@ def main():
                 make_bad_adapters(d, tok, cls)
         else:
             reference_base_only(name, model, tok, d)
-        done[name] = {"class": cls.__name__, "summary": summary}
+        legacy = write_hub_style_config(name, d, cls)
+        done[name] = {"class": cls.__name__, "summary": summary, "perturbed_constant_tensors": perturbed,
+                      "hub_style_config": legacy}
         print(f"   ok {dir_size(d)} bytes", flush=True)
     # merge with previous status so --only runs keep the manifest complete
     status = {k: v for k, v in prev.items() if k in ARCHS and k not in only}
