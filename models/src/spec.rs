@@ -314,3 +314,32 @@ impl ModelSpec {
         self.layers.len() as u32
     }
 }
+
+impl MixerSpec {
+    pub fn params(&self) -> &[ParamSpec] {
+        match self {
+            MixerSpec::Attention(a) => &a.params,
+            MixerSpec::Mla(m) => &m.params,
+            MixerSpec::GatedDeltaNet(d) => &d.params,
+            MixerSpec::Mamba2(m) => &m.params,
+        }
+    }
+}
+
+impl ModelSpec {
+    /// Every non-linear parameter (norms, conv kernels, router weights...).
+    pub fn params(&self) -> Vec<&ParamSpec> {
+        let mut out = Vec::new();
+        for layer in &self.layers {
+            out.extend(&layer.params);
+            if let Some(mixer) = &layer.mixer {
+                out.extend(mixer.params());
+            }
+            if let Some(FfnSpec::Moe(moe)) = &layer.ffn {
+                out.extend(&moe.params);
+            }
+        }
+        out.push(&self.final_norm);
+        out
+    }
+}

@@ -9,12 +9,14 @@ pub enum DType {
     F16,
     /// 8-bit float weights (DeepSeek-V3 block-quantised checkpoints).
     F8E4M3,
+    /// Token ids and expert indices.
+    I32,
 }
 
 impl DType {
     pub fn size_bytes(self) -> u64 {
         match self {
-            DType::F32 => 4,
+            DType::F32 | DType::I32 => 4,
             DType::BF16 | DType::F16 => 2,
             DType::F8E4M3 => 1,
         }
@@ -37,6 +39,7 @@ impl DType {
             DType::BF16 => "bf16",
             DType::F16 => "f16",
             DType::F8E4M3 => "f8e4m3",
+            DType::I32 => "i32",
         }
     }
 
@@ -47,6 +50,7 @@ impl DType {
             DType::BF16 => "BF16",
             DType::F16 => "F16",
             DType::F8E4M3 => "F8_E4M3",
+            DType::I32 => "I32",
         }
     }
 }

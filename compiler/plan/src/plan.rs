@@ -140,6 +140,10 @@ pub enum KernelSpec {
     /// Routed experts' grouped GEMM.
     GroupedGemm { experts: u32, top_k: u32, n: u32, k: u32, dtype: DType, tile: Tile },
     EmbeddingGather { rows: u32, width: u32, dtype: DType },
+    /// Picks each sequence's last position before the final norm and lm_head.
+    GatherRows { width: u32 },
+    /// MLA's q_a/kv_a layernorms and the split of the fused latent.
+    MlaLatentNorm { q_lora_rank: u32, kv_lora_rank: u32, qk_rope_head_dim: u32 },
     RmsNorm { width: u32 },
     Activation { kind: ActivationKind, width: u32 },
     Attention { q_heads: u32, kv_heads: u32, head_dim: u32, output_gate: bool },

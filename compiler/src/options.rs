@@ -1,0 +1,47 @@
+//! What the user asks of a compilation.
+
+use std::num::NonZeroU32;
+
+use lorac_plan::{DType, MoeLoraMode};
+
+use crate::error::CompileError;
+
+#[derive(Debug, Clone)]
+pub struct CompileOptions {
+    pub tp: NonZeroU32,
+    pub ep: NonZeroU32,
+    pub max_lora_rank: NonZeroU32,
+    pub max_loras: NonZeroU32,
+    /// PEFT module names, fused names, `all` or `all-linear`.
+    pub targets: Vec<String>,
+    pub moe_lora: MoeLoraMode,
+    pub max_batch_tokens: NonZeroU32,
+    pub max_seqs: NonZeroU32,
+    /// Tokens the KV cache holds across all sequences.
+    pub kv_cache_tokens: u64,
+    /// Adapter pool dtype; the model dtype when None.
+    pub lora_dtype: Option<DType>,
+}
+
+impl CompileOptions {
+    /// Defaults for everything but the parallelism and LoRA shape.
+    pub fn new(tp: u32, max_lora_rank: u32, max_loras: u32, targets: &[&str]) -> Result<Self, CompileError> {
+        Ok(CompileOptions {
+            tp: nonzero("--tp", tp)?,
+            ep: NonZeroU32::MIN,
+            max_lora_rank: nonzero("--max-lora-rank", max_lora_rank)?,
+            max_loras: nonzero("--max-loras", max_loras)?,
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            moe_lora: MoeLoraMode::PerExpert,
+            max_batch_tokens: NonZeroU32::new(8192).expect("non-zero"),
+            max_seqs: NonZeroU32::new(256).expect("non-zero"),
+            kv_cache_tokens: 256 * 4096,
+            lora_dtype: None,
+        })
+    }
+}
+
+/// Turns a user-given count into a non-zero one, naming the option when it is 0.
+pub fn nonzero(option: &'static str, value: u32) -> Result<NonZeroU32, CompileError> {
+    NonZeroU32::new(value).ok_or(CompileError::Option { option, message: "must be at least 1 (got 0)".into() })
+}
