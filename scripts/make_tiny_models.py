@@ -316,7 +316,7 @@ def cfg_qwen3_5():
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=32,  # rotary dim 32*0.25 = 8, mrope_section sums to 8/2 = 4
         full_attention_interval=3,
         tie_word_embeddings=True,
         rope_parameters={
@@ -337,7 +337,7 @@ def cfg_qwen3_5():
                       vision_start_token_id=VOCAB_SIZE - 3, vision_end_token_id=VOCAB_SIZE - 4)
     return c, Qwen3_5ForConditionalGeneration, ("Qwen3_5ForConditionalGeneration (the class real Qwen3.5 checkpoints use; config nests the "
                                                 "decoder under text_config): text 3 layers [linear, linear, full], hidden 64, gated attention "
-                                                "4q/2kv head_dim 16, GDN 2 k-heads / 4 v-heads dk=dv=16, dense SwiGLU 128, TIED embeddings (like the small "
+                                                "4q/2kv head_dim 32 (partial rotary 0.25, interleaved mrope [2,1,1]), GDN 2 k-heads / 4 v-heads dk=dv=16, dense SwiGLU 128, TIED embeddings (like the small "
                                                 "Qwen3.5 models); tiny 1-block vision tower")
 
 
@@ -349,7 +349,7 @@ def cfg_qwen3_5_moe():
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=32,  # rotary dim 32*0.25 = 8, mrope_section sums to 8/2 = 4
         full_attention_interval=3,
         moe_intermediate_size=16,
         shared_expert_intermediate_size=32,
@@ -372,7 +372,7 @@ def cfg_qwen3_5_moe():
     c = Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
                          image_token_id=VOCAB_SIZE - 1, video_token_id=VOCAB_SIZE - 2,
                          vision_start_token_id=VOCAB_SIZE - 3, vision_end_token_id=VOCAB_SIZE - 4)
-    return c, Qwen3_5MoeForConditionalGeneration, ("Qwen3_5MoeForConditionalGeneration: text 3 layers [linear, linear, full], hidden 64, "
+    return c, Qwen3_5MoeForConditionalGeneration, ("Qwen3_5MoeForConditionalGeneration: text 3 layers [linear, linear, full], hidden 64, gated attention 4q/2kv head_dim 32, "
                                                    "GDN as qwen3_5, all layers MoE 4 experts top-2 (ffn 16) + gated shared expert (ffn 32), untied; tiny vision tower")
 
 
@@ -969,6 +969,34 @@ def write_manifest(out: Path, done: dict, skipped: dict):
           "Tokenizer (shared, copied into each model dir): byte-level BPE, vocab "
           f"{VOCAB_SIZE}, special tokens {SPECIAL_TOKENS} (ids 0..4), bos `<|bos|>`=1 is prepended by the "
           "post-processor, eos `<|eos|>`=2, pad `<|pad|>`=0, ChatML-like chat_template.", ""]
+    L += ["## Notes", "",
+          "- Weights were created by transformers' own init with `initializer_range=0.08` (fixed seed per model), then every "
+          "tensor that HF initialises to a constant (norm weights, biases, Mamba `D`, `e_score_correction_bias`, ...) got "
+          "N(0, 0.1) noise, then the model was saved with `save_pretrained(safe_serialization=True)` in float32 and reloaded "
+          "from disk to compute the references.",
+          "- transformers 5 keeps MoE experts fused in memory (`mlp.experts.gate_up_proj` / `down_proj` 3-D tensors) but "
+          "`save_pretrained` converts back to the hub layout, so every file here stores experts per expert "
+          "(`...mlp.experts.{e}.gate_proj.weight` etc.), as real hub checkpoints do.",
+          "- `config.json` is transformers 5's own serialisation (`rope_parameters`, nemotron_h `layers_block_type`, "
+          "qwen3_next `layer_types`). Where the older hub spelling differs, `config.hub_style.json` holds the same config "
+          "with `rope_theta` + `rope_scaling` (+ top-level `partial_rotary_factor`), nemotron_h `hybrid_override_pattern`, "
+          "qwen3_next `full_attention_interval`; the generator checks that transformers loads it to an identical config.",
+          "- qwen3_5 / qwen3_5_moe are saved as `Qwen3_5(Moe)ForConditionalGeneration` (model_type `qwen3_5`/`qwen3_5_moe`, "
+          "decoder config nested under `text_config` with model_type `qwen3_5_text`/`qwen3_5_moe_text`, decoder weights "
+          "under `model.language_model.`, a tiny vision tower under `model.visual.`), which is how the real Qwen3.5 "
+          "checkpoints are laid out (the real ones also carry `mtp.*` multi-token-prediction weights, which transformers "
+          "neither creates nor uses). `AutoModelForCausalLM` loads these dirs as the text-only "
+          "`Qwen3_5(Moe)ForCausalLM` and reproduces the reference logits (max abs diff ~2e-6).",
+          "- LoRA scaling: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`. Linear: "
+          "`y = W x + scaling * B (A x)` with `lora_A.weight [r, in]`, `lora_B.weight [out, r]`. Embedding: "
+          "`lora_embedding_A [r, vocab]`, `lora_embedding_B [hidden, r]`, `e(t) = E[t] + scaling * B @ A[:, t]`. PEFT "
+          "key prefix: `base_model.model.` + the base model's module name.",
+          "- Linear-attention / SSM layers run on transformers' pure-PyTorch fallbacks (chunked gated delta rule and "
+          "torch causal conv for GDN; the chunked SSD scan with chunk_size 16 for Mamba2); KV-cached `generate` agrees "
+          "with full recomputation for every row (`generate_matches_nocache` in each reference.json).",
+          "- Greedy top-1/top-2 logit margins per generated token are recorded (`greedy_top1_top2_margins`); some are "
+          "below 1e-3, so compare generations only where the implementation's error is below the margin.",
+          ""]
     if skipped:
         L += ["## Not generated", ""]
         for k, v in skipped.items():
