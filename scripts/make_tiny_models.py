@@ -965,7 +965,8 @@ def write_manifest(out: Path, done: dict, skipped: dict):
          "Library versions used:", ""]
     for k, v in versions.items():
         L.append(f"- {k} {v}")
-    L += ["", f"Total size of tests/fixtures/tiny: {dir_size(out)} bytes", "",
+    manifest_free = dir_size(out) - ((out / "MANIFEST.md").stat().st_size if (out / "MANIFEST.md").exists() else 0)
+    L += ["", f"Total size of tests/fixtures/tiny (excluding this file): {manifest_free} bytes", "",
           "Tokenizer (shared, copied into each model dir): byte-level BPE, vocab "
           f"{VOCAB_SIZE}, special tokens {SPECIAL_TOKENS} (ids 0..4), bos `<|bos|>`=1 is prepended by the "
           "post-processor, eos `<|eos|>`=2, pad `<|pad|>`=0, ChatML-like chat_template.", ""]
