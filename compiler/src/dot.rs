@@ -11,8 +11,7 @@ pub fn layer_dot(plan: &Plan, layer: u32) -> Option<String> {
     let mut writer: std::collections::HashMap<u32, NodeIndex> = std::collections::HashMap::new();
     let mut members = Vec::new();
     for node in plan.nodes.iter().filter(|n| n.layer == Some(layer)) {
-        let kernel = node.kernel.map(|k| format!("\n{:?}", plan.kernels[k.0 as usize])).unwrap_or_default();
-        let kernel = kernel.split_once(" {").map_or(kernel.clone(), |(head, _)| head.to_string());
+        let kernel = node.kernel.map(|k| format!("\nkernel {}", plan.kernels[k.0 as usize].family())).unwrap_or_default();
         let index = g.add_node(format!("{}{kernel}", node.label));
         for v in &node.outputs {
             writer.insert(v.0, index);

@@ -241,6 +241,9 @@ impl Graph {
 
     /// Replaces `old` by `new` as an input of `consumer`, keeping the edges in step.
     pub fn replace_input(&mut self, consumer: NodeIndex, old: ValueId, new: ValueId) {
+        if !self.dag[consumer].inputs.contains(&old) {
+            return;
+        }
         for input in self.dag[consumer].inputs.iter_mut().filter(|v| **v == old) {
             *input = new;
         }

@@ -27,13 +27,14 @@ fn verify_if_debug(g: &ir::Graph, pass: &'static str) -> Result<(), CompileError
     if cfg!(debug_assertions) { verify::verify(g, pass) } else { Ok(()) }
 }
 
-/// Compiles a model directory (or a config.json path). When the directory holds safetensors,
-/// their tensor names and shapes are checked against the graph.
+/// Compiles a model directory (or a config file inside one). When the directory holds a
+/// safetensors checkpoint, its tensor names and shapes are checked against the graph.
 pub fn compile(model_path: &Path, opts: &CompileOptions) -> Result<Plan, CompileError> {
     let (cfg, spec) = lorac_models::load(model_path)?;
-    let checkpoint = match model_path.is_dir() {
-        true => weights::read_checkpoint_shapes(model_path)?,
-        false => None,
+    let dir = if model_path.is_dir() { Some(model_path) } else { model_path.parent().filter(|p| p.is_dir()) };
+    let checkpoint = match dir {
+        Some(dir) => weights::read_checkpoint_shapes(dir)?,
+        None => None,
     };
     compile_spec(&cfg, &spec, opts, checkpoint.as_ref())
 }

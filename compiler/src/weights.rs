@@ -84,8 +84,9 @@ pub fn rank_weight_bytes(spec: &ModelSpec, g: &Graph, tp: u32) -> Result<u64, Co
     Ok(total)
 }
 
-/// The safetensors files of a model directory: the index's shards when there is an index,
-/// otherwise every `*.safetensors` file. Empty when the directory has none.
+/// The checkpoint files of a model directory: the index's shards when there is an index,
+/// otherwise `model.safetensors` or `model-*.safetensors` shards (other safetensors files,
+/// such as adapters or saved references, are not the model). Empty when there are none.
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, CompileError> {
     let io = |path: &Path, e: std::io::Error| CompileError::Weights { path: path.to_path_buf(), message: e.to_string() };
     let index = dir.join("model.safetensors.index.json");
@@ -101,7 +102,8 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, CompileError> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
         let path = entry.map_err(|e| io(dir, e))?.path();
-        if path.extension().is_some_and(|e| e == "safetensors") {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name == "model.safetensors" || (name.starts_with("model-") && name.ends_with(".safetensors")) {
             files.push(path);
         }
     }

@@ -12,7 +12,9 @@ use crate::error::ModelError;
 #[derive(Debug, Deserialize)]
 pub struct DecoderBase {
     pub hidden_size: NonZeroU32,
-    pub num_hidden_layers: NonZeroU32,
+    /// Required everywhere but Nemotron-H, whose transformers 5 configs derive it from the
+    /// layer layout; read it through [`DecoderBase::layers`].
+    num_hidden_layers: Option<NonZeroU32>,
     pub vocab_size: NonZeroU32,
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -23,6 +25,14 @@ pub struct DecoderBase {
 }
 
 impl DecoderBase {
+    pub fn layers(&self, path: &Path, field_prefix: &str) -> Result<u32, ModelError> {
+        self.num_hidden_layers.map(NonZeroU32::get).ok_or_else(|| ModelError::field(path, format!("{field_prefix}num_hidden_layers"), "missing"))
+    }
+
+    pub fn declared_layers(&self) -> Option<u32> {
+        self.num_hidden_layers.map(NonZeroU32::get)
+    }
+
     /// The checkpoint dtype (`dtype` in new configs, `torch_dtype` in older ones); bf16 when absent.
     pub fn weight_dtype(&self, path: &Path) -> Result<DType, ModelError> {
         let (field, name) = match (&self.dtype, &self.torch_dtype) {

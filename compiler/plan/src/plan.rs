@@ -162,6 +162,35 @@ pub enum KernelSpec {
     MoeLoraExpand(LoraKernel),
 }
 
+impl KernelSpec {
+    /// The kernel family, without its specialisation.
+    pub fn family(&self) -> &'static str {
+        match self {
+            KernelSpec::Gemm { .. } => "gemm",
+            KernelSpec::GroupedGemm { .. } => "grouped_gemm",
+            KernelSpec::EmbeddingGather { .. } => "embedding_gather",
+            KernelSpec::GatherRows { .. } => "gather_rows",
+            KernelSpec::MlaLatentNorm { .. } => "mla_latent_norm",
+            KernelSpec::RmsNorm { .. } => "rms_norm",
+            KernelSpec::Activation { .. } => "activation",
+            KernelSpec::Attention { .. } => "attention",
+            KernelSpec::MlaAttention { .. } => "mla_attention",
+            KernelSpec::GatedDeltaNet { .. } => "gated_delta_net",
+            KernelSpec::Mamba2Scan { .. } => "mamba2_scan",
+            KernelSpec::Router { .. } => "router",
+            KernelSpec::MoeCombine { .. } => "moe_combine",
+            KernelSpec::Add { .. } => "add",
+            KernelSpec::AllReduce { .. } => "all_reduce",
+            KernelSpec::Sample { .. } => "sample",
+            KernelSpec::LoraShrink(_) => "lora_shrink",
+            KernelSpec::LoraExpand(_) => "lora_expand",
+            KernelSpec::LoraEmbeddingShrink(_) => "lora_embedding_shrink",
+            KernelSpec::MoeLoraShrink(_) => "moe_lora_shrink",
+            KernelSpec::MoeLoraExpand(_) => "moe_lora_expand",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ActivationKind {
     SwiGlu,

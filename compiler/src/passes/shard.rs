@@ -186,21 +186,22 @@ fn insert_all_reduces(g: &mut Graph) {
         let output_partial = propagates || starts_partial;
         let needs_full: Vec<ValueId> = if propagates { Vec::new() } else { inputs.iter().copied().filter(is_partial).collect() };
         for v in needs_full {
-            let full = match reduced.get(&v) {
-                Some(full) => *full,
-                None => {
-                    let value = &g.values[v];
-                    let (name, rows, width, dtype) = (format!("{}.all_reduced", value.name), value.rows, value.rank_width, value.dtype);
-                    let full = g.add_value(name, rows, WidthSpec::Full(width.unwrap_or(0)), dtype);
-                    g.values[full].rank_width = width;
-                    let layer = g.dag[node].layer;
-                    g.insert_node(position, Op::AllReduce, layer, vec![v], vec![full]);
-                    position += 1;
-                    reduced.insert(v, full);
-                    full
-                }
-            };
-            g.replace_input(node, v, full);
+            if reduced.contains_key(&v) {
+                continue;
+            }
+            let value = &g.values[v];
+            let (name, rows, width, dtype) = (format!("{}.all_reduced", value.name), value.rows, value.rank_width, value.dtype);
+            let full = g.add_value(name, rows, WidthSpec::Full(width.unwrap_or(0)), dtype);
+            g.values[full].rank_width = width;
+            let layer = g.dag[node].layer;
+            g.insert_node(position, Op::AllReduce, layer, vec![v], vec![full]);
+            position += 1;
+            reduced.insert(v, full);
+            // Once reduced, every later reader takes the full copy: the residual stream stays
+            // whole, as engines keep it.
+            for consumer in g.order[position..].to_vec() {
+                g.replace_input(consumer, v, full);
+            }
         }
         if output_partial {
             partial.extend(outputs);

@@ -34,8 +34,6 @@ struct DeepseekV3Config {
     #[serde(default = "one")]
     moe_layer_freq: NonZeroU32,
     #[serde(default)]
-    topk_method: Option<String>,
-    #[serde(default)]
     quantization_config: Option<QuantizationConfig>,
     #[serde(default)]
     num_nextn_predict_layers: u32,
@@ -69,7 +67,8 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
     let c: DeepseekV3Config = cfg.parse(None)?;
     let format = weight_format(cfg, &c.quantization_config)?;
     let hidden = c.base.hidden_size.get();
-    let layers = (0..c.base.num_hidden_layers.get())
+    let num_layers = c.base.layers(&cfg.path, "")?;
+    let layers = (0..num_layers)
         .map(|i| {
             let prefix = format!("model.layers.{i}");
             let moe = i >= c.first_k_dense_replace && i % c.moe_layer_freq.get() == 0;
@@ -82,7 +81,7 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
         .collect();
     let mut spec = crate::arch::llama::standard_model(cfg, &c.base, layers)?;
     // Multi-token-prediction layers sit after the decoder and are not served.
-    let mtp = c.base.num_hidden_layers.get();
+    let mtp = num_layers;
     spec.ignored_weight_prefixes = (mtp..mtp + c.num_nextn_predict_layers).map(|i| format!("model.layers.{i}.")).collect();
     Ok(spec)
 }
@@ -157,10 +156,11 @@ fn moe_ffn(c: &DeepseekV3Config, prefix: &str, format: WeightFormat) -> FfnSpec 
         )),
         _ => None,
     };
-    let mut params = vec![ParamSpec::replicated(path(prefix, "gate.weight"), vec![experts, hidden])];
-    if c.topk_method.as_deref() == Some("noaux_tc") {
-        params.push(ParamSpec::replicated(path(prefix, "gate.e_score_correction_bias"), vec![experts]).with_dtype(DType::F32));
-    }
+    // The router always carries its score-correction bias (used by noaux_tc top-k).
+    let params = vec![
+        ParamSpec::replicated(path(prefix, "gate.weight"), vec![experts, hidden]),
+        ParamSpec::replicated(path(prefix, "gate.e_score_correction_bias"), vec![experts]).with_dtype(DType::F32),
+    ];
     FfnSpec::Moe(MoeSpec {
         num_experts: experts,
         top_k: c.num_experts_per_tok.get(),

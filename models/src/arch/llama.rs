@@ -36,7 +36,7 @@ pub fn build_dense(cfg: &ConfigFile, family: &DenseFamily) -> Result<ModelSpec, 
     let hidden = c.base.hidden_size.get();
     let format = WeightFormat::Plain;
     let attention = attention_config(cfg, &c, family.qk_norm)?;
-    let layers = (0..c.base.num_hidden_layers.get())
+    let layers = (0..c.base.layers(&cfg.path, "")?)
         .map(|i| {
             let prefix = format!("model.layers.{i}");
             LayerSpec {

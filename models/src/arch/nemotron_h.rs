@@ -80,21 +80,24 @@ fn block_layout(cfg: &ConfigFile, c: &NemotronHConfig) -> Result<Vec<Block>, Mod
             .iter()
             .enumerate()
             .map(|(i, name)| match name.as_str() {
-                "mamba" => Ok(Block::Mamba),
-                "attention" => Ok(Block::Attention),
+                // transformers 5 writes linear_attention / full_attention for mamba / attention.
+                "mamba" | "linear_attention" => Ok(Block::Mamba),
+                "attention" | "full_attention" => Ok(Block::Attention),
                 "mlp" => Ok(Block::Mlp),
                 "moe" => Ok(Block::Moe),
                 other => Err(ModelError::field(
                     &cfg.path,
                     format!("layers_block_type[{i}]"),
-                    format!("unknown block `{other}` (expected mamba, attention, mlp or moe)"),
+                    format!("unknown block `{other}` (expected mamba, attention, mlp, moe, linear_attention or full_attention)"),
                 )),
             })
             .collect::<Result<_, _>>()?,
         (None, None) => return Err(ModelError::field(&cfg.path, "hybrid_override_pattern", "missing (and no layers_block_type either)")),
     };
     let field = if c.hybrid_override_pattern.is_some() { "hybrid_override_pattern" } else { "layers_block_type" };
-    common::check_layer_count(&cfg.path, field, blocks.len(), c.base.num_hidden_layers.get())?;
+    if let Some(declared) = c.base.declared_layers() {
+        common::check_layer_count(&cfg.path, field, blocks.len(), declared)?;
+    }
     Ok(blocks)
 }
 

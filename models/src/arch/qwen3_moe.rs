@@ -15,6 +15,8 @@ use crate::spec::*;
 struct Qwen3MoeConfig {
     #[serde(flatten)]
     dense: LlamaConfig,
+    /// transformers 5 writes `num_local_experts`.
+    #[serde(alias = "num_local_experts")]
     num_experts: NonZeroU32,
     num_experts_per_tok: NonZeroU32,
     moe_intermediate_size: NonZeroU32,
@@ -33,7 +35,7 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
     let hidden = c.dense.base.hidden_size.get();
     let format = WeightFormat::Plain;
     let attention = llama::attention_config(cfg, &c.dense, true)?;
-    let layers = (0..c.dense.base.num_hidden_layers.get())
+    let layers = (0..c.dense.base.layers(&cfg.path, "")?)
         .map(|i| {
             let prefix = format!("model.layers.{i}");
             let mlp = blocks::path(&prefix, "mlp");

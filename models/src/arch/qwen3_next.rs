@@ -89,7 +89,7 @@ enum LayerType {
 }
 
 fn layer_types(path: &Path, c: &HybridConfig, field_prefix: &str) -> Result<Vec<LayerType>, ModelError> {
-    let layers = c.base.num_hidden_layers.get();
+    let layers = c.base.layers(path, field_prefix)?;
     match (&c.layer_types, c.full_attention_interval) {
         (Some(types), _) => {
             common::check_layer_count(path, &format!("{field_prefix}layer_types"), types.len(), layers)?;

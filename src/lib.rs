@@ -1,0 +1,4 @@
+//! The `lorac` command-line tool's library side: the reports `inspect` prints, shared with
+//! the snapshot tests.
+
+pub mod report;
