@@ -10,8 +10,8 @@ pub enum CompileError {
     Model(#[from] ModelError),
     #[error("{option}: {message}")]
     Option { option: &'static str, message: String },
-    #[error("cannot split {module} across tp {tp}: {message} (config field `{field}`)")]
-    Indivisible { module: String, field: &'static str, tp: u32, message: String },
+    #[error("cannot split {module} across tp {tp}: config field `{field}` = {message}")]
+    Indivisible { module: String, field: String, tp: u32, message: String },
     #[error("unknown LoRA target module `{target}`; valid targets for this {model_type} model: {}", valid.join(", "))]
     UnknownTarget { target: String, model_type: String, valid: Vec<String> },
     #[error("LoRA layout of {module}: {source}")]
@@ -22,4 +22,14 @@ pub enum CompileError {
     WeightMismatch { total: usize, problems: Vec<String> },
     #[error("internal error: the graph is invalid after the {pass} pass: {message}")]
     Verify { pass: &'static str, message: String },
+}
+
+impl CompileError {
+    /// Config fields of nested decoders (Qwen3.5's `text_config`) are named in full.
+    pub fn in_config_section(self, prefix: &str) -> Self {
+        match self {
+            CompileError::Indivisible { module, field, tp, message } => CompileError::Indivisible { module, field: format!("{prefix}{field}"), tp, message },
+            other => other,
+        }
+    }
 }

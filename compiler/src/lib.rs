@@ -55,7 +55,7 @@ pub fn compile_spec(
     let mut g = lower::lower(spec);
     verify_if_debug(&g, "lower")?;
 
-    shard::run(&mut g, tp, ep)?;
+    shard::run(&mut g, tp, ep).map_err(|e| e.in_config_section(&spec.config_section))?;
     verify_if_debug(&g, "shard")?;
 
     if let Some(found) = checkpoint {

@@ -307,6 +307,9 @@ pub struct ModelSpec {
     /// Checkpoint tensors that belong to parts lorac does not serve (vision tower,
     /// multi-token-prediction layers); the safetensors check skips them.
     pub ignored_weight_prefixes: Vec<String>,
+    /// Where the decoder's fields sit in config.json (`text_config.` for Qwen3.5, else empty),
+    /// so errors can name fields exactly.
+    pub config_section: String,
 }
 
 impl ModelSpec {

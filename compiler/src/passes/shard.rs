@@ -42,11 +42,11 @@ pub fn split(unit: &ShardUnit, tp: u32, module: &str) -> Result<Split, CompileEr
                 Ok(Split { width: head_dim, ranges: ranks.map(|r| (r / ranks_per_head * head_dim, (r / ranks_per_head + 1) * head_dim)).collect() })
             } else {
                 let message = if replicate_when_short {
-                    format!("{field} = {count} heads, and tp must divide it or be a multiple of it")
+                    format!("{count}: tp must divide it, or be a multiple of it so each rank holds one replicated head")
                 } else {
-                    format!("{field} = {count} heads are not divisible by tp")
+                    format!("{count} is not divisible by tp {tp}")
                 };
-                Err(CompileError::Indivisible { module: module.to_string(), field, tp, message })
+                Err(CompileError::Indivisible { module: module.to_string(), field: field.to_string(), tp, message })
             }
         }
         ShardUnit::Elements { width, field } => {
@@ -54,7 +54,7 @@ pub fn split(unit: &ShardUnit, tp: u32, module: &str) -> Result<Split, CompileEr
                 let per = width / tp;
                 Ok(Split { width: per, ranges: ranks.map(|r| (r * per, (r + 1) * per)).collect() })
             } else {
-                Err(CompileError::Indivisible { module: module.to_string(), field, tp, message: format!("{field} = {width} is not divisible by tp") })
+                Err(CompileError::Indivisible { module: module.to_string(), field: field.to_string(), tp, message: format!("{width} is not divisible by tp {tp}") })
             }
         }
     }
@@ -80,8 +80,8 @@ pub fn shard_linear(linear: &Linear, tp: u32, ep: u32) -> Result<LinearShard, Co
     let (tp_inner, experts) = match spec.experts {
         Some(e) if spec.kind == LinearKind::RoutedExperts => {
             if e.count % ep != 0 {
-                let message = format!("{} = {} experts are not divisible by ep {ep}", e.field, e.count);
-                return Err(CompileError::Indivisible { module: name, field: e.field, tp, message });
+                let message = format!("{} experts are not divisible by --ep {ep}", e.count);
+                return Err(CompileError::Indivisible { module: name, field: e.field.to_string(), tp, message });
             }
             let local = e.count / ep;
             let inner = tp / ep;

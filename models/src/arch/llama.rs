@@ -89,5 +89,6 @@ pub fn standard_model(cfg: &ConfigFile, base: &DecoderBase, layers: Vec<LayerSpe
         lm_head: blocks::lm_head(vocab, hidden, "lm_head".into()),
         tie_word_embeddings: base.tie_word_embeddings,
         ignored_weight_prefixes: Vec::new(),
+        config_section: String::new(),
     })
 }

@@ -153,6 +153,7 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
         lm_head: blocks::lm_head(vocab, hidden, "lm_head".into()),
         tie_word_embeddings: c.base.tie_word_embeddings,
         ignored_weight_prefixes: if c.num_nextn_predict_layers > 0 { vec!["mtp.".into()] } else { Vec::new() },
+        config_section: String::new(),
     })
 }
 

@@ -185,6 +185,7 @@ pub fn build_hybrid(cfg: &ConfigFile, family: &HybridFamily) -> Result<ModelSpec
         lm_head: blocks::lm_head(vocab, hidden, "lm_head".into()),
         tie_word_embeddings: c.base.tie_word_embeddings,
         ignored_weight_prefixes: family.ignored_weight_prefixes.iter().map(|p| p.to_string()).collect(),
+        config_section: field_prefix,
     })
 }
 
