@@ -70,7 +70,7 @@ pub fn vocab_split(vocab: u32, tp: u32) -> Split {
 fn module_name(linear: &Linear) -> String {
     let path = &linear.spec.modules[0].path;
     let path = path.rsplit_once('.').map_or(path.as_str(), |(parent, _)| parent);
-    format!("{path}.{}", linear.spec.fused_name).replace(".{expert}", ".experts")
+    format!("{path}.{}", linear.spec.fused_name).replace(".{expert}", "")
 }
 
 pub fn shard_linear(linear: &Linear, tp: u32, ep: u32) -> Result<LinearShard, CompileError> {
@@ -80,7 +80,7 @@ pub fn shard_linear(linear: &Linear, tp: u32, ep: u32) -> Result<LinearShard, Co
     let (tp_inner, experts) = match spec.experts {
         Some(e) if spec.kind == LinearKind::RoutedExperts => {
             if e.count % ep != 0 {
-                let message = format!("{} experts are not divisible by --ep {ep}", e.count);
+                let message = format!("{} is not divisible by --ep {ep}", e.count);
                 return Err(CompileError::Indivisible { module: name, field: e.field.to_string(), tp, message });
             }
             let local = e.count / ep;
