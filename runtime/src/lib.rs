@@ -1,1 +1,28 @@
-//! Placeholder until the kernel crate lands.
+//! lorac runtime: multi-LoRA kernels written in cubecl, generic over the cubecl runtime (CUDA on
+//! the serving GPU, wgpu/lavapipe in CI), indexing the adapter pool through the compiler's
+//! [`lorac_plan::LoraLayout`].
+//!
+//! Kernel families, one file each, each with a plain f64 CPU reference beside it:
+//! * [`shrink`]: segmented shrink `a = x · Aᵀ` per adapter slot, 1–5 packed groups;
+//! * [`expand`]: segmented expand `y += scale · a · Bᵀ` over slices of unequal widths;
+//! * [`chunked`]: the prefill variant, segments cut into fixed chunks under a fixed grid;
+//! * [`embedding`]: embedding LoRA (A is a column lookup, then expand);
+//! * [`moe`]: routed-expert LoRA, gated and non-gated, router-weighted down projection.
+
+pub mod batch;
+pub mod buffer;
+pub mod chunked;
+pub mod config;
+pub mod embedding;
+pub mod error;
+pub mod expand;
+pub mod moe;
+pub mod pool;
+pub mod shrink;
+pub mod testing;
+
+pub use batch::{DeviceSegments, NO_SLOT, Segments};
+pub use buffer::DeviceBuffer;
+pub use config::{ExpandConfig, ShrinkConfig};
+pub use error::{LoraError, Result};
+pub use pool::AdapterPool;

@@ -1,0 +1,219 @@
+//! Segmented expand: `y[t, slice i] += scale[slot] · a[t, group(i)·R .. +rank] · B[slot, slice i, :rank]ᵀ`.
+//!
+//! Grid: x = column blocks of a slice, y = slice (slices have unequal widths, so cubes past a
+//! narrow slice's end exit at once), z = segment × token split. A cube stages its token tile's
+//! rank-r intermediate in shared memory, then every thread owns `NY` consecutive output columns:
+//! it reads its B rows once per tile and does one read-modify-write of y per token, so y is
+//! touched exactly once (the prefill expand is bound by that pass over y).
+
+use cubecl::prelude::*;
+use lorac_plan::LoraLayout;
+
+use crate::batch::{DeviceSegments, NO_SLOT};
+use crate::buffer::DeviceBuffer;
+use crate::config::{ExpandConfig, slice_table, vector_size};
+use crate::error::{LoraError, Result};
+use crate::pool::AdapterPool;
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn expand_kernel<F: Float, NY: Size, NB: Size>(
+    a: &Array<f32>,
+    b_pool: &Array<Vector<F, NB>>,
+    y: &mut Array<Vector<F, NY>>,
+    slice_info: &Array<u32>,
+    seg_indptr: &Array<u32>,
+    weight_indices: &Array<u32>,
+    token_perm: &Array<u32>,
+    ranks: &Array<u32>,
+    scales: &Array<f32>,
+    out_features: u32,
+    #[comptime] cfg: ExpandConfig,
+) {
+    let tokens = comptime!(cfg.tokens_per_tile as usize);
+    let threads = comptime!(cfg.threads as usize);
+    let max_rank = comptime!(cfg.max_rank as usize);
+    let c_r = comptime!((cfg.groups * cfg.max_rank) as usize);
+    let splits = comptime!(cfg.token_splits as usize);
+    // NY's width, as a comptime value usable in unrolled loop bounds.
+    let ny = comptime!(cfg.out_vector as usize);
+    let nb = NB::value();
+
+    let slice = CUBE_POS_Y as usize;
+    let seg = CUBE_POS_Z as usize / splits;
+    let split = CUBE_POS_Z as usize % splits;
+    let offset = slice_info[slice * 3] as usize;
+    let width = slice_info[slice * 3 + 1] as usize;
+    let group = slice_info[slice * 3 + 2] as usize;
+    let block0 = CUBE_POS_X as usize * threads * ny;
+    let slot = weight_indices[seg];
+    if block0 >= width || slot == NO_SLOT {
+        terminate!();
+    }
+    let rank = ranks[slot as usize] as usize;
+    if rank == 0 {
+        terminate!();
+    }
+    let start = seg_indptr[seg] as usize;
+    let end = seg_indptr[seg + 1] as usize;
+    let scale = scales[slot as usize];
+    let out_features = out_features as usize;
+    let tid = UNIT_POS as usize;
+    let col = block0 + tid * ny;
+    let active = col < width;
+    let b_vecs = max_rank / nb;
+    let b_row0 = (slot as usize * out_features + offset + col) * b_vecs;
+    let rank_vecs = rank.div_ceil(nb);
+    let y_vecs = out_features / ny;
+    let y_col = (offset + col) / ny;
+
+    let mut a_tile = SharedMemory::<f32>::new(comptime!(tokens * max_rank));
+    let mut acc = Array::<f32>::new(comptime!(tokens * ny));
+
+    let mut p0 = start + split * tokens;
+    while p0 < end {
+        // Stage the tile's intermediate; entries past the rank (and past the segment) are zero
+        // so the vectorised B loop below may run over the padding columns of the last vector.
+        let mut idx = tid;
+        while idx < tokens * max_rank {
+            let i = idx / max_rank;
+            let j = idx % max_rank;
+            let p = p0 + i;
+            let mut v = 0.0f32;
+            if p < end && j < rank {
+                v = a[token_perm[p] as usize * c_r + group * max_rank + j];
+            }
+            a_tile[idx] = v;
+            idx += threads;
+        }
+        sync_cube();
+        if active {
+            #[unroll]
+            for i in 0..comptime!(tokens * ny) {
+                acc[i] = 0.0f32;
+            }
+            for jv in 0..rank_vecs {
+                #[unroll]
+                for v in 0..ny {
+                    let bv = Vector::<f32, NB>::cast_from(b_pool[b_row0 + v * b_vecs + jv]);
+                    #[unroll]
+                    for i in 0..tokens {
+                        let mut s = 0.0f32;
+                        #[unroll]
+                        for l in 0..nb {
+                            s += a_tile[i * max_rank + jv * nb + l] * bv[l];
+                        }
+                        acc[i * ny + v] += s;
+                    }
+                }
+            }
+            #[unroll]
+            for i in 0..tokens {
+                if p0 + i < end {
+                    let yi = token_perm[p0 + i] as usize * y_vecs + y_col;
+                    let mut yv = Vector::<f32, NY>::cast_from(y[yi]);
+                    #[unroll]
+                    for v in 0..ny {
+                        yv[v] += scale * acc[i * ny + v];
+                    }
+                    y[yi] = Vector::<F, NY>::cast_from(yv);
+                }
+            }
+        }
+        sync_cube();
+        p0 += splits * tokens;
+    }
+}
+
+/// Launches the segmented expand, accumulating into `y` (`[tokens, out_features]`) in place.
+pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    layout: &LoraLayout,
+    pool: &AdapterPool<F>,
+    segs: &DeviceSegments,
+    a: &DeviceBuffer<f32>,
+    y: &mut DeviceBuffer<F>,
+    config: Option<ExpandConfig>,
+) -> Result<()> {
+    pool.check_layout(layout)?;
+    if layout.experts().is_some() {
+        return Err(LoraError::Layout("expert layouts go through the MoE kernels".into()));
+    }
+    let cfg = config.unwrap_or_else(|| ExpandConfig::new(layout, segs.max_segment_len));
+    check_expand_config(layout, &cfg)?;
+    let tokens = segs.tokens as usize;
+    a.check_len("a (expand input)", tokens * (layout.groups() * layout.max_rank()) as usize)?;
+    y.check_len("y", tokens * layout.out_features() as usize)?;
+    if segs.num_segments == 0 || tokens == 0 {
+        return Ok(());
+    }
+    let table = DeviceBuffer::upload(client, &slice_table(layout));
+    let (ny, nb, blocks) = expand_geometry(client, layout, size_of::<F>(), cfg.threads);
+    let cfg = ExpandConfig { out_vector: ny as u32, ..cfg };
+    unsafe {
+        expand_kernel::launch_unchecked::<F, R>(
+            client,
+            CubeCount::Static(blocks, layout.slices().len() as u32, segs.num_segments as u32 * cfg.token_splits),
+            CubeDim::new_1d(cfg.threads),
+            ny,
+            nb,
+            a.arg(1),
+            pool.b.arg(nb),
+            y.arg(ny),
+            table.arg(1),
+            segs.seg_indptr.arg(1),
+            segs.weight_indices.arg(1),
+            segs.token_perm.arg(1),
+            pool.ranks.arg(1),
+            pool.scales.arg(1),
+            layout.out_features(),
+            cfg,
+        );
+    }
+    Ok(())
+}
+
+/// Output vector width (divides every slice width), B vector width (divides R) and the number
+/// of column blocks needed by the widest slice.
+pub(crate) fn expand_geometry<R: Runtime>(client: &ComputeClient<R>, layout: &LoraLayout, elem: usize, threads: u32) -> (usize, usize, u32) {
+    let widths: Vec<u32> = layout.slices().iter().map(|s| s.width).collect();
+    let ny = vector_size(client, elem, &widths).min(4);
+    let nb = vector_size(client, elem, &[layout.max_rank()]);
+    let widest = widths.iter().copied().max().unwrap_or(1);
+    (ny, nb, widest.div_ceil(threads * ny as u32))
+}
+
+pub(crate) fn check_expand_config(layout: &LoraLayout, cfg: &ExpandConfig) -> Result<()> {
+    let ok = cfg.groups == layout.groups()
+        && cfg.max_rank == layout.max_rank()
+        && cfg.tokens_per_tile > 0
+        && cfg.token_splits > 0
+        && cfg.threads > 0;
+    if !ok {
+        return Err(LoraError::Layout(format!("expand config {cfg:?} does not fit the layout")));
+    }
+    Ok(())
+}
+
+/// Plain f64 reference, accumulating into `y`.
+pub fn reference_expand(layout: &LoraLayout, ranks: &[u32], scales: &[f32], segs: &crate::batch::Segments, a: &[f64], b_pool: &[f64], y: &mut [f64]) {
+    let (big_r, c, out) = (layout.max_rank() as usize, layout.groups() as usize, layout.out_features() as usize);
+    for s in 0..segs.num_segments() {
+        let slot = segs.weight_indices()[s];
+        if slot == NO_SLOT {
+            continue;
+        }
+        let (rank, scale) = (ranks[slot as usize] as usize, scales[slot as usize] as f64);
+        for p in segs.seg_indptr()[s]..segs.seg_indptr()[s + 1] {
+            let t = segs.token_perm()[p as usize] as usize;
+            for (slice, off) in layout.slices().iter().zip(layout.slice_offsets()) {
+                let g = slice.group as usize;
+                for n in off as usize..(off + slice.width) as usize {
+                    let b_row = &b_pool[(slot as usize * out + n) * big_r..][..rank];
+                    let a_row = &a[t * c * big_r + g * big_r..][..rank];
+                    y[t * out + n] += scale * a_row.iter().zip(b_row).map(|(u, v)| u * v).sum::<f64>();
+                }
+            }
+        }
+    }
+}

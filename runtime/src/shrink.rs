@@ -1,0 +1,220 @@
+//! Segmented shrink: `a[t, g·R + j] = x[t, :] · A[slot(t), g·R + j, :]` for `j < rank(slot)`.
+//!
+//! One cube owns `rows_per_cube` rows of one slot's A and walks the tokens of one segment in
+//! tiles, so each A row is read once per tile and every token of the tile reuses it. K is split
+//! across the cube's threads (enough loads in flight to saturate HBM at decode) and the partial
+//! sums are tree-reduced in shared memory. Rows `j ≥ rank` are never loaded and never written.
+
+use cubecl::prelude::*;
+use lorac_plan::LoraLayout;
+
+use crate::batch::{DeviceSegments, NO_SLOT};
+use crate::buffer::DeviceBuffer;
+use crate::config::{ShrinkConfig, vector_size};
+use crate::error::{LoraError, Result};
+use crate::pool::AdapterPool;
+
+/// Dot products of `rows` consecutive A rows (starting at vector index `a_base`, row stride
+/// `k_vecs`) with `tokens` x rows (vector offsets `x_off`), reduced over the cube's threads.
+/// On return `partials[(r·tokens + i)·threads]` holds the full sum for row `r`, token `i`.
+#[cube]
+pub(crate) fn cube_dot_rows<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    x_off: &Array<usize>,
+    a_pool: &Array<Vector<F, N>>,
+    a_base: usize,
+    k_vecs: usize,
+    partials: &mut SharedMemory<f32>,
+    #[comptime] rows: usize,
+    #[comptime] tokens: usize,
+    #[comptime] threads: usize,
+) {
+    let tid = UNIT_POS as usize;
+    let mut acc = Array::<Vector<f32, N>>::new(comptime!(rows * tokens));
+    #[unroll]
+    for i in 0..rows * tokens {
+        acc[i] = Vector::<f32, N>::new(0.0f32);
+    }
+    let mut xs = Array::<Vector<f32, N>>::new(tokens);
+    let mut k = tid;
+    while k < k_vecs {
+        #[unroll]
+        for i in 0..tokens {
+            xs[i] = Vector::<f32, N>::cast_from(x[x_off[i] + k]);
+        }
+        #[unroll]
+        for r in 0..rows {
+            let av = Vector::<f32, N>::cast_from(a_pool[a_base + r * k_vecs + k]);
+            #[unroll]
+            for i in 0..tokens {
+                acc[r * tokens + i] = acc[r * tokens + i] + av * xs[i];
+            }
+        }
+        k += threads;
+    }
+    #[unroll]
+    for i in 0..rows * tokens {
+        let v = acc[i];
+        let mut s = 0.0f32;
+        #[unroll]
+        for l in 0..N::value() {
+            s += v[l];
+        }
+        partials[i * threads + tid] = s;
+    }
+    sync_cube();
+    let mut stride = (threads / 2).runtime();
+    while stride > 0 {
+        if tid < stride {
+            #[unroll]
+            for i in 0..rows * tokens {
+                partials[i * threads + tid] = partials[i * threads + tid] + partials[i * threads + tid + stride];
+            }
+        }
+        sync_cube();
+        stride /= 2;
+    }
+}
+
+#[cube(launch_unchecked)]
+fn shrink_kernel<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    a_pool: &Array<Vector<F, N>>,
+    seg_indptr: &Array<u32>,
+    weight_indices: &Array<u32>,
+    token_perm: &Array<u32>,
+    ranks: &Array<u32>,
+    out: &mut Array<f32>,
+    k_vecs: u32,
+    #[comptime] cfg: ShrinkConfig,
+) {
+    let rows = comptime!(cfg.rows_per_cube as usize);
+    let tokens = comptime!(cfg.tokens_per_tile as usize);
+    let threads = comptime!(cfg.threads as usize);
+    let max_rank = comptime!(cfg.max_rank as usize);
+    let c_r = comptime!((cfg.groups * cfg.max_rank) as usize);
+    let splits = comptime!(cfg.token_splits as usize);
+
+    let seg = CUBE_POS_Y as usize;
+    let slot = weight_indices[seg];
+    if slot == NO_SLOT {
+        terminate!();
+    }
+    let rank = ranks[slot as usize] as usize;
+    let row0 = CUBE_POS_X as usize * rows;
+    let j0 = row0 % max_rank;
+    // Padding rows of a low-rank adapter: nothing to read, nothing to write.
+    if j0 >= rank {
+        terminate!();
+    }
+    let k_vecs = k_vecs as usize;
+    let start = seg_indptr[seg] as usize;
+    let end = seg_indptr[seg + 1] as usize;
+    let a_base = (slot as usize * c_r + row0) * k_vecs;
+    let mut partials = SharedMemory::<f32>::new(comptime!(rows * tokens * threads));
+    let mut x_off = Array::<usize>::new(tokens);
+
+    let mut p0 = start + CUBE_POS_Z as usize * tokens;
+    while p0 < end {
+        // Tail tokens of a tile repeat the last valid row: loads stay in bounds, sums are dropped.
+        #[unroll]
+        for i in 0..tokens {
+            let p = min(p0 + i, end - 1);
+            x_off[i] = token_perm[p] as usize * k_vecs;
+        }
+        cube_dot_rows::<F, N>(x, &x_off, a_pool, a_base, k_vecs, &mut partials, rows, tokens, threads);
+        let tid = UNIT_POS as usize;
+        if tid < rows * tokens {
+            let r = tid / tokens;
+            let i = tid % tokens;
+            if p0 + i < end && j0 + r < rank {
+                let t = token_perm[p0 + i] as usize;
+                out[t * c_r + row0 + r] = partials[tid * threads];
+            }
+        }
+        sync_cube();
+        p0 += splits * tokens;
+    }
+}
+
+/// Launches the segmented shrink: `x` is `[tokens, in]`, `out` is the f32 intermediate
+/// `[tokens, groups·R]` (only `j < rank` entries of tokens with an adapter are written).
+pub fn launch_shrink<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    layout: &LoraLayout,
+    pool: &AdapterPool<F>,
+    segs: &DeviceSegments,
+    x: &DeviceBuffer<F>,
+    out: &mut DeviceBuffer<f32>,
+    config: Option<ShrinkConfig>,
+) -> Result<()> {
+    pool.check_layout(layout)?;
+    if layout.experts().is_some() {
+        return Err(LoraError::Layout("expert layouts go through the MoE kernels".into()));
+    }
+    let cfg = config.unwrap_or_else(|| ShrinkConfig::new(layout, segs.max_segment_len));
+    check_shrink_config(layout, &cfg)?;
+    let tokens = segs.tokens as usize;
+    let k = layout.in_features();
+    x.check_len("x", tokens * k as usize)?;
+    out.check_len("a (shrink output)", tokens * (layout.groups() * layout.max_rank()) as usize)?;
+    if segs.num_segments == 0 || tokens == 0 {
+        return Ok(());
+    }
+    let n = vector_size(client, size_of::<F>(), &[k]);
+    let row_blocks = layout.groups() * layout.max_rank() / cfg.rows_per_cube;
+    unsafe {
+        shrink_kernel::launch_unchecked::<F, R>(
+            client,
+            CubeCount::Static(row_blocks, segs.num_segments as u32, cfg.token_splits),
+            CubeDim::new_1d(cfg.threads),
+            n,
+            x.arg(n),
+            pool.a.arg(n),
+            segs.seg_indptr.arg(1),
+            segs.weight_indices.arg(1),
+            segs.token_perm.arg(1),
+            pool.ranks.arg(1),
+            out.arg(1),
+            k / n as u32,
+            cfg,
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn check_shrink_config(layout: &LoraLayout, cfg: &ShrinkConfig) -> Result<()> {
+    let ok = cfg.groups == layout.groups()
+        && cfg.max_rank == layout.max_rank()
+        && cfg.rows_per_cube > 0
+        && cfg.max_rank % cfg.rows_per_cube == 0
+        && cfg.tokens_per_tile > 0
+        && cfg.token_splits > 0
+        && cfg.threads.is_power_of_two();
+    if !ok {
+        return Err(LoraError::Layout(format!("shrink config {cfg:?} does not fit the layout")));
+    }
+    Ok(())
+}
+
+/// Plain f64 reference. `a` must hold the caller's prior contents (entries the kernel must not
+/// touch keep them).
+pub fn reference_shrink(layout: &LoraLayout, ranks: &[u32], segs: &crate::batch::Segments, x: &[f64], a_pool: &[f64], a: &mut [f64]) {
+    let (k, big_r, c) = (layout.in_features() as usize, layout.max_rank() as usize, layout.groups() as usize);
+    for s in 0..segs.num_segments() {
+        let slot = segs.weight_indices()[s];
+        if slot == NO_SLOT {
+            continue;
+        }
+        let rank = ranks[slot as usize] as usize;
+        for p in segs.seg_indptr()[s]..segs.seg_indptr()[s + 1] {
+            let t = segs.token_perm()[p as usize] as usize;
+            for g in 0..c {
+                for j in 0..rank {
+                    let row = &a_pool[((slot as usize * c + g) * big_r + j) * k..][..k];
+                    a[t * c * big_r + g * big_r + j] = row.iter().zip(&x[t * k..(t + 1) * k]).map(|(w, v)| w * v).sum();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,455 @@
+//! Property tests of every kernel family against its f64 reference, on random shapes, ranks,
+//! slot mixes, slice widths and permutations, with fresh random (never zero) data. Outputs are
+//! poisoned before each launch: NaN in write-only buffers (an unwritten element stays NaN and
+//! fails), random values in the in-place accumulation targets (an element that misses its
+//! delta fails the element-wise check). Bodies are generic over the cubecl runtime and stamped
+//! for wgpu (lavapipe in CI, f32) and, with `--features cuda-tests`, for CUDA (f32 and bf16).
+
+use std::num::NonZeroU32;
+
+use cubecl::prelude::*;
+use lorac_plan::{ExpertDims, LoraLayout, LoraSlice};
+use lorac_runtime::chunked::ChunkedPlan;
+use lorac_runtime::embedding::{launch_embedding, reference_embedding};
+use lorac_runtime::expand::{launch_expand, reference_expand};
+use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT, launch_moe_expand, launch_moe_shrink, reference_moe};
+use lorac_runtime::shrink::{launch_shrink, reference_shrink};
+use lorac_runtime::testing::{Rng, StorageElem, relative_error};
+use lorac_runtime::{AdapterPool, DeviceBuffer, LoraError, NO_SLOT, Segments};
+
+const CASES: u64 = 12;
+/// Value written into the padding rows/columns of low-rank adapters: the contract says zero,
+/// but a kernel that read them would pick this up and fail.
+const PADDING: f64 = 7.0;
+
+fn nz(v: u32) -> NonZeroU32 {
+    NonZeroU32::new(v).unwrap()
+}
+
+fn slice(name: &str, width: u32, group: u32) -> LoraSlice {
+    LoraSlice { name: name.into(), width, group }
+}
+
+/// A scaled-down instance of each module family the compiler emits.
+fn random_slices(rng: &mut Rng) -> (u32, Vec<LoraSlice>, &'static str) {
+    match rng.range(0, 5) {
+        // qkv under GQA / KV replication: unequal q vs kv widths.
+        0 => (3, vec![slice("q", 8 * rng.range(1, 12), 0), slice("k", 4 * rng.range(1, 6), 1), slice("v", 4 * rng.range(1, 6), 2)], "qkv"),
+        1 => {
+            let w = rng.range(1, 70);
+            (2, vec![slice("gate", w, 0), slice("up", w, 1)], "gate_up")
+        }
+        // Qwen3.5 GDN in_proj_qkvz: a qkv group with three slices and a z group.
+        2 => (2, vec![slice("q", 4 * rng.range(1, 8), 0), slice("k", 4 * rng.range(1, 8), 0), slice("v", 4 * rng.range(1, 8), 0), slice("z", 4 * rng.range(1, 8), 1)], "gdn_qkvz"),
+        // Mamba in_proj: one A, five B slices of different widths.
+        3 => (
+            1,
+            vec![slice("z", rng.range(1, 64), 0), slice("x", rng.range(1, 64), 0), slice("B", rng.range(1, 16), 0), slice("C", rng.range(1, 16), 0), slice("dt", rng.range(1, 8), 0)],
+            "mamba_in_proj",
+        ),
+        // MLA fused q_a / kv_a (1536 and 576 at full size).
+        4 => (2, vec![slice("q_a", 16 * rng.range(1, 6), 0), slice("kv_a", 6 * rng.range(1, 6), 1)], "mla_qkv_a"),
+        _ => (1, vec![slice("o", rng.range(1, 96), 0)], "single"),
+    }
+}
+
+fn random_layout(rng: &mut Rng, experts: Option<ExpertDims>) -> (LoraLayout, &'static str) {
+    let (groups, slices, family) = random_slices(rng);
+    let slots = rng.range(1, 6);
+    let max_rank = rng.pick(&[1, 3, 4, 8, 12, 16]);
+    let in_features = rng.pick(&[3, 8, 12, 64, 100, 256, 260]);
+    (LoraLayout::new(nz(slots), nz(max_rank), in_features, groups, slices, experts).unwrap(), family)
+}
+
+/// Ranks per slot: 0 (empty slot) and full rank both occur.
+fn random_ranks(rng: &mut Rng, layout: &LoraLayout) -> (Vec<u32>, Vec<f32>) {
+    let ranks = (0..layout.slots()).map(|_| if rng.range(0, 5) == 0 { 0 } else { rng.range(1, layout.max_rank()) }).collect();
+    let scales = (0..layout.slots()).map(|_| 0.5 + rng.value().abs() as f32).collect();
+    (ranks, scales)
+}
+
+/// Pool data in the compiler's layout: random where the adapter lives, `PADDING` elsewhere.
+struct PoolData<F> {
+    a: Vec<F>,
+    b: Vec<F>,
+    a64: Vec<f64>,
+    b64: Vec<f64>,
+}
+
+fn random_pool<F: StorageElem>(rng: &mut Rng, layout: &LoraLayout, ranks: &[u32]) -> PoolData<F> {
+    let big_r = layout.max_rank() as usize;
+    let experts_a = layout.experts().map_or(1, |e| e.a.get() as usize);
+    let experts_b = layout.experts().map_or(1, |e| e.b.get() as usize);
+    let (k, c, out) = (layout.in_features() as usize, layout.groups() as usize, layout.out_features() as usize);
+    let mut a64 = vec![PADDING; layout.a_elements() as usize];
+    for (s, &rank) in ranks.iter().enumerate() {
+        for e in 0..experts_a {
+            for g in 0..c {
+                for j in 0..rank as usize {
+                    let row = (((s * experts_a + e) * c + g) * big_r + j) * k;
+                    for v in &mut a64[row..row + k] {
+                        *v = rng.value();
+                    }
+                }
+            }
+        }
+    }
+    let mut b64 = vec![PADDING; layout.b_elements() as usize];
+    for (s, &rank) in ranks.iter().enumerate() {
+        for e in 0..experts_b {
+            for n in 0..out {
+                let row = ((s * experts_b + e) * out + n) * big_r;
+                for v in &mut b64[row..row + rank as usize] {
+                    *v = rng.value();
+                }
+            }
+        }
+    }
+    let a: Vec<F> = a64.iter().map(|&v| F::round_from(v)).collect();
+    let b: Vec<F> = b64.iter().map(|&v| F::round_from(v)).collect();
+    let a64 = a.iter().map(|v| v.as_f64()).collect();
+    let b64 = b.iter().map(|v| v.as_f64()).collect();
+    PoolData { a, b, a64, b64 }
+}
+
+fn upload_pool<R: Runtime, F: StorageElem>(client: &ComputeClient<R>, layout: &LoraLayout, data: &PoolData<F>, ranks: &[u32], scales: &[f32]) -> AdapterPool<F> {
+    AdapterPool::new(layout, DeviceBuffer::upload(client, &data.a), DeviceBuffer::upload(client, &data.b), ranks, scales, client).unwrap()
+}
+
+/// Random slot per token (about one in five without adapter); sometimes an explicit
+/// no-adapter segment, and tokens in shuffled order inside segments.
+fn random_segments(rng: &mut Rng, tokens: u32, slots: u32) -> Segments {
+    let token_slots: Vec<Option<u32>> = (0..tokens).map(|_| if rng.range(0, 4) == 0 { None } else { Some(rng.range(0, slots - 1)) }).collect();
+    let grouped = Segments::from_token_slots(&token_slots, slots).unwrap();
+    let mut perm = grouped.token_perm().to_vec();
+    for s in 0..grouped.num_segments() {
+        let (lo, hi) = (grouped.seg_indptr()[s] as usize, grouped.seg_indptr()[s + 1] as usize);
+        for i in (lo + 1..hi).rev() {
+            perm.swap(i, lo + rng.range(0, (i - lo) as u32) as usize);
+        }
+    }
+    let mut indptr = grouped.seg_indptr().to_vec();
+    let mut weights = grouped.weight_indices().to_vec();
+    let unassigned: Vec<u32> = (0..tokens).filter(|t| token_slots[*t as usize].is_none()).collect();
+    if rng.range(0, 1) == 0 && !unassigned.is_empty() {
+        perm.extend(&unassigned);
+        indptr.push(perm.len() as u32);
+        weights.push(NO_SLOT);
+    }
+    Segments::new(tokens, indptr, weights, perm, slots).unwrap()
+}
+
+/// Norm-wise and element-wise comparison (the element-wise bound catches a single missed or
+/// unwritten element that the norm would average away).
+fn check_close(what: &str, out: &[f64], reference: &[f64], tol: f64) {
+    assert_eq!(out.len(), reference.len());
+    if reference.is_empty() {
+        return;
+    }
+    let rms = (reference.iter().map(|r| r * r).sum::<f64>() / reference.len() as f64).sqrt();
+    for (i, (o, r)) in out.iter().zip(reference).enumerate() {
+        assert!((o - r).abs() <= tol * (r.abs() + rms), "{what}: element {i}: got {o}, expected {r} (rms {rms})");
+    }
+    let err = relative_error(out.iter().copied().zip(reference.iter().copied()));
+    assert!(err <= tol, "{what}: relative error {err:e} > {tol:e}");
+}
+
+/// Whether token `t` receives a delta, and from which slot.
+fn token_slot_ranks(segs: &Segments, ranks: &[u32]) -> Vec<Option<(u32, u32)>> {
+    segs.token_slots().iter().map(|&s| if s == NO_SLOT { None } else { Some((s, ranks[s as usize])) }).collect()
+}
+
+/// y before the launch: random values of the delta's size, rounded to the storage type.
+fn initial_y<F: StorageElem>(rng: &mut Rng, delta: &[f64]) -> (Vec<F>, Vec<f64>) {
+    let rms = (delta.iter().map(|d| d * d).sum::<f64>() / delta.len().max(1) as f64).sqrt().max(1e-3);
+    rng.tensor::<F>(delta.len(), rms)
+}
+
+/// Compares y after an in-place accumulation: rows without a delta must be bit-identical.
+fn check_y<F: StorageElem>(what: &str, y_out: &[F], y0: &[f64], delta: &[f64], touched_rows: &[bool], width: usize) {
+    let out: Vec<f64> = y_out.iter().map(|v| v.as_f64()).collect();
+    let reference: Vec<f64> = y0.iter().zip(delta).map(|(a, b)| a + b).collect();
+    for (row, &touched) in touched_rows.iter().enumerate() {
+        if !touched {
+            assert_eq!(&out[row * width..(row + 1) * width], &y0[row * width..(row + 1) * width], "{what}: row {row} has no adapter but changed");
+        }
+    }
+    check_close(what, &out, &reference, F::TOLERANCE);
+}
+
+pub fn segmented_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
+    for seed in 0..CASES {
+        let rng = &mut Rng::new(100 + seed);
+        let (layout, family) = random_layout(rng, None);
+        let what = format!("shrink {family} seed {seed} {layout:?}");
+        let (ranks, scales) = random_ranks(rng, &layout);
+        let pool_data = random_pool::<F>(rng, &layout, &ranks);
+        let pool = upload_pool(client, &layout, &pool_data, &ranks, &scales);
+        let tokens = rng.pick(&[1, 2, 5, 17, 40]);
+        let segs = random_segments(rng, tokens, layout.slots());
+        let (x, x64) = rng.tensor::<F>((tokens * layout.in_features()) as usize, 1.0);
+        let c_r = (layout.groups() * layout.max_rank()) as usize;
+        let mut out = DeviceBuffer::upload(client, &vec![f32::NAN; tokens as usize * c_r]);
+        launch_shrink(client, &layout, &pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut out, None).unwrap();
+        let got = out.read(client);
+        let mut reference = vec![f64::NAN; got.len()];
+        reference_shrink(&layout, &ranks, &segs, &x64, &pool_data.a64, &mut reference);
+        let (mut outs, mut refs) = (Vec::new(), Vec::new());
+        for (i, (&g, &r)) in got.iter().zip(&reference).enumerate() {
+            if r.is_nan() {
+                assert!(g.is_nan(), "{what}: intermediate {i} (no adapter / past the rank) was written");
+            } else {
+                outs.push(g as f64);
+                refs.push(r);
+            }
+        }
+        check_close(&what, &outs, &refs, F::TOLERANCE);
+    }
+}
+
+/// Random intermediate for the expand tests, NaN past each token's rank (never to be read).
+fn random_intermediate(rng: &mut Rng, layout: &LoraLayout, slot_ranks: &[Option<(u32, u32)>]) -> (Vec<f32>, Vec<f64>) {
+    let (big_r, c) = (layout.max_rank() as usize, layout.groups() as usize);
+    let mut a = vec![f32::NAN; slot_ranks.len() * c * big_r];
+    for (t, sr) in slot_ranks.iter().enumerate() {
+        if let Some((_, rank)) = sr {
+            for g in 0..c {
+                for j in 0..*rank as usize {
+                    a[(t * c + g) * big_r + j] = rng.value() as f32 * 4.0;
+                }
+            }
+        }
+    }
+    let a64 = a.iter().map(|&v| v as f64).collect();
+    (a, a64)
+}
+
+pub fn segmented_expand<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
+    for seed in 0..CASES {
+        let rng = &mut Rng::new(200 + seed);
+        let (layout, family) = random_layout(rng, None);
+        let what = format!("expand {family} seed {seed} {layout:?}");
+        let (ranks, scales) = random_ranks(rng, &layout);
+        let pool_data = random_pool::<F>(rng, &layout, &ranks);
+        let pool = upload_pool(client, &layout, &pool_data, &ranks, &scales);
+        let tokens = rng.pick(&[1, 3, 8, 33, 70]);
+        let segs = random_segments(rng, tokens, layout.slots());
+        let slot_ranks = token_slot_ranks(&segs, &ranks);
+        let (a, a64) = random_intermediate(rng, &layout, &slot_ranks);
+        let out = layout.out_features() as usize;
+        let mut delta = vec![0.0; tokens as usize * out];
+        reference_expand(&layout, &ranks, &scales, &segs, &a64, &pool_data.b64, &mut delta);
+        let (y0, y064) = initial_y::<F>(rng, &delta);
+        let mut y = DeviceBuffer::upload(client, &y0);
+        launch_expand(client, &layout, &pool, &segs.upload(client), &DeviceBuffer::upload(client, &a), &mut y, None).unwrap();
+        let touched: Vec<bool> = slot_ranks.iter().map(|sr| matches!(sr, Some((_, r)) if *r > 0)).collect();
+        check_y(&what, &y.read(client), &y064, &delta, &touched, out);
+    }
+}
+
+/// Chunked shrink → expand on long and short segments under the plan's fixed grid.
+pub fn chunked_prefill<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
+    for seed in 0..CASES / 2 {
+        let rng = &mut Rng::new(300 + seed);
+        let (layout, family) = random_layout(rng, None);
+        let chunk = rng.pick(&[1, 5, 16, 64]);
+        let what = format!("chunked(chunk {chunk}) {family} seed {seed} {layout:?}");
+        let (ranks, scales) = random_ranks(rng, &layout);
+        let pool_data = random_pool::<F>(rng, &layout, &ranks);
+        let pool = upload_pool(client, &layout, &pool_data, &ranks, &scales);
+        let tokens = rng.pick(&[1, 60, 150]);
+        let plan = ChunkedPlan::new(&layout, 160, chunk).unwrap();
+        let segs = random_segments(rng, tokens, layout.slots());
+        let chunks = plan.prepare(&segs).unwrap();
+        assert_eq!(chunks.num_segments(), plan.capacity);
+        assert!(chunks.seg_indptr().windows(2).all(|w| w[1] - w[0] <= chunk));
+        let dev_chunks = chunks.upload(client);
+        let (x, x64) = rng.tensor::<F>((tokens * layout.in_features()) as usize, 1.0);
+        let c_r = (layout.groups() * layout.max_rank()) as usize;
+        let mut a = DeviceBuffer::upload(client, &vec![f32::NAN; tokens as usize * c_r]);
+        plan.launch_shrink(client, &layout, &pool, &dev_chunks, &DeviceBuffer::upload(client, &x), &mut a).unwrap();
+        // The reference runs on the unchunked segments: chunking must not change the result.
+        let mut a64 = vec![f64::NAN; tokens as usize * c_r];
+        reference_shrink(&layout, &ranks, &segs, &x64, &pool_data.a64, &mut a64);
+        let out = layout.out_features() as usize;
+        let mut delta = vec![0.0; tokens as usize * out];
+        reference_expand(&layout, &ranks, &scales, &segs, &a64, &pool_data.b64, &mut delta);
+        let (y0, y064) = initial_y::<F>(rng, &delta);
+        let mut y = DeviceBuffer::upload(client, &y0);
+        plan.launch_expand(client, &layout, &pool, &dev_chunks, &a, &mut y).unwrap();
+        let touched: Vec<bool> = token_slot_ranks(&segs, &ranks).iter().map(|sr| matches!(sr, Some((_, r)) if *r > 0)).collect();
+        // Two roundings of the f32 intermediate's inputs: allow twice the tolerance.
+        let y_out: Vec<F> = y.read(client);
+        let outv: Vec<f64> = y_out.iter().map(|v| v.as_f64()).collect();
+        let reference: Vec<f64> = y064.iter().zip(&delta).map(|(a, b)| a + b).collect();
+        for (row, t) in touched.iter().enumerate() {
+            if !t {
+                assert_eq!(&outv[row * out..(row + 1) * out], &y064[row * out..(row + 1) * out], "{what}: row {row} changed");
+            }
+        }
+        check_close(&what, &outv, &reference, 2.0 * F::TOLERANCE);
+    }
+}
+
+pub fn embedding<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
+    for seed in 0..CASES / 2 {
+        let rng = &mut Rng::new(400 + seed);
+        let vocab = rng.range(5, 300);
+        let hidden = rng.range(1, 80);
+        let layout = LoraLayout::new(nz(rng.range(1, 5)), nz(rng.pick(&[1, 4, 8, 16])), vocab, 1, vec![slice("embed", hidden, 0)], None).unwrap();
+        let what = format!("embedding seed {seed} {layout:?}");
+        let (ranks, scales) = random_ranks(rng, &layout);
+        let pool_data = random_pool::<F>(rng, &layout, &ranks);
+        let pool = upload_pool(client, &layout, &pool_data, &ranks, &scales);
+        let tokens = rng.pick(&[1, 7, 30]);
+        let segs = random_segments(rng, tokens, layout.slots());
+        // One id past the vocabulary: it must contribute nothing rather than read out of bounds.
+        let ids: Vec<u32> = (0..tokens).map(|t| if t == 0 && seed % 2 == 1 { vocab + 3 } else { rng.range(0, vocab - 1) }).collect();
+        let mut delta = vec![0.0; (tokens * hidden) as usize];
+        reference_embedding(&layout, &ranks, &scales, &segs, &ids, &pool_data.a64, &pool_data.b64, &mut delta);
+        let (y0, y064) = initial_y::<F>(rng, &delta);
+        let mut y = DeviceBuffer::upload(client, &y0);
+        let mut scratch = DeviceBuffer::upload(client, &vec![f32::NAN; (tokens * layout.max_rank()) as usize]);
+        launch_embedding(client, &layout, &pool, &segs.upload(client), &DeviceBuffer::upload(client, &ids), &mut scratch, &mut y, None).unwrap();
+        let touched: Vec<bool> = token_slot_ranks(&segs, &ranks).iter().map(|sr| matches!(sr, Some((_, r)) if *r > 0)).collect();
+        check_y(&what, &y.read(client), &y064, &delta, &touched, hidden as usize);
+    }
+}
+
+/// gate_up (gated, 2 slices, and non-gated, 1 slice) and down (router-weighted), with
+/// per-expert and shared-outer pools, some experts off this rank.
+pub fn moe<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
+    for seed in 0..CASES {
+        let rng = &mut Rng::new(500 + seed);
+        let experts = rng.range(2, 6);
+        let topk = rng.range(1, 3.min(experts));
+        let gated = seed % 3 != 2;
+        let down = seed % 3 == 1;
+        let shared_outer = seed % 4 >= 2;
+        let hidden = rng.pick(&[8, 24, 64]);
+        let inter = rng.range(1, 40);
+        let (in_features, groups, slices, dims) = if down {
+            (inter, 1, vec![slice("down", hidden, 0)], ExpertDims { a: nz(experts), b: nz(if shared_outer { 1 } else { experts }) })
+        } else if gated {
+            (hidden, 2, vec![slice("gate", inter, 0), slice("up", inter, 1)], ExpertDims { a: nz(if shared_outer { 1 } else { experts }), b: nz(experts) })
+        } else {
+            (hidden, 1, vec![slice("up", inter, 0)], ExpertDims { a: nz(if shared_outer { 1 } else { experts }), b: nz(experts) })
+        };
+        let layout = LoraLayout::new(nz(rng.range(1, 4)), nz(rng.pick(&[2, 4, 8])), in_features, groups, slices, Some(dims)).unwrap();
+        let (input, output) = if down { (MoeInput::PerPair, MoeOutput::RouterWeighted) } else { (MoeInput::PerToken, MoeOutput::PerPair) };
+        let what = format!("moe seed {seed} down={down} gated={gated} shared_outer={shared_outer} topk {topk} {layout:?}");
+        let (ranks, scales) = random_ranks(rng, &layout);
+        let pool_data = random_pool::<F>(rng, &layout, &ranks);
+        let pool = upload_pool(client, &layout, &pool_data, &ranks, &scales);
+        let tokens = rng.pick(&[1, 4, 19]);
+        let segs = random_segments(rng, tokens, layout.slots());
+        let pairs = (tokens * topk) as usize;
+        let ids: Vec<u32> = (0..pairs).map(|_| if rng.range(0, 5) == 0 { NO_EXPERT } else { rng.range(0, experts - 1) }).collect();
+        let weights: Vec<f32> = (0..pairs).map(|_| rng.value().abs() as f32).collect();
+        let routing = MoeRouting::new(client, tokens, topk, experts, &ids, &weights).unwrap();
+        let x_rows = if down { pairs } else { tokens as usize };
+        let (x, x64) = rng.tensor::<F>(x_rows * in_features as usize, 1.0);
+        let out = layout.out_features() as usize;
+        let y_rows = if down { tokens as usize } else { pairs };
+        let mut delta = vec![0.0; y_rows * out];
+        reference_moe(&layout, &ranks, &scales, &segs, topk as usize, &ids, &weights, input, output, &x64, &pool_data.a64, &pool_data.b64, &mut delta);
+        let (y0, y064) = initial_y::<F>(rng, &delta);
+        let mut y = DeviceBuffer::upload(client, &y0);
+        let dev_segs = segs.upload(client);
+        let c_r = (layout.groups() * layout.max_rank()) as usize;
+        let mut a = DeviceBuffer::upload(client, &vec![f32::NAN; pairs * c_r]);
+        launch_moe_shrink(client, &layout, &pool, &dev_segs, &routing, input, &DeviceBuffer::upload(client, &x), &mut a).unwrap();
+        launch_moe_expand(client, &layout, &pool, &dev_segs, &routing, output, &a, &mut y).unwrap();
+        let slots = segs.token_slots();
+        let touched: Vec<bool> = (0..y_rows)
+            .map(|row| {
+                let (t, ks): (usize, Vec<usize>) = if down { (row, (0..topk as usize).collect()) } else { (row / topk as usize, vec![row % topk as usize]) };
+                slots[t] != NO_SLOT && ranks[slots[t] as usize] > 0 && ks.iter().any(|k| ids[t * topk as usize + k] != NO_EXPERT)
+            })
+            .collect();
+        // The intermediate is f32 but its inputs were rounded twice: allow twice the tolerance.
+        let y_out = y.read(client);
+        let outv: Vec<f64> = y_out.iter().map(|v| v.as_f64()).collect();
+        for (row, t) in touched.iter().enumerate() {
+            if !t {
+                assert_eq!(&outv[row * out..(row + 1) * out], &y064[row * out..(row + 1) * out], "{what}: row {row} changed");
+            }
+        }
+        let reference: Vec<f64> = y064.iter().zip(&delta).map(|(a, b)| a + b).collect();
+        check_close(&what, &outv, &reference, 2.0 * F::TOLERANCE);
+    }
+}
+
+/// Bad input is an error, never a panic or an out-of-bounds launch.
+pub fn rejects_bad_input<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
+    let rng = &mut Rng::new(7);
+    let layout = LoraLayout::new(nz(2), nz(4), 16, 3, vec![slice("q", 8, 0), slice("k", 4, 1), slice("v", 4, 2)], None).unwrap();
+    let pool_data = random_pool::<F>(rng, &layout, &[4, 2]);
+    let a = DeviceBuffer::upload(client, &pool_data.a);
+    let b = DeviceBuffer::upload(client, &pool_data.b);
+    let err = AdapterPool::new(&layout, a.clone(), b.clone(), &[5, 1], &[1.0, 1.0], client).unwrap_err();
+    assert_eq!(err, LoraError::RankTooLarge { slot: 0, rank: 5, max_rank: 4 });
+    let err = AdapterPool::new(&layout, b.clone(), b.clone(), &[4, 2], &[1.0, 1.0], client).unwrap_err();
+    assert!(matches!(err, LoraError::BufferSize { name: "A", .. }), "{err:?}");
+    assert_eq!(Segments::new(2, vec![0, 2], vec![2], vec![0, 1], 2).unwrap_err(), LoraError::SlotOutOfRange { slot: 2, slots: 2 });
+    assert_eq!(Segments::new(2, vec![0, 2], vec![0], vec![1, 1], 2).unwrap_err(), LoraError::DuplicateToken { token: 1 });
+    assert!(matches!(Segments::new(2, vec![0, 3], vec![0], vec![0, 1], 2), Err(LoraError::BadIndptr(_))));
+    assert_eq!(Segments::new(2, vec![0, 1], vec![0], vec![2], 2).unwrap_err(), LoraError::TokenOutOfRange { token: 2, tokens: 2 });
+
+    let pool = AdapterPool::new(&layout, a, b, &[4, 2], &[1.0, 1.0], client).unwrap();
+    let segs = Segments::from_token_slots(&[Some(0), Some(1), None], 2).unwrap();
+    let dev = segs.upload(client);
+    let x_short = DeviceBuffer::upload(client, &vec![F::round_from(1.0); 16]);
+    let mut out = DeviceBuffer::<f32>::empty(client, 3 * 12);
+    let err = launch_shrink(client, &layout, &pool, &dev, &x_short, &mut out, None).unwrap_err();
+    assert_eq!(err, LoraError::BufferSize { name: "x", expected: 48, actual: 16 });
+    let other = LoraLayout::new(nz(2), nz(4), 16, 1, vec![slice("o", 8, 0)], None).unwrap();
+    let x = DeviceBuffer::upload(client, &vec![F::round_from(1.0); 48]);
+    assert!(matches!(launch_shrink(client, &other, &pool, &dev, &x, &mut out, None), Err(LoraError::Layout(_))));
+    let plan = ChunkedPlan::new(&layout, 2, 1).unwrap();
+    assert!(matches!(plan.prepare(&Segments::from_token_slots(&[Some(0); 8], 2).unwrap()), Err(LoraError::CapacityExceeded { .. })));
+    assert_eq!(MoeRouting::new(client, 1, 2, 4, &[1, 4], &[0.5, 0.5]).unwrap_err(), LoraError::ExpertOutOfRange { expert: 4, experts: 4 });
+}
+
+macro_rules! stamp_kernel_tests {
+    ($module:ident, $runtime:ty, $elem:ty) => {
+        mod $module {
+            type Rt = $runtime;
+            type E = $elem;
+            fn client() -> cubecl::prelude::ComputeClient<Rt> {
+                <Rt as cubecl::prelude::Runtime>::client(&Default::default())
+            }
+            #[test]
+            fn segmented_shrink() {
+                super::segmented_shrink::<Rt, E>(&client());
+            }
+            #[test]
+            fn segmented_expand() {
+                super::segmented_expand::<Rt, E>(&client());
+            }
+            #[test]
+            fn chunked_prefill() {
+                super::chunked_prefill::<Rt, E>(&client());
+            }
+            #[test]
+            fn embedding() {
+                super::embedding::<Rt, E>(&client());
+            }
+            #[test]
+            fn moe() {
+                super::moe::<Rt, E>(&client());
+            }
+            #[test]
+            fn rejects_bad_input() {
+                super::rejects_bad_input::<Rt, E>(&client());
+            }
+        }
+    };
+}
+
+// bf16 storage is not available through wgpu/lavapipe, so wgpu runs f32 only.
+stamp_kernel_tests!(wgpu_f32, cubecl::wgpu::WgpuRuntime, f32);
+#[cfg(feature = "cuda-tests")]
+stamp_kernel_tests!(cuda_f32, cubecl::cuda::CudaRuntime, f32);
+#[cfg(feature = "cuda-tests")]
+stamp_kernel_tests!(cuda_bf16, cubecl::cuda::CudaRuntime, half::bf16);
