@@ -12,7 +12,7 @@ const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PlanFormatError {
-    #[error("not a lorac plan (file is {len} bytes, shorter than the {HEADER_LEN}-byte header)")]
+    #[error("plan file is {len} bytes, shorter than the {HEADER_LEN}-byte header (empty or cut off)")]
     TooShort { len: usize },
     #[error("not a lorac plan (magic bytes are {found:02x?}, expected \"LORACPLN\")")]
     ForeignFile { found: Vec<u8> },

@@ -1,0 +1,166 @@
+//! Each compiler rule checked against numbers computed by hand.
+
+use std::path::PathBuf;
+
+use lorac_compiler::passes::shard::{split, vocab_split};
+use lorac_compiler::{CompileError, CompileOptions, compile};
+use lorac_models::spec::ShardUnit;
+use lorac_plan::{MoeLoraMode, Plan};
+
+fn config(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/configs").join(name)
+}
+
+const LLAMA: &str = "meta-llama__Meta-Llama-3.1-8B.json";
+const DEEPSEEK: &str = "deepseek-ai__DeepSeek-V3.json";
+
+fn plan_with(name: &str, opts: CompileOptions) -> Plan {
+    compile(&config(name), &opts).unwrap()
+}
+
+fn plan(name: &str, tp: u32, targets: &[&str]) -> Plan {
+    plan_with(name, CompileOptions::new(tp, 16, 8, targets).unwrap())
+}
+
+fn modules(p: &Plan) -> Vec<String> {
+    let mut m: Vec<String> = p.ranks[0].lora_buffers.iter().map(|b| b.module.clone()).collect();
+    m.sort();
+    m.dedup();
+    m
+}
+
+#[test]
+fn head_splits_divide_or_replicate() {
+    let q = ShardUnit::Heads { count: 32, head_dim: 128, field: "num_attention_heads", replicate_when_short: false };
+    let s = split(&q, 8, "q").unwrap();
+    assert_eq!((s.width, s.ranges[3]), (512, (1536, 2048)));
+    let kv = ShardUnit::Heads { count: 8, head_dim: 128, field: "num_key_value_heads", replicate_when_short: true };
+    let s = split(&kv, 16, "kv").unwrap();
+    // Ranks 2h and 2h + 1 hold KV head h.
+    assert_eq!(s.width, 128);
+    assert_eq!(s.ranges[14], (7 * 128, 8 * 128));
+    assert_eq!(s.ranges[15], (7 * 128, 8 * 128));
+    assert!(matches!(split(&kv, 12, "kv"), Err(CompileError::Indivisible { .. })));
+    assert!(matches!(split(&q, 64, "q"), Err(CompileError::Indivisible { .. })));
+    let e = ShardUnit::Elements { width: 14336, field: "intermediate_size" };
+    assert_eq!(split(&e, 8, "e").unwrap().width, 1792);
+}
+
+#[test]
+fn vocab_is_padded_to_a_multiple_of_tp() {
+    let s = vocab_split(100, 8);
+    assert_eq!(s.width, 13);
+    assert_eq!(s.ranges[0], (0, 13));
+    assert_eq!(s.ranges[7], (91, 100));
+}
+
+#[test]
+fn one_all_reduce_per_sublayer() {
+    let count = |p: &Plan| p.nodes.iter().filter(|n| n.label == "all_reduce").count();
+    assert_eq!(count(&plan(LLAMA, 1, &["all"])), 0);
+    // Embedding (vocab-parallel) + o_proj and down_proj in each of 32 layers.
+    assert_eq!(count(&plan(LLAMA, 2, &["all"])), 1 + 2 * 32);
+    // MoE blocks reduce routed and shared experts together: still two per layer.
+    assert_eq!(count(&plan(DEEPSEEK, 8, &["all"])), 1 + 2 * 61);
+}
+
+#[test]
+fn all_linear_excludes_embedding_and_lm_head() {
+    let m = modules(&plan(LLAMA, 1, &["all-linear"]));
+    assert_eq!(m, ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]);
+    let m = modules(&plan(LLAMA, 1, &["all"]));
+    assert!(m.contains(&"embed_tokens".to_string()) && m.contains(&"lm_head".to_string()));
+}
+
+#[test]
+fn peft_names_reach_every_module_of_that_name() {
+    // gate_proj lives in dense MLPs, shared experts and routed experts.
+    let p = plan(DEEPSEEK, 8, &["gate_proj"]);
+    assert_eq!(modules(&p), ["gate_up_proj", "gate_up_proj_moe"]);
+    assert_eq!(p.ranks[0].lora_buffers.len(), 3 + 2 * 58);
+    assert_eq!(p.lora.targets, ["gate_proj", "up_proj"]);
+    // A fused name selects the whole fused module.
+    let p = plan(LLAMA, 1, &["qkv_proj"]);
+    assert_eq!(p.lora.targets, ["k_proj", "q_proj", "v_proj"]);
+}
+
+#[test]
+fn shared_outer_moe_lora_has_expert_dim_one_on_the_outer_sides() {
+    let mut opts = CompileOptions::new(8, 16, 8, &["all"]).unwrap();
+    opts.moe_lora = MoeLoraMode::SharedOuter;
+    let p = plan_with(DEEPSEEK, opts);
+    let find = |m: &str| p.ranks[0].lora_buffers.iter().find(|b| b.layer == Some(3) && b.module == m).unwrap();
+    let up = find("gate_up_proj_moe");
+    assert_eq!((up.layout.a_shape(), up.layout.b_shape()), (vec![8, 1, 32, 7168], vec![8, 256, 512, 16]));
+    let down = find("down_proj_moe");
+    assert_eq!((down.layout.a_shape(), down.layout.b_shape()), (vec![8, 256, 16, 256], vec![8, 1, 7168, 16]));
+}
+
+#[test]
+fn caches_by_hand() {
+    let mut opts = CompileOptions::new(8, 16, 8, &["all"]).unwrap();
+    opts.kv_cache_tokens = 1000;
+    // 32 layers × (K + V) × 1 KV head per rank × 128 × 2 bytes × 1000 tokens.
+    assert_eq!(plan_with(LLAMA, opts.clone()).ranks[0].memory.kv_cache, 32 * 2 * 128 * 2 * 1000);
+    // MLA caches the 512-wide latent plus the 64-wide rope key, whole on every rank.
+    assert_eq!(plan_with(DEEPSEEK, opts.clone()).ranks[0].memory.kv_cache, 61 * (512 + 64) * 2 * 1000);
+    // Nemotron-H 56B, tp 8, 256 sequences, bf16 state (no mamba_ssm_cache_dtype): per Mamba
+    // layer the conv window (256·64/8 x channels + 2 × 1 group × 256 B/C channels, 3 steps) and
+    // the SSM state (256/8 heads × 64 × 256).
+    let p = plan_with("nvidia__Nemotron-H-56B-Base-8K.json", opts);
+    let mamba_layers = 54u64;
+    let conv = (256 * 64 / 8 + 2 * 256) * 3 * 2;
+    let ssm = (256 / 8) * 64 * 256 * 2;
+    assert_eq!(p.ranks[0].memory.state_cache, mamba_layers * (conv + ssm) * 256);
+}
+
+#[test]
+fn weights_by_hand() {
+    // Llama-3.1-8B at tp 1: embedding + lm_head + 32 × (qkv + o + gate/up/down + 2 norms) + final norm.
+    let (h, v, i, kv) = (4096u64, 128256u64, 14336u64, 1024u64);
+    let per_layer = h * (h + 2 * kv) + h * h + 3 * h * i + 2 * h;
+    let elements = 2 * v * h + 32 * per_layer + h;
+    assert_eq!(plan(LLAMA, 1, &["all"]).ranks[0].memory.weights, 2 * elements);
+    // At tp 8 everything splits except the norms.
+    let norms = 32 * 2 * h + h;
+    assert_eq!(plan(LLAMA, 8, &["all"]).ranks[0].memory.weights, 2 * ((elements - norms) / 8 + norms));
+}
+
+#[test]
+fn lora_pool_by_hand() {
+    // Llama-3.1-8B, tp 8, S = 8, R = 16, all targets, bf16 (all buffers are 256-byte multiples).
+    let s = 8 * 16;
+    let per_layer = s * (3 * 4096 + 768) + s * (512 + 4096) + s * (2 * 4096 + 3584) + s * (1792 + 4096);
+    let edges = s * (16032 + 4096) * 2;
+    assert_eq!(plan(LLAMA, 8, &["all"]).ranks[0].memory.lora_pool, 2 * (32 * per_layer + edges));
+}
+
+/// No two activations alive at the same time share arena bytes (in-place LoRA updates share
+/// their base's bytes by design).
+#[test]
+fn arena_offsets_never_collide_while_live() {
+    for (name, tp) in [(LLAMA, 2), (DEEPSEEK, 8), ("nvidia__NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json", 4)] {
+        let p = plan(name, tp, &["all"]);
+        let mut life = vec![(usize::MAX, 0usize); p.values.len()];
+        for (at, node) in p.nodes.iter().enumerate() {
+            for v in node.inputs.iter().chain(&node.outputs) {
+                let l = &mut life[v.0 as usize];
+                *l = (l.0.min(at), l.1.max(at));
+            }
+        }
+        let in_place = |a: usize, b: usize| {
+            let (x, y) = (&p.values[a].name, &p.values[b].name);
+            x.strip_suffix(".lora") == Some(y.as_str()) || y.strip_suffix(".lora") == Some(x.as_str())
+        };
+        for a in 0..p.values.len() {
+            for b in a + 1..p.values.len() {
+                let (la, lb) = (life[a], life[b]);
+                let (va, vb) = (&p.values[a], &p.values[b]);
+                let live_together = la.0 <= lb.1 && lb.0 <= la.1;
+                let overlap = va.arena_offset < vb.arena_offset + vb.bytes && vb.arena_offset < va.arena_offset + va.bytes;
+                assert!(!(live_together && overlap && !in_place(a, b)), "{name}: {} and {} collide", va.name, vb.name);
+            }
+        }
+        assert!(p.values.iter().all(|v| v.arena_offset + v.bytes <= p.ranks[0].memory.activations));
+    }
+}
