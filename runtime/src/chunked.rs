@@ -11,7 +11,7 @@ use lorac_plan::LoraLayout;
 
 use crate::batch::{DeviceSegments, Segments};
 use crate::buffer::DeviceBuffer;
-use crate::config::{EXPAND_THREADS, ExpandConfig, SHRINK_THREADS, ShrinkConfig};
+use crate::config::{ExpandConfig, ShrinkConfig};
 use crate::error::{LoraError, Result};
 use crate::pool::AdapterPool;
 use crate::{expand, shrink};
@@ -26,31 +26,14 @@ pub struct ChunkedPlan {
 }
 
 impl ChunkedPlan {
-    pub fn new(layout: &LoraLayout, max_tokens: u32, chunk: u32) -> Result<Self> {
+    pub fn new<R: Runtime>(client: &ComputeClient<R>, layout: &LoraLayout, elem_size: usize, max_tokens: u32, chunk: u32) -> Result<Self> {
         if chunk == 0 {
             return Err(LoraError::BadIndptr("chunk size must be positive"));
         }
-        let max_rank = layout.max_rank();
-        Ok(ChunkedPlan {
-            chunk,
-            capacity: Segments::chunk_capacity(max_tokens, layout.slots(), chunk),
-            shrink: ShrinkConfig {
-                groups: layout.groups(),
-                max_rank,
-                rows_per_cube: [4, 2, 1].into_iter().find(|r| max_rank % r == 0).unwrap_or(1),
-                tokens_per_tile: chunk.min(4),
-                token_splits: 1,
-                threads: SHRINK_THREADS,
-            },
-            expand: ExpandConfig {
-                groups: layout.groups(),
-                out_vector: 1,
-                max_rank,
-                tokens_per_tile: chunk.min(8),
-                token_splits: 1,
-                threads: EXPAND_THREADS,
-            },
-        })
+        // The grid already has a cube per chunk: no further token split.
+        let shrink = ShrinkConfig { token_splits: 1, ..ShrinkConfig::new(client, layout, elem_size, chunk) };
+        let expand = ExpandConfig { token_splits: 1, ..ExpandConfig::new(layout, chunk) };
+        Ok(ChunkedPlan { chunk, capacity: Segments::chunk_capacity(max_tokens, layout.slots(), chunk), shrink, expand })
     }
 
     /// Host-side step: cut and pad this batch's segments to the plan's fixed shape.

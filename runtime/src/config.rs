@@ -5,10 +5,6 @@
 use cubecl::prelude::*;
 use lorac_plan::LoraLayout;
 
-/// Threads per cube of the shrink kernels: the K dimension is split across them and their
-/// partial dot products are tree-reduced in shared memory (power of two for that reason).
-pub(crate) const SHRINK_THREADS: u32 = 64;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ShrinkConfig {
     pub groups: u32,
@@ -19,27 +15,69 @@ pub struct ShrinkConfig {
     pub tokens_per_tile: u32,
     /// Cubes sharing one segment's token tiles (prefill parallelism; 1 for chunked launches).
     pub token_splits: u32,
+    /// Threads splitting K; a power of two so the partial sums tree-reduce.
     pub threads: u32,
+    /// Lanes per plane when the device reduces across a plane (warp) of fixed width; 0 falls
+    /// back to a shared-memory tree.
+    pub plane_size: u32,
+    /// Vector width of the x and A loads (divides `in_features`).
+    pub vector: u32,
 }
 
 impl ShrinkConfig {
-    pub fn new(layout: &LoraLayout, max_segment_len: u32) -> Self {
+    /// Decode batches (short segments) get narrow token tiles and wide K splits so the whole
+    /// adapter set is in flight at once; prefill gets wider tiles for reuse of every A load.
+    pub fn new<R: Runtime>(client: &ComputeClient<R>, layout: &LoraLayout, elem_size: usize, max_segment_len: u32) -> Self {
         let max_rank = layout.max_rank();
-        let rows_per_cube = [4, 2, 1].into_iter().find(|r| max_rank % r == 0).unwrap_or(1);
-        let tokens_per_tile = match max_segment_len {
-            0 | 1 => 1,
-            2 => 2,
-            _ => 4,
+        let (rows, tokens) = match max_segment_len {
+            0 | 1 => (4, 1),
+            2 => (4, 2),
+            3..=4 => (4, 4),
+            _ => (8, 8),
         };
-        let tiles = max_segment_len.div_ceil(tokens_per_tile);
+        let rows_per_cube = [rows, 4, 2, 1].into_iter().find(|r| max_rank % r == 0).unwrap_or(1);
+        let vector = vector_size(client, elem_size, &[layout.in_features()]) as u32;
+        let k_vecs = layout.in_features() / vector;
+        let (threads, plane) = shrink_threads(client, k_vecs, rows_per_cube * tokens);
+        let row_blocks = layout.groups() * max_rank / rows_per_cube;
+        let tiles = max_segment_len.div_ceil(tokens).max(1);
+        // Enough cubes for two per multiprocessor, counting only one segment's worth of
+        // row blocks (the launch does not know how many segments are long).
+        let sms = client.properties().hardware.num_streaming_multiprocessors.unwrap_or(64);
+        let token_splits = (2 * sms).div_ceil(row_blocks).clamp(1, tiles);
         ShrinkConfig {
             groups: layout.groups(),
             max_rank,
             rows_per_cube,
-            tokens_per_tile,
-            token_splits: (tiles / 8).clamp(1, 64),
-            threads: SHRINK_THREADS,
+            tokens_per_tile: tokens,
+            token_splits,
+            threads,
+            plane_size: plane,
+            vector,
         }
+    }
+}
+
+/// Threads splitting a K of `k_vecs` vectors (about two loads each, so the whole adapter is in
+/// flight at once) and the plane width for their reduction of `values` sums. Without plane
+/// reductions the shared-memory tree needs `values · threads` floats: keep that within 16 KiB.
+pub(crate) fn shrink_threads<R: Runtime>(client: &ComputeClient<R>, k_vecs: u32, values: u32) -> (u32, u32) {
+    let threads = k_vecs.div_ceil(2).next_power_of_two().clamp(64, 256);
+    match plane_size(client, threads) {
+        0 => (threads.min((4096 / values.max(1)).next_power_of_two() / 2).max(1), 0),
+        plane => (threads, plane),
+    }
+}
+
+/// Fixed plane width usable for reductions over `threads` threads, or 0.
+pub(crate) fn plane_size<R: Runtime>(client: &ComputeClient<R>, threads: u32) -> u32 {
+    let props = client.properties();
+    let hw = &props.hardware;
+    let fixed = hw.plane_size_min == hw.plane_size_max && hw.plane_size_min > 1;
+    if fixed && props.features.plane.contains(cubecl::features::Plane::Ops) && threads % hw.plane_size_min == 0 {
+        hw.plane_size_min
+    } else {
+        0
     }
 }
 

@@ -11,7 +11,7 @@ use lorac_plan::LoraLayout;
 
 use crate::batch::{DeviceSegments, NO_SLOT};
 use crate::buffer::DeviceBuffer;
-use crate::config::{ExpandConfig, slice_table, vector_size};
+use crate::config::{ExpandConfig, vector_size};
 use crate::error::{LoraError, Result};
 use crate::pool::AdapterPool;
 
@@ -147,7 +147,6 @@ pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
     if segs.num_segments == 0 || tokens == 0 {
         return Ok(());
     }
-    let table = DeviceBuffer::upload(client, &slice_table(layout));
     let (ny, nb, blocks) = expand_geometry(client, layout, size_of::<F>(), cfg.threads);
     let cfg = ExpandConfig { out_vector: ny as u32, ..cfg };
     unsafe {
@@ -160,7 +159,7 @@ pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
             a.arg(1),
             pool.b.arg(nb),
             y.arg(ny),
-            table.arg(1),
+            pool.slice_table.arg(1),
             segs.seg_indptr.arg(1),
             segs.weight_indices.arg(1),
             segs.token_perm.arg(1),

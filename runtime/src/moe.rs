@@ -19,11 +19,11 @@ use lorac_plan::LoraLayout;
 
 use crate::batch::{DeviceSegments, NO_SLOT, Segments};
 use crate::buffer::DeviceBuffer;
-use crate::config::{SHRINK_THREADS, slice_table};
+use crate::config::{shrink_threads, vector_size};
 use crate::error::{LoraError, Result};
 use crate::expand::expand_geometry;
 use crate::pool::AdapterPool;
-use crate::shrink::cube_dot_rows;
+use crate::shrink::{cube_dot_rows, result_stride};
 
 /// Router choice of an expert that lives on another rank.
 pub const NO_EXPERT: u32 = u32::MAX;
@@ -93,17 +93,25 @@ pub struct MoeConfig {
     pub router_weighted: bool,
     pub shared_a: bool,
     pub shared_b: bool,
+    pub plane_size: u32,
+    /// Vector width of the shrink's x and A loads.
+    pub vector: u32,
 }
 
 impl MoeConfig {
-    pub fn new(layout: &LoraLayout, input: MoeInput, output: MoeOutput) -> Result<Self> {
+    pub fn new<R: Runtime>(client: &ComputeClient<R>, layout: &LoraLayout, elem_size: usize, input: MoeInput, output: MoeOutput) -> Result<Self> {
         let e = layout.experts().ok_or_else(|| LoraError::Layout("MoE LoRA needs an expert layout".into()))?;
         let max_rank = layout.max_rank();
+        let rows_per_cube = [4, 2, 1].into_iter().find(|r| max_rank % r == 0).unwrap_or(1);
+        let vector = vector_size(client, elem_size, &[layout.in_features()]) as u32;
+        let (threads, plane_size) = shrink_threads(client, layout.in_features() / vector, rows_per_cube);
         Ok(MoeConfig {
             groups: layout.groups(),
             max_rank,
-            rows_per_cube: [4, 2, 1].into_iter().find(|r| max_rank % r == 0).unwrap_or(1),
-            threads: SHRINK_THREADS,
+            rows_per_cube,
+            threads,
+            plane_size,
+            vector,
             per_pair_input: input == MoeInput::PerPair,
             router_weighted: output == MoeOutput::RouterWeighted,
             shared_a: e.a.get() == 1,
@@ -156,11 +164,16 @@ fn moe_shrink_kernel<F: Float, N: Size>(
         x_row = pair;
     }
     x_off[0] = x_row * k_vecs;
-    let mut partials = SharedMemory::<f32>::new(comptime!(rows * threads));
-    cube_dot_rows::<F, N>(x, &x_off, a_pool, a_base, k_vecs, &mut partials, rows, 1usize, threads);
-    let tid = UNIT_POS as usize;
-    if tid < rows && j0 + tid < rank {
-        out[pair * c_r + row0 + tid] = partials[tid * threads];
+    let plane = comptime!(cfg.plane_size as usize);
+    let stride = comptime!(result_stride(cfg.threads, cfg.plane_size));
+    let mut partials = SharedMemory::<f32>::new(comptime!(rows * stride));
+    cube_dot_rows::<F, N>(x, &x_off, a_pool, a_base, k_vecs, &mut partials, rows, 1usize, threads, plane);
+    let mut r = UNIT_POS as usize;
+    while r < rows {
+        if j0 + r < rank {
+            out[pair * c_r + row0 + r] = partials[r * stride];
+        }
+        r += threads;
     }
 }
 
@@ -288,7 +301,7 @@ pub fn launch_moe_shrink<R: Runtime, F: Float + CubeElement>(
 ) -> Result<()> {
     pool.check_layout(layout)?;
     let (experts_a, _) = check_experts(layout, routing)?;
-    let cfg = MoeConfig::new(layout, input, MoeOutput::PerPair)?;
+    let cfg = MoeConfig::new(client, layout, size_of::<F>(), input, MoeOutput::PerPair)?;
     if segs.tokens != routing.tokens {
         return Err(LoraError::BufferSize { name: "routing tokens", expected: segs.tokens as usize, actual: routing.tokens as usize });
     }
@@ -302,7 +315,7 @@ pub fn launch_moe_shrink<R: Runtime, F: Float + CubeElement>(
     if routing.pairs() == 0 {
         return Ok(());
     }
-    let n = crate::config::vector_size(client, size_of::<F>(), &[k]);
+    let n = cfg.vector as usize;
     unsafe {
         moe_shrink_kernel::launch_unchecked::<F, R>(
             client,
@@ -338,7 +351,7 @@ pub fn launch_moe_expand<R: Runtime, F: Float + CubeElement>(
 ) -> Result<()> {
     pool.check_layout(layout)?;
     let (_, experts_b) = check_experts(layout, routing)?;
-    let mut cfg = MoeConfig::new(layout, MoeInput::PerToken, output)?;
+    let mut cfg = MoeConfig::new(client, layout, size_of::<F>(), MoeInput::PerToken, output)?;
     cfg.threads = MOE_EXPAND_THREADS;
     if segs.tokens != routing.tokens {
         return Err(LoraError::BufferSize { name: "routing tokens", expected: segs.tokens as usize, actual: routing.tokens as usize });
@@ -352,7 +365,6 @@ pub fn launch_moe_expand<R: Runtime, F: Float + CubeElement>(
     if y_rows == 0 {
         return Ok(());
     }
-    let table = DeviceBuffer::upload(client, &slice_table(layout));
     let (ny, nb, blocks) = expand_geometry(client, layout, size_of::<F>(), cfg.threads);
     unsafe {
         moe_expand_kernel::launch_unchecked::<F, R>(
@@ -364,7 +376,7 @@ pub fn launch_moe_expand<R: Runtime, F: Float + CubeElement>(
             a.arg(1),
             pool.b.arg(nb),
             y.arg(ny),
-            table.arg(1),
+            pool.slice_table.arg(1),
             routing.expert_ids.arg(1),
             routing.weights.arg(1),
             segs.token_slots.arg(1),

@@ -14,6 +14,8 @@ pub struct AdapterPool<F> {
     pub(crate) b: DeviceBuffer<F>,
     pub(crate) ranks: DeviceBuffer<u32>,
     pub(crate) scales: DeviceBuffer<f32>,
+    /// `[offset, width, group]` per slice, uploaded once so launches allocate nothing.
+    pub(crate) slice_table: DeviceBuffer<u32>,
     host_ranks: Vec<u32>,
 }
 
@@ -38,6 +40,7 @@ impl<F: CubeElement> AdapterPool<F> {
             b,
             ranks: DeviceBuffer::upload(client, ranks),
             scales: DeviceBuffer::upload(client, scales),
+            slice_table: DeviceBuffer::upload(client, &crate::config::slice_table(layout)),
             host_ranks: ranks.to_vec(),
         })
     }

@@ -10,14 +10,16 @@ use lorac_plan::LoraLayout;
 
 use crate::batch::{DeviceSegments, NO_SLOT};
 use crate::buffer::DeviceBuffer;
-use crate::config::{ShrinkConfig, vector_size};
+use crate::config::ShrinkConfig;
 use crate::error::{LoraError, Result};
 use crate::pool::AdapterPool;
 
 /// Dot products of `rows` consecutive A rows (starting at vector index `a_base`, row stride
 /// `k_vecs`) with `tokens` x rows (vector offsets `x_off`), reduced over the cube's threads.
-/// On return `partials[(r·tokens + i)·threads]` holds the full sum for row `r`, token `i`.
+/// On return `partials[v · result_stride(threads, plane)]` holds the full sum of value
+/// `v = r·tokens + i` (row `r`, token `i`).
 #[cube]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn cube_dot_rows<F: Float, N: Size>(
     x: &Array<Vector<F, N>>,
     x_off: &Array<usize>,
@@ -28,12 +30,15 @@ pub(crate) fn cube_dot_rows<F: Float, N: Size>(
     #[comptime] rows: usize,
     #[comptime] tokens: usize,
     #[comptime] threads: usize,
+    #[comptime] plane: usize,
 ) {
     let tid = UNIT_POS as usize;
-    let mut acc = Array::<Vector<f32, N>>::new(comptime!(rows * tokens));
+    let values = comptime!(rows * tokens);
+    // Scalar accumulators: rows·tokens of them stay in registers even for prefill tiles.
+    let mut acc = Array::<f32>::new(values);
     #[unroll]
-    for i in 0..rows * tokens {
-        acc[i] = Vector::<f32, N>::new(0.0f32);
+    for v in 0..values {
+        acc[v] = 0.0f32;
     }
     let mut xs = Array::<Vector<f32, N>>::new(tokens);
     let mut k = tid;
@@ -47,33 +52,64 @@ pub(crate) fn cube_dot_rows<F: Float, N: Size>(
             let av = Vector::<f32, N>::cast_from(a_pool[a_base + r * k_vecs + k]);
             #[unroll]
             for i in 0..tokens {
-                acc[r * tokens + i] = acc[r * tokens + i] + av * xs[i];
+                let prod = av * xs[i];
+                let mut s = 0.0f32;
+                #[unroll]
+                for l in 0..N::value() {
+                    s += prod[l];
+                }
+                acc[r * tokens + i] = acc[r * tokens + i] + s;
             }
         }
         k += threads;
     }
-    #[unroll]
-    for i in 0..rows * tokens {
-        let v = acc[i];
-        let mut s = 0.0f32;
+    if comptime!(plane > 0) {
+        // Warp shuffles inside each plane, then one shared-memory pass across planes.
+        let planes = comptime!(threads / plane);
+        let lane = tid % plane;
+        let pid = tid / plane;
         #[unroll]
-        for l in 0..N::value() {
-            s += v[l];
-        }
-        partials[i * threads + tid] = s;
-    }
-    sync_cube();
-    let mut stride = (threads / 2).runtime();
-    while stride > 0 {
-        if tid < stride {
-            #[unroll]
-            for i in 0..rows * tokens {
-                partials[i * threads + tid] = partials[i * threads + tid] + partials[i * threads + tid + stride];
+        for v in 0..values {
+            let s = plane_sum(acc[v]);
+            if lane == 0 {
+                partials[v * planes + pid] = s;
             }
         }
         sync_cube();
-        stride /= 2;
+        let mut v = tid;
+        while v < values {
+            let mut s = 0.0f32;
+            #[unroll]
+            for p in 0..planes {
+                s += partials[v * planes + p];
+            }
+            partials[v * planes] = s;
+            v += threads;
+        }
+        sync_cube();
+    } else {
+        #[unroll]
+        for v in 0..values {
+            partials[v * threads + tid] = acc[v];
+        }
+        sync_cube();
+        let mut stride = (threads / 2).runtime();
+        while stride > 0 {
+            if tid < stride {
+                #[unroll]
+                for v in 0..values {
+                    partials[v * threads + tid] = partials[v * threads + tid] + partials[v * threads + tid + stride];
+                }
+            }
+            sync_cube();
+            stride /= 2;
+        }
     }
+}
+
+/// Distance between consecutive results in `partials` after [`cube_dot_rows`].
+pub(crate) fn result_stride(threads: u32, plane: u32) -> usize {
+    if plane > 0 { (threads / plane) as usize } else { threads as usize }
 }
 
 #[cube(launch_unchecked)]
@@ -111,7 +147,9 @@ fn shrink_kernel<F: Float, N: Size>(
     let start = seg_indptr[seg] as usize;
     let end = seg_indptr[seg + 1] as usize;
     let a_base = (slot as usize * c_r + row0) * k_vecs;
-    let mut partials = SharedMemory::<f32>::new(comptime!(rows * tokens * threads));
+    let plane = comptime!(cfg.plane_size as usize);
+    let stride = comptime!(result_stride(cfg.threads, cfg.plane_size));
+    let mut partials = SharedMemory::<f32>::new(comptime!(rows * tokens * result_stride(cfg.threads, cfg.plane_size)));
     let mut x_off = Array::<usize>::new(tokens);
 
     let mut p0 = start + CUBE_POS_Z as usize * tokens;
@@ -122,15 +160,17 @@ fn shrink_kernel<F: Float, N: Size>(
             let p = min(p0 + i, end - 1);
             x_off[i] = token_perm[p] as usize * k_vecs;
         }
-        cube_dot_rows::<F, N>(x, &x_off, a_pool, a_base, k_vecs, &mut partials, rows, tokens, threads);
-        let tid = UNIT_POS as usize;
-        if tid < rows * tokens {
-            let r = tid / tokens;
-            let i = tid % tokens;
+        cube_dot_rows::<F, N>(x, &x_off, a_pool, a_base, k_vecs, &mut partials, rows, tokens, threads, plane);
+        // A tile may hold more sums than the cube has threads.
+        let mut v = UNIT_POS as usize;
+        while v < rows * tokens {
+            let r = v / tokens;
+            let i = v % tokens;
             if p0 + i < end && j0 + r < rank {
                 let t = token_perm[p0 + i] as usize;
-                out[t * c_r + row0 + r] = partials[tid * threads];
+                out[t * c_r + row0 + r] = partials[v * stride];
             }
+            v += threads;
         }
         sync_cube();
         p0 += splits * tokens;
@@ -152,7 +192,7 @@ pub fn launch_shrink<R: Runtime, F: Float + CubeElement>(
     if layout.experts().is_some() {
         return Err(LoraError::Layout("expert layouts go through the MoE kernels".into()));
     }
-    let cfg = config.unwrap_or_else(|| ShrinkConfig::new(layout, segs.max_segment_len));
+    let cfg = config.unwrap_or_else(|| ShrinkConfig::new(client, layout, size_of::<F>(), segs.max_segment_len));
     check_shrink_config(layout, &cfg)?;
     let tokens = segs.tokens as usize;
     let k = layout.in_features();
@@ -161,7 +201,7 @@ pub fn launch_shrink<R: Runtime, F: Float + CubeElement>(
     if segs.num_segments == 0 || tokens == 0 {
         return Ok(());
     }
-    let n = vector_size(client, size_of::<F>(), &[k]);
+    let n = cfg.vector as usize;
     let row_blocks = layout.groups() * layout.max_rank() / cfg.rows_per_cube;
     unsafe {
         shrink_kernel::launch_unchecked::<F, R>(
@@ -190,7 +230,10 @@ pub(crate) fn check_shrink_config(layout: &LoraLayout, cfg: &ShrinkConfig) -> Re
         && cfg.max_rank % cfg.rows_per_cube == 0
         && cfg.tokens_per_tile > 0
         && cfg.token_splits > 0
-        && cfg.threads.is_power_of_two();
+        && cfg.threads.is_power_of_two()
+        && (cfg.plane_size == 0 || cfg.threads % cfg.plane_size == 0)
+        && cfg.vector > 0
+        && layout.in_features() % cfg.vector == 0;
     if !ok {
         return Err(LoraError::Layout(format!("shrink config {cfg:?} does not fit the layout")));
     }

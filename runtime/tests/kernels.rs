@@ -258,7 +258,7 @@ pub fn chunked_prefill<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let pool_data = random_pool::<F>(rng, &layout, &ranks);
         let pool = upload_pool(client, &layout, &pool_data, &ranks, &scales);
         let tokens = rng.pick(&[1, 60, 150]);
-        let plan = ChunkedPlan::new(&layout, 160, chunk).unwrap();
+        let plan = ChunkedPlan::new(client, &layout, size_of::<F>(), 160, chunk).unwrap();
         let segs = random_segments(rng, tokens, layout.slots());
         let chunks = plan.prepare(&segs).unwrap();
         assert_eq!(chunks.num_segments(), plan.capacity);
@@ -406,7 +406,7 @@ pub fn rejects_bad_input<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) 
     let other = LoraLayout::new(nz(2), nz(4), 16, 1, vec![slice("o", 8, 0)], None).unwrap();
     let x = DeviceBuffer::upload(client, &vec![F::round_from(1.0); 48]);
     assert!(matches!(launch_shrink(client, &other, &pool, &dev, &x, &mut out, None), Err(LoraError::Layout(_))));
-    let plan = ChunkedPlan::new(&layout, 2, 1).unwrap();
+    let plan = ChunkedPlan::new(client, &layout, size_of::<F>(), 2, 1).unwrap();
     assert!(matches!(plan.prepare(&Segments::from_token_slots(&[Some(0); 8], 2).unwrap()), Err(LoraError::CapacityExceeded { .. })));
     assert_eq!(MoeRouting::new(client, 1, 2, 4, &[1, 4], &[0.5, 0.5]).unwrap_err(), LoraError::ExpertOutOfRange { expert: 4, experts: 4 });
 }
