@@ -56,6 +56,7 @@ fn rank_json(rank: &RankPlan) -> Value {
             "b_shape": b.layout.b_shape(),
             "slices": b.layout.slices().iter().map(|s| json!({"name": s.name, "width": s.width})).collect::<Vec<_>>(),
             "hf_modules": b.hf_modules,
+            "hf_paths": b.hf_paths,
             "slice_rows": b.slice_rows,
             "input_cols": b.input_cols,
             "expert_range": b.experts,

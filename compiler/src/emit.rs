@@ -75,6 +75,7 @@ fn lora_buffers(g: &Graph, rank: usize, lora_dtype: DType) -> (Vec<LoraBuffer>, 
                 input_cols: shard.input_cols[rank],
                 experts: shard.experts.as_ref().map(|(_, ranges)| ranges[rank]),
                 hf_modules: linear.spec.modules.iter().map(|m| m.name.clone()).collect(),
+                hf_paths: linear.spec.modules.iter().map(|m| m.path.clone()).collect(),
                 a_offset,
                 b_offset,
             }

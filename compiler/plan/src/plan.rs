@@ -246,6 +246,10 @@ pub struct LoraBuffer {
     pub experts: Option<(u32, u32)>,
     /// The HF module names (PEFT targets) packed in, in group order.
     pub hf_modules: Vec<String>,
+    /// Their checkpoint paths (`model.layers.3.self_attn.q_proj`), in group order; routed
+    /// experts hold `{expert}` where the expert index goes. PEFT adapter tensors are named
+    /// `base_model.model.<path>.lora_A.weight`.
+    pub hf_paths: Vec<String>,
     /// Byte offsets of A and B inside this rank's adapter pool.
     pub a_offset: u64,
     pub b_offset: u64,
