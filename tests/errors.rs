@@ -84,6 +84,9 @@ fn compile_errors() {
     let bad_st = model_dir("bad-st", &edited(|_| ()), false);
     std::fs::write(bad_st.join("model.safetensors"), b"not a safetensors file").unwrap();
     case("damaged safetensors", bad_st, opts(1, &["all"]));
+    case("rank too large", common::configs().join("meta-llama__Meta-Llama-3.1-8B.json"), CompileOptions::new(1, 1 << 20, 8, &["all"]).unwrap());
+    case("absurd head count", model_dir("huge", &edited(|m| drop(m.insert("num_attention_heads".into(), 4_000_000_000u32.into()))), false), opts(1, &["all"]));
+    case("absurd width", model_dir("wide", &edited(|m| drop(m.insert("intermediate_size".into(), 3_000_000_000u32.into()))), false), opts(1, &["all"]));
     let err = CompileOptions::new(1, 0, 8, &["all"]).unwrap_err().to_string();
     cases.push(("rank 0", err, vec![]));
     let err = CompileOptions::new(0, 16, 8, &["all"]).unwrap_err().to_string();

@@ -46,6 +46,7 @@ pub fn compile_spec(
     opts: &CompileOptions,
     checkpoint: Option<&std::collections::BTreeMap<String, Vec<u64>>>,
 ) -> Result<Plan, CompileError> {
+    opts.validate()?;
     let (tp, ep) = (opts.tp.get(), opts.ep.get());
     let lora_dtype = opts.lora_dtype.unwrap_or(match spec.dtype {
         lorac_plan::DType::F32 => lorac_plan::DType::F32,

@@ -41,6 +41,25 @@ impl CompileOptions {
     }
 }
 
+impl CompileOptions {
+    /// Upper bounds that keep every size the compiler computes inside its integer types.
+    pub fn validate(&self) -> Result<(), CompileError> {
+        let limits: [(&'static str, u64, u64); 7] = [
+            ("--tp", self.tp.get().into(), 1 << 12),
+            ("--ep", self.ep.get().into(), 1 << 12),
+            ("--max-lora-rank", self.max_lora_rank.get().into(), 1 << 12),
+            ("--max-loras", self.max_loras.get().into(), 1 << 12),
+            ("--max-batch-tokens", self.max_batch_tokens.get().into(), 1 << 24),
+            ("--max-seqs", self.max_seqs.get().into(), 1 << 20),
+            ("--kv-cache-tokens", self.kv_cache_tokens, 1 << 40),
+        ];
+        match limits.iter().find(|(_, value, max)| value > max) {
+            Some((option, value, max)) => Err(CompileError::Option { option, message: format!("{value} exceeds the largest supported value ({max})") }),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Turns a user-given count into a non-zero one, naming the option when it is 0.
 pub fn nonzero(option: &'static str, value: u32) -> Result<NonZeroU32, CompileError> {
     NonZeroU32::new(value).ok_or(CompileError::Option { option, message: "must be at least 1 (got 0)".into() })

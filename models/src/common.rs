@@ -1,21 +1,22 @@
 //! Config fields and checks several frontends share.
 
-use std::num::NonZeroU32;
 use std::path::Path;
 
 use lorac_plan::DType;
 use serde::Deserialize;
+
+use crate::dims::{Count, Width};
 
 use crate::error::ModelError;
 
 /// Fields every decoder config has, under their Hugging Face names.
 #[derive(Debug, Deserialize)]
 pub struct DecoderBase {
-    pub hidden_size: NonZeroU32,
+    pub hidden_size: Width,
     /// Required everywhere but Nemotron-H, whose transformers 5 configs derive it from the
     /// layer layout; read it through [`DecoderBase::layers`].
-    num_hidden_layers: Option<NonZeroU32>,
-    pub vocab_size: NonZeroU32,
+    num_hidden_layers: Option<Count>,
+    pub vocab_size: Width,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     #[serde(default)]
@@ -26,11 +27,11 @@ pub struct DecoderBase {
 
 impl DecoderBase {
     pub fn layers(&self, path: &Path, field_prefix: &str) -> Result<u32, ModelError> {
-        self.num_hidden_layers.map(NonZeroU32::get).ok_or_else(|| ModelError::field(path, format!("{field_prefix}num_hidden_layers"), "missing"))
+        self.num_hidden_layers.map(Count::get).ok_or_else(|| ModelError::field(path, format!("{field_prefix}num_hidden_layers"), "missing"))
     }
 
     pub fn declared_layers(&self) -> Option<u32> {
-        self.num_hidden_layers.map(NonZeroU32::get)
+        self.num_hidden_layers.map(Count::get)
     }
 
     /// The checkpoint dtype (`dtype` in new configs, `torch_dtype` in older ones); bf16 when absent.
@@ -45,7 +46,7 @@ impl DecoderBase {
 }
 
 /// `head_dim` when given, else hidden_size / num_attention_heads (which must divide).
-pub fn head_dim(path: &Path, explicit: Option<NonZeroU32>, hidden: u32, heads: u32) -> Result<u32, ModelError> {
+pub fn head_dim(path: &Path, explicit: Option<Count>, hidden: u32, heads: u32) -> Result<u32, ModelError> {
     match explicit {
         Some(d) => Ok(d.get()),
         None if hidden % heads == 0 => Ok(hidden / heads),

@@ -5,6 +5,7 @@ pub mod arch;
 pub mod blocks;
 mod common;
 pub mod config;
+pub mod dims;
 pub mod error;
 pub mod registry;
 pub mod spec;

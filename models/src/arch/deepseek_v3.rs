@@ -2,10 +2,11 @@
 //! `first_k_dense_replace` layers dense, then MoE with shared experts and a sigmoid router with
 //! a score-correction bias. Checkpoints may be fp8 with 128×128 block scales.
 
-use std::num::NonZeroU32;
 
 use lorac_plan::DType;
 use serde::Deserialize;
+
+use crate::dims::{Count, Width};
 
 use crate::blocks::{self, ExpertsConfig, elements, heads, path};
 use crate::common::DecoderBase;
@@ -17,22 +18,22 @@ use crate::spec::*;
 struct DeepseekV3Config {
     #[serde(flatten)]
     base: DecoderBase,
-    intermediate_size: NonZeroU32,
-    moe_intermediate_size: NonZeroU32,
-    num_attention_heads: NonZeroU32,
-    q_lora_rank: Option<NonZeroU32>,
-    kv_lora_rank: NonZeroU32,
-    qk_nope_head_dim: NonZeroU32,
-    qk_rope_head_dim: NonZeroU32,
-    v_head_dim: NonZeroU32,
-    n_routed_experts: NonZeroU32,
+    intermediate_size: Width,
+    moe_intermediate_size: Width,
+    num_attention_heads: Count,
+    q_lora_rank: Option<Width>,
+    kv_lora_rank: Width,
+    qk_nope_head_dim: Count,
+    qk_rope_head_dim: Count,
+    v_head_dim: Count,
+    n_routed_experts: Count,
     #[serde(default)]
     n_shared_experts: Option<u32>,
-    num_experts_per_tok: NonZeroU32,
+    num_experts_per_tok: Count,
     #[serde(default)]
     first_k_dense_replace: u32,
     #[serde(default = "one")]
-    moe_layer_freq: NonZeroU32,
+    moe_layer_freq: Count,
     #[serde(default)]
     quantization_config: Option<QuantizationConfig>,
     #[serde(default)]
@@ -46,8 +47,8 @@ struct QuantizationConfig {
     weight_block_size: Option<Vec<u32>>,
 }
 
-fn one() -> NonZeroU32 {
-    NonZeroU32::MIN
+fn one() -> Count {
+    Count::new(1).expect("1 is a valid count")
 }
 
 fn weight_format(cfg: &ConfigFile, q: &Option<QuantizationConfig>) -> Result<WeightFormat, ModelError> {
@@ -66,6 +67,8 @@ fn weight_format(cfg: &ConfigFile, q: &Option<QuantizationConfig>) -> Result<Wei
 pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
     let c: DeepseekV3Config = cfg.parse(None)?;
     let format = weight_format(cfg, &c.quantization_config)?;
+    let shared_experts = crate::dims::at_most(&cfg.path, "n_shared_experts", c.n_shared_experts.unwrap_or(0), 64)?;
+    let mtp_layers = crate::dims::at_most(&cfg.path, "num_nextn_predict_layers", c.num_nextn_predict_layers, crate::dims::MAX_COUNT)?;
     let hidden = c.base.hidden_size.get();
     let num_layers = c.base.layers(&cfg.path, "")?;
     let layers = (0..num_layers)
@@ -74,7 +77,7 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
             let moe = i >= c.first_k_dense_replace && i % c.moe_layer_freq.get() == 0;
             LayerSpec {
                 mixer: Some(MixerSpec::Mla(mla(&c, &path(&prefix, "self_attn"), format))),
-                ffn: Some(if moe { moe_ffn(&c, &path(&prefix, "mlp"), format) } else { dense_ffn(&c, &path(&prefix, "mlp"), format) }),
+                ffn: Some(if moe { moe_ffn(&c, shared_experts, &path(&prefix, "mlp"), format) } else { dense_ffn(&c, &path(&prefix, "mlp"), format) }),
                 params: blocks::pre_norms(&prefix, hidden),
             }
         })
@@ -82,7 +85,7 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
     let mut spec = crate::arch::llama::standard_model(cfg, &c.base, layers)?;
     // Multi-token-prediction layers sit after the decoder and are not served.
     let mtp = num_layers;
-    spec.ignored_weight_prefixes = (mtp..mtp + c.num_nextn_predict_layers).map(|i| format!("model.layers.{i}.")).collect();
+    spec.ignored_weight_prefixes = (mtp..mtp + mtp_layers).map(|i| format!("model.layers.{i}.")).collect();
     Ok(spec)
 }
 
@@ -114,7 +117,7 @@ fn mla(c: &DeepseekV3Config, prefix: &str, format: WeightFormat) -> MlaSpec {
     let kv_b_heads = heads(n_heads, c.qk_nope_head_dim.get() + v_head, "num_attention_heads");
     MlaSpec {
         num_heads: n_heads,
-        q_lora_rank: c.q_lora_rank.map(NonZeroU32::get),
+        q_lora_rank: c.q_lora_rank.map(Width::get),
         kv_lora_rank: kv_lora,
         qk_nope_head_dim: c.qk_nope_head_dim.get(),
         qk_rope_head_dim: rope,
@@ -132,7 +135,7 @@ fn dense_ffn(c: &DeepseekV3Config, prefix: &str, format: WeightFormat) -> FfnSpe
     FfnSpec::Dense(blocks::dense_mlp(hidden, c.intermediate_size.get(), "intermediate_size", Activation::SwiGlu, prefix, format))
 }
 
-fn moe_ffn(c: &DeepseekV3Config, prefix: &str, format: WeightFormat) -> FfnSpec {
+fn moe_ffn(c: &DeepseekV3Config, shared_experts: u32, prefix: &str, format: WeightFormat) -> FfnSpec {
     let hidden = c.base.hidden_size.get();
     let experts = c.n_routed_experts.get();
     let (experts_up, experts_down) = blocks::routed_experts(&ExpertsConfig {
@@ -145,17 +148,11 @@ fn moe_ffn(c: &DeepseekV3Config, prefix: &str, format: WeightFormat) -> FfnSpec 
         experts_prefix: &path(prefix, "experts"),
         format,
     });
-    let shared = match c.n_shared_experts {
-        Some(n) if n > 0 => Some(blocks::dense_mlp(
-            elements(hidden, "hidden_size"),
-            n * c.moe_intermediate_size.get(),
-            "moe_intermediate_size",
-            Activation::SwiGlu,
-            &path(prefix, "shared_experts"),
-            format,
-        )),
-        _ => None,
-    };
+    // At most 64 shared experts of at most 2^20 each: the product fits in u32.
+    let shared = (shared_experts > 0).then(|| {
+        let width = shared_experts * c.moe_intermediate_size.get();
+        blocks::dense_mlp(elements(hidden, "hidden_size"), width, "moe_intermediate_size", Activation::SwiGlu, &path(prefix, "shared_experts"), format)
+    });
     // The router always carries its score-correction bias (used by noaux_tc top-k).
     let params = vec![
         ParamSpec::replicated(path(prefix, "gate.weight"), vec![experts, hidden]),

@@ -1,8 +1,9 @@
 //! Llama (and every config with Llama's layout): GQA attention + SwiGLU MLP.
 
-use std::num::NonZeroU32;
 
 use serde::Deserialize;
+
+use crate::dims::{Count, Width};
 
 use crate::blocks::{self, GqaConfig};
 use crate::common::{self, DecoderBase};
@@ -14,10 +15,10 @@ use crate::spec::*;
 pub struct LlamaConfig {
     #[serde(flatten)]
     pub base: DecoderBase,
-    pub intermediate_size: NonZeroU32,
-    pub num_attention_heads: NonZeroU32,
-    pub num_key_value_heads: Option<NonZeroU32>,
-    pub head_dim: Option<NonZeroU32>,
+    pub intermediate_size: Width,
+    pub num_attention_heads: Count,
+    pub num_key_value_heads: Option<Count>,
+    pub head_dim: Option<Count>,
     #[serde(default)]
     pub attention_bias: bool,
 }
@@ -59,7 +60,7 @@ pub fn build_dense(cfg: &ConfigFile, family: &DenseFamily) -> Result<ModelSpec, 
 pub fn attention_config(cfg: &ConfigFile, c: &LlamaConfig, qk_norm: bool) -> Result<GqaConfig, ModelError> {
     let hidden = c.base.hidden_size.get();
     let heads = c.num_attention_heads.get();
-    let kv_heads = c.num_key_value_heads.map_or(heads, NonZeroU32::get);
+    let kv_heads = c.num_key_value_heads.map_or(heads, Count::get);
     common::check_gqa(&cfg.path, heads, kv_heads, "")?;
     Ok(GqaConfig {
         hidden: blocks::elements(hidden, "hidden_size"),

@@ -2,10 +2,11 @@
 //! relu² MLP (`-`) or non-gated MoE (`E`, optionally in a latent space) — given either as the
 //! `hybrid_override_pattern` string or the `layers_block_type` list.
 
-use std::num::NonZeroU32;
 
 use lorac_plan::DType;
 use serde::Deserialize;
+
+use crate::dims::{Count, Width};
 
 use crate::blocks::{self, ExpertsConfig, GqaConfig, elements, heads, path, replicable_heads};
 use crate::common::{self, DecoderBase};
@@ -19,30 +20,30 @@ struct NemotronHConfig {
     base: DecoderBase,
     hybrid_override_pattern: Option<String>,
     layers_block_type: Option<Vec<String>>,
-    num_attention_heads: NonZeroU32,
-    num_key_value_heads: NonZeroU32,
-    head_dim: Option<NonZeroU32>,
-    attention_head_dim: Option<NonZeroU32>,
+    num_attention_heads: Count,
+    num_key_value_heads: Count,
+    head_dim: Option<Count>,
+    attention_head_dim: Option<Count>,
     #[serde(default)]
     attention_bias: bool,
-    intermediate_size: NonZeroU32,
-    mamba_num_heads: NonZeroU32,
-    mamba_head_dim: NonZeroU32,
-    n_groups: NonZeroU32,
-    ssm_state_size: NonZeroU32,
-    conv_kernel: NonZeroU32,
+    intermediate_size: Width,
+    mamba_num_heads: Count,
+    mamba_head_dim: Count,
+    n_groups: Count,
+    ssm_state_size: Count,
+    conv_kernel: Count,
     #[serde(default = "yes")]
     use_conv_bias: bool,
     #[serde(default)]
     mamba_ssm_cache_dtype: Option<String>,
-    n_routed_experts: Option<NonZeroU32>,
-    num_experts_per_tok: Option<NonZeroU32>,
-    moe_intermediate_size: Option<NonZeroU32>,
+    n_routed_experts: Option<Count>,
+    num_experts_per_tok: Option<Count>,
+    moe_intermediate_size: Option<Width>,
     #[serde(default)]
     moe_shared_expert_intermediate_size: Option<u32>,
     #[serde(default)]
     n_shared_experts: Option<u32>,
-    moe_latent_size: Option<NonZeroU32>,
+    moe_latent_size: Option<Width>,
     #[serde(default)]
     num_nextn_predict_layers: u32,
 }
@@ -235,7 +236,8 @@ fn moe(cfg: &ConfigFile, c: &NemotronHConfig, prefix: &str) -> Result<MoeSpec, M
         format,
     });
     // moe_shared_expert_intermediate_size is the shared expert's whole width.
-    let shared_intermediate = if c.n_shared_experts == Some(0) { 0 } else { c.moe_shared_expert_intermediate_size.unwrap_or(0) };
+    let shared_width = crate::dims::at_most(&cfg.path, "moe_shared_expert_intermediate_size", c.moe_shared_expert_intermediate_size.unwrap_or(0), crate::dims::MAX_WIDTH)?;
+    let shared_intermediate = if c.n_shared_experts == Some(0) { 0 } else { shared_width };
     let shared = (shared_intermediate > 0).then(|| {
         blocks::dense_mlp(elements(hidden, "hidden_size"), shared_intermediate, "moe_shared_expert_intermediate_size", Activation::Relu2, &path(prefix, "shared_experts"), format)
     });

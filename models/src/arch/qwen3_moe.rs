@@ -1,9 +1,10 @@
 //! Qwen3-MoE: Qwen3 attention; MoE FFN on every `decoder_sparse_step`-th layer except
 //! `mlp_only_layers`, experts stored one tensor each, no shared expert.
 
-use std::num::NonZeroU32;
 
 use serde::Deserialize;
+
+use crate::dims::{Count, Width};
 
 use crate::arch::llama::{self, LlamaConfig};
 use crate::blocks::{self, ExpertsConfig};
@@ -17,17 +18,17 @@ struct Qwen3MoeConfig {
     dense: LlamaConfig,
     /// transformers 5 writes `num_local_experts`.
     #[serde(alias = "num_local_experts")]
-    num_experts: NonZeroU32,
-    num_experts_per_tok: NonZeroU32,
-    moe_intermediate_size: NonZeroU32,
+    num_experts: Count,
+    num_experts_per_tok: Count,
+    moe_intermediate_size: Width,
     #[serde(default = "one")]
-    decoder_sparse_step: NonZeroU32,
+    decoder_sparse_step: Count,
     #[serde(default)]
     mlp_only_layers: Vec<u32>,
 }
 
-fn one() -> NonZeroU32 {
-    NonZeroU32::MIN
+fn one() -> Count {
+    Count::new(1).expect("1 is a valid count")
 }
 
 pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {

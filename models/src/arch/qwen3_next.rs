@@ -2,11 +2,12 @@
 //! attention, MoE FFN with one shared expert behind a sigmoid gate. Qwen3.5 reuses these
 //! pieces with split GDN projections and its decoder nested under `text_config`.
 
-use std::num::NonZeroU32;
 use std::path::Path;
 
 use lorac_plan::DType;
 use serde::Deserialize;
+
+use crate::dims::{Count, Width};
 
 use crate::blocks::{self, ExpertsConfig, GqaConfig, elements, heads, path};
 use crate::common::{self, DecoderBase};
@@ -19,25 +20,25 @@ use crate::spec::*;
 pub struct HybridConfig {
     #[serde(flatten)]
     pub base: DecoderBase,
-    pub num_attention_heads: NonZeroU32,
-    pub num_key_value_heads: NonZeroU32,
-    pub head_dim: Option<NonZeroU32>,
+    pub num_attention_heads: Count,
+    pub num_key_value_heads: Count,
+    pub head_dim: Option<Count>,
     #[serde(default = "yes")]
     pub attn_output_gate: bool,
-    pub linear_conv_kernel_dim: NonZeroU32,
-    pub linear_key_head_dim: NonZeroU32,
-    pub linear_num_key_heads: NonZeroU32,
-    pub linear_num_value_heads: NonZeroU32,
-    pub linear_value_head_dim: NonZeroU32,
+    pub linear_conv_kernel_dim: Count,
+    pub linear_key_head_dim: Count,
+    pub linear_num_key_heads: Count,
+    pub linear_num_value_heads: Count,
+    pub linear_value_head_dim: Count,
     pub layer_types: Option<Vec<String>>,
-    pub full_attention_interval: Option<NonZeroU32>,
-    pub intermediate_size: Option<NonZeroU32>,
-    pub num_experts: Option<NonZeroU32>,
-    pub num_experts_per_tok: Option<NonZeroU32>,
-    pub moe_intermediate_size: Option<NonZeroU32>,
+    pub full_attention_interval: Option<Count>,
+    pub intermediate_size: Option<Width>,
+    pub num_experts: Option<Count>,
+    pub num_experts_per_tok: Option<Count>,
+    pub moe_intermediate_size: Option<Width>,
     pub shared_expert_intermediate_size: Option<u32>,
     #[serde(default = "one")]
-    pub decoder_sparse_step: NonZeroU32,
+    pub decoder_sparse_step: Count,
     #[serde(default)]
     pub mlp_only_layers: Vec<u32>,
     #[serde(default)]
@@ -47,8 +48,8 @@ pub struct HybridConfig {
 fn yes() -> bool {
     true
 }
-fn one() -> NonZeroU32 {
-    NonZeroU32::MIN
+fn one() -> Count {
+    Count::new(1).expect("1 is a valid count")
 }
 
 /// How a checkpoint stores the GDN input projections.
@@ -112,8 +113,8 @@ fn layer_types(path: &Path, c: &HybridConfig, field_prefix: &str) -> Result<Vec<
     }
 }
 
-fn require(path: &Path, field: String, value: Option<NonZeroU32>) -> Result<u32, ModelError> {
-    value.map(NonZeroU32::get).ok_or_else(|| ModelError::field(path, field, "missing"))
+fn require<T>(path: &Path, field: String, value: Option<T>, get: fn(T) -> u32) -> Result<u32, ModelError> {
+    value.map(get).ok_or_else(|| ModelError::field(path, field, "missing"))
 }
 
 pub fn build_hybrid(cfg: &ConfigFile, family: &HybridFamily) -> Result<ModelSpec, ModelError> {
@@ -146,9 +147,9 @@ pub fn build_hybrid(cfg: &ConfigFile, family: &HybridFamily) -> Result<ModelSpec
     let moe = match c.num_experts {
         Some(experts) => Some(MoeFields {
             experts: experts.get(),
-            top_k: require(&cfg.path, f("num_experts_per_tok"), c.num_experts_per_tok)?,
-            intermediate: require(&cfg.path, f("moe_intermediate_size"), c.moe_intermediate_size)?,
-            shared_intermediate: c.shared_expert_intermediate_size.unwrap_or(0),
+            top_k: require(&cfg.path, f("num_experts_per_tok"), c.num_experts_per_tok, Count::get)?,
+            intermediate: require(&cfg.path, f("moe_intermediate_size"), c.moe_intermediate_size, Width::get)?,
+            shared_intermediate: crate::dims::at_most(&cfg.path, &f("shared_expert_intermediate_size"), c.shared_expert_intermediate_size.unwrap_or(0), crate::dims::MAX_WIDTH)?,
         }),
         None => None,
     };
@@ -166,7 +167,7 @@ pub fn build_hybrid(cfg: &ConfigFile, family: &HybridFamily) -> Result<ModelSpec
         let ffn = match (&moe, sparse) {
             (Some(m), true) => FfnSpec::Moe(moe_ffn(hidden, m, &mlp, format)),
             _ => {
-                let inter = require(&cfg.path, f("intermediate_size"), c.intermediate_size)?;
+                let inter = require(&cfg.path, f("intermediate_size"), c.intermediate_size, Width::get)?;
                 FfnSpec::Dense(blocks::dense_mlp(elements(hidden, "hidden_size"), inter, "intermediate_size", Activation::SwiGlu, &mlp, format))
             }
         };
