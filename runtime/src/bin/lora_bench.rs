@@ -1,1 +1,395 @@
-fn main() {}
+//! Multi-LoRA kernel benchmark (bf16 storage, 8 pool slots) on cubecl's CUDA runtime.
+//!
+//! For every case it prints the median time per launch over many back-to-back launches on one
+//! stream (host clock around the batch, synchronised), the minimum bytes the kernel must move,
+//! the achieved GB/s and that as a fraction of the device-to-device copy bandwidth measured in
+//! the same run. Inputs rotate over enough independent buffer sets that each launch streams
+//! its adapters from HBM, not from the 50 MB L2.
+//!
+//! Usage: `lora_bench [--quick] [--csv FILE] [--profile-pass]`. `--profile-pass` launches every
+//! kernel a few times with no timing loop, for `ncu` to time the kernels themselves.
+
+use std::io::Write;
+use std::num::NonZeroU32;
+use std::time::Instant;
+
+use cubecl::cuda::CudaRuntime;
+use cubecl::prelude::*;
+use half::bf16;
+use lorac_plan::{ExpertDims, LoraLayout, LoraSlice};
+use lorac_runtime::chunked::ChunkedPlan;
+use lorac_runtime::expand::launch_expand;
+use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, launch_moe_expand, launch_moe_shrink};
+use lorac_runtime::shrink::launch_shrink;
+use lorac_runtime::testing::{Rng, StorageElem};
+use lorac_runtime::{AdapterPool, DeviceBuffer, DeviceSegments, Segments};
+
+const SLOTS: u32 = 8;
+const L2_BYTES: f64 = 50e6;
+
+struct Opts {
+    quick: bool,
+    /// Tiny shapes on wgpu with f32: checks the benchmark's own plumbing without a GPU.
+    smoke: bool,
+    profile_pass: bool,
+}
+
+#[cube(launch_unchecked)]
+fn copy_kernel<N: Size>(input: &Array<Vector<u32, N>>, output: &mut Array<Vector<u32, N>>, len: u32) {
+    let mut i = ABSOLUTE_POS;
+    let stride = (CUBE_COUNT_X * CUBE_DIM_X) as usize;
+    while i < len as usize {
+        output[i] = input[i];
+        i += stride;
+    }
+}
+
+#[cube(launch_unchecked)]
+fn empty_kernel(out: &mut Array<u32>, never: u32) {
+    // Never true at run time; keeps the kernel from being an empty body.
+    if ABSOLUTE_POS as u32 == never {
+        out[0] = 1;
+    }
+}
+
+fn sync<R: Runtime>(client: &ComputeClient<R>) {
+    cubecl::future::block_on(client.sync()).expect("device sync");
+}
+
+/// Median over `reps` of the mean time per call of `iters` back-to-back calls, in µs.
+fn time_us<R: Runtime>(client: &ComputeClient<R>, opts: &Opts, iters: usize, mut f: impl FnMut(usize)) -> f64 {
+    if opts.profile_pass {
+        for i in 0..3 {
+            f(i);
+        }
+        sync(client);
+        return f64::NAN;
+    }
+    let reps = if opts.quick { 5 } else { 15 };
+    for i in 0..iters.min(50) {
+        f(i);
+    }
+    sync(client);
+    let mut samples: Vec<f64> = (0..reps)
+        .map(|rep| {
+            let t0 = Instant::now();
+            for i in 0..iters {
+                f(rep * iters + i);
+            }
+            sync(client);
+            t0.elapsed().as_secs_f64() * 1e6 / iters as f64
+        })
+        .collect();
+    samples.sort_by(|a, b| a.total_cmp(b));
+    samples[samples.len() / 2]
+}
+
+fn copy_bandwidth<R: Runtime>(client: &ComputeClient<R>, opts: &Opts) -> f64 {
+    let words = if opts.smoke { 1 << 20 } else { 256 << 20 }; // 1 GiB of u32
+    let src = client.empty(words * 4);
+    let dst = client.empty(words * 4);
+    let n = 4;
+    let t = time_us(client, opts, 20, |_| unsafe {
+        copy_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(132 * 16, 1, 1),
+            CubeDim::new_1d(256),
+            n,
+            ArrayArg::from_raw_parts(src.clone(), words / n),
+            ArrayArg::from_raw_parts(dst.clone(), words / n),
+            (words / n) as u32,
+        )
+    });
+    2.0 * (words * 4) as f64 / (t * 1e-6) / 1e9
+}
+
+/// Per-launch cost of a kernel that does nothing: back-to-back throughput and launch+sync latency.
+fn launch_overhead<R: Runtime>(client: &ComputeClient<R>, opts: &Opts) -> (f64, f64) {
+    let out = client.empty(4);
+    let launch = || unsafe {
+        empty_kernel::launch_unchecked::<R>(client, CubeCount::Static(1, 1, 1), CubeDim::new_1d(32), ArrayArg::from_raw_parts(out.clone(), 1), u32::MAX)
+    };
+    let back_to_back = time_us(client, opts, 1000, |_| launch());
+    let latency = time_us(client, opts, 1, |_| {
+        launch();
+        sync(client);
+    });
+    (back_to_back, latency)
+}
+
+fn nz(v: u32) -> NonZeroU32 {
+    NonZeroU32::new(v).unwrap()
+}
+
+fn slice(name: &str, width: u32, group: u32) -> LoraSlice {
+    LoraSlice { name: name.into(), width, group }
+}
+
+struct Module {
+    name: &'static str,
+    in_features: u32,
+    groups: u32,
+    slices: Vec<LoraSlice>,
+}
+
+fn modules(smoke: bool) -> Vec<Module> {
+    if smoke {
+        return vec![Module { name: "mla_qkv_a_small", in_features: 64, groups: 2, slices: vec![slice("q_a", 48, 0), slice("kv_a", 18, 1)] }];
+    }
+    vec![
+        Module { name: "qkv", in_features: 4096, groups: 3, slices: vec![slice("q", 4096, 0), slice("k", 1024, 1), slice("v", 1024, 2)] },
+        Module { name: "gate_up", in_features: 4096, groups: 2, slices: vec![slice("gate", 14336, 0), slice("up", 14336, 1)] },
+        Module { name: "mla_qkv_a", in_features: 7168, groups: 2, slices: vec![slice("q_a", 1536, 0), slice("kv_a", 576, 1)] },
+    ]
+}
+
+#[derive(Default)]
+struct Row {
+    case: String,
+    variant: &'static str,
+    shrink_us: f64,
+    expand_us: f64,
+    pair_us: f64,
+    shrink_bytes: f64,
+    expand_bytes: f64,
+}
+
+impl Row {
+    fn total_bytes(&self) -> f64 {
+        self.shrink_bytes + self.expand_bytes
+    }
+    fn csv_header() -> &'static str {
+        "case,variant,shrink_us,expand_us,pair_us,shrink_MB,expand_MB,shrink_GBps,expand_GBps,pair_GBps,pair_frac_copy,launch_share"
+    }
+    fn csv(&self, copy_bw: f64, launch_us: f64) -> String {
+        let gbps = |bytes: f64, us: f64| bytes / (us * 1e-6) / 1e9;
+        format!(
+            "{},{},{:.2},{:.2},{:.2},{:.3},{:.3},{:.0},{:.0},{:.0},{:.3},{:.2}",
+            self.case,
+            self.variant,
+            self.shrink_us,
+            self.expand_us,
+            self.pair_us,
+            self.shrink_bytes / 1e6,
+            self.expand_bytes / 1e6,
+            gbps(self.shrink_bytes, self.shrink_us),
+            gbps(self.expand_bytes, self.expand_us),
+            gbps(self.total_bytes(), self.pair_us),
+            gbps(self.total_bytes(), self.pair_us) / copy_bw,
+            (2.0 * launch_us / self.pair_us).min(1.0),
+        )
+    }
+}
+
+fn random_upload<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, rng: &mut Rng, n: usize) -> (Vec<E>, DeviceBuffer<E>) {
+    let (host, _) = rng.tensor::<E>(n, 1.0);
+    let dev = DeviceBuffer::upload(client, &host);
+    (host, dev)
+}
+
+/// How many independent buffer sets make the rotation stream from HBM, within a memory budget.
+fn rotation_sets(bytes_moved: f64, bytes_per_set: f64) -> usize {
+    let want = (4.0 * L2_BYTES / bytes_moved).ceil() as usize;
+    let budget = (16e9 / bytes_per_set) as usize;
+    want.clamp(2, 64).min(budget.max(1))
+}
+
+struct DenseSet<E: StorageElem> {
+    pool: AdapterPool<E>,
+    x: DeviceBuffer<E>,
+    y: DeviceBuffer<E>,
+    a: DeviceBuffer<f32>,
+}
+
+fn dense_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, m: &Module, rank: u32, tokens: u32, adapters: u32) -> Vec<Row> {
+    let layout = LoraLayout::new(nz(SLOTS), nz(rank), m.in_features, m.groups, m.slices.clone(), None).unwrap();
+    let rng = &mut Rng::new(u64::from(rank * 131 + tokens * 7 + adapters));
+    let (k, c_r, out) = (m.in_features as f64, f64::from(m.groups * rank), f64::from(layout.out_features()));
+    let t = f64::from(tokens);
+    let elem = size_of::<E>() as f64;
+    let n_ad = f64::from(adapters);
+    // x read once, each distinct adapter's A read once, f32 intermediate written (shrink);
+    // intermediate read, each distinct adapter's B read once, y read and written (expand).
+    let shrink_bytes = t * k * elem + n_ad * c_r * k * elem + t * c_r * 4.0;
+    let expand_bytes = t * c_r * 4.0 + n_ad * out * f64::from(rank) * elem + 2.0 * t * out * elem;
+    let set_bytes = (layout.a_elements() + layout.b_elements()) as f64 * elem + t * (k + out) * elem + t * c_r * 4.0;
+    let sets = rotation_sets(shrink_bytes + expand_bytes, set_bytes);
+    let ranks = vec![rank; SLOTS as usize];
+    let scales = vec![0.5f32; SLOTS as usize];
+    let (a_host, _) = rng.tensor::<E>(layout.a_elements() as usize, 0.05);
+    let (b_host, _) = rng.tensor::<E>(layout.b_elements() as usize, 0.05);
+    let mut data: Vec<DenseSet<E>> = (0..sets)
+        .map(|_| DenseSet {
+            pool: AdapterPool::new(&layout, DeviceBuffer::upload(client, &a_host), DeviceBuffer::upload(client, &b_host), &ranks, &scales, client).unwrap(),
+            x: random_upload(client, rng, (t * k) as usize).1,
+            y: random_upload(client, rng, (t * out) as usize).1,
+            a: DeviceBuffer::empty(client, (t * c_r) as usize),
+        })
+        .collect();
+    // Tokens spread round-robin over the adapters, as a decode batch would be.
+    let token_slots: Vec<Option<u32>> = (0..tokens).map(|i| Some(i % adapters)).collect();
+    let segs = Segments::from_token_slots(&token_slots, SLOTS).unwrap();
+    let dev = segs.upload(client);
+    let iters = if opts.smoke { 3 } else if tokens >= 1024 { 20 } else { 200 };
+    let case = format!("{} R={rank} T={tokens} adapters={adapters}", m.name);
+    let mut rows = vec![time_dense(client, opts, &layout, &dev, &mut data, iters, case.clone(), "segmented", None, shrink_bytes, expand_bytes)];
+    if tokens >= 256 {
+        let plan = ChunkedPlan::new(client, &layout, size_of::<E>(), tokens, 64).unwrap();
+        let chunks = plan.prepare(&segs).unwrap().upload(client);
+        rows.push(time_dense(client, opts, &layout, &chunks, &mut data, iters, case, "chunked64", Some(&plan), shrink_bytes, expand_bytes));
+    }
+    rows
+}
+
+#[allow(clippy::too_many_arguments)]
+fn time_dense<R: Runtime, E: StorageElem>(
+    client: &ComputeClient<R>,
+    opts: &Opts,
+    layout: &LoraLayout,
+    segs: &DeviceSegments,
+    data: &mut [DenseSet<E>],
+    iters: usize,
+    case: String,
+    variant: &'static str,
+    plan: Option<&ChunkedPlan>,
+    shrink_bytes: f64,
+    expand_bytes: f64,
+) -> Row {
+    let n = data.len();
+    let shrink = |d: &mut DenseSet<E>| match plan {
+        Some(p) => p.launch_shrink(client, layout, &d.pool, segs, &d.x, &mut d.a).unwrap(),
+        None => launch_shrink(client, layout, &d.pool, segs, &d.x, &mut d.a, None).unwrap(),
+    };
+    let expand = |d: &mut DenseSet<E>| match plan {
+        Some(p) => p.launch_expand(client, layout, &d.pool, segs, &d.a, &mut d.y).unwrap(),
+        None => launch_expand(client, layout, &d.pool, segs, &d.a, &mut d.y, None).unwrap(),
+    };
+    let shrink_us = time_us(client, opts, iters, |i| shrink(&mut data[i % n]));
+    let expand_us = time_us(client, opts, iters, |i| expand(&mut data[i % n]));
+    let pair_us = time_us(client, opts, iters, |i| {
+        let d = &mut data[i % n];
+        shrink(d);
+        expand(d);
+    });
+    Row { case, variant, shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes }
+}
+
+/// OLMoE-style routed experts: hidden 2048, expert intermediate 1024, 64 experts, top-8.
+fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, rank: u32, tokens: u32, adapters: u32) -> Vec<Row> {
+    let (hidden, inter, experts, topk) = if opts.smoke { (64u32, 32u32, 8u32, 2u32) } else { (2048u32, 1024u32, 64u32, 8u32) };
+    let elem = size_of::<E>() as f64;
+    let dims = ExpertDims { a: nz(experts), b: nz(experts) };
+    let gate_up = LoraLayout::new(nz(SLOTS), nz(rank), hidden, 2, vec![slice("gate", inter, 0), slice("up", inter, 1)], Some(dims)).unwrap();
+    let down = LoraLayout::new(nz(SLOTS), nz(rank), inter, 1, vec![slice("down", hidden, 0)], Some(dims)).unwrap();
+    let rng = &mut Rng::new(u64::from(rank * 17 + tokens));
+    let ranks = vec![rank; SLOTS as usize];
+    let scales = vec![0.5f32; SLOTS as usize];
+    let token_slots: Vec<Option<u32>> = (0..tokens).map(|i| Some(i % adapters)).collect();
+    let segs = Segments::from_token_slots(&token_slots, SLOTS).unwrap();
+    let dev = segs.upload(client);
+    let pairs = (tokens * topk) as usize;
+    let sets = if opts.smoke { 2 } else { 16 };
+    let mut rows = Vec::new();
+    for (name, layout, input, output) in [("moe_gate_up", &gate_up, MoeInput::PerToken, MoeOutput::PerPair), ("moe_down", &down, MoeInput::PerPair, MoeOutput::RouterWeighted)] {
+        let pool = AdapterPool::new(layout, random_upload(client, rng, layout.a_elements() as usize).1, random_upload(client, rng, layout.b_elements() as usize).1, &ranks, &scales, client).unwrap();
+        let (k, out, c_r) = (layout.in_features() as usize, layout.out_features() as usize, (layout.groups() * rank) as usize);
+        let x_rows = if input == MoeInput::PerToken { tokens as usize } else { pairs };
+        let y_rows = if output == MoeOutput::PerPair { pairs } else { tokens as usize };
+        let mut distinct = 0.0;
+        let mut data: Vec<(MoeRouting, DeviceBuffer<E>, DeviceBuffer<E>, DeviceBuffer<f32>)> = (0..sets)
+            .map(|_| {
+                let mut ids = Vec::with_capacity(pairs);
+                for _ in 0..tokens {
+                    let mut chosen: Vec<u32> = Vec::new();
+                    while chosen.len() < topk as usize {
+                        let e = rng.range(0, experts - 1);
+                        if !chosen.contains(&e) {
+                            chosen.push(e);
+                        }
+                    }
+                    ids.extend(chosen);
+                }
+                let mut keys: Vec<(u32, u32)> = ids.iter().enumerate().map(|(p, &e)| (p as u32 / topk % adapters, e)).collect();
+                keys.sort();
+                keys.dedup();
+                distinct += keys.len() as f64 / sets as f64;
+                let weights: Vec<f32> = (0..pairs).map(|_| 1.0 / topk as f32).collect();
+                let routing = MoeRouting::new(client, tokens, topk, experts, &ids, &weights).unwrap();
+                (routing, random_upload(client, rng, x_rows * k).1, random_upload(client, rng, y_rows * out).1, DeviceBuffer::empty(client, pairs * c_r))
+            })
+            .collect();
+        let shrink_bytes = x_rows as f64 * k as f64 * elem + distinct * (c_r * k) as f64 * elem + (pairs * c_r) as f64 * 4.0;
+        let expand_bytes = (pairs * c_r) as f64 * 4.0 + distinct * (out * rank as usize) as f64 * elem + 2.0 * (y_rows * out) as f64 * elem;
+        let iters = if opts.smoke { 3 } else { 100 };
+        let shrink_us = time_us(client, opts, iters, |i| {
+            let (r, x, _, a) = &mut data[i % sets];
+            launch_moe_shrink(client, layout, &pool, &dev, r, input, x, a).unwrap()
+        });
+        let expand_us = time_us(client, opts, iters, |i| {
+            let (r, _, y, a) = &mut data[i % sets];
+            launch_moe_expand(client, layout, &pool, &dev, r, output, a, y).unwrap()
+        });
+        let pair_us = time_us(client, opts, iters, |i| {
+            let (r, x, y, a) = &mut data[i % sets];
+            launch_moe_shrink(client, layout, &pool, &dev, r, input, x, a).unwrap();
+            launch_moe_expand(client, layout, &pool, &dev, r, output, a, y).unwrap()
+        });
+        rows.push(Row { case: format!("{name} R={rank} T={tokens} adapters={adapters}"), variant: "pairs", shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes });
+    }
+    rows
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| args.iter().any(|a| a == name);
+    let opts = Opts { quick: flag("--quick"), smoke: flag("--smoke"), profile_pass: flag("--profile-pass") };
+    let csv_path = args.iter().position(|a| a == "--csv").and_then(|i| args.get(i + 1)).cloned();
+    if opts.smoke {
+        run::<cubecl::wgpu::WgpuRuntime, f32>(&opts, csv_path);
+    } else {
+        run::<CudaRuntime, bf16>(&opts, csv_path);
+    }
+}
+
+fn run<R: Runtime, E: StorageElem>(opts: &Opts, csv_path: Option<String>) {
+    let client = R::client(&Default::default());
+    let props = client.properties();
+    eprintln!("device: SMs {:?}, plane {}..{}, max vector {}", props.hardware.num_streaming_multiprocessors, props.hardware.plane_size_min, props.hardware.plane_size_max, props.hardware.max_vector_size);
+
+    let copy_bw = copy_bandwidth(&client, opts);
+    let (launch_us, launch_latency_us) = launch_overhead(&client, opts);
+    println!("# copy bandwidth (cubecl copy kernel, read+write): {copy_bw:.0} GB/s");
+    println!("# empty cubecl kernel: {launch_us:.2} us per launch back-to-back, {launch_latency_us:.2} us launch+sync");
+
+    let mut rows = Vec::new();
+    let ranks: &[u32] = if opts.quick || opts.smoke { &[16] } else { &[16, 64] };
+    let shapes: &[(u32, u32)] = if opts.smoke { &[(1, 1), (8, 8), (300, 8)] } else { &[(1, 1), (8, 1), (8, 8), (32, 1), (32, 8), (128, 1), (128, 8), (4096, 8)] };
+    for m in modules(opts.smoke) {
+        for &rank in ranks {
+            for &(tokens, adapters) in shapes {
+                rows.extend(dense_case::<R, E>(&client, opts, &m, rank, tokens, adapters));
+                if let Some(r) = rows.last() {
+                    eprintln!("{} {}: shrink {:.2} expand {:.2} pair {:.2} us", r.case, r.variant, r.shrink_us, r.expand_us, r.pair_us);
+                }
+            }
+        }
+    }
+    let moe_shapes: &[(u32, u32)] = if opts.smoke { &[(1, 1), (8, 8)] } else { &[(1, 1), (8, 8), (32, 8), (128, 8), (1024, 8)] };
+    for &rank in ranks {
+        for &(tokens, adapters) in moe_shapes {
+            rows.extend(moe_case::<R, E>(&client, opts, rank, tokens, adapters));
+        }
+    }
+    if opts.profile_pass {
+        return;
+    }
+    let mut text = format!("# copy_GBps={copy_bw:.0} launch_us={launch_us:.2} launch_sync_us={launch_latency_us:.2}\n{}\n", Row::csv_header());
+    for r in &rows {
+        text.push_str(&r.csv(copy_bw, launch_us));
+        text.push('\n');
+    }
+    print!("{text}");
+    if let Some(path) = csv_path {
+        std::fs::File::create(path).and_then(|mut f| f.write_all(text.as_bytes())).expect("write csv");
+    }
+}
