@@ -84,3 +84,14 @@ fn mutated_plans_never_panic() {
         }
     }
 }
+
+#[test]
+fn plan_refuses_another_models_config() {
+    let opts = CompileOptions::new(1, 8, 4, &["all"]).unwrap();
+    let plan = compile(&common::tiny("llama"), &opts).unwrap();
+    let own = std::fs::read(common::tiny("llama").join("config.json")).unwrap();
+    plan.check_config(&own).unwrap();
+    let other = std::fs::read(common::tiny("qwen3").join("config.json")).unwrap();
+    let err = plan.check_config(&other).unwrap_err().to_string();
+    assert!(err.starts_with("plan was compiled from another config.json"), "{err}");
+}

@@ -28,6 +28,8 @@ pub enum PlanFormatError {
     Decode(String),
     #[error("plan is inconsistent: {0}")]
     Inconsistent(String),
+    #[error("plan was compiled from another config.json (plan records sha256 {expected}, the model directory has {found}); recompile the plan for this model")]
+    ModelMismatch { expected: String, found: String },
 }
 
 pub fn encode(plan: &Plan) -> Vec<u8> {
@@ -75,7 +77,21 @@ pub fn fingerprint(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl Plan {
+    /// Refuses to serve this plan over a model whose config.json is not the one it was
+    /// compiled from.
+    pub fn check_config(&self, config_bytes: &[u8]) -> Result<(), PlanFormatError> {
+        let found = fingerprint(config_bytes);
+        if found != self.source.config_sha256 {
+            return Err(PlanFormatError::ModelMismatch { expected: hex(&self.source.config_sha256), found: hex(&found) });
+        }
+        Ok(())
+    }
+
     /// Cross-references a decoded plan: every id it holds points inside its tables and the
     /// ranks are numbered 0..tp. (Layouts check themselves while decoding.)
     pub fn check_consistency(&self) -> Result<(), String> {
