@@ -122,7 +122,15 @@ pub fn buffer_table(rank: &RankPlan) -> String {
     for (_, layers, b) in rows {
         let slices: Vec<String> = b.layout.slices().iter().map(|s| format!("{} {}", s.name, s.width)).collect();
         let experts = b.layout.experts().map_or("-".to_string(), |e| format!("{}/{}", e.a, e.b));
-        table.add_row([layer_ranges(&layers), b.module.clone(), b.parallel.name().to_string(), experts, shape(&b.layout.a_shape()), shape(&b.layout.b_shape()), slices.join(", ")]);
+        table.add_row([
+            layer_ranges(&layers),
+            b.module.clone(),
+            b.parallel.name().to_string(),
+            experts,
+            shape(&b.layout.a_shape()),
+            shape(&b.layout.b_shape()),
+            slices.join(", "),
+        ]);
     }
     table.to_string()
 }
@@ -152,7 +160,8 @@ pub fn memory_table(plan: &Plan) -> String {
 /// Ranks whose buffers have exactly rank 0's shapes (they differ only in which rows,
 /// columns and experts of the full weights they hold).
 fn same_shapes(a: &RankPlan, b: &RankPlan) -> bool {
-    a.lora_buffers.len() == b.lora_buffers.len() && a.lora_buffers.iter().zip(&b.lora_buffers).all(|(x, y)| x.layer == y.layer && x.module == y.module && x.layout == y.layout)
+    a.lora_buffers.len() == b.lora_buffers.len()
+        && a.lora_buffers.iter().zip(&b.lora_buffers).all(|(x, y)| x.layer == y.layer && x.module == y.module && x.layout == y.layout)
 }
 
 /// The full human report of `lorac inspect`.

@@ -16,7 +16,8 @@ fn compile_inspect_graph_on_the_tiny_llama() {
     std::fs::create_dir_all(&dir).unwrap();
     let plan = dir.join("plan.bin");
     let model = common::tiny("llama");
-    let (ok, stdout, stderr) = lorac(&["compile", model.to_str().unwrap(), "--tp", "2", "--lora-target-modules", "all", "-o", plan.to_str().unwrap()]);
+    let (ok, stdout, stderr) =
+        lorac(&["compile", model.to_str().unwrap(), "--tp", "2", "--lora-target-modules", "all", "-o", plan.to_str().unwrap()]);
     assert!(ok, "{stderr}");
     assert!(stdout.starts_with("wrote "), "{stdout}");
 
@@ -36,7 +37,10 @@ fn compile_inspect_graph_on_the_tiny_llama() {
     assert_eq!(qkv["experts"], serde_json::Value::Null);
     assert_eq!(qkv["a_shape"], serde_json::json!([8, 48, 64]));
     assert_eq!(qkv["b_shape"], serde_json::json!([8, 64, 16]));
-    assert_eq!(qkv["slices"], serde_json::json!([{"name": "q_proj", "width": 32}, {"name": "k_proj", "width": 16}, {"name": "v_proj", "width": 16}]));
+    assert_eq!(
+        qkv["slices"],
+        serde_json::json!([{"name": "q_proj", "width": 32}, {"name": "k_proj", "width": 16}, {"name": "v_proj", "width": 16}])
+    );
     let embed = ranks[0]["lora_buffers"].as_array().unwrap().iter().find(|b| b["module"] == "embed_tokens").unwrap();
     assert_eq!(embed["layer"], serde_json::Value::Null);
     for key in ["weights", "lora_pool", "activations", "kv_cache", "state_cache", "total"] {

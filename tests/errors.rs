@@ -48,7 +48,11 @@ fn compile_errors() {
     };
     case("unknown model_type", common::configs().join("openai__gpt-oss-20b.json"), opts(1, &["all"]));
     case("missing field", model_dir("missing", &edited(|m| drop(m.remove("hidden_size"))), false), opts(1, &["all"]));
-    case("mistyped field", model_dir("mistyped", &edited(|m| drop(m.insert("num_attention_heads".into(), "four".into()))), false), opts(1, &["all"]));
+    case(
+        "mistyped field",
+        model_dir("mistyped", &edited(|m| drop(m.insert("num_attention_heads".into(), "four".into()))), false),
+        opts(1, &["all"]),
+    );
     case("zero heads", model_dir("zero", &edited(|m| drop(m.insert("num_attention_heads".into(), 0.into()))), false), opts(1, &["all"]));
     case("gqa heads", model_dir("gqa", &edited(|m| drop(m.insert("num_key_value_heads".into(), 3.into()))), false), opts(1, &["all"]));
     case("not JSON", model_dir("json", "{ \"model_type\": \"llama\", ", false), opts(1, &["all"]));
@@ -63,7 +67,11 @@ fn compile_errors() {
         m.insert("head_dim".into(), 16.into());
     });
     case("tp not a multiple of KV heads", model_dir("kv", &kv, false), opts(12, &["all"]));
-    case("intermediate not divisible", model_dir("inter", &edited(|m| drop(m.insert("intermediate_size".into(), 130.into()))), false), opts(4, &["all"]));
+    case(
+        "intermediate not divisible",
+        model_dir("inter", &edited(|m| drop(m.insert("intermediate_size".into(), 130.into()))), false),
+        opts(4, &["all"]),
+    );
     let mut ep = opts(8, &["all"]);
     ep.ep = std::num::NonZeroU32::new(3).unwrap();
     case("ep does not divide tp", common::configs().join("deepseek-ai__DeepSeek-V3.json"), ep);
@@ -76,17 +84,46 @@ fn compile_errors() {
     case("unknown target module", common::configs().join("meta-llama__Meta-Llama-3.1-8B.json"), opts(1, &["qkv_proj", "q_projj"]));
     case("target absent from this model", common::configs().join("meta-llama__Meta-Llama-3.1-8B.json"), opts(1, &["in_proj"]));
     case("no targets", common::configs().join("meta-llama__Meta-Llama-3.1-8B.json"), opts(1, &[]));
-    let pattern = std::fs::read_to_string(common::configs().join("nvidia__Nemotron-H-56B-Base-8K.json")).unwrap().replace("\"M-M-M-M*", "\"M-M-X-M*");
+    let pattern =
+        std::fs::read_to_string(common::configs().join("nvidia__Nemotron-H-56B-Base-8K.json")).unwrap().replace("\"M-M-M-M*", "\"M-M-X-M*");
     case("bad hybrid pattern", model_dir("pattern", &pattern, false), opts(1, &["all"]));
-    case("layer_types too short", model_dir("types", &std::fs::read_to_string(common::configs().join("Qwen__Qwen3.5-0.8B.json")).unwrap().replacen("\"linear_attention\",", "", 1), false), opts(1, &["all"]));
-    case("checkpoint disagrees with config", model_dir("ckpt", &edited(|m| drop(m.insert("intermediate_size".into(), 256.into()))), true), opts(1, &["all"]));
-    case("checkpoint of another model", model_dir("other", &edited(|m| drop(m.insert("num_hidden_layers".into(), 3.into()))), true), opts(1, &["all"]));
+    case(
+        "layer_types too short",
+        model_dir(
+            "types",
+            &std::fs::read_to_string(common::configs().join("Qwen__Qwen3.5-0.8B.json")).unwrap().replacen("\"linear_attention\",", "", 1),
+            false,
+        ),
+        opts(1, &["all"]),
+    );
+    case(
+        "checkpoint disagrees with config",
+        model_dir("ckpt", &edited(|m| drop(m.insert("intermediate_size".into(), 256.into()))), true),
+        opts(1, &["all"]),
+    );
+    case(
+        "checkpoint of another model",
+        model_dir("other", &edited(|m| drop(m.insert("num_hidden_layers".into(), 3.into()))), true),
+        opts(1, &["all"]),
+    );
     let bad_st = model_dir("bad-st", &edited(|_| ()), false);
     std::fs::write(bad_st.join("model.safetensors"), b"not a safetensors file").unwrap();
     case("damaged safetensors", bad_st, opts(1, &["all"]));
-    case("rank too large", common::configs().join("meta-llama__Meta-Llama-3.1-8B.json"), CompileOptions::new(1, 1 << 20, 8, &["all"]).unwrap());
-    case("absurd head count", model_dir("huge", &edited(|m| drop(m.insert("num_attention_heads".into(), 4_000_000_000u32.into()))), false), opts(1, &["all"]));
-    case("absurd width", model_dir("wide", &edited(|m| drop(m.insert("intermediate_size".into(), 3_000_000_000u32.into()))), false), opts(1, &["all"]));
+    case(
+        "rank too large",
+        common::configs().join("meta-llama__Meta-Llama-3.1-8B.json"),
+        CompileOptions::new(1, 1 << 20, 8, &["all"]).unwrap(),
+    );
+    case(
+        "absurd head count",
+        model_dir("huge", &edited(|m| drop(m.insert("num_attention_heads".into(), 4_000_000_000u32.into()))), false),
+        opts(1, &["all"]),
+    );
+    case(
+        "absurd width",
+        model_dir("wide", &edited(|m| drop(m.insert("intermediate_size".into(), 3_000_000_000u32.into()))), false),
+        opts(1, &["all"]),
+    );
     let err = CompileOptions::new(1, 0, 8, &["all"]).unwrap_err().to_string();
     cases.push(("rank 0", err, vec![]));
     let err = CompileOptions::new(0, 16, 8, &["all"]).unwrap_err().to_string();

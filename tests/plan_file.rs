@@ -54,10 +54,7 @@ fn damaged_plans_are_refused() {
         ("undecodable payload", reseal(garbage_payload)),
         ("inconsistent plan", encode(&inconsistent)),
     ];
-    let report: String = cases
-        .into_iter()
-        .map(|(name, bytes)| format!("## {name}\n{}\n", decode(&bytes).expect_err(name)))
-        .collect();
+    let report: String = cases.into_iter().map(|(name, bytes)| format!("## {name}\n{}\n", decode(&bytes).expect_err(name))).collect();
     common::settings().bind(|| insta::assert_snapshot!("plan_decode_errors", report));
 }
 

@@ -143,5 +143,15 @@ pub fn emit(input: EmitInput) -> Plan {
             }
         })
         .collect();
-    Plan { source: input.source, model: input.model, parallel: input.parallel, lora: input.lora, limits: input.limits, kernels, nodes, values, ranks }
+    Plan {
+        source: input.source,
+        model: input.model,
+        parallel: input.parallel,
+        lora: input.lora,
+        limits: input.limits,
+        kernels,
+        nodes,
+        values,
+        ranks,
+    }
 }

@@ -28,7 +28,9 @@ impl CompileError {
     /// Config fields of nested decoders (Qwen3.5's `text_config`) are named in full.
     pub fn in_config_section(self, prefix: &str) -> Self {
         match self {
-            CompileError::Indivisible { module, field, tp, message } => CompileError::Indivisible { module, field: format!("{prefix}{field}"), tp, message },
+            CompileError::Indivisible { module, field, tp, message } => {
+                CompileError::Indivisible { module, field: format!("{prefix}{field}"), tp, message }
+            }
             other => other,
         }
     }

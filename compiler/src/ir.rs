@@ -161,17 +161,53 @@ pub struct Value {
 pub enum Op {
     TokenIds,
     Embedding(LinearId),
-    RmsNorm { width: u32 },
+    RmsNorm {
+        width: u32,
+    },
     Linear(LinearId),
-    Attention { heads: u32, kv_heads: u32, head_dim: u32, output_gate: bool },
+    Attention {
+        heads: u32,
+        kv_heads: u32,
+        head_dim: u32,
+        output_gate: bool,
+    },
     /// MLA's q_a/kv_a layernorms; splits the fused latent into (q latent,) kv latent, k rope.
-    MlaLatentNorm { q_lora_rank: u32, kv_lora_rank: u32, qk_rope_head_dim: u32 },
-    Mla { heads: u32, kv_lora_rank: u32, qk_nope_head_dim: u32, qk_rope_head_dim: u32, v_head_dim: u32 },
-    GatedDeltaNet { k_heads: u32, v_heads: u32, k_head_dim: u32, v_head_dim: u32, conv_kernel: u32, state_dtype: DType },
-    Mamba2 { heads: u32, head_dim: u32, groups: u32, state_size: u32, conv_kernel: u32, state_dtype: DType },
+    MlaLatentNorm {
+        q_lora_rank: u32,
+        kv_lora_rank: u32,
+        qk_rope_head_dim: u32,
+    },
+    Mla {
+        heads: u32,
+        kv_lora_rank: u32,
+        qk_nope_head_dim: u32,
+        qk_rope_head_dim: u32,
+        v_head_dim: u32,
+    },
+    GatedDeltaNet {
+        k_heads: u32,
+        v_heads: u32,
+        k_head_dim: u32,
+        v_head_dim: u32,
+        conv_kernel: u32,
+        state_dtype: DType,
+    },
+    Mamba2 {
+        heads: u32,
+        head_dim: u32,
+        groups: u32,
+        state_size: u32,
+        conv_kernel: u32,
+        state_dtype: DType,
+    },
     Activation(Activation),
-    Router { experts: u32, top_k: u32 },
-    MoeCombine { top_k: u32 },
+    Router {
+        experts: u32,
+        top_k: u32,
+    },
+    MoeCombine {
+        top_k: u32,
+    },
     Add,
     AllReduce,
     /// Each sequence's last position (the rows that reach lm_head).
@@ -247,7 +283,12 @@ impl Graph {
         for input in self.dag[consumer].inputs.iter_mut().filter(|v| **v == old) {
             *input = new;
         }
-        let stale: Vec<_> = self.dag.edges_directed(consumer, petgraph::Direction::Incoming).filter(|e| *e.weight() == old).map(|e| petgraph::visit::EdgeRef::id(&e)).collect();
+        let stale: Vec<_> = self
+            .dag
+            .edges_directed(consumer, petgraph::Direction::Incoming)
+            .filter(|e| *e.weight() == old)
+            .map(|e| petgraph::visit::EdgeRef::id(&e))
+            .collect();
         for e in stale {
             self.dag.remove_edge(e);
         }

@@ -64,7 +64,8 @@ pub fn compile_spec(
     }
 
     let selection = lora::select(&g, &opts.targets, &spec.model_type)?;
-    let lora_opts = lora::LoraOptions { targets: &opts.targets, max_rank: opts.max_lora_rank, max_loras: opts.max_loras, moe_lora: opts.moe_lora };
+    let lora_opts =
+        lora::LoraOptions { targets: &opts.targets, max_rank: opts.max_lora_rank, max_loras: opts.max_loras, moe_lora: opts.moe_lora };
     lora::run(&mut g, &lora_opts, &selection)?;
     verify_if_debug(&g, "lora")?;
 

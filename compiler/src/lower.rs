@@ -140,7 +140,11 @@ impl Lowering<'_> {
                     }
                     None => x,
                 };
-                let op = Op::MlaLatentNorm { q_lora_rank: m.q_lora_rank.unwrap_or(0), kv_lora_rank: m.kv_lora_rank, qk_rope_head_dim: m.qk_rope_head_dim };
+                let op = Op::MlaLatentNorm {
+                    q_lora_rank: m.q_lora_rank.unwrap_or(0),
+                    kv_lora_rank: m.kv_lora_rank,
+                    qk_rope_head_dim: m.qk_rope_head_dim,
+                };
                 self.node(op, layer, vec![fused], outputs);
                 let q = self.linear(&m.q_b, layer, q_input, rows);
                 let kv = self.linear(&m.kv_b, layer, kv_lat, rows);
@@ -156,12 +160,26 @@ impl Lowering<'_> {
             MixerSpec::GatedDeltaNet(d) => {
                 let qkvz = self.linear(&d.in_qkvz, layer, x, rows);
                 let ba = self.linear(&d.in_ba, layer, x, rows);
-                let op = Op::GatedDeltaNet { k_heads: d.num_k_heads, v_heads: d.num_v_heads, k_head_dim: d.k_head_dim, v_head_dim: d.v_head_dim, conv_kernel: d.conv_kernel, state_dtype: d.state_dtype };
+                let op = Op::GatedDeltaNet {
+                    k_heads: d.num_k_heads,
+                    v_heads: d.num_v_heads,
+                    k_head_dim: d.k_head_dim,
+                    v_head_dim: d.v_head_dim,
+                    conv_kernel: d.conv_kernel,
+                    state_dtype: d.state_dtype,
+                };
                 self.core_then(&d.out, layer, "gdn", op, vec![qkvz, ba], rows)
             }
             MixerSpec::Mamba2(m) => {
                 let zxbcdt = self.linear(&m.in_proj, layer, x, rows);
-                let op = Op::Mamba2 { heads: m.num_heads, head_dim: m.head_dim, groups: m.n_groups, state_size: m.state_size, conv_kernel: m.conv_kernel, state_dtype: m.state_dtype };
+                let op = Op::Mamba2 {
+                    heads: m.num_heads,
+                    head_dim: m.head_dim,
+                    groups: m.n_groups,
+                    state_size: m.state_size,
+                    conv_kernel: m.conv_kernel,
+                    state_dtype: m.state_dtype,
+                };
                 self.core_then(&m.out_proj, layer, "ssm", op, vec![zxbcdt], rows)
             }
         }

@@ -54,7 +54,9 @@ impl CompileOptions {
             ("--kv-cache-tokens", self.kv_cache_tokens, 1 << 40),
         ];
         match limits.iter().find(|(_, value, max)| value > max) {
-            Some((option, value, max)) => Err(CompileError::Option { option, message: format!("{value} exceeds the largest supported value ({max})") }),
+            Some((option, value, max)) => {
+                Err(CompileError::Option { option, message: format!("{value} exceeds the largest supported value ({max})") })
+            }
             None => Ok(()),
         }
     }

@@ -92,8 +92,12 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, CompileError> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| io(&index, e))?;
-        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| CompileError::Weights { path: index.clone(), message: e.to_string() })?;
-        let map = value.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| CompileError::Weights { path: index.clone(), message: "no `weight_map` object".into() })?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| CompileError::Weights { path: index.clone(), message: e.to_string() })?;
+        let map = value
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| CompileError::Weights { path: index.clone(), message: "no `weight_map` object".into() })?;
         let mut files: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
         files.sort();
         files.dedup();
@@ -140,7 +144,9 @@ pub fn check_checkpoint(spec: &ModelSpec, g: &Graph, found: &BTreeMap<String, Ve
     for t in &expected {
         match found.get(&t.name) {
             None => problems.push(format!("missing tensor {} (expected shape {:?})", t.name, t.shape)),
-            Some(shape) if *shape != t.shape => problems.push(format!("tensor {} has shape {:?}, config.json implies {:?}", t.name, shape, t.shape)),
+            Some(shape) if *shape != t.shape => {
+                problems.push(format!("tensor {} has shape {:?}, config.json implies {:?}", t.name, shape, t.shape))
+            }
             Some(_) => {}
         }
     }

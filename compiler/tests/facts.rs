@@ -16,7 +16,11 @@ fn plan(name: &str, tp: u32, ep: u32) -> Plan {
 }
 
 fn buffer<'a>(plan: &'a Plan, layer: Option<u32>, module: &str) -> &'a LoraBuffer {
-    plan.ranks[0].lora_buffers.iter().find(|b| b.layer == layer && b.module == module).unwrap_or_else(|| panic!("no {module} buffer on layer {layer:?}"))
+    plan.ranks[0]
+        .lora_buffers
+        .iter()
+        .find(|b| b.layer == layer && b.module == module)
+        .unwrap_or_else(|| panic!("no {module} buffer on layer {layer:?}"))
 }
 
 fn slices(b: &LoraBuffer) -> Vec<(&str, u32)> {
@@ -69,7 +73,10 @@ fn deepseek_v3_tp8() {
     let ep = plan("deepseek-ai__DeepSeek-V3.json", 8, 8);
     let routed = buffer(&ep, Some(3), "gate_up_proj_moe");
     assert_eq!(routed.layout.a_shape()[1], 32);
-    assert_eq!(ep.ranks[5].lora_buffers.iter().find(|b| b.layer == Some(3) && b.module == "gate_up_proj_moe").unwrap().experts, Some((160, 192)));
+    assert_eq!(
+        ep.ranks[5].lora_buffers.iter().find(|b| b.layer == Some(3) && b.module == "gate_up_proj_moe").unwrap().experts,
+        Some((160, 192))
+    );
 }
 
 #[test]

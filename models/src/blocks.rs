@@ -30,17 +30,7 @@ fn linear(
     modules: Vec<HfModule>,
     format: WeightFormat,
 ) -> LinearSpec {
-    LinearSpec {
-        fused_name,
-        kind,
-        in_features: in_shard.full_width(),
-        in_shard,
-        modules,
-        parallel,
-        experts: None,
-        bias: false,
-        format,
-    }
+    LinearSpec { fused_name, kind, in_features: in_shard.full_width(), in_shard, modules, parallel, experts: None, bias: false, format }
 }
 
 /// Output split across ranks, slice by slice.
@@ -49,7 +39,14 @@ pub fn column(fused_name: &'static str, input: ShardUnit, modules: Vec<HfModule>
 }
 
 /// Input split across ranks by `input`; the output (one slice, `out`) is all-reduced.
-pub fn row(fused_name: &'static str, input: ShardUnit, module: &str, module_path: String, out: ShardUnit, format: WeightFormat) -> LinearSpec {
+pub fn row(
+    fused_name: &'static str,
+    input: ShardUnit,
+    module: &str,
+    module_path: String,
+    out: ShardUnit,
+    format: WeightFormat,
+) -> LinearSpec {
     let modules = vec![HfModule::single(module, module_path, out)];
     linear(fused_name, LinearKind::Dense, ParallelStyle::Row, input, modules, format)
 }
@@ -106,15 +103,7 @@ pub fn gqa_attention(c: &GqaConfig, prefix: &str, format: WeightFormat) -> Atten
     } else {
         Vec::new()
     };
-    AttentionSpec {
-        num_heads: c.num_heads,
-        num_kv_heads: c.num_kv_heads,
-        head_dim: c.head_dim,
-        output_gate: c.output_gate,
-        qkv,
-        o,
-        params,
-    }
+    AttentionSpec { num_heads: c.num_heads, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim, output_gate: c.output_gate, qkv, o, params }
 }
 
 /// Names of a dense MLP's modules: gated MLPs use gate/up/down, non-gated ones up/down.
@@ -172,11 +161,7 @@ pub fn routed_experts(c: &ExpertsConfig) -> (LinearSpec, LinearSpec) {
     }
     modules.push(HfModule::single("up_proj", expert("up_proj"), inter.clone()));
     let experts = Some(ExpertSpec { count: c.num_experts, field: c.experts_field });
-    let up = LinearSpec {
-        kind: LinearKind::RoutedExperts,
-        experts,
-        ..column("gate_up_proj_moe", c.input.clone(), modules, c.format)
-    };
+    let up = LinearSpec { kind: LinearKind::RoutedExperts, experts, ..column("gate_up_proj_moe", c.input.clone(), modules, c.format) };
     let down = LinearSpec {
         kind: LinearKind::RoutedExperts,
         experts,
@@ -188,7 +173,8 @@ pub fn routed_experts(c: &ExpertsConfig) -> (LinearSpec, LinearSpec) {
 /// Token embedding, split over the vocabulary. As a LoRA target its input is the vocabulary.
 pub fn embedding(vocab: u32, hidden: u32, module_path: String) -> LinearSpec {
     let modules = vec![HfModule::single("embed_tokens", module_path, elements(hidden, "hidden_size"))];
-    let spec = linear("embed_tokens", LinearKind::Embedding, ParallelStyle::Vocab, elements(vocab, "vocab_size"), modules, WeightFormat::Plain);
+    let spec =
+        linear("embed_tokens", LinearKind::Embedding, ParallelStyle::Vocab, elements(vocab, "vocab_size"), modules, WeightFormat::Plain);
     LinearSpec { ..spec }
 }
 

@@ -41,7 +41,8 @@ impl DecoderBase {
             (None, Some(d)) => ("torch_dtype", d),
             (None, None) => return Ok(DType::BF16),
         };
-        DType::from_hf(name).ok_or_else(|| ModelError::field(path, field, format!("unsupported dtype `{name}` (expected float32, bfloat16 or float16)")))
+        DType::from_hf(name)
+            .ok_or_else(|| ModelError::field(path, field, format!("unsupported dtype `{name}` (expected float32, bfloat16 or float16)")))
     }
 }
 
@@ -50,7 +51,11 @@ pub fn head_dim(path: &Path, explicit: Option<Count>, hidden: u32, heads: u32) -
     match explicit {
         Some(d) => Ok(d.get()),
         None if hidden % heads == 0 => Ok(hidden / heads),
-        None => Err(ModelError::field(path, "head_dim", format!("missing, and hidden_size {hidden} is not divisible by num_attention_heads {heads}"))),
+        None => Err(ModelError::field(
+            path,
+            "head_dim",
+            format!("missing, and hidden_size {hidden} is not divisible by num_attention_heads {heads}"),
+        )),
     }
 }
 

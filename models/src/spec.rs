@@ -143,7 +143,10 @@ pub enum ParamShard {
     Replicated,
     /// Dimension `dim` is the concatenation of `parts`, each split across ranks on its own
     /// (a conv kernel over Mamba's x|B|C channels, for example).
-    Split { dim: usize, parts: Vec<ShardUnit> },
+    Split {
+        dim: usize,
+        parts: Vec<ShardUnit>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

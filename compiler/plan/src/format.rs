@@ -28,7 +28,9 @@ pub enum PlanFormatError {
     Decode(String),
     #[error("plan is inconsistent: {0}")]
     Inconsistent(String),
-    #[error("plan was compiled from another config.json (plan records sha256 {expected}, the model directory has {found}); recompile the plan for this model")]
+    #[error(
+        "plan was compiled from another config.json (plan records sha256 {expected}, the model directory has {found}); recompile the plan for this model"
+    )]
     ModelMismatch { expected: String, found: String },
 }
 

@@ -202,7 +202,9 @@ mod tests {
 
     #[test]
     fn llama_qkv_tp8_shapes() {
-        let l = LoraLayout::new(nz(8), nz(16), 4096, 3, vec![slice("q_proj", 512, 0), slice("k_proj", 128, 1), slice("v_proj", 128, 2)], None).unwrap();
+        let l =
+            LoraLayout::new(nz(8), nz(16), 4096, 3, vec![slice("q_proj", 512, 0), slice("k_proj", 128, 1), slice("v_proj", 128, 2)], None)
+                .unwrap();
         assert_eq!(l.a_shape(), vec![8, 48, 4096]);
         assert_eq!(l.b_shape(), vec![8, 768, 16]);
         assert_eq!(l.slice_offsets(), vec![0, 512, 640]);

@@ -136,25 +136,88 @@ pub struct PlanNode {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum KernelSpec {
     /// Dense GEMM `[m ≤ m_max, k] × [k, n]`.
-    Gemm { m_max: u32, n: u32, k: u32, dtype: DType, tile: Tile },
+    Gemm {
+        m_max: u32,
+        n: u32,
+        k: u32,
+        dtype: DType,
+        tile: Tile,
+    },
     /// Routed experts' grouped GEMM.
-    GroupedGemm { experts: u32, top_k: u32, n: u32, k: u32, dtype: DType, tile: Tile },
-    EmbeddingGather { rows: u32, width: u32, dtype: DType },
+    GroupedGemm {
+        experts: u32,
+        top_k: u32,
+        n: u32,
+        k: u32,
+        dtype: DType,
+        tile: Tile,
+    },
+    EmbeddingGather {
+        rows: u32,
+        width: u32,
+        dtype: DType,
+    },
     /// Picks each sequence's last position before the final norm and lm_head.
-    GatherRows { width: u32 },
+    GatherRows {
+        width: u32,
+    },
     /// MLA's q_a/kv_a layernorms and the split of the fused latent.
-    MlaLatentNorm { q_lora_rank: u32, kv_lora_rank: u32, qk_rope_head_dim: u32 },
-    RmsNorm { width: u32 },
-    Activation { kind: ActivationKind, width: u32 },
-    Attention { q_heads: u32, kv_heads: u32, head_dim: u32, output_gate: bool },
-    MlaAttention { heads: u32, kv_lora_rank: u32, qk_nope_head_dim: u32, qk_rope_head_dim: u32, v_head_dim: u32 },
-    GatedDeltaNet { k_heads: u32, v_heads: u32, k_head_dim: u32, v_head_dim: u32, conv_kernel: u32 },
-    Mamba2Scan { heads: u32, head_dim: u32, groups: u32, state_size: u32, conv_kernel: u32 },
-    Router { experts: u32, top_k: u32 },
-    MoeCombine { top_k: u32, width: u32 },
-    Add { width: u32 },
-    AllReduce { width: u32 },
-    Sample { vocab_per_rank: u32 },
+    MlaLatentNorm {
+        q_lora_rank: u32,
+        kv_lora_rank: u32,
+        qk_rope_head_dim: u32,
+    },
+    RmsNorm {
+        width: u32,
+    },
+    Activation {
+        kind: ActivationKind,
+        width: u32,
+    },
+    Attention {
+        q_heads: u32,
+        kv_heads: u32,
+        head_dim: u32,
+        output_gate: bool,
+    },
+    MlaAttention {
+        heads: u32,
+        kv_lora_rank: u32,
+        qk_nope_head_dim: u32,
+        qk_rope_head_dim: u32,
+        v_head_dim: u32,
+    },
+    GatedDeltaNet {
+        k_heads: u32,
+        v_heads: u32,
+        k_head_dim: u32,
+        v_head_dim: u32,
+        conv_kernel: u32,
+    },
+    Mamba2Scan {
+        heads: u32,
+        head_dim: u32,
+        groups: u32,
+        state_size: u32,
+        conv_kernel: u32,
+    },
+    Router {
+        experts: u32,
+        top_k: u32,
+    },
+    MoeCombine {
+        top_k: u32,
+        width: u32,
+    },
+    Add {
+        width: u32,
+    },
+    AllReduce {
+        width: u32,
+    },
+    Sample {
+        vocab_per_rank: u32,
+    },
     LoraShrink(LoraKernel),
     LoraExpand(LoraKernel),
     LoraEmbeddingShrink(LoraKernel),

@@ -72,7 +72,9 @@ fn select(g: &Graph, node: &Node, o: &KernelOptions) -> Result<Option<KernelSpec
     let out_width = |i: usize| g.rank_width(node.outputs[i]);
     let tp = o.tp;
     let per_rank = |count: &u32, replicate: bool| heads_per_rank(*count, tp, replicate);
-    let sharded = |id: &LinearId| g.linears[*id].shard.as_ref().ok_or(CompileError::Verify { pass: "kernels", message: "linear without shard".into() });
+    let sharded = |id: &LinearId| {
+        g.linears[*id].shard.as_ref().ok_or(CompileError::Verify { pass: "kernels", message: "linear without shard".into() })
+    };
     Ok(Some(match &node.op {
         Op::TokenIds => return Ok(None),
         Op::Embedding(id) => {

@@ -59,11 +59,18 @@ pub fn valid_targets(g: &Graph) -> Vec<String> {
 
 pub fn select(g: &Graph, targets: &[String], model_type: &str) -> Result<Selection, CompileError> {
     if targets.is_empty() {
-        return Err(CompileError::Option { option: "--lora-target-modules", message: format!("give at least one module, `{ALL}` or `{ALL_LINEAR}`") });
+        return Err(CompileError::Option {
+            option: "--lora-target-modules",
+            message: format!("give at least one module, `{ALL}` or `{ALL_LINEAR}`"),
+        });
     }
     for target in targets {
         if !g.linears.values().any(|l| matches(l, target)) {
-            return Err(CompileError::UnknownTarget { target: target.clone(), model_type: model_type.to_string(), valid: valid_targets(g) });
+            return Err(CompileError::UnknownTarget {
+                target: target.clone(),
+                model_type: model_type.to_string(),
+                valid: valid_targets(g),
+            });
         }
     }
     let linears: Vec<LinearId> = g.linears.iter().filter(|(_, l)| targets.iter().any(|t| matches(l, t))).map(|(id, _)| id).collect();
@@ -82,7 +89,9 @@ pub fn layout(linear: &Linear, opts: &LoraOptions, module: &str) -> Result<LoraL
             let local = NonZeroU32::new(*local).expect("experts divide into non-empty groups");
             // Shared-outer: one A on the up-projection's input side (column-parallel), one
             // B on the down-projection's output side (row-parallel).
-            let shared = |side: ParallelStyle| if opts.moe_lora == MoeLoraMode::SharedOuter && linear.spec.parallel == side { NonZeroU32::MIN } else { local };
+            let shared = |side: ParallelStyle| {
+                if opts.moe_lora == MoeLoraMode::SharedOuter && linear.spec.parallel == side { NonZeroU32::MIN } else { local }
+            };
             Some(ExpertDims { a: shared(ParallelStyle::Column), b: shared(ParallelStyle::Row) })
         }
         None => None,
@@ -106,7 +115,8 @@ pub fn run(g: &mut Graph, opts: &LoraOptions, selection: &Selection) -> Result<(
 }
 
 fn insert_nodes(g: &mut Graph, id: LinearId, lora: LoraId, width: u32, a_shared_by_experts: bool) {
-    let position = g.order.iter().position(|n| matches!(g.dag[*n].op, Op::Linear(l) | Op::Embedding(l) if l == id)).expect("every linear has a node");
+    let position =
+        g.order.iter().position(|n| matches!(g.dag[*n].op, Op::Linear(l) | Op::Embedding(l) if l == id)).expect("every linear has a node");
     let node = g.order[position];
     let (inputs, output, layer) = {
         let n = &g.dag[node];

@@ -68,7 +68,8 @@ pub fn plan_activations(g: &Graph, o: &MemoryOptions) -> ActivationPlan {
             touch(storage_root(g, id), last, value_bytes(g, id, o));
         }
     }
-    let mut storages: Vec<(ValueId, usize, usize, u64)> = life.into_iter().map(|(v, (s, e, b))| (v, s, e, b.next_multiple_of(ALIGN))).collect();
+    let mut storages: Vec<(ValueId, usize, usize, u64)> =
+        life.into_iter().map(|(v, (s, e, b))| (v, s, e, b.next_multiple_of(ALIGN))).collect();
     storages.sort_by(|a, b| b.3.cmp(&a.3).then(a.1.cmp(&b.1)).then(a.0.cmp(&b.0)));
     let mut placed: Vec<(usize, usize, u64, u64)> = Vec::new();
     let mut offsets: HashMap<ValueId, u64> = HashMap::new();
@@ -126,13 +127,15 @@ pub fn state_cache_bytes(g: &Graph, o: &MemoryOptions) -> Result<u64, CompileErr
             Op::GatedDeltaNet { k_heads, v_heads, k_head_dim, v_head_dim, conv_kernel, state_dtype } => {
                 let (k, v) = (u64::from(heads_per_rank(k_heads, o.tp, false)?), u64::from(heads_per_rank(v_heads, o.tp, false)?));
                 let conv_channels = 2 * k * u64::from(k_head_dim) + v * u64::from(v_head_dim);
-                conv_channels * u64::from(conv_kernel - 1) * conv_size + v * u64::from(k_head_dim) * u64::from(v_head_dim) * state_dtype.size_bytes()
+                conv_channels * u64::from(conv_kernel - 1) * conv_size
+                    + v * u64::from(k_head_dim) * u64::from(v_head_dim) * state_dtype.size_bytes()
             }
             Op::Mamba2 { heads, head_dim, groups, state_size, conv_kernel, state_dtype } => {
                 let h = u64::from(heads_per_rank(heads, o.tp, false)?);
                 let gr = u64::from(heads_per_rank(groups, o.tp, true)?);
                 let conv_channels = h * u64::from(head_dim) + 2 * gr * u64::from(state_size);
-                conv_channels * u64::from(conv_kernel - 1) * conv_size + h * u64::from(head_dim) * u64::from(state_size) * state_dtype.size_bytes()
+                conv_channels * u64::from(conv_kernel - 1) * conv_size
+                    + h * u64::from(head_dim) * u64::from(state_size) * state_dtype.size_bytes()
             }
             _ => 0,
         };

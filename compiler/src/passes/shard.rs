@@ -39,7 +39,10 @@ pub fn split(unit: &ShardUnit, tp: u32, module: &str) -> Result<Split, CompileEr
             } else if replicate_when_short && tp % count == 0 {
                 // tp > heads: each rank holds one head, shared by tp / count ranks.
                 let ranks_per_head = tp / count;
-                Ok(Split { width: head_dim, ranges: ranks.map(|r| (r / ranks_per_head * head_dim, (r / ranks_per_head + 1) * head_dim)).collect() })
+                Ok(Split {
+                    width: head_dim,
+                    ranges: ranks.map(|r| (r / ranks_per_head * head_dim, (r / ranks_per_head + 1) * head_dim)).collect(),
+                })
             } else {
                 let message = if replicate_when_short {
                     format!("{count}: tp must divide it, or be a multiple of it so each rank holds one replicated head")
@@ -54,7 +57,12 @@ pub fn split(unit: &ShardUnit, tp: u32, module: &str) -> Result<Split, CompileEr
                 let per = width / tp;
                 Ok(Split { width: per, ranges: ranks.map(|r| (r * per, (r + 1) * per)).collect() })
             } else {
-                Err(CompileError::Indivisible { module: module.to_string(), field: field.to_string(), tp, message: format!("{width} is not divisible by tp {tp}") })
+                Err(CompileError::Indivisible {
+                    module: module.to_string(),
+                    field: field.to_string(),
+                    tp,
+                    message: format!("{width} is not divisible by tp {tp}"),
+                })
             }
         }
     }
@@ -92,14 +100,12 @@ pub fn shard_linear(linear: &Linear, tp: u32, ep: u32) -> Result<LinearShard, Co
     };
     let expand = |s: Split| -> Split {
         // An inner split over tp / ep ranks repeats for each expert group.
-        if tp_inner == tp {
-            s
-        } else {
-            Split { width: s.width, ranges: (0..tp).map(|r| s.ranges[(r % tp_inner) as usize]).collect() }
-        }
+        if tp_inner == tp { s } else { Split { width: s.width, ranges: (0..tp).map(|r| s.ranges[(r % tp_inner) as usize]).collect() } }
     };
     let whole_out = |tp: u32| -> Vec<SliceShard> {
-        spec.slices().map(|(g, s)| SliceShard { name: s.name.clone(), group: g as u32, width: s.width(), rows: vec![(0, s.width()); tp as usize] }).collect()
+        spec.slices()
+            .map(|(g, s)| SliceShard { name: s.name.clone(), group: g as u32, width: s.width(), rows: vec![(0, s.width()); tp as usize] })
+            .collect()
     };
     let (input, slices) = match spec.parallel {
         ParallelStyle::Column => {
@@ -120,7 +126,10 @@ pub fn shard_linear(linear: &Linear, tp: u32, ep: u32) -> Result<LinearShard, Co
                 let vocab = spec.out_features();
                 let sp = vocab_split(vocab, tp);
                 let (g, s) = spec.slices().next().expect("lm_head has one slice");
-                (Split::whole(spec.in_features, tp), vec![SliceShard { name: s.name.clone(), group: g as u32, width: sp.width, rows: sp.ranges }])
+                (
+                    Split::whole(spec.in_features, tp),
+                    vec![SliceShard { name: s.name.clone(), group: g as u32, width: sp.width, rows: sp.ranges }],
+                )
             }
         },
     };
@@ -129,7 +138,10 @@ pub fn shard_linear(linear: &Linear, tp: u32, ep: u32) -> Result<LinearShard, Co
 
 pub fn run(g: &mut Graph, tp: u32, ep: u32) -> Result<(), CompileError> {
     if tp % ep != 0 {
-        return Err(CompileError::Option { option: "--ep", message: format!("{ep} must divide --tp {tp} (experts are split over tp / ep ranks)") });
+        return Err(CompileError::Option {
+            option: "--ep",
+            message: format!("{ep} must divide --tp {tp} (experts are split over tp / ep ranks)"),
+        });
     }
     let shards = g.linears.values().map(|l| shard_linear(l, tp, ep)).collect::<Result<Vec<_>, _>>()?;
     for (linear, shard) in g.linears.values_mut().zip(shards) {

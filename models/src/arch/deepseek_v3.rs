@@ -2,7 +2,6 @@
 //! `first_k_dense_replace` layers dense, then MoE with shared experts and a sigmoid router with
 //! a score-correction bias. Checkpoints may be fp8 with 128×128 block scales.
 
-
 use lorac_plan::DType;
 use serde::Deserialize;
 
@@ -60,7 +59,11 @@ fn weight_format(cfg: &ConfigFile, q: &Option<QuantizationConfig>) -> Result<Wei
             "quantization_config.weight_block_size",
             format!("expected two equal non-zero block sizes, found {other:?}"),
         )),
-        (method, _) => Err(ModelError::field(&cfg.path, "quantization_config.quant_method", format!("unsupported quantisation `{method}` (supported: fp8)"))),
+        (method, _) => Err(ModelError::field(
+            &cfg.path,
+            "quantization_config.quant_method",
+            format!("unsupported quantisation `{method}` (supported: fp8)"),
+        )),
     }
 }
 
@@ -77,7 +80,11 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
             let moe = i >= c.first_k_dense_replace && i % c.moe_layer_freq.get() == 0;
             LayerSpec {
                 mixer: Some(MixerSpec::Mla(mla(&c, &path(&prefix, "self_attn"), format))),
-                ffn: Some(if moe { moe_ffn(&c, shared_experts, &path(&prefix, "mlp"), format) } else { dense_ffn(&c, &path(&prefix, "mlp"), format) }),
+                ffn: Some(if moe {
+                    moe_ffn(&c, shared_experts, &path(&prefix, "mlp"), format)
+                } else {
+                    dense_ffn(&c, &path(&prefix, "mlp"), format)
+                }),
                 params: blocks::pre_norms(&prefix, hidden),
             }
         })
@@ -106,7 +113,12 @@ fn mla(c: &DeepseekV3Config, prefix: &str, format: WeightFormat) -> MlaSpec {
             let q_a = HfModule::single("q_a_proj", path(prefix, "q_a_proj"), elements(q_lora, "q_lora_rank"));
             (
                 blocks::replicated("fused_qkv_a_proj_with_mqa", hidden.clone(), vec![q_a, kv_a], format),
-                blocks::column("q_b_proj", elements(q_lora, "q_lora_rank"), vec![HfModule::single("q_b_proj", path(prefix, "q_b_proj"), q_heads)], format),
+                blocks::column(
+                    "q_b_proj",
+                    elements(q_lora, "q_lora_rank"),
+                    vec![HfModule::single("q_b_proj", path(prefix, "q_b_proj"), q_heads)],
+                    format,
+                ),
             )
         }
         None => (
@@ -124,7 +136,12 @@ fn mla(c: &DeepseekV3Config, prefix: &str, format: WeightFormat) -> MlaSpec {
         v_head_dim: v_head,
         qkv_a,
         q_b,
-        kv_b: blocks::column("kv_b_proj", elements(kv_lora, "kv_lora_rank"), vec![HfModule::single("kv_b_proj", path(prefix, "kv_b_proj"), kv_b_heads)], format),
+        kv_b: blocks::column(
+            "kv_b_proj",
+            elements(kv_lora, "kv_lora_rank"),
+            vec![HfModule::single("kv_b_proj", path(prefix, "kv_b_proj"), kv_b_heads)],
+            format,
+        ),
         o: blocks::row("o_proj", heads(n_heads, v_head, "num_attention_heads"), "o_proj", path(prefix, "o_proj"), hidden, format),
         params,
     }
@@ -151,7 +168,14 @@ fn moe_ffn(c: &DeepseekV3Config, shared_experts: u32, prefix: &str, format: Weig
     // At most 64 shared experts of at most 2^20 each: the product fits in u32.
     let shared = (shared_experts > 0).then(|| {
         let width = shared_experts * c.moe_intermediate_size.get();
-        blocks::dense_mlp(elements(hidden, "hidden_size"), width, "moe_intermediate_size", Activation::SwiGlu, &path(prefix, "shared_experts"), format)
+        blocks::dense_mlp(
+            elements(hidden, "hidden_size"),
+            width,
+            "moe_intermediate_size",
+            Activation::SwiGlu,
+            &path(prefix, "shared_experts"),
+            format,
+        )
     });
     // The router always carries its score-correction bias (used by noaux_tc top-k).
     let params = vec![

@@ -1,6 +1,5 @@
 //! Llama (and every config with Llama's layout): GQA attention + SwiGLU MLP.
 
-
 use serde::Deserialize;
 
 use crate::dims::{Count, Width};

@@ -2,7 +2,6 @@
 //! relu² MLP (`-`) or non-gated MoE (`E`, optionally in a latent space) — given either as the
 //! `hybrid_override_pattern` string or the `layers_block_type` list.
 
-
 use lorac_plan::DType;
 use serde::Deserialize;
 
@@ -109,7 +108,8 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
     common::check_gqa(&cfg.path, heads_n, c.num_key_value_heads.get(), "")?;
     let head_dim = common::head_dim(&cfg.path, c.head_dim.or(c.attention_head_dim), hidden, heads_n)?;
     let state_dtype = match &c.mamba_ssm_cache_dtype {
-        Some(name) => DType::from_hf(name).ok_or_else(|| ModelError::field(&cfg.path, "mamba_ssm_cache_dtype", format!("unsupported dtype `{name}`")))?,
+        Some(name) => DType::from_hf(name)
+            .ok_or_else(|| ModelError::field(&cfg.path, "mamba_ssm_cache_dtype", format!("unsupported dtype `{name}`")))?,
         None => c.base.weight_dtype(&cfg.path)?,
     };
     let attention = GqaConfig {
@@ -134,7 +134,14 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
                 Block::Mamba => (Some(MixerSpec::Mamba2(mamba2(&c, &mixer_path, state_dtype))), None),
                 Block::Attention => (Some(MixerSpec::Attention(blocks::gqa_attention(&attention, &mixer_path, format))), None),
                 Block::Mlp => {
-                    let mlp = blocks::dense_mlp(elements(hidden, "hidden_size"), c.intermediate_size.get(), "intermediate_size", Activation::Relu2, &mixer_path, format);
+                    let mlp = blocks::dense_mlp(
+                        elements(hidden, "hidden_size"),
+                        c.intermediate_size.get(),
+                        "intermediate_size",
+                        Activation::Relu2,
+                        &mixer_path,
+                        format,
+                    );
                     (None, Some(FfnSpec::Dense(mlp)))
                 }
                 Block::Moe => (None, Some(FfnSpec::Moe(moe(cfg, &c, &mixer_path)?))),
@@ -217,8 +224,18 @@ fn moe(cfg: &ConfigFile, c: &NemotronHConfig, prefix: &str) -> Result<MoeSpec, M
         let size = size.get();
         LatentSpec {
             size,
-            fc1: blocks::replicated("fc1_latent_proj", elements(hidden, "hidden_size"), vec![HfModule::single("fc1_latent_proj", path(prefix, "fc1_latent_proj"), elements(size, "moe_latent_size"))], format),
-            fc2: blocks::replicated("fc2_latent_proj", elements(size, "moe_latent_size"), vec![HfModule::single("fc2_latent_proj", path(prefix, "fc2_latent_proj"), elements(hidden, "hidden_size"))], format),
+            fc1: blocks::replicated(
+                "fc1_latent_proj",
+                elements(hidden, "hidden_size"),
+                vec![HfModule::single("fc1_latent_proj", path(prefix, "fc1_latent_proj"), elements(size, "moe_latent_size"))],
+                format,
+            ),
+            fc2: blocks::replicated(
+                "fc2_latent_proj",
+                elements(size, "moe_latent_size"),
+                vec![HfModule::single("fc2_latent_proj", path(prefix, "fc2_latent_proj"), elements(hidden, "hidden_size"))],
+                format,
+            ),
         }
     });
     let expert_input = match &latent {
@@ -236,10 +253,22 @@ fn moe(cfg: &ConfigFile, c: &NemotronHConfig, prefix: &str) -> Result<MoeSpec, M
         format,
     });
     // moe_shared_expert_intermediate_size is the shared expert's whole width.
-    let shared_width = crate::dims::at_most(&cfg.path, "moe_shared_expert_intermediate_size", c.moe_shared_expert_intermediate_size.unwrap_or(0), crate::dims::MAX_WIDTH)?;
+    let shared_width = crate::dims::at_most(
+        &cfg.path,
+        "moe_shared_expert_intermediate_size",
+        c.moe_shared_expert_intermediate_size.unwrap_or(0),
+        crate::dims::MAX_WIDTH,
+    )?;
     let shared_intermediate = if c.n_shared_experts == Some(0) { 0 } else { shared_width };
     let shared = (shared_intermediate > 0).then(|| {
-        blocks::dense_mlp(elements(hidden, "hidden_size"), shared_intermediate, "moe_shared_expert_intermediate_size", Activation::Relu2, &path(prefix, "shared_experts"), format)
+        blocks::dense_mlp(
+            elements(hidden, "hidden_size"),
+            shared_intermediate,
+            "moe_shared_expert_intermediate_size",
+            Activation::Relu2,
+            &path(prefix, "shared_experts"),
+            format,
+        )
     });
     Ok(MoeSpec {
         num_experts: experts,

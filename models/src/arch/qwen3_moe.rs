@@ -1,7 +1,6 @@
 //! Qwen3-MoE: Qwen3 attention; MoE FFN on every `decoder_sparse_step`-th layer except
 //! `mlp_only_layers`, experts stored one tensor each, no shared expert.
 
-
 use serde::Deserialize;
 
 use crate::dims::{Count, Width};

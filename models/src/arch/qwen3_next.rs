@@ -72,12 +72,8 @@ pub struct HybridFamily {
     pub ignored_weight_prefixes: &'static [&'static str],
 }
 
-pub const QWEN3_NEXT: HybridFamily = HybridFamily {
-    nested: None,
-    weight_prefix: "model",
-    gdn: GdnProjections::InterleavedPerKeyHead,
-    ignored_weight_prefixes: &["mtp."],
-};
+pub const QWEN3_NEXT: HybridFamily =
+    HybridFamily { nested: None, weight_prefix: "model", gdn: GdnProjections::InterleavedPerKeyHead, ignored_weight_prefixes: &["mtp."] };
 
 pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
     build_hybrid(cfg, &QWEN3_NEXT)
@@ -108,8 +104,12 @@ fn layer_types(path: &Path, c: &HybridConfig, field_prefix: &str) -> Result<Vec<
                 })
                 .collect()
         }
-        (None, Some(interval)) => Ok((0..layers).map(|i| if (i + 1) % interval.get() == 0 { LayerType::Full } else { LayerType::Linear }).collect()),
-        (None, None) => Err(ModelError::field(path, format!("{field_prefix}layer_types"), "missing (and no full_attention_interval either)")),
+        (None, Some(interval)) => {
+            Ok((0..layers).map(|i| if (i + 1) % interval.get() == 0 { LayerType::Full } else { LayerType::Linear }).collect())
+        }
+        (None, None) => {
+            Err(ModelError::field(path, format!("{field_prefix}layer_types"), "missing (and no full_attention_interval either)"))
+        }
     }
 }
 
@@ -127,10 +127,16 @@ pub fn build_hybrid(cfg: &ConfigFile, family: &HybridFamily) -> Result<ModelSpec
     common::check_gqa(&cfg.path, heads_n, kv_heads, &field_prefix)?;
     let (nk, nv) = (c.linear_num_key_heads.get(), c.linear_num_value_heads.get());
     if nv % nk != 0 {
-        return Err(ModelError::field(&cfg.path, f("linear_num_value_heads"), format!("{nv} is not a multiple of linear_num_key_heads {nk}")));
+        return Err(ModelError::field(
+            &cfg.path,
+            f("linear_num_value_heads"),
+            format!("{nv} is not a multiple of linear_num_key_heads {nk}"),
+        ));
     }
     let state_dtype = match &c.mamba_ssm_dtype {
-        Some(name) => DType::from_hf(name).ok_or_else(|| ModelError::field(&cfg.path, f("mamba_ssm_dtype"), format!("unsupported dtype `{name}`")))?,
+        Some(name) => {
+            DType::from_hf(name).ok_or_else(|| ModelError::field(&cfg.path, f("mamba_ssm_dtype"), format!("unsupported dtype `{name}`")))?
+        }
         None => DType::F32,
     };
     let attention = GqaConfig {
@@ -149,7 +155,12 @@ pub fn build_hybrid(cfg: &ConfigFile, family: &HybridFamily) -> Result<ModelSpec
             experts: experts.get(),
             top_k: require(&cfg.path, f("num_experts_per_tok"), c.num_experts_per_tok, Count::get)?,
             intermediate: require(&cfg.path, f("moe_intermediate_size"), c.moe_intermediate_size, Width::get)?,
-            shared_intermediate: crate::dims::at_most(&cfg.path, &f("shared_expert_intermediate_size"), c.shared_expert_intermediate_size.unwrap_or(0), crate::dims::MAX_WIDTH)?,
+            shared_intermediate: crate::dims::at_most(
+                &cfg.path,
+                &f("shared_expert_intermediate_size"),
+                c.shared_expert_intermediate_size.unwrap_or(0),
+                crate::dims::MAX_WIDTH,
+            )?,
         }),
         None => None,
     };
@@ -168,7 +179,14 @@ pub fn build_hybrid(cfg: &ConfigFile, family: &HybridFamily) -> Result<ModelSpec
             (Some(m), true) => FfnSpec::Moe(moe_ffn(hidden, m, &mlp, format)),
             _ => {
                 let inter = require(&cfg.path, f("intermediate_size"), c.intermediate_size, Width::get)?;
-                FfnSpec::Dense(blocks::dense_mlp(elements(hidden, "hidden_size"), inter, "intermediate_size", Activation::SwiGlu, &mlp, format))
+                FfnSpec::Dense(blocks::dense_mlp(
+                    elements(hidden, "hidden_size"),
+                    inter,
+                    "intermediate_size",
+                    Activation::SwiGlu,
+                    &mlp,
+                    format,
+                ))
             }
         };
         layers.push(LayerSpec { mixer: Some(mixer), ffn: Some(ffn), params: blocks::pre_norms(&prefix, hidden) });
@@ -211,7 +229,14 @@ fn moe_ffn(hidden: u32, m: &MoeFields, prefix: &str, format: WeightFormat) -> Mo
     let mut params = vec![ParamSpec::replicated(path(prefix, "gate.weight"), vec![m.experts, hidden])];
     let shared = (m.shared_intermediate > 0).then(|| {
         params.push(ParamSpec::replicated(path(prefix, "shared_expert_gate.weight"), vec![1, hidden]));
-        blocks::dense_mlp(elements(hidden, "hidden_size"), m.shared_intermediate, "shared_expert_intermediate_size", Activation::SwiGlu, &path(prefix, "shared_expert"), format)
+        blocks::dense_mlp(
+            elements(hidden, "hidden_size"),
+            m.shared_intermediate,
+            "shared_expert_intermediate_size",
+            Activation::SwiGlu,
+            &path(prefix, "shared_expert"),
+            format,
+        )
     });
     MoeSpec {
         num_experts: m.experts,
@@ -236,8 +261,18 @@ fn gated_delta_net(c: &HybridConfig, projections: GdnProjections, prefix: &str, 
     let value_heads = |d: u32| heads(nv, d, "linear_num_value_heads");
     let (in_qkvz, in_ba) = match projections {
         GdnProjections::InterleavedPerKeyHead => (
-            blocks::column("in_proj_qkvz", hidden.clone(), vec![HfModule::single("in_proj_qkvz", path(prefix, "in_proj_qkvz"), key_heads(2 * dk + 2 * dv * v_per_k))], format),
-            blocks::column("in_proj_ba", hidden.clone(), vec![HfModule::single("in_proj_ba", path(prefix, "in_proj_ba"), key_heads(2 * v_per_k))], format),
+            blocks::column(
+                "in_proj_qkvz",
+                hidden.clone(),
+                vec![HfModule::single("in_proj_qkvz", path(prefix, "in_proj_qkvz"), key_heads(2 * dk + 2 * dv * v_per_k))],
+                format,
+            ),
+            blocks::column(
+                "in_proj_ba",
+                hidden.clone(),
+                vec![HfModule::single("in_proj_ba", path(prefix, "in_proj_ba"), key_heads(2 * v_per_k))],
+                format,
+            ),
         ),
         GdnProjections::Split => (
             blocks::column(
