@@ -170,6 +170,29 @@ pub fn routed_experts(c: &ExpertsConfig) -> (LinearSpec, LinearSpec) {
     (up, down)
 }
 
+/// An MoE block: routed experts plus the optional shared expert, latent projections and the
+/// router's parameters.
+pub fn moe(
+    experts: &ExpertsConfig,
+    top_k: u32,
+    shared: Option<DenseMlpSpec>,
+    latent: Option<LatentSpec>,
+    params: Vec<ParamSpec>,
+) -> MoeSpec {
+    let (experts_up, experts_down) = routed_experts(experts);
+    MoeSpec {
+        num_experts: experts.num_experts,
+        top_k,
+        intermediate: experts.intermediate,
+        activation: experts.activation,
+        experts_up,
+        experts_down,
+        shared,
+        latent,
+        params,
+    }
+}
+
 /// Token embedding, split over the vocabulary. As a LoRA target its input is the vocabulary.
 pub fn embedding(vocab: u32, hidden: u32, module_path: String) -> LinearSpec {
     let modules = vec![HfModule::single("embed_tokens", module_path, elements(hidden, "hidden_size"))];

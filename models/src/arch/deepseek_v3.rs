@@ -155,7 +155,7 @@ fn dense_ffn(c: &DeepseekV3Config, prefix: &str, format: WeightFormat) -> FfnSpe
 fn moe_ffn(c: &DeepseekV3Config, shared_experts: u32, prefix: &str, format: WeightFormat) -> FfnSpec {
     let hidden = c.base.hidden_size.get();
     let experts = c.n_routed_experts.get();
-    let (experts_up, experts_down) = blocks::routed_experts(&ExpertsConfig {
+    let routed = ExpertsConfig {
         input: elements(hidden, "hidden_size"),
         num_experts: experts,
         experts_field: "n_routed_experts",
@@ -164,7 +164,7 @@ fn moe_ffn(c: &DeepseekV3Config, shared_experts: u32, prefix: &str, format: Weig
         activation: Activation::SwiGlu,
         experts_prefix: &path(prefix, "experts"),
         format,
-    });
+    };
     // At most 64 shared experts of at most 2^20 each: the product fits in u32.
     let shared = (shared_experts > 0).then(|| {
         let width = shared_experts * c.moe_intermediate_size.get();
@@ -182,15 +182,5 @@ fn moe_ffn(c: &DeepseekV3Config, shared_experts: u32, prefix: &str, format: Weig
         ParamSpec::replicated(path(prefix, "gate.weight"), vec![experts, hidden]),
         ParamSpec::replicated(path(prefix, "gate.e_score_correction_bias"), vec![experts]).with_dtype(DType::F32),
     ];
-    FfnSpec::Moe(MoeSpec {
-        num_experts: experts,
-        top_k: c.num_experts_per_tok.get(),
-        intermediate: c.moe_intermediate_size.get(),
-        activation: Activation::SwiGlu,
-        experts_up,
-        experts_down,
-        shared,
-        latent: None,
-        params,
-    })
+    FfnSpec::Moe(blocks::moe(&routed, c.num_experts_per_tok.get(), shared, None, params))
 }

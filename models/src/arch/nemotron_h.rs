@@ -242,7 +242,7 @@ fn moe(cfg: &ConfigFile, c: &NemotronHConfig, prefix: &str) -> Result<MoeSpec, M
         Some(l) => elements(l.size, "moe_latent_size"),
         None => elements(hidden, "hidden_size"),
     };
-    let (experts_up, experts_down) = blocks::routed_experts(&ExpertsConfig {
+    let routed = ExpertsConfig {
         input: expert_input,
         num_experts: experts,
         experts_field: "n_routed_experts",
@@ -251,7 +251,7 @@ fn moe(cfg: &ConfigFile, c: &NemotronHConfig, prefix: &str) -> Result<MoeSpec, M
         activation: Activation::Relu2,
         experts_prefix: &path(prefix, "experts"),
         format,
-    });
+    };
     // moe_shared_expert_intermediate_size is the shared expert's whole width.
     let shared_width = crate::dims::at_most(
         &cfg.path,
@@ -270,18 +270,9 @@ fn moe(cfg: &ConfigFile, c: &NemotronHConfig, prefix: &str) -> Result<MoeSpec, M
             format,
         )
     });
-    Ok(MoeSpec {
-        num_experts: experts,
-        top_k,
-        intermediate,
-        activation: Activation::Relu2,
-        experts_up,
-        experts_down,
-        shared,
-        latent,
-        params: vec![
-            ParamSpec::replicated(path(prefix, "gate.weight"), vec![experts, hidden]),
-            ParamSpec::replicated(path(prefix, "gate.e_score_correction_bias"), vec![experts]).with_dtype(DType::F32),
-        ],
-    })
+    let params = vec![
+        ParamSpec::replicated(path(prefix, "gate.weight"), vec![experts, hidden]),
+        ParamSpec::replicated(path(prefix, "gate.e_score_correction_bias"), vec![experts]).with_dtype(DType::F32),
+    ];
+    Ok(blocks::moe(&routed, top_k, shared, latent, params))
 }

@@ -41,7 +41,7 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
             let mlp = blocks::path(&prefix, "mlp");
             let sparse = !c.mlp_only_layers.contains(&i) && (i + 1) % c.decoder_sparse_step.get() == 0;
             let ffn = if sparse {
-                let (experts_up, experts_down) = blocks::routed_experts(&ExpertsConfig {
+                let routed = ExpertsConfig {
                     input: blocks::elements(hidden, "hidden_size"),
                     num_experts: c.num_experts.get(),
                     experts_field: "num_experts",
@@ -50,18 +50,14 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
                     activation: Activation::SwiGlu,
                     experts_prefix: &blocks::path(&mlp, "experts"),
                     format,
-                });
-                FfnSpec::Moe(MoeSpec {
-                    num_experts: c.num_experts.get(),
-                    top_k: c.num_experts_per_tok.get(),
-                    intermediate: c.moe_intermediate_size.get(),
-                    activation: Activation::SwiGlu,
-                    experts_up,
-                    experts_down,
-                    shared: None,
-                    latent: None,
-                    params: vec![ParamSpec::replicated(blocks::path(&mlp, "gate.weight"), vec![c.num_experts.get(), hidden])],
-                })
+                };
+                FfnSpec::Moe(blocks::moe(
+                    &routed,
+                    c.num_experts_per_tok.get(),
+                    None,
+                    None,
+                    vec![ParamSpec::replicated(blocks::path(&mlp, "gate.weight"), vec![c.num_experts.get(), hidden])],
+                ))
             } else {
                 let h = blocks::elements(hidden, "hidden_size");
                 FfnSpec::Dense(blocks::dense_mlp(h, c.dense.intermediate_size.get(), "intermediate_size", Activation::SwiGlu, &mlp, format))

@@ -216,7 +216,7 @@ struct MoeFields {
 }
 
 fn moe_ffn(hidden: u32, m: &MoeFields, prefix: &str, format: WeightFormat) -> MoeSpec {
-    let (experts_up, experts_down) = blocks::routed_experts(&ExpertsConfig {
+    let routed = ExpertsConfig {
         input: elements(hidden, "hidden_size"),
         num_experts: m.experts,
         experts_field: "num_experts",
@@ -225,7 +225,7 @@ fn moe_ffn(hidden: u32, m: &MoeFields, prefix: &str, format: WeightFormat) -> Mo
         activation: Activation::SwiGlu,
         experts_prefix: &path(prefix, "experts"),
         format,
-    });
+    };
     let mut params = vec![ParamSpec::replicated(path(prefix, "gate.weight"), vec![m.experts, hidden])];
     let shared = (m.shared_intermediate > 0).then(|| {
         params.push(ParamSpec::replicated(path(prefix, "shared_expert_gate.weight"), vec![1, hidden]));
@@ -238,17 +238,7 @@ fn moe_ffn(hidden: u32, m: &MoeFields, prefix: &str, format: WeightFormat) -> Mo
             format,
         )
     });
-    MoeSpec {
-        num_experts: m.experts,
-        top_k: m.top_k,
-        intermediate: m.intermediate,
-        activation: Activation::SwiGlu,
-        experts_up,
-        experts_down,
-        shared,
-        latent: None,
-        params,
-    }
+    blocks::moe(&routed, m.top_k, shared, None, params)
 }
 
 fn gated_delta_net(c: &HybridConfig, projections: GdnProjections, prefix: &str, state_dtype: DType) -> GatedDeltaNetSpec {
