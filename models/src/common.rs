@@ -17,8 +17,9 @@ pub struct DecoderBase {
     /// layer layout; read it through [`DecoderBase::layers`].
     num_hidden_layers: Option<Count>,
     pub vocab_size: Width,
+    /// Absent in some nested decoder configs; see [`DecoderBase::tied`].
     #[serde(default)]
-    pub tie_word_embeddings: bool,
+    pub tie_word_embeddings: Option<bool>,
     #[serde(default)]
     pub torch_dtype: Option<String>,
     #[serde(default)]
@@ -26,6 +27,12 @@ pub struct DecoderBase {
 }
 
 impl DecoderBase {
+    /// Whether lm_head reuses the embedding: the decoder's own field, else the top-level one
+    /// (Qwen3.5 writes it only at the top level for some sizes), else false.
+    pub fn tied(&self, cfg: &crate::ConfigFile) -> bool {
+        self.tie_word_embeddings.or_else(|| cfg.root.get("tie_word_embeddings").and_then(serde_json::Value::as_bool)).unwrap_or(false)
+    }
+
     pub fn layers(&self, path: &Path, field_prefix: &str) -> Result<u32, ModelError> {
         self.num_hidden_layers.map(Count::get).ok_or_else(|| ModelError::field(path, format!("{field_prefix}num_hidden_layers"), "missing"))
     }

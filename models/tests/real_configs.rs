@@ -67,3 +67,18 @@ fn every_supported_config_loads() {
         }
     }
 }
+
+#[test]
+fn nested_decoder_falls_back_to_top_level_tie_word_embeddings() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/Qwen__Qwen3.5-27B.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(v["text_config"].get("tie_word_embeddings").is_none());
+    assert!(
+        !lorac_models::describe(&lorac_models::ConfigFile::from_bytes(&path, v.to_string().into_bytes()).unwrap())
+            .unwrap()
+            .tie_word_embeddings
+    );
+    v["tie_word_embeddings"] = true.into();
+    let cfg = lorac_models::ConfigFile::from_bytes(&path, v.to_string().into_bytes()).unwrap();
+    assert!(lorac_models::describe(&cfg).unwrap().tie_word_embeddings);
+}

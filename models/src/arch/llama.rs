@@ -87,7 +87,7 @@ pub fn standard_model(cfg: &ConfigFile, base: &DecoderBase, layers: Vec<LayerSpe
         layers,
         final_norm: ParamSpec::replicated("model.norm.weight".into(), vec![hidden]),
         lm_head: blocks::lm_head(vocab, hidden, "lm_head".into()),
-        tie_word_embeddings: base.tie_word_embeddings,
+        tie_word_embeddings: base.tied(cfg),
         ignored_weight_prefixes: Vec::new(),
         config_section: String::new(),
     })

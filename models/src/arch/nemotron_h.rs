@@ -159,7 +159,7 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
         layers,
         final_norm: ParamSpec::replicated("backbone.norm_f.weight".into(), vec![hidden]),
         lm_head: blocks::lm_head(vocab, hidden, "lm_head".into()),
-        tie_word_embeddings: c.base.tie_word_embeddings,
+        tie_word_embeddings: c.base.tied(cfg),
         ignored_weight_prefixes: if c.num_nextn_predict_layers > 0 { vec!["mtp.".into()] } else { Vec::new() },
         config_section: String::new(),
     })

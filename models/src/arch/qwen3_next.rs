@@ -192,7 +192,6 @@ pub fn build_hybrid(cfg: &ConfigFile, family: &HybridFamily) -> Result<ModelSpec
         layers.push(LayerSpec { mixer: Some(mixer), ffn: Some(ffn), params: blocks::pre_norms(&prefix, hidden) });
     }
     let vocab = c.base.vocab_size.get();
-    // Qwen3.5 repeats tie_word_embeddings at the top level; the decoder's own value wins.
     Ok(ModelSpec {
         model_type: cfg.model_type()?.to_string(),
         hidden_size: hidden,
@@ -202,7 +201,7 @@ pub fn build_hybrid(cfg: &ConfigFile, family: &HybridFamily) -> Result<ModelSpec
         layers,
         final_norm: ParamSpec::replicated(format!("{}.norm.weight", family.weight_prefix), vec![hidden]),
         lm_head: blocks::lm_head(vocab, hidden, "lm_head".into()),
-        tie_word_embeddings: c.base.tie_word_embeddings,
+        tie_word_embeddings: c.base.tied(cfg),
         ignored_weight_prefixes: family.ignored_weight_prefixes.iter().map(|p| p.to_string()).collect(),
         config_section: field_prefix,
     })
