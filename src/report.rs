@@ -164,6 +164,18 @@ fn same_shapes(a: &RankPlan, b: &RankPlan) -> bool {
         && a.lora_buffers.iter().zip(&b.lora_buffers).all(|(x, y)| x.layer == y.layer && x.module == y.module && x.layout == y.layout)
 }
 
+/// "gemm ×6, lora_shrink ×4, ..." in first-use order.
+fn kernel_families(plan: &Plan) -> String {
+    let mut families: Vec<(&str, usize)> = Vec::new();
+    for k in &plan.kernels {
+        match families.iter_mut().find(|(f, _)| *f == k.family()) {
+            Some((_, n)) => *n += 1,
+            None => families.push((k.family(), 1)),
+        }
+    }
+    families.iter().map(|(f, n)| format!("{f} ×{n}")).collect::<Vec<_>>().join(", ")
+}
+
 /// The full human report of `lorac inspect`.
 pub fn human(plan: &Plan) -> String {
     let m = &plan.model;
@@ -177,6 +189,7 @@ pub fn human(plan: &Plan) -> String {
         plan.limits.max_batch_tokens, plan.limits.max_seqs, plan.limits.kv_cache_tokens,
         plan.kernels.len(), plan.nodes.len(),
     ));
+    out.push_str(&format!("kernel families: {}\n\n", kernel_families(plan)));
     let mut groups: Vec<Vec<&RankPlan>> = Vec::new();
     for r in &plan.ranks {
         match groups.iter_mut().find(|g| same_shapes(g[0], r)) {

@@ -170,6 +170,7 @@ pub enum Op {
         kv_heads: u32,
         head_dim: u32,
         output_gate: bool,
+        qk_norm: bool,
     },
     /// MLA's q_a/kv_a layernorms; splits the fused latent into (q latent,) kv latent, k rope.
     MlaLatentNorm {

@@ -123,7 +123,13 @@ impl Lowering<'_> {
         match mixer {
             MixerSpec::Attention(a) => {
                 let qkv = self.linear(&a.qkv, layer, x, rows);
-                let op = Op::Attention { heads: a.num_heads, kv_heads: a.num_kv_heads, head_dim: a.head_dim, output_gate: a.output_gate };
+                let op = Op::Attention {
+                    heads: a.num_heads,
+                    kv_heads: a.num_kv_heads,
+                    head_dim: a.head_dim,
+                    output_gate: a.output_gate,
+                    qk_norm: a.qk_norm,
+                };
                 self.core_then(&a.o, layer, "attn", op, vec![qkv], rows)
             }
             MixerSpec::Mla(m) => {

@@ -103,7 +103,16 @@ pub fn gqa_attention(c: &GqaConfig, prefix: &str, format: WeightFormat) -> Atten
     } else {
         Vec::new()
     };
-    AttentionSpec { num_heads: c.num_heads, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim, output_gate: c.output_gate, qkv, o, params }
+    AttentionSpec {
+        num_heads: c.num_heads,
+        num_kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+        output_gate: c.output_gate,
+        qk_norm: c.qk_norm,
+        qkv,
+        o,
+        params,
+    }
 }
 
 /// Names of a dense MLP's modules: gated MLPs use gate/up/down, non-gated ones up/down.

@@ -178,6 +178,8 @@ pub struct AttentionSpec {
     pub head_dim: u32,
     /// Qwen3.5: q_proj also produces a sigmoid output gate (doubles the q width).
     pub output_gate: bool,
+    /// Per-head RMSNorm on q and k before rotary embedding (Qwen3 family).
+    pub qk_norm: bool,
     pub qkv: LinearSpec,
     pub o: LinearSpec,
     pub params: Vec<ParamSpec>,

@@ -179,6 +179,7 @@ pub enum KernelSpec {
         kv_heads: u32,
         head_dim: u32,
         output_gate: bool,
+        qk_norm: bool,
     },
     MlaAttention {
         heads: u32,

@@ -99,11 +99,12 @@ fn select(g: &Graph, node: &Node, o: &KernelOptions) -> Result<Option<KernelSpec
             }
         }
         Op::RmsNorm { width } => KernelSpec::RmsNorm { width: *width },
-        Op::Attention { heads, kv_heads, head_dim, output_gate } => KernelSpec::Attention {
+        Op::Attention { heads, kv_heads, head_dim, output_gate, qk_norm } => KernelSpec::Attention {
             q_heads: per_rank(heads, false)?,
             kv_heads: per_rank(kv_heads, true)?,
             head_dim: *head_dim,
             output_gate: *output_gate,
+            qk_norm: *qk_norm,
         },
         Op::MlaLatentNorm { q_lora_rank, kv_lora_rank, qk_rope_head_dim } => {
             KernelSpec::MlaLatentNorm { q_lora_rank: *q_lora_rank, kv_lora_rank: *kv_lora_rank, qk_rope_head_dim: *qk_rope_head_dim }
