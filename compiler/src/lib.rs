@@ -48,10 +48,7 @@ pub fn compile_spec(
 ) -> Result<Plan, CompileError> {
     opts.validate()?;
     let (tp, ep) = (opts.tp.get(), opts.ep.get());
-    let lora_dtype = opts.lora_dtype.unwrap_or(match spec.dtype {
-        lorac_plan::DType::F32 => lorac_plan::DType::F32,
-        _ => lorac_plan::DType::BF16,
-    });
+    let lora_dtype = opts.lora_dtype.unwrap_or(spec.dtype.activation());
 
     let mut g = lower::lower(spec);
     verify_if_debug(&g, "lower")?;
@@ -74,10 +71,7 @@ pub fn compile_spec(
     kernels::run(&mut g, &kernel_opts)?;
     verify_if_debug(&g, "kernels")?;
 
-    let cache_dtype = match spec.dtype {
-        lorac_plan::DType::F8E4M3 => lorac_plan::DType::BF16,
-        other => other,
-    };
+    let cache_dtype = spec.dtype.activation();
     let mem_opts = memory::MemoryOptions { tp, max_batch_tokens, max_seqs, kv_cache_tokens: opts.kv_cache_tokens, cache_dtype };
     let activations = memory::plan_activations(&g, &mem_opts);
     let totals = emit::RankTotals {

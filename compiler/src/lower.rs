@@ -23,20 +23,6 @@ pub fn lower(spec: &ModelSpec) -> Graph {
     l.g
 }
 
-/// Activations of fp8 checkpoints are computed in bf16.
-trait ActivationDType {
-    fn activation(self) -> DType;
-}
-
-impl ActivationDType for DType {
-    fn activation(self) -> DType {
-        match self {
-            DType::F8E4M3 | DType::I32 => DType::BF16,
-            other => other,
-        }
-    }
-}
-
 impl Lowering<'_> {
     fn value(&mut self, name: String, rows: Rows, width: WidthSpec) -> ValueId {
         self.g.add_value(name, rows, width, self.dtype)

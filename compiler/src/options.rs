@@ -19,7 +19,7 @@ pub struct CompileOptions {
     pub max_seqs: NonZeroU32,
     /// Tokens the KV cache holds across all sequences.
     pub kv_cache_tokens: u64,
-    /// Adapter pool dtype; the model dtype when None.
+    /// Adapter pool dtype; the model's compute dtype (`DType::activation`) when None.
     pub lora_dtype: Option<DType>,
 }
 

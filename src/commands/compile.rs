@@ -33,7 +33,7 @@ pub struct Args {
     /// Tokens the KV cache holds across all sequences (default: max seqs × 4096).
     #[arg(long)]
     kv_cache_tokens: Option<u64>,
-    /// Adapter pool dtype (default: f32 for f32 models, bf16 otherwise).
+    /// Adapter pool dtype (default: the model's compute dtype, bf16 for fp8 checkpoints).
     #[arg(long, value_enum)]
     lora_dtype: Option<LoraDType>,
     /// Where to write the plan.

@@ -33,6 +33,15 @@ impl DType {
         }
     }
 
+    /// The dtype activations, caches and adapters use next to weights stored in this one:
+    /// fp8 checkpoints compute in bf16.
+    pub fn activation(self) -> DType {
+        match self {
+            DType::F8E4M3 | DType::I32 => DType::BF16,
+            other => other,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
