@@ -31,9 +31,10 @@ impl ChunkedPlan {
             return Err(LoraError::BadIndptr("chunk size must be positive"));
         }
         // The grid already has a cube per chunk: no further token split.
-        let shrink = ShrinkConfig { token_splits: 1, ..ShrinkConfig::new(client, layout, elem_size, chunk) };
-        let expand = ExpandConfig { token_splits: 1, ..ExpandConfig::new(layout, chunk) };
-        Ok(ChunkedPlan { chunk, capacity: Segments::chunk_capacity(max_tokens, layout.slots(), chunk), shrink, expand })
+        let capacity = Segments::chunk_capacity(max_tokens, layout.slots(), chunk);
+        let shrink = ShrinkConfig { token_splits: 1, ..ShrinkConfig::new(client, layout, elem_size, capacity, chunk) };
+        let expand = ExpandConfig { token_splits: 1, ..ExpandConfig::new(client, layout, elem_size, capacity, chunk) };
+        Ok(ChunkedPlan { chunk, capacity, shrink, expand })
     }
 
     /// Host-side step: cut and pad this batch's segments to the plan's fixed shape.

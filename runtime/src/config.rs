@@ -25,37 +25,40 @@ pub struct ShrinkConfig {
 }
 
 impl ShrinkConfig {
-    /// Decode batches (short segments) get narrow token tiles and wide K splits so the whole
-    /// adapter set is in flight at once; prefill gets wider tiles for reuse of every A load.
-    pub fn new<R: Runtime>(client: &ComputeClient<R>, layout: &LoraLayout, elem_size: usize, max_segment_len: u32) -> Self {
+    /// Picks the widest token tile (most reuse of each A load) that still gives the grid two
+    /// cubes per multiprocessor; decode batches end up with narrow tiles and every cube's A rows
+    /// in flight at once, prefill with 8×8 register tiles. Every token tile gets its own cube.
+    pub fn new<R: Runtime>(client: &ComputeClient<R>, layout: &LoraLayout, elem_size: usize, num_segments: usize, max_segment_len: u32) -> Self {
         let max_rank = layout.max_rank();
-        let (rows, tokens) = match max_segment_len {
-            0 | 1 => (4, 1),
-            2 => (4, 2),
-            3..=4 => (4, 4),
-            _ => (8, 8),
-        };
-        let rows_per_cube = [rows, 4, 2, 1].into_iter().find(|r| max_rank % r == 0).unwrap_or(1);
+        let target = 2 * u64::from(multiprocessors(client));
+        let fits = |r: u32| [r, 4, 2, 1].into_iter().find(|d| max_rank % d == 0).unwrap_or(1);
+        let longest = max_segment_len.max(1).next_power_of_two();
+        let options = [(8, 8), (4, 4), (4, 2), (4, 1)];
+        let (rows_per_cube, tokens) = options
+            .iter()
+            .filter(|(_, t)| *t <= longest)
+            .map(|&(r, t)| (fits(r), t))
+            .find(|&(r, t)| u64::from(layout.groups() * max_rank / r) * num_segments as u64 * u64::from(max_segment_len.div_ceil(t)) >= target)
+            .unwrap_or((fits(4), 1));
         let vector = vector_size(client, elem_size, &[layout.in_features()]) as u32;
         let k_vecs = layout.in_features() / vector;
         let (threads, plane) = shrink_threads(client, k_vecs, rows_per_cube * tokens);
-        let row_blocks = layout.groups() * max_rank / rows_per_cube;
-        let tiles = max_segment_len.div_ceil(tokens).max(1);
-        // Enough cubes for two per multiprocessor, counting only one segment's worth of
-        // row blocks (the launch does not know how many segments are long).
-        let sms = client.properties().hardware.num_streaming_multiprocessors.unwrap_or(64);
-        let token_splits = (2 * sms).div_ceil(row_blocks).clamp(1, tiles);
         ShrinkConfig {
             groups: layout.groups(),
             max_rank,
             rows_per_cube,
             tokens_per_tile: tokens,
-            token_splits,
+            // One tile per cube (the grid's z dimension bounds it).
+            token_splits: max_segment_len.div_ceil(tokens).clamp(1, 65535),
             threads,
             plane_size: plane,
             vector,
         }
     }
+}
+
+pub(crate) fn multiprocessors<R: Runtime>(client: &ComputeClient<R>) -> u32 {
+    client.properties().hardware.num_streaming_multiprocessors.unwrap_or(64)
 }
 
 /// Threads splitting a K of `k_vecs` vectors (about two loads each, so the whole adapter is in
@@ -87,31 +90,33 @@ pub(crate) const EXPAND_THREADS: u32 = 128;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ExpandConfig {
     pub groups: u32,
-    /// Output columns per thread (the y vector width); set at launch from the device's vector
-    /// widths and the slice widths.
-    pub out_vector: u32,
     pub max_rank: u32,
     pub tokens_per_tile: u32,
     pub token_splits: u32,
     pub threads: u32,
+    /// Output columns per thread (the y vector width, divides every slice width).
+    pub out_vector: u32,
+    /// Vector width of the B loads along the rank (divides `max_rank`).
+    pub rank_vector: u32,
 }
 
 impl ExpandConfig {
-    pub fn new(layout: &LoraLayout, max_segment_len: u32) -> Self {
+    pub fn new<R: Runtime>(client: &ComputeClient<R>, layout: &LoraLayout, elem_size: usize, num_segments: usize, max_segment_len: u32) -> Self {
+        let widths: Vec<u32> = layout.slices().iter().map(|s| s.width).collect();
+        let out_vector = vector_size(client, elem_size, &widths) as u32;
+        let rank_vector = vector_size(client, elem_size, &[layout.max_rank()]) as u32;
         let tokens_per_tile = match max_segment_len {
             0 | 1 => 1,
             2..=4 => max_segment_len.next_power_of_two(),
             _ => 8,
         };
-        let tiles = max_segment_len.div_ceil(tokens_per_tile);
-        ExpandConfig {
-            groups: layout.groups(),
-            out_vector: 1,
-            max_rank: layout.max_rank(),
-            tokens_per_tile,
-            token_splits: (tiles / 4).clamp(1, 128),
-            threads: EXPAND_THREADS,
-        }
+        let threads = EXPAND_THREADS;
+        let blocks: u32 = widths.iter().map(|w| w.div_ceil(threads * out_vector)).sum();
+        let tiles = max_segment_len.div_ceil(tokens_per_tile).max(1);
+        // Split a segment's tiles over cubes until the grid has two cubes per multiprocessor.
+        let target = 2 * multiprocessors(client);
+        let token_splits = target.div_ceil(blocks * num_segments.max(1) as u32).clamp(1, tiles).min(65535 / num_segments.max(1) as u32).max(1);
+        ExpandConfig { groups: layout.groups(), max_rank: layout.max_rank(), tokens_per_tile, token_splits, threads, out_vector, rank_vector }
     }
 }
 

@@ -35,9 +35,10 @@ fn expand_kernel<F: Float, NY: Size, NB: Size>(
     let max_rank = comptime!(cfg.max_rank as usize);
     let c_r = comptime!((cfg.groups * cfg.max_rank) as usize);
     let splits = comptime!(cfg.token_splits as usize);
-    // NY's width, as a comptime value usable in unrolled loop bounds.
+    // NY's and NB's widths as comptime values, usable in unrolled loop bounds.
     let ny = comptime!(cfg.out_vector as usize);
-    let nb = NB::value();
+    let nb = comptime!(cfg.rank_vector as usize);
+    let rank_vecs_max = comptime!(max_rank / nb);
 
     let slice = CUBE_POS_Y as usize;
     let seg = CUBE_POS_Z as usize / splits;
@@ -61,27 +62,34 @@ fn expand_kernel<F: Float, NY: Size, NB: Size>(
     let tid = UNIT_POS as usize;
     let col = block0 + tid * ny;
     let active = col < width;
-    let b_vecs = max_rank / nb;
-    let b_row0 = (slot as usize * out_features + offset + col) * b_vecs;
+    let b_row0 = (slot as usize * out_features + offset + col) * rank_vecs_max;
     let rank_vecs = rank.div_ceil(nb);
     let y_vecs = out_features / ny;
     let y_col = (offset + col) / ny;
 
-    let mut a_tile = SharedMemory::<f32>::new(comptime!(tokens * max_rank));
+    // The tile's intermediate as rank vectors: one shared-memory read feeds NB FMAs.
+    let mut a_tile = SharedMemory::<Vector<f32, NB>>::new(comptime!(tokens * max_rank / nb));
     let mut acc = Array::<f32>::new(comptime!(tokens * ny));
 
     let mut p0 = start + split * tokens;
     while p0 < end {
-        // Stage the tile's intermediate; entries past the rank (and past the segment) are zero
-        // so the vectorised B loop below may run over the padding columns of the last vector.
+        // Entries past the rank (and past the segment) are staged as zeros so the vectorised
+        // loop below may run over the padding columns of the last B vector.
         let mut idx = tid;
-        while idx < tokens * max_rank {
-            let i = idx / max_rank;
-            let j = idx % max_rank;
+        while idx < tokens * rank_vecs_max {
+            let i = idx / rank_vecs_max;
+            let jv = idx % rank_vecs_max;
             let p = p0 + i;
-            let mut v = 0.0f32;
-            if p < end && j < rank {
-                v = a[token_perm[p] as usize * c_r + group * max_rank + j];
+            let mut v = Vector::<f32, NB>::new(0.0f32);
+            if p < end {
+                let row = token_perm[p] as usize * c_r + group * max_rank;
+                #[unroll]
+                for l in 0..nb {
+                    let j = jv * nb + l;
+                    if j < rank {
+                        v[l] = a[row + j];
+                    }
+                }
             }
             a_tile[idx] = v;
             idx += threads;
@@ -95,13 +103,14 @@ fn expand_kernel<F: Float, NY: Size, NB: Size>(
             for jv in 0..rank_vecs {
                 #[unroll]
                 for v in 0..ny {
-                    let bv = Vector::<f32, NB>::cast_from(b_pool[b_row0 + v * b_vecs + jv]);
+                    let bv = Vector::<f32, NB>::cast_from(b_pool[b_row0 + v * rank_vecs_max + jv]);
                     #[unroll]
                     for i in 0..tokens {
+                        let prod = a_tile[i * rank_vecs_max + jv] * bv;
                         let mut s = 0.0f32;
                         #[unroll]
                         for l in 0..nb {
-                            s += a_tile[i * max_rank + jv * nb + l] * bv[l];
+                            s += prod[l];
                         }
                         acc[i * ny + v] += s;
                     }
@@ -139,7 +148,7 @@ pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
     if layout.experts().is_some() {
         return Err(LoraError::Layout("expert layouts go through the MoE kernels".into()));
     }
-    let cfg = config.unwrap_or_else(|| ExpandConfig::new(layout, segs.max_segment_len));
+    let cfg = config.unwrap_or_else(|| ExpandConfig::new(client, layout, size_of::<F>(), segs.num_segments, segs.max_segment_len));
     check_expand_config(layout, &cfg)?;
     let tokens = segs.tokens as usize;
     a.check_len("a (expand input)", tokens * (layout.groups() * layout.max_rank()) as usize)?;
@@ -147,8 +156,9 @@ pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
     if segs.num_segments == 0 || tokens == 0 {
         return Ok(());
     }
-    let (ny, nb, blocks) = expand_geometry(client, layout, size_of::<F>(), cfg.threads);
-    let cfg = ExpandConfig { out_vector: ny as u32, ..cfg };
+    let (ny, nb) = (cfg.out_vector as usize, cfg.rank_vector as usize);
+    let widest = layout.slices().iter().map(|s| s.width).max().unwrap_or(1);
+    let blocks = widest.div_ceil(cfg.threads * cfg.out_vector);
     unsafe {
         expand_kernel::launch_unchecked::<F, R>(
             client,
@@ -185,6 +195,10 @@ pub(crate) fn expand_geometry<R: Runtime>(client: &ComputeClient<R>, layout: &Lo
 pub(crate) fn check_expand_config(layout: &LoraLayout, cfg: &ExpandConfig) -> Result<()> {
     let ok = cfg.groups == layout.groups()
         && cfg.max_rank == layout.max_rank()
+        && cfg.out_vector > 0
+        && layout.slices().iter().all(|s| s.width % cfg.out_vector == 0)
+        && cfg.rank_vector > 0
+        && cfg.max_rank % cfg.rank_vector == 0
         && cfg.tokens_per_tile > 0
         && cfg.token_splits > 0
         && cfg.threads > 0;

@@ -17,6 +17,7 @@ pub mod embedding;
 pub mod error;
 pub mod expand;
 pub mod moe;
+pub mod ops;
 pub mod pool;
 pub mod shrink;
 pub mod testing;

@@ -192,7 +192,7 @@ pub fn launch_shrink<R: Runtime, F: Float + CubeElement>(
     if layout.experts().is_some() {
         return Err(LoraError::Layout("expert layouts go through the MoE kernels".into()));
     }
-    let cfg = config.unwrap_or_else(|| ShrinkConfig::new(client, layout, size_of::<F>(), segs.max_segment_len));
+    let cfg = config.unwrap_or_else(|| ShrinkConfig::new(client, layout, size_of::<F>(), segs.num_segments, segs.max_segment_len));
     check_shrink_config(layout, &cfg)?;
     let tokens = segs.tokens as usize;
     let k = layout.in_features();

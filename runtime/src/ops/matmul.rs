@@ -1,0 +1,206 @@
+//! Dense projection `y[M, N] = x[M, K] · W[N, K]ᵀ` with the HF weight layout (W row-major
+//! `[out_features, in_features]`), f32 accumulation, storage `F` (f32 or bf16).
+//!
+//! A tiled shared-memory kernel: one cube owns a `block_m × block_n` output tile and walks K in
+//! steps of `block_k`; both operands are K-major, so the tile loads are coalesced along K for x
+//! and for W alike. Each thread accumulates `thread_m × thread_n` outputs in registers, its rows
+//! and columns strided by the thread grid (conflict-free shared reads, coalesced stores). Tiles
+//! past M, N or K are zero-filled, so any shape works.
+//!
+//! Not tuned: no vector loads, no tensor cores, no split-K for decode. cubek-matmul 0.2 (built
+//! on cubecl 0.10.0) is the candidate for the fast path; this kernel is the correct baseline.
+
+use cubecl::prelude::*;
+
+use super::{OpError, OpResult, check_dims, check_len};
+use crate::buffer::DeviceBuffer;
+
+/// Tile shape of the matmul kernel (its comptime specialisation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MatmulConfig {
+    pub block_m: u32,
+    pub block_n: u32,
+    pub block_k: u32,
+    /// Output rows per thread (divides `block_m`).
+    pub thread_m: u32,
+    /// Output columns per thread (divides `block_n`).
+    pub thread_n: u32,
+}
+
+impl MatmulConfig {
+    /// Decode-sized M gets a short, wide tile (every W element is loaded once per cube and the
+    /// grid spreads over N); prefill gets square 64×64 tiles.
+    pub fn new(m: usize) -> Self {
+        match m {
+            0..=8 => MatmulConfig { block_m: 8, block_n: 128, block_k: 32, thread_m: 1, thread_n: 4 },
+            9..=32 => MatmulConfig { block_m: 32, block_n: 64, block_k: 16, thread_m: 2, thread_n: 4 },
+            _ => MatmulConfig { block_m: 64, block_n: 64, block_k: 16, thread_m: 4, thread_n: 4 },
+        }
+    }
+
+    pub fn threads(&self) -> u32 {
+        (self.block_m / self.thread_m) * (self.block_n / self.thread_n)
+    }
+
+    fn check(&self) -> OpResult<()> {
+        let ok = self.thread_m > 0
+            && self.thread_n > 0
+            && self.block_k > 0
+            && self.block_m % self.thread_m == 0
+            && self.block_n % self.thread_n == 0
+            && (1..=1024).contains(&self.threads())
+            && (self.block_m + self.block_n) * self.block_k <= 8192;
+        if !ok {
+            return Err(OpError::Shape(format!("matmul config {self:?} is not valid")));
+        }
+        Ok(())
+    }
+}
+
+#[cube(launch_unchecked)]
+fn matmul_kernel<F: Float>(x: &Array<F>, w: &Array<F>, y: &mut Array<F>, m: u32, n: u32, k: u32, #[comptime] cfg: MatmulConfig) {
+    let bm = comptime!(cfg.block_m as usize);
+    let bn = comptime!(cfg.block_n as usize);
+    let bk = comptime!(cfg.block_k as usize);
+    let tm = comptime!(cfg.thread_m as usize);
+    let tn = comptime!(cfg.thread_n as usize);
+    let threads_m = comptime!((cfg.block_m / cfg.thread_m) as usize);
+    let threads_n = comptime!((cfg.block_n / cfg.thread_n) as usize);
+    let threads = comptime!(((cfg.block_m / cfg.thread_m) * (cfg.block_n / cfg.thread_n)) as usize);
+    let m = m as usize;
+    let n = n as usize;
+    let k = k as usize;
+
+    let tid = UNIT_POS as usize;
+    let tx = tid % threads_n;
+    let ty = tid / threads_n;
+    let row0 = CUBE_POS_Y as usize * bm;
+    let col0 = CUBE_POS_X as usize * bn;
+
+    // Tiles stored K-major in shared memory: xs[kk · bm + r], ws[kk · bn + c].
+    let mut xs = SharedMemory::<f32>::new(comptime!(bk * bm));
+    let mut ws = SharedMemory::<f32>::new(comptime!(bk * bn));
+    let mut acc = Array::<f32>::new(comptime!(tm * tn));
+    #[unroll]
+    for i in 0..comptime!(tm * tn) {
+        acc[i] = 0.0f32;
+    }
+    let mut a_reg = Array::<f32>::new(tm);
+    let mut b_reg = Array::<f32>::new(tn);
+
+    let mut k0 = 0usize;
+    while k0 < k {
+        // Consecutive threads read consecutive k of one row: coalesced for both operands.
+        let mut e = tid;
+        while e < comptime!(bm * bk) {
+            let r = e / bk;
+            let kk = e % bk;
+            let mut v = 0.0f32;
+            if row0 + r < m && k0 + kk < k {
+                v = f32::cast_from(x[(row0 + r) * k + k0 + kk]);
+            }
+            xs[kk * bm + r] = v;
+            e += threads;
+        }
+        let mut e = tid;
+        while e < comptime!(bn * bk) {
+            let c = e / bk;
+            let kk = e % bk;
+            let mut v = 0.0f32;
+            if col0 + c < n && k0 + kk < k {
+                v = f32::cast_from(w[(col0 + c) * k + k0 + kk]);
+            }
+            ws[kk * bn + c] = v;
+            e += threads;
+        }
+        sync_cube();
+        #[unroll]
+        for kk in 0..bk {
+            #[unroll]
+            for i in 0..tm {
+                a_reg[i] = xs[kk * bm + ty + i * threads_m];
+            }
+            #[unroll]
+            for j in 0..tn {
+                b_reg[j] = ws[kk * bn + tx + j * threads_n];
+            }
+            #[unroll]
+            for i in 0..tm {
+                #[unroll]
+                for j in 0..tn {
+                    acc[i * tn + j] += a_reg[i] * b_reg[j];
+                }
+            }
+        }
+        sync_cube();
+        k0 += bk;
+    }
+
+    #[unroll]
+    for i in 0..tm {
+        let r = row0 + ty + i * threads_m;
+        #[unroll]
+        for j in 0..tn {
+            let c = col0 + tx + j * threads_n;
+            if r < m && c < n {
+                y[r * n + c] = F::cast_from(acc[i * tn + j]);
+            }
+        }
+    }
+}
+
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ`. `x`, `w`, `y` are contiguous row-major; `y` is overwritten.
+/// `config` overrides the tile choice of [`MatmulConfig::new`].
+#[allow(clippy::too_many_arguments)]
+pub fn launch_matmul<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    x: &DeviceBuffer<F>,
+    w: &DeviceBuffer<F>,
+    y: &mut DeviceBuffer<F>,
+    m: usize,
+    n: usize,
+    k: usize,
+    config: Option<MatmulConfig>,
+) -> OpResult<()> {
+    check_dims("matmul x", &[m, k])?;
+    check_dims("matmul w", &[n, k])?;
+    check_dims("matmul y", &[m, n])?;
+    check_len(x, "x", m * k)?;
+    check_len(w, "w", n * k)?;
+    check_len(y, "y", m * n)?;
+    let cfg = config.unwrap_or_else(|| MatmulConfig::new(m));
+    cfg.check()?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let (gx, gy) = (n.div_ceil(cfg.block_n as usize), m.div_ceil(cfg.block_m as usize));
+    if gx > super::MAX_GRID || gy > super::MAX_GRID {
+        return Err(OpError::Shape(format!("matmul grid {gx}×{gy} exceeds the device limit")));
+    }
+    unsafe {
+        matmul_kernel::launch_unchecked::<F, R>(
+            client,
+            CubeCount::Static(gx as u32, gy as u32, 1),
+            CubeDim::new_1d(cfg.threads()),
+            x.arg(1),
+            w.arg(1),
+            y.arg(1),
+            m as u32,
+            n as u32,
+            k as u32,
+            cfg,
+        );
+    }
+    Ok(())
+}
+
+/// Plain f64 reference: `y[i, j] = Σ_k x[i, k] · w[j, k]`.
+pub fn reference_matmul(x: &[f64], w: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut y = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            y[i * n + j] = x[i * k..(i + 1) * k].iter().zip(&w[j * k..(j + 1) * k]).map(|(a, b)| a * b).sum();
+        }
+    }
+    y
+}
