@@ -1,5 +1,5 @@
 //! Greedy sampling: `out[r] = argmax_j logits[r, j]` (i32), the first index on ties (as
-//! `torch.argmax`); NaN entries are never chosen. One cube per row: a strided scan per thread,
+//! `torch.argmax`); NaN entries are never chosen (an all-NaN row gives 0). One cube per row: a strided scan per thread,
 //! then a shared-memory tree over the threads' (value, index) pairs.
 
 use cubecl::prelude::*;
@@ -19,32 +19,41 @@ fn argmax_kernel<F: Float>(logits: &Array<F>, out: &mut Array<i32>, rows: u32, v
     let vocab = vocab as usize;
     let tid = UNIT_POS as usize;
     let base = row * vocab;
-    let mut best = f32::new(f32::NEG_INFINITY);
-    let mut best_i = tid as u32;
+    // No infinite literal (WGSL has none): `found` marks whether `best` holds a real value.
+    let mut best = 0.0f32;
+    let mut best_i = 0u32;
+    let mut found = 0u32;
     let mut j = tid;
     while j < vocab {
         let v = f32::cast_from(logits[base + j]);
-        if v > best {
+        // `v == v` is false for NaN.
+        if v == v && (found == 0 || v > best) {
             best = v;
             best_i = j as u32;
+            found = 1;
         }
         j += threads;
     }
     let mut vals = SharedMemory::<f32>::new(threads);
     let mut idxs = SharedMemory::<u32>::new(threads);
+    let mut founds = SharedMemory::<u32>::new(threads);
     vals[tid] = best;
     idxs[tid] = best_i;
+    founds[tid] = found;
     sync_cube();
     let mut stride = comptime!(THREADS as usize / 2).runtime();
     while stride > 0 {
         if tid < stride {
+            let of = founds[tid + stride];
             let ov = vals[tid + stride];
             let oi = idxs[tid + stride];
+            let mf = founds[tid];
             let mv = vals[tid];
             let mi = idxs[tid];
-            if ov > mv || (ov == mv && oi < mi) {
+            if of == 1 && (mf == 0 || ov > mv || (ov == mv && oi < mi)) {
                 vals[tid] = ov;
                 idxs[tid] = oi;
+                founds[tid] = 1;
             }
         }
         sync_cube();
@@ -78,18 +87,18 @@ pub fn launch_argmax<R: Runtime, F: Float + CubeElement>(
     Ok(())
 }
 
-/// Plain reference: first index of the maximum (NaN ignored; 0 when nothing beats -inf).
+/// Plain reference: first index of the maximum (NaN ignored; 0 for an all-NaN row).
 pub fn reference_argmax(logits: &[f64], vocab: usize) -> Vec<i32> {
     logits
         .chunks(vocab)
         .map(|row| {
-            let mut best = (f64::NEG_INFINITY, 0usize);
+            let mut best: Option<(f64, usize)> = None;
             for (j, &v) in row.iter().enumerate() {
-                if v > best.0 {
-                    best = (v, j);
+                if !v.is_nan() && best.is_none_or(|(b, _)| v > b) {
+                    best = Some((v, j));
                 }
             }
-            best.1 as i32
+            best.map_or(0, |(_, j)| j as i32)
         })
         .collect()
 }
