@@ -146,7 +146,7 @@ impl AdapterConfig {
         if let Some(bias) = field::<String>(f, obj, "bias")?
             && bias != "none"
         {
-            return Err(unsupported(f, "bias", format!("is {bias:?}"), "trained biases (only \"none\")"));
+            return Err(unsupported(f, "bias", format!("is {bias:?}"), "trained biases (only `bias: \"none\"`)"));
         }
         if field::<bool>(f, obj, "lora_bias")?.unwrap_or(false) {
             return Err(unsupported(f, "lora_bias", "is true".into(), "a bias on lora_B"));

@@ -22,7 +22,7 @@ pub enum AdapterError {
     #[error("{}: field `{field}`: {message}", file.display())]
     ConfigField { file: PathBuf, field: String, message: String },
 
-    #[error("{}: `{field}` {setting}: {what} is not supported by lorac", file.display())]
+    #[error("{}: `{field}` {setting}: lorac does not support {what}", file.display())]
     Unsupported { file: PathBuf, field: &'static str, setting: String, what: &'static str },
 
     #[error("{} is not a readable safetensors file (truncated or corrupted?): {message}", file.display())]
@@ -36,6 +36,12 @@ pub enum AdapterError {
         file.display(), join(plan_targets)
     )]
     OutsidePlan { file: PathBuf, tensor: String, module: String, hf_module: String, plan_targets: Vec<String> },
+
+    #[error(
+        "{}: tensor `{tensor}` targets module `{module}`, which the base model does not have (the plan holds {hf_module} LoRA at: {}); is the adapter for another base model?",
+        file.display(), join(plan_paths)
+    )]
+    UnknownModule { file: PathBuf, tensor: String, module: String, hf_module: String, plan_paths: Vec<String> },
 
     #[error("{}: tensor `{missing}` is missing (its pair `{present}` is present)", file.display())]
     MissingTensor { file: PathBuf, missing: String, present: String },
@@ -56,7 +62,7 @@ pub enum AdapterError {
     NonFinite { file: PathBuf, tensor: String },
 
     #[error(
-        "{}: module `{module}`: the plan stores one LoRA {side} shared by all experts (--moe-lora shared-outer) but the adapter's per-expert {side} tensors differ (expert {first} vs expert {other}); recompile the plan with per-expert MoE LoRA",
+        "{}: module `{module}`: the plan stores one LoRA {side} shared by all experts (--moe-lora shared-outer) but the adapter's per-expert {side} tensors differ (expert {first} vs expert {other}); recompile the plan with --moe-lora per-expert",
         file.display()
     )]
     SharedOuter { file: PathBuf, module: String, side: &'static str, first: u32, other: u32 },

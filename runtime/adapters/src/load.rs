@@ -216,6 +216,22 @@ impl LoadedAdapter {
             let any = pair.a.or(pair.b).unwrap_or(module);
             let hf_module = module.rsplit('.').next().unwrap_or(module).to_string();
             let Some((buffer, group, expert)) = targets.find(module) else {
+                if layout.targets.contains(&hf_module) {
+                    let plan_paths = layout.ranks[0]
+                        .0
+                        .iter()
+                        .flat_map(|b| b.hf_modules.iter().zip(&b.hf_paths))
+                        .filter(|(m, _)| **m == hf_module)
+                        .map(|(_, p)| p.clone())
+                        .collect();
+                    return Err(AdapterError::UnknownModule {
+                        file,
+                        tensor: any.to_string(),
+                        module: module.to_string(),
+                        hf_module,
+                        plan_paths,
+                    });
+                }
                 return Err(AdapterError::OutsidePlan {
                     file,
                     tensor: any.to_string(),

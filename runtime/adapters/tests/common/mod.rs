@@ -220,3 +220,66 @@ pub fn slot_owner(plan: &Plan, rank: usize) -> Vec<Option<usize>> {
     }
     owner
 }
+
+/// Deterministic values in [-0.1, 0.1) (an LCG; no extra dev-dependency).
+pub fn values(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+        })
+        .collect()
+}
+
+/// A scratch directory under the test target dir (removed first if left by an earlier run).
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("lorac-adapters").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// Writes a PEFT-style adapter: `config` merged over a plain LoRA config, and f32 tensors.
+pub fn write_adapter(name: &str, config: serde_json::Value, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> PathBuf {
+    let dir = scratch(name);
+    let mut cfg = serde_json::json!({
+        "peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_rslora": false, "use_dora": false, "bias": "none",
+        "fan_in_fan_out": false, "modules_to_save": null, "rank_pattern": {}, "alpha_pattern": {}, "target_modules": ["q_proj"]
+    });
+    for (k, v) in config.as_object().expect("object") {
+        cfg[k] = v.clone();
+    }
+    std::fs::write(dir.join("adapter_config.json"), serde_json::to_vec_pretty(&cfg).expect("json")).expect("write config");
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
+        tensors.iter().map(|(n, shape, v)| (n.clone(), shape.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, shape, data)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).expect("view"))
+        })
+        .collect();
+    let file = safetensors::serialize(views, None).expect("serialize");
+    std::fs::write(dir.join("adapter_model.safetensors"), file).expect("write tensors");
+    dir
+}
+
+/// A LoRA pair for `path` (`[r, n_in]`, `[n_out, r]`) with values from `seed`.
+pub fn lora_pair(path: &str, r: usize, n_in: usize, n_out: usize, seed: u64) -> [(String, Vec<usize>, Vec<f32>); 2] {
+    [
+        (format!("base_model.model.{path}.lora_A.weight"), vec![r, n_in], values(seed, r * n_in)),
+        (format!("base_model.model.{path}.lora_B.weight"), vec![n_out, r], values(seed + 1_000_000, n_out * r)),
+    ]
+}
+
+/// Asserts ΔW of `path` in the pool equals `scale · B · A` of the given pair (f32 pools).
+pub fn assert_delta(plan: &Plan, pool: &HostPool, slot: usize, path: &str, pair: &[(String, Vec<usize>, Vec<f32>)], scale: f32) {
+    let a = (pair[0].1.clone(), pair[0].2.clone());
+    let b = (pair[1].1.clone(), pair[1].2.clone());
+    let (want, _, n_out, n_in) = expected_delta(&a, &b, scale);
+    let (got, out, inp) = pool_delta(plan, pool, slot, path);
+    assert_eq!((out, inp), (n_out, n_in), "{path}");
+    for (e, (w, g)) in want.iter().zip(&got).enumerate() {
+        assert!((w - g).abs() <= 1e-6 + 1e-5 * w.abs(), "{path}: ΔW[{}] is {g}, expected {w}", e);
+    }
+}
