@@ -7,6 +7,11 @@ fn join(items: &[String]) -> String {
     items.join(", ")
 }
 
+/// The PEFT module name at the end of a module path.
+fn leaf(module: &str) -> &str {
+    module.rsplit('.').next().unwrap_or(module)
+}
+
 fn shape(dims: &[u64]) -> String {
     format!("[{}]", dims.iter().map(u64::to_string).collect::<Vec<_>>().join(", "))
 }
@@ -32,16 +37,16 @@ pub enum AdapterError {
     UnexpectedTensor { file: PathBuf, tensor: String, reason: String },
 
     #[error(
-        "{}: tensor `{tensor}` targets module `{module}` ({hf_module}), which is outside the plan; the plan's LoRA targets are: {} (recompile the plan with this module among --lora-target-modules)",
-        file.display(), join(plan_targets)
+        "{}: tensor `{tensor}` targets module `{module}` ({}), which is outside the plan; the plan's LoRA targets are: {} (recompile the plan with this module among --lora-target-modules)",
+        file.display(), leaf(module), join(plan_targets)
     )]
-    OutsidePlan { file: PathBuf, tensor: String, module: String, hf_module: String, plan_targets: Vec<String> },
+    OutsidePlan { file: PathBuf, tensor: String, module: String, plan_targets: Vec<String> },
 
     #[error(
-        "{}: tensor `{tensor}` targets module `{module}`, which the base model does not have (the plan holds {hf_module} LoRA at: {}); is the adapter for another base model?",
-        file.display(), join(plan_paths)
+        "{}: tensor `{tensor}` targets module `{module}`, which the base model does not have (the plan holds {} LoRA at: {}); is the adapter for another base model?",
+        file.display(), leaf(module), join(plan_paths)
     )]
-    UnknownModule { file: PathBuf, tensor: String, module: String, hf_module: String, plan_paths: Vec<String> },
+    UnknownModule { file: PathBuf, tensor: String, module: String, plan_paths: Vec<String> },
 
     #[error("{}: tensor `{missing}` is missing (its pair `{present}` is present)", file.display())]
     MissingTensor { file: PathBuf, missing: String, present: String },

@@ -140,7 +140,7 @@ fn check_buffer(i: usize, rank: u32, b: &LoraBuffer, dtype: DType, pool: u64, sl
     match (l.experts(), b.experts) {
         (None, None) => {}
         (Some(dims), Some((e0, e1))) => {
-            let local = e1.checked_sub(e0).unwrap_or(0);
+            let local = e1.saturating_sub(e0);
             for stored in [dims.a.get(), dims.b.get()] {
                 if stored != local && stored != 1 {
                     return Err(what(&format!("stores {stored} experts but the rank holds experts {e0}..{e1}")));

@@ -224,19 +224,12 @@ impl LoadedAdapter {
                         .filter(|(m, _)| **m == hf_module)
                         .map(|(_, p)| p.clone())
                         .collect();
-                    return Err(AdapterError::UnknownModule {
-                        file,
-                        tensor: any.to_string(),
-                        module: module.to_string(),
-                        hf_module,
-                        plan_paths,
-                    });
+                    return Err(AdapterError::UnknownModule { file, tensor: any.to_string(), module: module.to_string(), plan_paths });
                 }
                 return Err(AdapterError::OutsidePlan {
                     file,
                     tensor: any.to_string(),
                     module: module.to_string(),
-                    hf_module,
                     plan_targets: layout.targets.clone(),
                 });
             };

@@ -79,7 +79,7 @@ fn bad_adapters_are_refused_with_clear_messages() {
 
     // Hand-made adapters for what the fixtures do not cover.
     let q = lora_pair("model.layers.0.self_attn.q_proj", 8, 64, 64, 1);
-    let synthetic: Vec<(&str, serde_json::Value, Vec<(String, Vec<usize>, Vec<f32>)>)> = vec![
+    let synthetic: Vec<(&str, serde_json::Value, Vec<Tensor>)> = vec![
         ("config: r is a string", serde_json::json!({"r": "8"}), q.to_vec()),
         ("config: bias = all", serde_json::json!({"bias": "all"}), q.to_vec()),
         ("config: fan_in_fan_out", serde_json::json!({"fan_in_fan_out": true}), q.to_vec()),

@@ -48,7 +48,7 @@ fn rank_and_alpha_patterns_give_per_module_rank_and_scale() {
     assert!(matches!(e, AdapterError::RankMismatch { found: 2, config: 4, .. }), "{e}");
 }
 
-fn expert_pairs(layer: u32, experts: &[u32], r: usize) -> Vec<(String, [(String, Vec<usize>, Vec<f32>); 2])> {
+fn expert_pairs(layer: u32, experts: &[u32], r: usize) -> Vec<(String, [Tensor; 2])> {
     let mut out = Vec::new();
     for &e in experts {
         for (m, n_in, n_out) in [("gate_proj", 64, 16), ("up_proj", 64, 16), ("down_proj", 16, 64)] {
@@ -120,5 +120,44 @@ fn shared_outer_takes_only_adapters_whose_shared_factor_is_common() {
     pool.write_slot(0, &adapter).expect("write");
     for (path, pair) in &pairs {
         assert_delta(&plan, &pool, 0, path, pair, 1.0);
+    }
+}
+
+#[test]
+fn vocab_parallel_padding_rows_and_columns_stay_zero() {
+    // vocab 510 over tp 4: each rank holds 128 vocab rows, the last only 126 real ones.
+    let dir = scratch("llama-vocab-510");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tiny("llama").join("config.json")).expect("config")).expect("json");
+    config["vocab_size"] = 510.into();
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&config).expect("json")).expect("write");
+    let opts = lorac_compiler::CompileOptions::new(4, 8, 2, &["embed_tokens", "lm_head"]).expect("options");
+    let plan = lorac_compiler::compile(&dir, &opts).expect("compiles from config alone");
+    let head = lora_pair("lm_head", 8, 64, 510, 11);
+    let embed: Vec<Tensor> = vec![
+        ("base_model.model.model.embed_tokens.lora_embedding_A".into(), vec![8, 510], values(12, 8 * 510)),
+        ("base_model.model.model.embed_tokens.lora_embedding_B".into(), vec![64, 8], values(13, 64 * 8)),
+    ];
+    let tensors: Vec<Tensor> = head.iter().cloned().chain(embed.iter().cloned()).collect();
+    let adapter_dir = write_adapter("vocab-510", serde_json::json!({"r": 8, "lora_alpha": 8}), &tensors);
+    let adapter = LoadedAdapter::load(&adapter_dir, &plan).expect("loads");
+    let mut pool = HostPool::new(&plan).expect("pool");
+    pool.write_slot(1, &adapter).expect("write");
+    assert_delta(&plan, &pool, 1, "lm_head", &head, 1.0);
+    assert_delta(&plan, &pool, 1, "model.embed_tokens", &embed, 1.0);
+    let (lm_head, _, _) = locate(&plan, "lm_head");
+    let (embedding, _, _) = locate(&plan, "model.embed_tokens");
+    assert_eq!(plan.ranks[3].lora_buffers[lm_head].slice_rows, vec![(384, 510)]);
+    assert_eq!(plan.ranks[3].lora_buffers[embedding].input_cols, (384, 510));
+    assert_group_padding_zero(&plan, &pool, 1, lm_head, 0, 8);
+    // The last rank's two padding columns of the embedding's A are zero.
+    let b = &plan.ranks[3].lora_buffers[embedding];
+    let l = &b.layout;
+    let pool3 = decode(pool.rank_bytes(3), plan.lora.dtype);
+    let a_base = b.a_offset as usize / 4 + (l.a_elements() / 2) as usize;
+    for q in 0..8 {
+        let row = a_base + q * l.in_features() as usize;
+        assert_eq!(&pool3[row + 126..row + 128], &[0.0, 0.0], "A row {q}");
+        assert!(pool3[row..row + 126].iter().any(|v| *v != 0.0));
     }
 }

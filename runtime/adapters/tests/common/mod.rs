@@ -9,6 +9,9 @@ use lorac_adapters::HostPool;
 use lorac_compiler::{CompileOptions, compile};
 use lorac_plan::{DType, MoeLoraMode, Plan};
 
+/// A named tensor: (name, shape, f32 values).
+pub type Tensor = (String, Vec<usize>, Vec<f32>);
+
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
 }
@@ -17,6 +20,7 @@ pub fn tiny(model: &str) -> PathBuf {
     repo().join("tests/fixtures/tiny").join(model)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn plan_with(
     model: &str,
     tp: u32,
@@ -241,7 +245,7 @@ pub fn scratch(name: &str) -> PathBuf {
 }
 
 /// Writes a PEFT-style adapter: `config` merged over a plain LoRA config, and f32 tensors.
-pub fn write_adapter(name: &str, config: serde_json::Value, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> PathBuf {
+pub fn write_adapter(name: &str, config: serde_json::Value, tensors: &[Tensor]) -> PathBuf {
     let dir = scratch(name);
     let mut cfg = serde_json::json!({
         "peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_rslora": false, "use_dora": false, "bias": "none",
@@ -265,7 +269,7 @@ pub fn write_adapter(name: &str, config: serde_json::Value, tensors: &[(String, 
 }
 
 /// A LoRA pair for `path` (`[r, n_in]`, `[n_out, r]`) with values from `seed`.
-pub fn lora_pair(path: &str, r: usize, n_in: usize, n_out: usize, seed: u64) -> [(String, Vec<usize>, Vec<f32>); 2] {
+pub fn lora_pair(path: &str, r: usize, n_in: usize, n_out: usize, seed: u64) -> [Tensor; 2] {
     [
         (format!("base_model.model.{path}.lora_A.weight"), vec![r, n_in], values(seed, r * n_in)),
         (format!("base_model.model.{path}.lora_B.weight"), vec![n_out, r], values(seed + 1_000_000, n_out * r)),
@@ -273,7 +277,7 @@ pub fn lora_pair(path: &str, r: usize, n_in: usize, n_out: usize, seed: u64) -> 
 }
 
 /// Asserts ΔW of `path` in the pool equals `scale · B · A` of the given pair (f32 pools).
-pub fn assert_delta(plan: &Plan, pool: &HostPool, slot: usize, path: &str, pair: &[(String, Vec<usize>, Vec<f32>)], scale: f32) {
+pub fn assert_delta(plan: &Plan, pool: &HostPool, slot: usize, path: &str, pair: &[Tensor], scale: f32) {
     let a = (pair[0].1.clone(), pair[0].2.clone());
     let b = (pair[1].1.clone(), pair[1].2.clone());
     let (want, _, n_out, n_in) = expected_delta(&a, &b, scale);
