@@ -12,6 +12,8 @@ use lorac_plan::LoraLayout;
 use crate::batch::{DeviceSegments, Segments};
 use crate::buffer::DeviceBuffer;
 use crate::config::{ExpandConfig, ShrinkConfig};
+use crate::shrink::ShrinkKernel;
+use crate::shrink_mma::{MmaShrinkConfig, TILE};
 use crate::error::{LoraError, Result};
 use crate::pool::AdapterPool;
 use crate::{expand, shrink};
@@ -21,19 +23,23 @@ use crate::{expand, shrink};
 pub struct ChunkedPlan {
     pub chunk: u32,
     pub capacity: usize,
-    pub shrink: ShrinkConfig,
+    pub shrink: ShrinkKernel,
     pub expand: ExpandConfig,
 }
 
 impl ChunkedPlan {
-    pub fn new<R: Runtime>(client: &ComputeClient<R>, layout: &LoraLayout, elem_size: usize, max_tokens: u32, chunk: u32) -> Result<Self> {
+    pub fn new<R: Runtime, F: Float>(client: &ComputeClient<R>, layout: &LoraLayout, max_tokens: u32, chunk: u32) -> Result<Self> {
         if chunk == 0 {
             return Err(LoraError::BadIndptr("chunk size must be positive"));
         }
         // The grid already has a cube per chunk: no further token split.
         let capacity = Segments::chunk_capacity(max_tokens, layout.slots(), chunk);
-        let shrink = ShrinkConfig { token_splits: 1, ..ShrinkConfig::new(client, layout, elem_size, capacity, chunk) };
-        let expand = ExpandConfig { token_splits: 1, ..ExpandConfig::new(client, layout, elem_size, capacity, chunk) };
+        // Tensor cores where the storage type has them and chunks hold whole 16-token tiles.
+        let shrink = match MmaShrinkConfig::supported::<R, F>(client, layout) {
+            Some(config) if chunk % TILE == 0 => ShrinkKernel::Mma { config, tiles_per_segment: chunk / TILE },
+            _ => ShrinkKernel::Scalar(ShrinkConfig { token_splits: 1, ..ShrinkConfig::new(client, layout, size_of::<F>(), capacity, chunk) }),
+        };
+        let expand = ExpandConfig { token_splits: 1, ..ExpandConfig::new(client, layout, size_of::<F>(), capacity, chunk) };
         Ok(ChunkedPlan { chunk, capacity, shrink, expand })
     }
 

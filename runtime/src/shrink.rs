@@ -13,6 +13,7 @@ use crate::buffer::DeviceBuffer;
 use crate::config::ShrinkConfig;
 use crate::error::{LoraError, Result};
 use crate::pool::AdapterPool;
+use crate::shrink_mma::{MmaShrinkConfig, TILE, shrink_mma_kernel};
 
 /// Dot products of `rows` consecutive A rows (starting at vector index `a_base`, row stride
 /// `k_vecs`) with `tokens` x rows (vector offsets `x_off`), reduced over the cube's threads.
@@ -177,6 +178,26 @@ fn shrink_kernel<F: Float, N: Size>(
     }
 }
 
+/// Which shrink kernel a launch uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShrinkKernel {
+    /// CUDA-core kernel: any dtype, any shape; best for decode.
+    Scalar(ShrinkConfig),
+    /// Tensor-core kernel for long segments. `tiles_per_segment` fixes the grid (chunked
+    /// launches); 0 sizes it from the batch's longest segment.
+    Mma { config: MmaShrinkConfig, tiles_per_segment: u32 },
+}
+
+impl ShrinkKernel {
+    /// The tensor-core kernel where it applies and the batch fills the GPU, else the scalar one.
+    pub fn choose<R: Runtime, F: Float>(client: &ComputeClient<R>, layout: &LoraLayout, num_segments: usize, max_segment_len: u32) -> Self {
+        match MmaShrinkConfig::for_batch::<R, F>(client, layout, num_segments, max_segment_len) {
+            Some(config) => ShrinkKernel::Mma { config, tiles_per_segment: 0 },
+            None => ShrinkKernel::Scalar(ShrinkConfig::new(client, layout, size_of::<F>(), num_segments, max_segment_len)),
+        }
+    }
+}
+
 /// Launches the segmented shrink: `x` is `[tokens, in]`, `out` is the f32 intermediate
 /// `[tokens, groups·R]` (only `j < rank` entries of tokens with an adapter are written).
 pub fn launch_shrink<R: Runtime, F: Float + CubeElement>(
@@ -186,39 +207,71 @@ pub fn launch_shrink<R: Runtime, F: Float + CubeElement>(
     segs: &DeviceSegments,
     x: &DeviceBuffer<F>,
     out: &mut DeviceBuffer<f32>,
-    config: Option<ShrinkConfig>,
+    kernel: Option<ShrinkKernel>,
 ) -> Result<()> {
     pool.check_layout(layout)?;
     if layout.experts().is_some() {
         return Err(LoraError::Layout("expert layouts go through the MoE kernels".into()));
     }
-    let cfg = config.unwrap_or_else(|| ShrinkConfig::new(client, layout, size_of::<F>(), segs.num_segments, segs.max_segment_len));
-    check_shrink_config(layout, &cfg)?;
+    let kernel = kernel.unwrap_or_else(|| ShrinkKernel::choose::<R, F>(client, layout, segs.num_segments, segs.max_segment_len));
     let tokens = segs.tokens as usize;
     let k = layout.in_features();
     x.check_len("x", tokens * k as usize)?;
     out.check_len("a (shrink output)", tokens * (layout.groups() * layout.max_rank()) as usize)?;
+    match kernel {
+        ShrinkKernel::Scalar(cfg) => check_shrink_config(layout, &cfg)?,
+        ShrinkKernel::Mma { config, .. } => {
+            if MmaShrinkConfig::supported::<R, F>(client, layout) != Some(config) {
+                return Err(LoraError::Layout(format!("tensor-core shrink config {config:?} does not fit the layout or device")));
+            }
+        }
+    }
     if segs.num_segments == 0 || tokens == 0 {
         return Ok(());
     }
-    let n = cfg.vector as usize;
-    let row_blocks = layout.groups() * layout.max_rank() / cfg.rows_per_cube;
-    unsafe {
-        shrink_kernel::launch_unchecked::<F, R>(
-            client,
-            CubeCount::Static(row_blocks, segs.num_segments as u32, cfg.token_splits),
-            CubeDim::new_1d(cfg.threads),
-            n,
-            x.arg(n),
-            pool.a.arg(n),
-            segs.seg_indptr.arg(1),
-            segs.weight_indices.arg(1),
-            segs.token_perm.arg(1),
-            pool.ranks.arg(1),
-            out.arg(1),
-            k / n as u32,
-            cfg,
-        );
+    match kernel {
+        ShrinkKernel::Scalar(cfg) => {
+            let n = cfg.vector as usize;
+            let row_blocks = layout.groups() * layout.max_rank() / cfg.rows_per_cube;
+            unsafe {
+                shrink_kernel::launch_unchecked::<F, R>(
+                    client,
+                    CubeCount::Static(row_blocks, segs.num_segments as u32, cfg.token_splits),
+                    CubeDim::new_1d(cfg.threads),
+                    n,
+                    x.arg(n),
+                    pool.a.arg(n),
+                    segs.seg_indptr.arg(1),
+                    segs.weight_indices.arg(1),
+                    segs.token_perm.arg(1),
+                    pool.ranks.arg(1),
+                    out.arg(1),
+                    k / n as u32,
+                    cfg,
+                );
+            }
+        }
+        ShrinkKernel::Mma { config, tiles_per_segment } => {
+            let tiles = if tiles_per_segment > 0 { tiles_per_segment } else { segs.max_segment_len.div_ceil(TILE) };
+            let n = config.vector as usize;
+            unsafe {
+                shrink_mma_kernel::launch_unchecked::<F, R>(
+                    client,
+                    CubeCount::Static(tiles.max(1), segs.num_segments as u32, 1),
+                    CubeDim::new_2d(32, config.warps()),
+                    n,
+                    x.arg(n),
+                    pool.a.arg(1),
+                    segs.seg_indptr.arg(1),
+                    segs.weight_indices.arg(1),
+                    segs.token_perm.arg(1),
+                    pool.ranks.arg(1),
+                    out.arg(1),
+                    k,
+                    config,
+                );
+            }
+        }
     }
     Ok(())
 }

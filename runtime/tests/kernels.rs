@@ -13,7 +13,8 @@ use lorac_runtime::chunked::ChunkedPlan;
 use lorac_runtime::embedding::{launch_embedding, reference_embedding};
 use lorac_runtime::expand::{launch_expand, reference_expand};
 use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT, launch_moe_expand, launch_moe_shrink, reference_moe};
-use lorac_runtime::shrink::{launch_shrink, reference_shrink};
+use lorac_runtime::shrink::{ShrinkKernel, launch_shrink, reference_shrink};
+use lorac_runtime::shrink_mma::MmaShrinkConfig;
 use lorac_runtime::testing::{Rng, StorageElem, relative_error};
 use lorac_runtime::{AdapterPool, DeviceBuffer, LoraError, NO_SLOT, Segments};
 
@@ -207,6 +208,43 @@ pub fn segmented_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     }
 }
 
+/// Prefill-sized segments through the tensor-core shrink where the device and storage type
+/// have one (CUDA bf16), else through the automatic choice; ranks include 0, partial
+/// 16-row fragments and full rank.
+pub fn prefill_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
+    for seed in 0..CASES / 2 {
+        let rng = &mut Rng::new(600 + seed);
+        let (groups, slices, family) = random_slices(rng);
+        let layout = LoraLayout::new(nz(rng.range(1, 4)), nz(rng.pick(&[16, 32])), rng.pick(&[16, 48, 256, 320]), groups, slices, None).unwrap();
+        let what = format!("prefill shrink {family} seed {seed} {layout:?}");
+        let mut ranks: Vec<u32> = (0..layout.slots()).map(|_| rng.pick(&[0, 5, 16, 17, layout.max_rank()]).min(layout.max_rank())).collect();
+        ranks[0] = layout.max_rank();
+        let scales = vec![1.0; layout.slots() as usize];
+        let pool_data = random_pool::<F>(rng, &layout, &ranks);
+        let pool = upload_pool(client, &layout, &pool_data, &ranks, &scales);
+        let tokens = rng.pick(&[40, 130, 200]);
+        let segs = random_segments(rng, tokens, layout.slots());
+        let kernel = MmaShrinkConfig::supported::<R, F>(client, &layout).map(|config| ShrinkKernel::Mma { config, tiles_per_segment: 0 });
+        let (x, x64) = rng.tensor::<F>((tokens * layout.in_features()) as usize, 1.0);
+        let c_r = (layout.groups() * layout.max_rank()) as usize;
+        let mut out = DeviceBuffer::upload(client, &vec![f32::NAN; tokens as usize * c_r]);
+        launch_shrink(client, &layout, &pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut out, kernel).unwrap();
+        let got = out.read(client);
+        let mut reference = vec![f64::NAN; got.len()];
+        reference_shrink(&layout, &ranks, &segs, &x64, &pool_data.a64, &mut reference);
+        let (mut outs, mut refs) = (Vec::new(), Vec::new());
+        for (i, (&g, &r)) in got.iter().zip(&reference).enumerate() {
+            if r.is_nan() {
+                assert!(g.is_nan(), "{what}: intermediate {i} (no adapter / past the rank) was written");
+            } else {
+                outs.push(g as f64);
+                refs.push(r);
+            }
+        }
+        check_close(&what, &outs, &refs, F::TOLERANCE);
+    }
+}
+
 /// Random intermediate for the expand tests, NaN past each token's rank (never to be read).
 fn random_intermediate(rng: &mut Rng, layout: &LoraLayout, slot_ranks: &[Option<(u32, u32)>]) -> (Vec<f32>, Vec<f64>) {
     let (big_r, c) = (layout.max_rank() as usize, layout.groups() as usize);
@@ -258,7 +296,7 @@ pub fn chunked_prefill<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let pool_data = random_pool::<F>(rng, &layout, &ranks);
         let pool = upload_pool(client, &layout, &pool_data, &ranks, &scales);
         let tokens = rng.pick(&[1, 60, 150]);
-        let plan = ChunkedPlan::new(client, &layout, size_of::<F>(), 160, chunk).unwrap();
+        let plan = ChunkedPlan::new::<R, F>(client, &layout, 160, chunk).unwrap();
         let segs = random_segments(rng, tokens, layout.slots());
         let chunks = plan.prepare(&segs).unwrap();
         assert_eq!(chunks.num_segments(), plan.capacity);
@@ -406,7 +444,7 @@ pub fn rejects_bad_input<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) 
     let other = LoraLayout::new(nz(2), nz(4), 16, 1, vec![slice("o", 8, 0)], None).unwrap();
     let x = DeviceBuffer::upload(client, &vec![F::round_from(1.0); 48]);
     assert!(matches!(launch_shrink(client, &other, &pool, &dev, &x, &mut out, None), Err(LoraError::Layout(_))));
-    let plan = ChunkedPlan::new(client, &layout, size_of::<F>(), 2, 1).unwrap();
+    let plan = ChunkedPlan::new::<R, F>(client, &layout, 2, 1).unwrap();
     assert!(matches!(plan.prepare(&Segments::from_token_slots(&[Some(0); 8], 2).unwrap()), Err(LoraError::CapacityExceeded { .. })));
     assert_eq!(MoeRouting::new(client, 1, 2, 4, &[1, 4], &[0.5, 0.5]).unwrap_err(), LoraError::ExpertOutOfRange { expert: 4, experts: 4 });
 }
@@ -422,6 +460,10 @@ macro_rules! stamp_kernel_tests {
             #[test]
             fn segmented_shrink() {
                 super::segmented_shrink::<Rt, E>(&client());
+            }
+            #[test]
+            fn prefill_shrink() {
+                super::prefill_shrink::<Rt, E>(&client());
             }
             #[test]
             fn segmented_expand() {

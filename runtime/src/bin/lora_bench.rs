@@ -234,7 +234,7 @@ fn dense_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts
     let case = format!("{} R={rank} T={tokens} adapters={adapters}", m.name);
     let mut rows = vec![time_dense(client, opts, &layout, &dev, &mut data, iters, case.clone(), "segmented", None, shrink_bytes, expand_bytes)];
     if tokens >= 256 {
-        let plan = ChunkedPlan::new(client, &layout, size_of::<E>(), tokens, 64).unwrap();
+        let plan = ChunkedPlan::new::<R, E>(client, &layout, tokens, 64).unwrap();
         let chunks = plan.prepare(&segs).unwrap().upload(client);
         rows.push(time_dense(client, opts, &layout, &chunks, &mut data, iters, case, "chunked64", Some(&plan), shrink_bytes, expand_bytes));
     }
