@@ -20,6 +20,7 @@ pub mod moe;
 pub mod ops;
 pub mod pool;
 pub mod shrink;
+pub mod shrink_mma;
 pub mod testing;
 
 pub use batch::{DeviceSegments, NO_SLOT, Segments};
