@@ -199,6 +199,9 @@ impl LoadedAdapter {
         for name in &names {
             let (module, side, embedding) = classify(name).map_err(|reason| unexpected(name, reason))?;
             let pair = pairs.entry(module).or_default();
+            if (pair.a.is_some() || pair.b.is_some()) && pair.embedding != embedding {
+                return Err(unexpected(name, format!("mixes `lora_A/B.weight` and `lora_embedding_A/B` names for module `{module}`")));
+            }
             pair.embedding = embedding;
             match side {
                 Side::A => pair.a = Some(name),

@@ -110,8 +110,10 @@ impl HostPool {
         Ok(())
     }
 
-    /// Byte ranges of `slot`'s A and B regions in every buffer of rank `rank`.
-    fn slot_regions(&self, rank: usize, slot: usize) -> Vec<(usize, usize)> {
+    /// Byte ranges `(start, end)` of `slot`'s A and B regions in every buffer of rank
+    /// `rank`: what a device upload after [`HostPool::write_slot`] / [`HostPool::clear_slot`]
+    /// needs to copy (nothing outside them changes).
+    pub fn slot_regions(&self, rank: usize, slot: usize) -> Vec<(usize, usize)> {
         let size = self.layout.dtype.size_bytes();
         let slots = u64::from(self.layout.slots);
         self.layout.ranks[rank]

@@ -166,6 +166,13 @@ fn write_and_clear_touch_exactly_one_slot() {
     }
     assert!(pool.slot(0).is_none());
     assert_eq!(pool.free_slot(), Some(0));
+    // The regions the pool reports for a slot are exactly the bytes the plan gives it.
+    for (k, owner) in owners.iter().enumerate() {
+        let mut mine: Vec<usize> = pool.slot_regions(k, 2).into_iter().flat_map(|(s, e)| s..e).collect();
+        mine.sort_unstable();
+        let expected: Vec<usize> = owner.iter().enumerate().filter(|(_, o)| **o == Some(2)).map(|(at, _)| at).collect();
+        assert_eq!(mine, expected);
+    }
     assert_eq!(pool.clear_slot(0).expect("clear again"), None);
 
     // The freed slot takes the same adapter again, and the others still check out.
