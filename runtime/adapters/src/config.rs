@@ -135,7 +135,9 @@ impl AdapterConfig {
                 "fully trained replacement modules (only LoRA deltas can share the base weights)",
             ));
         }
-        if let Some(tokens) = obj.get("trainable_token_indices").filter(|v| !v.is_null() && *v != &Value::Object(Map::new())) {
+        if let Some(tokens) =
+            obj.get("trainable_token_indices").filter(|v| !v.is_null() && *v != &Value::Object(Map::new()) && *v != &Value::Array(vec![]))
+        {
             return Err(unsupported(
                 f,
                 "trainable_token_indices",
