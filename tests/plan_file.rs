@@ -5,9 +5,13 @@ mod common;
 use lorac_compiler::{CompileOptions, compile};
 use lorac_plan::{FORMAT_VERSION, decode, encode};
 
+/// The plan records where it was compiled from; pin that so byte counts in the snapshot do not
+/// depend on where the repository is checked out.
 fn deepseek_plan() -> lorac_plan::Plan {
     let opts = CompileOptions::new(8, 16, 8, &["all"]).unwrap();
-    compile(&common::configs().join("deepseek-ai__DeepSeek-V3.json"), &opts).unwrap()
+    let mut plan = compile(&common::configs().join("deepseek-ai__DeepSeek-V3.json"), &opts).unwrap();
+    plan.source.model_dir = "models/configs".into();
+    plan
 }
 
 /// Rewrites the checksum so a payload edit reaches the decoder.
