@@ -56,6 +56,18 @@ pub fn matmul<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         launch_matmul(client, &DeviceBuffer::upload(client, &x), &DeviceBuffer::upload(client, &w), &mut y, m, n, k, config).unwrap();
         check_close(&what, &to_f64(&y.read(client)), &reference_matmul(&x64, &w64, m, n, k), F::TOLERANCE);
     }
+    // Every decode size through the GEMV path (config None, m ≤ 8), vectorised and not.
+    for m in 1..=8usize {
+        let rng = &mut Rng::new(1100 + m as u64);
+        let n = rng.range(1, 100) as usize;
+        let k = rng.pick(&[4, 8, 100, 257, 512]) as usize;
+        let what = format!("gemv m {m} n {n} k {k}");
+        let (x, x64) = rng.tensor::<F>(m * k, 1.0);
+        let (w, w64) = rng.tensor::<F>(n * k, 1.0);
+        let mut y = nan_buffer::<R, F>(client, m * n);
+        launch_matmul(client, &DeviceBuffer::upload(client, &x), &DeviceBuffer::upload(client, &w), &mut y, m, n, k, None).unwrap();
+        check_close(&what, &to_f64(&y.read(client)), &reference_matmul(&x64, &w64, m, n, k), F::TOLERANCE);
+    }
 }
 
 pub fn rms_norm<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {

@@ -7,12 +7,16 @@
 //! and columns strided by the thread grid (conflict-free shared reads, coalesced stores). Tiles
 //! past M, N or K are zero-filled, so any shape works.
 //!
-//! Not tuned: no vector loads, no tensor cores, no split-K for decode. cubek-matmul 0.2 (built
-//! on cubecl 0.10.0) is the candidate for the fast path; this kernel is the correct baseline.
+//! Decode-sized M (≤ 8 rows) goes to a GEMV kernel instead: one cube per `rows` W rows, its
+//! threads splitting K with vector loads (each W row is read contiguously, once), the
+//! `rows × M` partial sums tree-reduced in shared memory; the grid spreads over N.
+//!
+//! Not tuned: no tensor cores, no double buffering. cubek-matmul 0.2 (built on cubecl 0.10.0)
+//! is the candidate for the fast path; these kernels are the correct baseline.
 
 use cubecl::prelude::*;
 
-use super::{OpError, OpResult, check_dims, check_len};
+use super::{OpError, OpResult, check_dims, check_len, linear_cube};
 use crate::buffer::DeviceBuffer;
 
 /// Tile shape of the matmul kernel (its comptime specialisation).
@@ -149,8 +153,127 @@ fn matmul_kernel<F: Float>(x: &Array<F>, w: &Array<F>, y: &mut Array<F>, m: u32,
     }
 }
 
+/// Comptime shape of the GEMV kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GemvConfig {
+    /// x rows (= M, 1..=8).
+    pub tokens: u32,
+    /// W rows per cube.
+    pub rows: u32,
+    /// Threads splitting K (a power of two).
+    pub threads: u32,
+}
+
+/// Largest M the GEMV path takes.
+pub const GEMV_MAX_M: usize = 8;
+
+#[cube(launch_unchecked)]
+fn gemv_kernel<F: Float, N: Size>(x: &Array<Vector<F, N>>, w: &Array<Vector<F, N>>, y: &mut Array<F>, n: u32, k_vecs: u32, #[comptime] cfg: GemvConfig) {
+    let tokens = comptime!(cfg.tokens as usize);
+    let rows = comptime!(cfg.rows as usize);
+    let threads = comptime!(cfg.threads as usize);
+    let values = comptime!((cfg.tokens * cfg.rows) as usize);
+    let n = n as usize;
+    let k_vecs = k_vecs as usize;
+    let tid = UNIT_POS as usize;
+    let row0 = linear_cube() * rows;
+    if row0 >= n {
+        terminate!();
+    }
+    let mut acc = Array::<f32>::new(values);
+    #[unroll]
+    for v in 0..values {
+        acc[v] = 0.0f32;
+    }
+    let mut xs = Array::<Vector<f32, N>>::new(tokens);
+    let mut kv = tid;
+    while kv < k_vecs {
+        #[unroll]
+        for i in 0..tokens {
+            xs[i] = Vector::<f32, N>::cast_from(x[i * k_vecs + kv]);
+        }
+        #[unroll]
+        for r in 0..rows {
+            // Rows past N repeat the last row: loads stay in bounds, their sums are dropped.
+            let row = min(row0 + r, n - 1);
+            let wv = Vector::<f32, N>::cast_from(w[row * k_vecs + kv]);
+            #[unroll]
+            for i in 0..tokens {
+                let prod = wv * xs[i];
+                let mut s = 0.0f32;
+                #[unroll]
+                for l in 0..N::value() {
+                    s += prod[l];
+                }
+                acc[r * tokens + i] += s;
+            }
+        }
+        kv += threads;
+    }
+    let mut partials = SharedMemory::<f32>::new(comptime!(values * threads));
+    #[unroll]
+    for v in 0..values {
+        partials[v * threads + tid] = acc[v];
+    }
+    sync_cube();
+    let mut stride = comptime!(threads / 2).runtime();
+    while stride > 0 {
+        if tid < stride {
+            #[unroll]
+            for v in 0..values {
+                partials[v * threads + tid] = partials[v * threads + tid] + partials[v * threads + tid + stride];
+            }
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    if tid < values {
+        let r = tid / tokens;
+        let i = tid % tokens;
+        if row0 + r < n {
+            y[i * n + row0 + r] = F::cast_from(partials[tid * threads]);
+        }
+    }
+}
+
+fn launch_gemv<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    x: &DeviceBuffer<F>,
+    w: &DeviceBuffer<F>,
+    y: &mut DeviceBuffer<F>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> OpResult<()> {
+    let vec = client.io_optimized_vector_sizes(size_of::<F>()).filter(|v| k % v == 0).max().unwrap_or(1).min(8);
+    // rows · tokens sums per thread, at most 32 (registers, and 16 KiB of shared partials).
+    let rows = (32 / m).clamp(1, 8);
+    let threads = super::threads_for((k / vec).div_ceil(2), 32, 128);
+    let cfg = GemvConfig { tokens: m as u32, rows: rows as u32, threads };
+    let cubes = n.div_ceil(rows);
+    if cubes.div_ceil(super::MAX_GRID) > super::MAX_GRID {
+        return Err(OpError::Shape(format!("matmul over {n} output features exceeds the grid")));
+    }
+    unsafe {
+        gemv_kernel::launch_unchecked::<F, R>(
+            client,
+            super::grid_1d(cubes),
+            CubeDim::new_1d(threads),
+            vec,
+            x.arg(vec),
+            w.arg(vec),
+            y.arg(1),
+            n as u32,
+            (k / vec) as u32,
+            cfg,
+        );
+    }
+    Ok(())
+}
+
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`. `x`, `w`, `y` are contiguous row-major; `y` is overwritten.
-/// `config` overrides the tile choice of [`MatmulConfig::new`].
+/// `config: None` picks the GEMV kernel for `m ≤ GEMV_MAX_M` (and `k > 0`) and the tiled kernel
+/// with [`MatmulConfig::new`] otherwise; `Some(config)` forces the tiled kernel with that tile.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_matmul<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
@@ -168,11 +291,14 @@ pub fn launch_matmul<R: Runtime, F: Float + CubeElement>(
     check_len(x, "x", m * k)?;
     check_len(w, "w", n * k)?;
     check_len(y, "y", m * n)?;
-    let cfg = config.unwrap_or_else(|| MatmulConfig::new(m));
-    cfg.check()?;
     if m == 0 || n == 0 {
         return Ok(());
     }
+    if config.is_none() && m <= GEMV_MAX_M && k > 0 {
+        return launch_gemv(client, x, w, y, m, n, k);
+    }
+    let cfg = config.unwrap_or_else(|| MatmulConfig::new(m));
+    cfg.check()?;
     let (gx, gy) = (n.div_ceil(cfg.block_n as usize), m.div_ceil(cfg.block_m as usize));
     if gx > super::MAX_GRID || gy > super::MAX_GRID {
         return Err(OpError::Shape(format!("matmul grid {gx}×{gy} exceeds the device limit")));
