@@ -113,8 +113,9 @@ impl ExpandConfig {
         let threads = EXPAND_THREADS;
         let blocks: u32 = widths.iter().map(|w| w.div_ceil(threads * out_vector)).sum();
         let tiles = max_segment_len.div_ceil(tokens_per_tile).max(1);
-        // Split a segment's tiles over cubes until the grid has two cubes per multiprocessor.
-        let target = 2 * multiprocessors(client);
+        // Split a segment's tiles over cubes until the grid has eight cubes per multiprocessor:
+        // the expand streams y, so it wants many loads in flight.
+        let target = 8 * multiprocessors(client);
         let token_splits = target.div_ceil(blocks * num_segments.max(1) as u32).clamp(1, tiles).min(65535 / num_segments.max(1) as u32).max(1);
         ExpandConfig { groups: layout.groups(), max_rank: layout.max_rank(), tokens_per_tile, token_splits, threads, out_vector, rank_vector }
     }

@@ -96,6 +96,10 @@ pub struct MoeConfig {
     pub plane_size: u32,
     /// Vector width of the shrink's x and A loads.
     pub vector: u32,
+    /// Vector width of the expand's B loads along the rank (set at launch).
+    pub rank_vector: u32,
+    /// Experts per token (set at launch; sizes the expand's staging of router-weighted pairs).
+    pub topk: u32,
 }
 
 impl MoeConfig {
@@ -112,6 +116,8 @@ impl MoeConfig {
             threads,
             plane_size,
             vector,
+            rank_vector: 1,
+            topk: 1,
             per_pair_input: input == MoeInput::PerPair,
             router_weighted: output == MoeOutput::RouterWeighted,
             shared_a: e.a.get() == 1,
@@ -214,67 +220,90 @@ fn moe_expand_kernel<F: Float, NY: Size, NB: Size>(
         pairs = topk;
     }
     let slot = token_slots[t];
-    if col >= width || slot == NO_SLOT {
+    if slot == NO_SLOT {
         terminate!();
     }
     let rank = ranks[slot as usize] as usize;
     if rank == 0 {
         terminate!();
     }
+    let active = col < width;
     let out_features = out_features as usize;
     let b_vecs = max_rank / nb;
-    let mut acc = Array::<f32>::new(NY::value());
-    #[unroll]
-    for v in 0..ny {
-        acc[v] = 0.0f32;
-    }
-    for kk in 0..pairs {
+    let rank_vecs = rank.div_ceil(nb);
+
+    // The cube's pairs' intermediates, router-weighted and zero past the rank (never written
+    // there), staged once as rank vectors for all of the cube's threads.
+    let rv = comptime!((cfg.max_rank / cfg.rank_vector) as usize);
+    let nbc = comptime!(cfg.rank_vector as usize);
+    let kmax = comptime!(if cfg.router_weighted { cfg.topk as usize } else { 1 });
+    let mut a_tile = SharedMemory::<Vector<f32, NB>>::new(comptime!(kmax * rv));
+    let mut idx = UNIT_POS as usize;
+    while idx < comptime!(kmax * rv) {
+        let kk = idx / rv;
+        let jv = idx % rv;
         let mut pair = row;
         let mut w = 1.0f32;
         if comptime!(cfg.router_weighted) {
             pair = row * topk + kk;
             w = router_weights[pair];
         }
-        let expert = expert_ids[pair];
-        if expert != NO_EXPERT {
-            let mut e_b = expert as usize;
-            if comptime!(cfg.shared_b) {
-                e_b = 0;
-            }
-            let b_row0 = ((slot as usize * experts_b as usize + e_b) * out_features + offset + col) * b_vecs;
-            let a_row = pair * c_r + group * max_rank;
-            for jv in 0..rank.div_ceil(nb) {
-                // The intermediate past the rank was never written: mask it, do not read it.
-                let mut av = Vector::<f32, NB>::new(0.0f32);
-                #[unroll]
-                for l in 0..nb {
-                    let j = jv * nb + l;
-                    if j < rank {
-                        av[l] = a[a_row + j] * w;
-                    }
-                }
-                #[unroll]
-                for v in 0..ny {
-                    let bv = Vector::<f32, NB>::cast_from(b_pool[b_row0 + v * b_vecs + jv]);
-                    let prod = av * bv;
-                    let mut s = 0.0f32;
-                    #[unroll]
-                    for l in 0..nb {
-                        s += prod[l];
-                    }
-                    acc[v] += s;
+        let mut v = Vector::<f32, NB>::new(0.0f32);
+        if expert_ids[pair] != NO_EXPERT {
+            #[unroll]
+            for l in 0..nbc {
+                let j = jv * nbc + l;
+                if j < rank {
+                    v[l] = a[pair * c_r + group * max_rank + j] * w;
                 }
             }
         }
+        a_tile[idx] = v;
+        idx += threads;
     }
-    let scale = scales[slot as usize];
-    let yi = row * (out_features / ny) + (offset + col) / ny;
-    let mut yv = Vector::<f32, NY>::cast_from(y[yi]);
-    #[unroll]
-    for v in 0..ny {
-        yv[v] += scale * acc[v];
+    sync_cube();
+    if active {
+        let mut acc = Array::<f32>::new(NY::value());
+        #[unroll]
+        for v in 0..ny {
+            acc[v] = 0.0f32;
+        }
+        for kk in 0..pairs {
+            let mut pair = row;
+            if comptime!(cfg.router_weighted) {
+                pair = row * topk + kk;
+            }
+            let expert = expert_ids[pair];
+            if expert != NO_EXPERT {
+                let mut e_b = expert as usize;
+                if comptime!(cfg.shared_b) {
+                    e_b = 0;
+                }
+                let b_row0 = ((slot as usize * experts_b as usize + e_b) * out_features + offset + col) * b_vecs;
+                for jv in 0..rank_vecs {
+                    let av = a_tile[kk * rv + jv];
+                    #[unroll]
+                    for v in 0..ny {
+                        let prod = av * Vector::<f32, NB>::cast_from(b_pool[b_row0 + v * b_vecs + jv]);
+                        let mut s = 0.0f32;
+                        #[unroll]
+                        for l in 0..nb {
+                            s += prod[l];
+                        }
+                        acc[v] += s;
+                    }
+                }
+            }
+        }
+        let scale = scales[slot as usize];
+        let yi = row * (out_features / ny) + (offset + col) / ny;
+        let mut yv = Vector::<f32, NY>::cast_from(y[yi]);
+        #[unroll]
+        for v in 0..ny {
+            yv[v] += scale * acc[v];
+        }
+        y[yi] = Vector::<F, NY>::cast_from(yv);
     }
-    y[yi] = Vector::<F, NY>::cast_from(yv);
 }
 
 fn check_experts(layout: &LoraLayout, routing: &MoeRouting) -> Result<(u32, u32)> {
@@ -366,6 +395,7 @@ pub fn launch_moe_expand<R: Runtime, F: Float + CubeElement>(
         return Ok(());
     }
     let (ny, nb, blocks) = expand_geometry(client, layout, size_of::<F>(), cfg.threads);
+    let cfg = MoeConfig { rank_vector: nb as u32, topk: routing.topk, ..cfg };
     unsafe {
         moe_expand_kernel::launch_unchecked::<F, R>(
             client,

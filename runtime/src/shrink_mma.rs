@@ -98,29 +98,58 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     let k_elems = k as usize;
     let k_vecs = k_elems / nv;
 
+    // Rows of the staged x tile are padded by 8 elements: with a stride of exactly `kc` every
+    // row would start in the same shared-memory bank and the fragment loads would serialise.
+    let stride = comptime!(kc + 8);
     // wmma loads and stores need 256-bit aligned shared-memory tiles.
-    let mut x_tile = SharedMemory::<F>::new_aligned(comptime!(tile * kc), 128usize);
+    let mut x_tile = SharedMemory::<F>::new_aligned(comptime!(tile * (kc + 8)), 128usize);
     let mut c_tile = SharedMemory::<f32>::new_aligned(comptime!(warps * tile * tile), 128usize);
     let acc = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0);
     let a_base = (slot as usize * c_r + row0) * k_elems;
     let a_len = a_pool.len();
 
+    // Each thread stages the same `per_thread` vectors of every chunk; the next chunk's are
+    // loaded into registers before the current chunk's MMAs, hiding their latency.
+    let per_thread = comptime!((tile * kc_vecs).div_ceil(threads));
+    let mut staged = Array::<Vector<F, N>>::new(per_thread);
+    let mut x_rows = Array::<usize>::new(per_thread);
+    #[unroll]
+    for s in 0..per_thread {
+        let v = tid + s * threads;
+        let i = min(v / kc_vecs, comptime!(tile - 1));
+        let p = min(p0 + i, end - 1);
+        x_rows[s] = token_perm[p] as usize * k_vecs + v % kc_vecs;
+        if v < comptime!(tile * kc_vecs) {
+            staged[s] = x[x_rows[s]];
+        }
+    }
+
     let mut k0 = 0usize.runtime();
     while k0 < k_elems {
-        // Stage x[tile tokens, k0..k0+kc]; rows past the segment repeat its last token.
-        let mut v = tid;
-        while v < comptime!(tile * kc_vecs) {
-            let i = v / kc_vecs;
-            let cv = v % kc_vecs;
-            let p = min(p0 + i, end - 1);
-            let xv = x[token_perm[p] as usize * k_vecs + k0 / nv + cv];
-            #[unroll]
-            for l in 0..nv {
-                x_tile[i * kc + cv * nv + l] = xv[l];
+        #[unroll]
+        for s in 0..per_thread {
+            let v = tid + s * threads;
+            if v < comptime!(tile * kc_vecs) {
+                let i = v / kc_vecs;
+                let cv = v % kc_vecs;
+                let xv = staged[s];
+                #[unroll]
+                for l in 0..nv {
+                    x_tile[i * stride + cv * nv + l] = xv[l];
+                }
             }
-            v += threads;
         }
         sync_cube();
+        let next = k0 + kc;
+        if next < k_elems {
+            #[unroll]
+            for s in 0..per_thread {
+                let v = tid + s * threads;
+                if v < comptime!(tile * kc_vecs) {
+                    staged[s] = x[x_rows[s] + next / nv];
+                }
+            }
+        }
         if active {
             #[unroll]
             for kk in 0..comptime!(kc / 16) {
@@ -130,8 +159,8 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
                     16usize,
                     16usize,
                     cmma::MatrixLayout::RowMajor,
-                    &x_tile.slice(kk * 16, comptime!(tile * kc)),
-                    comptime!(kc as u32),
+                    &x_tile.slice(kk * 16, comptime!(tile * (kc + 8))),
+                    comptime!((kc + 8) as u32),
                 );
                 // B(k, n) = A[row0 + n, k0 + k]: A's rows are B's columns.
                 let wa = cmma::Matrix::<F>::from_slice(
@@ -147,7 +176,7 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
             }
         }
         sync_cube();
-        k0 += kc;
+        k0 = next;
     }
     if active {
         cmma::store(&mut c_tile.slice_mut(warp * 256, warp * 256 + 256), &acc, 16, cmma::MatrixLayout::RowMajor);
