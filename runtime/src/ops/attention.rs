@@ -15,7 +15,8 @@
 //! history, in one launch.
 //!
 //! Kernel B: one cube per (token, q head), flash-decoding style. Keys go in blocks of `threads`:
-//! each thread scores one key (q staged in shared memory, f32 dot over d), the block's scores
+//! each thread scores one key (q staged in shared memory, f32 dot over d with vector loads of
+//! the key row), the block's scores
 //! update a running max / denominator (online softmax, f32), and each thread accumulates its
 //! own output dimensions over the block's values. Pages past `num_pages` or positions past the
 //! block table's capacity are skipped rather than read, so malformed metadata cannot read out
@@ -265,13 +266,15 @@ pub struct AttentionConfig {
     pub page_size: u32,
     /// Keys per block = threads per cube (a power of two).
     pub threads: u32,
+    /// Vector width of the key loads (divides `head_dim`).
+    pub k_vector: u32,
 }
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn attention_kernel<F: Float>(
+fn attention_kernel<F: Float, N: Size>(
     q: &Array<F>,
-    k_cache: &Array<F>,
+    k_cache: &Array<Vector<F, N>>,
     v_cache: &Array<F>,
     token_seq: &Array<u32>,
     positions: &Array<i32>,
@@ -338,10 +341,15 @@ fn attention_kernel<F: Float>(
             let page = block_tables[table_base + j / page_size];
             if page < num_pages {
                 slot = page * comptime!(cfg.page_size) + (j % page_size) as u32;
-                let k_base = (slot as usize * hkv + kvh) * d;
+                // The key row in vectors of N (one thread reads a whole row).
+                let k_base = (slot as usize * hkv + kvh) * d / N::value();
                 let mut dot = 0.0f32;
-                for c in 0..d {
-                    dot += q_s[c] * f32::cast_from(k_cache[k_base + c]);
+                for c in 0..comptime!(cfg.head_dim as usize / cfg.k_vector as usize) {
+                    let kv = Vector::<f32, N>::cast_from(k_cache[k_base + c]);
+                    #[unroll]
+                    for l in 0..N::value() {
+                        dot += q_s[c * N::value() + l] * kv[l];
+                    }
                 }
                 s = dot * scale;
             }
@@ -436,14 +444,16 @@ pub fn launch_attention<R: Runtime, F: Float + CubeElement>(
         return Ok(());
     }
     let num_seqs = batch.block_tables.len() / batch.max_pages_per_seq as usize;
-    let cfg = AttentionConfig { head_dim: shape.head_dim, q_heads: q_view.heads, kv_heads: shape.kv_heads, page_size: shape.page_size, threads: 64 };
+    let k_vector = client.io_optimized_vector_sizes(size_of::<F>()).filter(|v| shape.head_dim as usize % v == 0).max().unwrap_or(1).min(8);
+    let cfg = AttentionConfig { head_dim: shape.head_dim, q_heads: q_view.heads, kv_heads: shape.kv_heads, page_size: shape.page_size, threads: 64, k_vector: k_vector as u32 };
     unsafe {
         attention_kernel::launch_unchecked::<F, R>(
             client,
             CubeCount::Static(tokens as u32, q_view.heads, 1),
             CubeDim::new_1d(cfg.threads),
+            k_vector,
             q_src.arg(1),
-            cache.k.arg(1),
+            cache.k.arg(k_vector),
             cache.v.arg(1),
             batch.token_seq.arg(1),
             batch.positions.arg(1),
