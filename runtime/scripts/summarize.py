@@ -5,6 +5,7 @@ usage: summarize.py BENCH_CSV TORCH_CSV
 The copy-bandwidth reference is the larger of the two copies measured in the run (cubecl's
 copy kernel and torch's device-to-device copy), so the fractions are the conservative ones.
 """
+import os
 import sys
 
 
@@ -30,7 +31,7 @@ def read(path):
 
 def main():
     bmeta, bench = read(sys.argv[1])
-    tmeta, torch_rows = read(sys.argv[2]) if len(sys.argv) > 2 else ({}, [])
+    tmeta, torch_rows = read(sys.argv[2]) if len(sys.argv) > 2 and os.path.exists(sys.argv[2]) else ({}, [])
     copy = max(float(bmeta.get("copy_GBps", 0)), float(tmeta.get("copy_GBps", 0)))
     launch = float(bmeta.get("launch_us", "nan"))
     best = {}
