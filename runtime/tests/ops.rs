@@ -428,6 +428,36 @@ pub fn rejects_bad_input<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) 
     let qkv = buf(2 * 7 * 4);
     assert!(matches!(launch_attention(client, &qkv, HeadView::slice(7, 0, 3, 4), &cache, &dev, &mut o, 2, 0.5), Err(OpError::Shape(_))));
     assert!(PagedKvCache::new(shape, buf(3), buf(64)).is_err());
+
+    // Device metadata the host cannot check (it is written by the executor): slots past the
+    // cache, pages past the cache, positions past the block table, sequences past the table.
+    // Nothing is read or written out of bounds: no write lands, and every output is finite.
+    let batch = lorac_runtime::ops::attention::DeviceAttentionBatch {
+        slot_mapping: DeviceBuffer::upload(client, &[8i32, 1000, -5, 3]),
+        token_seq: DeviceBuffer::upload(client, &[0u32, 1, 0, 7]),
+        positions: DeviceBuffer::upload(client, &[100i32, 2, -1, 0]),
+        block_tables: DeviceBuffer::upload(client, &[0u32, 1, 9, 0]),
+        max_pages_per_seq: 2,
+    };
+    let k0: Vec<F> = (0..shape.elements()).map(|i| F::round_from(((i % 7) as f64 - 3.0) / 4.0)).collect();
+    let mut cache = PagedKvCache::new(shape, DeviceBuffer::upload(client, &k0), DeviceBuffer::upload(client, &k0)).unwrap();
+    let qkv = buf(4 * 6 * 4);
+    let (qv, kv, vv) = (HeadView::slice(6, 0, 2, 4), HeadView::slice(6, 2, 2, 4), HeadView::slice(6, 4, 2, 4));
+    let mut written = cache.clone();
+    launch_kv_write(client, &qkv, kv, &qkv, vv, &mut written, &batch, 4).unwrap();
+    // Only token 3 (slot 3) is in range.
+    let mut expect = to_f64(&k0);
+    for c in 0..8 {
+        expect[3 * 8 + c] = 1.0;
+    }
+    assert_eq!(to_f64(&written.k.read(client)), expect);
+    cache = written;
+    let mut o = nan_buffer::<R, F>(client, 4 * 2 * 4);
+    launch_attention(client, &qkv, qv, &cache, &batch, &mut o, 4, 0.5).unwrap();
+    let got = to_f64(&o.read(client));
+    assert!(got.iter().all(|v| v.is_finite()), "malformed metadata: {got:?}");
+    // Token 2 (negative position) and token 3 (sequence past the table) attend to nothing.
+    assert!(got[16..].iter().all(|v| *v == 0.0), "{got:?}");
 }
 
 macro_rules! stamp_op_tests {
