@@ -15,6 +15,13 @@ pub fn json(plan: &Plan) -> Value {
             "vocab_size": plan.model.vocab_size,
             "dtype": plan.model.dtype.name(),
             "tie_word_embeddings": plan.model.tie_word_embeddings,
+            "rms_norm_eps": plan.model.norm.eps,
+            "norm_unit_offset": plan.model.norm.unit_offset,
+            "rope": plan.model.rope.as_ref().map(|r| json!({
+                "theta": r.theta,
+                "rotary_dim": r.rotary_dim,
+                "scaling": format!("{:?}", r.scaling),
+            })),
         },
         "source": {
             "model_dir": plan.source.model_dir,
@@ -189,7 +196,13 @@ pub fn human(plan: &Plan) -> String {
         plan.limits.max_batch_tokens, plan.limits.max_seqs, plan.limits.kv_cache_tokens,
         plan.kernels.len(), plan.nodes.len(),
     ));
-    out.push_str(&format!("kernel families: {}\n\n", kernel_families(plan)));
+    out.push_str(&format!("kernel families: {}\n", kernel_families(plan)));
+    let norm = if m.norm.unit_offset { "rms_norm (1 + w)" } else { "rms_norm" };
+    let rope = match &m.rope {
+        Some(r) => format!("rope theta {}, rotary dim {}, {:?}", r.theta, r.rotary_dim, r.scaling),
+        None => "no rope".into(),
+    };
+    out.push_str(&format!("constants: {norm} eps {:e}, {rope}\n\n", m.norm.eps));
     let mut groups: Vec<Vec<&RankPlan>> = Vec::new();
     for r in &plan.ranks {
         match groups.iter_mut().find(|g| same_shapes(g[0], r)) {

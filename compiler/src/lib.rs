@@ -96,6 +96,8 @@ pub fn compile_spec(
             vocab_size: spec.vocab_size,
             dtype: spec.dtype,
             tie_word_embeddings: spec.tie_word_embeddings,
+            norm: spec.norm,
+            rope: spec.rope.clone(),
         },
         parallel: Parallel { tp, ep },
         lora: LoraSettings {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod dims;
 pub mod error;
 pub mod registry;
+pub mod rope;
 pub mod spec;
 
 pub use config::ConfigFile;

@@ -315,6 +315,9 @@ pub struct ModelSpec {
     /// Where the decoder's fields sit in config.json (`text_config.` for Qwen3.5, else empty),
     /// so errors can name fields exactly.
     pub config_section: String,
+    pub norm: lorac_plan::NormConstants,
+    /// None for models whose attention has no rotary embedding (Nemotron-H).
+    pub rope: Option<lorac_plan::Rope>,
 }
 
 impl ModelSpec {

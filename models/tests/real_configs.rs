@@ -82,3 +82,46 @@ fn nested_decoder_falls_back_to_top_level_tie_word_embeddings() {
     let cfg = lorac_models::ConfigFile::from_bytes(&path, v.to_string().into_bytes()).unwrap();
     assert!(lorac_models::describe(&cfg).unwrap().tie_word_embeddings);
 }
+
+#[test]
+fn rope_and_norm_constants() {
+    use lorac_plan::RopeScaling;
+    let s = load("meta-llama__Meta-Llama-3.1-8B.json");
+    let rope = s.rope.unwrap();
+    assert_eq!((rope.theta, rope.rotary_dim), (500000.0, 128));
+    assert_eq!(rope.scaling, RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 });
+    assert_eq!(s.norm.eps, 1e-5);
+    // DeepSeek-V3: `type: yarn` (old spelling), rope over the 64-dim rope part of each head.
+    let rope = load("deepseek-ai__DeepSeek-V3.json").rope.unwrap();
+    assert_eq!(rope.rotary_dim, 64);
+    assert!(matches!(rope.scaling, RopeScaling::Yarn { factor: 40.0, original_max_position_embeddings: 4096, .. }));
+    // Qwen3.5: rope_parameters under text_config, partial rotary 0.25 of 256, (1 + w) norms.
+    let s = load("Qwen__Qwen3.5-27B.json");
+    let rope = s.rope.unwrap();
+    assert_eq!((rope.theta, rope.rotary_dim), (1e7, 64));
+    assert_eq!(rope.scaling, RopeScaling::MRope { sections: vec![11, 11, 10], interleaved: true });
+    assert!(s.norm.unit_offset);
+    let s = load("Qwen__Qwen3-Next-80B-A3B-Instruct.json");
+    assert_eq!((s.rope.unwrap().rotary_dim, s.norm.unit_offset), (64, true));
+    assert_eq!(load("nvidia__Nemotron-H-56B-Base-8K.json").rope, None);
+}
+
+/// The two config spellings of each tiny fixture (transformers 5's and the hub's) describe the
+/// same model, constants included.
+#[test]
+fn both_config_spellings_agree() {
+    let tiny = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny");
+    let mut compared = 0;
+    for entry in std::fs::read_dir(&tiny).unwrap() {
+        let dir = entry.unwrap().path();
+        let hub = dir.join("config.hub_style.json");
+        if !hub.exists() {
+            continue;
+        }
+        let (_, a) = lorac_models::load(&dir.join("config.json")).unwrap();
+        let (_, b) = lorac_models::load(&hub).unwrap();
+        assert_eq!(a, b, "{}", dir.display());
+        compared += 1;
+    }
+    assert_eq!(compared, 6);
+}

@@ -36,7 +36,7 @@ pub struct Source {
     pub compiler_version: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelSummary {
     pub model_type: String,
     pub num_layers: u32,
@@ -44,6 +44,8 @@ pub struct ModelSummary {
     pub vocab_size: u32,
     pub dtype: DType,
     pub tie_word_embeddings: bool,
+    pub norm: crate::NormConstants,
+    pub rope: Option<crate::Rope>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

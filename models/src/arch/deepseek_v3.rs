@@ -89,7 +89,8 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
             }
         })
         .collect();
-    let mut spec = crate::arch::llama::standard_model(cfg, &c.base, layers)?;
+    // Rotary embedding covers the qk_rope_head_dim part of each query/key head.
+    let mut spec = crate::arch::llama::standard_model(cfg, &c.base, layers, c.qk_rope_head_dim.get())?;
     // Multi-token-prediction layers sit after the decoder and are not served.
     let mtp = num_layers;
     spec.ignored_weight_prefixes = (mtp..mtp + mtp_layers).map(|i| format!("model.layers.{i}.")).collect();

@@ -53,7 +53,7 @@ pub fn build_dense(cfg: &ConfigFile, family: &DenseFamily) -> Result<ModelSpec, 
             }
         })
         .collect();
-    Ok(standard_model(cfg, &c.base, layers)?)
+    standard_model(cfg, &c.base, layers, attention.head_dim)
 }
 
 pub fn attention_config(cfg: &ConfigFile, c: &LlamaConfig, qk_norm: bool) -> Result<GqaConfig, ModelError> {
@@ -75,7 +75,8 @@ pub fn attention_config(cfg: &ConfigFile, c: &LlamaConfig, qk_norm: bool) -> Res
 }
 
 /// Embedding, final norm and lm_head under the `model.` / `lm_head` names most families use.
-pub fn standard_model(cfg: &ConfigFile, base: &DecoderBase, layers: Vec<LayerSpec>) -> Result<ModelSpec, ModelError> {
+/// `rope_dim` is the per-head width the rotary embedding covers before any partial factor.
+pub fn standard_model(cfg: &ConfigFile, base: &DecoderBase, layers: Vec<LayerSpec>, rope_dim: u32) -> Result<ModelSpec, ModelError> {
     let hidden = base.hidden_size.get();
     let vocab = base.vocab_size.get();
     Ok(ModelSpec {
@@ -90,5 +91,7 @@ pub fn standard_model(cfg: &ConfigFile, base: &DecoderBase, layers: Vec<LayerSpe
         tie_word_embeddings: base.tied(cfg),
         ignored_weight_prefixes: Vec::new(),
         config_section: String::new(),
+        norm: crate::rope::norm(cfg, None, false)?,
+        rope: Some(crate::rope::rope(cfg, None, rope_dim)?),
     })
 }

@@ -162,6 +162,9 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
         tie_word_embeddings: c.base.tied(cfg),
         ignored_weight_prefixes: if c.num_nextn_predict_layers > 0 { vec!["mtp.".into()] } else { Vec::new() },
         config_section: String::new(),
+        norm: crate::rope::norm(cfg, None, false)?,
+        // Nemotron-H attention layers use no positional embedding: Mamba layers carry order.
+        rope: None,
     })
 }
 

@@ -69,5 +69,5 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
             }
         })
         .collect();
-    llama::standard_model(cfg, &c.dense.base, layers)
+    llama::standard_model(cfg, &c.dense.base, layers, attention.head_dim)
 }

@@ -204,6 +204,8 @@ pub fn build_hybrid(cfg: &ConfigFile, family: &HybridFamily) -> Result<ModelSpec
         tie_word_embeddings: c.base.tied(cfg),
         ignored_weight_prefixes: family.ignored_weight_prefixes.iter().map(|p| p.to_string()).collect(),
         config_section: field_prefix,
+        norm: crate::rope::norm(cfg, family.nested, true)?,
+        rope: Some(crate::rope::rope(cfg, family.nested, attention.head_dim)?),
     })
 }
 
