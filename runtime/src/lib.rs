@@ -3,8 +3,10 @@
 //! [`lorac_plan::LoraLayout`].
 //!
 //! Kernel families, one file each, each with a plain f64 CPU reference beside it:
-//! * [`shrink`]: segmented shrink `a = x · Aᵀ` per adapter slot, 1–5 packed groups;
+//! * [`shrink`]: segmented shrink `a = x · Aᵀ` per adapter slot, 1–5 packed groups
+//!   ([`shrink_mma`]: its tensor-core variant for prefill segments);
 //! * [`expand`]: segmented expand `y += scale · a · Bᵀ` over slices of unequal widths;
+//! * [`fused`]: shrink and expand in one launch for decode batches (launch-bound);
 //! * [`chunked`]: the prefill variant, segments cut into fixed chunks under a fixed grid;
 //! * [`embedding`]: embedding LoRA (A is a column lookup, then expand);
 //! * [`moe`]: routed-expert LoRA, gated and non-gated, router-weighted down projection.
@@ -16,6 +18,7 @@ pub mod config;
 pub mod embedding;
 pub mod error;
 pub mod expand;
+pub mod fused;
 pub mod moe;
 pub mod ops;
 pub mod pool;

@@ -12,6 +12,7 @@ use lorac_plan::{ExpertDims, LoraLayout, LoraSlice};
 use lorac_runtime::chunked::ChunkedPlan;
 use lorac_runtime::embedding::{launch_embedding, reference_embedding};
 use lorac_runtime::expand::{launch_expand, reference_expand};
+use lorac_runtime::fused::launch_fused;
 use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT, launch_moe_expand, launch_moe_shrink, reference_moe};
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink, reference_shrink};
 use lorac_runtime::shrink_mma::MmaShrinkConfig;
@@ -285,6 +286,41 @@ pub fn segmented_expand<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     }
 }
 
+/// Shrink and expand fused in one launch, against the two references composed.
+pub fn fused_decode<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
+    for seed in 0..CASES {
+        let rng = &mut Rng::new(700 + seed);
+        let (layout, family) = random_layout(rng, None);
+        let what = format!("fused {family} seed {seed} {layout:?}");
+        let (ranks, scales) = random_ranks(rng, &layout);
+        let pool_data = random_pool::<F>(rng, &layout, &ranks);
+        let pool = upload_pool(client, &layout, &pool_data, &ranks, &scales);
+        let tokens = rng.pick(&[1, 3, 8, 33]);
+        let segs = random_segments(rng, tokens, layout.slots());
+        let (x, x64) = rng.tensor::<F>((tokens * layout.in_features()) as usize, 1.0);
+        let c_r = (layout.groups() * layout.max_rank()) as usize;
+        let mut a64 = vec![f64::NAN; tokens as usize * c_r];
+        reference_shrink(&layout, &ranks, &segs, &x64, &pool_data.a64, &mut a64);
+        let out = layout.out_features() as usize;
+        let mut delta = vec![0.0; tokens as usize * out];
+        reference_expand(&layout, &ranks, &scales, &segs, &a64, &pool_data.b64, &mut delta);
+        let (y0, y064) = initial_y::<F>(rng, &delta);
+        let mut y = DeviceBuffer::upload(client, &y0);
+        launch_fused(client, &layout, &pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut y, None).unwrap();
+        let touched: Vec<bool> = token_slot_ranks(&segs, &ranks).iter().map(|sr| matches!(sr, Some((_, r)) if *r > 0)).collect();
+        let y_out: Vec<F> = y.read(client);
+        let outv: Vec<f64> = y_out.iter().map(|v| v.as_f64()).collect();
+        for (row, t) in touched.iter().enumerate() {
+            if !t {
+                assert_eq!(&outv[row * out..(row + 1) * out], &y064[row * out..(row + 1) * out], "{what}: row {row} changed");
+            }
+        }
+        let reference: Vec<f64> = y064.iter().zip(&delta).map(|(a, b)| a + b).collect();
+        // The intermediate stays f32 in shared memory; its inputs were rounded twice.
+        check_close(&what, &outv, &reference, 2.0 * F::TOLERANCE);
+    }
+}
+
 /// Chunked shrink → expand on long and short segments under the plan's fixed grid.
 pub fn chunked_prefill<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     for seed in 0..CASES / 2 {
@@ -468,6 +504,10 @@ macro_rules! stamp_kernel_tests {
             #[test]
             fn segmented_expand() {
                 super::segmented_expand::<Rt, E>(&client());
+            }
+            #[test]
+            fn fused_decode() {
+                super::fused_decode::<Rt, E>(&client());
             }
             #[test]
             fn chunked_prefill() {

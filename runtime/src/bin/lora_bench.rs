@@ -19,6 +19,7 @@ use half::bf16;
 use lorac_plan::{ExpertDims, LoraLayout, LoraSlice};
 use lorac_runtime::chunked::ChunkedPlan;
 use lorac_runtime::expand::launch_expand;
+use lorac_runtime::fused::launch_fused;
 use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, launch_moe_expand, launch_moe_shrink};
 use lorac_runtime::shrink::launch_shrink;
 use lorac_runtime::testing::{Rng, StorageElem};
@@ -233,6 +234,16 @@ fn dense_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts
     let iters = if opts.smoke { 3 } else if tokens >= 1024 { 20 } else { 200 };
     let case = format!("{} R={rank} T={tokens} adapters={adapters}", m.name);
     let mut rows = vec![time_dense(client, opts, &layout, &dev, &mut data, iters, case.clone(), "segmented", None, shrink_bytes, expand_bytes)];
+    if tokens <= 128 {
+        // One launch for both halves; it never writes or reads the intermediate.
+        let n = data.len();
+        let pair_us = time_us(client, opts, iters, |i| {
+            let d = &mut data[i % n];
+            launch_fused(client, &layout, &d.pool, &dev, &d.x, &mut d.y, None).unwrap()
+        });
+        let inter = t * c_r * 4.0;
+        rows.push(Row { case: case.clone(), variant: "fused", shrink_us: f64::NAN, expand_us: f64::NAN, pair_us, shrink_bytes: shrink_bytes - inter, expand_bytes: expand_bytes - inter });
+    }
     if tokens >= 256 {
         let plan = ChunkedPlan::new::<R, E>(client, &layout, tokens, 64).unwrap();
         let chunks = plan.prepare(&segs).unwrap().upload(client);
