@@ -11,7 +11,7 @@ use lorac_runtime::ops::add::{launch_add, launch_add_inplace};
 use lorac_runtime::ops::argmax::{launch_argmax, reference_argmax};
 use lorac_runtime::ops::attention::{AttentionBatch, KvCacheShape, PagedKvCache, SeqSlice, launch_attention, launch_kv_write, reference_attention};
 use lorac_runtime::ops::gather::{launch_embedding_lookup, launch_gather_rows, reference_gather_rows};
-use lorac_runtime::ops::matmul::{MatmulConfig, launch_matmul, reference_matmul};
+use lorac_runtime::ops::matmul::{MatmulConfig, launch_matmul, launch_matmul_cubek, reference_matmul};
 use lorac_runtime::ops::rms_norm::{launch_rms_norm, launch_rms_norm_heads, reference_rms_norm, reference_rms_norm_row};
 use lorac_runtime::ops::rope::{RopeParams, RopeScaling, launch_rope, reference_rope};
 use lorac_runtime::ops::silu_mul::{launch_silu_mul, reference_silu_mul};
@@ -43,6 +43,16 @@ fn nan_buffer<R: Runtime, F: StorageElem>(client: &ComputeClient<R>, len: usize)
 
 pub fn matmul<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     let configs = [None, Some(MatmulConfig::new(1)), Some(MatmulConfig::new(20)), Some(MatmulConfig::new(100))];
+    // The automatic route on a model-like shape (tensor cores for half precision where present).
+    {
+        let rng = &mut Rng::new(999);
+        let (m, n, k) = (40, 96, 128);
+        let (x, x64) = rng.tensor::<F>(m * k, 1.0);
+        let (w, w64) = rng.tensor::<F>(n * k, 1.0);
+        let mut y = nan_buffer::<R, F>(client, m * n);
+        launch_matmul(client, &DeviceBuffer::upload(client, &x), &DeviceBuffer::upload(client, &w), &mut y, m, n, k, None).unwrap();
+        check_close("matmul auto 40x96x128", &to_f64(&y.read(client)), &reference_matmul(&x64, &w64, m, n, k), F::TOLERANCE);
+    }
     for seed in 0..12u64 {
         let rng = &mut Rng::new(1000 + seed);
         let m = rng.pick(&[1, 2, 5, 8, 9, 17, 33, 64, 70]) as usize;
@@ -67,6 +77,33 @@ pub fn matmul<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let mut y = nan_buffer::<R, F>(client, m * n);
         launch_matmul(client, &DeviceBuffer::upload(client, &x), &DeviceBuffer::upload(client, &w), &mut y, m, n, k, None).unwrap();
         check_close(&what, &to_f64(&y.read(client)), &reference_matmul(&x64, &w64, m, n, k), F::TOLERANCE);
+    }
+}
+
+/// The cubek-matmul route with W as the column-major right-hand side: the portable strategies
+/// everywhere, tensor cores where the device has them (refused, not launched, elsewhere).
+pub fn matmul_cubek<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
+    use cubek_matmul::launch::Strategy;
+    let shapes = [(1, 33, 64), (9, 70, 100), (70, 130, 257), (128, 64, 128)];
+    for (i, &(m, n, k)) in shapes.iter().enumerate() {
+        let rng = &mut Rng::new(1200 + i as u64);
+        let (x, x64) = rng.tensor::<F>(m * k, 1.0);
+        let (w, w64) = rng.tensor::<F>(n * k, 1.0);
+        let reference = reference_matmul(&x64, &w64, m, n, k);
+        let (dx, dw) = (DeviceBuffer::upload(client, &x), DeviceBuffer::upload(client, &w));
+        let strategies = [("naive", Strategy::Naive), ("simple_unit", Strategy::SimpleUnit(Default::default())), ("cmma", Strategy::SimpleCyclicCmma(Default::default()))];
+        for (name, strategy) in &strategies {
+            // SimpleUnit is slow to compile on lavapipe: one shape only.
+            if *name == "simple_unit" && i != 2 {
+                continue;
+            }
+            let mut y = nan_buffer::<R, F>(client, m * n);
+            match launch_matmul_cubek(client, &dx, &dw, &mut y, m, n, k, strategy) {
+                Ok(()) => check_close(&format!("cubek {name} {m}x{n}x{k}"), &to_f64(&y.read(client)), &reference, F::TOLERANCE),
+                Err(OpError::Unsupported(_)) if *name == "cmma" => {}
+                Err(e) => panic!("cubek {name} {m}x{n}x{k}: {e}"),
+            }
+        }
     }
 }
 
@@ -471,6 +508,10 @@ macro_rules! stamp_op_tests {
             #[test]
             fn matmul() {
                 super::matmul::<Rt, E>(&client());
+            }
+            #[test]
+            fn matmul_cubek() {
+                super::matmul_cubek::<Rt, E>(&client());
             }
             #[test]
             fn rms_norm() {

@@ -11,10 +11,16 @@
 //! threads splitting K with vector loads (each W row is read contiguously, once), the
 //! `rows × M` partial sums tree-reduced in shared memory; the grid spreads over N.
 //!
-//! Not tuned: no tensor cores, no double buffering. cubek-matmul 0.2 (built on cubecl 0.10.0)
-//! is the candidate for the fast path; these kernels are the correct baseline.
+//! Half-precision storage (bf16 / f16) with M past the GEMV range goes to cubek-matmul's
+//! tensor-core kernel (`SimpleCyclicCmma`), W passed as the column-major `[K, N]` right-hand
+//! side (strides `[1, K]`), so the HF layout needs no transpose; where cubek reports the
+//! problem or device unsupported (no tensor cores: wgpu/lavapipe), the tiled kernel runs.
+//! f32 storage never takes cubek's tensor cores (they would compute in tf32).
 
 use cubecl::prelude::*;
+use cubek_matmul::definition::{MatmulElems, MatmulGlobalElems};
+use cubek_matmul::launch::Strategy;
+use cubek_std::InputBinding;
 
 use super::{OpError, OpResult, check_dims, check_len, linear_cube};
 use crate::buffer::DeviceBuffer;
@@ -271,9 +277,52 @@ fn launch_gemv<R: Runtime, F: Float + CubeElement>(
     Ok(())
 }
 
+/// The same product through cubek-matmul with the given strategy (`Strategy::SimpleCyclicCmma`
+/// for tensor cores). Shapes are checked like [`launch_matmul`]'s; cubek's refusal of the
+/// problem or device comes back as [`OpError::Unsupported`] with nothing launched.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_matmul_cubek<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    x: &DeviceBuffer<F>,
+    w: &DeviceBuffer<F>,
+    y: &mut DeviceBuffer<F>,
+    m: usize,
+    n: usize,
+    k: usize,
+    strategy: &Strategy,
+) -> OpResult<()> {
+    check_shapes(x, w, y, m, n, k)?;
+    if m == 0 || n == 0 || k == 0 {
+        return Err(OpError::Unsupported("cubek matmul of an empty dimension".into()));
+    }
+    let ty = F::as_type_native_unchecked().storage_type();
+    // Safety: the lengths were checked against [m, k], [n, k] and [m, n] above.
+    let (lhs, rhs, out) = unsafe {
+        (
+            TensorBinding::<R>::from_raw_parts(x.handle.clone(), [k, 1].into(), [m, k].into()),
+            // W [N, K] row-major is the [K, N] right-hand side in column-major order.
+            TensorBinding::<R>::from_raw_parts(w.handle.clone(), [1, k].into(), [k, n].into()),
+            TensorBinding::<R>::from_raw_parts(y.handle.clone(), [n, 1].into(), [m, n].into()),
+        )
+    };
+    let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: ty, rhs: ty, out: ty });
+    cubek_matmul::launch::launch_ref(strategy, client, InputBinding::Normal(lhs, ty), InputBinding::Normal(rhs, ty), out, &mut dtypes)
+        .map_err(|e| OpError::Unsupported(format!("cubek matmul: {e:?}")))
+}
+
+fn check_shapes<F: CubeElement>(x: &DeviceBuffer<F>, w: &DeviceBuffer<F>, y: &DeviceBuffer<F>, m: usize, n: usize, k: usize) -> OpResult<()> {
+    check_dims("matmul x", &[m, k])?;
+    check_dims("matmul w", &[n, k])?;
+    check_dims("matmul y", &[m, n])?;
+    check_len(x, "x", m * k)?;
+    check_len(w, "w", n * k)?;
+    check_len(y, "y", m * n)
+}
+
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`. `x`, `w`, `y` are contiguous row-major; `y` is overwritten.
-/// `config: None` picks the GEMV kernel for `m ≤ GEMV_MAX_M` (and `k > 0`) and the tiled kernel
-/// with [`MatmulConfig::new`] otherwise; `Some(config)` forces the tiled kernel with that tile.
+/// `config: None` picks the GEMV kernel for `m ≤ GEMV_MAX_M` (and `k > 0`), cubek's tensor-core
+/// kernel for half-precision storage where the device has them, and the tiled kernel with
+/// [`MatmulConfig::new`] otherwise; `Some(config)` forces the tiled kernel with that tile.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_matmul<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
@@ -285,17 +334,20 @@ pub fn launch_matmul<R: Runtime, F: Float + CubeElement>(
     k: usize,
     config: Option<MatmulConfig>,
 ) -> OpResult<()> {
-    check_dims("matmul x", &[m, k])?;
-    check_dims("matmul w", &[n, k])?;
-    check_dims("matmul y", &[m, n])?;
-    check_len(x, "x", m * k)?;
-    check_len(w, "w", n * k)?;
-    check_len(y, "y", m * n)?;
+    check_shapes(x, w, y, m, n, k)?;
     if m == 0 || n == 0 {
         return Ok(());
     }
     if config.is_none() && m <= GEMV_MAX_M && k > 0 {
         return launch_gemv(client, x, w, y, m, n, k);
+    }
+    // Tensor cores for the model-sized shapes (every projection of a real model is a multiple
+    // of 8 both ways); odd test shapes stay on the tiled kernel.
+    if config.is_none() && size_of::<F>() == 2 && m >= 16 && n % 8 == 0 && k % 8 == 0 && k > 0 {
+        let cmma = Strategy::SimpleCyclicCmma(Default::default());
+        if launch_matmul_cubek(client, x, w, y, m, n, k, &cmma).is_ok() {
+            return Ok(());
+        }
     }
     let cfg = config.unwrap_or_else(|| MatmulConfig::new(m));
     cfg.check()?;
