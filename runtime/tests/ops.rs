@@ -9,7 +9,9 @@ use cubecl::prelude::*;
 use lorac_runtime::DeviceBuffer;
 use lorac_runtime::ops::add::{launch_add, launch_add_inplace};
 use lorac_runtime::ops::argmax::{launch_argmax, reference_argmax};
-use lorac_runtime::ops::attention::{AttentionBatch, KvCacheShape, PagedKvCache, SeqSlice, launch_attention, launch_kv_write, reference_attention};
+use lorac_runtime::ops::attention::{
+    AttentionBatch, KvCacheShape, PagedKvCache, SeqSlice, launch_attention, launch_kv_write, reference_attention,
+};
 use lorac_runtime::ops::gather::{launch_embedding_lookup, launch_gather_rows, reference_gather_rows};
 use lorac_runtime::ops::matmul::{MatmulConfig, launch_matmul, launch_matmul_cubek, reference_matmul};
 use lorac_runtime::ops::rms_norm::{launch_rms_norm, launch_rms_norm_heads, reference_rms_norm, reference_rms_norm_row};
@@ -91,7 +93,11 @@ pub fn matmul_cubek<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let (w, w64) = rng.tensor::<F>(n * k, 1.0);
         let reference = reference_matmul(&x64, &w64, m, n, k);
         let (dx, dw) = (DeviceBuffer::upload(client, &x), DeviceBuffer::upload(client, &w));
-        let strategies = [("naive", Strategy::Naive), ("simple_unit", Strategy::SimpleUnit(Default::default())), ("cmma", Strategy::SimpleCyclicCmma(Default::default()))];
+        let strategies = [
+            ("naive", Strategy::Naive),
+            ("simple_unit", Strategy::SimpleUnit(Default::default())),
+            ("cmma", Strategy::SimpleCyclicCmma(Default::default())),
+        ];
         for (name, strategy) in &strategies {
             // SimpleUnit is slow to compile on lavapipe: one shape only. Tensor cores only for
             // half precision (for f32 they would compute in tf32, as the auto route knows).
@@ -118,7 +124,8 @@ pub fn rms_norm<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let (x, x64) = rng.tensor::<F>(rows * width, 2.0);
         let (w, w64) = rng.tensor::<F>(width, 1.0);
         let mut y = nan_buffer::<R, F>(client, rows * width);
-        launch_rms_norm(client, &DeviceBuffer::upload(client, &x), &DeviceBuffer::upload(client, &w), &mut y, rows, width, eps as f32).unwrap();
+        launch_rms_norm(client, &DeviceBuffer::upload(client, &x), &DeviceBuffer::upload(client, &w), &mut y, rows, width, eps as f32)
+            .unwrap();
         // The kernel rounds the normalised row before the weight (as HF): two roundings.
         check_close(&what, &to_f64(&y.read(client)), &reference_rms_norm(&x64, &w64, width, eps), 2.0 * F::TOLERANCE);
     }
@@ -226,7 +233,9 @@ pub fn rope<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let params = RopeParams { head_dim: d, rotary_dim, theta: rng.pick(&[10000.0, 500000.0, 1000000.0]), scaling, max_positions };
         let what = format!("rope seed {seed} tokens {tokens} hq {hq} kv {kv} {params:?}");
         // Positions anywhere in the table, plus one past it (left unrotated) now and then.
-        let positions: Vec<i32> = (0..tokens).map(|t| if t == 0 && seed % 4 == 3 { max_positions as i32 + 1 } else { rng.range(0, max_positions - 1) as i32 }).collect();
+        let positions: Vec<i32> = (0..tokens)
+            .map(|t| if t == 0 && seed % 4 == 3 { max_positions as i32 + 1 } else { rng.range(0, max_positions - 1) as i32 })
+            .collect();
         let total = hq + 2 * kv;
         let (qkv, qkv64) = rng.tensor::<F>(tokens * (total * d) as usize, 1.0);
         let q_view = HeadView::slice(total, 0, hq, d);
@@ -290,7 +299,15 @@ pub fn add_and_gather<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let tokens = rng.range(1, 20) as usize;
         let ids: Vec<u32> = (0..tokens).map(|t| if t == 1 { vocab as u32 + seed as u32 } else { rng.range(0, vocab as u32 - 1) }).collect();
         let mut emb = nan_buffer::<R, F>(client, tokens * hidden);
-        launch_embedding_lookup(client, &DeviceBuffer::upload(client, &table), &DeviceBuffer::upload(client, &ids), &mut emb, vocab, hidden).unwrap();
+        launch_embedding_lookup(
+            client,
+            &DeviceBuffer::upload(client, &table),
+            &DeviceBuffer::upload(client, &ids),
+            &mut emb,
+            vocab,
+            hidden,
+        )
+        .unwrap();
         let got = to_f64(&emb.read(client));
         assert_eq!(got, reference_gather_rows(&table64, &ids, vocab, hidden), "embedding seed {seed}");
         let picks: Vec<u32> = (0..rng.range(1, 5)).map(|_| rng.range(0, tokens as u32 - 1)).collect();
@@ -326,7 +343,11 @@ pub fn attention<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             free.swap(i, rng.range(0, i as u32) as usize);
         }
         let max_pages = pages_needed.iter().copied().max().unwrap() + rng.range(0, 2);
-        let seqs: Vec<SeqSlice> = lens.iter().zip(&pages_needed).map(|(&(cached, new_tokens), &np)| SeqSlice { pages: free.drain(..np as usize).collect(), cached, new_tokens }).collect();
+        let seqs: Vec<SeqSlice> = lens
+            .iter()
+            .zip(&pages_needed)
+            .map(|(&(cached, new_tokens), &np)| SeqSlice { pages: free.drain(..np as usize).collect(), cached, new_tokens })
+            .collect();
         let shape = KvCacheShape { num_pages, page_size, kv_heads: kv, head_dim: d };
         let mut batch = AttentionBatch::new(&shape, max_pages, &seqs).unwrap();
         // Now and then a padding token (slot −1): attends like its sequence's first token, writes nothing.
@@ -357,7 +378,8 @@ pub fn attention<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         }
         // The fused qkv buffer of the new tokens: q random, k/v from the sequences' rows.
         let total = hq + 2 * kv;
-        let (q_view, k_view, v_view) = (HeadView::slice(total, 0, hq, d), HeadView::slice(total, hq, kv, d), HeadView::slice(total, hq + kv, kv, d));
+        let (q_view, k_view, v_view) =
+            (HeadView::slice(total, 0, hq, d), HeadView::slice(total, hq, kv, d), HeadView::slice(total, hq + kv, kv, d));
         let (mut qkv64, mut q64) = (rng.tensor::<F>(tokens * (total * d) as usize, 1.0).1, vec![0.0; tokens * (hq * d) as usize]);
         for t in 0..tokens {
             let (s, p) = (batch.token_seq[t] as usize, batch.positions[t] as usize);
@@ -373,7 +395,8 @@ pub fn attention<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         }
         let qkv: Vec<F> = qkv64.iter().map(|&v| F::round_from(v)).collect();
         let to_f = |v: &[f64]| -> Vec<F> { v.iter().map(|&x| F::round_from(x)).collect() };
-        let mut cache = PagedKvCache::new(shape, DeviceBuffer::upload(client, &to_f(&k_cache)), DeviceBuffer::upload(client, &to_f(&v_cache))).unwrap();
+        let mut cache =
+            PagedKvCache::new(shape, DeviceBuffer::upload(client, &to_f(&k_cache)), DeviceBuffer::upload(client, &to_f(&v_cache))).unwrap();
         let dev_batch = batch.upload(client);
         let qkv_buf = DeviceBuffer::upload(client, &qkv);
         launch_kv_write(client, &qkv_buf, k_view, &qkv_buf, v_view, &mut cache, &dev_batch, tokens).unwrap();
@@ -393,7 +416,8 @@ pub fn attention<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         assert!(same(&to_f64(&cache.k.read(client)), &k_cache), "{what}: k cache");
         assert!(same(&to_f64(&cache.v.read(client)), &v_cache), "{what}: v cache");
 
-        let reference = reference_attention(&q64, &seq_k, &seq_v, &batch.token_seq, &batch.positions, hq as usize, kv as usize, d as usize, scale);
+        let reference =
+            reference_attention(&q64, &seq_k, &seq_v, &batch.token_seq, &batch.positions, hq as usize, kv as usize, d as usize, scale);
         check_close(&what, &to_f64(&out.read(client)), &reference, 10.0 * F::TOLERANCE);
     }
 }
@@ -430,15 +454,24 @@ pub fn rejects_bad_input<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) 
     let one = F::round_from(1.0);
     let buf = |n: usize| DeviceBuffer::upload(client, &vec![one; n]);
     let mut y = buf(6);
-    assert_eq!(launch_matmul(client, &buf(5), &buf(6), &mut y, 2, 3, 2, None).unwrap_err(), OpError::BufferSize { name: "x", expected: 4, actual: 5 });
+    assert_eq!(
+        launch_matmul(client, &buf(5), &buf(6), &mut y, 2, 3, 2, None).unwrap_err(),
+        OpError::BufferSize { name: "x", expected: 4, actual: 5 }
+    );
     let bad_cfg = MatmulConfig { block_m: 8, block_n: 8, block_k: 8, thread_m: 3, thread_n: 1 };
     assert!(matches!(launch_matmul(client, &buf(4), &buf(6), &mut y, 2, 3, 2, Some(bad_cfg)), Err(OpError::Shape(_))));
     assert!(matches!(launch_rms_norm(client, &buf(6), &buf(3), &mut y, 2, 3, -1.0), Err(OpError::Shape(_))));
     assert!(matches!(launch_rms_norm(client, &buf(6), &buf(2), &mut y, 2, 3, 1e-6), Err(OpError::BufferSize { name: "weight", .. })));
     // A view reaching past its buffer, and heads overlapping the next token.
     let mut x = buf(20);
-    assert!(matches!(launch_rms_norm_heads(client, &mut x, HeadView::slice(4, 2, 2, 3), &buf(3), 2, 1e-6), Err(OpError::BufferSize { .. })));
-    assert!(matches!(launch_rms_norm_heads(client, &mut x, HeadView { offset: 4, token_stride: 6, heads: 1, head_dim: 3 }, &buf(3), 2, 1e-6), Err(OpError::Shape(_))));
+    assert!(matches!(
+        launch_rms_norm_heads(client, &mut x, HeadView::slice(4, 2, 2, 3), &buf(3), 2, 1e-6),
+        Err(OpError::BufferSize { .. })
+    ));
+    assert!(matches!(
+        launch_rms_norm_heads(client, &mut x, HeadView { offset: 4, token_stride: 6, heads: 1, head_dim: 3 }, &buf(3), 2, 1e-6),
+        Err(OpError::Shape(_))
+    ));
     let params = RopeParams { head_dim: 4, rotary_dim: 3, theta: 10000.0, scaling: RopeScaling::Default, max_positions: 4 };
     let table = DeviceBuffer::upload(client, &[0.0f32; 12]);
     let pos = DeviceBuffer::upload(client, &[0i32; 2]);

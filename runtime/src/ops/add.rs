@@ -34,7 +34,11 @@ fn check_total(len: usize) -> OpResult<()> {
 }
 
 /// `y += x` element-wise (same length).
-pub fn launch_add_inplace<R: Runtime, F: Float + CubeElement>(client: &ComputeClient<R>, y: &mut DeviceBuffer<F>, x: &DeviceBuffer<F>) -> OpResult<()> {
+pub fn launch_add_inplace<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    y: &mut DeviceBuffer<F>,
+    x: &DeviceBuffer<F>,
+) -> OpResult<()> {
     let len = y.len();
     check_total(len)?;
     check_len(x, "x", len)?;
@@ -42,7 +46,14 @@ pub fn launch_add_inplace<R: Runtime, F: Float + CubeElement>(client: &ComputeCl
         return Ok(());
     }
     unsafe {
-        add_inplace_kernel::launch_unchecked::<F, R>(client, grid_1d(len.div_ceil(THREADS as usize)), CubeDim::new_1d(THREADS), y.arg(1), x.arg(1), len as u32);
+        add_inplace_kernel::launch_unchecked::<F, R>(
+            client,
+            grid_1d(len.div_ceil(THREADS as usize)),
+            CubeDim::new_1d(THREADS),
+            y.arg(1),
+            x.arg(1),
+            len as u32,
+        );
     }
     Ok(())
 }
@@ -62,7 +73,15 @@ pub fn launch_add<R: Runtime, F: Float + CubeElement>(
         return Ok(());
     }
     unsafe {
-        add_kernel::launch_unchecked::<F, R>(client, grid_1d(len.div_ceil(THREADS as usize)), CubeDim::new_1d(THREADS), a.arg(1), b.arg(1), out.arg(1), len as u32);
+        add_kernel::launch_unchecked::<F, R>(
+            client,
+            grid_1d(len.div_ceil(THREADS as usize)),
+            CubeDim::new_1d(THREADS),
+            a.arg(1),
+            b.arg(1),
+            out.arg(1),
+            len as u32,
+        );
     }
     Ok(())
 }

@@ -82,7 +82,15 @@ pub fn launch_argmax<R: Runtime, F: Float + CubeElement>(
         return Ok(());
     }
     unsafe {
-        argmax_kernel::launch_unchecked::<F, R>(client, grid_1d(rows), CubeDim::new_1d(THREADS), logits.arg(1), out.arg(1), rows as u32, vocab as u32);
+        argmax_kernel::launch_unchecked::<F, R>(
+            client,
+            grid_1d(rows),
+            CubeDim::new_1d(THREADS),
+            logits.arg(1),
+            out.arg(1),
+            rows as u32,
+            vocab as u32,
+        );
     }
     Ok(())
 }

@@ -47,7 +47,8 @@ impl KvCacheShape {
     }
 
     fn check(&self) -> OpResult<()> {
-        let ok = self.num_pages > 0 && self.page_size > 0 && self.kv_heads > 0 && self.head_dim > 0 && (self.elements() as u64) < (1u64 << 31);
+        let ok =
+            self.num_pages > 0 && self.page_size > 0 && self.kv_heads > 0 && self.head_dim > 0 && (self.elements() as u64) < (1u64 << 31);
         if !ok {
             return Err(OpError::Shape(format!("kv cache shape {self:?} is not valid")));
         }
@@ -163,7 +164,11 @@ impl DeviceAttentionBatch {
         check_len(&self.token_seq, "token_seq", tokens)?;
         check_len(&self.positions, "positions", tokens)?;
         if self.max_pages_per_seq == 0 || self.block_tables.len() % self.max_pages_per_seq as usize != 0 {
-            return Err(OpError::Shape(format!("block_tables ({} entries) is not [seqs, {}]", self.block_tables.len(), self.max_pages_per_seq)));
+            return Err(OpError::Shape(format!(
+                "block_tables ({} entries) is not [seqs, {}]",
+                self.block_tables.len(),
+                self.max_pages_per_seq
+            )));
         }
         Ok(())
     }
@@ -445,7 +450,14 @@ pub fn launch_attention<R: Runtime, F: Float + CubeElement>(
     }
     let num_seqs = batch.block_tables.len() / batch.max_pages_per_seq as usize;
     let k_vector = client.io_optimized_vector_sizes(size_of::<F>()).filter(|v| shape.head_dim as usize % v == 0).max().unwrap_or(1).min(8);
-    let cfg = AttentionConfig { head_dim: shape.head_dim, q_heads: q_view.heads, kv_heads: shape.kv_heads, page_size: shape.page_size, threads: 64, k_vector: k_vector as u32 };
+    let cfg = AttentionConfig {
+        head_dim: shape.head_dim,
+        q_heads: q_view.heads,
+        kv_heads: shape.kv_heads,
+        page_size: shape.page_size,
+        threads: 64,
+        k_vector: k_vector as u32,
+    };
     unsafe {
         attention_kernel::launch_unchecked::<F, R>(
             client,
@@ -492,7 +504,9 @@ pub fn reference_attention(
         for h in 0..q_heads {
             let kvh = h / group;
             let qv = &q[(t * q_heads + h) * d..][..d];
-            let scores: Vec<f64> = (0..=p as usize).map(|j| qv.iter().zip(&k[(j * kv_heads + kvh) * d..][..d]).map(|(a, b)| a * b).sum::<f64>() * scale).collect();
+            let scores: Vec<f64> = (0..=p as usize)
+                .map(|j| qv.iter().zip(&k[(j * kv_heads + kvh) * d..][..d]).map(|(a, b)| a * b).sum::<f64>() * scale)
+                .collect();
             let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let w: Vec<f64> = scores.iter().map(|x| (x - mx).exp()).collect();
             let z: f64 = w.iter().sum();

@@ -174,7 +174,14 @@ pub struct GemvConfig {
 pub const GEMV_MAX_M: usize = 8;
 
 #[cube(launch_unchecked)]
-fn gemv_kernel<F: Float, N: Size>(x: &Array<Vector<F, N>>, w: &Array<Vector<F, N>>, y: &mut Array<F>, n: u32, k_vecs: u32, #[comptime] cfg: GemvConfig) {
+fn gemv_kernel<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
+    y: &mut Array<F>,
+    n: u32,
+    k_vecs: u32,
+    #[comptime] cfg: GemvConfig,
+) {
     let tokens = comptime!(cfg.tokens as usize);
     let rows = comptime!(cfg.rows as usize);
     let threads = comptime!(cfg.threads as usize);
@@ -310,7 +317,14 @@ pub fn launch_matmul_cubek<R: Runtime, F: Float + CubeElement>(
         .map_err(|e| OpError::Unsupported(format!("cubek matmul: {e:?}")))
 }
 
-fn check_shapes<F: CubeElement>(x: &DeviceBuffer<F>, w: &DeviceBuffer<F>, y: &DeviceBuffer<F>, m: usize, n: usize, k: usize) -> OpResult<()> {
+fn check_shapes<F: CubeElement>(
+    x: &DeviceBuffer<F>,
+    w: &DeviceBuffer<F>,
+    y: &DeviceBuffer<F>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> OpResult<()> {
     check_dims("matmul x", &[m, k])?;
     check_dims("matmul w", &[n, k])?;
     check_dims("matmul y", &[m, n])?;

@@ -14,6 +14,29 @@
 //! panicking; no launch allocates. Storage is `F: Float` (f32 or bf16); accumulation is f32.
 //! Per-head tensors inside a wider buffer (q, k, v inside the fused qkv projection output) are
 //! described by a [`HeadView`], so norms, rotary and attention read them in place.
+//!
+//! One decoder step of a dense GQA model (T tokens, hidden H, Hq/Hkv heads of d, fused qkv
+//! weight `[(Hq + 2·Hkv)·d, H]`, fused gate_up `[2·I, H]`), all buffers preallocated:
+//! ```text
+//! embedding:  gather::launch_embedding_lookup(table, ids, h, V, H)
+//! per layer:  rms_norm::launch_rms_norm(h, w_in, x, T, H, eps)
+//!             matmul::launch_matmul(x, w_qkv, qkv, T, (Hq+2Hkv)·d, H, None)      (+ LoRA expand into qkv)
+//!             [Qwen3] rms_norm::launch_rms_norm_heads(qkv, q_view, q_norm, T, eps), same for k_view
+//!             rope::launch_rope(qkv, q_view, positions, table, params, T), same for k_view
+//!             attention::launch_kv_write(qkv, k_view, qkv, v_view, cache, batch, T)
+//!             attention::launch_attention(qkv, q_view, cache, batch, attn, T, 1/sqrt(d))
+//!             matmul::launch_matmul(attn, w_o, o, T, H, Hq·d, None);  add::launch_add_inplace(h, o)
+//!             rms_norm::launch_rms_norm(h, w_post, x, T, H, eps)
+//!             matmul::launch_matmul(x, w_gate_up, gu, T, 2I, H, None)
+//!             silu_mul::launch_silu_mul(gu, act, T, I)
+//!             matmul::launch_matmul(act, w_down, o, T, H, I, None);  add::launch_add_inplace(h, o)
+//! head:       rms_norm::launch_rms_norm(h, w_final, x, T, H, eps)
+//!             gather::launch_gather_rows(x, last_rows, xl, T, H)          (last token per sequence)
+//!             matmul::launch_matmul(xl, lm_head, logits, S, V, H, None);  argmax::launch_argmax(logits, next, S, V)
+//! ```
+//! with `q_view = HeadView::slice(Hq+2Hkv, 0, Hq, d)`, `k_view = …slice(…, Hq, Hkv, d)`,
+//! `v_view = …slice(…, Hq+Hkv, Hkv, d)`, `batch = AttentionBatch::new(..).upload(..)` (its
+//! `positions` also feed rope) and `table = RopeParams::cos_sin_table()` uploaded once.
 
 pub mod add;
 pub mod argmax;
