@@ -531,6 +531,89 @@ pub fn rejects_bad_input<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) 
     assert!(got[16..].iter().all(|v| *v == 0.0), "{got:?}");
 }
 
+/// Mean microseconds per launch of `f` over `iters` back-to-back launches (after a warm-up).
+fn time_us<R: Runtime>(client: &ComputeClient<R>, iters: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    cubecl::future::block_on(client.sync()).expect("device sync");
+    let t0 = std::time::Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    cubecl::future::block_on(client.sync()).expect("device sync");
+    t0.elapsed().as_secs_f64() * 1e6 / iters as f64
+}
+
+/// Speed of every op at Llama-3.1-8B shapes (H 4096, 32/8 heads of 128, I 14336, V 128256) on
+/// uninitialised buffers. Ignored by default; on the GPU:
+/// `cargo test -p lorac-runtime --features cuda-tests --test ops -- --ignored --nocapture cuda_bf16::op_speed`
+pub fn op_speed<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
+    let e = size_of::<F>() as f64;
+    let (h, hq, hkv, d, inter, vocab) = (4096usize, 32u32, 8u32, 128u32, 14336usize, 128256usize);
+    println!("# {} op speed (us per launch)", F::NAME);
+    for &(m, n, k, name) in &[
+        (1, 6144, h, "qkv"),
+        (1, 2 * inter, h, "gate_up"),
+        (1, h, inter, "down"),
+        (1, vocab, h, "lm_head"),
+        (8, 6144, h, "qkv"),
+        (8, 2 * inter, h, "gate_up"),
+        (512, 6144, h, "qkv"),
+        (512, 2 * inter, h, "gate_up"),
+        (512, h, inter, "down"),
+        (2048, 2 * inter, h, "gate_up"),
+    ] {
+        let (x, w) = (DeviceBuffer::<F>::empty(client, m * k), DeviceBuffer::<F>::empty(client, n * k));
+        let mut y = DeviceBuffer::<F>::empty(client, m * n);
+        let us = time_us(client, 20, || launch_matmul(client, &x, &w, &mut y, m, n, k, None).unwrap());
+        let gbs = (m * k + n * k + m * n) as f64 * e / us / 1e3;
+        let tflops = 2.0 * (m * n * k) as f64 / us / 1e6;
+        println!("matmul {name:8} m {m:5} n {n:6} k {k:5}: {us:9.1} us  {gbs:7.1} GB/s  {tflops:6.1} TFLOP/s");
+    }
+    let t = 2048usize;
+    let (x, w) = (DeviceBuffer::<F>::empty(client, t * h), DeviceBuffer::<F>::empty(client, h));
+    let mut y = DeviceBuffer::<F>::empty(client, t * h);
+    let us = time_us(client, 50, || launch_rms_norm(client, &x, &w, &mut y, t, h, 1e-5).unwrap());
+    println!("rms_norm T {t} H {h}: {us:.1} us  {:.1} GB/s", 2.0 * (t * h) as f64 * e / us / 1e3);
+    let gu = DeviceBuffer::<F>::empty(client, t * 2 * inter);
+    let mut act = DeviceBuffer::<F>::empty(client, t * inter);
+    let us = time_us(client, 50, || launch_silu_mul(client, &gu, &mut act, t, inter).unwrap());
+    println!("silu_mul T {t} I {inter}: {us:.1} us  {:.1} GB/s", 3.0 * (t * inter) as f64 * e / us / 1e3);
+    let total = hq + 2 * hkv;
+    let mut qkv = DeviceBuffer::<F>::empty(client, t * (total * d) as usize);
+    let params = RopeParams { head_dim: d, rotary_dim: d, theta: 500000.0, scaling: RopeScaling::Default, max_positions: 8192 };
+    let table = DeviceBuffer::upload(client, &params.cos_sin_table());
+    let pos = DeviceBuffer::upload(client, &(0..t as i32).collect::<Vec<_>>());
+    let q_view = HeadView::slice(total, 0, hq, d);
+    let us = time_us(client, 50, || launch_rope(client, &mut qkv, q_view, &pos, &table, &params, t).unwrap());
+    println!("rope q T {t}: {us:.1} us");
+    let logits = DeviceBuffer::<F>::empty(client, 32 * vocab);
+    let mut next = DeviceBuffer::<i32>::empty(client, 32);
+    let us = time_us(client, 50, || launch_argmax(client, &logits, &mut next, 32, vocab).unwrap());
+    println!("argmax 32 x {vocab}: {us:.1} us");
+    // Attention: 32 decode sequences of 2048 cached tokens, then one 2048-token prefill.
+    for (seqs, cached, new) in [(32u32, 2048u32, 1u32), (1, 0, 2048)] {
+        let page_size = 16;
+        let pages_per_seq = (cached + new).div_ceil(page_size);
+        let shape = KvCacheShape { num_pages: seqs * pages_per_seq, page_size, kv_heads: hkv, head_dim: d };
+        let slices: Vec<SeqSlice> = (0..seqs)
+            .map(|s| SeqSlice { pages: (s * pages_per_seq..(s + 1) * pages_per_seq).collect(), cached, new_tokens: new })
+            .collect();
+        let batch = AttentionBatch::new(&shape, pages_per_seq, &slices).unwrap().upload(client);
+        let tokens = (seqs * new) as usize;
+        let mut cache = PagedKvCache::<F>::empty(client, shape).unwrap();
+        let qkv = DeviceBuffer::upload(client, &vec![F::round_from(0.01); tokens * (total * d) as usize]);
+        let mut out = DeviceBuffer::<F>::empty(client, tokens * (hq * d) as usize);
+        let (k_view, v_view) = (HeadView::slice(total, hq, hkv, d), HeadView::slice(total, hq + hkv, hkv, d));
+        let us_w = time_us(client, 20, || launch_kv_write(client, &qkv, k_view, &qkv, v_view, &mut cache, &batch, tokens).unwrap());
+        let us = time_us(client, 5, || launch_attention(client, &qkv, q_view, &cache, &batch, &mut out, tokens, 0.088).unwrap());
+        let kv_bytes = 2.0 * (seqs * (cached + new)) as f64 * (hkv * d) as f64 * e;
+        println!(
+            "attention {seqs} seqs cached {cached} new {new}: kv_write {us_w:.1} us, attention {us:.1} us ({:.1} GB/s of KV)",
+            kv_bytes / us / 1e3
+        );
+    }
+}
+
 macro_rules! stamp_op_tests {
     ($module:ident, $runtime:ty, $elem:ty) => {
         mod $module {
@@ -578,6 +661,11 @@ macro_rules! stamp_op_tests {
             #[test]
             fn rejects_bad_input() {
                 super::rejects_bad_input::<Rt, E>(&client());
+            }
+            #[test]
+            #[ignore = "GPU benchmark"]
+            fn op_speed() {
+                super::op_speed::<Rt, E>(&client());
             }
         }
     };
