@@ -14,7 +14,7 @@
 //! written by kernel A) and to the sequence's cached prefix, and a decode token to its whole
 //! history, in one launch.
 //!
-//! Kernel B: one cube per (token, q head), flash-decoding style. Keys go in blocks of `threads`:
+//! Kernel B: one cube per (q head, token), flash-decoding style. Keys go in blocks of `threads`:
 //! each thread scores one key (q staged in shared memory, f32 dot over d with vector loads of
 //! the key row), the block's scores
 //! update a running max / denominator (online softmax, f32), and each thread accumulates its
@@ -301,9 +301,11 @@ fn attention_kernel<F: Float, N: Size>(
     let threads = comptime!(cfg.threads as usize);
     let per_thread = comptime!((cfg.head_dim as usize).div_ceil(cfg.threads as usize));
 
-    // -1e30: sentinel score of a key that must not count (finite, so no inf − inf).
-    let t = CUBE_POS_X as usize;
-    let h = CUBE_POS_Y as usize;
+    // Heads of one token are neighbours in the grid, so a kv head's rows are read by its q
+    // heads' cubes close together in time (L2 hits instead of one HBM pass per q head).
+    // Scores use -1e30 as the sentinel of a key that must not count (finite: no inf − inf).
+    let h = CUBE_POS_X as usize;
+    let t = CUBE_POS_Y as usize;
     let kvh = h / group;
     let tid = UNIT_POS as usize;
     let out_base = (t * hq + h) * d;
@@ -461,7 +463,7 @@ pub fn launch_attention<R: Runtime, F: Float + CubeElement>(
     unsafe {
         attention_kernel::launch_unchecked::<F, R>(
             client,
-            CubeCount::Static(tokens as u32, q_view.heads, 1),
+            CubeCount::Static(q_view.heads, tokens as u32, 1),
             CubeDim::new_1d(cfg.threads),
             k_vector,
             q_src.arg(1),
