@@ -209,6 +209,8 @@ pub fn rope_inv_freq() {
     let table = params.cos_sin_table();
     assert_eq!(table.len(), 16 * 128);
     assert_eq!((table[0], table[64]), (1.0, 0.0));
+    let rounded = params.cos_sin_table_bf16();
+    assert!(rounded.iter().zip(&table).all(|(r, t)| (r - t).abs() <= t.abs() / 256.0 && half::bf16::from_f32(*r).to_f32() == *r));
     assert!((table[128] - 1f32.cos()).abs() < 1e-7 && (table[128 + 64] - 1f32.sin()).abs() < 1e-7);
     // Partial rotary: the frequencies follow rotary_dim, not head_dim.
     let partial = RopeParams { rotary_dim: 32, scaling: RopeScaling::Default, theta: 10000.0, ..params };

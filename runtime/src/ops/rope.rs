@@ -8,7 +8,8 @@
 //! arithmetic: `inv_freq` in f32 exactly as `_compute_default_rope_parameters` /
 //! `_compute_llama3_parameters` compute it, the angle as the f32 product `pos · inv_freq`, and
 //! its cosine/sine evaluated exactly (f64) then rounded to f32 — no device transcendental on
-//! large arguments. Tokens whose position is outside the table are left unrotated.
+//! large arguments ([`RopeParams::cos_sin_table_bf16`] rounds it further to bf16, as HF does
+//! for a bf16 model). Tokens whose position is outside the table are left unrotated.
 
 use cubecl::prelude::*;
 
@@ -91,6 +92,12 @@ impl RopeParams {
         }
     }
 
+    /// The table rounded to bf16 values (still stored as f32): HF casts cos and sin to the
+    /// activation dtype before rotating, so a bf16 model matches transformers closest with this.
+    pub fn cos_sin_table_bf16(&self) -> Vec<f32> {
+        self.cos_sin_table().into_iter().map(|v| half::bf16::from_f32(v).to_f32()).collect()
+    }
+
     /// The `[max_positions, rotary_dim]` table the kernel reads (cos half, then sin half).
     /// `attention_factor` is 1 for both supported scalings.
     pub fn cos_sin_table(&self) -> Vec<f32> {
@@ -137,8 +144,14 @@ fn rope_kernel<F: Float>(
         let s = table[row + half + i];
         let x1 = f32::cast_from(x[base + i]);
         let x2 = f32::cast_from(x[base + half + i]);
-        x[base + i] = F::cast_from(x1 * c - x2 * s);
-        x[base + half + i] = F::cast_from(x2 * c + x1 * s);
+        // HF's `q * cos + rotate_half(q) * sin` in the storage type: each product rounded, then
+        // the sum (no-ops for f32).
+        let x1c = f32::cast_from(F::cast_from(x1 * c));
+        let x2s = f32::cast_from(F::cast_from(x2 * s));
+        let x2c = f32::cast_from(F::cast_from(x2 * c));
+        let x1s = f32::cast_from(F::cast_from(x1 * s));
+        x[base + i] = F::cast_from(x1c - x2s);
+        x[base + half + i] = F::cast_from(x2c + x1s);
         i += threads;
     }
 }
