@@ -451,6 +451,31 @@ pub fn argmax<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     }
 }
 
+/// Launches of more than 65535 cubes (the grid spills into a second dimension).
+pub fn large_grids<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
+    let rng = &mut Rng::new(8000);
+    // 65 600 blocks of 256 elements, plus a partial one.
+    let len = 256 * 65_600 + 7;
+    let (a, a64) = rng.tensor::<F>(len, 1.0);
+    let (b, b64) = rng.tensor::<F>(len, 1.0);
+    let mut y = DeviceBuffer::upload(client, &a);
+    launch_add_inplace(client, &mut y, &DeviceBuffer::upload(client, &b)).unwrap();
+    let sum: Vec<f64> = a64.iter().zip(&b64).map(|(x, y)| x + y).collect();
+    check_close("add over a spilled grid", &to_f64(&y.read(client)), &sum, F::TOLERANCE);
+    // 70 000 per-head rows.
+    let (tokens, heads, d) = (35_000usize, 2u32, 4u32);
+    let (x, x64) = rng.tensor::<F>(tokens * (heads * d) as usize, 1.0);
+    let (w, w64) = rng.tensor::<F>(d as usize, 1.0);
+    let mut buf = DeviceBuffer::upload(client, &x);
+    launch_rms_norm_heads(client, &mut buf, HeadView::contiguous(heads, d), &DeviceBuffer::upload(client, &w), tokens, 1e-6).unwrap();
+    check_close(
+        "rms_norm_heads over a spilled grid",
+        &to_f64(&buf.read(client)),
+        &reference_rms_norm(&x64, &w64, d as usize, 1e-6),
+        2.0 * F::TOLERANCE,
+    );
+}
+
 /// Bad shapes are errors, never panics or out-of-bounds launches.
 pub fn rejects_bad_input<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     let one = F::round_from(1.0);
@@ -663,6 +688,10 @@ macro_rules! stamp_op_tests {
             #[test]
             fn rejects_bad_input() {
                 super::rejects_bad_input::<Rt, E>(&client());
+            }
+            #[test]
+            fn large_grids() {
+                super::large_grids::<Rt, E>(&client());
             }
             #[test]
             #[ignore = "GPU benchmark"]
