@@ -14,7 +14,9 @@ use lorac_runtime::ops::attention::{
 };
 use lorac_runtime::ops::gather::{launch_embedding_lookup, launch_gather_rows, reference_gather_rows};
 use lorac_runtime::ops::matmul::{MatmulConfig, launch_matmul, launch_matmul_cubek, reference_matmul};
-use lorac_runtime::ops::rms_norm::{launch_rms_norm, launch_rms_norm_heads, reference_rms_norm, reference_rms_norm_row};
+use lorac_runtime::ops::rms_norm::{
+    launch_add_rms_norm, launch_rms_norm, launch_rms_norm_heads, reference_rms_norm, reference_rms_norm_row,
+};
 use lorac_runtime::ops::rope::{RopeParams, RopeScaling, launch_rope, reference_rope};
 use lorac_runtime::ops::silu_mul::{launch_silu_mul, reference_silu_mul};
 use lorac_runtime::ops::{HeadView, OpError};
@@ -128,6 +130,32 @@ pub fn rms_norm<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             .unwrap();
         // The kernel rounds the normalised row before the weight (as HF): two roundings.
         check_close(&what, &to_f64(&y.read(client)), &reference_rms_norm(&x64, &w64, width, eps), 2.0 * F::TOLERANCE);
+
+        // Fused residual add: h += delta, then the norm of the (rounded) new h.
+        let (delta, delta64) = rng.tensor::<F>(rows * width, 1.0);
+        let mut h = DeviceBuffer::upload(client, &x);
+        let mut y = nan_buffer::<R, F>(client, rows * width);
+        launch_add_rms_norm(
+            client,
+            &mut h,
+            &DeviceBuffer::upload(client, &delta),
+            &DeviceBuffer::upload(client, &w),
+            &mut y,
+            rows,
+            width,
+            eps as f32,
+        )
+        .unwrap();
+        let sum: Vec<f64> = x64.iter().zip(&delta64).map(|(a, b)| a + b).collect();
+        let h_out = to_f64(&h.read(client));
+        check_close(&format!("add_rms_norm (h) {what}"), &h_out, &sum, F::TOLERANCE);
+        // Normalised from the stored h (what the kernel and HF normalise).
+        check_close(
+            &format!("add_rms_norm (y) {what}"),
+            &to_f64(&y.read(client)),
+            &reference_rms_norm(&h_out, &w64, width, eps),
+            2.0 * F::TOLERANCE,
+        );
     }
 }
 

@@ -1,7 +1,8 @@
 //! Base (non-LoRA) operators the plan executor needs to run dense GQA decoders (Llama, Qwen3),
 //! one kernel family per file, each with a plain f64 CPU reference beside it:
 //! * [`matmul`]: `y = x · Wᵀ` with the HF weight layout (W row-major `[out, in]`), f32 accumulation;
-//! * [`rms_norm`]: RMSNorm over rows, out of place, or in place per head (Qwen3 q_norm/k_norm);
+//! * [`rms_norm`]: RMSNorm over rows, out of place, fused behind the residual add, or in place
+//!   per head (Qwen3 q_norm/k_norm);
 //! * [`rope`]: rotary embedding (NeoX / HF `rotate_half`), `default` and `llama3` scaling,
 //!   partial rotary, applied in place from a host-computed cos/sin table;
 //! * [`silu_mul`]: `silu(gate) · up` from the fused gate_up output;
@@ -36,7 +37,9 @@
 //! ```
 //! with `q_view = HeadView::slice(Hq+2Hkv, 0, Hq, d)`, `k_view = …slice(…, Hq, Hkv, d)`,
 //! `v_view = …slice(…, Hq+Hkv, Hkv, d)`, `batch = AttentionBatch::new(..).upload(..)` (its
-//! `positions` also feed rope) and `table = RopeParams::cos_sin_table()` uploaded once.
+//! `positions` also feed rope) and `table = RopeParams::cos_sin_table()` uploaded once
+//! (`cos_sin_table_bf16()` for a bf16 model). Each `add_inplace` + following `rms_norm` pair may
+//! be one `rms_norm::launch_add_rms_norm(h, o, w, x, T, H, eps)`.
 
 pub mod add;
 pub mod argmax;

@@ -4,9 +4,11 @@
 //! and rounded to the storage type, then multiplied by the weight (one more rounding), so bf16
 //! results match transformers bit for bit up to the order of the sum.
 //!
-//! Two entry points: [`launch_rms_norm`] (contiguous `[rows, D]` → separate output, the layer
-//! norms) and [`launch_rms_norm_heads`] (in place on every head of a [`HeadView`], Qwen3's
-//! q_norm / k_norm on the fused qkv output). One cube per row; its threads stride over D.
+//! Entry points: [`launch_rms_norm`] (contiguous `[rows, D]` → separate output, the layer
+//! norms), [`launch_add_rms_norm`] (the residual add fused in front: `h += delta`, then the
+//! norm of the new `h`) and [`launch_rms_norm_heads`] (in place on every head of a
+//! [`HeadView`], Qwen3's q_norm / k_norm on the fused qkv output). One cube per row; its
+//! threads stride over D.
 
 use cubecl::prelude::*;
 
@@ -92,6 +94,91 @@ fn rms_norm_heads_kernel<F: Float>(
         x[base + i] = F::cast_from(f32::cast_from(normed) * f32::cast_from(w[i]));
         i += threads;
     }
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn add_rms_norm_kernel<F: Float>(
+    h: &mut Array<F>,
+    delta: &Array<F>,
+    w: &Array<F>,
+    y: &mut Array<F>,
+    rows: u32,
+    width: u32,
+    eps: f32,
+    #[comptime] threads: usize,
+) {
+    let row = linear_cube();
+    if row >= rows as usize {
+        terminate!();
+    }
+    let width = width as usize;
+    let base = row * width;
+    let tid = UNIT_POS as usize;
+    let mut buf = SharedMemory::<f32>::new(threads);
+    // The residual sum is rounded to the storage type before it is normalised (HF's order);
+    // each thread re-reads only the elements it wrote.
+    let mut ss = 0.0f32;
+    let mut i = tid;
+    while i < width {
+        let sum = F::cast_from(f32::cast_from(h[base + i]) + f32::cast_from(delta[base + i]));
+        h[base + i] = sum;
+        let v = f32::cast_from(sum);
+        ss += v * v;
+        i += threads;
+    }
+    let total = cube_sum(ss, &mut buf, threads);
+    let inv = 1.0f32 / f32::sqrt(total / f32::cast_from(width) + eps);
+    let mut i = tid;
+    while i < width {
+        let normed = F::cast_from(f32::cast_from(h[base + i]) * inv);
+        y[base + i] = F::cast_from(f32::cast_from(normed) * f32::cast_from(w[i]));
+        i += threads;
+    }
+}
+
+/// Fused residual add and norm (the post-attention / next-layer input norm):
+/// `h += delta` in place, then `y = rms_norm(h) · w`, for `rows` contiguous rows of `width`.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_add_rms_norm<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    h: &mut DeviceBuffer<F>,
+    delta: &DeviceBuffer<F>,
+    w: &DeviceBuffer<F>,
+    y: &mut DeviceBuffer<F>,
+    rows: usize,
+    width: usize,
+    eps: f32,
+) -> OpResult<()> {
+    check_dims("add_rms_norm", &[rows, width])?;
+    check_eps(eps)?;
+    if width == 0 {
+        return Err(OpError::Shape("rms_norm width must be positive".into()));
+    }
+    check_len(h, "h", rows * width)?;
+    check_len(delta, "delta", rows * width)?;
+    check_len(y, "y", rows * width)?;
+    check_len(w, "weight", width)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let threads = threads_for(width, 32, 256);
+    unsafe {
+        add_rms_norm_kernel::launch_unchecked::<F, R>(
+            client,
+            grid_1d(rows),
+            CubeDim::new_1d(threads),
+            h.arg(1),
+            delta.arg(1),
+            w.arg(1),
+            y.arg(1),
+            rows as u32,
+            width as u32,
+            eps,
+            threads as usize,
+        );
+    }
+    Ok(())
 }
 
 fn check_eps(eps: f32) -> OpResult<()> {
