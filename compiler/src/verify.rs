@@ -35,10 +35,8 @@ pub fn verify(g: &Graph, pass: &'static str) -> Result<(), CompileError> {
                 return fail(format!("`{}` does not record its producer", g.values[*v].name));
             }
         }
-        if sharded {
-            if let Some(v) = node.inputs.iter().chain(&node.outputs).find(|v| g.values[**v].rank_width.is_none()) {
-                return fail(format!("`{}` has no per-rank width", g.values[*v].name));
-            }
+        if sharded && let Some(v) = node.inputs.iter().chain(&node.outputs).find(|v| g.values[**v].rank_width.is_none()) {
+            return fail(format!("`{}` has no per-rank width", g.values[*v].name));
         }
     }
     for (id, lora) in g.loras.iter() {

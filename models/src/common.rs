@@ -57,7 +57,7 @@ impl DecoderBase {
 pub fn head_dim(path: &Path, explicit: Option<Count>, hidden: u32, heads: u32) -> Result<u32, ModelError> {
     match explicit {
         Some(d) => Ok(d.get()),
-        None if hidden % heads == 0 => Ok(hidden / heads),
+        None if hidden.is_multiple_of(heads) => Ok(hidden / heads),
         None => Err(ModelError::field(
             path,
             "head_dim",
@@ -68,7 +68,7 @@ pub fn head_dim(path: &Path, explicit: Option<Count>, hidden: u32, heads: u32) -
 
 /// GQA needs the query heads to be a multiple of the KV heads.
 pub fn check_gqa(path: &Path, heads: u32, kv_heads: u32, prefix: &str) -> Result<(), ModelError> {
-    if heads % kv_heads != 0 {
+    if !heads.is_multiple_of(kv_heads) {
         return Err(ModelError::field(
             path,
             format!("{prefix}num_key_value_heads"),

@@ -84,7 +84,8 @@ pub fn rope(cfg: &ConfigFile, nested: Option<&str>, head_dim: u32) -> Result<Rop
     }
     let partial = params.partial_rotary_factor.unwrap_or(1.0);
     let rotary_dim = (f64::from(head_dim) * partial).round() as u32;
-    if !(partial > 0.0 && partial <= 1.0) || rotary_dim % 2 != 0 || rotary_dim == 0 {
+    let valid = partial > 0.0 && partial <= 1.0 && rotary_dim > 0 && rotary_dim.is_multiple_of(2);
+    if !valid {
         return Err(bad("partial_rotary_factor", format!("{partial} of head_dim {head_dim} is not an even number of dimensions")));
     }
     let need = |v: Option<f64>, name: &str| v.filter(|x| x.is_finite()).ok_or_else(|| bad(name, "missing or not a finite number".into()));

@@ -282,6 +282,8 @@ pub struct MoeSpec {
     pub params: Vec<ParamSpec>,
 }
 
+// One per layer, built once: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum FfnSpec {
     Dense(DenseMlpSpec),

@@ -89,7 +89,10 @@ fn rope_and_norm_constants() {
     let s = load("meta-llama__Meta-Llama-3.1-8B.json");
     let rope = s.rope.unwrap();
     assert_eq!((rope.theta, rope.rotary_dim), (500000.0, 128));
-    assert_eq!(rope.scaling, RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 });
+    assert_eq!(
+        rope.scaling,
+        RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 }
+    );
     assert_eq!(s.norm.eps, 1e-5);
     // DeepSeek-V3: `type: yarn` (old spelling), rope over the 64-dim rope part of each head.
     let rope = load("deepseek-ai__DeepSeek-V3.json").rope.unwrap();

@@ -110,18 +110,18 @@ impl Plan {
             return Err("ranks hold different numbers of LoRA buffers".into());
         }
         for (i, node) in self.nodes.iter().enumerate() {
-            if let Some(k) = node.kernel {
-                if k.0 as usize >= self.kernels.len() {
-                    return Err(format!("node {i} names kernel {} of {}", k.0, self.kernels.len()));
-                }
+            if let Some(k) = node.kernel
+                && k.0 as usize >= self.kernels.len()
+            {
+                return Err(format!("node {i} names kernel {} of {}", k.0, self.kernels.len()));
             }
             if let Some(v) = node.inputs.iter().chain(&node.outputs).find(|v| v.0 as usize >= self.values.len()) {
                 return Err(format!("node {i} names value {} of {}", v.0, self.values.len()));
             }
-            if let Some(b) = node.lora_buffer {
-                if b as usize >= buffers {
-                    return Err(format!("node {i} names LoRA buffer {b} of {buffers}"));
-                }
+            if let Some(b) = node.lora_buffer
+                && b as usize >= buffers
+            {
+                return Err(format!("node {i} names LoRA buffer {b} of {buffers}"));
             }
         }
         Ok(())

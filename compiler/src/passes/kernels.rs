@@ -35,7 +35,7 @@ pub fn max_rows(rows: Rows, max_batch_tokens: u32, max_seqs: u32) -> u64 {
 /// Largest power-of-two tile (up to `max`) that divides `dim`, so no tile is ragged.
 fn tile_dividing(dim: u32, max: u32) -> u32 {
     let mut t = max;
-    while t > 1 && dim % t != 0 {
+    while t > 1 && !dim.is_multiple_of(t) {
         t /= 2;
     }
     t
@@ -48,9 +48,9 @@ fn gemm_tile(m_max: u64, n: u32, k: u32) -> Tile {
 
 /// Per-rank count of a head-sharded dimension, by the sharding pass's rule.
 pub fn heads_per_rank(count: u32, tp: u32, replicate: bool) -> Result<u32, CompileError> {
-    if count % tp == 0 {
+    if count.is_multiple_of(tp) {
         Ok(count / tp)
-    } else if replicate && tp % count == 0 {
+    } else if replicate && tp.is_multiple_of(count) {
         Ok(1)
     } else {
         // The sharding pass refuses such splits with a message naming the field; reaching

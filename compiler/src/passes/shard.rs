@@ -36,7 +36,7 @@ pub fn split(unit: &ShardUnit, tp: u32, module: &str) -> Result<Split, CompileEr
             if count % tp == 0 {
                 let per = count / tp * head_dim;
                 Ok(Split { width: per, ranges: ranks.map(|r| (r * per, (r + 1) * per)).collect() })
-            } else if replicate_when_short && tp % count == 0 {
+            } else if replicate_when_short && tp.is_multiple_of(count) {
                 // tp > heads: each rank holds one head, shared by tp / count ranks.
                 let ranks_per_head = tp / count;
                 Ok(Split {
@@ -137,7 +137,7 @@ pub fn shard_linear(linear: &Linear, tp: u32, ep: u32) -> Result<LinearShard, Co
 }
 
 pub fn run(g: &mut Graph, tp: u32, ep: u32) -> Result<(), CompileError> {
-    if tp % ep != 0 {
+    if !tp.is_multiple_of(ep) {
         return Err(CompileError::Option {
             option: "--ep",
             message: format!("{ep} must divide --tp {tp} (experts are split over tp / ep ranks)"),
@@ -211,7 +211,8 @@ fn insert_all_reduces(g: &mut Graph) {
             reduced.insert(v, full);
             // Once reduced, every later reader takes the full copy: the residual stream stays
             // whole, as engines keep it.
-            for consumer in g.order[position..].to_vec() {
+            for later in position..g.order.len() {
+                let consumer = g.order[later];
                 g.replace_input(consumer, v, full);
             }
         }

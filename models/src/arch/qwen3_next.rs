@@ -174,7 +174,7 @@ pub fn build_hybrid(cfg: &ConfigFile, family: &HybridFamily) -> Result<ModelSpec
             LayerType::Linear => MixerSpec::GatedDeltaNet(gated_delta_net(&c, family.gdn, &path(&prefix, "linear_attn"), state_dtype)),
         };
         let mlp = path(&prefix, "mlp");
-        let sparse = !c.mlp_only_layers.contains(&(i as u32)) && (i as u32 + 1) % c.decoder_sparse_step.get() == 0;
+        let sparse = !c.mlp_only_layers.contains(&(i as u32)) && (i as u32 + 1).is_multiple_of(c.decoder_sparse_step.get());
         let ffn = match (&moe, sparse) {
             (Some(m), true) => FfnSpec::Moe(moe_ffn(hidden, m, &mlp, format)),
             _ => {
