@@ -6,7 +6,8 @@
 //! the group its slice reads (the shrink, reduced across the cube as in [`crate::shrink`]),
 //! keeps it in shared memory, then does the expand of its column block. The group's A rows are
 //! re-read by every column block of its slices (from L2 after the first), which is why this is
-//! a decode kernel: [`FusedConfig::worthwhile`] says when the saved launch outweighs that.
+//! a decode kernel: [`FusedConfig::worthwhile`] says when the saved launch outweighs that
+//! (on the H100: single-token segments at rank ≤ 16 only).
 //! No intermediate buffer is needed at all. Reference: the shrink reference, then the expand's.
 
 use cubecl::prelude::*;
@@ -64,9 +65,11 @@ impl FusedConfig {
             .unwrap_or(1)
     }
 
-    /// Decode batches on modules where no group is recomputed more than 4 times.
+    /// Measured on the H100 (runtime/BENCHMARKS.md): fusing wins only when every segment has
+    /// one token, the rank is at most 16 and no group is recomputed more than 4 times; longer
+    /// segments serialise token tiles and rank passes inside each cube and lose badly.
     pub fn worthwhile(&self, layout: &LoraLayout, max_segment_len: u32) -> bool {
-        max_segment_len <= 8 && self.blocks_per_group(layout) <= 4
+        max_segment_len <= 1 && self.max_rank <= 16 && self.blocks_per_group(layout) <= 4
     }
 }
 
