@@ -16,6 +16,8 @@ pub const NO_SLOT: u32 = u32::MAX;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Segments {
     tokens: u32,
+    /// Slot count the weight indices were validated against.
+    slots: u32,
     seg_indptr: Vec<u32>,
     weight_indices: Vec<u32>,
     token_perm: Vec<u32>,
@@ -47,7 +49,7 @@ impl Segments {
             }
             *entry = true;
         }
-        Ok(Segments { tokens, seg_indptr, weight_indices, token_perm })
+        Ok(Segments { tokens, slots, seg_indptr, weight_indices, token_perm })
     }
 
     /// Groups tokens by slot (stable, in slot order), the way a scheduler would.
@@ -94,7 +96,7 @@ impl Segments {
         let last = *seg_indptr.last().unwrap();
         seg_indptr.resize(capacity + 1, last);
         weight_indices.resize(capacity, NO_SLOT);
-        Ok(Segments { tokens: self.tokens, seg_indptr, weight_indices, token_perm: self.token_perm.clone() })
+        Ok(Segments { tokens: self.tokens, slots: self.slots, seg_indptr, weight_indices, token_perm: self.token_perm.clone() })
     }
 
     /// Segment capacity a plan must reserve for `max_tokens` tokens over `slots` slots when
@@ -136,6 +138,7 @@ impl Segments {
     pub fn upload<R: Runtime>(&self, client: &ComputeClient<R>) -> DeviceSegments {
         DeviceSegments {
             tokens: self.tokens,
+            slots: self.slots,
             num_segments: self.num_segments(),
             max_segment_len: self.max_segment_len(),
             seg_indptr: DeviceBuffer::upload(client, &self.seg_indptr),
@@ -150,6 +153,7 @@ impl Segments {
 #[derive(Debug, Clone)]
 pub struct DeviceSegments {
     pub(crate) tokens: u32,
+    pub(crate) slots: u32,
     pub(crate) num_segments: usize,
     pub(crate) max_segment_len: u32,
     pub(crate) seg_indptr: DeviceBuffer<u32>,
@@ -161,6 +165,13 @@ pub struct DeviceSegments {
 impl DeviceSegments {
     pub fn tokens(&self) -> u32 {
         self.tokens
+    }
+    /// Segments validated against more slots than the pool has could index past it.
+    pub(crate) fn check_slots(&self, layout: &lorac_plan::LoraLayout) -> Result<()> {
+        if self.slots > layout.slots() {
+            return Err(LoraError::SlotOutOfRange { slot: self.slots - 1, slots: layout.slots() });
+        }
+        Ok(())
     }
     pub fn num_segments(&self) -> usize {
         self.num_segments

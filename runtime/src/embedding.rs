@@ -66,6 +66,7 @@ pub fn launch_embedding<R: Runtime, F: Float + CubeElement>(
     config: Option<ExpandConfig>,
 ) -> Result<()> {
     pool.check_layout(layout)?;
+    segs.check_slots(layout)?;
     if layout.groups() != 1 || layout.experts().is_some() {
         return Err(LoraError::Layout("embedding LoRA takes one group and no experts".into()));
     }

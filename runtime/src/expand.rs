@@ -145,6 +145,7 @@ pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
     config: Option<ExpandConfig>,
 ) -> Result<()> {
     pool.check_layout(layout)?;
+    segs.check_slots(layout)?;
     if layout.experts().is_some() {
         return Err(LoraError::Layout("expert layouts go through the MoE kernels".into()));
     }

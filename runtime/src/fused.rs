@@ -213,6 +213,7 @@ pub fn launch_fused<R: Runtime, F: Float + CubeElement>(
     config: Option<FusedConfig>,
 ) -> Result<()> {
     pool.check_layout(layout)?;
+    segs.check_slots(layout)?;
     if layout.experts().is_some() {
         return Err(LoraError::Layout("expert layouts go through the MoE kernels".into()));
     }

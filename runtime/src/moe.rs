@@ -329,6 +329,7 @@ pub fn launch_moe_shrink<R: Runtime, F: Float + CubeElement>(
     a: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
     pool.check_layout(layout)?;
+    segs.check_slots(layout)?;
     let (experts_a, _) = check_experts(layout, routing)?;
     let cfg = MoeConfig::new(client, layout, size_of::<F>(), input, MoeOutput::PerPair)?;
     if segs.tokens != routing.tokens {
@@ -379,6 +380,7 @@ pub fn launch_moe_expand<R: Runtime, F: Float + CubeElement>(
     y: &mut DeviceBuffer<F>,
 ) -> Result<()> {
     pool.check_layout(layout)?;
+    segs.check_slots(layout)?;
     let (_, experts_b) = check_experts(layout, routing)?;
     let mut cfg = MoeConfig::new(client, layout, size_of::<F>(), MoeInput::PerToken, output)?;
     cfg.threads = MOE_EXPAND_THREADS;

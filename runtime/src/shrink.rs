@@ -110,7 +110,7 @@ pub(crate) fn cube_dot_rows<F: Float, N: Size>(
 
 /// Distance between consecutive results in `partials` after [`cube_dot_rows`].
 pub(crate) fn result_stride(threads: u32, plane: u32) -> usize {
-    if plane > 0 { (threads / plane) as usize } else { threads as usize }
+    threads.checked_div(plane).unwrap_or(threads) as usize
 }
 
 #[cube(launch_unchecked)]
@@ -210,6 +210,7 @@ pub fn launch_shrink<R: Runtime, F: Float + CubeElement>(
     kernel: Option<ShrinkKernel>,
 ) -> Result<()> {
     pool.check_layout(layout)?;
+    segs.check_slots(layout)?;
     if layout.experts().is_some() {
         return Err(LoraError::Layout("expert layouts go through the MoE kernels".into()));
     }

@@ -477,6 +477,8 @@ pub fn rejects_bad_input<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) 
     let mut out = DeviceBuffer::<f32>::empty(client, 3 * 12);
     let err = launch_shrink(client, &layout, &pool, &dev, &x_short, &mut out, None).unwrap_err();
     assert_eq!(err, LoraError::BufferSize { name: "x", expected: 48, actual: 16 });
+    let wide = Segments::from_token_slots(&[Some(5), None, None], 6).unwrap().upload(client);
+    assert_eq!(launch_shrink(client, &layout, &pool, &wide, &x_short, &mut out, None).unwrap_err(), LoraError::SlotOutOfRange { slot: 5, slots: 2 });
     let other = LoraLayout::new(nz(2), nz(4), 16, 1, vec![slice("o", 8, 0)], None).unwrap();
     let x = DeviceBuffer::upload(client, &vec![F::round_from(1.0); 48]);
     assert!(matches!(launch_shrink(client, &other, &pool, &dev, &x, &mut out, None), Err(LoraError::Layout(_))));
