@@ -40,13 +40,6 @@ impl<E: CubeElement> DeviceBuffer<E> {
         E::from_bytes(&bytes)[..self.len].to_vec()
     }
 
-    /// Overwrites the whole buffer (tests use it to poison outputs before each launch).
-    pub fn write<R: Runtime>(&mut self, client: &ComputeClient<R>, data: &[E]) -> Result<()> {
-        self.check_len("write", data.len())?;
-        *self = Self::upload(client, data);
-        Ok(())
-    }
-
     pub fn len(&self) -> usize {
         self.len
     }
