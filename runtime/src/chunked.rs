@@ -12,10 +12,10 @@ use lorac_plan::LoraLayout;
 use crate::batch::{DeviceSegments, Segments};
 use crate::buffer::DeviceBuffer;
 use crate::config::{ExpandConfig, ShrinkConfig};
-use crate::shrink::ShrinkKernel;
-use crate::shrink_mma::{MmaShrinkConfig, TILE};
 use crate::error::{LoraError, Result};
 use crate::pool::AdapterPool;
+use crate::shrink::ShrinkKernel;
+use crate::shrink_mma::{MmaShrinkConfig, TILE};
 use crate::{expand, shrink};
 
 /// Fixed launch shape of one module, computed once from the layout and the plan's limits.
@@ -37,7 +37,9 @@ impl ChunkedPlan {
         // Tensor cores where the storage type has them and chunks hold whole 16-token tiles.
         let shrink = match MmaShrinkConfig::supported::<R, F>(client, layout) {
             Some(config) if chunk % TILE == 0 => ShrinkKernel::Mma { config, tiles_per_segment: chunk / TILE },
-            _ => ShrinkKernel::Scalar(ShrinkConfig { token_splits: 1, ..ShrinkConfig::new(client, layout, size_of::<F>(), capacity, chunk) }),
+            _ => {
+                ShrinkKernel::Scalar(ShrinkConfig { token_splits: 1, ..ShrinkConfig::new(client, layout, size_of::<F>(), capacity, chunk) })
+            }
         };
         let expand = ExpandConfig { token_splits: 1, ..ExpandConfig::new(client, layout, size_of::<F>(), capacity, chunk) };
         Ok(ChunkedPlan { chunk, capacity, shrink, expand })

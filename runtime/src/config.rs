@@ -28,7 +28,13 @@ impl ShrinkConfig {
     /// Picks the widest token tile (most reuse of each A load) that still gives the grid two
     /// cubes per multiprocessor; decode batches end up with narrow tiles and every cube's A rows
     /// in flight at once, prefill with 8×8 register tiles. Every token tile gets its own cube.
-    pub fn new<R: Runtime>(client: &ComputeClient<R>, layout: &LoraLayout, elem_size: usize, num_segments: usize, max_segment_len: u32) -> Self {
+    pub fn new<R: Runtime>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        elem_size: usize,
+        num_segments: usize,
+        max_segment_len: u32,
+    ) -> Self {
         let max_rank = layout.max_rank();
         let target = 2 * u64::from(multiprocessors(client));
         let fits = |r: u32| [r, 4, 2, 1].into_iter().find(|d| max_rank % d == 0).unwrap_or(1);
@@ -38,7 +44,9 @@ impl ShrinkConfig {
             .iter()
             .filter(|(_, t)| *t <= longest)
             .map(|&(r, t)| (fits(r), t))
-            .find(|&(r, t)| u64::from(layout.groups() * max_rank / r) * num_segments as u64 * u64::from(max_segment_len.div_ceil(t)) >= target)
+            .find(|&(r, t)| {
+                u64::from(layout.groups() * max_rank / r) * num_segments as u64 * u64::from(max_segment_len.div_ceil(t)) >= target
+            })
             .unwrap_or((fits(4), 1));
         let vector = vector_size(client, elem_size, &[layout.in_features()]) as u32;
         let k_vecs = layout.in_features() / vector;
@@ -101,7 +109,13 @@ pub struct ExpandConfig {
 }
 
 impl ExpandConfig {
-    pub fn new<R: Runtime>(client: &ComputeClient<R>, layout: &LoraLayout, elem_size: usize, num_segments: usize, max_segment_len: u32) -> Self {
+    pub fn new<R: Runtime>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        elem_size: usize,
+        num_segments: usize,
+        max_segment_len: u32,
+    ) -> Self {
         let widths: Vec<u32> = layout.slices().iter().map(|s| s.width).collect();
         let out_vector = vector_size(client, elem_size, &widths) as u32;
         let rank_vector = vector_size(client, elem_size, &[layout.max_rank()]) as u32;
@@ -116,18 +130,23 @@ impl ExpandConfig {
         // Split a segment's tiles over cubes until the grid has eight cubes per multiprocessor:
         // the expand streams y, so it wants many loads in flight.
         let target = 8 * multiprocessors(client);
-        let token_splits = target.div_ceil(blocks * num_segments.max(1) as u32).clamp(1, tiles).min(65535 / num_segments.max(1) as u32).max(1);
-        ExpandConfig { groups: layout.groups(), max_rank: layout.max_rank(), tokens_per_tile, token_splits, threads, out_vector, rank_vector }
+        let token_splits =
+            target.div_ceil(blocks * num_segments.max(1) as u32).clamp(1, tiles).min(65535 / num_segments.max(1) as u32).max(1);
+        ExpandConfig {
+            groups: layout.groups(),
+            max_rank: layout.max_rank(),
+            tokens_per_tile,
+            token_splits,
+            threads,
+            out_vector,
+            rank_vector,
+        }
     }
 }
 
 /// Largest vector width the device reads efficiently that divides every given length.
 pub(crate) fn vector_size<R: Runtime>(client: &ComputeClient<R>, elem_size: usize, lengths: &[u32]) -> usize {
-    client
-        .io_optimized_vector_sizes(elem_size)
-        .filter(|v| lengths.iter().all(|l| *l as usize % v == 0))
-        .max()
-        .unwrap_or(1)
+    client.io_optimized_vector_sizes(elem_size).filter(|v| lengths.iter().all(|l| *l as usize % v == 0)).max().unwrap_or(1)
 }
 
 /// Per-slice table `[offset, width, group]` the expand kernels read (slices have unequal widths).

@@ -98,7 +98,16 @@ pub fn launch_embedding<R: Runtime, F: Float + CubeElement>(
 
 /// Plain f64 reference, accumulating into `y`.
 #[allow(clippy::too_many_arguments)]
-pub fn reference_embedding(layout: &LoraLayout, ranks: &[u32], scales: &[f32], segs: &Segments, token_ids: &[u32], a_pool: &[f64], b_pool: &[f64], y: &mut [f64]) {
+pub fn reference_embedding(
+    layout: &LoraLayout,
+    ranks: &[u32],
+    scales: &[f32],
+    segs: &Segments,
+    token_ids: &[u32],
+    a_pool: &[f64],
+    b_pool: &[f64],
+    y: &mut [f64],
+) {
     let (big_r, vocab) = (layout.max_rank() as usize, layout.in_features() as usize);
     let mut a = vec![0.0; segs.tokens() as usize * big_r];
     for s in 0..segs.num_segments() {

@@ -185,7 +185,12 @@ pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
 
 /// Output vector width (divides every slice width), B vector width (divides R) and the number
 /// of column blocks needed by the widest slice.
-pub(crate) fn expand_geometry<R: Runtime>(client: &ComputeClient<R>, layout: &LoraLayout, elem: usize, threads: u32) -> (usize, usize, u32) {
+pub(crate) fn expand_geometry<R: Runtime>(
+    client: &ComputeClient<R>,
+    layout: &LoraLayout,
+    elem: usize,
+    threads: u32,
+) -> (usize, usize, u32) {
     let widths: Vec<u32> = layout.slices().iter().map(|s| s.width).collect();
     let ny = vector_size(client, elem, &widths).min(4);
     let nb = vector_size(client, elem, &[layout.max_rank()]);
@@ -210,7 +215,15 @@ pub(crate) fn check_expand_config(layout: &LoraLayout, cfg: &ExpandConfig) -> Re
 }
 
 /// Plain f64 reference, accumulating into `y`.
-pub fn reference_expand(layout: &LoraLayout, ranks: &[u32], scales: &[f32], segs: &crate::batch::Segments, a: &[f64], b_pool: &[f64], y: &mut [f64]) {
+pub fn reference_expand(
+    layout: &LoraLayout,
+    ranks: &[u32],
+    scales: &[f32],
+    segs: &crate::batch::Segments,
+    a: &[f64],
+    b_pool: &[f64],
+    y: &mut [f64],
+) {
     let (big_r, c, out) = (layout.max_rank() as usize, layout.groups() as usize, layout.out_features() as usize);
     for s in 0..segs.num_segments() {
         let slot = segs.weight_indices()[s];

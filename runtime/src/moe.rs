@@ -41,7 +41,14 @@ pub struct MoeRouting {
 }
 
 impl MoeRouting {
-    pub fn new<R: Runtime>(client: &ComputeClient<R>, tokens: u32, topk: u32, experts: u32, expert_ids: &[u32], weights: &[f32]) -> Result<Self> {
+    pub fn new<R: Runtime>(
+        client: &ComputeClient<R>,
+        tokens: u32,
+        topk: u32,
+        experts: u32,
+        expert_ids: &[u32],
+        weights: &[f32],
+    ) -> Result<Self> {
         let pairs = (tokens * topk) as usize;
         if expert_ids.len() != pairs {
             return Err(LoraError::BufferSize { name: "expert_ids", expected: pairs, actual: expert_ids.len() });
@@ -103,7 +110,13 @@ pub struct MoeConfig {
 }
 
 impl MoeConfig {
-    pub fn new<R: Runtime>(client: &ComputeClient<R>, layout: &LoraLayout, elem_size: usize, input: MoeInput, output: MoeOutput) -> Result<Self> {
+    pub fn new<R: Runtime>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        elem_size: usize,
+        input: MoeInput,
+        output: MoeOutput,
+    ) -> Result<Self> {
         let e = layout.experts().ok_or_else(|| LoraError::Layout("MoE LoRA needs an expert layout".into()))?;
         let max_rank = layout.max_rank();
         let rows_per_cube = [4, 2, 1].into_iter().find(|r| max_rank % r == 0).unwrap_or(1);
@@ -442,7 +455,8 @@ pub fn reference_moe(
 ) {
     let e = layout.experts().expect("expert layout");
     let (ea, eb) = (e.a.get() as usize, e.b.get() as usize);
-    let (k, big_r, c, out) = (layout.in_features() as usize, layout.max_rank() as usize, layout.groups() as usize, layout.out_features() as usize);
+    let (k, big_r, c, out) =
+        (layout.in_features() as usize, layout.max_rank() as usize, layout.groups() as usize, layout.out_features() as usize);
     let slots = segs.token_slots();
     for t in 0..segs.tokens() as usize {
         let slot = slots[t];

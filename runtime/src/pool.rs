@@ -21,7 +21,14 @@ pub struct AdapterPool<F> {
 
 impl<F: CubeElement> AdapterPool<F> {
     /// `ranks[s]` is slot `s`'s adapter rank (0 = empty slot), `scales[s]` its `alpha / r`.
-    pub fn new(layout: &LoraLayout, a: DeviceBuffer<F>, b: DeviceBuffer<F>, ranks: &[u32], scales: &[f32], client: &ComputeClient<impl Runtime>) -> Result<Self> {
+    pub fn new(
+        layout: &LoraLayout,
+        a: DeviceBuffer<F>,
+        b: DeviceBuffer<F>,
+        ranks: &[u32],
+        scales: &[f32],
+        client: &ComputeClient<impl Runtime>,
+    ) -> Result<Self> {
         a.check_len("A", layout.a_elements() as usize)?;
         b.check_len("B", layout.b_elements() as usize)?;
         let slots = layout.slots() as usize;

@@ -45,7 +45,12 @@ impl MmaShrinkConfig {
 
     /// [`Self::supported`], and only for batches with enough 16-token tiles to fill the GPU
     /// (short decode segments run faster on the scalar kernel's finer grid).
-    pub fn for_batch<R: Runtime, F: CubePrimitive>(client: &ComputeClient<R>, layout: &LoraLayout, num_segments: usize, max_segment_len: u32) -> Option<Self> {
+    pub fn for_batch<R: Runtime, F: CubePrimitive>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        num_segments: usize,
+        max_segment_len: u32,
+    ) -> Option<Self> {
         let tiles = num_segments as u64 * u64::from(max_segment_len.div_ceil(TILE));
         (tiles >= u64::from(crate::config::multiprocessors(client))).then(|| Self::supported::<R, F>(client, layout)).flatten()
     }
@@ -104,7 +109,8 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     // wmma loads and stores need 256-bit aligned shared-memory tiles.
     let mut x_tile = SharedMemory::<F>::new_aligned(comptime!(tile * (kc + 8)), 128usize);
     let mut c_tile = SharedMemory::<f32>::new_aligned(comptime!(warps * tile * tile), 128usize);
-    let acc = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0);
+    let acc =
+        cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0);
     let a_base = (slot as usize * c_r + row0) * k_elems;
     let a_len = a_pool.len();
 

@@ -42,11 +42,26 @@ fn random_slices(rng: &mut Rng) -> (u32, Vec<LoraSlice>, &'static str) {
             (2, vec![slice("gate", w, 0), slice("up", w, 1)], "gate_up")
         }
         // Qwen3.5 GDN in_proj_qkvz: a qkv group with three slices and a z group.
-        2 => (2, vec![slice("q", 4 * rng.range(1, 8), 0), slice("k", 4 * rng.range(1, 8), 0), slice("v", 4 * rng.range(1, 8), 0), slice("z", 4 * rng.range(1, 8), 1)], "gdn_qkvz"),
+        2 => (
+            2,
+            vec![
+                slice("q", 4 * rng.range(1, 8), 0),
+                slice("k", 4 * rng.range(1, 8), 0),
+                slice("v", 4 * rng.range(1, 8), 0),
+                slice("z", 4 * rng.range(1, 8), 1),
+            ],
+            "gdn_qkvz",
+        ),
         // Mamba in_proj: one A, five B slices of different widths.
         3 => (
             1,
-            vec![slice("z", rng.range(1, 64), 0), slice("x", rng.range(1, 64), 0), slice("B", rng.range(1, 16), 0), slice("C", rng.range(1, 16), 0), slice("dt", rng.range(1, 8), 0)],
+            vec![
+                slice("z", rng.range(1, 64), 0),
+                slice("x", rng.range(1, 64), 0),
+                slice("B", rng.range(1, 16), 0),
+                slice("C", rng.range(1, 16), 0),
+                slice("dt", rng.range(1, 8), 0),
+            ],
             "mamba_in_proj",
         ),
         // MLA fused q_a / kv_a (1536 and 576 at full size).
@@ -114,14 +129,21 @@ fn random_pool<F: StorageElem>(rng: &mut Rng, layout: &LoraLayout, ranks: &[u32]
     PoolData { a, b, a64, b64 }
 }
 
-fn upload_pool<R: Runtime, F: StorageElem>(client: &ComputeClient<R>, layout: &LoraLayout, data: &PoolData<F>, ranks: &[u32], scales: &[f32]) -> AdapterPool<F> {
+fn upload_pool<R: Runtime, F: StorageElem>(
+    client: &ComputeClient<R>,
+    layout: &LoraLayout,
+    data: &PoolData<F>,
+    ranks: &[u32],
+    scales: &[f32],
+) -> AdapterPool<F> {
     AdapterPool::new(layout, DeviceBuffer::upload(client, &data.a), DeviceBuffer::upload(client, &data.b), ranks, scales, client).unwrap()
 }
 
 /// Random slot per token (about one in five without adapter); sometimes an explicit
 /// no-adapter segment, and tokens in shuffled order inside segments.
 fn random_segments(rng: &mut Rng, tokens: u32, slots: u32) -> Segments {
-    let token_slots: Vec<Option<u32>> = (0..tokens).map(|_| if rng.range(0, 4) == 0 { None } else { Some(rng.range(0, slots - 1)) }).collect();
+    let token_slots: Vec<Option<u32>> =
+        (0..tokens).map(|_| if rng.range(0, 4) == 0 { None } else { Some(rng.range(0, slots - 1)) }).collect();
     let grouped = Segments::from_token_slots(&token_slots, slots).unwrap();
     let mut perm = grouped.token_perm().to_vec();
     for s in 0..grouped.num_segments() {
@@ -173,7 +195,11 @@ fn check_y<F: StorageElem>(what: &str, y_out: &[F], y0: &[f64], delta: &[f64], t
     let reference: Vec<f64> = y0.iter().zip(delta).map(|(a, b)| a + b).collect();
     for (row, &touched) in touched_rows.iter().enumerate() {
         if !touched {
-            assert_eq!(&out[row * width..(row + 1) * width], &y0[row * width..(row + 1) * width], "{what}: row {row} has no adapter but changed");
+            assert_eq!(
+                &out[row * width..(row + 1) * width],
+                &y0[row * width..(row + 1) * width],
+                "{what}: row {row} has no adapter but changed"
+            );
         }
     }
     check_close(what, &out, &reference, F::TOLERANCE);
@@ -216,9 +242,11 @@ pub fn prefill_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     for seed in 0..CASES / 2 {
         let rng = &mut Rng::new(600 + seed);
         let (groups, slices, family) = random_slices(rng);
-        let layout = LoraLayout::new(nz(rng.range(1, 4)), nz(rng.pick(&[16, 32])), rng.pick(&[16, 48, 256, 320]), groups, slices, None).unwrap();
+        let layout =
+            LoraLayout::new(nz(rng.range(1, 4)), nz(rng.pick(&[16, 32])), rng.pick(&[16, 48, 256, 320]), groups, slices, None).unwrap();
         let what = format!("prefill shrink {family} seed {seed} {layout:?}");
-        let mut ranks: Vec<u32> = (0..layout.slots()).map(|_| rng.pick(&[0, 5, 16, 17, layout.max_rank()]).min(layout.max_rank())).collect();
+        let mut ranks: Vec<u32> =
+            (0..layout.slots()).map(|_| rng.pick(&[0, 5, 16, 17, layout.max_rank()]).min(layout.max_rank())).collect();
         ranks[0] = layout.max_rank();
         let scales = vec![1.0; layout.slots() as usize];
         let pool_data = random_pool::<F>(rng, &layout, &ranks);
@@ -370,7 +398,8 @@ pub fn embedding<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let rng = &mut Rng::new(400 + seed);
         let vocab = rng.range(5, 300);
         let hidden = rng.range(1, 80);
-        let layout = LoraLayout::new(nz(rng.range(1, 5)), nz(rng.pick(&[1, 4, 8, 16])), vocab, 1, vec![slice("embed", hidden, 0)], None).unwrap();
+        let layout =
+            LoraLayout::new(nz(rng.range(1, 5)), nz(rng.pick(&[1, 4, 8, 16])), vocab, 1, vec![slice("embed", hidden, 0)], None).unwrap();
         let what = format!("embedding seed {seed} {layout:?}");
         let (ranks, scales) = random_ranks(rng, &layout);
         let pool_data = random_pool::<F>(rng, &layout, &ranks);
@@ -384,7 +413,8 @@ pub fn embedding<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let (y0, y064) = initial_y::<F>(rng, &delta);
         let mut y = DeviceBuffer::upload(client, &y0);
         let mut scratch = DeviceBuffer::upload(client, &vec![f32::NAN; (tokens * layout.max_rank()) as usize]);
-        launch_embedding(client, &layout, &pool, &segs.upload(client), &DeviceBuffer::upload(client, &ids), &mut scratch, &mut y, None).unwrap();
+        launch_embedding(client, &layout, &pool, &segs.upload(client), &DeviceBuffer::upload(client, &ids), &mut scratch, &mut y, None)
+            .unwrap();
         let touched: Vec<bool> = token_slot_ranks(&segs, &ranks).iter().map(|sr| matches!(sr, Some((_, r)) if *r > 0)).collect();
         check_y(&what, &y.read(client), &y064, &delta, &touched, hidden as usize);
     }
@@ -405,7 +435,12 @@ pub fn moe<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let (in_features, groups, slices, dims) = if down {
             (inter, 1, vec![slice("down", hidden, 0)], ExpertDims { a: nz(experts), b: nz(if shared_outer { 1 } else { experts }) })
         } else if gated {
-            (hidden, 2, vec![slice("gate", inter, 0), slice("up", inter, 1)], ExpertDims { a: nz(if shared_outer { 1 } else { experts }), b: nz(experts) })
+            (
+                hidden,
+                2,
+                vec![slice("gate", inter, 0), slice("up", inter, 1)],
+                ExpertDims { a: nz(if shared_outer { 1 } else { experts }), b: nz(experts) },
+            )
         } else {
             (hidden, 1, vec![slice("up", inter, 0)], ExpertDims { a: nz(if shared_outer { 1 } else { experts }), b: nz(experts) })
         };
@@ -426,7 +461,21 @@ pub fn moe<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let out = layout.out_features() as usize;
         let y_rows = if down { tokens as usize } else { pairs };
         let mut delta = vec![0.0; y_rows * out];
-        reference_moe(&layout, &ranks, &scales, &segs, topk as usize, &ids, &weights, input, output, &x64, &pool_data.a64, &pool_data.b64, &mut delta);
+        reference_moe(
+            &layout,
+            &ranks,
+            &scales,
+            &segs,
+            topk as usize,
+            &ids,
+            &weights,
+            input,
+            output,
+            &x64,
+            &pool_data.a64,
+            &pool_data.b64,
+            &mut delta,
+        );
         let (y0, y064) = initial_y::<F>(rng, &delta);
         let mut y = DeviceBuffer::upload(client, &y0);
         let dev_segs = segs.upload(client);
@@ -437,7 +486,8 @@ pub fn moe<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let slots = segs.token_slots();
         let touched: Vec<bool> = (0..y_rows)
             .map(|row| {
-                let (t, ks): (usize, Vec<usize>) = if down { (row, (0..topk as usize).collect()) } else { (row / topk as usize, vec![row % topk as usize]) };
+                let (t, ks): (usize, Vec<usize>) =
+                    if down { (row, (0..topk as usize).collect()) } else { (row / topk as usize, vec![row % topk as usize]) };
                 slots[t] != NO_SLOT && ranks[slots[t] as usize] > 0 && ks.iter().any(|k| ids[t * topk as usize + k] != NO_EXPERT)
             })
             .collect();
@@ -478,7 +528,10 @@ pub fn rejects_bad_input<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) 
     let err = launch_shrink(client, &layout, &pool, &dev, &x_short, &mut out, None).unwrap_err();
     assert_eq!(err, LoraError::BufferSize { name: "x", expected: 48, actual: 16 });
     let wide = Segments::from_token_slots(&[Some(5), None, None], 6).unwrap().upload(client);
-    assert_eq!(launch_shrink(client, &layout, &pool, &wide, &x_short, &mut out, None).unwrap_err(), LoraError::SlotOutOfRange { slot: 5, slots: 2 });
+    assert_eq!(
+        launch_shrink(client, &layout, &pool, &wide, &x_short, &mut out, None).unwrap_err(),
+        LoraError::SlotOutOfRange { slot: 5, slots: 2 }
+    );
     let other = LoraLayout::new(nz(2), nz(4), 16, 1, vec![slice("o", 8, 0)], None).unwrap();
     let x = DeviceBuffer::upload(client, &vec![F::round_from(1.0); 48]);
     assert!(matches!(launch_shrink(client, &other, &pool, &dev, &x, &mut out, None), Err(LoraError::Layout(_))));

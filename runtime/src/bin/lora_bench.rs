@@ -108,7 +108,13 @@ fn copy_bandwidth<R: Runtime>(client: &ComputeClient<R>, opts: &Opts) -> f64 {
 fn launch_overhead<R: Runtime>(client: &ComputeClient<R>, opts: &Opts) -> (f64, f64) {
     let out = client.empty(4);
     let launch = || unsafe {
-        empty_kernel::launch_unchecked::<R>(client, CubeCount::Static(1, 1, 1), CubeDim::new_1d(32), ArrayArg::from_raw_parts(out.clone(), 1), u32::MAX)
+        empty_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(32),
+            ArrayArg::from_raw_parts(out.clone(), 1),
+            u32::MAX,
+        )
     };
     let back_to_back = time_us(client, opts, 1000, |_| launch());
     let latency = time_us(client, opts, 1, |_| {
@@ -135,7 +141,12 @@ struct Module {
 
 fn modules(smoke: bool) -> Vec<Module> {
     if smoke {
-        return vec![Module { name: "mla_qkv_a_small", in_features: 64, groups: 2, slices: vec![slice("q_a", 48, 0), slice("kv_a", 18, 1)] }];
+        return vec![Module {
+            name: "mla_qkv_a_small",
+            in_features: 64,
+            groups: 2,
+            slices: vec![slice("q_a", 48, 0), slice("kv_a", 18, 1)],
+        }];
     }
     vec![
         Module { name: "qkv", in_features: 4096, groups: 3, slices: vec![slice("q", 4096, 0), slice("k", 1024, 1), slice("v", 1024, 2)] },
@@ -202,7 +213,14 @@ struct DenseSet<E: StorageElem> {
     a: DeviceBuffer<f32>,
 }
 
-fn dense_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, m: &Module, rank: u32, tokens: u32, adapters: u32) -> Vec<Row> {
+fn dense_case<R: Runtime, E: StorageElem>(
+    client: &ComputeClient<R>,
+    opts: &Opts,
+    m: &Module,
+    rank: u32,
+    tokens: u32,
+    adapters: u32,
+) -> Vec<Row> {
     let layout = LoraLayout::new(nz(SLOTS), nz(rank), m.in_features, m.groups, m.slices.clone(), None).unwrap();
     let rng = &mut Rng::new(u64::from(rank * 131 + tokens * 7 + adapters));
     let (k, c_r, out) = (m.in_features as f64, f64::from(m.groups * rank), f64::from(layout.out_features()));
@@ -221,7 +239,15 @@ fn dense_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts
     let (b_host, _) = rng.tensor::<E>(layout.b_elements() as usize, 0.05);
     let mut data: Vec<DenseSet<E>> = (0..sets)
         .map(|_| DenseSet {
-            pool: AdapterPool::new(&layout, DeviceBuffer::upload(client, &a_host), DeviceBuffer::upload(client, &b_host), &ranks, &scales, client).unwrap(),
+            pool: AdapterPool::new(
+                &layout,
+                DeviceBuffer::upload(client, &a_host),
+                DeviceBuffer::upload(client, &b_host),
+                &ranks,
+                &scales,
+                client,
+            )
+            .unwrap(),
             x: random_upload(client, rng, (t * k) as usize).1,
             y: random_upload(client, rng, (t * out) as usize).1,
             a: DeviceBuffer::empty(client, (t * c_r) as usize),
@@ -231,9 +257,16 @@ fn dense_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts
     let token_slots: Vec<Option<u32>> = (0..tokens).map(|i| Some(i % adapters)).collect();
     let segs = Segments::from_token_slots(&token_slots, SLOTS).unwrap();
     let dev = segs.upload(client);
-    let iters = if opts.smoke { 3 } else if tokens >= 1024 { 20 } else { 200 };
+    let iters = if opts.smoke {
+        3
+    } else if tokens >= 1024 {
+        20
+    } else {
+        200
+    };
     let case = format!("{} R={rank} T={tokens} adapters={adapters}", m.name);
-    let mut rows = vec![time_dense(client, opts, &layout, &dev, &mut data, iters, case.clone(), "segmented", None, shrink_bytes, expand_bytes)];
+    let mut rows =
+        vec![time_dense(client, opts, &layout, &dev, &mut data, iters, case.clone(), "segmented", None, shrink_bytes, expand_bytes)];
     if tokens <= 128 {
         // One launch for both halves; it never writes or reads the intermediate.
         let n = data.len();
@@ -242,7 +275,15 @@ fn dense_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts
             launch_fused(client, &layout, &d.pool, &dev, &d.x, &mut d.y, None).unwrap()
         });
         let inter = t * c_r * 4.0;
-        rows.push(Row { case: case.clone(), variant: "fused", shrink_us: f64::NAN, expand_us: f64::NAN, pair_us, shrink_bytes: shrink_bytes - inter, expand_bytes: expand_bytes - inter });
+        rows.push(Row {
+            case: case.clone(),
+            variant: "fused",
+            shrink_us: f64::NAN,
+            expand_us: f64::NAN,
+            pair_us,
+            shrink_bytes: shrink_bytes - inter,
+            expand_bytes: expand_bytes - inter,
+        });
     }
     if tokens >= 256 {
         let plan = ChunkedPlan::new::<R, E>(client, &layout, tokens, 64).unwrap();
@@ -290,7 +331,8 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
     let (hidden, inter, experts, topk) = if opts.smoke { (64u32, 32u32, 8u32, 2u32) } else { (2048u32, 1024u32, 64u32, 8u32) };
     let elem = size_of::<E>() as f64;
     let dims = ExpertDims { a: nz(experts), b: nz(experts) };
-    let gate_up = LoraLayout::new(nz(SLOTS), nz(rank), hidden, 2, vec![slice("gate", inter, 0), slice("up", inter, 1)], Some(dims)).unwrap();
+    let gate_up =
+        LoraLayout::new(nz(SLOTS), nz(rank), hidden, 2, vec![slice("gate", inter, 0), slice("up", inter, 1)], Some(dims)).unwrap();
     let down = LoraLayout::new(nz(SLOTS), nz(rank), inter, 1, vec![slice("down", hidden, 0)], Some(dims)).unwrap();
     let rng = &mut Rng::new(u64::from(rank * 17 + tokens));
     let ranks = vec![rank; SLOTS as usize];
@@ -301,8 +343,19 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
     let pairs = (tokens * topk) as usize;
     let sets = if opts.smoke { 2 } else { 16 };
     let mut rows = Vec::new();
-    for (name, layout, input, output) in [("moe_gate_up", &gate_up, MoeInput::PerToken, MoeOutput::PerPair), ("moe_down", &down, MoeInput::PerPair, MoeOutput::RouterWeighted)] {
-        let pool = AdapterPool::new(layout, random_upload(client, rng, layout.a_elements() as usize).1, random_upload(client, rng, layout.b_elements() as usize).1, &ranks, &scales, client).unwrap();
+    for (name, layout, input, output) in [
+        ("moe_gate_up", &gate_up, MoeInput::PerToken, MoeOutput::PerPair),
+        ("moe_down", &down, MoeInput::PerPair, MoeOutput::RouterWeighted),
+    ] {
+        let pool = AdapterPool::new(
+            layout,
+            random_upload(client, rng, layout.a_elements() as usize).1,
+            random_upload(client, rng, layout.b_elements() as usize).1,
+            &ranks,
+            &scales,
+            client,
+        )
+        .unwrap();
         let (k, out, c_r) = (layout.in_features() as usize, layout.out_features() as usize, (layout.groups() * rank) as usize);
         let x_rows = if input == MoeInput::PerToken { tokens as usize } else { pairs };
         let y_rows = if output == MoeOutput::PerPair { pairs } else { tokens as usize };
@@ -326,7 +379,12 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
                 distinct += keys.len() as f64 / sets as f64;
                 let weights: Vec<f32> = (0..pairs).map(|_| 1.0 / topk as f32).collect();
                 let routing = MoeRouting::new(client, tokens, topk, experts, &ids, &weights).unwrap();
-                (routing, random_upload(client, rng, x_rows * k).1, random_upload(client, rng, y_rows * out).1, DeviceBuffer::empty(client, pairs * c_r))
+                (
+                    routing,
+                    random_upload(client, rng, x_rows * k).1,
+                    random_upload(client, rng, y_rows * out).1,
+                    DeviceBuffer::empty(client, pairs * c_r),
+                )
             })
             .collect();
         let shrink_bytes = x_rows as f64 * k as f64 * elem + distinct * (c_r * k) as f64 * elem + (pairs * c_r) as f64 * 4.0;
@@ -345,7 +403,15 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
             launch_moe_shrink(client, layout, &pool, &dev, r, input, x, a).unwrap();
             launch_moe_expand(client, layout, &pool, &dev, r, output, a, y).unwrap()
         });
-        rows.push(Row { case: format!("{name} R={rank} T={tokens} adapters={adapters}"), variant: "pairs", shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes });
+        rows.push(Row {
+            case: format!("{name} R={rank} T={tokens} adapters={adapters}"),
+            variant: "pairs",
+            shrink_us,
+            expand_us,
+            pair_us,
+            shrink_bytes,
+            expand_bytes,
+        });
     }
     rows
 }
@@ -365,7 +431,13 @@ fn main() {
 fn run<R: Runtime, E: StorageElem>(opts: &Opts, csv_path: Option<String>) {
     let client = R::client(&Default::default());
     let props = client.properties();
-    eprintln!("device: SMs {:?}, plane {}..{}, max vector {}", props.hardware.num_streaming_multiprocessors, props.hardware.plane_size_min, props.hardware.plane_size_max, props.hardware.max_vector_size);
+    eprintln!(
+        "device: SMs {:?}, plane {}..{}, max vector {}",
+        props.hardware.num_streaming_multiprocessors,
+        props.hardware.plane_size_min,
+        props.hardware.plane_size_max,
+        props.hardware.max_vector_size
+    );
 
     let copy_bw = copy_bandwidth(&client, opts);
     let (launch_us, launch_latency_us) = launch_overhead(&client, opts);
@@ -374,7 +446,8 @@ fn run<R: Runtime, E: StorageElem>(opts: &Opts, csv_path: Option<String>) {
 
     let mut rows = Vec::new();
     let ranks: &[u32] = if opts.quick || opts.smoke { &[16] } else { &[16, 64] };
-    let shapes: &[(u32, u32)] = if opts.smoke { &[(1, 1), (8, 8), (300, 8)] } else { &[(1, 1), (8, 1), (8, 8), (32, 1), (32, 8), (128, 1), (128, 8), (4096, 8)] };
+    let shapes: &[(u32, u32)] =
+        if opts.smoke { &[(1, 1), (8, 8), (300, 8)] } else { &[(1, 1), (8, 1), (8, 8), (32, 1), (32, 8), (128, 1), (128, 8), (4096, 8)] };
     for m in modules(opts.smoke) {
         for &rank in ranks {
             for &(tokens, adapters) in shapes {
@@ -394,7 +467,8 @@ fn run<R: Runtime, E: StorageElem>(opts: &Opts, csv_path: Option<String>) {
     if opts.profile_pass {
         return;
     }
-    let mut text = format!("# copy_GBps={copy_bw:.0} launch_us={launch_us:.2} launch_sync_us={launch_latency_us:.2}\n{}\n", Row::csv_header());
+    let mut text =
+        format!("# copy_GBps={copy_bw:.0} launch_us={launch_us:.2} launch_sync_us={launch_latency_us:.2}\n{}\n", Row::csv_header());
     for r in &rows {
         text.push_str(&r.csv(copy_bw, launch_us));
         text.push('\n');
