@@ -17,6 +17,7 @@ pub mod chunked;
 pub mod config;
 pub mod embedding;
 pub mod error;
+pub mod executor;
 pub mod expand;
 pub mod fused;
 pub mod moe;
