@@ -210,6 +210,54 @@ fn qwen3_rows_alone_match_mixed_batch() {
     rows_alone_match_mixed_batch("qwen3");
 }
 
+/// Prefill in two chunks per sequence, the second chunk of some rows sharing a step with
+/// the first chunk of others (mixed prefill at nonzero positions over the KV cache): the
+/// logits of every position still match the single-pass references.
+fn chunked_prefill_matches_reference(model: &str) {
+    let reference = Reference::load(&fixture(model));
+    let mut e = engine(model);
+    let vocab = e.plan().model.vocab_size as usize;
+    let seqs: Vec<_> = reference.rows.iter().map(|_| e.add_sequence()).collect();
+    let split = |r: &Row, i: usize| (r.input_ids.len() * (i + 1)) / 7 + 1;
+    let mut got: Vec<Vec<f32>> = vec![Vec::new(); reference.rows.len()];
+    // Step 1: the first chunk of rows 0..3. Step 2: the rest of rows 0..3 and the first chunk
+    // of rows 3..5. Step 3: the rest of rows 3..5.
+    let chunk = |lo: bool, i: usize| -> SeqInput {
+        let r = &reference.rows[i];
+        let cut = split(r, i);
+        let (position, tokens) = if lo { (0, r.input_ids[..cut].to_vec()) } else { (cut as u32, r.input_ids[cut..].to_vec()) };
+        SeqInput { seq: seqs[i], position, tokens, adapter: slot_of(&r.adapter) }
+    };
+    let steps: [Vec<(bool, usize)>; 3] = [
+        vec![(true, 0), (true, 1), (true, 2)],
+        vec![(false, 0), (true, 3), (false, 1), (true, 4), (false, 2)],
+        vec![(false, 3), (false, 4)],
+    ];
+    for step in steps {
+        let batch: Vec<SeqInput> = step.iter().map(|&(lo, i)| chunk(lo, i)).collect();
+        let out = e.step(&batch, LogitsMode::All).expect("chunk step");
+        for (&(_, i), logits) in step.iter().zip(out.logits) {
+            got[i].extend(logits);
+        }
+    }
+    for (i, row) in reference.rows.iter().enumerate() {
+        let (_, want) = reference.tensor(&format!("row{i}.logits"));
+        let (delta, kl) = compare(&got[i], &want, vocab);
+        println!("{model} row {i} chunked at {}: max |Δlogit| {delta:.3e}, max KL {kl:.3e}", split(row, i));
+        assert!(kl < KL_TOL && delta < DELTA_TOL, "{model} row {i}: Δ {delta:e}, KL {kl:e}");
+    }
+}
+
+#[test]
+fn llama_chunked_prefill_matches_reference() {
+    chunked_prefill_matches_reference("llama");
+}
+
+#[test]
+fn qwen3_chunked_prefill_matches_reference() {
+    chunked_prefill_matches_reference("qwen3");
+}
+
 /// Every prompt under every adapter (and the base model) in one `Last` step per adapter,
 /// against `adapter_X.last_logits` / `base.last_logits`.
 #[test]
@@ -251,6 +299,7 @@ fn steps_reuse_their_buffers() {
         .unwrap();
     let mut next = out.next_tokens;
     let mut footprints = Vec::new();
+    let mut reserved = Vec::new();
     for step in 0..4u32 {
         let out = e
             .step(
@@ -263,9 +312,13 @@ fn steps_reuse_their_buffers() {
             .unwrap();
         next = out.next_tokens;
         footprints.push(e.footprint());
+        reserved.push(e.client().memory_usage().expect("memory usage").bytes_reserved);
     }
-    println!("footprint after each decode step: {footprints:?}");
+    println!("footprint after each decode step: {footprints:?}; device bytes reserved: {reserved:?}");
     assert!(footprints.windows(2).all(|w| w[0] == w[1]), "{footprints:?}");
+    // The device allocator reserves nothing more once the shape has been seen.
+    assert!(reserved[1..].windows(2).all(|w| w[0] == w[1]), "{reserved:?}");
+    assert_eq!(e.workspace_shapes(), (2, 1));
     assert_eq!(e.cached_tokens(a), Some(8));
 }
 
@@ -300,4 +353,30 @@ fn refusals() {
     assert!(matches!(e.load_adapter(0, &dir.join("adapters/B")), Err(ExecutorError::Adapter(_))));
     assert!(matches!(e.load_adapter(3, &dir.join("bad_adapters/dora")), Err(ExecutorError::Adapter(_))));
     assert_eq!(e.unload_adapter(0).unwrap().as_deref(), Some("A"));
+}
+
+/// Past `workspaces` distinct token counts the least recently used workspace is dropped, and
+/// a shape seen again (after its eviction) still computes the same logits.
+#[test]
+fn workspaces_are_bounded() {
+    use lorac_runtime::executor::EngineOptions;
+    let dir = fixture("llama");
+    let plan = plan_for(&dir, 1);
+    let options = EngineOptions { workspaces: 2, ..EngineOptions::for_plan(&plan) };
+    let mut e = Engine::<Rt, f32>::with_options(client(), plan, &dir, options).expect("engine");
+    let prompt = [1u32, 303, 225, 433, 309];
+    let mut first = None;
+    for n in [5usize, 2, 3, 4, 5] {
+        let seq = e.add_sequence();
+        let out = e.step(&[SeqInput { seq, position: 0, tokens: prompt[..n].to_vec(), adapter: None }], LogitsMode::Last).unwrap();
+        assert!(e.workspace_shapes().0 <= 2, "{:?}", e.workspace_shapes());
+        if n == 5 {
+            match &first {
+                None => first = Some(out.logits[0].clone()),
+                Some(l) => assert_eq!(l, &out.logits[0]),
+            }
+        }
+        e.release_sequence(seq).unwrap();
+    }
+    assert_eq!(e.workspace_shapes(), (2, 1));
 }

@@ -21,7 +21,11 @@
 //! Activations live in per-shape workspaces: the ops check exact buffer lengths and
 //! `DeviceBuffer` offers no prefix view of a larger buffer, so a workspace is allocated the
 //! first time a token count (or logits row count) is seen and reused by every later step of
-//! that shape. Weights, KV cache, rope table and adapter pool are allocated once in `new`.
+//! that shape; the [`EngineOptions::workspaces`] most recently used shapes are kept. Weights,
+//! KV cache, rope table and adapter pool are allocated once in `new` (the pool's A/B again on
+//! each adapter load). Each step still uploads its small metadata (token ids, attention
+//! slots/positions/block tables, adapter segments) into fresh buffers: those APIs
+//! (`AttentionBatch::upload`, `Segments::upload`) allocate by design.
 
 mod error;
 mod model;
@@ -89,13 +93,17 @@ pub struct EngineOptions {
     pub page_size: u32,
     /// Longest sequence (prompt + generated); sizes the rotary table and the block tables.
     pub max_seq_len: u32,
+    /// Activation workspaces kept (one per recent token count, one per recent logits row
+    /// count); the least recently used is dropped past this, its memory going back to the
+    /// device allocator's pool.
+    pub workspaces: usize,
 }
 
 impl EngineOptions {
     /// Pages of 16 tokens; sequences up to the KV cache's size, at most 8192 tokens (the plan
     /// does not carry the model's `max_position_embeddings`).
     pub fn for_plan(plan: &Plan) -> Self {
-        EngineOptions { page_size: 16, max_seq_len: plan.limits.kv_cache_tokens.min(8192) as u32 }
+        EngineOptions { page_size: 16, max_seq_len: plan.limits.kv_cache_tokens.min(8192) as u32, workspaces: 8 }
     }
 }
 
@@ -189,6 +197,49 @@ struct HeadWorkspace<F> {
     lora_a: Option<DeviceBuffer<f32>>,
 }
 
+/// Workspaces by shape, least recently used dropped past `cap`.
+struct ShapeCache<W> {
+    map: HashMap<usize, (u64, W)>,
+    clock: u64,
+    cap: usize,
+}
+
+impl<W> ShapeCache<W> {
+    fn new(cap: usize) -> Self {
+        ShapeCache { map: HashMap::new(), clock: 0, cap: cap.max(1) }
+    }
+    /// Marks `key` used; false when it is not cached.
+    fn touch(&mut self, key: usize) -> bool {
+        self.clock += 1;
+        match self.map.get_mut(&key) {
+            Some(entry) => {
+                entry.0 = self.clock;
+                true
+            }
+            None => false,
+        }
+    }
+    fn insert(&mut self, key: usize, value: W) {
+        while self.map.len() >= self.cap {
+            let Some(oldest) = self.map.iter().min_by_key(|(_, (used, _))| *used).map(|(k, _)| *k) else { break };
+            self.map.remove(&oldest);
+        }
+        self.map.insert(key, (self.clock, value));
+    }
+    fn get(&self, key: usize) -> Option<&W> {
+        self.map.get(&key).map(|(_, w)| w)
+    }
+    fn get_mut(&mut self, key: usize) -> Option<&mut W> {
+        self.map.get_mut(&key).map(|(_, w)| w)
+    }
+    fn values(&self) -> impl Iterator<Item = &W> {
+        self.map.values().map(|(_, w)| w)
+    }
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
 pub struct Engine<R: Runtime, F: EngineElem> {
     client: ComputeClient<R>,
     plan: Plan,
@@ -207,8 +258,8 @@ pub struct Engine<R: Runtime, F: EngineElem> {
     seqs: HashMap<SeqId, SeqState>,
     next_seq: u64,
     free_pages: Vec<u32>,
-    token_ws: HashMap<usize, TokenWorkspace<F>>,
-    head_ws: HashMap<usize, HeadWorkspace<F>>,
+    token_ws: ShapeCache<TokenWorkspace<F>>,
+    head_ws: ShapeCache<HeadWorkspace<F>>,
 }
 
 fn nonzero(v: u32, what: &str) -> ExecResult<u32> {
@@ -282,7 +333,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let mut engine = Engine {
             client,
             desc,
-            options: EngineOptions { page_size, max_seq_len },
+            options: EngineOptions { page_size, max_seq_len, workspaces: options.workspaces.max(1) },
             eps,
             weights,
             caches,
@@ -296,8 +347,8 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
             seqs: HashMap::new(),
             next_seq: 0,
             free_pages: (0..num_pages).rev().collect(),
-            token_ws: HashMap::new(),
-            head_ws: HashMap::new(),
+            token_ws: ShapeCache::new(options.workspaces),
+            head_ws: ShapeCache::new(options.workspaces),
             plan,
         };
         engine.lora = (0..engine.plan.ranks[0].lora_buffers.len()).map(|b| engine.upload_lora(b)).collect::<ExecResult<_>>()?;
@@ -373,6 +424,11 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let state = self.seqs.remove(&seq).ok_or_else(|| ExecutorError::Batch(format!("unknown sequence {seq:?}")))?;
         self.free_pages.extend(state.pages.into_iter().rev());
         Ok(())
+    }
+
+    /// Workspaces currently held: (token-count shapes, logits-row shapes).
+    pub fn workspace_shapes(&self) -> (usize, usize) {
+        (self.token_ws.len(), self.head_ws.len())
     }
 
     /// Tokens cached for `seq`.
@@ -495,7 +551,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
     }
 
     fn token_workspace(&mut self, t: usize) {
-        if self.token_ws.contains_key(&t) {
+        if self.token_ws.touch(t) {
             return;
         }
         let (c, d) = (&self.client, &self.desc);
@@ -513,7 +569,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
     }
 
     fn head_workspace(&mut self, rows: usize) {
-        if self.head_ws.contains_key(&rows) {
+        if self.head_ws.touch(rows) {
             return;
         }
         let (c, d) = (&self.client, &self.desc);
@@ -580,7 +636,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
                 state.cached = slice.cached + slice.new_tokens;
             }
         }
-        let ws = &self.head_ws[&rows];
+        let ws = self.head_ws.get(rows).expect("workspace allocated above");
         let logits: Vec<f32> = ws.logits.read(&self.client).into_iter().map(EngineElem::to_f32).collect();
         let next = ws.next.read(&self.client);
         let v = self.desc.vocab;
@@ -602,7 +658,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
     /// Embedding and every decoder layer; leaves the residual stream in the workspace's `h`.
     fn forward(&mut self, t: usize, ids: &DeviceBuffer<u32>, batch: &DeviceAttentionBatch, segs: &DeviceSegments) -> ExecResult<()> {
         let Engine { client, desc, weights, caches, lora, token_ws, rope, rope_table, eps, plan, .. } = self;
-        let ws = token_ws.get_mut(&t).expect("workspace allocated by step");
+        let ws = token_ws.get_mut(t).expect("workspace allocated by step");
         let buffers = &plan.ranks[0].lora_buffers;
         let (h, eps) = (desc.hidden, *eps);
         gather::launch_embedding_lookup(client, &weights.embed, ids, &mut ws.h, desc.vocab, h).ctx(|| "embedding lookup".into())?;
@@ -674,8 +730,8 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
     /// Final norm, lm_head (+LoRA) and argmax over the rows that reach the head.
     fn head(&mut self, t: usize, rows: usize, last_idx: Option<&DeviceBuffer<u32>>, segs: &DeviceSegments) -> ExecResult<()> {
         let Engine { client, desc, weights, lora, token_ws, head_ws, eps, plan, .. } = self;
-        let tw = &token_ws[&t];
-        let hw = head_ws.get_mut(&rows).expect("workspace allocated by step");
+        let tw = token_ws.get(t).expect("workspace allocated by step");
+        let hw = head_ws.get_mut(rows).expect("workspace allocated by step");
         let (h, v) = (desc.hidden, desc.vocab);
         match last_idx {
             Some(idx) => {
