@@ -380,3 +380,35 @@ fn workspaces_are_bounded() {
     }
     assert_eq!(e.workspace_shapes(), (2, 1));
 }
+
+/// Loading and unloading write only their slot of the device pool, in place: an adapter moved
+/// to another slot gives the same logits, other slots keep theirs, no buffer is reallocated.
+#[test]
+fn adapters_move_between_slots_in_place() {
+    let dir = fixture("llama");
+    let reference = Reference::load(&dir);
+    let mut e = engine("llama");
+    let run = |e: &mut Engine<Rt, f32>, row: usize, slot: Option<u32>| {
+        let seq = e.add_sequence();
+        let out = e.step(&[SeqInput { seq, position: 0, tokens: reference.rows[row].input_ids.clone(), adapter: slot }], LogitsMode::All);
+        e.release_sequence(seq).unwrap();
+        out
+    };
+    let b_before = run(&mut e, 1, Some(1)).unwrap();
+    let a_before = run(&mut e, 0, Some(0)).unwrap();
+    run(&mut e, 2, Some(2)).unwrap();
+    let footprint = e.footprint();
+    assert_eq!(e.unload_adapter(1).unwrap().as_deref(), Some("B"));
+    assert!(matches!(run(&mut e, 1, Some(1)), Err(ExecutorError::Batch(_))));
+    e.load_adapter(3, &dir.join("adapters/B")).unwrap();
+    assert_eq!(run(&mut e, 1, Some(3)).unwrap(), b_before);
+    assert_eq!(run(&mut e, 0, Some(0)).unwrap(), a_before);
+    // The freed slot holds zeros: reloading another adapter there behaves like a fresh load.
+    e.load_adapter(1, &dir.join("adapters/C")).unwrap_err();
+    e.unload_adapter(2).unwrap();
+    e.load_adapter(1, &dir.join("adapters/C")).unwrap();
+    let (_, want) = reference.tensor("row2.logits");
+    let (delta, _) = compare(&run(&mut e, 2, Some(1)).unwrap().logits[0], &want, 512);
+    assert!(delta < DELTA_TOL, "C reloaded into slot 1: {delta:e}");
+    assert_eq!(e.footprint(), footprint);
+}

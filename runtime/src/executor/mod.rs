@@ -4,11 +4,11 @@
 //! [`Engine::new`] checks the model directory against the plan, uploads the weights once
 //! (q|k|v and gate|up fused by rows, as the plan's projections are), allocates the paged KV
 //! cache of every layer, the rotary table and one device A/B pair per LoRA buffer of the plan
-//! (filled from a [`HostPool`]). [`Engine::load_adapter`] validates a PEFT adapter through
-//! lorac-adapters, writes it into its slot and re-uploads the pool. [`Engine::step`] runs one
-//! forward over a batch of sequences (each with its new tokens, position and adapter slot),
-//! mixed prefill and decode, and returns logits (all positions or each sequence's last) and
-//! the greedy next token of each sequence.
+//! (uploaded from a [`HostPool`]). [`Engine::load_adapter`] validates a PEFT adapter through
+//! lorac-adapters, writes it into its host slot and copies that slot to the device.
+//! [`Engine::step`] runs one forward over a batch of sequences (each with its new tokens,
+//! position and adapter slot), mixed prefill and decode, and returns logits (all positions or
+//! each sequence's last) and the greedy next token of each sequence.
 //!
 //! One step, T tokens, per layer (see `crate::ops` for the kernels):
 //! ```text
@@ -22,10 +22,11 @@
 //! `DeviceBuffer` offers no prefix view of a larger buffer, so a workspace is allocated the
 //! first time a token count (or logits row count) is seen and reused by every later step of
 //! that shape; the [`EngineOptions::workspaces`] most recently used shapes are kept. Weights,
-//! KV cache, rope table and adapter pool are allocated once in `new` (the pool's A/B again on
-//! each adapter load). Each step still uploads its small metadata (token ids, attention
-//! slots/positions/block tables, adapter segments) into fresh buffers: those APIs
-//! (`AttentionBatch::upload`, `Segments::upload`) allocate by design.
+//! KV cache, rope table and adapter pool are allocated once in `new`; an adapter load or
+//! unload copies only its slot's A/B regions into the device pool in place (through a staging
+//! upload) and re-uploads the small per-slot rank table. Each step still uploads its small
+//! metadata (token ids, attention slots/positions/block tables, adapter segments) into fresh
+//! buffers: those APIs (`AttentionBatch::upload`, `Segments::upload`) allocate by design.
 
 mod error;
 mod model;
@@ -389,9 +390,30 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         Ok(LoraDevice { pool })
     }
 
-    fn refresh_lora(&mut self) -> ExecResult<()> {
+    /// Copies `slot`'s region of every LoRA buffer from the host pool into the device pool in
+    /// place (other slots untouched, nothing reallocated) and refreshes the per-slot ranks.
+    fn sync_slot(&mut self, slot: usize) -> ExecResult<()> {
+        let size = F::DTYPE.size_bytes();
         for b in 0..self.lora.len() {
-            self.lora[b] = self.upload_lora(b)?;
+            let buf = &self.plan.ranks[0].lora_buffers[b];
+            let layout = &buf.layout;
+            let slots = u64::from(layout.slots());
+            let bytes = self.host_pool.rank_bytes(0);
+            let pool = &self.lora[b].pool;
+            for (offset, total, dst) in [(buf.a_offset, layout.a_elements(), &pool.a), (buf.b_offset, layout.b_elements(), &pool.b)] {
+                let per_slot = total / slots;
+                let start = offset + slot as u64 * per_slot * size;
+                let region = bytes
+                    .get(start as usize..(start + per_slot * size) as usize)
+                    .ok_or_else(|| ExecutorError::Plan(format!("LoRA buffer {b} lies outside the adapter pool")))?;
+                copy_into(&self.client, &F::from_le_bytes(region), dst, slot as u64 * per_slot)
+                    .map_err(|e| ExecutorError::Plan(format!("LoRA buffer {b} ({}): {e}", buf.module)))?;
+            }
+            let ranks: Vec<u32> = (0..slots as usize).map(|s| self.host_pool.slot_rank(s, b)).collect();
+            let scales = vec![1.0f32; slots as usize];
+            let (a, bb) = (pool.a.clone(), pool.b.clone());
+            self.lora[b].pool = AdapterPool::new(layout, a, bb, &ranks, &scales, &self.client)
+                .ctx(|| format!("adapter pool of LoRA buffer {b} ({})", buf.module))?;
         }
         Ok(())
     }
@@ -401,13 +423,13 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
     pub fn load_adapter(&mut self, slot: u32, dir: &Path) -> ExecResult<()> {
         let adapter = LoadedAdapter::load(dir, &self.plan)?;
         self.host_pool.write_slot(slot as usize, &adapter)?;
-        self.refresh_lora()
+        self.sync_slot(slot as usize)
     }
 
     /// Frees `slot`; returns the name of the adapter it held.
     pub fn unload_adapter(&mut self, slot: u32) -> ExecResult<Option<String>> {
         let name = self.host_pool.clear_slot(slot as usize)?;
-        self.refresh_lora()?;
+        self.sync_slot(slot as usize)?;
         Ok(name)
     }
 
@@ -748,6 +770,42 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         }
         argmax::launch_argmax(client, &hw.logits, &mut hw.next, rows, v).ctx(|| "argmax".into())
     }
+}
+
+#[cube(launch_unchecked)]
+fn copy_into_kernel<F: Float>(src: &Array<F>, dst: &mut Array<F>, offset: u32, len: u32) {
+    let i = crate::ops::linear_cube() * COPY_THREADS as usize + UNIT_POS as usize;
+    if i >= len as usize {
+        terminate!();
+    }
+    dst[offset as usize + i] = src[i];
+}
+
+const COPY_THREADS: u32 = 256;
+
+/// `dst[offset..offset + src.len()] = src` on the device (one staging upload, one copy launch).
+fn copy_into<R: Runtime, F: EngineElem>(client: &ComputeClient<R>, src: &[F], dst: &DeviceBuffer<F>, offset: u64) -> Result<(), String> {
+    let end = offset + src.len() as u64;
+    if end > dst.len() as u64 || end >= u64::from(u32::MAX) {
+        return Err(format!("copy of {} elements at {offset} into a buffer of {}", src.len(), dst.len()));
+    }
+    if src.is_empty() {
+        return Ok(());
+    }
+    let staging = DeviceBuffer::upload(client, src);
+    // Safety: `offset + len ≤ dst.len()` was checked above and the kernel stops at `len`.
+    unsafe {
+        copy_into_kernel::launch_unchecked::<F, R>(
+            client,
+            crate::ops::grid_1d(src.len().div_ceil(COPY_THREADS as usize)),
+            CubeDim::new_1d(COPY_THREADS),
+            staging.arg(1),
+            dst.arg(1),
+            offset as u32,
+            src.len() as u32,
+        );
+    }
+    Ok(())
 }
 
 /// The checkpoint path of each fused part of layer `l`'s projection `i`: the plan's `hf_paths`
