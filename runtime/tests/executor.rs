@@ -412,3 +412,26 @@ fn adapters_move_between_slots_in_place() {
     assert!(delta < DELTA_TOL, "C reloaded into slot 1: {delta:e}");
     assert_eq!(e.footprint(), footprint);
 }
+
+/// A plan targeting only q_proj and v_proj: the weights of the untargeted projections, the
+/// embedding and lm_head come from HF's naming (the plan has no path for them); the base row
+/// still matches the reference.
+#[test]
+fn base_model_under_a_partial_target_plan() {
+    let dir = fixture("llama");
+    let reference = Reference::load(&dir);
+    let mut opts = lorac_compiler::CompileOptions::new(1, 16, 4, &["q_proj", "v_proj"]).expect("options");
+    opts.kv_cache_tokens = 2048;
+    let plan = lorac_compiler::compile(&dir, &opts).expect("compile");
+    assert!(plan.ranks[0].lora_buffers.iter().all(|b| b.module == "qkv_proj"));
+    let mut e = Engine::<Rt, f32>::new(client(), plan, &dir).expect("engine");
+    let seq = e.add_sequence();
+    let out =
+        e.step(&[SeqInput { seq, position: 0, tokens: reference.rows[3].input_ids.clone(), adapter: None }], LogitsMode::All).unwrap();
+    let (_, want) = reference.tensor("row3.logits");
+    let (delta, kl) = compare(&out.logits[0], &want, 512);
+    println!("llama base row under a q/v plan: max |Δlogit| {delta:.3e}, max KL {kl:.3e}");
+    assert!(kl < KL_TOL && delta < DELTA_TOL);
+    // Adapter A trains modules this plan does not target.
+    assert!(matches!(e.load_adapter(0, &dir.join("adapters/A")), Err(ExecutorError::Adapter(_))));
+}
