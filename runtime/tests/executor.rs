@@ -320,6 +320,7 @@ fn steps_reuse_their_buffers() {
     assert!(reserved[1..].windows(2).all(|w| w[0] == w[1]), "{reserved:?}");
     assert_eq!(e.workspace_shapes(), (2, 1));
     assert_eq!(e.cached_tokens(a), Some(8));
+    assert_eq!(e.kv_cache_bytes(), e.plan().ranks[0].memory.kv_cache);
 }
 
 #[test]

@@ -448,6 +448,12 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         Ok(())
     }
 
+    /// Bytes of the paged KV cache over all layers (the plan's `memory.kv_cache` when
+    /// `kv_cache_tokens` is a multiple of the page size).
+    pub fn kv_cache_bytes(&self) -> u64 {
+        self.caches.iter().map(|c| ((c.k.len() + c.v.len()) * size_of::<F>()) as u64).sum()
+    }
+
     /// Workspaces currently held: (token-count shapes, logits-row shapes).
     pub fn workspace_shapes(&self) -> (usize, usize) {
         (self.token_ws.len(), self.head_ws.len())
