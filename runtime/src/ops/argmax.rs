@@ -2,6 +2,10 @@
 //! `torch.argmax`); NaN entries are never chosen (an all-NaN row gives 0). One cube per row: a strided scan per thread,
 //! then a shared-memory tree over the threads' (value, index) pairs.
 
+// The kernel tests `v == v` to skip NaN: WGSL offers no is_nan, so the self-comparison is
+// deliberate.
+#![allow(clippy::eq_op)]
+
 use cubecl::prelude::*;
 
 use super::{OpResult, check_dims, check_len, grid_1d, linear_cube};
