@@ -119,6 +119,7 @@ pub fn emit(input: EmitInput) -> Plan {
                 inputs: node.inputs.iter().map(|v| ValueId(ir::Id::index(*v) as u32)).collect(),
                 outputs: node.outputs.iter().map(|v| ValueId(ir::Id::index(*v) as u32)).collect(),
                 lora_buffer,
+                weights: node.weights.clone(),
             }
         })
         .collect();

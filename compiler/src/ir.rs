@@ -226,6 +226,8 @@ pub struct Node {
     pub outputs: Vec<ValueId>,
     /// Filled by kernel selection.
     pub kernel: Option<lorac_plan::KernelSpec>,
+    /// Checkpoint tensors the node reads (routed experts keep `{expert}` in the name).
+    pub weights: Vec<String>,
 }
 
 /// A LoRA module: the buffers one targeted linear gets in the adapter pool.
@@ -259,7 +261,8 @@ impl Graph {
 
     /// Inserts a node at position `at` of program order.
     pub fn insert_node(&mut self, at: usize, op: Op, layer: Option<u32>, inputs: Vec<ValueId>, outputs: Vec<ValueId>) -> NodeIndex {
-        let node = self.dag.add_node(Node { op, layer, inputs: inputs.clone(), outputs: outputs.clone(), kernel: None });
+        let node =
+            self.dag.add_node(Node { op, layer, inputs: inputs.clone(), outputs: outputs.clone(), kernel: None, weights: Vec::new() });
         for value in outputs {
             self.values[value].producer = Some(node);
         }

@@ -98,6 +98,7 @@ pub fn compile_spec(
             tie_word_embeddings: spec.tie_word_embeddings,
             norm: spec.norm,
             rope: spec.rope.clone(),
+            max_position_embeddings: spec.max_position_embeddings,
         },
         parallel: Parallel { tp, ep },
         lora: LoraSettings {

@@ -10,6 +10,7 @@ use lorac_models::spec::*;
 use lorac_plan::{DType, Rows};
 
 use crate::ir::*;
+use crate::weights::linear_tensors;
 
 struct Lowering<'a> {
     g: Graph,
@@ -29,7 +30,13 @@ impl Lowering<'_> {
     }
 
     fn node(&mut self, op: Op, layer: Option<u32>, inputs: Vec<ValueId>, outputs: Vec<ValueId>) {
-        self.g.push_node(op, layer, inputs, outputs);
+        self.node_reading(op, layer, inputs, outputs, &[]);
+    }
+
+    /// A node that also reads checkpoint tensors (norm weights, conv kernels, router...).
+    fn node_reading(&mut self, op: Op, layer: Option<u32>, inputs: Vec<ValueId>, outputs: Vec<ValueId>, params: &[ParamSpec]) {
+        let node = self.g.push_node(op, layer, inputs, outputs);
+        self.g.dag[node].weights = params.iter().map(|p| p.path.clone()).collect();
     }
 
     /// Adds a linear layer to the table (before its input value exists, so that value can be
@@ -43,9 +50,13 @@ impl Lowering<'_> {
         let linear = &self.g.linears[id];
         let name = name_in(linear.layer, linear.spec.fused_name);
         let (layer, kind) = (linear.layer, linear.spec.kind);
+        // A tied lm_head reads the embedding table.
+        let source = if kind == LinearKind::LmHead && self.spec.tie_word_embeddings { &self.spec.embedding } else { &linear.spec };
+        let weights = linear_tensors(source).into_iter().map(|t| t.name).collect();
         let out = self.value(name, rows, WidthSpec::LinearOut(id));
         let op = if kind == LinearKind::Embedding { Op::Embedding(id) } else { Op::Linear(id) };
-        self.node(op, layer, inputs, vec![out]);
+        let node = self.g.push_node(op, layer, inputs, vec![out]);
+        self.g.dag[node].weights = weights;
         out
     }
 
@@ -56,17 +67,28 @@ impl Lowering<'_> {
 
     /// `core` (attention, SSM...) followed by the row-parallel projection that consumes its
     /// output: the core's output is exactly what that projection takes in.
-    fn core_then(&mut self, out_proj: &LinearSpec, layer: Option<u32>, name: &str, op: Op, inputs: Vec<ValueId>, rows: Rows) -> ValueId {
+    #[allow(clippy::too_many_arguments)]
+    fn core_then(
+        &mut self,
+        out_proj: &LinearSpec,
+        layer: Option<u32>,
+        name: &str,
+        op: Op,
+        inputs: Vec<ValueId>,
+        rows: Rows,
+        params: &[ParamSpec],
+    ) -> ValueId {
         let id = self.declare(out_proj, layer, None);
         let core = self.value(name_in(layer, name), rows, WidthSpec::LinearIn(id));
-        self.node(op, layer, inputs, vec![core]);
+        self.node_reading(op, layer, inputs, vec![core], params);
         self.apply(id, vec![core], rows)
     }
 
-    fn norm(&mut self, input: ValueId, width: u32, layer: Option<u32>, name: &str) -> ValueId {
+    fn norm(&mut self, input: ValueId, weight: &ParamSpec, layer: Option<u32>, name: &str) -> ValueId {
         let rows = self.g.values[input].rows;
+        let width = self.spec.hidden_size;
         let out = self.value(name_in(layer, name), rows, WidthSpec::Full(width));
-        self.node(Op::RmsNorm { width }, layer, vec![input], vec![out]);
+        self.node_reading(Op::RmsNorm { width }, layer, vec![input], vec![out], std::slice::from_ref(weight));
         out
     }
 
@@ -85,20 +107,20 @@ impl Lowering<'_> {
         let mut h = self.linear(&spec.embedding, None, ids, Rows::Tokens);
         for (i, layer) in spec.layers.iter().enumerate() {
             let i = Some(i as u32);
-            if let Some(mixer) = &layer.mixer {
-                let x = self.norm(h, hidden, i, "input_norm");
+            if let (Some(mixer), Some(norm)) = (&layer.mixer, &layer.mixer_norm) {
+                let x = self.norm(h, norm, i, "input_norm");
                 let y = self.mixer(mixer, x, i);
                 h = self.add(h, y, hidden, i, "mixer_residual");
             }
-            if let Some(ffn) = &layer.ffn {
-                let x = self.norm(h, hidden, i, "ffn_norm");
+            if let (Some(ffn), Some(norm)) = (&layer.ffn, &layer.ffn_norm) {
+                let x = self.norm(h, norm, i, "ffn_norm");
                 let y = self.ffn(ffn, x, i);
                 h = self.add(h, y, hidden, i, "ffn_residual");
             }
         }
         let last = self.value("last_hidden".into(), Rows::Seqs, WidthSpec::Full(hidden));
         self.node(Op::GatherLast, None, vec![h], vec![last]);
-        let x = self.norm(last, hidden, None, "final_norm");
+        let x = self.norm(last, &spec.final_norm, None, "final_norm");
         let logits = self.linear(&spec.lm_head, None, x, Rows::Seqs);
         let next = self.g.add_value("next_tokens", Rows::Seqs, WidthSpec::Full(1), DType::I32);
         self.node(Op::Sample, None, vec![logits], vec![next]);
@@ -116,7 +138,7 @@ impl Lowering<'_> {
                     output_gate: a.output_gate,
                     qk_norm: a.qk_norm,
                 };
-                self.core_then(&a.o, layer, "attn", op, vec![qkv], rows)
+                self.core_then(&a.o, layer, "attn", op, vec![qkv], rows, &a.params)
             }
             MixerSpec::Mla(m) => {
                 let fused = self.linear(&m.qkv_a, layer, x, rows);
@@ -137,7 +159,7 @@ impl Lowering<'_> {
                     kv_lora_rank: m.kv_lora_rank,
                     qk_rope_head_dim: m.qk_rope_head_dim,
                 };
-                self.node(op, layer, vec![fused], outputs);
+                self.node_reading(op, layer, vec![fused], outputs, &m.params);
                 let q = self.linear(&m.q_b, layer, q_input, rows);
                 let kv = self.linear(&m.kv_b, layer, kv_lat, rows);
                 let op = Op::Mla {
@@ -147,7 +169,7 @@ impl Lowering<'_> {
                     qk_rope_head_dim: m.qk_rope_head_dim,
                     v_head_dim: m.v_head_dim,
                 };
-                self.core_then(&m.o, layer, "attn", op, vec![q, kv, k_rope], rows)
+                self.core_then(&m.o, layer, "attn", op, vec![q, kv, k_rope], rows, &[])
             }
             MixerSpec::GatedDeltaNet(d) => {
                 let qkvz = self.linear(&d.in_qkvz, layer, x, rows);
@@ -160,7 +182,7 @@ impl Lowering<'_> {
                     conv_kernel: d.conv_kernel,
                     state_dtype: d.state_dtype,
                 };
-                self.core_then(&d.out, layer, "gdn", op, vec![qkvz, ba], rows)
+                self.core_then(&d.out, layer, "gdn", op, vec![qkvz, ba], rows, &d.params)
             }
             MixerSpec::Mamba2(m) => {
                 let zxbcdt = self.linear(&m.in_proj, layer, x, rows);
@@ -172,7 +194,7 @@ impl Lowering<'_> {
                     conv_kernel: m.conv_kernel,
                     state_dtype: m.state_dtype,
                 };
-                self.core_then(&m.out_proj, layer, "ssm", op, vec![zxbcdt], rows)
+                self.core_then(&m.out_proj, layer, "ssm", op, vec![zxbcdt], rows, &m.params)
             }
         }
     }
@@ -180,7 +202,7 @@ impl Lowering<'_> {
     fn dense_mlp(&mut self, mlp: &DenseMlpSpec, x: ValueId, layer: Option<u32>, name: &str) -> ValueId {
         let rows = self.g.values[x].rows;
         let up = self.linear(&mlp.up, layer, x, rows);
-        self.core_then(&mlp.down, layer, name, Op::Activation(mlp.activation), vec![up], rows)
+        self.core_then(&mlp.down, layer, name, Op::Activation(mlp.activation), vec![up], rows, &[])
     }
 
     fn ffn(&mut self, ffn: &FfnSpec, x: ValueId, layer: Option<u32>) -> ValueId {
@@ -189,7 +211,8 @@ impl Lowering<'_> {
             FfnSpec::Moe(moe) => {
                 let hidden = self.spec.hidden_size;
                 let routing = self.g.add_value(name_in(layer, "routing"), Rows::Tokens, WidthSpec::Full(2 * moe.top_k), DType::F32);
-                self.node(Op::Router { experts: moe.num_experts, top_k: moe.top_k }, layer, vec![x], vec![routing]);
+                let router = Op::Router { experts: moe.num_experts, top_k: moe.top_k };
+                self.node_reading(router, layer, vec![x], vec![routing], &moe.params);
                 let (expert_in, expert_width) = match &moe.latent {
                     Some(latent) => (self.linear(&latent.fc1, layer, x, Rows::Tokens), latent.size),
                     None => (x, hidden),

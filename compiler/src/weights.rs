@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use lorac_models::ModelSpec;
-use lorac_models::spec::{LinearKind, ParamShard, ParamSpec, WeightFormat};
+use lorac_models::spec::{LinearKind, LinearSpec, ParamShard, ParamSpec, WeightFormat};
 use lorac_plan::DType;
 
 use crate::error::CompileError;
@@ -18,31 +18,42 @@ pub struct ExpectedTensor {
     pub shape: Vec<u64>,
 }
 
+/// The checkpoint tensors of one linear layer with their full shapes; routed experts keep the
+/// `{expert}` placeholder in their names.
+pub fn linear_tensors(spec: &LinearSpec) -> Vec<ExpectedTensor> {
+    let mut out = Vec::new();
+    for module in &spec.modules {
+        let (out_f, in_f) = match spec.kind {
+            // The embedding table is [vocab, hidden]: its "input" is the vocabulary.
+            LinearKind::Embedding => (u64::from(spec.in_features), u64::from(module.out_features())),
+            _ => (u64::from(module.out_features()), u64::from(spec.in_features)),
+        };
+        out.push(ExpectedTensor { name: format!("{}.weight", module.path), shape: vec![out_f, in_f] });
+        if spec.bias {
+            out.push(ExpectedTensor { name: format!("{}.bias", module.path), shape: vec![out_f] });
+        }
+        if let WeightFormat::Fp8Block { block } = spec.format {
+            let b = u64::from(block);
+            out.push(ExpectedTensor {
+                name: format!("{}.weight_scale_inv", module.path),
+                shape: vec![out_f.div_ceil(b), in_f.div_ceil(b)],
+            });
+        }
+    }
+    out
+}
+
 /// Full (unsharded) shapes of every tensor the graph reads, under checkpoint names.
 pub fn expected_tensors(spec: &ModelSpec, g: &Graph) -> Vec<ExpectedTensor> {
     let mut out = Vec::new();
     for linear in g.linears.values() {
-        let spec_l = &linear.spec;
-        if spec_l.kind == LinearKind::LmHead && spec.tie_word_embeddings {
+        if linear.spec.kind == LinearKind::LmHead && spec.tie_word_embeddings {
             continue;
         }
-        let experts = spec_l.experts.map_or(1, |e| e.count);
-        for module in &spec_l.modules {
-            let (out_f, in_f) = match spec_l.kind {
-                // The embedding table is [vocab, hidden]: its "input" is the vocabulary.
-                LinearKind::Embedding => (u64::from(spec_l.in_features), u64::from(module.out_features())),
-                _ => (u64::from(module.out_features()), u64::from(spec_l.in_features)),
-            };
+        let experts = linear.spec.experts.map_or(1, |e| e.count);
+        for t in linear_tensors(&linear.spec) {
             for e in 0..experts {
-                let path = module.path.replace("{expert}", &e.to_string());
-                out.push(ExpectedTensor { name: format!("{path}.weight"), shape: vec![out_f, in_f] });
-                if spec_l.bias {
-                    out.push(ExpectedTensor { name: format!("{path}.bias"), shape: vec![out_f] });
-                }
-                if let WeightFormat::Fp8Block { block } = spec_l.format {
-                    let b = u64::from(block);
-                    out.push(ExpectedTensor { name: format!("{path}.weight_scale_inv"), shape: vec![out_f.div_ceil(b), in_f.div_ceil(b)] });
-                }
+                out.push(ExpectedTensor { name: t.name.replace("{expert}", &e.to_string()), shape: t.shape.clone() });
             }
         }
     }

@@ -164,3 +164,28 @@ fn arena_offsets_never_collide_while_live() {
         assert!(p.values.iter().all(|v| v.arena_offset + v.bytes <= p.ranks[0].memory.activations));
     }
 }
+
+/// The plan's nodes name exactly the checkpoint's tensors: every tensor of each tiny
+/// transformers-made checkpoint is read by some node, and every name a node reads exists.
+#[test]
+fn node_weights_cover_the_checkpoint_exactly() {
+    let tiny = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny");
+    for name in ["llama", "qwen3", "qwen3_moe", "deepseek_v3", "qwen3_next", "qwen3_5", "qwen3_5_moe", "nemotron_h"] {
+        let dir = tiny.join(name);
+        let p = compile(&dir, &CompileOptions::new(1, 8, 2, &["all"]).unwrap()).unwrap();
+        let found = lorac_compiler::weights::read_checkpoint_shapes(&dir).unwrap().unwrap();
+        let patterns: std::collections::BTreeSet<&str> = p.nodes.iter().flat_map(|n| n.weights.iter().map(String::as_str)).collect();
+        let matches = |pattern: &str, tensor: &str| match pattern.split_once("{expert}") {
+            Some((head, tail)) => {
+                tensor.starts_with(head) && tensor.ends_with(tail) && tensor.len() > head.len() + tail.len() && tensor[head.len()..tensor.len() - tail.len()].bytes().all(|b| b.is_ascii_digit())
+            }
+            None => pattern == tensor,
+        };
+        for tensor in found.keys().filter(|t| !t.starts_with("model.visual.")) {
+            assert!(patterns.iter().any(|p| matches(p, tensor)), "{name}: no node reads {tensor}");
+        }
+        for pattern in &patterns {
+            assert!(found.keys().any(|t| matches(pattern, t)), "{name}: a node reads {pattern}, which the checkpoint lacks");
+        }
+    }
+}

@@ -216,10 +216,13 @@ pub fn lm_head(vocab: u32, hidden: u32, module_path: String) -> LinearSpec {
     linear("lm_head", LinearKind::LmHead, ParallelStyle::Vocab, elements(hidden, "hidden_size"), modules, WeightFormat::Plain)
 }
 
-/// The standard pre-norm layer pair: `input_layernorm` and `post_attention_layernorm`.
-pub fn pre_norms(prefix: &str, hidden: u32) -> Vec<ParamSpec> {
-    vec![
-        ParamSpec::replicated(path(prefix, "input_layernorm.weight"), vec![hidden]),
-        ParamSpec::replicated(path(prefix, "post_attention_layernorm.weight"), vec![hidden]),
-    ]
+/// A layer with a mixer and an FFN behind the standard pre-norms `input_layernorm` and
+/// `post_attention_layernorm`.
+pub fn pre_norm_layer(prefix: &str, hidden: u32, mixer: MixerSpec, ffn: FfnSpec) -> LayerSpec {
+    LayerSpec {
+        mixer: Some(mixer),
+        ffn: Some(ffn),
+        mixer_norm: Some(ParamSpec::replicated(path(prefix, "input_layernorm.weight"), vec![hidden])),
+        ffn_norm: Some(ParamSpec::replicated(path(prefix, "post_attention_layernorm.weight"), vec![hidden])),
+    }
 }

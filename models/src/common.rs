@@ -21,6 +21,8 @@ pub struct DecoderBase {
     #[serde(default)]
     pub tie_word_embeddings: Option<bool>,
     #[serde(default)]
+    pub max_position_embeddings: Option<u32>,
+    #[serde(default)]
     pub torch_dtype: Option<String>,
     #[serde(default)]
     pub dtype: Option<String>,

@@ -295,8 +295,9 @@ pub enum FfnSpec {
 pub struct LayerSpec {
     pub mixer: Option<MixerSpec>,
     pub ffn: Option<FfnSpec>,
-    /// Norm weights in front of the mixer / FFN.
-    pub params: Vec<ParamSpec>,
+    /// The RMSNorm weights in front of the mixer and the FFN (present exactly when the block is).
+    pub mixer_norm: Option<ParamSpec>,
+    pub ffn_norm: Option<ParamSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -320,6 +321,7 @@ pub struct ModelSpec {
     pub norm: lorac_plan::NormConstants,
     /// None for models whose attention has no rotary embedding (Nemotron-H).
     pub rope: Option<lorac_plan::Rope>,
+    pub max_position_embeddings: Option<u32>,
 }
 
 impl ModelSpec {
@@ -344,7 +346,7 @@ impl ModelSpec {
     pub fn params(&self) -> Vec<&ParamSpec> {
         let mut out = Vec::new();
         for layer in &self.layers {
-            out.extend(&layer.params);
+            out.extend(layer.mixer_norm.iter().chain(&layer.ffn_norm));
             if let Some(mixer) = &layer.mixer {
                 out.extend(mixer.params());
             }

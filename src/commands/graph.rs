@@ -30,6 +30,9 @@ pub fn run(args: Args) -> Result<(), String> {
         let outputs: Vec<String> = node.outputs.iter().map(width).collect();
         let kernel = node.kernel.map(|k| format!("{:?}", plan.kernels[k.0 as usize])).unwrap_or_default();
         listing.push_str(&format!("{:<32} {} -> {}\n{:<32} {kernel}\n", node.label, inputs.join(", "), outputs.join(", "), ""));
+        if !node.weights.is_empty() {
+            listing.push_str(&format!("{:<32} reads {}\n", "", node.weights.join(", ")));
+        }
     }
     super::print(&listing)
 }

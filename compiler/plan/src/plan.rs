@@ -46,6 +46,7 @@ pub struct ModelSummary {
     pub tie_word_embeddings: bool,
     pub norm: crate::NormConstants,
     pub rope: Option<crate::Rope>,
+    pub max_position_embeddings: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +133,8 @@ pub struct PlanNode {
     pub outputs: Vec<ValueId>,
     /// For LoRA nodes: the index into each rank's `lora_buffers`.
     pub lora_buffer: Option<u32>,
+    /// Checkpoint tensors the node reads (full names; routed experts hold `{expert}`).
+    pub weights: Vec<String>,
 }
 
 /// One compiled kernel specialisation. Every field is a compile-time parameter of the kernel.

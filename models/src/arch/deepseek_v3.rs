@@ -78,15 +78,12 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
         .map(|i| {
             let prefix = format!("model.layers.{i}");
             let moe = i >= c.first_k_dense_replace && i % c.moe_layer_freq.get() == 0;
-            LayerSpec {
-                mixer: Some(MixerSpec::Mla(mla(&c, &path(&prefix, "self_attn"), format))),
-                ffn: Some(if moe {
-                    moe_ffn(&c, shared_experts, &path(&prefix, "mlp"), format)
-                } else {
-                    dense_ffn(&c, &path(&prefix, "mlp"), format)
-                }),
-                params: blocks::pre_norms(&prefix, hidden),
-            }
+            blocks::pre_norm_layer(
+                &prefix,
+                hidden,
+                MixerSpec::Mla(mla(&c, &path(&prefix, "self_attn"), format)),
+                if moe { moe_ffn(&c, shared_experts, &path(&prefix, "mlp"), format) } else { dense_ffn(&c, &path(&prefix, "mlp"), format) },
+            )
         })
         .collect();
     // Rotary embedding covers the qk_rope_head_dim part of each query/key head.

@@ -39,18 +39,19 @@ pub fn build_dense(cfg: &ConfigFile, family: &DenseFamily) -> Result<ModelSpec, 
     let layers = (0..c.base.layers(&cfg.path, "")?)
         .map(|i| {
             let prefix = format!("model.layers.{i}");
-            LayerSpec {
-                mixer: Some(MixerSpec::Attention(blocks::gqa_attention(&attention, &blocks::path(&prefix, "self_attn"), format))),
-                ffn: Some(FfnSpec::Dense(blocks::dense_mlp(
+            blocks::pre_norm_layer(
+                &prefix,
+                hidden,
+                MixerSpec::Attention(blocks::gqa_attention(&attention, &blocks::path(&prefix, "self_attn"), format)),
+                FfnSpec::Dense(blocks::dense_mlp(
                     blocks::elements(hidden, "hidden_size"),
                     c.intermediate_size.get(),
                     "intermediate_size",
                     Activation::SwiGlu,
                     &blocks::path(&prefix, "mlp"),
                     format,
-                ))),
-                params: blocks::pre_norms(&prefix, hidden),
-            }
+                )),
+            )
         })
         .collect();
     standard_model(cfg, &c.base, layers, attention.head_dim)
@@ -93,5 +94,6 @@ pub fn standard_model(cfg: &ConfigFile, base: &DecoderBase, layers: Vec<LayerSpe
         config_section: String::new(),
         norm: crate::rope::norm(cfg, None, false)?,
         rope: Some(crate::rope::rope(cfg, None, rope_dim)?),
+        max_position_embeddings: base.max_position_embeddings,
     })
 }

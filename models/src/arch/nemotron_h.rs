@@ -146,7 +146,10 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
                 }
                 Block::Moe => (None, Some(FfnSpec::Moe(moe(cfg, &c, &mixer_path)?))),
             };
-            Ok(LayerSpec { mixer, ffn, params: vec![ParamSpec::replicated(path(&prefix, "norm.weight"), vec![hidden])] })
+            // One norm per layer, in front of whichever block the layer has.
+            let norm = Some(ParamSpec::replicated(path(&prefix, "norm.weight"), vec![hidden]));
+            let (mixer_norm, ffn_norm) = if mixer.is_some() { (norm, None) } else { (None, norm) };
+            Ok(LayerSpec { mixer, ffn, mixer_norm, ffn_norm })
         })
         .collect::<Result<Vec<_>, ModelError>>()?;
     let vocab = c.base.vocab_size.get();
@@ -165,6 +168,7 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
         norm: crate::rope::norm(cfg, None, false)?,
         // Nemotron-H attention layers use no positional embedding: Mamba layers carry order.
         rope: None,
+        max_position_embeddings: c.base.max_position_embeddings,
     })
 }
 

@@ -62,11 +62,12 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
                 let h = blocks::elements(hidden, "hidden_size");
                 FfnSpec::Dense(blocks::dense_mlp(h, c.dense.intermediate_size.get(), "intermediate_size", Activation::SwiGlu, &mlp, format))
             };
-            LayerSpec {
-                mixer: Some(MixerSpec::Attention(blocks::gqa_attention(&attention, &blocks::path(&prefix, "self_attn"), format))),
-                ffn: Some(ffn),
-                params: blocks::pre_norms(&prefix, hidden),
-            }
+            blocks::pre_norm_layer(
+                &prefix,
+                hidden,
+                MixerSpec::Attention(blocks::gqa_attention(&attention, &blocks::path(&prefix, "self_attn"), format)),
+                ffn,
+            )
         })
         .collect();
     llama::standard_model(cfg, &c.dense.base, layers, attention.head_dim)

@@ -189,7 +189,7 @@ pub fn build_hybrid(cfg: &ConfigFile, family: &HybridFamily) -> Result<ModelSpec
                 ))
             }
         };
-        layers.push(LayerSpec { mixer: Some(mixer), ffn: Some(ffn), params: blocks::pre_norms(&prefix, hidden) });
+        layers.push(blocks::pre_norm_layer(&prefix, hidden, mixer, ffn));
     }
     let vocab = c.base.vocab_size.get();
     Ok(ModelSpec {
@@ -206,6 +206,7 @@ pub fn build_hybrid(cfg: &ConfigFile, family: &HybridFamily) -> Result<ModelSpec
         config_section: field_prefix,
         norm: crate::rope::norm(cfg, family.nested, true)?,
         rope: Some(crate::rope::rope(cfg, family.nested, attention.head_dim)?),
+        max_position_embeddings: c.base.max_position_embeddings,
     })
 }
 
