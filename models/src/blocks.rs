@@ -202,6 +202,15 @@ pub fn moe(
     }
 }
 
+/// A sigmoid router's parameters: its weight and the score-correction bias (kept in f32)
+/// that DeepSeek-V3 style `noaux_tc` top-k selection adds.
+pub fn sigmoid_router_params(prefix: &str, experts: u32, hidden: u32) -> Vec<ParamSpec> {
+    vec![
+        ParamSpec::replicated(path(prefix, "gate.weight"), vec![experts, hidden]),
+        ParamSpec::replicated(path(prefix, "gate.e_score_correction_bias"), vec![experts]).with_dtype(lorac_plan::DType::F32),
+    ]
+}
+
 /// Token embedding, split over the vocabulary. As a LoRA target its input is the vocabulary.
 pub fn embedding(vocab: u32, hidden: u32, module_path: String) -> LinearSpec {
     let modules = vec![HfModule::single("embed_tokens", module_path, elements(hidden, "hidden_size"))];

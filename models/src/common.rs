@@ -7,7 +7,10 @@ use serde::Deserialize;
 
 use crate::dims::{Count, Width};
 
+use crate::blocks;
+use crate::config::ConfigFile;
 use crate::error::ModelError;
+use crate::spec::{LayerSpec, ModelSpec, ParamSpec};
 
 /// Fields every decoder config has, under their Hugging Face names.
 #[derive(Debug, Deserialize)]
@@ -86,4 +89,41 @@ pub fn check_layer_count(path: &Path, field: &str, found: usize, layers: u32) ->
         return Err(ModelError::field(path, field, format!("has {found} entries but num_hidden_layers is {layers}")));
     }
     Ok(())
+}
+
+/// What differs between families around their decoder layers.
+pub struct Outline<'a> {
+    /// Where the decoder's fields sit in config.json (`Some("text_config")` for Qwen3.5).
+    pub nested: Option<&'a str>,
+    /// Checkpoint path of the embedding module and of the final norm's weight.
+    pub embedding: &'a str,
+    pub final_norm: &'a str,
+    pub ignored_weight_prefixes: Vec<String>,
+    /// RMSNorm multiplies by `1 + w` (Qwen3-Next, Qwen3.5).
+    pub norm_unit_offset: bool,
+    /// Per-head width the rotary embedding covers (before a partial factor); None when the
+    /// attention has no rotary embedding.
+    pub rope_dim: Option<u32>,
+}
+
+/// The model around its layers: embedding, final norm, lm_head and the numeric constants.
+pub fn assemble(cfg: &ConfigFile, base: &DecoderBase, layers: Vec<LayerSpec>, outline: Outline) -> Result<ModelSpec, ModelError> {
+    let hidden = base.hidden_size.get();
+    let vocab = base.vocab_size.get();
+    Ok(ModelSpec {
+        model_type: cfg.model_type()?.to_string(),
+        hidden_size: hidden,
+        vocab_size: vocab,
+        dtype: base.weight_dtype(&cfg.path)?,
+        embedding: blocks::embedding(vocab, hidden, outline.embedding.to_string()),
+        layers,
+        final_norm: ParamSpec::replicated(outline.final_norm.to_string(), vec![hidden]),
+        lm_head: blocks::lm_head(vocab, hidden, "lm_head".into()),
+        tie_word_embeddings: base.tied(cfg),
+        ignored_weight_prefixes: outline.ignored_weight_prefixes,
+        config_section: outline.nested.map(|n| format!("{n}.")).unwrap_or_default(),
+        norm: crate::rope::norm(cfg, outline.nested, outline.norm_unit_offset)?,
+        rope: outline.rope_dim.map(|dim| crate::rope::rope(cfg, outline.nested, dim)).transpose()?,
+        max_position_embeddings: base.max_position_embeddings,
+    })
 }

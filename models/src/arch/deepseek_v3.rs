@@ -2,7 +2,6 @@
 //! `first_k_dense_replace` layers dense, then MoE with shared experts and a sigmoid router with
 //! a score-correction bias. Checkpoints may be fp8 with 128×128 block scales.
 
-use lorac_plan::DType;
 use serde::Deserialize;
 
 use crate::dims::{Count, Width};
@@ -176,9 +175,6 @@ fn moe_ffn(c: &DeepseekV3Config, shared_experts: u32, prefix: &str, format: Weig
         )
     });
     // The router always carries its score-correction bias (used by noaux_tc top-k).
-    let params = vec![
-        ParamSpec::replicated(path(prefix, "gate.weight"), vec![experts, hidden]),
-        ParamSpec::replicated(path(prefix, "gate.e_score_correction_bias"), vec![experts]).with_dtype(DType::F32),
-    ];
+    let params = blocks::sigmoid_router_params(prefix, experts, hidden);
     FfnSpec::Moe(blocks::moe(&routed, c.num_experts_per_tok.get(), shared, None, params))
 }

@@ -78,22 +78,13 @@ pub fn attention_config(cfg: &ConfigFile, c: &LlamaConfig, qk_norm: bool) -> Res
 /// Embedding, final norm and lm_head under the `model.` / `lm_head` names most families use.
 /// `rope_dim` is the per-head width the rotary embedding covers before any partial factor.
 pub fn standard_model(cfg: &ConfigFile, base: &DecoderBase, layers: Vec<LayerSpec>, rope_dim: u32) -> Result<ModelSpec, ModelError> {
-    let hidden = base.hidden_size.get();
-    let vocab = base.vocab_size.get();
-    Ok(ModelSpec {
-        model_type: cfg.model_type()?.to_string(),
-        hidden_size: hidden,
-        vocab_size: vocab,
-        dtype: base.weight_dtype(&cfg.path)?,
-        embedding: blocks::embedding(vocab, hidden, "model.embed_tokens".into()),
-        layers,
-        final_norm: ParamSpec::replicated("model.norm.weight".into(), vec![hidden]),
-        lm_head: blocks::lm_head(vocab, hidden, "lm_head".into()),
-        tie_word_embeddings: base.tied(cfg),
+    let outline = common::Outline {
+        nested: None,
+        embedding: "model.embed_tokens",
+        final_norm: "model.norm.weight",
         ignored_weight_prefixes: Vec::new(),
-        config_section: String::new(),
-        norm: crate::rope::norm(cfg, None, false)?,
-        rope: Some(crate::rope::rope(cfg, None, rope_dim)?),
-        max_position_embeddings: base.max_position_embeddings,
-    })
+        norm_unit_offset: false,
+        rope_dim: Some(rope_dim),
+    };
+    common::assemble(cfg, base, layers, outline)
 }

@@ -152,24 +152,16 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
             Ok(LayerSpec { mixer, ffn, mixer_norm, ffn_norm })
         })
         .collect::<Result<Vec<_>, ModelError>>()?;
-    let vocab = c.base.vocab_size.get();
-    Ok(ModelSpec {
-        model_type: cfg.model_type()?.to_string(),
-        hidden_size: hidden,
-        vocab_size: vocab,
-        dtype: c.base.weight_dtype(&cfg.path)?,
-        embedding: blocks::embedding(vocab, hidden, "backbone.embeddings".into()),
-        layers,
-        final_norm: ParamSpec::replicated("backbone.norm_f.weight".into(), vec![hidden]),
-        lm_head: blocks::lm_head(vocab, hidden, "lm_head".into()),
-        tie_word_embeddings: c.base.tied(cfg),
+    let outline = common::Outline {
+        nested: None,
+        embedding: "backbone.embeddings",
+        final_norm: "backbone.norm_f.weight",
         ignored_weight_prefixes: if c.num_nextn_predict_layers > 0 { vec!["mtp.".into()] } else { Vec::new() },
-        config_section: String::new(),
-        norm: crate::rope::norm(cfg, None, false)?,
+        norm_unit_offset: false,
         // Nemotron-H attention layers use no positional embedding: Mamba layers carry order.
-        rope: None,
-        max_position_embeddings: c.base.max_position_embeddings,
-    })
+        rope_dim: None,
+    };
+    common::assemble(cfg, &c.base, layers, outline)
 }
 
 fn mamba2(c: &NemotronHConfig, prefix: &str, state_dtype: DType) -> Mamba2Spec {
@@ -277,9 +269,6 @@ fn moe(cfg: &ConfigFile, c: &NemotronHConfig, prefix: &str) -> Result<MoeSpec, M
             format,
         )
     });
-    let params = vec![
-        ParamSpec::replicated(path(prefix, "gate.weight"), vec![experts, hidden]),
-        ParamSpec::replicated(path(prefix, "gate.e_score_correction_bias"), vec![experts]).with_dtype(DType::F32),
-    ];
+    let params = blocks::sigmoid_router_params(prefix, experts, hidden);
     Ok(blocks::moe(&routed, top_k, shared, latent, params))
 }

@@ -191,23 +191,16 @@ pub fn build_hybrid(cfg: &ConfigFile, family: &HybridFamily) -> Result<ModelSpec
         };
         layers.push(blocks::pre_norm_layer(&prefix, hidden, mixer, ffn));
     }
-    let vocab = c.base.vocab_size.get();
-    Ok(ModelSpec {
-        model_type: cfg.model_type()?.to_string(),
-        hidden_size: hidden,
-        vocab_size: vocab,
-        dtype: c.base.weight_dtype(&cfg.path)?,
-        embedding: blocks::embedding(vocab, hidden, format!("{}.embed_tokens", family.weight_prefix)),
-        layers,
-        final_norm: ParamSpec::replicated(format!("{}.norm.weight", family.weight_prefix), vec![hidden]),
-        lm_head: blocks::lm_head(vocab, hidden, "lm_head".into()),
-        tie_word_embeddings: c.base.tied(cfg),
+    let (embedding, final_norm) = (format!("{}.embed_tokens", family.weight_prefix), format!("{}.norm.weight", family.weight_prefix));
+    let outline = common::Outline {
+        nested: family.nested,
+        embedding: &embedding,
+        final_norm: &final_norm,
         ignored_weight_prefixes: family.ignored_weight_prefixes.iter().map(|p| p.to_string()).collect(),
-        config_section: field_prefix,
-        norm: crate::rope::norm(cfg, family.nested, true)?,
-        rope: Some(crate::rope::rope(cfg, family.nested, attention.head_dim)?),
-        max_position_embeddings: c.base.max_position_embeddings,
-    })
+        norm_unit_offset: true,
+        rope_dim: Some(attention.head_dim),
+    };
+    common::assemble(cfg, &c.base, layers, outline)
 }
 
 struct MoeFields {
