@@ -150,15 +150,7 @@ pub fn launch_add_rms_norm<R: Runtime, F: Float + CubeElement>(
     width: usize,
     eps: f32,
 ) -> OpResult<()> {
-    check_dims("add_rms_norm", &[rows, width])?;
-    check_eps(eps)?;
-    if width == 0 {
-        return Err(OpError::Shape("rms_norm width must be positive".into()));
-    }
-    check_len(h, "h", rows * width)?;
-    check_len(delta, "delta", rows * width)?;
-    check_len(y, "y", rows * width)?;
-    check_len(w, "weight", width)?;
+    check_rows("add_rms_norm", rows, width, eps, w, &[("h", h.len()), ("delta", delta.len()), ("y", y.len())])?;
     if rows == 0 {
         return Ok(());
     }
@@ -188,6 +180,29 @@ fn check_eps(eps: f32) -> OpResult<()> {
     Ok(())
 }
 
+/// The checks every row-wise norm launch makes: sizes in range, a usable eps, a positive
+/// width, a `[width]` weight and `[rows, width]` activations (given as (name, length)).
+fn check_rows<F: CubeElement>(
+    op: &str,
+    rows: usize,
+    width: usize,
+    eps: f32,
+    w: &DeviceBuffer<F>,
+    activations: &[(&'static str, usize)],
+) -> OpResult<()> {
+    check_dims(op, &[rows, width])?;
+    check_eps(eps)?;
+    if width == 0 {
+        return Err(OpError::Shape("rms_norm width must be positive".into()));
+    }
+    for &(name, actual) in activations {
+        if actual != rows * width {
+            return Err(OpError::BufferSize { name, expected: rows * width, actual });
+        }
+    }
+    check_len(w, "weight", width)
+}
+
 /// `y[r, :] = rms_norm(x[r, :]) · w` for `rows` contiguous rows of `width`; `w` is `[width]`.
 pub fn launch_rms_norm<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
@@ -198,14 +213,7 @@ pub fn launch_rms_norm<R: Runtime, F: Float + CubeElement>(
     width: usize,
     eps: f32,
 ) -> OpResult<()> {
-    check_dims("rms_norm", &[rows, width])?;
-    check_eps(eps)?;
-    if width == 0 {
-        return Err(OpError::Shape("rms_norm width must be positive".into()));
-    }
-    check_len(x, "x", rows * width)?;
-    check_len(y, "y", rows * width)?;
-    check_len(w, "weight", width)?;
+    check_rows("rms_norm", rows, width, eps, w, &[("x", x.len()), ("y", y.len())])?;
     if rows == 0 {
         return Ok(());
     }
