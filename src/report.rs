@@ -22,6 +22,7 @@ pub fn json(plan: &Plan) -> Value {
                 "rotary_dim": r.rotary_dim,
                 "scaling": format!("{:?}", r.scaling),
             })),
+            "softmax_scale": plan.model.softmax_scale,
         },
         "source": {
             "model_dir": plan.source.model_dir,
@@ -41,6 +42,7 @@ pub fn json(plan: &Plan) -> Value {
             "max_batch_tokens": plan.limits.max_batch_tokens,
             "max_seqs": plan.limits.max_seqs,
             "kv_cache_tokens": plan.limits.kv_cache_tokens,
+            "kv_page_size": plan.limits.kv_page_size,
         },
         "kernels": plan.kernels.len(),
         "ranks": plan.ranks.iter().map(rank_json).collect::<Vec<_>>(),
@@ -188,12 +190,12 @@ pub fn human(plan: &Plan) -> String {
     let m = &plan.model;
     let mut out = String::new();
     out.push_str(&format!(
-        "model: {} ({} layers, hidden {}, vocab {}, {})\nparallel: tp {}, ep {}\nlora: max rank {}, max loras {}, {:?}, pool {}\n  targets: {}\nlimits: max batch tokens {}, max seqs {}, kv cache tokens {}\nkernels: {} distinct specialisations, {} nodes\n\n",
+        "model: {} ({} layers, hidden {}, vocab {}, {})\nparallel: tp {}, ep {}\nlora: max rank {}, max loras {}, {:?}, pool {}\n  targets: {}\nlimits: max batch tokens {}, max seqs {}, kv cache tokens {} (pages of {})\nkernels: {} distinct specialisations, {} nodes\n\n",
         m.model_type, m.num_layers, m.hidden_size, m.vocab_size, m.dtype,
         plan.parallel.tp, plan.parallel.ep,
         plan.lora.max_rank, plan.lora.max_loras, plan.lora.moe_lora, plan.lora.dtype,
         plan.lora.targets.join(" "),
-        plan.limits.max_batch_tokens, plan.limits.max_seqs, plan.limits.kv_cache_tokens,
+        plan.limits.max_batch_tokens, plan.limits.max_seqs, plan.limits.kv_cache_tokens, plan.limits.kv_page_size,
         plan.kernels.len(), plan.nodes.len(),
     ));
     out.push_str(&format!("kernel families: {}\n", kernel_families(plan)));
@@ -202,7 +204,11 @@ pub fn human(plan: &Plan) -> String {
         Some(r) => format!("rope theta {}, rotary dim {}, {:?}", r.theta, r.rotary_dim, r.scaling),
         None => "no rope".into(),
     };
-    out.push_str(&format!("constants: {norm} eps {:e}, {rope}\n\n", m.norm.eps));
+    let attention = match m.softmax_scale {
+        Some(scale) => format!(", softmax scale {scale}"),
+        None => String::new(),
+    };
+    out.push_str(&format!("constants: {norm} eps {:e}, {rope}{attention}\n\n", m.norm.eps));
     let mut groups: Vec<Vec<&RankPlan>> = Vec::new();
     for r in &plan.ranks {
         match groups.iter_mut().find(|g| same_shapes(g[0], r)) {

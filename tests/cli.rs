@@ -24,7 +24,9 @@ fn compile_inspect_graph_on_the_tiny_llama() {
     let (ok, stdout, stderr) = lorac(&["inspect", plan.to_str().unwrap(), "--json"]);
     assert!(ok, "{stderr}");
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(report["format_version"], 1);
+    assert_eq!(report["format_version"], lorac_plan::FORMAT_VERSION);
+    assert_eq!(report["limits"]["kv_page_size"], 16);
+    assert_eq!(report["model"]["softmax_scale"], 0.25); // head_dim 16
     assert_eq!(report["model"]["model_type"], "llama");
     assert_eq!(report["model"]["num_layers"], 2);
     assert_eq!(report["parallel"]["tp"], 2);

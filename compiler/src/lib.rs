@@ -27,6 +27,20 @@ fn verify_if_debug(g: &ir::Graph, pass: &'static str) -> Result<(), CompileError
     if cfg!(debug_assertions) { verify::verify(g, pass) } else { Ok(()) }
 }
 
+/// The one QKᵀ scale the model's softmax-attention layers share (the plan carries a single
+/// value, so layers that disagree are refused rather than silently given the first one's).
+fn softmax_scale(spec: &ModelSpec) -> Result<Option<f64>, CompileError> {
+    let mut scales = spec.layers.iter().filter_map(|l| l.mixer.as_ref()?.softmax_scale());
+    let Some(first) = scales.next() else { return Ok(None) };
+    match scales.find(|s| *s != first) {
+        Some(other) => Err(CompileError::Verify {
+            pass: "lower",
+            message: format!("attention layers use different softmax scales ({first} and {other})"),
+        }),
+        None => Ok(Some(first)),
+    }
+}
+
 /// Compiles a model directory (or a config file inside one). When the directory holds a
 /// safetensors checkpoint, its tensor names and shapes are checked against the graph.
 pub fn compile(model_path: &Path, opts: &CompileOptions) -> Result<Plan, CompileError> {
@@ -99,6 +113,7 @@ pub fn compile_spec(
             norm: spec.norm,
             rope: spec.rope.clone(),
             max_position_embeddings: spec.max_position_embeddings,
+            softmax_scale: softmax_scale(spec)?,
         },
         parallel: Parallel { tp, ep },
         lora: LoraSettings {
@@ -109,6 +124,6 @@ pub fn compile_spec(
             moe_lora: opts.moe_lora,
             dtype: lora_dtype,
         },
-        limits: Limits { max_batch_tokens, max_seqs, kv_cache_tokens: opts.kv_cache_tokens },
+        limits: Limits { max_batch_tokens, max_seqs, kv_cache_tokens: opts.kv_cache_tokens, kv_page_size: opts.kv_page_size.get() },
     }))
 }

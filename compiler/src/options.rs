@@ -17,8 +17,10 @@ pub struct CompileOptions {
     pub moe_lora: MoeLoraMode,
     pub max_batch_tokens: NonZeroU32,
     pub max_seqs: NonZeroU32,
-    /// Tokens the KV cache holds across all sequences.
+    /// Tokens the KV cache holds across all sequences; a multiple of `kv_page_size`.
     pub kv_cache_tokens: u64,
+    /// Tokens per KV-cache page.
+    pub kv_page_size: NonZeroU32,
     /// Adapter pool dtype; the model's compute dtype (`DType::activation`) when None.
     pub lora_dtype: Option<DType>,
 }
@@ -36,6 +38,7 @@ impl CompileOptions {
             max_batch_tokens: NonZeroU32::new(8192).expect("non-zero"),
             max_seqs: NonZeroU32::new(256).expect("non-zero"),
             kv_cache_tokens: 256 * 4096,
+            kv_page_size: NonZeroU32::new(16).expect("non-zero"),
             lora_dtype: None,
         })
     }
@@ -44,7 +47,7 @@ impl CompileOptions {
 impl CompileOptions {
     /// Upper bounds that keep every size the compiler computes inside its integer types.
     pub fn validate(&self) -> Result<(), CompileError> {
-        let limits: [(&'static str, u64, u64); 7] = [
+        let limits: [(&'static str, u64, u64); 8] = [
             ("--tp", self.tp.get().into(), 1 << 12),
             ("--ep", self.ep.get().into(), 1 << 12),
             ("--max-lora-rank", self.max_lora_rank.get().into(), 1 << 12),
@@ -52,13 +55,19 @@ impl CompileOptions {
             ("--max-batch-tokens", self.max_batch_tokens.get().into(), 1 << 24),
             ("--max-seqs", self.max_seqs.get().into(), 1 << 20),
             ("--kv-cache-tokens", self.kv_cache_tokens, 1 << 40),
+            ("--kv-page-size", self.kv_page_size.get().into(), 1 << 12),
         ];
-        match limits.iter().find(|(_, value, max)| value > max) {
-            Some((option, value, max)) => {
-                Err(CompileError::Option { option, message: format!("{value} exceeds the largest supported value ({max})") })
-            }
-            None => Ok(()),
+        if let Some((option, value, max)) = limits.iter().find(|(_, value, max)| value > max) {
+            return Err(CompileError::Option { option, message: format!("{value} exceeds the largest supported value ({max})") });
         }
+        let page = u64::from(self.kv_page_size.get());
+        if self.kv_cache_tokens == 0 || self.kv_cache_tokens % page != 0 {
+            return Err(CompileError::Option {
+                option: "--kv-cache-tokens",
+                message: format!("{} is not a positive multiple of the KV page size ({page} tokens, --kv-page-size)", self.kv_cache_tokens),
+            });
+        }
+        Ok(())
     }
 }
 

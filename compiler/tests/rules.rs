@@ -100,6 +100,7 @@ fn shared_outer_moe_lora_has_expert_dim_one_on_the_outer_sides() {
 fn caches_by_hand() {
     let mut opts = CompileOptions::new(8, 16, 8, &["all"]).unwrap();
     opts.kv_cache_tokens = 1000;
+    opts.kv_page_size = std::num::NonZeroU32::new(8).unwrap();
     // 32 layers × (K + V) × 1 KV head per rank × 128 × 2 bytes × 1000 tokens.
     assert_eq!(plan_with(LLAMA, opts.clone()).ranks[0].memory.kv_cache, 32 * 2 * 128 * 2 * 1000);
     // MLA caches the 512-wide latent plus the 64-wide rope key, whole on every rank.
@@ -177,7 +178,10 @@ fn node_weights_cover_the_checkpoint_exactly() {
         let patterns: std::collections::BTreeSet<&str> = p.nodes.iter().flat_map(|n| n.weights.iter().map(String::as_str)).collect();
         let matches = |pattern: &str, tensor: &str| match pattern.split_once("{expert}") {
             Some((head, tail)) => {
-                tensor.starts_with(head) && tensor.ends_with(tail) && tensor.len() > head.len() + tail.len() && tensor[head.len()..tensor.len() - tail.len()].bytes().all(|b| b.is_ascii_digit())
+                tensor.starts_with(head)
+                    && tensor.ends_with(tail)
+                    && tensor.len() > head.len() + tail.len()
+                    && tensor[head.len()..tensor.len() - tail.len()].bytes().all(|b| b.is_ascii_digit())
             }
             None => pattern == tensor,
         };
@@ -188,4 +192,30 @@ fn node_weights_cover_the_checkpoint_exactly() {
             assert!(found.keys().any(|t| matches(pattern, t)), "{name}: a node reads {pattern}, which the checkpoint lacks");
         }
     }
+}
+
+#[test]
+fn kv_cache_tokens_fill_whole_pages() {
+    let mut opts = CompileOptions::new(1, 16, 8, &["all"]).unwrap();
+    opts.kv_cache_tokens = 1000;
+    let err = compile(&config(LLAMA), &opts).unwrap_err().to_string();
+    assert_eq!(err, "--kv-cache-tokens: 1000 is not a positive multiple of the KV page size (16 tokens, --kv-page-size)");
+    opts.kv_page_size = std::num::NonZeroU32::new(8).unwrap();
+    let plan = plan_with(LLAMA, opts);
+    assert_eq!((plan.limits.kv_cache_tokens, plan.limits.kv_page_size), (1000, 8));
+}
+
+#[test]
+fn softmax_scales_by_hand() {
+    let opts = CompileOptions::new(1, 16, 8, &["all"]).unwrap();
+    // Llama-3.1-8B: head_dim 128.
+    assert_eq!(plan_with(LLAMA, opts.clone()).model.softmax_scale, Some(1.0 / 128f64.sqrt()));
+    // DeepSeek-V3: qk head 128 + 64; yarn factor 40 with mscale_all_dim 1 gives
+    // mscale = 0.1 · ln 40 + 1 = 1.36888794541..., applied squared.
+    let mscale = 0.1 * 40f64.ln() + 1.0;
+    let scale = plan_with(DEEPSEEK, opts.clone()).model.softmax_scale.unwrap();
+    assert!((scale - mscale * mscale / 192f64.sqrt()).abs() < 1e-15, "{scale}");
+    assert!((scale - 0.135_233_8).abs() < 1e-6, "{scale}");
+    // Nemotron-H attention layers: attention_head_dim 128.
+    assert_eq!(plan_with("nvidia__Nemotron-H-56B-Base-8K.json", opts).model.softmax_scale, Some(1.0 / 128f64.sqrt()));
 }

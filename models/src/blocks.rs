@@ -109,6 +109,7 @@ pub fn gqa_attention(c: &GqaConfig, prefix: &str, format: WeightFormat) -> Atten
         head_dim: c.head_dim,
         output_gate: c.output_gate,
         qk_norm: c.qk_norm,
+        softmax_scale: 1.0 / f64::from(c.head_dim).sqrt(),
         qkv,
         o,
         params,

@@ -180,6 +180,8 @@ pub struct AttentionSpec {
     pub output_gate: bool,
     /// Per-head RMSNorm on q and k before rotary embedding (Qwen3 family).
     pub qk_norm: bool,
+    /// Multiplies QKᵀ before the softmax (`head_dim^-0.5`).
+    pub softmax_scale: f64,
     pub qkv: LinearSpec,
     pub o: LinearSpec,
     pub params: Vec<ParamSpec>,
@@ -193,6 +195,9 @@ pub struct MlaSpec {
     pub qk_nope_head_dim: u32,
     pub qk_rope_head_dim: u32,
     pub v_head_dim: u32,
+    /// Multiplies QKᵀ before the softmax: `(qk_nope + qk_rope)^-0.5`, times yarn's mscale² when
+    /// the rotary scaling sets `mscale_all_dim` (as DeepSeek-V3's reference code does).
+    pub softmax_scale: f64,
     /// q_a_proj and kv_a_proj_with_mqa fused (replicated); without q_lora_rank only kv_a.
     pub qkv_a: LinearSpec,
     /// q_b_proj, or q_proj when q_lora_rank is null.
@@ -331,6 +336,15 @@ impl ModelSpec {
 }
 
 impl MixerSpec {
+    /// The QKᵀ scale of softmax attention; None for the recurrent mixers.
+    pub fn softmax_scale(&self) -> Option<f64> {
+        match self {
+            MixerSpec::Attention(a) => Some(a.softmax_scale),
+            MixerSpec::Mla(m) => Some(m.softmax_scale),
+            MixerSpec::GatedDeltaNet(_) | MixerSpec::Mamba2(_) => None,
+        }
+    }
+
     pub fn params(&self) -> &[ParamSpec] {
         match self {
             MixerSpec::Attention(a) => &a.params,

@@ -33,6 +33,9 @@ pub struct Args {
     /// Tokens the KV cache holds across all sequences (default: max seqs × 4096).
     #[arg(long)]
     kv_cache_tokens: Option<u64>,
+    /// Tokens per KV-cache page.
+    #[arg(long, default_value_t = 16)]
+    kv_page_size: u32,
     /// Adapter pool dtype (default: the model's compute dtype, bf16 for fp8 checkpoints).
     #[arg(long, value_enum)]
     lora_dtype: Option<LoraDType>,
@@ -69,6 +72,7 @@ pub fn options(args: &Args) -> Result<CompileOptions, lorac_compiler::CompileErr
         max_batch_tokens: nonzero("--max-batch-tokens", args.max_batch_tokens)?,
         max_seqs,
         kv_cache_tokens: args.kv_cache_tokens.unwrap_or(u64::from(max_seqs.get()) * 4096),
+        kv_page_size: nonzero("--kv-page-size", args.kv_page_size)?,
         lora_dtype: args.lora_dtype.map(|d| match d {
             LoraDType::F32 => DType::F32,
             LoraDType::Bf16 => DType::BF16,

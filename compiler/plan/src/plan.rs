@@ -47,6 +47,9 @@ pub struct ModelSummary {
     pub norm: crate::NormConstants,
     pub rope: Option<crate::Rope>,
     pub max_position_embeddings: Option<u32>,
+    /// QKᵀ scale of every softmax-attention layer (MLA: with yarn's mscale²); None when the
+    /// model has no softmax attention.
+    pub softmax_scale: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,7 +82,10 @@ pub struct LoraSettings {
 pub struct Limits {
     pub max_batch_tokens: u32,
     pub max_seqs: u32,
+    /// A multiple of `kv_page_size`.
     pub kv_cache_tokens: u64,
+    /// Tokens per page of the paged KV cache.
+    pub kv_page_size: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

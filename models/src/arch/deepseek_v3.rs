@@ -87,10 +87,27 @@ pub fn build(cfg: &ConfigFile) -> Result<ModelSpec, ModelError> {
         .collect();
     // Rotary embedding covers the qk_rope_head_dim part of each query/key head.
     let mut spec = crate::arch::llama::standard_model(cfg, &c.base, layers, c.qk_rope_head_dim.get())?;
+    let mscale = yarn_softmax_mscale(spec.rope.as_ref());
+    for layer in &mut spec.layers {
+        if let Some(MixerSpec::Mla(m)) = &mut layer.mixer {
+            m.softmax_scale *= mscale * mscale;
+        }
+    }
     // Multi-token-prediction layers sit after the decoder and are not served.
     let mtp = num_layers;
     spec.ignored_weight_prefixes = (mtp..mtp + mtp_layers).map(|i| format!("model.layers.{i}.")).collect();
     Ok(spec)
+}
+
+/// DeepSeek's yarn attention factor `0.1 · mscale_all_dim · ln(factor) + 1` (1 without yarn,
+/// without `mscale_all_dim`, or for factor ≤ 1); the softmax scale takes it squared.
+fn yarn_softmax_mscale(rope: Option<&lorac_plan::Rope>) -> f64 {
+    match rope.map(|r| &r.scaling) {
+        Some(lorac_plan::RopeScaling::Yarn { factor, mscale_all_dim, .. }) if *mscale_all_dim != 0.0 && *factor > 1.0 => {
+            0.1 * mscale_all_dim * factor.ln() + 1.0
+        }
+        _ => 1.0,
+    }
 }
 
 fn mla(c: &DeepseekV3Config, prefix: &str, format: WeightFormat) -> MlaSpec {
@@ -131,6 +148,7 @@ fn mla(c: &DeepseekV3Config, prefix: &str, format: WeightFormat) -> MlaSpec {
         qk_nope_head_dim: c.qk_nope_head_dim.get(),
         qk_rope_head_dim: rope,
         v_head_dim: v_head,
+        softmax_scale: 1.0 / f64::from(qk_head).sqrt(),
         qkv_a,
         q_b,
         kv_b: blocks::column(
