@@ -75,7 +75,7 @@ impl<E: CubeElement> DeviceBuffer<E> {
             return Err(LoraError::View(format!("elements {start}..{start}+{len} of a buffer of {}", self.len)));
         };
         let byte_start = start as u64 * elem;
-        if byte_start % VIEW_ALIGN != 0 {
+        if !byte_start.is_multiple_of(VIEW_ALIGN) {
             return Err(LoraError::View(format!("start {byte_start} B is not a multiple of {VIEW_ALIGN} B")));
         }
         let used = self.handle.size_in_used();
@@ -169,7 +169,7 @@ impl DeviceArena {
     /// `len` elements of `E` starting `byte_offset` bytes into the arena.
     pub fn view<E: CubeElement>(&self, byte_offset: u64, len: usize) -> Result<DeviceBuffer<E>> {
         let elem = size_of::<E>() as u64;
-        if byte_offset % elem != 0 {
+        if !byte_offset.is_multiple_of(elem) {
             return Err(LoraError::View(format!("arena offset {byte_offset} B is not a multiple of the {elem} B element")));
         }
         let whole = DeviceBuffer::<E> { handle: self.handle.clone(), len: (self.bytes / elem) as usize, _elem: PhantomData };

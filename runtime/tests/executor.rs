@@ -12,8 +12,12 @@ use safetensors::SafeTensors;
 
 type Rt = WgpuRuntime;
 
+/// `LORAC_TINY_FIXTURES` overrides the fixture directory (a test binary run on another machine).
 fn fixture(model: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny").join(model)
+    let root = std::env::var_os("LORAC_TINY_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny"));
+    root.join(model)
 }
 
 fn plan_for(dir: &Path, tp: u32) -> lorac_plan::Plan {
@@ -301,20 +305,36 @@ fn tokens(seed: u32, n: usize) -> Vec<u32> {
 ///   engine's buffers are fixed at start-up; each metadata or adapter write borrows one
 ///   temporary slice (cubecl's client has no in-place host write) that is back in the pool
 ///   when the call returns, so between steps these must equal their start-up values too.
+///
 /// The engine's own `footprint()` (its buffers by handle) must not change either.
 #[test]
 fn serving_allocates_nothing_after_start_up() {
+    serve_mixed_workload(client());
+}
+
+/// The same on CUDA (`--features cuda-tests`): cubecl's CUDA pool and its views.
+#[cfg(feature = "cuda-tests")]
+#[test]
+fn serving_allocates_nothing_after_start_up_cuda() {
+    serve_mixed_workload(cubecl::cuda::CudaRuntime::client(&Default::default()));
+}
+
+fn serve_mixed_workload<R: Runtime>(client: ComputeClient<R>) {
     let dir = fixture("llama");
     let reference = Reference::load(&dir);
     let plan = plan_for(&dir, 1);
     let (max_tokens, max_seqs) = (plan.limits.max_batch_tokens as usize, plan.limits.max_seqs as usize);
-    let mut e = Engine::<Rt, f32>::new(client(), plan, &dir).expect("engine");
+    let plan_activations = plan.ranks[0].memory.activations;
+    let mut e = Engine::<R, f32>::new(client, plan, &dir).expect("engine");
     let client = e.client().clone();
     let start = client.memory_usage().expect("memory usage");
     let footprint = e.footprint();
-    println!("after start-up: {start:?}; engine footprint {footprint:?}, arena + metadata bytes {:?}", e.step_buffer_bytes());
+    println!(
+        "after start-up: {start:?}; engine footprint {footprint:?}, arena + metadata bytes {:?} (plan's activations {plan_activations})",
+        e.step_buffer_bytes()
+    );
     let mut checks = 0usize;
-    let mut check = |e: &Engine<Rt, f32>, what: &str| {
+    let mut check = |e: &Engine<R, f32>, what: &str| {
         let now = client.memory_usage().expect("memory usage");
         assert_eq!(now, start, "device memory changed after {what}");
         assert_eq!(e.footprint(), footprint, "engine buffers changed after {what}");
@@ -340,7 +360,7 @@ fn serving_allocates_nothing_after_start_up() {
     live.extend(batch.iter().map(|s| (s.seq, s.tokens.len() as u32, s.adapter)));
 
     // Decode steps of every live sequence, in the three logits modes.
-    let decode = |e: &mut Engine<Rt, f32>, live: &mut Vec<(lorac_runtime::executor::SeqId, u32, Option<u32>)>, mode, seed| {
+    let decode = |e: &mut Engine<R, f32>, live: &mut Vec<(lorac_runtime::executor::SeqId, u32, Option<u32>)>, mode, seed| {
         let batch: Vec<SeqInput> = live
             .iter()
             .enumerate()

@@ -6,10 +6,11 @@
 //! intermediates in the LoRA dtype, lm_head rows sized by `max_seqs`), while the executor runs
 //! fused kernels (qkv and gate_up fused by rows, the residual add fused into the next norm),
 //! reuses one set of buffers for every layer and accumulates the LoRA shrink in f32. Those
-//! buffers do not map 1:1 onto the plan's values, so the executor lays out its own eleven-odd
-//! buffers back to back (each start [`VIEW_ALIGN`]-aligned) in one allocation made by
+//! buffers do not map 1:1 onto the plan's values, so the executor lays out its own buffers
+//! back to back (each start [`VIEW_ALIGN`]-aligned, no aliasing) in one allocation made by
 //! `Engine::new`; it follows the plan where they agree (token rows by `max_batch_tokens`,
-//! lm_head rows by `max_seqs`).
+//! lm_head rows by `max_seqs`). For the tiny test plans it is smaller than the plan's
+//! `memory.activations`; for a real model the lm_head logits of `max_seqs` rows dominate both.
 
 use std::collections::HashMap;
 

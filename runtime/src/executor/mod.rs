@@ -18,15 +18,41 @@
 //! then the final norm over the rows that reach lm_head, lm_head (+LoRA; the embedding table
 //! when tied) and argmax. The embedding runs a lookup plus the embedding LoRA.
 //!
-//! Activations live in per-shape workspaces: the ops check exact buffer lengths and
-//! `DeviceBuffer` offers no prefix view of a larger buffer, so a workspace is allocated the
-//! first time a token count (or logits row count) is seen and reused by every later step of
-//! that shape; the [`EngineOptions::workspaces`] most recently used shapes are kept. Weights,
-//! KV cache, rope table and adapter pool are allocated once in `new`; an adapter load or
-//! unload copies only its slot's A/B regions into the device pool in place (through a staging
-//! upload) and re-uploads the small per-slot rank table. Each step still uploads its small
-//! metadata (token ids, attention slots/positions/block tables, adapter segments) into fresh
-//! buffers: those APIs (`AttentionBatch::upload`, `Segments::upload`) allocate by design.
+//! # Memory: everything at start-up, nothing per step
+//!
+//! `Engine::new` allocates every device buffer the engine will ever use: the weights (uploaded
+//! from the memory-mapped safetensors), the paged KV cache of every layer, the rotary table,
+//! one A/B pair plus rank / scale / slice tables per LoRA buffer of the plan, one **activation
+//! arena** and one **metadata block**. A step only takes views of those
+//! ([`DeviceBuffer::slice`], cubecl's `Handle::offset_start` / `offset_end`, starts aligned to
+//! [`crate::buffer::VIEW_ALIGN`]) at its own token and row counts, so every op keeps its
+//! exact-length checks.
+//! * The activation arena holds the residual stream, the normed input, qkv, attention output,
+//!   projection output, gate_up, the SiLU product and the f32 LoRA intermediates for
+//!   `max_batch_tokens` rows, and the lm_head buffers for `max_seqs` rows (the plan's
+//!   `Rows::Seqs`). Its layout is the executor's own, not the plan's `values` (see
+//!   `activations` for why); `LogitsMode::All` runs lm_head in passes of `max_seqs` rows.
+//! * The metadata block holds every index buffer a step reads (token ids, positions, slot
+//!   mapping, token→sequence, block tables, the token and lm_head adapter segments, the rows
+//!   that reach lm_head), each region at its largest size under the plan's limits.
+//!
+//! Host data reaches existing buffers in place: each step's metadata through one staging
+//! upload plus one scatter kernel, an adapter load or unload through one staging upload plus a
+//! copy kernel per A/B slot region and its rank table. cubecl 0.10's `ComputeClient` has no
+//! host→device write into an existing handle (the server's `write` is reached only by
+//! `create*`, which reserves a new slice first), so each of those staging uploads borrows one
+//! temporary slice of the device pool, returned as soon as the call ends. Their sizes are
+//! bucketed (metadata: powers of two) or fixed (an adapter slot's region), and `new` runs each
+//! size once, so afterwards the pool always finds a free slice: the memory it reserves, the
+//! slices it has handed out and the engine's own buffers stay exactly as start-up left them
+//! (`serving_allocates_nothing_after_start_up` asserts it through `memory_usage`).
+//!
+//! `new` ends with a warm-up: the staging sizes above, then dummy steps of 1..=8 tokens (the
+//! decode GEMV specialisations), 32 and `max_batch_tokens` tokens, with adapter segments and
+//! base rows and both head shapes, so the JIT compiles those kernels before serving. The LoRA
+//! shrink/expand kernels specialise on the batch's longest adapter segment as well, so a step
+//! whose segment lengths start-up did not see still compiles a kernel the first time (no
+//! device allocation, a one-off latency).
 
 mod activations;
 mod error;
