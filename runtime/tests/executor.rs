@@ -355,8 +355,14 @@ fn serve_mixed_workload<R: Runtime>(client: ComputeClient<R>) {
         .map(|r| SeqInput { seq: e.add_sequence(), position: 0, tokens: r.input_ids.clone(), adapter: slot_of(&r.adapter) })
         .collect();
     assert!(batch.iter().map(|s| s.tokens.len()).sum::<usize>() > max_seqs);
-    e.step(&batch, LogitsMode::All).unwrap();
+    let out = e.step(&batch, LogitsMode::All).unwrap();
     check(&e, "the mixed prefill");
+    // Served from the arena's views, in several lm_head passes: still the reference logits.
+    for (i, logits) in out.logits.iter().enumerate() {
+        let (_, want) = reference.tensor(&format!("row{i}.logits"));
+        let (delta, kl) = compare(logits, &want, 512);
+        assert!(kl < KL_TOL && delta < DELTA_TOL, "row {i}: Δ {delta:e}, KL {kl:e}");
+    }
     live.extend(batch.iter().map(|s| (s.seq, s.tokens.len() as u32, s.adapter)));
 
     // Decode steps of every live sequence, in the three logits modes.
