@@ -27,6 +27,8 @@ pub enum LoraError {
     Plan(#[from] LayoutError),
     #[error("the device does not support {0}")]
     Unsupported(String),
+    #[error("buffer view: {0}")]
+    View(String),
 }
 
 pub type Result<T> = std::result::Result<T, LoraError>;

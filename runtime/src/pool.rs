@@ -59,6 +59,20 @@ impl<F: CubeElement> AdapterPool<F> {
         &self.host_ranks
     }
 
+    /// Rewrites every slot's rank in the existing device buffer (an adapter load or unload; no
+    /// new buffer).
+    pub fn write_ranks<R: Runtime>(&mut self, client: &ComputeClient<R>, ranks: &[u32]) -> Result<()> {
+        if ranks.len() != self.host_ranks.len() {
+            return Err(LoraError::BufferSize { name: "ranks", expected: self.host_ranks.len(), actual: ranks.len() });
+        }
+        if let Some((slot, &rank)) = ranks.iter().enumerate().find(|(_, r)| **r > self.layout.max_rank()) {
+            return Err(LoraError::RankTooLarge { slot, rank, max_rank: self.layout.max_rank() });
+        }
+        self.ranks.write_at(client, 0, ranks)?;
+        self.host_ranks.copy_from_slice(ranks);
+        Ok(())
+    }
+
     /// The launch API takes the layout explicitly; this rejects a pool built for another one.
     pub(crate) fn check_layout(&self, layout: &LoraLayout) -> Result<()> {
         if &self.layout != layout {

@@ -12,8 +12,12 @@ use safetensors::SafeTensors;
 
 type Rt = WgpuRuntime;
 
+/// `LORAC_TINY_FIXTURES` overrides the fixture directory (a test binary run on another machine).
 fn fixture(model: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny").join(model)
+    let root = std::env::var_os("LORAC_TINY_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny"));
+    root.join(model)
 }
 
 fn plan_for(dir: &Path, tp: u32) -> lorac_plan::Plan {
@@ -281,45 +285,178 @@ fn qwen3_last_logits_per_adapter() {
     }
 }
 
-/// Decode steps of an already seen shape allocate nothing the engine holds.
+/// `n` token ids of the tiny vocabulary (512), different for each `seed`.
+fn tokens(seed: u32, n: usize) -> Vec<u32> {
+    (0..n as u32).map(|i| (seed * 131 + i * 37 + 1) % 512).collect()
+}
+
+/// After start-up the engine allocates nothing on the device while it serves a mixed workload:
+/// prefills of different lengths, chunked prefill beside decode, batches of 1..=max_seqs
+/// sequences and up to max_batch_tokens tokens, adapter rows beside base rows, `All` (several
+/// lm_head passes), `Last` and `NextTokens`, adapters unloaded and loaded between steps,
+/// sequences released and new ones added.
+///
+/// What is compared, from cubecl 0.10's `ComputeClient::memory_usage` (the wgpu runtime reports
+/// its main storage pool, per stream, i.e. this test's thread; read-back staging and uniform
+/// buffers live in other pools that it does not report):
+/// * `bytes_reserved`: device memory the pool holds (its pages). Any allocation the pool could
+///   not serve from memory it already had would raise it.
+/// * `number_allocs` / `bytes_in_use` / `bytes_padding`: the slices handed out and alive. The
+///   engine's buffers are fixed at start-up; each metadata or adapter write borrows one
+///   temporary slice (cubecl's client has no in-place host write) that is back in the pool
+///   when the call returns, so between steps these must equal their start-up values too.
+///
+/// The engine's own `footprint()` (its buffers by handle) must not change either.
 #[test]
-fn steps_reuse_their_buffers() {
-    let mut e = engine("llama");
-    let a = e.add_sequence();
-    let b = e.add_sequence();
-    let prompt = vec![1u32, 303, 225, 433];
-    let out = e
-        .step(
-            &[
-                SeqInput { seq: a, position: 0, tokens: prompt.clone(), adapter: Some(0) },
-                SeqInput { seq: b, position: 0, tokens: prompt.clone(), adapter: None },
-            ],
-            LogitsMode::Last,
-        )
-        .unwrap();
-    let mut next = out.next_tokens;
-    let mut footprints = Vec::new();
-    let mut reserved = Vec::new();
-    for step in 0..4u32 {
-        let out = e
-            .step(
-                &[
-                    SeqInput { seq: a, position: 4 + step, tokens: vec![next[0]], adapter: Some(0) },
-                    SeqInput { seq: b, position: 4 + step, tokens: vec![next[1]], adapter: Some(2) },
-                ],
-                LogitsMode::Last,
-            )
-            .unwrap();
-        next = out.next_tokens;
-        footprints.push(e.footprint());
-        reserved.push(e.client().memory_usage().expect("memory usage").bytes_reserved);
+fn serving_allocates_nothing_after_start_up() {
+    serve_mixed_workload(client());
+}
+
+/// The same on CUDA (`--features cuda-tests`): cubecl's CUDA pool and its views.
+#[cfg(feature = "cuda-tests")]
+#[test]
+fn serving_allocates_nothing_after_start_up_cuda() {
+    serve_mixed_workload(cubecl::cuda::CudaRuntime::client(&Default::default()));
+}
+
+fn serve_mixed_workload<R: Runtime>(client: ComputeClient<R>) {
+    let dir = fixture("llama");
+    let reference = Reference::load(&dir);
+    let plan = plan_for(&dir, 1);
+    let (max_tokens, max_seqs) = (plan.limits.max_batch_tokens as usize, plan.limits.max_seqs as usize);
+    let plan_activations = plan.ranks[0].memory.activations;
+    let mut e = Engine::<R, f32>::new(client, plan, &dir).expect("engine");
+    let client = e.client().clone();
+    let start = client.memory_usage().expect("memory usage");
+    let footprint = e.footprint();
+    println!(
+        "after start-up: {start:?}; engine footprint {footprint:?}, arena + metadata bytes {:?} (plan's activations {plan_activations})",
+        e.step_buffer_bytes()
+    );
+    let mut checks = 0usize;
+    let mut check = |e: &Engine<R, f32>, what: &str| {
+        let now = client.memory_usage().expect("memory usage");
+        assert_eq!(now, start, "device memory changed after {what}");
+        assert_eq!(e.footprint(), footprint, "engine buffers changed after {what}");
+        checks += 1;
+    };
+
+    for (slot, name) in ["A", "B", "C"].iter().enumerate() {
+        e.load_adapter(slot as u32, &dir.join("adapters").join(name)).unwrap();
+        check(&e, &format!("loading adapter {name}"));
     }
-    println!("footprint after each decode step: {footprints:?}; device bytes reserved: {reserved:?}");
-    assert!(footprints.windows(2).all(|w| w[0] == w[1]), "{footprints:?}");
-    // The device allocator reserves nothing more once the shape has been seen.
-    assert!(reserved[1..].windows(2).all(|w| w[0] == w[1]), "{reserved:?}");
-    assert_eq!(e.workspace_shapes(), (2, 1));
-    assert_eq!(e.cached_tokens(a), Some(8));
+
+    // The reference prompts under their adapters, one `All` step (more rows than max_seqs:
+    // several lm_head passes).
+    let mut live: Vec<(lorac_runtime::executor::SeqId, u32, Option<u32>)> = Vec::new();
+    let batch: Vec<SeqInput> = reference
+        .rows
+        .iter()
+        .map(|r| SeqInput { seq: e.add_sequence(), position: 0, tokens: r.input_ids.clone(), adapter: slot_of(&r.adapter) })
+        .collect();
+    assert!(batch.iter().map(|s| s.tokens.len()).sum::<usize>() > max_seqs);
+    let out = e.step(&batch, LogitsMode::All).unwrap();
+    check(&e, "the mixed prefill");
+    // Served from the arena's views, in several lm_head passes: still the reference logits.
+    for (i, logits) in out.logits.iter().enumerate() {
+        let (_, want) = reference.tensor(&format!("row{i}.logits"));
+        let (delta, kl) = compare(logits, &want, 512);
+        assert!(kl < KL_TOL && delta < DELTA_TOL, "row {i}: Δ {delta:e}, KL {kl:e}");
+    }
+    live.extend(batch.iter().map(|s| (s.seq, s.tokens.len() as u32, s.adapter)));
+
+    // Decode steps of every live sequence, in the three logits modes.
+    let decode = |e: &mut Engine<R, f32>, live: &mut Vec<(lorac_runtime::executor::SeqId, u32, Option<u32>)>, mode, seed| {
+        let batch: Vec<SeqInput> = live
+            .iter()
+            .enumerate()
+            .map(|(i, &(seq, cached, adapter))| SeqInput { seq, position: cached, tokens: tokens(seed + i as u32, 1), adapter })
+            .collect();
+        let out = e.step(&batch, mode).unwrap();
+        assert_eq!(out.next_tokens.len(), batch.len());
+        for entry in live.iter_mut() {
+            entry.1 += 1;
+        }
+    };
+    for (i, mode) in [LogitsMode::Last, LogitsMode::NextTokens, LogitsMode::All].into_iter().enumerate() {
+        decode(&mut e, &mut live, mode, 100 + i as u32);
+        check(&e, &format!("decode step {i} ({mode:?})"));
+    }
+
+    // A long prompt prefilled in chunks of different lengths beside the decode of the others.
+    let long = e.add_sequence();
+    let prompt = tokens(7, 180);
+    let mut done = 0usize;
+    for (i, chunk) in [64usize, 17, 99].into_iter().enumerate() {
+        let mut batch: Vec<SeqInput> = live
+            .iter()
+            .map(|&(seq, cached, adapter)| SeqInput { seq, position: cached, tokens: tokens(200 + i as u32, 1), adapter })
+            .collect();
+        batch.push(SeqInput { seq: long, position: done as u32, tokens: prompt[done..done + chunk].to_vec(), adapter: Some(2) });
+        let mode = if i == 1 { LogitsMode::All } else { LogitsMode::NextTokens };
+        e.step(&batch, mode).unwrap();
+        done += chunk;
+        for entry in live.iter_mut() {
+            entry.1 += 1;
+        }
+        check(&e, &format!("chunk {i} of the chunked prefill ({chunk} tokens)"));
+    }
+    live.push((long, done as u32, Some(2)));
+
+    // Move B between steps: out of slot 1, into slot 3; its rows follow it.
+    assert_eq!(e.unload_adapter(1).unwrap().as_deref(), Some("B"));
+    check(&e, "unloading B");
+    e.load_adapter(3, &dir.join("adapters/B")).unwrap();
+    check(&e, "loading B into slot 3");
+    for entry in live.iter_mut() {
+        if entry.2 == Some(1) {
+            entry.2 = Some(3);
+        }
+    }
+    decode(&mut e, &mut live, LogitsMode::Last, 300);
+    check(&e, "decode after the adapter swap");
+
+    // Release three sequences, start new ones up to max_seqs, with new adapters and base rows.
+    for (seq, _, _) in live.drain(..3) {
+        e.release_sequence(seq).unwrap();
+    }
+    let mut new_batch = Vec::new();
+    for i in 0..max_seqs - live.len() {
+        let adapter = [Some(3), None, Some(0), Some(2)][i % 4];
+        let seq = e.add_sequence();
+        let n = 3 + 11 * i;
+        new_batch.push(SeqInput { seq, position: 0, tokens: tokens(400 + i as u32, n), adapter });
+        live.push((seq, n as u32, adapter));
+    }
+    e.step(&new_batch, LogitsMode::Last).unwrap();
+    check(&e, "prefill of new sequences");
+    decode(&mut e, &mut live, LogitsMode::NextTokens, 500);
+    check(&e, &format!("a decode batch of max_seqs ({max_seqs})"));
+
+    // The largest step: max_batch_tokens tokens over max_seqs sequences (decode rows plus one
+    // prefill filling the rest).
+    let (seq, cached, adapter) = live.pop().unwrap();
+    let rest = max_tokens - live.len();
+    let mut batch: Vec<SeqInput> =
+        live.iter().map(|&(seq, cached, adapter)| SeqInput { seq, position: cached, tokens: tokens(600, 1), adapter }).collect();
+    batch.push(SeqInput { seq, position: cached, tokens: tokens(601, rest), adapter });
+    assert_eq!(batch.iter().map(|s| s.tokens.len()).sum::<usize>(), max_tokens);
+    e.step(&batch, LogitsMode::Last).unwrap();
+    check(&e, "a step of max_batch_tokens");
+
+    // One token of one sequence, base and adapter.
+    for adapter in [None, Some(0)] {
+        let seq = e.add_sequence();
+        e.step(&[SeqInput { seq, position: 0, tokens: tokens(700, 1), adapter }], LogitsMode::Last).unwrap();
+        e.release_sequence(seq).unwrap();
+        check(&e, &format!("a single-token step ({adapter:?})"));
+    }
+    // Refused steps change nothing either.
+    let seq = e.add_sequence();
+    assert!(e.step(&[SeqInput { seq, position: 0, tokens: tokens(800, max_tokens + 1), adapter: None }], LogitsMode::Last).is_err());
+    assert!(e.step(&[SeqInput { seq, position: 0, tokens: tokens(801, 4), adapter: Some(1) }], LogitsMode::Last).is_err());
+    check(&e, "refused steps");
+    println!("{checks} checks: device memory {start:?} throughout");
     assert_eq!(e.kv_cache_bytes(), e.plan().ranks[0].memory.kv_cache);
 }
 
@@ -356,21 +493,16 @@ fn refusals() {
     assert_eq!(e.unload_adapter(0).unwrap().as_deref(), Some("A"));
 }
 
-/// Past `workspaces` distinct token counts the least recently used workspace is dropped, and
-/// a shape seen again (after its eviction) still computes the same logits.
+/// Token counts and head shapes do not matter: the same prompt after steps of other sizes
+/// (all served from the same arena views) computes the same logits, bit for bit.
 #[test]
-fn workspaces_are_bounded() {
-    use lorac_runtime::executor::EngineOptions;
-    let dir = fixture("llama");
-    let plan = plan_for(&dir, 1);
-    let options = EngineOptions { workspaces: 2, ..EngineOptions::for_plan(&plan) };
-    let mut e = Engine::<Rt, f32>::with_options(client(), plan, &dir, options).expect("engine");
+fn a_shape_seen_again_gives_the_same_logits() {
+    let mut e = engine("llama");
     let prompt = [1u32, 303, 225, 433, 309];
     let mut first = None;
     for n in [5usize, 2, 3, 4, 5] {
         let seq = e.add_sequence();
         let out = e.step(&[SeqInput { seq, position: 0, tokens: prompt[..n].to_vec(), adapter: None }], LogitsMode::Last).unwrap();
-        assert!(e.workspace_shapes().0 <= 2, "{:?}", e.workspace_shapes());
         if n == 5 {
             match &first {
                 None => first = Some(out.logits[0].clone()),
@@ -379,7 +511,6 @@ fn workspaces_are_bounded() {
         }
         e.release_sequence(seq).unwrap();
     }
-    assert_eq!(e.workspace_shapes(), (2, 1));
 }
 
 /// Loading and unloading write only their slot of the device pool, in place: an adapter moved

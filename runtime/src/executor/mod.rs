@@ -18,17 +18,45 @@
 //! then the final norm over the rows that reach lm_head, lm_head (+LoRA; the embedding table
 //! when tied) and argmax. The embedding runs a lookup plus the embedding LoRA.
 //!
-//! Activations live in per-shape workspaces: the ops check exact buffer lengths and
-//! `DeviceBuffer` offers no prefix view of a larger buffer, so a workspace is allocated the
-//! first time a token count (or logits row count) is seen and reused by every later step of
-//! that shape; the [`EngineOptions::workspaces`] most recently used shapes are kept. Weights,
-//! KV cache, rope table and adapter pool are allocated once in `new`; an adapter load or
-//! unload copies only its slot's A/B regions into the device pool in place (through a staging
-//! upload) and re-uploads the small per-slot rank table. Each step still uploads its small
-//! metadata (token ids, attention slots/positions/block tables, adapter segments) into fresh
-//! buffers: those APIs (`AttentionBatch::upload`, `Segments::upload`) allocate by design.
+//! # Memory: everything at start-up, nothing per step
+//!
+//! `Engine::new` allocates every device buffer the engine will ever use: the weights (uploaded
+//! from the memory-mapped safetensors), the paged KV cache of every layer, the rotary table,
+//! one A/B pair plus rank / scale / slice tables per LoRA buffer of the plan, one **activation
+//! arena** and one **metadata block**. A step only takes views of those
+//! ([`DeviceBuffer::slice`], cubecl's `Handle::offset_start` / `offset_end`, starts aligned to
+//! [`crate::buffer::VIEW_ALIGN`]) at its own token and row counts, so every op keeps its
+//! exact-length checks.
+//! * The activation arena holds the residual stream, the normed input, qkv, attention output,
+//!   projection output, gate_up, the SiLU product and the f32 LoRA intermediates for
+//!   `max_batch_tokens` rows, and the lm_head buffers for `max_seqs` rows (the plan's
+//!   `Rows::Seqs`). Its layout is the executor's own, not the plan's `values` (see
+//!   `activations` for why); `LogitsMode::All` runs lm_head in passes of `max_seqs` rows.
+//! * The metadata block holds every index buffer a step reads (token ids, positions, slot
+//!   mapping, token→sequence, block tables, the token and lm_head adapter segments, the rows
+//!   that reach lm_head), each region at its largest size under the plan's limits.
+//!
+//! Host data reaches existing buffers in place: each step's metadata through one staging
+//! upload plus one scatter kernel, an adapter load or unload through one staging upload plus a
+//! copy kernel per A/B slot region and its rank table. cubecl 0.10's `ComputeClient` has no
+//! host→device write into an existing handle (the server's `write` is reached only by
+//! `create*`, which reserves a new slice first), so each of those staging uploads borrows one
+//! temporary slice of the device pool, returned as soon as the call ends. Their sizes are
+//! bucketed (metadata: powers of two) or fixed (an adapter slot's region), and `new` runs each
+//! size once, so afterwards the pool always finds a free slice: the memory it reserves, the
+//! slices it has handed out and the engine's own buffers stay exactly as start-up left them
+//! (`serving_allocates_nothing_after_start_up` asserts it through `memory_usage`).
+//!
+//! `new` ends with a warm-up: the staging sizes above, then dummy steps of 1..=8 tokens (the
+//! decode GEMV specialisations), 32 and `max_batch_tokens` tokens, with adapter segments and
+//! base rows and both head shapes, so the JIT compiles those kernels before serving. The LoRA
+//! shrink/expand kernels specialise on the batch's longest adapter segment as well, so a step
+//! whose segment lengths start-up did not see still compiles a kernel the first time (no
+//! device allocation, a one-off latency).
 
+mod activations;
 mod error;
+mod metadata;
 mod model;
 mod weights;
 
@@ -39,8 +67,10 @@ use cubecl::prelude::*;
 use lorac_adapters::{HostPool, LoadedAdapter};
 use lorac_plan::{DType, Plan, RopeScaling as PlanRopeScaling};
 
+use activations::{Activations, HeadViews, TokenViews};
 use error::Context;
 pub use error::{ExecResult, ExecutorError};
+use metadata::{MetadataLimits, Region, StepMetadata};
 use model::{LAYER_LINEARS, ModelDesc};
 use weights::Checkpoint;
 
@@ -94,17 +124,13 @@ pub struct EngineOptions {
     pub page_size: u32,
     /// Longest sequence (prompt + generated); sizes the rotary table and the block tables.
     pub max_seq_len: u32,
-    /// Activation workspaces kept (one per recent token count, one per recent logits row
-    /// count); the least recently used is dropped past this, its memory going back to the
-    /// device allocator's pool.
-    pub workspaces: usize,
 }
 
 impl EngineOptions {
     /// Pages of 16 tokens; sequences up to the KV cache's size, at most 8192 tokens (the plan
     /// does not carry the model's `max_position_embeddings`).
     pub fn for_plan(plan: &Plan) -> Self {
-        EngineOptions { page_size: 16, max_seq_len: plan.limits.kv_cache_tokens.min(8192) as u32, workspaces: 8 }
+        EngineOptions { page_size: 16, max_seq_len: plan.limits.kv_cache_tokens.min(8192) as u32 }
     }
 }
 
@@ -129,14 +155,19 @@ pub struct SeqInput {
 pub enum LogitsMode {
     /// Every sequence's last new token (generation).
     Last,
-    /// Every new token (scoring; references).
+    /// Every new token (scoring; references). lm_head runs over at most `max_seqs` rows at a
+    /// time (the plan sizes its rows by `max_seqs`), so a long step takes several head passes.
     All,
+    /// Like `Last`, but only the next tokens come back: the logits stay on the device
+    /// (`StepOutput::logits` holds one empty vector per sequence). For generation loops and
+    /// benchmarks.
+    NextTokens,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepOutput {
     /// Per sequence of the batch, row-major `[rows, vocab]` (rows = 1 for `Last`, its new
-    /// tokens for `All`).
+    /// tokens for `All`, 0 for `NextTokens`).
     pub logits: Vec<Vec<f32>>,
     /// Per sequence, the greedy next token (argmax of its last row).
     pub next_tokens: Vec<u32>,
@@ -176,71 +207,6 @@ struct SeqState {
     cached: u32,
 }
 
-/// Activations of a T-token step.
-struct TokenWorkspace<F> {
-    h: DeviceBuffer<F>,
-    x: DeviceBuffer<F>,
-    qkv: DeviceBuffer<F>,
-    attn: DeviceBuffer<F>,
-    o: DeviceBuffer<F>,
-    gate_up: DeviceBuffer<F>,
-    act: DeviceBuffer<F>,
-    /// LoRA intermediates by width (groups · max_rank).
-    lora_a: HashMap<usize, DeviceBuffer<f32>>,
-}
-
-/// The rows that reach lm_head.
-struct HeadWorkspace<F> {
-    last: DeviceBuffer<F>,
-    x: DeviceBuffer<F>,
-    logits: DeviceBuffer<F>,
-    next: DeviceBuffer<i32>,
-    lora_a: Option<DeviceBuffer<f32>>,
-}
-
-/// Workspaces by shape, least recently used dropped past `cap`.
-struct ShapeCache<W> {
-    map: HashMap<usize, (u64, W)>,
-    clock: u64,
-    cap: usize,
-}
-
-impl<W> ShapeCache<W> {
-    fn new(cap: usize) -> Self {
-        ShapeCache { map: HashMap::new(), clock: 0, cap: cap.max(1) }
-    }
-    /// Marks `key` used; false when it is not cached.
-    fn touch(&mut self, key: usize) -> bool {
-        self.clock += 1;
-        match self.map.get_mut(&key) {
-            Some(entry) => {
-                entry.0 = self.clock;
-                true
-            }
-            None => false,
-        }
-    }
-    fn insert(&mut self, key: usize, value: W) {
-        while self.map.len() >= self.cap {
-            let Some(oldest) = self.map.iter().min_by_key(|(_, (used, _))| *used).map(|(k, _)| *k) else { break };
-            self.map.remove(&oldest);
-        }
-        self.map.insert(key, (self.clock, value));
-    }
-    fn get(&self, key: usize) -> Option<&W> {
-        self.map.get(&key).map(|(_, w)| w)
-    }
-    fn get_mut(&mut self, key: usize) -> Option<&mut W> {
-        self.map.get_mut(&key).map(|(_, w)| w)
-    }
-    fn values(&self) -> impl Iterator<Item = &W> {
-        self.map.values().map(|(_, w)| w)
-    }
-    fn len(&self) -> usize {
-        self.map.len()
-    }
-}
-
 pub struct Engine<R: Runtime, F: EngineElem> {
     client: ComputeClient<R>,
     plan: Plan,
@@ -255,12 +221,13 @@ pub struct Engine<R: Runtime, F: EngineElem> {
     rope_table: DeviceBuffer<f32>,
     host_pool: HostPool,
     lora: Vec<LoraDevice<F>>,
-    lora_widths: Vec<usize>,
     seqs: HashMap<SeqId, SeqState>,
     next_seq: u64,
     free_pages: Vec<u32>,
-    token_ws: ShapeCache<TokenWorkspace<F>>,
-    head_ws: ShapeCache<HeadWorkspace<F>>,
+    /// Every activation of a step, views of one allocation.
+    activations: Activations,
+    /// Every per-step index buffer, views of one allocation written in place.
+    meta: StepMetadata,
 }
 
 fn nonzero(v: u32, what: &str) -> ExecResult<u32> {
@@ -327,14 +294,32 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let rope_table = DeviceBuffer::upload(&client, &table);
 
         let host_pool = HostPool::new(&plan)?;
+        let lora_width = |b: usize| {
+            let layout = &plan.ranks[0].lora_buffers[b].layout;
+            (layout.groups() * layout.max_rank()) as usize
+        };
         let mut lora_widths: Vec<usize> =
-            plan.ranks[0].lora_buffers.iter().map(|b| (b.layout.groups() * b.layout.max_rank()) as usize).collect();
+            desc.layer_lora.iter().flatten().flatten().chain(&desc.embed_lora).map(|&b| lora_width(b)).collect();
         lora_widths.sort_unstable();
         lora_widths.dedup();
+        let limits = plan.limits;
+        let max_tokens = nonzero(limits.max_batch_tokens, "max_batch_tokens")? as usize;
+        let max_seqs = nonzero(limits.max_seqs, "max_seqs")? as usize;
+        // lm_head rows: one per sequence (the plan's `Rows::Seqs`); `LogitsMode::All` runs
+        // several head passes of at most this many rows.
+        let activations = Activations::new::<R, F>(&client, &desc, max_tokens, max_seqs, &lora_widths, desc.lm_head_lora.map(lora_width))?;
+        let meta_limits = MetadataLimits {
+            tokens: max_tokens,
+            seqs: max_seqs,
+            pages_per_seq: max_pages_per_seq as usize,
+            head_rows: max_seqs,
+            slots: plan.lora.max_loras as usize,
+        };
+        let meta = StepMetadata::new(&client, meta_limits)?;
         let mut engine = Engine {
             client,
             desc,
-            options: EngineOptions { page_size, max_seq_len, workspaces: options.workspaces.max(1) },
+            options: EngineOptions { page_size, max_seq_len },
             eps,
             weights,
             caches,
@@ -344,15 +329,15 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
             rope_table,
             host_pool,
             lora: Vec::new(),
-            lora_widths,
             seqs: HashMap::new(),
             next_seq: 0,
             free_pages: (0..num_pages).rev().collect(),
-            token_ws: ShapeCache::new(options.workspaces),
-            head_ws: ShapeCache::new(options.workspaces),
+            activations,
+            meta,
             plan,
         };
         engine.lora = (0..engine.plan.ranks[0].lora_buffers.len()).map(|b| engine.upload_lora(b)).collect::<ExecResult<_>>()?;
+        engine.warm_up()?;
         Ok(engine)
     }
 
@@ -391,7 +376,9 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
     }
 
     /// Copies `slot`'s region of every LoRA buffer from the host pool into the device pool in
-    /// place (other slots untouched, nothing reallocated) and refreshes the per-slot ranks.
+    /// place (other slots untouched, nothing reallocated) and rewrites the per-slot ranks in
+    /// place. Each region travels through one temporary pool slice ([`DeviceBuffer::write_at`])
+    /// whose size start-up has already seen, so the device memory reserved does not grow.
     fn sync_slot(&mut self, slot: usize) -> ExecResult<()> {
         let size = F::DTYPE.size_bytes();
         for b in 0..self.lora.len() {
@@ -406,14 +393,11 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
                 let region = bytes
                     .get(start as usize..(start + per_slot * size) as usize)
                     .ok_or_else(|| ExecutorError::Plan(format!("LoRA buffer {b} lies outside the adapter pool")))?;
-                copy_into(&self.client, &F::from_le_bytes(region), dst, slot as u64 * per_slot)
-                    .map_err(|e| ExecutorError::Plan(format!("LoRA buffer {b} ({}): {e}", buf.module)))?;
+                dst.write_at(&self.client, (slot as u64 * per_slot) as usize, &F::from_le_bytes(region))
+                    .ctx(|| format!("LoRA buffer {b} ({})", buf.module))?;
             }
             let ranks: Vec<u32> = (0..slots as usize).map(|s| self.host_pool.slot_rank(s, b)).collect();
-            let scales = vec![1.0f32; slots as usize];
-            let (a, bb) = (pool.a.clone(), pool.b.clone());
-            self.lora[b].pool = AdapterPool::new(layout, a, bb, &ranks, &scales, &self.client)
-                .ctx(|| format!("adapter pool of LoRA buffer {b} ({})", buf.module))?;
+            self.lora[b].pool.write_ranks(&self.client, &ranks).ctx(|| format!("adapter ranks of LoRA buffer {b} ({})", buf.module))?;
         }
         Ok(())
     }
@@ -454,69 +438,55 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         self.caches.iter().map(|c| ((c.k.len() + c.v.len()) * size_of::<F>()) as u64).sum()
     }
 
-    /// Workspaces currently held: (token-count shapes, logits-row shapes).
-    pub fn workspace_shapes(&self) -> (usize, usize) {
-        (self.token_ws.len(), self.head_ws.len())
-    }
-
     /// Tokens cached for `seq`.
     pub fn cached_tokens(&self, seq: SeqId) -> Option<u32> {
         self.seqs.get(&seq).map(|s| s.cached)
     }
 
-    /// Every device buffer the engine holds (weights, caches, rope table, adapter pools,
-    /// workspaces), counted by handle.
+    /// Every device buffer the engine holds (weights, caches, rope table, adapter pools, the
+    /// activation arena and the metadata block), counted by handle. Fixed at start-up.
     pub fn footprint(&self) -> Footprint {
         let mut f = Footprint { buffers: 0, bytes: 0 };
-        let mut add = |len: usize, elem: usize| {
+        let mut add = |bytes: u64| {
             f.buffers += 1;
-            f.bytes += (len * elem) as u64;
+            f.bytes += bytes;
         };
-        let e = size_of::<F>();
         let w = &self.weights;
         for b in [&w.embed, &w.final_norm, &w.lm_head] {
-            add(b.len(), e);
+            add(b.size_bytes());
         }
         for l in &w.layers {
             for b in [&l.input_norm, &l.post_norm].into_iter().chain(&l.linears).chain(l.q_norm.iter()).chain(l.k_norm.iter()) {
-                add(b.len(), e);
+                add(b.size_bytes());
             }
         }
         for c in &self.caches {
-            add(c.k.len(), e);
-            add(c.v.len(), e);
+            add(c.k.size_bytes());
+            add(c.v.size_bytes());
         }
-        add(self.rope_table.len(), 4);
+        add(self.rope_table.size_bytes());
         for p in &self.lora {
-            add(p.pool.a.len(), e);
-            add(p.pool.b.len(), e);
-            add(p.pool.ranks.len(), 4);
-            add(p.pool.scales.len(), 4);
-            add(p.pool.slice_table.len(), 4);
+            add(p.pool.a.size_bytes());
+            add(p.pool.b.size_bytes());
+            add(p.pool.ranks.size_bytes());
+            add(p.pool.scales.size_bytes());
+            add(p.pool.slice_table.size_bytes());
         }
-        for ws in self.token_ws.values() {
-            for b in [&ws.h, &ws.x, &ws.qkv, &ws.attn, &ws.o, &ws.gate_up, &ws.act] {
-                add(b.len(), e);
-            }
-            for b in ws.lora_a.values() {
-                add(b.len(), 4);
-            }
-        }
-        for ws in self.head_ws.values() {
-            for b in [&ws.last, &ws.x, &ws.logits] {
-                add(b.len(), e);
-            }
-            add(ws.next.len(), 4);
-            if let Some(b) = &ws.lora_a {
-                add(b.len(), 4);
-            }
-        }
+        add(self.activations.bytes());
+        add(self.meta.bytes());
         f
+    }
+
+    /// Bytes of the activation arena (the executor's own layout; see `activations`) and of the
+    /// per-step metadata block.
+    pub fn step_buffer_bytes(&self) -> (u64, u64) {
+        (self.activations.bytes(), self.meta.bytes())
     }
 
     /// Checks the batch against the plan's limits and the cache, and reserves the pages it
     /// needs (nothing changes when it is refused).
-    fn admit(&mut self, batch: &[SeqInput]) -> ExecResult<Vec<SeqSlice>> {
+    /// `require_loaded: false` lets start-up's warm-up steps use empty adapter slots.
+    fn admit(&mut self, batch: &[SeqInput], require_loaded: bool) -> ExecResult<Vec<SeqSlice>> {
         if batch.is_empty() {
             return Err(ExecutorError::Batch("no sequences".into()));
         }
@@ -555,7 +525,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
                 if slot >= slots {
                     return Err(ExecutorError::Batch(format!("entry {i}: adapter slot {slot}, the plan has {slots}")));
                 }
-                if self.host_pool.slot(slot as usize).is_none() {
+                if require_loaded && self.host_pool.slot(slot as usize).is_none() {
                     return Err(ExecutorError::Batch(format!("entry {i}: adapter slot {slot} holds no adapter")));
                 }
             }
@@ -578,104 +548,107 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         Ok(slices)
     }
 
-    fn token_workspace(&mut self, t: usize) {
-        if self.token_ws.touch(t) {
-            return;
+    /// Start-up warm-up: every staging size of the metadata writes and of an adapter load goes
+    /// through the pool once, and dummy steps run the kernels of the usual shapes (token counts
+    /// 1..=8, one per decode GEMV specialisation, then a 32-token and a `max_batch_tokens`
+    /// prefill, with and without adapter segments, `Last` and `All` heads) so the JIT compiles
+    /// them now. The dummy sequences are released; their KV pages go back unread.
+    fn warm_up(&mut self) -> ExecResult<()> {
+        self.meta.warm_up(&self.client)?;
+        // Slot 0 is empty at start-up: rewriting it exercises an adapter load's staging sizes.
+        if !self.lora.is_empty() {
+            self.sync_slot(0)?;
         }
-        let (c, d) = (&self.client, &self.desc);
-        let ws = TokenWorkspace {
-            h: DeviceBuffer::empty(c, t * d.hidden),
-            x: DeviceBuffer::empty(c, t * d.hidden),
-            qkv: DeviceBuffer::empty(c, t * d.qkv_width()),
-            attn: DeviceBuffer::empty(c, t * d.attn_width()),
-            o: DeviceBuffer::empty(c, t * d.hidden),
-            gate_up: DeviceBuffer::empty(c, t * 2 * d.inter),
-            act: DeviceBuffer::empty(c, t * d.inter),
-            lora_a: self.lora_widths.iter().map(|&w| (w, DeviceBuffer::empty(c, t * w))).collect(),
-        };
-        self.token_ws.insert(t, ws);
-    }
-
-    fn head_workspace(&mut self, rows: usize) {
-        if self.head_ws.touch(rows) {
-            return;
+        let limits = self.plan.limits;
+        let (max_tokens, max_seqs) = (limits.max_batch_tokens as usize, limits.max_seqs as usize);
+        let adapter = (self.plan.lora.max_loras > 0 && !self.lora.is_empty()).then_some(0u32);
+        let mut shapes: Vec<(usize, LogitsMode)> = (1..=matmul::GEMV_MAX_M.min(max_tokens)).map(|t| (t, LogitsMode::Last)).collect();
+        shapes.extend([32, max_tokens].into_iter().filter(|&t| t > matmul::GEMV_MAX_M && t <= max_tokens).map(|t| (t, LogitsMode::All)));
+        shapes.dedup();
+        for (i, &(tokens, mode)) in shapes.iter().enumerate() {
+            // Decode shapes: one token per sequence; prefill shapes: as few sequences as the
+            // sequence length allows.
+            let per_seq = if tokens <= max_seqs && mode == LogitsMode::Last { 1 } else { tokens.min(self.options.max_seq_len as usize) };
+            let seqs = tokens.div_ceil(per_seq);
+            let pages = seqs * per_seq.div_ceil(self.kv_shape.page_size as usize);
+            if seqs > max_seqs || pages > self.free_pages.len() {
+                continue;
+            }
+            let batch: Vec<SeqInput> = (0..seqs)
+                .map(|s| SeqInput {
+                    seq: self.add_sequence(),
+                    position: 0,
+                    tokens: vec![0; per_seq.min(tokens - s * per_seq)],
+                    // Alternate base rows and adapter segments (within a step and across steps).
+                    adapter: if (i + s) % 2 == 0 { adapter } else { None },
+                })
+                .collect();
+            let result = self.run_step(&batch, mode, false);
+            for s in &batch {
+                self.release_sequence(s.seq)?;
+            }
+            result.map_err(|e| ExecutorError::Plan(format!("start-up warm-up step of {tokens} tokens: {e}")))?;
         }
-        let (c, d) = (&self.client, &self.desc);
-        let lora_a = self.desc.lm_head_lora.map(|b| {
-            let l = &self.plan.ranks[0].lora_buffers[b].layout;
-            DeviceBuffer::empty(c, rows * (l.groups() * l.max_rank()) as usize)
-        });
-        let ws = HeadWorkspace {
-            last: DeviceBuffer::empty(c, rows * d.hidden),
-            x: DeviceBuffer::empty(c, rows * d.hidden),
-            logits: DeviceBuffer::empty(c, rows * d.vocab),
-            next: DeviceBuffer::empty(c, rows),
-            lora_a,
-        };
-        self.head_ws.insert(rows, ws);
+        Ok(())
     }
 
     /// One forward over `batch`: every sequence's new tokens are written to its KV cache and
     /// attend to everything cached before them.
     pub fn step(&mut self, batch: &[SeqInput], mode: LogitsMode) -> ExecResult<StepOutput> {
-        let slices = self.admit(batch)?;
+        self.run_step(batch, mode, true)
+    }
+
+    fn run_step(&mut self, batch: &[SeqInput], mode: LogitsMode, require_loaded: bool) -> ExecResult<StepOutput> {
+        let slices = self.admit(batch, require_loaded)?;
         let t: usize = batch.iter().map(|s| s.tokens.len()).sum();
-        let rows = match mode {
-            LogitsMode::Last => batch.len(),
-            LogitsMode::All => t,
-        };
-        if rows > self.plan.limits.max_batch_tokens as usize {
-            return Err(ExecutorError::Batch(format!("{rows} logits rows exceed the plan's {} tokens", self.plan.limits.max_batch_tokens)));
-        }
-        let attn_batch = AttentionBatch::new(&self.kv_shape, self.max_pages_per_seq, &slices).ctx(|| "attention metadata".into())?;
-        let dev_batch = attn_batch.upload(&self.client);
+        let (ids, attn_batch, segs) = self.write_token_metadata(batch, &slices)?;
+        let tokens = self.activations.tokens::<F>(t)?;
+        self.forward(t, &tokens, &ids, &attn_batch, &segs)?;
 
-        let slots = self.plan.lora.max_loras;
-        let token_slots: Vec<Option<u32>> = batch.iter().flat_map(|s| std::iter::repeat_n(s.adapter, s.tokens.len())).collect();
-        let segs = Segments::from_token_slots(&token_slots, slots).ctx(|| "token segments".into())?.upload(&self.client);
-        let ids: Vec<u32> = batch.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        let ids = DeviceBuffer::upload(&self.client, &ids);
-
-        let mut last_rows = Vec::with_capacity(batch.len());
-        let mut offset = 0u32;
-        for s in batch {
-            offset += s.tokens.len() as u32;
-            last_rows.push(offset - 1);
-        }
-        let head_segs = match mode {
-            LogitsMode::All => segs.clone(),
-            LogitsMode::Last => {
-                let slots_per_seq: Vec<Option<u32>> = batch.iter().map(|s| s.adapter).collect();
-                Segments::from_token_slots(&slots_per_seq, slots).ctx(|| "lm_head segments".into())?.upload(&self.client)
+        // The rows that reach lm_head and the adapter of each.
+        let (rows, row_slots): (Vec<u32>, Vec<Option<u32>>) = match mode {
+            LogitsMode::Last | LogitsMode::NextTokens => {
+                let mut end = 0u32;
+                batch
+                    .iter()
+                    .map(|s| {
+                        end += s.tokens.len() as u32;
+                        (end - 1, s.adapter)
+                    })
+                    .unzip()
+            }
+            LogitsMode::All => {
+                batch.iter().flat_map(|s| std::iter::repeat_n(s.adapter, s.tokens.len())).enumerate().map(|(r, a)| (r as u32, a)).unzip()
             }
         };
-
-        self.token_workspace(t);
-        self.head_workspace(rows);
-        self.forward(t, &ids, &dev_batch, &segs)?;
-        let last_idx = match mode {
-            LogitsMode::Last => Some(DeviceBuffer::upload(&self.client, &last_rows)),
-            LogitsMode::All => None,
-        };
-        self.head(t, rows, last_idx.as_ref(), &head_segs)?;
+        let read_logits = mode != LogitsMode::NextTokens;
+        let v = self.desc.vocab;
+        let mut logits: Vec<f32> = Vec::with_capacity(if read_logits { rows.len() * v } else { 0 });
+        let mut next: Vec<i32> = Vec::with_capacity(rows.len());
+        let pass = self.activations.max_head_rows();
+        for (chunk, chunk_slots) in rows.chunks(pass).zip(row_slots.chunks(pass)) {
+            let (idx, head_segs) = self.write_head_metadata(chunk, chunk_slots)?;
+            let head = self.activations.head::<F>(chunk.len())?;
+            self.head(t, &tokens.h, &idx, &head_segs, &head)?;
+            if read_logits {
+                logits.extend(head.logits.read(&self.client).into_iter().map(EngineElem::to_f32));
+            }
+            next.extend(head.next.read(&self.client));
+        }
 
         for (s, slice) in batch.iter().zip(&slices) {
             if let Some(state) = self.seqs.get_mut(&s.seq) {
                 state.cached = slice.cached + slice.new_tokens;
             }
         }
-        let ws = self.head_ws.get(rows).expect("workspace allocated above");
-        let logits: Vec<f32> = ws.logits.read(&self.client).into_iter().map(EngineElem::to_f32).collect();
-        let next = ws.next.read(&self.client);
-        let v = self.desc.vocab;
         let mut out = StepOutput { logits: Vec::with_capacity(batch.len()), next_tokens: Vec::with_capacity(batch.len()) };
         let mut row = 0usize;
         for s in batch {
             let n = match mode {
-                LogitsMode::Last => 1,
+                LogitsMode::Last | LogitsMode::NextTokens => 1,
                 LogitsMode::All => s.tokens.len(),
             };
-            out.logits.push(logits[row * v..(row + n) * v].to_vec());
+            out.logits.push(if read_logits { logits[row * v..(row + n) * v].to_vec() } else { Vec::new() });
             let tok = next[row + n - 1];
             out.next_tokens.push(u32::try_from(tok).map_err(|_| ExecutorError::Batch(format!("argmax found no finite logit ({tok})")))?);
             row += n;
@@ -683,17 +656,92 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         Ok(out)
     }
 
-    /// Embedding and every decoder layer; leaves the residual stream in the workspace's `h`.
-    fn forward(&mut self, t: usize, ids: &DeviceBuffer<u32>, batch: &DeviceAttentionBatch, segs: &DeviceSegments) -> ExecResult<()> {
-        let Engine { client, desc, weights, caches, lora, token_ws, rope, rope_table, eps, plan, .. } = self;
-        let ws = token_ws.get_mut(t).expect("workspace allocated by step");
+    /// Writes the step's token ids, attention metadata and adapter segments into their regions
+    /// of the metadata block (one scatter) and returns the views the kernels read.
+    fn write_token_metadata(
+        &self,
+        batch: &[SeqInput],
+        slices: &[SeqSlice],
+    ) -> ExecResult<(DeviceBuffer<u32>, DeviceAttentionBatch, DeviceSegments)> {
+        let attn = AttentionBatch::new(&self.kv_shape, self.max_pages_per_seq, slices).ctx(|| "attention metadata".into())?;
+        let token_slots: Vec<Option<u32>> = batch.iter().flat_map(|s| std::iter::repeat_n(s.adapter, s.tokens.len())).collect();
+        let segs = Segments::from_token_slots(&token_slots, self.plan.lora.max_loras).ctx(|| "token segments".into())?;
+        let t = attn.tokens();
+        let mut w = self.meta.write();
+        w.put(Region::TokenIds, batch.iter().flat_map(|s| s.tokens.iter().copied()))?;
+        // i32 metadata travels as its bit pattern.
+        w.put(Region::Positions, attn.positions.iter().map(|&p| p as u32))?;
+        w.put(Region::SlotMapping, attn.slot_mapping.iter().map(|&p| p as u32))?;
+        w.put(Region::TokenSeq, attn.token_seq.iter().copied())?;
+        w.put(Region::BlockTables, attn.block_tables.iter().copied())?;
+        let regions = [Region::SegIndptr, Region::WeightIndices, Region::TokenPerm, Region::TokenSlots];
+        put_segments(&mut w, &segs, regions)?;
+        w.flush(&self.client)?;
+        let m = &self.meta;
+        let dev_attn = DeviceAttentionBatch {
+            slot_mapping: m.view_i32(Region::SlotMapping, t)?,
+            token_seq: m.view(Region::TokenSeq, t)?,
+            positions: m.view_i32(Region::Positions, t)?,
+            block_tables: m.view(Region::BlockTables, attn.block_tables.len())?,
+            max_pages_per_seq: attn.max_pages_per_seq,
+        };
+        Ok((m.view(Region::TokenIds, t)?, dev_attn, self.segment_views(&segs, regions)?))
+    }
+
+    /// Writes the rows of one head pass (indices into the step's tokens) and their adapter
+    /// segments; returns their views.
+    fn write_head_metadata(&self, rows: &[u32], slots: &[Option<u32>]) -> ExecResult<(DeviceBuffer<u32>, DeviceSegments)> {
+        let segs = Segments::from_token_slots(slots, self.plan.lora.max_loras).ctx(|| "lm_head segments".into())?;
+        let regions = [Region::HeadSegIndptr, Region::HeadWeightIndices, Region::HeadTokenPerm, Region::HeadTokenSlots];
+        let mut w = self.meta.write();
+        w.put(Region::HeadRows, rows.iter().copied())?;
+        put_segments(&mut w, &segs, regions)?;
+        w.flush(&self.client)?;
+        Ok((self.meta.view(Region::HeadRows, rows.len())?, self.segment_views(&segs, regions)?))
+    }
+
+    /// Device segments over the metadata regions `put_segments` wrote.
+    fn segment_views(&self, segs: &Segments, [indptr, weights, perm, slots]: [Region; 4]) -> ExecResult<DeviceSegments> {
+        let m = &self.meta;
+        Ok(DeviceSegments {
+            tokens: segs.tokens(),
+            slots: self.plan.lora.max_loras,
+            num_segments: segs.num_segments(),
+            max_segment_len: segs.max_segment_len(),
+            seg_indptr: m.view(indptr, segs.seg_indptr().len())?,
+            weight_indices: m.view(weights, segs.weight_indices().len())?,
+            token_perm: m.view(perm, segs.token_perm().len())?,
+            token_slots: m.view(slots, segs.tokens() as usize)?,
+        })
+    }
+
+    /// Embedding and every decoder layer; leaves the residual stream in `ws.h`.
+    fn forward(
+        &mut self,
+        t: usize,
+        ws: &TokenViews<F>,
+        ids: &DeviceBuffer<u32>,
+        batch: &DeviceAttentionBatch,
+        segs: &DeviceSegments,
+    ) -> ExecResult<()> {
+        let Engine { client, desc, weights, caches, lora, rope, rope_table, eps, plan, .. } = self;
         let buffers = &plan.ranks[0].lora_buffers;
         let (h, eps) = (desc.hidden, *eps);
-        gather::launch_embedding_lookup(client, &weights.embed, ids, &mut ws.h, desc.vocab, h).ctx(|| "embedding lookup".into())?;
-        if let Some(b) = desc.embed_lora {
+        // Views are handles: the `mut` copies write the arena's memory.
+        let (mut hs, mut x, mut qkv, mut attn, mut o, mut gate_up, mut act) =
+            (ws.h.clone(), ws.x.clone(), ws.qkv.clone(), ws.attn.clone(), ws.o.clone(), ws.gate_up.clone(), ws.act.clone());
+        let lora_a = |width: usize| -> ExecResult<DeviceBuffer<f32>> {
+            ws.lora_a.get(&width).cloned().ok_or_else(|| ExecutorError::Plan(format!("no LoRA intermediate of width {width}")))
+        };
+        let width = |b: usize| {
             let layout = &buffers[b].layout;
-            let a = ws.lora_a.get_mut(&((layout.groups() * layout.max_rank()) as usize)).expect("width registered");
-            embedding::launch_embedding(client, layout, &lora[b].pool, segs, ids, a, &mut ws.h, None).ctx(|| "embedding LoRA".into())?;
+            (layout.groups() * layout.max_rank()) as usize
+        };
+        gather::launch_embedding_lookup(client, &weights.embed, ids, &mut hs, desc.vocab, h).ctx(|| "embedding lookup".into())?;
+        if let Some(b) = desc.embed_lora {
+            let mut a = lora_a(width(b))?;
+            embedding::launch_embedding(client, &buffers[b].layout, &lora[b].pool, segs, ids, &mut a, &mut hs, None)
+                .ctx(|| "embedding LoRA".into())?;
         }
         let total = desc.q_heads + 2 * desc.kv_heads;
         let q_view = HeadView::slice(total, 0, desc.q_heads, desc.head_dim);
@@ -702,115 +750,77 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let scale = 1.0 / (desc.head_dim as f32).sqrt();
 
         // LoRA of projection `i` of layer `l`: shrink from `x`, expand into `y`.
-        let apply_lora = |l: usize,
-                          i: usize,
-                          x: &DeviceBuffer<F>,
-                          y: &mut DeviceBuffer<F>,
-                          lora_a: &mut HashMap<usize, DeviceBuffer<f32>>|
-         -> ExecResult<()> {
+        let apply_lora = |l: usize, i: usize, x: &DeviceBuffer<F>, y: &mut DeviceBuffer<F>| -> ExecResult<()> {
             let Some(b) = desc.layer_lora[l][i] else { return Ok(()) };
             let layout = &buffers[b].layout;
-            let a = lora_a.get_mut(&((layout.groups() * layout.max_rank()) as usize)).expect("width registered");
+            let mut a = lora_a(width(b))?;
             let what = || format!("layer {l} {} LoRA", LAYER_LINEARS[i]);
-            shrink::launch_shrink(client, layout, &lora[b].pool, segs, x, a, None).ctx(what)?;
-            expand::launch_expand(client, layout, &lora[b].pool, segs, a, y, None).ctx(what)
+            shrink::launch_shrink(client, layout, &lora[b].pool, segs, x, &mut a, None).ctx(what)?;
+            expand::launch_expand(client, layout, &lora[b].pool, segs, &a, y, None).ctx(what)
         };
 
         let layers = weights.layers.len();
-        rms_norm::launch_rms_norm(client, &ws.h, &weights.layers[0].input_norm, &mut ws.x, t, h, eps)
-            .ctx(|| "layer 0 input norm".into())?;
+        rms_norm::launch_rms_norm(client, &hs, &weights.layers[0].input_norm, &mut x, t, h, eps).ctx(|| "layer 0 input norm".into())?;
         for (l, (w, cache)) in weights.layers.iter().zip(caches.iter_mut()).enumerate() {
             let what = |op: &str| format!("layer {l} {op}");
             let (qkv_n, qkv_k) = desc.linear_shape(0);
-            matmul::launch_matmul(client, &ws.x, &w.linears[0], &mut ws.qkv, t, qkv_n, qkv_k, None).ctx(|| what("qkv_proj"))?;
-            apply_lora(l, 0, &ws.x, &mut ws.qkv, &mut ws.lora_a)?;
+            matmul::launch_matmul(client, &x, &w.linears[0], &mut qkv, t, qkv_n, qkv_k, None).ctx(|| what("qkv_proj"))?;
+            apply_lora(l, 0, &x, &mut qkv)?;
             if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
-                rms_norm::launch_rms_norm_heads(client, &mut ws.qkv, q_view, qn, t, eps).ctx(|| what("q_norm"))?;
-                rms_norm::launch_rms_norm_heads(client, &mut ws.qkv, k_view, kn, t, eps).ctx(|| what("k_norm"))?;
+                rms_norm::launch_rms_norm_heads(client, &mut qkv, q_view, qn, t, eps).ctx(|| what("q_norm"))?;
+                rms_norm::launch_rms_norm_heads(client, &mut qkv, k_view, kn, t, eps).ctx(|| what("k_norm"))?;
             }
-            rope::launch_rope(client, &mut ws.qkv, q_view, &batch.positions, rope_table, rope, t).ctx(|| what("rope q"))?;
-            rope::launch_rope(client, &mut ws.qkv, k_view, &batch.positions, rope_table, rope, t).ctx(|| what("rope k"))?;
-            attention::launch_kv_write(client, &ws.qkv, k_view, &ws.qkv, v_view, cache, batch, t).ctx(|| what("kv write"))?;
-            attention::launch_attention(client, &ws.qkv, q_view, cache, batch, &mut ws.attn, t, scale).ctx(|| what("attention"))?;
+            rope::launch_rope(client, &mut qkv, q_view, &batch.positions, rope_table, rope, t).ctx(|| what("rope q"))?;
+            rope::launch_rope(client, &mut qkv, k_view, &batch.positions, rope_table, rope, t).ctx(|| what("rope k"))?;
+            attention::launch_kv_write(client, &qkv, k_view, &qkv, v_view, cache, batch, t).ctx(|| what("kv write"))?;
+            attention::launch_attention(client, &qkv, q_view, cache, batch, &mut attn, t, scale).ctx(|| what("attention"))?;
             let (o_n, o_k) = desc.linear_shape(1);
-            matmul::launch_matmul(client, &ws.attn, &w.linears[1], &mut ws.o, t, o_n, o_k, None).ctx(|| what("o_proj"))?;
-            apply_lora(l, 1, &ws.attn, &mut ws.o, &mut ws.lora_a)?;
-            rms_norm::launch_add_rms_norm(client, &mut ws.h, &ws.o, &w.post_norm, &mut ws.x, t, h, eps)
-                .ctx(|| what("post-attention norm"))?;
+            matmul::launch_matmul(client, &attn, &w.linears[1], &mut o, t, o_n, o_k, None).ctx(|| what("o_proj"))?;
+            apply_lora(l, 1, &attn, &mut o)?;
+            rms_norm::launch_add_rms_norm(client, &mut hs, &o, &w.post_norm, &mut x, t, h, eps).ctx(|| what("post-attention norm"))?;
             let (gu_n, gu_k) = desc.linear_shape(2);
-            matmul::launch_matmul(client, &ws.x, &w.linears[2], &mut ws.gate_up, t, gu_n, gu_k, None).ctx(|| what("gate_up_proj"))?;
-            apply_lora(l, 2, &ws.x, &mut ws.gate_up, &mut ws.lora_a)?;
-            silu_mul::launch_silu_mul(client, &ws.gate_up, &mut ws.act, t, desc.inter).ctx(|| what("silu_mul"))?;
+            matmul::launch_matmul(client, &x, &w.linears[2], &mut gate_up, t, gu_n, gu_k, None).ctx(|| what("gate_up_proj"))?;
+            apply_lora(l, 2, &x, &mut gate_up)?;
+            silu_mul::launch_silu_mul(client, &gate_up, &mut act, t, desc.inter).ctx(|| what("silu_mul"))?;
             let (d_n, d_k) = desc.linear_shape(3);
-            matmul::launch_matmul(client, &ws.act, &w.linears[3], &mut ws.o, t, d_n, d_k, None).ctx(|| what("down_proj"))?;
-            apply_lora(l, 3, &ws.act, &mut ws.o, &mut ws.lora_a)?;
+            matmul::launch_matmul(client, &act, &w.linears[3], &mut o, t, d_n, d_k, None).ctx(|| what("down_proj"))?;
+            apply_lora(l, 3, &act, &mut o)?;
             if l + 1 < layers {
                 let next = &weights.layers[l + 1].input_norm;
-                rms_norm::launch_add_rms_norm(client, &mut ws.h, &ws.o, next, &mut ws.x, t, h, eps)
+                rms_norm::launch_add_rms_norm(client, &mut hs, &o, next, &mut x, t, h, eps)
                     .ctx(|| format!("layer {} input norm", l + 1))?;
             } else {
-                add::launch_add_inplace(client, &mut ws.h, &ws.o).ctx(|| what("residual add"))?;
+                add::launch_add_inplace(client, &mut hs, &o).ctx(|| what("residual add"))?;
             }
         }
         Ok(())
     }
 
-    /// Final norm, lm_head (+LoRA) and argmax over the rows that reach the head.
-    fn head(&mut self, t: usize, rows: usize, last_idx: Option<&DeviceBuffer<u32>>, segs: &DeviceSegments) -> ExecResult<()> {
-        let Engine { client, desc, weights, lora, token_ws, head_ws, eps, plan, .. } = self;
-        let tw = token_ws.get(t).expect("workspace allocated by step");
-        let hw = head_ws.get_mut(rows).expect("workspace allocated by step");
-        let (h, v) = (desc.hidden, desc.vocab);
-        match last_idx {
-            Some(idx) => {
-                gather::launch_gather_rows(client, &tw.h, idx, &mut hw.last, t, h).ctx(|| "last-token gather".into())?;
-                rms_norm::launch_rms_norm(client, &hw.last, &weights.final_norm, &mut hw.x, rows, h, *eps).ctx(|| "final norm".into())?;
-            }
-            None => rms_norm::launch_rms_norm(client, &tw.h, &weights.final_norm, &mut hw.x, rows, h, *eps).ctx(|| "final norm".into())?,
-        }
-        matmul::launch_matmul(client, &hw.x, &weights.lm_head, &mut hw.logits, rows, v, h, None).ctx(|| "lm_head".into())?;
-        if let (Some(b), Some(a)) = (desc.lm_head_lora, hw.lora_a.as_mut()) {
+    /// One head pass: gathers the `idx` rows of the step's residual stream `h` (`t` rows), then
+    /// the final norm, lm_head (+LoRA) and argmax into `hw`.
+    fn head(&self, t: usize, h: &DeviceBuffer<F>, idx: &DeviceBuffer<u32>, segs: &DeviceSegments, hw: &HeadViews<F>) -> ExecResult<()> {
+        let Engine { client, desc, weights, lora, eps, plan, .. } = self;
+        let (width, v, rows) = (desc.hidden, desc.vocab, idx.len());
+        let (mut last, mut x, mut logits, mut next) = (hw.last.clone(), hw.x.clone(), hw.logits.clone(), hw.next.clone());
+        gather::launch_gather_rows(client, h, idx, &mut last, t, width).ctx(|| "lm_head row gather".into())?;
+        rms_norm::launch_rms_norm(client, &last, &weights.final_norm, &mut x, rows, width, *eps).ctx(|| "final norm".into())?;
+        matmul::launch_matmul(client, &x, &weights.lm_head, &mut logits, rows, v, width, None).ctx(|| "lm_head".into())?;
+        if let (Some(b), Some(a)) = (desc.lm_head_lora, hw.lora_a.as_ref()) {
             let layout = &plan.ranks[0].lora_buffers[b].layout;
-            shrink::launch_shrink(client, layout, &lora[b].pool, segs, &hw.x, a, None).ctx(|| "lm_head LoRA".into())?;
-            expand::launch_expand(client, layout, &lora[b].pool, segs, a, &mut hw.logits, None).ctx(|| "lm_head LoRA".into())?;
+            let mut a = a.clone();
+            shrink::launch_shrink(client, layout, &lora[b].pool, segs, &x, &mut a, None).ctx(|| "lm_head LoRA".into())?;
+            expand::launch_expand(client, layout, &lora[b].pool, segs, &a, &mut logits, None).ctx(|| "lm_head LoRA".into())?;
         }
-        argmax::launch_argmax(client, &hw.logits, &mut hw.next, rows, v).ctx(|| "argmax".into())
+        argmax::launch_argmax(client, &logits, &mut next, rows, v).ctx(|| "argmax".into())
     }
 }
 
-#[cube(launch_unchecked)]
-fn copy_into_kernel<F: Float>(src: &Array<F>, dst: &mut Array<F>, offset: u32, len: u32) {
-    let i = crate::ops::linear_cube() * COPY_THREADS as usize + UNIT_POS as usize;
-    if i >= len as usize {
-        terminate!();
-    }
-    dst[offset as usize + i] = src[i];
-}
-
-const COPY_THREADS: u32 = 256;
-
-/// `dst[offset..offset + src.len()] = src` on the device (one staging upload, one copy launch).
-fn copy_into<R: Runtime, F: EngineElem>(client: &ComputeClient<R>, src: &[F], dst: &DeviceBuffer<F>, offset: u64) -> Result<(), String> {
-    let end = offset + src.len() as u64;
-    if end > dst.len() as u64 || end >= u64::from(u32::MAX) {
-        return Err(format!("copy of {} elements at {offset} into a buffer of {}", src.len(), dst.len()));
-    }
-    if src.is_empty() {
-        return Ok(());
-    }
-    let staging = DeviceBuffer::upload(client, src);
-    // Safety: `offset + len ≤ dst.len()` was checked above and the kernel stops at `len`.
-    unsafe {
-        copy_into_kernel::launch_unchecked::<F, R>(
-            client,
-            crate::ops::grid_1d(src.len().div_ceil(COPY_THREADS as usize)),
-            CubeDim::new_1d(COPY_THREADS),
-            staging.arg(1),
-            dst.arg(1),
-            offset as u32,
-            src.len() as u32,
-        );
-    }
+/// Queues a validated [`Segments`] into the four regions of its kind.
+fn put_segments(w: &mut metadata::MetadataWrite<'_>, segs: &Segments, [indptr, weights, perm, slots]: [Region; 4]) -> ExecResult<()> {
+    w.put(indptr, segs.seg_indptr().iter().copied())?;
+    w.put(weights, segs.weight_indices().iter().copied())?;
+    w.put(perm, segs.token_perm().iter().copied())?;
+    w.put(slots, segs.token_slots())?;
     Ok(())
 }
 
