@@ -435,11 +435,14 @@ fn serve_mixed_workload<R: Runtime>(client: ComputeClient<R>) {
 
     // The largest step: max_batch_tokens tokens over max_seqs sequences (decode rows plus one
     // prefill filling the rest).
-    let (seq, cached, adapter) = live.pop().unwrap();
+    // The prefill is a new sequence: a long-lived one would pass the model's 256 positions.
+    let (old, _, adapter) = live.pop().unwrap();
+    e.release_sequence(old).unwrap();
+    let seq = e.add_sequence();
     let rest = max_tokens - live.len();
     let mut batch: Vec<SeqInput> =
         live.iter().map(|&(seq, cached, adapter)| SeqInput { seq, position: cached, tokens: tokens(600, 1), adapter }).collect();
-    batch.push(SeqInput { seq, position: cached, tokens: tokens(601, rest), adapter });
+    batch.push(SeqInput { seq, position: 0, tokens: tokens(601, rest), adapter });
     assert_eq!(batch.iter().map(|s| s.tokens.len()).sum::<usize>(), max_tokens);
     e.step(&batch, LogitsMode::Last).unwrap();
     check(&e, "a step of max_batch_tokens");
@@ -487,6 +490,11 @@ fn refusals() {
     // Nothing was reserved by the refused steps; a good one still runs.
     assert_eq!(e.cached_tokens(seq), Some(0));
     e.step(&[SeqInput { seq, position: 0, tokens: vec![1, 2, 3], adapter: None }], LogitsMode::Last).unwrap();
+    // Positions end at the config's max_position_embeddings (256).
+    let long = e.add_sequence();
+    e.step(&[SeqInput { seq: long, position: 0, tokens: vec![5; 200], adapter: None }], LogitsMode::Last).unwrap();
+    let msg = bad(&mut e, SeqInput { seq: long, position: 200, tokens: vec![5; 57], adapter: None });
+    assert_eq!(msg, "entry 0: 257 tokens exceed max_seq_len 256");
     // An occupied slot and a bad adapter are refused by lorac-adapters.
     assert!(matches!(e.load_adapter(0, &dir.join("adapters/B")), Err(ExecutorError::Adapter(_))));
     assert!(matches!(e.load_adapter(3, &dir.join("bad_adapters/dora")), Err(ExecutorError::Adapter(_))));

@@ -120,17 +120,19 @@ impl EngineElem for half::bf16 {
 /// Runtime choices the plan leaves open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineOptions {
-    /// Tokens per KV-cache page.
+    /// Tokens per KV-cache page (the plan's `kv_page_size` unless overridden).
     pub page_size: u32,
     /// Longest sequence (prompt + generated); sizes the rotary table and the block tables.
     pub max_seq_len: u32,
 }
 
 impl EngineOptions {
-    /// Pages of 16 tokens; sequences up to the KV cache's size, at most 8192 tokens (the plan
-    /// does not carry the model's `max_position_embeddings`).
+    /// The plan's page size; sequences up to the model's `max_position_embeddings` (8192 when
+    /// the config has none) and at most the KV cache's size.
     pub fn for_plan(plan: &Plan) -> Self {
-        EngineOptions { page_size: 16, max_seq_len: plan.limits.kv_cache_tokens.min(8192) as u32 }
+        let positions = u64::from(plan.model.max_position_embeddings.unwrap_or(8192));
+        let max_seq_len = plan.limits.kv_cache_tokens.min(positions).min(u64::from(u32::MAX)) as u32;
+        EngineOptions { page_size: plan.limits.kv_page_size, max_seq_len }
     }
 }
 
@@ -747,7 +749,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let q_view = HeadView::slice(total, 0, desc.q_heads, desc.head_dim);
         let k_view = HeadView::slice(total, desc.q_heads, desc.kv_heads, desc.head_dim);
         let v_view = HeadView::slice(total, desc.q_heads + desc.kv_heads, desc.kv_heads, desc.head_dim);
-        let scale = 1.0 / (desc.head_dim as f32).sqrt();
+        let scale = desc.softmax_scale;
 
         // LoRA of projection `i` of layer `l`: shrink from `x`, expand into `y`.
         let apply_lora = |l: usize, i: usize, x: &DeviceBuffer<F>, y: &mut DeviceBuffer<F>| -> ExecResult<()> {

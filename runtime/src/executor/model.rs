@@ -18,6 +18,8 @@ pub(crate) struct ModelDesc {
     pub q_heads: u32,
     pub kv_heads: u32,
     pub head_dim: u32,
+    /// QKᵀ scale, from the plan.
+    pub softmax_scale: f32,
     pub inter: usize,
     pub qk_norm: bool,
     /// Per layer, per entry of [`LAYER_LINEARS`]: the LoRA buffer index.
@@ -161,7 +163,21 @@ pub(crate) fn describe(plan: &Plan) -> ExecResult<ModelDesc> {
     if q_heads == 0 || kv_heads == 0 || q_heads % kv_heads != 0 || head_dim == 0 {
         return Err(plan_err(format!("attention with {q_heads} q heads, {kv_heads} kv heads of {head_dim}")));
     }
-    let desc = ModelDesc { layers, hidden, vocab, q_heads, kv_heads, head_dim, inter, qk_norm, layer_lora, embed_lora, lm_head_lora };
+    let softmax_scale = plan.model.softmax_scale.ok_or_else(|| plan_err("no attention softmax scale".into()))? as f32;
+    let desc = ModelDesc {
+        layers,
+        hidden,
+        vocab,
+        q_heads,
+        kv_heads,
+        head_dim,
+        softmax_scale,
+        inter,
+        qk_norm,
+        layer_lora,
+        embed_lora,
+        lm_head_lora,
+    };
     check_gemms(plan, &desc)?;
     for (l, lora) in desc.layer_lora.iter().enumerate() {
         for (i, b) in lora.iter().enumerate() {
