@@ -173,7 +173,7 @@ async fn adapters_load_unload_and_refusals_over_http() {
         ("missing_tensor", "missing"),
         ("truncated", "truncated"),
         ("modules_to_save_embed", "embed_tokens"),
-        ("added_tokens", "trainable_tokens"),
+        ("added_tokens", "trainable_token_indices"),
     ] {
         let (status, body) =
             post(&app, "/v1/load_lora_adapter", json!({"lora_name": format!("bad_{dir}"), "lora_path": bad.join(dir)})).await;
