@@ -71,6 +71,7 @@ pub struct Metrics {
     pub adapters_registered: AtomicU64,
     pub kv_pages_used: AtomicU64,
     pub kv_pages_total: AtomicU64,
+    pub preemptions: AtomicU64,
     pub step_seconds: Histogram,
     pub batch_rows: Histogram,
     pub batch_tokens: Histogram,
@@ -112,6 +113,7 @@ impl Default for Metrics {
             adapters_registered: AtomicU64::new(0),
             kv_pages_used: AtomicU64::new(0),
             kv_pages_total: AtomicU64::new(0),
+            preemptions: AtomicU64::new(0),
             step_seconds: Histogram::new(STEP_SECONDS),
             batch_rows: Histogram::new(BATCH_ROWS),
             batch_tokens: Histogram::new(BATCH_TOKENS),
@@ -152,8 +154,9 @@ impl Metrics {
         gauge(&mut out, "lorac_adapter_slots_used", "Adapter pool slots holding an adapter.", &self.adapter_slots_used);
         gauge(&mut out, "lorac_adapter_slots_total", "Adapter pool slots (the plan's max_loras).", &self.adapter_slots_total);
         gauge(&mut out, "lorac_adapters_registered", "Adapters the server knows (resident or not).", &self.adapters_registered);
-        gauge(&mut out, "lorac_kv_pages_used", "KV-cache pages reserved by running requests.", &self.kv_pages_used);
+        gauge(&mut out, "lorac_kv_pages_used", "KV-cache pages held by running requests.", &self.kv_pages_used);
         gauge(&mut out, "lorac_kv_pages_total", "KV-cache pages.", &self.kv_pages_total);
+        counter(&mut out, "lorac_preemptions_total", "Requests sent back to the queue to free KV pages (recomputed later).", &self.preemptions);
         self.step_seconds.render(&mut out, "lorac_step_seconds", "Time of one engine step (forward and readback).");
         self.batch_rows.render(&mut out, "lorac_batch_size", "Sequences in one engine step.");
         self.batch_tokens.render(&mut out, "lorac_batch_tokens", "Tokens in one engine step (prefill and decode).");

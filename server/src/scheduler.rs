@@ -8,9 +8,15 @@
 //! than the budget is prefilled over several steps). Requests leave the batch the step they
 //! finish; their sequence, KV pages and adapter lease are returned at once.
 //!
-//! KV pages are reserved for a request's whole length (prompt + `max_tokens`) at admission,
-//! so a running request can never run out of cache mid-generation and no preemption is
-//! needed; the price is that a request with a large `max_tokens` holds pages it may not use.
+//! KV pages are taken as sequences grow (the engine's own rule: a page per `page_size`
+//! tokens), mirrored here so every step is known to fit before it runs. A request is admitted
+//! when the pages its prompt still needs are free, keeping one spare page per running request
+//! for decode growth. When a step would still need more pages than are free, the most
+//! recently admitted request is preempted: its sequence and pages are released and it goes
+//! back to the head of the queue with its progress (tokens so far, text, sampler state);
+//! re-admitted, it recomputes its cache from those tokens and carries on (vLLM's recompute
+//! preemption). Output does not depend on it, beyond float rounding between a recomputed
+//! prefill and the decode steps it replaces.
 //!
 //! Adapters: the registry maps names to pool slots. An adapter can be registered without a
 //! slot (the pool was full of busy adapters, or it was evicted): the first request that
@@ -361,12 +367,38 @@ struct AdapterEntry {
     retired: bool,
 }
 
-struct Waiting {
-    id: u64,
-    request: Request,
-    adapter: Option<AdapterId>,
-    events: tmpsc::UnboundedSender<Event>,
-    queued_at: Instant,
+enum Waiting {
+    Fresh { id: u64, request: Request, adapter: Option<AdapterId>, events: tmpsc::UnboundedSender<Event>, queued_at: Instant },
+    /// Preempted for KV pages: resumes from its tokens so far on a new sequence.
+    Preempted(Box<Running>),
+}
+
+impl Waiting {
+    fn id(&self) -> u64 {
+        match self {
+            Waiting::Fresh { id, .. } => *id,
+            Waiting::Preempted(r) => r.id,
+        }
+    }
+    fn adapter(&self) -> Option<AdapterId> {
+        match self {
+            Waiting::Fresh { adapter, .. } => *adapter,
+            Waiting::Preempted(r) => r.adapter,
+        }
+    }
+    fn events(&self) -> &tmpsc::UnboundedSender<Event> {
+        match self {
+            Waiting::Fresh { events, .. } => events,
+            Waiting::Preempted(r) => &r.events,
+        }
+    }
+    /// Tokens to put in the cache before the next token can be drawn.
+    fn input_len(&self) -> usize {
+        match self {
+            Waiting::Fresh { request, .. } => request.prompt.len(),
+            Waiting::Preempted(r) => r.tokens.len(),
+        }
+    }
 }
 
 struct Running {
@@ -384,8 +416,18 @@ struct Running {
     rng: Rng,
     text: TextStream,
     events: tmpsc::UnboundedSender<Event>,
+    /// KV pages the engine holds for this sequence (`fed` tokens, rounded up to pages).
     pages: u32,
+    /// Admission order: the latest admitted is preempted first.
+    admitted: u64,
     queued_at: Instant,
+}
+
+impl Running {
+    /// Pages still to take before the pending input is cached.
+    fn outstanding_pages(&self, page_size: u32) -> u32 {
+        (pages_for(self.tokens.len() as u64, page_size) as u32).saturating_sub(self.pages)
+    }
 }
 
 enum Ending {
@@ -404,6 +446,7 @@ struct Scheduler {
     running: Vec<Running>,
     adapters: Vec<AdapterEntry>,
     free_pages: u32,
+    admissions: u64,
     clock: u64,
     next_id: u64,
     /// Set by a shutdown: running requests end by this time.
@@ -444,6 +487,7 @@ impl Scheduler {
             running: Vec::new(),
             adapters: Vec::new(),
             free_pages: kv_pages,
+            admissions: 0,
             clock: 0,
             next_id: 0,
             deadline: None,
@@ -536,9 +580,8 @@ impl Scheduler {
         let deadline = Instant::now() + grace;
         self.deadline = Some(self.deadline.map_or(deadline, |d| d.min(deadline)));
         while let Some(w) = self.waiting.pop_front() {
-            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-            self.release_adapter(w.adapter);
-            let _ = w.events.send(Event::Error(ApiError::shutting_down()));
+            self.leave_queue(&w);
+            let _ = w.events().send(Event::Error(ApiError::shutting_down()));
             self.shared.metrics.finished(Outcome::Cancelled);
         }
     }
@@ -579,19 +622,18 @@ impl Scheduler {
         let id = self.next_id;
         self.next_id += 1;
         tracing::debug!(request = id, model = %request.model, prompt_tokens = request.prompt.len(), "queued");
-        self.waiting.push_back(Waiting { id, request, adapter, events, queued_at });
+        self.waiting.push_back(Waiting::Fresh { id, request, adapter, events, queued_at });
     }
 
     /// Requests whose client disconnected leave the queue or the batch now.
     fn drop_cancelled(&mut self) {
         let mut i = 0;
         while i < self.waiting.len() {
-            if self.waiting[i].events.is_closed() {
+            if self.waiting[i].events().is_closed() {
                 let w = self.waiting.remove(i).expect("index checked");
-                self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-                self.release_adapter(w.adapter);
+                self.leave_queue(&w);
                 self.shared.metrics.finished(Outcome::Cancelled);
-                tracing::info!(request = w.id, "cancelled while queued (client gone)");
+                tracing::info!(request = w.id(), "cancelled while queued (client gone)");
             } else {
                 i += 1;
             }
@@ -603,19 +645,34 @@ impl Scheduler {
         }
     }
 
-    /// Moves waiting requests into the batch, in arrival order, while sequences and KV pages
-    /// last. A request whose adapter cannot get a slot yet is passed over (later requests may
-    /// run); one that does not fit the free KV pages stops admission, so it is not starved.
+    /// A request leaves the queue: its place in the bounded queue (fresh requests only) and
+    /// its adapter lease go back.
+    fn leave_queue(&mut self, w: &Waiting) {
+        if matches!(w, Waiting::Fresh { .. }) {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.release_adapter(w.adapter());
+    }
+
+    /// Moves waiting requests into the batch, in order (preempted ones first), while
+    /// sequences and KV pages last. A request whose adapter cannot get a slot yet is passed
+    /// over (later requests may run); one that does not fit the free KV pages stops
+    /// admission, so it is not starved.
     fn admit(&mut self) {
+        let page_size = self.info.page_size;
         let mut i = 0;
         while i < self.waiting.len() && self.running.len() < self.info.max_seqs as usize {
             let w = &self.waiting[i];
-            let total = w.request.prompt.len() as u64 + u64::from(w.request.params.max_tokens);
-            let pages = pages_for(total, self.info.page_size) as u32;
-            if pages > self.free_pages {
+            // Pages free once running requests have cached their pending input, less one spare
+            // page per running request for decode growth.
+            let committed: u32 = self.running.iter().map(|r| r.outstanding_pages(page_size)).sum();
+            let spare = self.running.len() as u32;
+            let available = self.free_pages.saturating_sub(committed + spare);
+            let needed = pages_for(w.input_len() as u64, page_size) as u32;
+            if needed > available {
                 break;
             }
-            if let Some(id) = w.adapter {
+            if let Some(id) = w.adapter() {
                 match self.make_resident(id) {
                     Ok(true) => {}
                     Ok(false) => {
@@ -624,48 +681,56 @@ impl Scheduler {
                     }
                     Err(e) => {
                         let w = self.waiting.remove(i).expect("index checked");
-                        self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-                        self.release_adapter(w.adapter);
-                        let _ = w.events.send(Event::Error(e));
+                        self.leave_queue(&w);
+                        let _ = w.events().send(Event::Error(e));
                         self.shared.metrics.finished(Outcome::Error);
                         continue;
                     }
                 }
             }
             let w = self.waiting.remove(i).expect("index checked");
-            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             self.clock += 1;
-            if let Some(entry) = w.adapter.and_then(|id| self.adapters.iter_mut().find(|a| a.id == id)) {
+            if let Some(entry) = w.adapter().and_then(|id| self.adapters.iter_mut().find(|a| a.id == id)) {
                 entry.last_used = self.clock;
             }
-            self.free_pages -= pages;
+            self.admissions += 1;
             let seq = self.backend.add_sequence();
-            let rng = w.request.params.seed.map_or_else(Rng::from_entropy, Rng::seeded);
-            self.shared.metrics.prompt_tokens.fetch_add(w.request.prompt.len() as u64, Ordering::Relaxed);
-            tracing::debug!(request = w.id, pages, "admitted");
-            self.running.push(Running {
-                id: w.id,
-                model: w.request.model,
-                adapter: w.adapter,
-                seq,
-                prompt_len: w.request.prompt.len(),
-                tokens: w.request.prompt,
-                fed: 0,
-                generated: 0,
-                text: TextStream::new(w.request.params.stop.clone()),
-                params: w.request.params,
-                rng,
-                events: w.events,
-                pages,
-                queued_at: w.queued_at,
-            });
+            let running = match w {
+                Waiting::Fresh { id, request, adapter, events, queued_at } => {
+                    self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                    self.shared.metrics.prompt_tokens.fetch_add(request.prompt.len() as u64, Ordering::Relaxed);
+                    tracing::debug!(request = id, "admitted");
+                    Running {
+                        id,
+                        model: request.model,
+                        adapter,
+                        seq,
+                        prompt_len: request.prompt.len(),
+                        tokens: request.prompt,
+                        fed: 0,
+                        generated: 0,
+                        text: TextStream::new(request.params.stop.clone()),
+                        rng: request.params.seed.map_or_else(Rng::from_entropy, Rng::seeded),
+                        params: request.params,
+                        events,
+                        pages: 0,
+                        admitted: self.admissions,
+                        queued_at,
+                    }
+                }
+                Waiting::Preempted(r) => {
+                    tracing::debug!(request = r.id, tokens = r.tokens.len(), "resumed after preemption");
+                    Running { seq, fed: 0, pages: 0, admitted: self.admissions, ..*r }
+                }
+            };
+            self.running.push(running);
         }
     }
 
-    /// One engine step over every running request (as far as the token budget reaches).
-    fn step(&mut self) {
+    /// The rows of the next step: (running index, tokens fed). Decode rows first (one token
+    /// each), then prefill chunks in admission order until the token budget is spent.
+    fn plan_rows(&self) -> Vec<(usize, usize)> {
         let mut budget = self.info.max_batch_tokens as usize;
-        // (running index, tokens fed this step): decode rows first, they need one token each.
         let mut rows: Vec<(usize, usize)> = Vec::with_capacity(self.running.len());
         for (i, r) in self.running.iter().enumerate() {
             if r.fed >= r.prompt_len && budget > 0 {
@@ -674,15 +739,63 @@ impl Scheduler {
                 budget -= n;
             }
         }
-        for (i, r) in self.running.iter().enumerate() {
-            if r.fed < r.prompt_len && budget > 0 {
-                let n = (r.tokens.len() - r.fed).min(budget);
-                rows.push((i, n));
-                budget -= n;
+        let mut prefill: Vec<usize> = (0..self.running.len()).filter(|&i| self.running[i].fed < self.running[i].prompt_len).collect();
+        prefill.sort_by_key(|&i| self.running[i].admitted);
+        for i in prefill {
+            if budget == 0 {
+                break;
             }
+            let r = &self.running[i];
+            let n = (r.tokens.len() - r.fed).min(budget);
+            rows.push((i, n));
+            budget -= n;
+        }
+        rows
+    }
+
+    /// New KV pages `rows` take.
+    fn pages_needed(&self, rows: &[(usize, usize)]) -> u32 {
+        let page_size = self.info.page_size;
+        rows.iter()
+            .map(|&(i, n)| {
+                let r = &self.running[i];
+                (pages_for((r.fed + n) as u64, page_size) as u32).saturating_sub(r.pages)
+            })
+            .sum()
+    }
+
+    /// Sends the most recently admitted request back to the head of the queue, releasing its
+    /// sequence and pages; it keeps its tokens, text and sampler.
+    fn preempt_latest(&mut self) {
+        let Some(i) = (0..self.running.len()).max_by_key(|&i| self.running[i].admitted) else { return };
+        let mut r = self.running.swap_remove(i);
+        if let Err(e) = self.backend.release_sequence(r.seq) {
+            tracing::error!(request = r.id, error = %e, "releasing the sequence failed");
+        }
+        self.free_pages += r.pages;
+        r.pages = 0;
+        r.fed = 0;
+        self.shared.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(request = r.id, tokens = r.tokens.len(), free_pages = self.free_pages, "preempted (KV cache full); will recompute");
+        self.waiting.push_front(Waiting::Preempted(Box::new(r)));
+    }
+
+    /// One engine step over every running request (as far as the token budget reaches).
+    fn step(&mut self) {
+        let mut rows = self.plan_rows();
+        while self.pages_needed(&rows) > self.free_pages && self.running.len() > 1 {
+            self.preempt_latest();
+            rows = self.plan_rows();
         }
         if rows.is_empty() {
             return;
+        }
+        // Take the pages now, as the engine will; `end` returns them whatever happens.
+        for &(i, n) in &rows {
+            let r = &mut self.running[i];
+            let pages = (pages_for((r.fed + n) as u64, self.info.page_size) as u32).saturating_sub(r.pages);
+            r.pages += pages;
+            self.free_pages = self.free_pages.saturating_sub(pages);
         }
         let mut batch = Vec::with_capacity(rows.len());
         for &(i, n) in &rows {
@@ -765,6 +878,8 @@ impl Scheduler {
         }
         self.free_pages += r.pages;
         self.release_adapter(r.adapter);
+        // Gauges first: a client that saw its final event also sees the freed batch place.
+        self.update_gauges();
         let usage = Usage {
             prompt_tokens: r.prompt_len as u32,
             completion_tokens: r.generated,

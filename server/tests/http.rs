@@ -340,3 +340,32 @@ async fn shutdown_ends_running_requests_with_a_final_event() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_kv_cache_preempts_and_recomputes_without_changing_output() {
+    // 64 cache tokens = 4 pages of 16: three requests of up to 55 tokens each cannot all hold
+    // their cache at once, so the scheduler must preempt and recompute.
+    let app = start(Limits { kv_cache_tokens: 64, ..Limits::default() }, &["A", "B", "C"], 16);
+    let rows = reference_rows();
+    let request = |row: &RefRow| {
+        json!({"model": model_of(row), "prompt": row.prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": true, "return_token_ids": true})
+    };
+    let mut alone = Vec::new();
+    for row in &rows[..3] {
+        let (status, body) = post(&app, "/v1/completions", request(row)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(ids(&body["choices"][0]["token_ids"])[..8], row.generated[..]);
+        alone.push(body["choices"][0]["token_ids"].clone());
+    }
+    assert_eq!(app.scheduler.metrics().preemptions.load(Ordering::Relaxed), 0);
+    let together = futures::future::join_all(rows[..3].iter().map(|row| post(&app, "/v1/completions", request(row)))).await;
+    for (i, ((status, body), single)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(*status, StatusCode::OK, "row {i}: {body}");
+        assert_eq!(&body["choices"][0]["token_ids"], single, "row {i}: preemption changed the output");
+        assert_eq!(body["usage"]["prompt_tokens"], rows[i].input_ids.len());
+        assert_eq!(body["usage"]["completion_tokens"], 40);
+    }
+    assert!(app.scheduler.metrics().preemptions.load(Ordering::Relaxed) > 0, "the cache never filled up");
+    let metrics = get(&app, "/metrics").await.1;
+    assert!(metrics.contains("lorac_kv_pages_used 0") && metrics.contains("lorac_requests_running 0"), "{metrics}");
+}
