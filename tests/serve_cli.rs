@@ -75,8 +75,22 @@ fn run_generates_the_reference_continuation() {
     // Chat through the template, base model, sampling with a seed: reproducible.
     let chat = |seed: &str| {
         lorac(&[
-            "run", plan.to_str().unwrap(), "--device", "wgpu", "--chat", "--prompt", "Hello, world!", "--max-tokens", "6", "--temperature",
-            "0.8", "--top-p", "0.9", "--seed", seed, "--ignore-eos",
+            "run",
+            plan.to_str().unwrap(),
+            "--device",
+            "wgpu",
+            "--chat",
+            "--prompt",
+            "Hello, world!",
+            "--max-tokens",
+            "6",
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+            "--ignore-eos",
         ])
     };
     let (ok, first, stderr) = chat("7");
@@ -149,7 +163,8 @@ fn serve_answers_http_and_stops_on_sigterm() {
         }
     };
     let row = reference_row(0);
-    let body = serde_json::json!({"model": "A", "prompt": row["prompt"], "max_tokens": 8, "temperature": 0, "ignore_eos": true}).to_string();
+    let body =
+        serde_json::json!({"model": "A", "prompt": row["prompt"], "max_tokens": 8, "temperature": 0, "ignore_eos": true}).to_string();
     let (status, body) = http_post(port, "/v1/completions", &body);
     assert!(status.contains("200"), "{status}: {body}");
     let value: serde_json::Value = serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{e}: {body}"));

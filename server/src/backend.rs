@@ -86,11 +86,8 @@ pub fn cuda_driver_present() -> bool {
 /// Runs `f`, turning a panic (cubecl panics on device failures) into an error.
 fn catch<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, ServerError> {
     std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|panic| {
-        let detail = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("no detail");
+        let detail =
+            panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("no detail");
         ServerError::Device(format!("{what} failed: {detail}"))
     })
 }
@@ -123,7 +120,7 @@ pub fn build_backend(choice: DeviceChoice, plan: Plan, model_dir: &Path) -> Resu
         }
         DeviceChoice::Wgpu => Device::Wgpu,
         DeviceChoice::Auto => {
-            if cuda_driver_present() && catch("CUDA client", || cuda_client()).is_ok() {
+            if cuda_driver_present() && catch("CUDA client", cuda_client).is_ok() {
                 Device::Cuda
             } else {
                 Device::Wgpu

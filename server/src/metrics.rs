@@ -143,11 +143,15 @@ impl Metrics {
         gauge(&mut out, "lorac_requests_running", "Requests in the running batch.", &self.running);
         counter(&mut out, "lorac_prompt_tokens_total", "Prompt tokens prefilled.", &self.prompt_tokens);
         counter(&mut out, "lorac_generation_tokens_total", "Tokens generated.", &self.generation_tokens);
-        let _ = writeln!(out, "# HELP lorac_requests_finished_total Requests ended, by reason.\n# TYPE lorac_requests_finished_total counter");
+        let _ =
+            writeln!(out, "# HELP lorac_requests_finished_total Requests ended, by reason.\n# TYPE lorac_requests_finished_total counter");
         for (reason, value) in OUTCOMES.iter().zip(&self.requests_finished) {
             let _ = writeln!(out, "lorac_requests_finished_total{{reason=\"{reason}\"}} {}", value.load(Ordering::Relaxed));
         }
-        let _ = writeln!(out, "# HELP lorac_requests_rejected_total Requests refused before queueing, by reason.\n# TYPE lorac_requests_rejected_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP lorac_requests_rejected_total Requests refused before queueing, by reason.\n# TYPE lorac_requests_rejected_total counter"
+        );
         for (reason, value) in REJECTIONS.iter().zip(&self.requests_rejected) {
             let _ = writeln!(out, "lorac_requests_rejected_total{{reason=\"{reason}\"}} {}", value.load(Ordering::Relaxed));
         }
@@ -156,7 +160,12 @@ impl Metrics {
         gauge(&mut out, "lorac_adapters_registered", "Adapters the server knows (resident or not).", &self.adapters_registered);
         gauge(&mut out, "lorac_kv_pages_used", "KV-cache pages held by running requests.", &self.kv_pages_used);
         gauge(&mut out, "lorac_kv_pages_total", "KV-cache pages.", &self.kv_pages_total);
-        counter(&mut out, "lorac_preemptions_total", "Requests sent back to the queue to free KV pages (recomputed later).", &self.preemptions);
+        counter(
+            &mut out,
+            "lorac_preemptions_total",
+            "Requests sent back to the queue to free KV pages (recomputed later).",
+            &self.preemptions,
+        );
         self.step_seconds.render(&mut out, "lorac_step_seconds", "Time of one engine step (forward and readback).");
         self.batch_rows.render(&mut out, "lorac_batch_size", "Sequences in one engine step.");
         self.batch_tokens.render(&mut out, "lorac_batch_tokens", "Tokens in one engine step (prefill and decode).");

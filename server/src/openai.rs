@@ -196,11 +196,7 @@ impl CompletionRequest {
             return Err(unsupported("suffix", "suffix"));
         }
         let one = |n: usize| {
-            if n == 1 {
-                Ok(())
-            } else {
-                Err(ApiError::invalid_param("prompt", format!("one prompt per request is supported, got {n}")))
-            }
+            if n == 1 { Ok(()) } else { Err(ApiError::invalid_param("prompt", format!("one prompt per request is supported, got {n}"))) }
         };
         let prompt = match &self.prompt {
             // Text prompts get the tokenizer's special tokens (bos), as vLLM and HF do.

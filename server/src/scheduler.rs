@@ -84,8 +84,14 @@ pub struct Usage {
 pub enum Event {
     /// One generated token and the text it released (possibly empty: a partial character,
     /// or text that may start a stop string); at the end, held-back text with no token.
-    Delta { text: String, token_id: Option<u32> },
-    Done { finish_reason: FinishReason, usage: Usage },
+    Delta {
+        text: String,
+        token_id: Option<u32>,
+    },
+    Done {
+        finish_reason: FinishReason,
+        usage: Usage,
+    },
     Error(ApiError),
 }
 
@@ -237,9 +243,7 @@ impl SchedulerHandle {
             return Err(self.reject(Rejection::Unavailable, ApiError::shutting_down()));
         }
         if !self.models().iter().any(|m| m.name == request.model) {
-            return Err(
-                self.reject(Rejection::NotFound, ApiError::not_found(format!("The model `{}` does not exist.", request.model))),
-            );
+            return Err(self.reject(Rejection::NotFound, ApiError::not_found(format!("The model `{}` does not exist.", request.model))));
         }
         let info = &self.info;
         let prompt_len = request.prompt.len() as u64;
@@ -368,7 +372,13 @@ struct AdapterEntry {
 }
 
 enum Waiting {
-    Fresh { id: u64, request: Request, adapter: Option<AdapterId>, events: tmpsc::UnboundedSender<Event>, queued_at: Instant },
+    Fresh {
+        id: u64,
+        request: Request,
+        adapter: Option<AdapterId>,
+        events: tmpsc::UnboundedSender<Event>,
+        queued_at: Instant,
+    },
     /// Preempted for KV pages: resumes from its tokens so far on a new sequence.
     Preempted(Box<Running>),
 }
@@ -528,11 +538,9 @@ impl Scheduler {
                 next = self.inbox.try_recv().map_err(|e| e == TryRecvError::Disconnected);
             }
             self.drop_cancelled();
-            if let Some(deadline) = self.deadline {
-                if Instant::now() >= deadline {
-                    for i in (0..self.running.len()).rev() {
-                        self.end(i, Ending::Failed(ApiError::shutting_down()));
-                    }
+            if self.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                for i in (0..self.running.len()).rev() {
+                    self.end(i, Ending::Failed(ApiError::shutting_down()));
                 }
             }
             self.admit();
@@ -607,17 +615,15 @@ impl Scheduler {
                 None => return refuse(self, ApiError::not_found(format!("The model `{}` does not exist.", request.model))),
             }
         };
-        if let Some(id) = adapter {
-            if !self.can_ever_be_resident(id) {
-                self.release_adapter(Some(id));
-                return refuse(
-                    self,
-                    ApiError::unavailable(format!(
-                        "adapter `{}` has no slot: all {} adapter slots hold pinned adapters",
-                        request.model, self.info.adapter_slots
-                    )),
-                );
-            }
+        if let Some(id) = adapter.filter(|&id| !self.can_ever_be_resident(id)) {
+            self.release_adapter(Some(id));
+            return refuse(
+                self,
+                ApiError::unavailable(format!(
+                    "adapter `{}` has no slot: all {} adapter slots hold pinned adapters",
+                    request.model, self.info.adapter_slots
+                )),
+            );
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -880,11 +886,8 @@ impl Scheduler {
         self.release_adapter(r.adapter);
         // Gauges first: a client that saw its final event also sees the freed batch place.
         self.update_gauges();
-        let usage = Usage {
-            prompt_tokens: r.prompt_len as u32,
-            completion_tokens: r.generated,
-            total_tokens: r.prompt_len as u32 + r.generated,
-        };
+        let usage =
+            Usage { prompt_tokens: r.prompt_len as u32, completion_tokens: r.generated, total_tokens: r.prompt_len as u32 + r.generated };
         let seconds = r.queued_at.elapsed().as_secs_f64();
         let metrics = &self.shared.metrics;
         match ending {
@@ -985,6 +988,12 @@ impl Scheduler {
         let index = self.adapters.iter().position(|a| a.id == id).ok_or_else(|| ApiError::internal("unknown adapter id"))?;
         if self.adapters[index].slot.is_some() {
             return Ok(true);
+        }
+        // An unloaded adapter of the same name still serving its last requests: the pool
+        // holds one adapter per name, so wait for it to leave.
+        let name = &self.adapters[index].name;
+        if self.adapters.iter().any(|a| a.retired && a.name == *name && a.slot.is_some()) {
+            return Ok(false);
         }
         let slot = match self.free_slot() {
             Some(slot) => slot,
@@ -1089,17 +1098,10 @@ impl Scheduler {
         if !entry.retired || entry.users > 0 {
             return;
         }
-        if let Some(slot) = entry.slot {
-            if let Err(e) = self.backend.unload_adapter(slot) {
-                tracing::error!(adapter = %entry.name, slot, error = %e, "freeing the adapter slot failed");
-            }
+        if let Some((slot, Err(e))) = entry.slot.map(|slot| (slot, self.backend.unload_adapter(slot))) {
+            tracing::error!(adapter = %entry.name, slot, error = %e, "freeing the adapter slot failed");
         }
         self.adapters.remove(index);
         self.publish();
     }
-}
-
-/// Counts of the shared state, for tests and logs.
-pub fn queued(handle: &SchedulerHandle) -> usize {
-    handle.shared.waiting.load(Ordering::SeqCst)
 }

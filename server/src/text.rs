@@ -96,7 +96,8 @@ impl TextCodec {
         // tokenizer_config.json, as a string or a list of named templates.
         let template_path = model_dir.join("chat_template.jinja");
         let chat = if template_path.is_file() {
-            let source = std::fs::read_to_string(&template_path).map_err(|source| ServerError::Io { path: template_path.clone(), source })?;
+            let source =
+                std::fs::read_to_string(&template_path).map_err(|source| ServerError::Io { path: template_path.clone(), source })?;
             Some(ChatTemplate { source, path: template_path })
         } else {
             match config.get("chat_template") {
@@ -125,10 +126,8 @@ impl TextCodec {
             Some(serde_json::Value::Array(ids)) => ids.iter().filter_map(|v| v.as_u64()).map(|id| id as u32).collect(),
             _ => Vec::new(),
         };
-        if let Some(id) = special.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
-            if !eos_ids.contains(&id) {
-                eos_ids.push(id);
-            }
+        if let Some(id) = special.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)).filter(|id| !eos_ids.contains(id)) {
+            eos_ids.push(id);
         }
         let defaults = GenerationDefaults {
             temperature: generation.get("temperature").and_then(|v| v.as_f64()).map(|v| v as f32),
@@ -184,7 +183,9 @@ impl TextCodec {
         };
         template.render(ctx).map_err(|e| match e.kind() {
             // The template refused the conversation (`raise_exception`): the client's fault.
-            ErrorKind::InvalidOperation => ApiError::bad_request(format!("chat template: {}", e.detail().unwrap_or("refused the messages"))),
+            ErrorKind::InvalidOperation => {
+                ApiError::bad_request(format!("chat template: {}", e.detail().unwrap_or("refused the messages")))
+            }
             _ => ApiError::bad_request(format!("chat template ({}): {e}", chat.path.display())),
         })
     }
@@ -225,7 +226,8 @@ fn strftime_now(format: &str) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const MONTHS: [&str; 12] =
+        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
     let month_name = MONTHS[(month - 1) as usize];
     let mut out = String::new();
     let mut chars = format.chars();

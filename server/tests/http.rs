@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use common::*;
-use lorac_server::{Event, Request};
 use lorac_server::sampling::SamplingParams;
+use lorac_server::{Event, Request};
 use serde_json::{Value, json};
 
 fn model_of(row: &RefRow) -> String {
@@ -65,15 +65,25 @@ async fn greedy_matches_reference_and_batching_changes_nothing() {
 
     // Same again through the token-array prompt form.
     let row = &rows[1];
-    let (status, body) =
-        post(&app, "/v1/completions", json!({"model": "B", "prompt": row.input_ids, "max_tokens": 8, "temperature": 0, "ignore_eos": true, "return_token_ids": true}))
-            .await;
+    let (status, body) = post(
+        &app,
+        "/v1/completions",
+        json!({"model": "B", "prompt": row.input_ids, "max_tokens": 8, "temperature": 0, "ignore_eos": true, "return_token_ids": true}),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(ids(&body["choices"][0]["token_ids"]), row.generated);
 
     let (status, metrics) = get(&app, "/metrics").await;
     assert_eq!(status, StatusCode::OK);
-    for name in ["lorac_queue_depth", "lorac_requests_running 0", "lorac_generation_tokens_total", "lorac_step_seconds_bucket", "lorac_adapter_slots_used 3", "lorac_adapter_slots_total 4"] {
+    for name in [
+        "lorac_queue_depth",
+        "lorac_requests_running 0",
+        "lorac_generation_tokens_total",
+        "lorac_step_seconds_bucket",
+        "lorac_adapter_slots_used 3",
+        "lorac_adapter_slots_total 4",
+    ] {
         assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
     }
     assert!(metrics.contains("lorac_prompt_tokens_total"));
@@ -96,7 +106,8 @@ async fn streaming_gives_the_non_streaming_text() {
     let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
     let text: String = chunks.iter().filter_map(|c| c["choices"].get(0)?["text"].as_str()).collect();
     assert_eq!(text, whole["choices"][0]["text"].as_str().unwrap());
-    let finish: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"].get(0)).map(|c| &c["finish_reason"]).filter(|f| !f.is_null()).collect();
+    let finish: Vec<&Value> =
+        chunks.iter().filter_map(|c| c["choices"].get(0)).map(|c| &c["finish_reason"]).filter(|f| !f.is_null()).collect();
     assert_eq!(finish, vec![&json!("length")]);
     let usage = &chunks.last().unwrap()["usage"];
     assert_eq!(usage["completion_tokens"], 12);
@@ -152,13 +163,7 @@ async fn adapters_load_unload_and_refusals_over_http() {
     let app = start(Limits::default(), &["A"], 16);
     assert_eq!(model_names(&app).await, vec![("llama".to_string(), true), ("A".to_string(), true)]);
 
-    let (status, body) = send(
-        &app,
-        "POST",
-        "/v1/load_lora_adapter",
-        Some(json!({"lora_name": "B", "lora_path": adapter("B")})),
-    )
-    .await;
+    let (status, body) = send(&app, "POST", "/v1/load_lora_adapter", Some(json!({"lora_name": "B", "lora_path": adapter("B")}))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("added successfully"), "{body}");
     let names: Vec<String> = model_names(&app).await.into_iter().map(|m| m.0).collect();
@@ -347,9 +352,7 @@ async fn a_full_kv_cache_preempts_and_recomputes_without_changing_output() {
     // their cache at once, so the scheduler must preempt and recompute.
     let app = start(Limits { kv_cache_tokens: 64, ..Limits::default() }, &["A", "B", "C"], 16);
     let rows = reference_rows();
-    let request = |row: &RefRow| {
-        json!({"model": model_of(row), "prompt": row.prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": true, "return_token_ids": true})
-    };
+    let request = |row: &RefRow| json!({"model": model_of(row), "prompt": row.prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": true, "return_token_ids": true});
     let mut alone = Vec::new();
     for row in &rows[..3] {
         let (status, body) = post(&app, "/v1/completions", request(row)).await;

@@ -7,7 +7,6 @@ use lorac_server::StartOptions;
 
 use super::engine::{DeviceArg, EngineArgs};
 
-
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
@@ -32,11 +31,10 @@ pub fn run(args: Args) -> Result<(), String> {
     super::engine::init_logging("info");
     let (plan, model_dir, adapters) = args.engine.resolve()?;
     let address = format!("{}:{}", args.host, args.port);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("cannot start the async runtime: {e}"))?;
     // Bind before the (slow) engine start-up, so a taken port fails at once.
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(&address))
-        .map_err(|e| format!("cannot listen on {address}: {e}"))?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind(&address)).map_err(|e| format!("cannot listen on {address}: {e}"))?;
     let local: SocketAddr = listener.local_addr().map_err(|e| format!("cannot listen on {address}: {e}"))?;
     let options = StartOptions {
         model_dir,
@@ -51,9 +49,7 @@ pub fn run(args: Args) -> Result<(), String> {
     tracing::info!(model = %name, %device, adapters = ?adapters, "serving on http://{local}");
     eprintln!("serving `{name}` on http://{local} (device {device}); Ctrl-C to stop");
     let grace = Duration::from_secs(args.shutdown_timeout);
-    runtime
-        .block_on(lorac_server::serve(listener, state, lorac_server::shutdown_signal(), grace))
-        .map_err(|e| format!("server: {e}"))?;
+    runtime.block_on(lorac_server::serve(listener, state, lorac_server::shutdown_signal(), grace)).map_err(|e| format!("server: {e}"))?;
     tracing::info!("stopped");
     Ok(())
 }
