@@ -32,9 +32,17 @@ pub struct EngineArgs {
     pub device: DeviceArg,
 }
 
+/// What [`EngineArgs`] resolve to.
+pub struct Resolved {
+    pub plan: Plan,
+    pub model_dir: PathBuf,
+    /// `--lora` adapters, name and directory.
+    pub adapters: Vec<(String, PathBuf)>,
+}
+
 impl EngineArgs {
     /// The plan, the model directory and the parsed `--lora` adapters.
-    pub fn resolve(&self) -> Result<(Plan, PathBuf, Vec<(String, PathBuf)>), String> {
+    pub fn resolve(&self) -> Result<Resolved, String> {
         let plan = super::read_plan(&self.plan)?;
         let model_dir = match &self.model {
             Some(dir) => dir.clone(),
@@ -61,7 +69,7 @@ impl EngineArgs {
             }
             adapters.push((name, path));
         }
-        Ok((plan, model_dir, adapters))
+        Ok(Resolved { plan, model_dir, adapters })
     }
 }
 

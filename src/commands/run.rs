@@ -43,11 +43,9 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<(), String> {
     super::engine::init_logging("warn");
-    let (plan, model_dir, adapters) = args.engine.resolve()?;
-    if let Some(adapter) = &args.adapter {
-        if !adapters.iter().any(|(name, _)| name == adapter) {
-            return Err(format!("--adapter {adapter}: no --lora {adapter}=PATH was given"));
-        }
+    let super::engine::Resolved { plan, model_dir, adapters } = args.engine.resolve()?;
+    if let Some(adapter) = args.adapter.as_ref().filter(|a| !adapters.iter().any(|(name, _)| name == *a)) {
+        return Err(format!("--adapter {adapter}: no --lora {adapter}=PATH was given"));
     }
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         return Err(format!("--temperature {}: must be 0 or more", args.temperature));

@@ -29,7 +29,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<(), String> {
     super::engine::init_logging("info");
-    let (plan, model_dir, adapters) = args.engine.resolve()?;
+    let super::engine::Resolved { plan, model_dir, adapters } = args.engine.resolve()?;
     let address = format!("{}:{}", args.host, args.port);
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("cannot start the async runtime: {e}"))?;
