@@ -28,7 +28,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<(), String> {
-    super::engine::init_logging("info");
+    // cubecl and wgpu log every device detail at info; keep their warnings only.
+    super::engine::init_logging("info,cubecl_wgpu=warn,cubecl_cuda=warn,wgpu_core=warn,wgpu_hal=warn,naga=warn");
     let super::engine::Resolved { plan, model_dir, adapters } = args.engine.resolve()?;
     let address = format!("{}:{}", args.host, args.port);
     let runtime =
