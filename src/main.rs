@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "lorac", version, about = "Ahead-of-time compiler for multi-LoRA LLM serving")]
+#[command(name = "lorac", version, about = "Ahead-of-time compiler and server for multi-LoRA LLM serving")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,6 +21,10 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Show one layer of a plan's dataflow graph.
     Graph(commands::graph::Args),
+    /// Serve a plan over an OpenAI-compatible HTTP API (continuous batching, multi-LoRA).
+    Serve(commands::serve::Args),
+    /// Generate one completion from a plan and print it.
+    Run(commands::run::Args),
 }
 
 fn main() -> ExitCode {
@@ -29,6 +33,8 @@ fn main() -> ExitCode {
         Command::Compile(args) => commands::compile::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Graph(args) => commands::graph::run(args),
+        Command::Serve(args) => commands::serve::run(args),
+        Command::Run(args) => commands::run::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

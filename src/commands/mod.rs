@@ -1,8 +1,11 @@
 //! One file per subcommand.
 
 pub mod compile;
+pub mod engine;
 pub mod graph;
 pub mod inspect;
+pub mod run;
+pub mod serve;
 
 use std::io::Write;
 use std::path::Path;

@@ -412,6 +412,15 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         self.sync_slot(slot as usize)
     }
 
+    /// As [`Engine::load_adapter`], registered in the pool under `name` rather than the
+    /// directory's last component (a server's adapter names are unique; directory names
+    /// such as `checkpoint-500/adapter` need not be).
+    pub fn load_adapter_named(&mut self, slot: u32, dir: &Path, name: &str) -> ExecResult<()> {
+        let adapter = LoadedAdapter::load(dir, &self.plan)?.with_name(name);
+        self.host_pool.write_slot(slot as usize, &adapter)?;
+        self.sync_slot(slot as usize)
+    }
+
     /// Frees `slot`; returns the name of the adapter it held.
     pub fn unload_adapter(&mut self, slot: u32) -> ExecResult<Option<String>> {
         let name = self.host_pool.clear_slot(slot as usize)?;
