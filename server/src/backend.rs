@@ -6,7 +6,7 @@ use std::path::Path;
 
 use cubecl::Runtime;
 use lorac_plan::{DType, Plan};
-use lorac_runtime::executor::{Engine, EngineElem, ExecResult, LogitsMode, SeqId, SeqInput, StepOutput};
+use lorac_runtime::executor::{Engine, EngineElem, EngineOptions, ExecResult, LogitsMode, SeqId, SeqInput, StepOutput};
 
 use crate::error::ServerError;
 
@@ -110,7 +110,12 @@ impl std::fmt::Display for Device {
 
 /// Creates the device client and the engine for `plan` (weights from `model_dir`), in the
 /// plan's dtype.
-pub fn build_backend(choice: DeviceChoice, plan: Plan, model_dir: &Path) -> Result<(Box<dyn Backend>, Device), ServerError> {
+pub fn build_backend(
+    choice: DeviceChoice,
+    plan: Plan,
+    model_dir: &Path,
+    max_model_len: Option<u32>,
+) -> Result<(Box<dyn Backend>, Device), ServerError> {
     let device = match choice {
         DeviceChoice::Cuda => {
             if !cuda_driver_present() {
@@ -128,8 +133,8 @@ pub fn build_backend(choice: DeviceChoice, plan: Plan, model_dir: &Path) -> Resu
         }
     };
     let backend = match device {
-        Device::Cuda => engine_for_dtype(catch("CUDA client creation", cuda_client)?, plan, model_dir)?,
-        Device::Wgpu => engine_for_dtype(catch("wgpu client creation", wgpu_client)?, plan, model_dir)?,
+        Device::Cuda => engine_for_dtype(catch("CUDA client creation", cuda_client)?, plan, model_dir, max_model_len)?,
+        Device::Wgpu => engine_for_dtype(catch("wgpu client creation", wgpu_client)?, plan, model_dir, max_model_len)?,
     };
     Ok((backend, device))
 }
@@ -146,11 +151,16 @@ fn engine_for_dtype<R: Runtime>(
     client: cubecl::client::ComputeClient<R>,
     plan: Plan,
     model_dir: &Path,
+    max_model_len: Option<u32>,
 ) -> Result<Box<dyn Backend>, ServerError> {
     let dtype = plan.model.dtype.activation();
+    let mut options = EngineOptions::for_plan(&plan);
+    if let Some(len) = max_model_len {
+        options.max_seq_len = len;
+    }
     let backend: Box<dyn Backend> = match dtype {
-        DType::F32 => Box::new(catch("engine start-up", || Engine::<R, f32>::new(client, plan, model_dir))??),
-        DType::BF16 => Box::new(catch("engine start-up", || Engine::<R, half::bf16>::new(client, plan, model_dir))??),
+        DType::F32 => Box::new(catch("engine start-up", || Engine::<R, f32>::with_options(client, plan, model_dir, options))??),
+        DType::BF16 => Box::new(catch("engine start-up", || Engine::<R, half::bf16>::with_options(client, plan, model_dir, options))??),
         other => return Err(ServerError::Invalid(format!("the plan's dtype {other} has no engine (f32 and bf16 do)"))),
     };
     Ok(backend)

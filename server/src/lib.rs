@@ -38,6 +38,9 @@ pub struct StartOptions {
     /// Loaded and pinned at start-up.
     pub adapters: Vec<(String, PathBuf)>,
     pub max_queue: usize,
+    /// Longest sequence (prompt + completion); default: the model's `max_position_embeddings`,
+    /// at most the KV cache's size (see `EngineOptions::for_plan`).
+    pub max_model_len: Option<u32>,
 }
 
 /// The name the base model is served under when none is given: the model directory's name.
@@ -73,8 +76,9 @@ pub fn start(plan: Plan, options: StartOptions) -> Result<(AppState, Device), Se
     let device_out = Arc::clone(&device);
     let model_dir = options.model_dir.clone();
     let choice = options.device;
+    let max_model_len = options.max_model_len;
     let make_backend = move || {
-        let (backend, device) = backend::build_backend(choice, plan, &model_dir)?;
+        let (backend, device) = backend::build_backend(choice, plan, &model_dir, max_model_len)?;
         let _ = device_out.set(device);
         Ok(backend)
     };

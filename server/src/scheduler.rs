@@ -811,7 +811,14 @@ impl Scheduler {
         }
         let tokens: usize = rows.iter().map(|r| r.1).sum();
         let started = Instant::now();
-        let result = self.backend.step(&batch, LogitsMode::Last);
+        // Logits come back to the host only when a row samples from them (a 128k-vocab read-back
+        // per row is a real cost at decode); greedy rows use the engine's argmax.
+        let samples = rows.iter().any(|&(i, n)| {
+            let r = &self.running[i];
+            r.fed + n >= r.tokens.len() && !r.params.is_greedy()
+        });
+        let mode = if samples { LogitsMode::Last } else { LogitsMode::NextTokens };
+        let result = self.backend.step(&batch, mode);
         let elapsed = started.elapsed().as_secs_f64();
         let metrics = &self.shared.metrics;
         metrics.step_seconds.observe(elapsed);
@@ -843,8 +850,8 @@ impl Scheduler {
                 output.next_tokens[k]
             } else {
                 match output.logits.get(k) {
-                    Some(row) => sample(row, &r.params, &mut r.rng),
-                    None => output.next_tokens[k],
+                    Some(row) if !row.is_empty() => sample(row, &r.params, &mut r.rng),
+                    _ => output.next_tokens[k],
                 }
             };
             r.generated += 1;

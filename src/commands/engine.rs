@@ -30,6 +30,10 @@ pub struct EngineArgs {
     pub lora: Vec<String>,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
+    /// Longest sequence, prompt plus completion (default: the model's max_position_embeddings,
+    /// at most the plan's KV cache).
+    #[arg(long)]
+    pub max_model_len: Option<u32>,
 }
 
 /// What [`EngineArgs`] resolve to.

@@ -56,7 +56,14 @@ pub fn run(args: Args) -> Result<(), String> {
     if args.max_tokens == 0 {
         return Err("--max-tokens: must be at least 1".into());
     }
-    let options = StartOptions { model_dir, device: args.engine.device.into(), served_model_name: None, adapters, max_queue: 1 };
+    let options = StartOptions {
+        model_dir,
+        device: args.engine.device.into(),
+        served_model_name: None,
+        adapters,
+        max_queue: 1,
+        max_model_len: args.engine.max_model_len,
+    };
     let (state, _device) = super::engine::start_with_spinner(plan, options)?;
     let scheduler = state.scheduler.clone();
     let result = generate(&args, &state);

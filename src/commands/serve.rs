@@ -43,6 +43,7 @@ pub fn run(args: Args) -> Result<(), String> {
         served_model_name: args.served_model_name,
         adapters,
         max_queue: args.max_queue.max(1),
+        max_model_len: args.engine.max_model_len,
     };
     let (state, device) = super::engine::start_with_spinner(plan, options)?;
     let name = state.scheduler.info().served_model_name.clone();

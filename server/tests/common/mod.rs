@@ -51,6 +51,9 @@ pub fn start(limits: Limits, adapters: &[&str], max_queue: usize) -> AppState {
         served_model_name: None,
         adapters: adapters.iter().map(|a| (a.to_string(), adapter(a))).collect(),
         max_queue,
+        // Past the tiny model's 256 positions, so requests stay running long enough for the
+        // tests that act on running requests.
+        max_model_len: Some(2048),
     };
     lorac_server::start(plan(&dir, &limits), options).expect("server starts").0
 }
