@@ -112,6 +112,11 @@ pub fn emit(input: EmitInput) -> Plan {
                 Op::LoraShrink(id) | Op::LoraExpand(id) => Some(ir::Id::index(id) as u32),
                 _ => None,
             };
+            let role = match node.op {
+                Op::Linear(id) | Op::Embedding(id) => Some(g.linears[id].role),
+                Op::LoraShrink(id) | Op::LoraExpand(id) => Some(g.linears[g.loras[id].linear].role),
+                _ => None,
+            };
             PlanNode {
                 label: label(g, &node.op),
                 layer: node.layer,
@@ -119,6 +124,7 @@ pub fn emit(input: EmitInput) -> Plan {
                 inputs: node.inputs.iter().map(|v| ValueId(ir::Id::index(*v) as u32)).collect(),
                 outputs: node.outputs.iter().map(|v| ValueId(ir::Id::index(*v) as u32)).collect(),
                 lora_buffer,
+                role,
                 weights: node.weights.clone(),
             }
         })

@@ -5,7 +5,7 @@
 use std::marker::PhantomData;
 
 use lorac_models::spec::{Activation, LinearSpec, ShardUnit};
-use lorac_plan::{DType, LoraLayout, Rows};
+use lorac_plan::{DType, LinearRole, LoraLayout, Rows};
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 
 /// A vector indexed by a typed id.
@@ -91,6 +91,8 @@ impl<I: Id, T> std::ops::IndexMut<I> for IdVec<I, T> {
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub spec: LinearSpec,
+    /// What it computes in its block (from where the model description holds it).
+    pub role: LinearRole,
     /// None for embed_tokens and lm_head.
     pub layer: Option<u32>,
     /// Experts chosen per token (routed experts only).

@@ -7,7 +7,7 @@
 
 use lorac_models::ModelSpec;
 use lorac_models::spec::*;
-use lorac_plan::{DType, Rows};
+use lorac_plan::{DType, LinearRole, Rows};
 
 use crate::ir::*;
 use crate::weights::linear_tensors;
@@ -41,8 +41,8 @@ impl Lowering<'_> {
 
     /// Adds a linear layer to the table (before its input value exists, so that value can be
     /// described as "what this layer takes in").
-    fn declare(&mut self, spec: &LinearSpec, layer: Option<u32>, top_k: Option<u32>) -> LinearId {
-        self.g.linears.push(Linear { spec: spec.clone(), layer, top_k, shard: None, lora: None })
+    fn declare(&mut self, spec: &LinearSpec, role: LinearRole, layer: Option<u32>, top_k: Option<u32>) -> LinearId {
+        self.g.linears.push(Linear { spec: spec.clone(), role, layer, top_k, shard: None, lora: None })
     }
 
     /// Applies a declared linear to `inputs` (the activation first); returns its output.
@@ -60,8 +60,8 @@ impl Lowering<'_> {
         out
     }
 
-    fn linear(&mut self, spec: &LinearSpec, layer: Option<u32>, input: ValueId, rows: Rows) -> ValueId {
-        let id = self.declare(spec, layer, None);
+    fn linear(&mut self, spec: &LinearSpec, role: LinearRole, layer: Option<u32>, input: ValueId, rows: Rows) -> ValueId {
+        let id = self.declare(spec, role, layer, None);
         self.apply(id, vec![input], rows)
     }
 
@@ -71,6 +71,7 @@ impl Lowering<'_> {
     fn core_then(
         &mut self,
         out_proj: &LinearSpec,
+        out_role: LinearRole,
         layer: Option<u32>,
         name: &str,
         op: Op,
@@ -78,7 +79,7 @@ impl Lowering<'_> {
         rows: Rows,
         params: &[ParamSpec],
     ) -> ValueId {
-        let id = self.declare(out_proj, layer, None);
+        let id = self.declare(out_proj, out_role, layer, None);
         let core = self.value(name_in(layer, name), rows, WidthSpec::LinearIn(id));
         self.node_reading(op, layer, inputs, vec![core], params);
         self.apply(id, vec![core], rows)
@@ -104,7 +105,7 @@ impl Lowering<'_> {
         let hidden = spec.hidden_size;
         let ids = self.g.add_value("token_ids", Rows::Tokens, WidthSpec::Full(1), DType::I32);
         self.node(Op::TokenIds, None, vec![], vec![ids]);
-        let mut h = self.linear(&spec.embedding, None, ids, Rows::Tokens);
+        let mut h = self.linear(&spec.embedding, LinearRole::Embedding, None, ids, Rows::Tokens);
         for (i, layer) in spec.layers.iter().enumerate() {
             let i = Some(i as u32);
             if let (Some(mixer), Some(norm)) = (&layer.mixer, &layer.mixer_norm) {
@@ -121,7 +122,7 @@ impl Lowering<'_> {
         let last = self.value("last_hidden".into(), Rows::Seqs, WidthSpec::Full(hidden));
         self.node(Op::GatherLast, None, vec![h], vec![last]);
         let x = self.norm(last, &spec.final_norm, None, "final_norm");
-        let logits = self.linear(&spec.lm_head, None, x, Rows::Seqs);
+        let logits = self.linear(&spec.lm_head, LinearRole::LmHead, None, x, Rows::Seqs);
         let next = self.g.add_value("next_tokens", Rows::Seqs, WidthSpec::Full(1), DType::I32);
         self.node(Op::Sample, None, vec![logits], vec![next]);
     }
@@ -130,7 +131,7 @@ impl Lowering<'_> {
         let rows = Rows::Tokens;
         match mixer {
             MixerSpec::Attention(a) => {
-                let qkv = self.linear(&a.qkv, layer, x, rows);
+                let qkv = self.linear(&a.qkv, LinearRole::AttentionQkv, layer, x, rows);
                 let op = Op::Attention {
                     heads: a.num_heads,
                     kv_heads: a.num_kv_heads,
@@ -138,10 +139,10 @@ impl Lowering<'_> {
                     output_gate: a.output_gate,
                     qk_norm: a.qk_norm,
                 };
-                self.core_then(&a.o, layer, "attn", op, vec![qkv], rows, &a.params)
+                self.core_then(&a.o, LinearRole::AttentionOut, layer, "attn", op, vec![qkv], rows, &a.params)
             }
             MixerSpec::Mla(m) => {
-                let fused = self.linear(&m.qkv_a, layer, x, rows);
+                let fused = self.linear(&m.qkv_a, LinearRole::MlaLatent, layer, x, rows);
                 let kv_lat = self.value(name_in(layer, "kv_latent"), rows, WidthSpec::Full(m.kv_lora_rank));
                 let k_rope = self.value(name_in(layer, "k_rope"), rows, WidthSpec::Full(m.qk_rope_head_dim));
                 let mut outputs = vec![kv_lat, k_rope];
@@ -160,8 +161,8 @@ impl Lowering<'_> {
                     qk_rope_head_dim: m.qk_rope_head_dim,
                 };
                 self.node_reading(op, layer, vec![fused], outputs, &m.params);
-                let q = self.linear(&m.q_b, layer, q_input, rows);
-                let kv = self.linear(&m.kv_b, layer, kv_lat, rows);
+                let q = self.linear(&m.q_b, LinearRole::MlaQuery, layer, q_input, rows);
+                let kv = self.linear(&m.kv_b, LinearRole::MlaKv, layer, kv_lat, rows);
                 let op = Op::Mla {
                     heads: m.num_heads,
                     kv_lora_rank: m.kv_lora_rank,
@@ -169,11 +170,11 @@ impl Lowering<'_> {
                     qk_rope_head_dim: m.qk_rope_head_dim,
                     v_head_dim: m.v_head_dim,
                 };
-                self.core_then(&m.o, layer, "attn", op, vec![q, kv, k_rope], rows, &[])
+                self.core_then(&m.o, LinearRole::MlaOut, layer, "attn", op, vec![q, kv, k_rope], rows, &[])
             }
             MixerSpec::GatedDeltaNet(d) => {
-                let qkvz = self.linear(&d.in_qkvz, layer, x, rows);
-                let ba = self.linear(&d.in_ba, layer, x, rows);
+                let qkvz = self.linear(&d.in_qkvz, LinearRole::DeltaNetQkvz, layer, x, rows);
+                let ba = self.linear(&d.in_ba, LinearRole::DeltaNetBa, layer, x, rows);
                 let op = Op::GatedDeltaNet {
                     k_heads: d.num_k_heads,
                     v_heads: d.num_v_heads,
@@ -182,10 +183,10 @@ impl Lowering<'_> {
                     conv_kernel: d.conv_kernel,
                     state_dtype: d.state_dtype,
                 };
-                self.core_then(&d.out, layer, "gdn", op, vec![qkvz, ba], rows, &d.params)
+                self.core_then(&d.out, LinearRole::DeltaNetOut, layer, "gdn", op, vec![qkvz, ba], rows, &d.params)
             }
             MixerSpec::Mamba2(m) => {
-                let zxbcdt = self.linear(&m.in_proj, layer, x, rows);
+                let zxbcdt = self.linear(&m.in_proj, LinearRole::Mamba2In, layer, x, rows);
                 let op = Op::Mamba2 {
                     heads: m.num_heads,
                     head_dim: m.head_dim,
@@ -194,45 +195,47 @@ impl Lowering<'_> {
                     conv_kernel: m.conv_kernel,
                     state_dtype: m.state_dtype,
                 };
-                self.core_then(&m.out_proj, layer, "ssm", op, vec![zxbcdt], rows, &m.params)
+                self.core_then(&m.out_proj, LinearRole::Mamba2Out, layer, "ssm", op, vec![zxbcdt], rows, &m.params)
             }
         }
     }
 
-    fn dense_mlp(&mut self, mlp: &DenseMlpSpec, x: ValueId, layer: Option<u32>, name: &str) -> ValueId {
+    /// A dense MLP; `roles` are its up and down projections' (the FFN's own or a shared expert's).
+    fn dense_mlp(&mut self, mlp: &DenseMlpSpec, roles: [LinearRole; 2], x: ValueId, layer: Option<u32>, name: &str) -> ValueId {
         let rows = self.g.values[x].rows;
-        let up = self.linear(&mlp.up, layer, x, rows);
-        self.core_then(&mlp.down, layer, name, Op::Activation(mlp.activation), vec![up], rows, &[])
+        let [up_role, down_role] = roles;
+        let up = self.linear(&mlp.up, up_role, layer, x, rows);
+        self.core_then(&mlp.down, down_role, layer, name, Op::Activation(mlp.activation), vec![up], rows, &[])
     }
 
     fn ffn(&mut self, ffn: &FfnSpec, x: ValueId, layer: Option<u32>) -> ValueId {
         match ffn {
-            FfnSpec::Dense(mlp) => self.dense_mlp(mlp, x, layer, "mlp_act"),
+            FfnSpec::Dense(mlp) => self.dense_mlp(mlp, [LinearRole::MlpUp, LinearRole::MlpDown], x, layer, "mlp_act"),
             FfnSpec::Moe(moe) => {
                 let hidden = self.spec.hidden_size;
                 let routing = self.g.add_value(name_in(layer, "routing"), Rows::Tokens, WidthSpec::Full(2 * moe.top_k), DType::F32);
                 let router = Op::Router { experts: moe.num_experts, top_k: moe.top_k };
                 self.node_reading(router, layer, vec![x], vec![routing], &moe.params);
                 let (expert_in, expert_width) = match &moe.latent {
-                    Some(latent) => (self.linear(&latent.fc1, layer, x, Rows::Tokens), latent.size),
+                    Some(latent) => (self.linear(&latent.fc1, LinearRole::LatentIn, layer, x, Rows::Tokens), latent.size),
                     None => (x, hidden),
                 };
                 let routed = Rows::RoutedTokens { top_k: moe.top_k };
                 let top_k = Some(moe.top_k);
-                let up_id = self.declare(&moe.experts_up, layer, top_k);
+                let up_id = self.declare(&moe.experts_up, LinearRole::ExpertsUp, layer, top_k);
                 let up = self.apply(up_id, vec![expert_in, routing], routed);
-                let down_id = self.declare(&moe.experts_down, layer, top_k);
+                let down_id = self.declare(&moe.experts_down, LinearRole::ExpertsDown, layer, top_k);
                 let act = self.value(name_in(layer, "experts_act"), routed, WidthSpec::LinearIn(down_id));
                 self.node(Op::Activation(moe.activation), layer, vec![up], vec![act]);
                 let down = self.apply(down_id, vec![act, routing], routed);
                 let combined = self.value(name_in(layer, "moe_combined"), Rows::Tokens, WidthSpec::Full(expert_width));
                 self.node(Op::MoeCombine { top_k: moe.top_k }, layer, vec![down, routing], vec![combined]);
                 let mut y = match &moe.latent {
-                    Some(latent) => self.linear(&latent.fc2, layer, combined, Rows::Tokens),
+                    Some(latent) => self.linear(&latent.fc2, LinearRole::LatentOut, layer, combined, Rows::Tokens),
                     None => combined,
                 };
                 if let Some(shared) = &moe.shared {
-                    let ys = self.dense_mlp(shared, x, layer, "shared_act");
+                    let ys = self.dense_mlp(shared, [LinearRole::SharedExpertUp, LinearRole::SharedExpertDown], x, layer, "shared_act");
                     y = self.add(y, ys, hidden, layer, "moe_out");
                 }
                 y

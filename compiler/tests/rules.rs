@@ -194,6 +194,37 @@ fn node_weights_cover_the_checkpoint_exactly() {
     }
 }
 
+/// Every linear, embedding and LoRA node carries its linear's role (the LoRA nodes the role
+/// of the linear they adapt), and a dense decoder layer runs q|k|v, o, gate|up, down in order.
+#[test]
+fn linear_nodes_carry_their_roles() {
+    use lorac_plan::{KernelSpec, LinearRole};
+    for name in [LLAMA, DEEPSEEK, "Qwen__Qwen3-Next-80B-A3B-Instruct.json", "nvidia__Nemotron-H-56B-Base-8K.json"] {
+        let p = plan(name, 1, &["all"]);
+        for node in &p.nodes {
+            let linear = matches!(
+                node.kernel.map(|k| &p.kernels[k.0 as usize]),
+                Some(
+                    KernelSpec::Gemm { .. }
+                        | KernelSpec::GroupedGemm { .. }
+                        | KernelSpec::EmbeddingGather { .. }
+                        | KernelSpec::LoraShrink(_)
+                        | KernelSpec::LoraExpand(_)
+                        | KernelSpec::LoraEmbeddingShrink(_)
+                        | KernelSpec::MoeLoraShrink(_)
+                        | KernelSpec::MoeLoraExpand(_)
+                )
+            );
+            assert_eq!(node.role.is_some(), linear, "{name}: node `{}`", node.label);
+        }
+    }
+    let p = plan(LLAMA, 1, &["all"]);
+    let layer0: Vec<LinearRole> = p.nodes.iter().filter(|n| n.layer == Some(0) && n.lora_buffer.is_none()).filter_map(|n| n.role).collect();
+    assert_eq!(layer0, [LinearRole::AttentionQkv, LinearRole::AttentionOut, LinearRole::MlpUp, LinearRole::MlpDown]);
+    let outside: Vec<LinearRole> = p.nodes.iter().filter(|n| n.layer.is_none() && n.lora_buffer.is_none()).filter_map(|n| n.role).collect();
+    assert_eq!(outside, [LinearRole::Embedding, LinearRole::LmHead]);
+}
+
 #[test]
 fn kv_cache_tokens_fill_whole_pages() {
     let mut opts = CompileOptions::new(1, 16, 8, &["all"]).unwrap();

@@ -184,6 +184,8 @@ pub struct AttentionSpec {
     pub softmax_scale: f64,
     pub qkv: LinearSpec,
     pub o: LinearSpec,
+    /// With `qk_norm`: q_norm's weight, then k_norm's (the attention node lists them in this
+    /// order and the runtime reads them so).
     pub params: Vec<ParamSpec>,
 }
 

@@ -15,6 +15,103 @@ use crate::config::{ExpandConfig, vector_size};
 use crate::error::{LoraError, Result};
 use crate::pool::AdapterPool;
 
+/// Where one expand cube and thread work: the cube's slice (grid y) and segment, the
+/// segment's adapter, and the thread's `ny` output columns. Cubes past their slice's end or on
+/// a segment without an adapter (no slot, or rank 0) exit here; that decision is uniform over
+/// the cube, so no thread is left waiting at a barrier. Shared by [`expand_kernel`] and the
+/// fused decode kernel.
+#[derive(CubeType)]
+pub(crate) struct ExpandBlock {
+    /// The A group (block of the intermediate) the slice reads.
+    pub group: usize,
+    /// The segment's range in `token_perm`.
+    pub start: usize,
+    pub end: usize,
+    pub slot: usize,
+    pub rank: usize,
+    pub scale: f32,
+    pub tid: usize,
+    /// Whether the thread's columns lie inside the slice.
+    pub active: bool,
+    /// Index (in rank vectors) of the thread's first B row.
+    pub b_row0: usize,
+    /// Rank vectors covering `rank`.
+    pub rank_vecs: usize,
+    /// y's row length and the thread's first column, in output vectors.
+    pub y_vecs: usize,
+    pub y_col: usize,
+}
+
+/// The [`ExpandBlock`] of segment `seg` for this cube and thread; `ny` output columns per
+/// thread, B read in vectors of `nb` along the rank, `rank_vecs_max` of them per row.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn expand_block(
+    seg: usize,
+    slice_info: &Array<u32>,
+    seg_indptr: &Array<u32>,
+    weight_indices: &Array<u32>,
+    ranks: &Array<u32>,
+    scales: &Array<f32>,
+    out_features: usize,
+    #[comptime] threads: usize,
+    #[comptime] ny: usize,
+    #[comptime] nb: usize,
+    #[comptime] rank_vecs_max: usize,
+) -> ExpandBlock {
+    let slice = CUBE_POS_Y as usize;
+    let offset = slice_info[slice * 3] as usize;
+    let width = slice_info[slice * 3 + 1] as usize;
+    let group = slice_info[slice * 3 + 2] as usize;
+    let block0 = CUBE_POS_X as usize * threads * ny;
+    let slot = weight_indices[seg];
+    if block0 >= width || slot == NO_SLOT {
+        terminate!();
+    }
+    let rank = ranks[slot as usize] as usize;
+    if rank == 0 {
+        terminate!();
+    }
+    let start = seg_indptr[seg] as usize;
+    let end = seg_indptr[seg + 1] as usize;
+    let scale = scales[slot as usize];
+    let tid = UNIT_POS as usize;
+    let col = block0 + tid * ny;
+    let active = col < width;
+    let b_row0 = (slot as usize * out_features + offset + col) * rank_vecs_max;
+    let rank_vecs = rank.div_ceil(nb);
+    let y_vecs = out_features / ny;
+    let y_col = (offset + col) / ny;
+    ExpandBlock { group, start, end, slot: slot as usize, rank, scale, tid, active, b_row0, rank_vecs, y_vecs, y_col }
+}
+
+/// Adds `scale · acc[i, ..ny]` into y at the thread's columns for each token `i` of the tile
+/// starting at `p0` in the segment: one read-modify-write of y per token, in f32.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_tile_to_y<F: Float, NY: Size>(
+    y: &mut Array<Vector<F, NY>>,
+    token_perm: &Array<u32>,
+    acc: &Array<f32>,
+    blk: &ExpandBlock,
+    p0: usize,
+    #[comptime] tokens: usize,
+    #[comptime] ny: usize,
+) {
+    #[unroll]
+    for i in 0..tokens {
+        if p0 + i < blk.end {
+            let yi = token_perm[p0 + i] as usize * blk.y_vecs + blk.y_col;
+            let mut yv = Vector::<f32, NY>::cast_from(y[yi]);
+            #[unroll]
+            for v in 0..ny {
+                yv[v] += blk.scale * acc[i * ny + v];
+            }
+            y[yi] = Vector::<F, NY>::cast_from(yv);
+        }
+    }
+}
+
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn expand_kernel<F: Float, NY: Size, NB: Size>(
@@ -40,53 +137,31 @@ fn expand_kernel<F: Float, NY: Size, NB: Size>(
     let nb = comptime!(cfg.rank_vector as usize);
     let rank_vecs_max = comptime!(max_rank / nb);
 
-    let slice = CUBE_POS_Y as usize;
     let seg = CUBE_POS_Z as usize / splits;
     let split = CUBE_POS_Z as usize % splits;
-    let offset = slice_info[slice * 3] as usize;
-    let width = slice_info[slice * 3 + 1] as usize;
-    let group = slice_info[slice * 3 + 2] as usize;
-    let block0 = CUBE_POS_X as usize * threads * ny;
-    let slot = weight_indices[seg];
-    if block0 >= width || slot == NO_SLOT {
-        terminate!();
-    }
-    let rank = ranks[slot as usize] as usize;
-    if rank == 0 {
-        terminate!();
-    }
-    let start = seg_indptr[seg] as usize;
-    let end = seg_indptr[seg + 1] as usize;
-    let scale = scales[slot as usize];
-    let out_features = out_features as usize;
-    let tid = UNIT_POS as usize;
-    let col = block0 + tid * ny;
-    let active = col < width;
-    let b_row0 = (slot as usize * out_features + offset + col) * rank_vecs_max;
-    let rank_vecs = rank.div_ceil(nb);
-    let y_vecs = out_features / ny;
-    let y_col = (offset + col) / ny;
+    let blk =
+        expand_block(seg, slice_info, seg_indptr, weight_indices, ranks, scales, out_features as usize, threads, ny, nb, rank_vecs_max);
 
     // The tile's intermediate as rank vectors: one shared-memory read feeds NB FMAs.
     let mut a_tile = SharedMemory::<Vector<f32, NB>>::new(comptime!(tokens * max_rank / nb));
     let mut acc = Array::<f32>::new(comptime!(tokens * ny));
 
-    let mut p0 = start + split * tokens;
-    while p0 < end {
+    let mut p0 = blk.start + split * tokens;
+    while p0 < blk.end {
         // Entries past the rank (and past the segment) are staged as zeros so the vectorised
         // loop below may run over the padding columns of the last B vector.
-        let mut idx = tid;
+        let mut idx = blk.tid;
         while idx < tokens * rank_vecs_max {
             let i = idx / rank_vecs_max;
             let jv = idx % rank_vecs_max;
             let p = p0 + i;
             let mut v = Vector::<f32, NB>::new(0.0f32);
-            if p < end {
-                let row = token_perm[p] as usize * c_r + group * max_rank;
+            if p < blk.end {
+                let row = token_perm[p] as usize * c_r + blk.group * max_rank;
                 #[unroll]
                 for l in 0..nb {
                     let j = jv * nb + l;
-                    if j < rank {
+                    if j < blk.rank {
                         v[l] = a[row + j];
                     }
                 }
@@ -95,15 +170,15 @@ fn expand_kernel<F: Float, NY: Size, NB: Size>(
             idx += threads;
         }
         sync_cube();
-        if active {
+        if blk.active {
             #[unroll]
             for i in 0..comptime!(tokens * ny) {
                 acc[i] = 0.0f32;
             }
-            for jv in 0..rank_vecs {
+            for jv in 0..blk.rank_vecs {
                 #[unroll]
                 for v in 0..ny {
-                    let bv = Vector::<f32, NB>::cast_from(b_pool[b_row0 + v * rank_vecs_max + jv]);
+                    let bv = Vector::<f32, NB>::cast_from(b_pool[blk.b_row0 + v * rank_vecs_max + jv]);
                     #[unroll]
                     for i in 0..tokens {
                         let prod = a_tile[i * rank_vecs_max + jv] * bv;
@@ -116,18 +191,7 @@ fn expand_kernel<F: Float, NY: Size, NB: Size>(
                     }
                 }
             }
-            #[unroll]
-            for i in 0..tokens {
-                if p0 + i < end {
-                    let yi = token_perm[p0 + i] as usize * y_vecs + y_col;
-                    let mut yv = Vector::<f32, NY>::cast_from(y[yi]);
-                    #[unroll]
-                    for v in 0..ny {
-                        yv[v] += scale * acc[i * ny + v];
-                    }
-                    y[yi] = Vector::<F, NY>::cast_from(yv);
-                }
-            }
+            add_tile_to_y::<F, NY>(y, token_perm, &acc, &blk, p0, tokens, ny);
         }
         sync_cube();
         p0 += splits * tokens;

@@ -13,10 +13,11 @@
 use cubecl::prelude::*;
 use lorac_plan::LoraLayout;
 
-use crate::batch::{DeviceSegments, NO_SLOT};
+use crate::batch::DeviceSegments;
 use crate::buffer::DeviceBuffer;
 use crate::config::{shrink_threads, vector_size};
 use crate::error::{LoraError, Result};
+use crate::expand::{add_tile_to_y, expand_block};
 use crate::pool::AdapterPool;
 use crate::shrink::{cube_dot_rows, result_stride};
 
@@ -101,47 +102,35 @@ fn fused_kernel<F: Float, N: Size, NY: Size, NB: Size>(
     let nb = comptime!(cfg.rank_vector as usize);
     let rank_vecs_max = comptime!((cfg.max_rank / cfg.rank_vector) as usize);
 
-    let slice = CUBE_POS_Y as usize;
-    let seg = CUBE_POS_Z as usize;
-    let offset = slice_info[slice * 3] as usize;
-    let width = slice_info[slice * 3 + 1] as usize;
-    let group = slice_info[slice * 3 + 2] as usize;
-    let block0 = CUBE_POS_X as usize * threads * ny;
-    let slot = weight_indices[seg];
-    if block0 >= width || slot == NO_SLOT {
-        terminate!();
-    }
-    let rank = ranks[slot as usize] as usize;
-    if rank == 0 {
-        terminate!();
-    }
-    let start = seg_indptr[seg] as usize;
-    let end = seg_indptr[seg + 1] as usize;
-    let scale = scales[slot as usize];
+    let blk = expand_block(
+        CUBE_POS_Z as usize,
+        slice_info,
+        seg_indptr,
+        weight_indices,
+        ranks,
+        scales,
+        out_features as usize,
+        threads,
+        ny,
+        nb,
+        rank_vecs_max,
+    );
     let k_vecs = k_vecs as usize;
-    let out_features = out_features as usize;
-    let tid = UNIT_POS as usize;
-    let col = block0 + tid * ny;
-    let active = col < width;
-    let b_row0 = (slot as usize * out_features + offset + col) * rank_vecs_max;
-    let rank_vecs = rank.div_ceil(nb);
-    let y_vecs = out_features / ny;
-    let y_col = (offset + col) / ny;
-    let a_group = (slot as usize * c_r + group * max_rank) * k_vecs;
+    let a_group = (blk.slot * c_r + blk.group * max_rank) * k_vecs;
 
     let mut partials = SharedMemory::<f32>::new(comptime!(rows * tokens * result_stride(cfg.threads, cfg.plane_size)));
     let mut a_tile = SharedMemory::<f32>::new(comptime!(tokens * max_rank));
     let mut x_off = Array::<usize>::new(tokens);
     let mut acc = Array::<f32>::new(comptime!(tokens * ny));
 
-    let mut p0 = start;
-    while p0 < end {
+    let mut p0 = blk.start;
+    while p0 < blk.end {
         #[unroll]
         for i in 0..tokens {
-            x_off[i] = token_perm[min(p0 + i, end - 1)] as usize * k_vecs;
+            x_off[i] = token_perm[min(p0 + i, blk.end - 1)] as usize * k_vecs;
         }
         // Zeros past the rank let the vectorised expand run over the last vector's padding.
-        let mut idx = tid;
+        let mut idx = blk.tid;
         while idx < comptime!(tokens * max_rank) {
             a_tile[idx] = 0.0f32;
             idx += threads;
@@ -149,12 +138,12 @@ fn fused_kernel<F: Float, N: Size, NY: Size, NB: Size>(
         sync_cube();
         // Shrink: the group's first `rank` rows, `rows` at a time.
         let mut r0 = 0usize.runtime();
-        while r0 < rank {
+        while r0 < blk.rank {
             cube_dot_rows::<F, N>(x, &x_off, a_pool, a_group + r0 * k_vecs, k_vecs, &mut partials, rows, tokens, threads, plane);
-            let mut v = tid;
+            let mut v = blk.tid;
             while v < comptime!(rows * tokens) {
                 let j = r0 + v / tokens;
-                if j < rank {
+                if j < blk.rank {
                     a_tile[(v % tokens) * max_rank + j] = partials[v * stride];
                 }
                 v += threads;
@@ -163,15 +152,15 @@ fn fused_kernel<F: Float, N: Size, NY: Size, NB: Size>(
             r0 += rows;
         }
         // Expand of this cube's column block.
-        if active {
+        if blk.active {
             #[unroll]
             for i in 0..comptime!(tokens * ny) {
                 acc[i] = 0.0f32;
             }
-            for jv in 0..rank_vecs {
+            for jv in 0..blk.rank_vecs {
                 #[unroll]
                 for v in 0..ny {
-                    let bv = Vector::<f32, NB>::cast_from(b_pool[b_row0 + v * rank_vecs_max + jv]);
+                    let bv = Vector::<f32, NB>::cast_from(b_pool[blk.b_row0 + v * rank_vecs_max + jv]);
                     #[unroll]
                     for i in 0..tokens {
                         let mut s = 0.0f32;
@@ -183,18 +172,7 @@ fn fused_kernel<F: Float, N: Size, NY: Size, NB: Size>(
                     }
                 }
             }
-            #[unroll]
-            for i in 0..tokens {
-                if p0 + i < end {
-                    let yi = token_perm[p0 + i] as usize * y_vecs + y_col;
-                    let mut yv = Vector::<f32, NY>::cast_from(y[yi]);
-                    #[unroll]
-                    for v in 0..ny {
-                        yv[v] += scale * acc[i * ny + v];
-                    }
-                    y[yi] = Vector::<F, NY>::cast_from(yv);
-                }
-            }
+            add_tile_to_y::<F, NY>(y, token_perm, &acc, &blk, p0, tokens, ny);
         }
         sync_cube();
         p0 += tokens;

@@ -471,6 +471,14 @@ fn refusals() {
         Err(ExecutorError::Unsupported(msg)) => assert!(msg.contains("tensor parallelism"), "{msg}"),
         other => panic!("tp 2: {:?}", other.err()),
     }
+    // Plans of other shapes are refused by what their nodes hold, with the reason.
+    for model in ["qwen3_moe", "deepseek_v3", "qwen3_next", "qwen3_5", "qwen3_5_moe", "nemotron_h"] {
+        let other = fixture(model);
+        match Engine::<Rt, f32>::new(client(), plan_for(&other, 1), &other) {
+            Err(ExecutorError::Unsupported(msg)) => println!("{model}: {msg}"),
+            other => panic!("{model}: {:?}", other.err()),
+        }
+    }
     // A plan compiled for another model directory.
     let qwen = fixture("qwen3");
     assert!(matches!(Engine::<Rt, f32>::new(client(), plan_for(&dir, 1), &qwen), Err(ExecutorError::Config(_))));
@@ -554,8 +562,8 @@ fn adapters_move_between_slots_in_place() {
 }
 
 /// A plan targeting only q_proj and v_proj: the weights of the untargeted projections, the
-/// embedding and lm_head come from HF's naming (the plan has no path for them); the base row
-/// still matches the reference.
+/// embedding and lm_head come from the plan's node weights as well (no LoRA buffer names them);
+/// the base row still matches the reference.
 #[test]
 fn base_model_under_a_partial_target_plan() {
     let dir = fixture("llama");

@@ -189,8 +189,9 @@ fn initial_y<F: StorageElem>(rng: &mut Rng, delta: &[f64]) -> (Vec<F>, Vec<f64>)
     rng.tensor::<F>(delta.len(), rms)
 }
 
-/// Compares y after an in-place accumulation: rows without a delta must be bit-identical.
-fn check_y<F: StorageElem>(what: &str, y_out: &[F], y0: &[f64], delta: &[f64], touched_rows: &[bool], width: usize) {
+/// Compares y after an in-place accumulation: rows without a delta must be bit-identical, the
+/// others within `tol` of `y0 + delta`.
+fn check_y<F: StorageElem>(what: &str, y_out: &[F], y0: &[f64], delta: &[f64], touched_rows: &[bool], width: usize, tol: f64) {
     let out: Vec<f64> = y_out.iter().map(|v| v.as_f64()).collect();
     let reference: Vec<f64> = y0.iter().zip(delta).map(|(a, b)| a + b).collect();
     for (row, &touched) in touched_rows.iter().enumerate() {
@@ -202,7 +203,79 @@ fn check_y<F: StorageElem>(what: &str, y_out: &[F], y0: &[f64], delta: &[f64], t
             );
         }
     }
-    check_close(what, &out, &reference, F::TOLERANCE);
+    check_close(what, &out, &reference, tol);
+}
+
+/// Compares a shrink's intermediate: entries the reference leaves NaN (no adapter, past the
+/// rank) must stay unwritten, the others within `tol`.
+fn check_intermediate(what: &str, got: &[f32], reference: &[f64], tol: f64) {
+    let (mut outs, mut refs) = (Vec::new(), Vec::new());
+    for (i, (&g, &r)) in got.iter().zip(reference).enumerate() {
+        if r.is_nan() {
+            assert!(g.is_nan(), "{what}: intermediate {i} (no adapter / past the rank) was written");
+        } else {
+            outs.push(g as f64);
+            refs.push(r);
+        }
+    }
+    check_close(what, &outs, &refs, tol);
+}
+
+/// Adapters in a layout's slots: their ranks and scales, the host pool data (with its f64
+/// copy for the references) and the device pool.
+struct Adapters<F> {
+    ranks: Vec<u32>,
+    scales: Vec<f32>,
+    data: PoolData<F>,
+    pool: AdapterPool<F>,
+}
+
+impl<F: StorageElem> Adapters<F> {
+    /// Random ranks (empty and full-rank slots included) and scales.
+    fn random<R: Runtime>(client: &ComputeClient<R>, rng: &mut Rng, layout: &LoraLayout) -> Self {
+        let (ranks, scales) = random_ranks(rng, layout);
+        Self::with_ranks(client, rng, layout, ranks, scales)
+    }
+
+    fn with_ranks<R: Runtime>(client: &ComputeClient<R>, rng: &mut Rng, layout: &LoraLayout, ranks: Vec<u32>, scales: Vec<f32>) -> Self {
+        let data = random_pool::<F>(rng, layout, &ranks);
+        let pool = upload_pool(client, layout, &data, &ranks, &scales);
+        Adapters { ranks, scales, data, pool }
+    }
+
+    /// Per token: whether it receives a delta (an adapter of nonzero rank).
+    fn touched(&self, segs: &Segments) -> Vec<bool> {
+        token_slot_ranks(segs, &self.ranks).iter().map(|sr| matches!(sr, Some((_, r)) if *r > 0)).collect()
+    }
+
+    /// The f64 reference intermediate of `x64` (`tokens` rows), NaN where nothing is written.
+    fn reference_shrink(&self, layout: &LoraLayout, segs: &Segments, x64: &[f64], tokens: u32) -> Vec<f64> {
+        let mut a64 = vec![f64::NAN; tokens as usize * intermediate_width(layout)];
+        reference_shrink(layout, &self.ranks, segs, x64, &self.data.a64, &mut a64);
+        a64
+    }
+
+    /// The f64 reference expand delta of the intermediate `a64` (`tokens` rows).
+    fn reference_expand(&self, layout: &LoraLayout, segs: &Segments, a64: &[f64], tokens: u32) -> Vec<f64> {
+        let mut delta = vec![0.0; tokens as usize * layout.out_features() as usize];
+        reference_expand(layout, &self.ranks, &self.scales, segs, a64, &self.data.b64, &mut delta);
+        delta
+    }
+}
+
+/// Groups × max rank: one token's row of the intermediate.
+fn intermediate_width(layout: &LoraLayout) -> usize {
+    (layout.groups() * layout.max_rank()) as usize
+}
+
+/// A NaN-poisoned intermediate of `rows` rows on the device.
+fn poisoned_intermediate<R: Runtime>(client: &ComputeClient<R>, layout: &LoraLayout, rows: usize) -> DeviceBuffer<f32> {
+    DeviceBuffer::upload(client, &vec![f32::NAN; rows * intermediate_width(layout)])
+}
+
+/// Random input rows of the layout's width, rounded to the storage type.
+fn random_x<F: StorageElem>(rng: &mut Rng, layout: &LoraLayout, rows: usize) -> (Vec<F>, Vec<f64>) {
+    rng.tensor::<F>(rows * layout.in_features() as usize, 1.0)
 }
 
 pub fn segmented_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
@@ -210,28 +283,14 @@ pub fn segmented_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let rng = &mut Rng::new(100 + seed);
         let (layout, family) = random_layout(rng, None);
         let what = format!("shrink {family} seed {seed} {layout:?}");
-        let (ranks, scales) = random_ranks(rng, &layout);
-        let pool_data = random_pool::<F>(rng, &layout, &ranks);
-        let pool = upload_pool(client, &layout, &pool_data, &ranks, &scales);
+        let adapters = Adapters::<F>::random(client, rng, &layout);
         let tokens = rng.pick(&[1, 2, 5, 17, 40]);
         let segs = random_segments(rng, tokens, layout.slots());
-        let (x, x64) = rng.tensor::<F>((tokens * layout.in_features()) as usize, 1.0);
-        let c_r = (layout.groups() * layout.max_rank()) as usize;
-        let mut out = DeviceBuffer::upload(client, &vec![f32::NAN; tokens as usize * c_r]);
-        launch_shrink(client, &layout, &pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut out, None).unwrap();
-        let got = out.read(client);
-        let mut reference = vec![f64::NAN; got.len()];
-        reference_shrink(&layout, &ranks, &segs, &x64, &pool_data.a64, &mut reference);
-        let (mut outs, mut refs) = (Vec::new(), Vec::new());
-        for (i, (&g, &r)) in got.iter().zip(&reference).enumerate() {
-            if r.is_nan() {
-                assert!(g.is_nan(), "{what}: intermediate {i} (no adapter / past the rank) was written");
-            } else {
-                outs.push(g as f64);
-                refs.push(r);
-            }
-        }
-        check_close(&what, &outs, &refs, F::TOLERANCE);
+        let (x, x64) = random_x::<F>(rng, &layout, tokens as usize);
+        let mut out = poisoned_intermediate(client, &layout, tokens as usize);
+        launch_shrink(client, &layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut out, None).unwrap();
+        let reference = adapters.reference_shrink(&layout, &segs, &x64, tokens);
+        check_intermediate(&what, &out.read(client), &reference, F::TOLERANCE);
     }
 }
 
@@ -249,28 +308,15 @@ pub fn prefill_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             (0..layout.slots()).map(|_| rng.pick(&[0, 5, 16, 17, layout.max_rank()]).min(layout.max_rank())).collect();
         ranks[0] = layout.max_rank();
         let scales = vec![1.0; layout.slots() as usize];
-        let pool_data = random_pool::<F>(rng, &layout, &ranks);
-        let pool = upload_pool(client, &layout, &pool_data, &ranks, &scales);
+        let adapters = Adapters::<F>::with_ranks(client, rng, &layout, ranks, scales);
         let tokens = rng.pick(&[40, 130, 200]);
         let segs = random_segments(rng, tokens, layout.slots());
         let kernel = MmaShrinkConfig::supported::<R, F>(client, &layout).map(|config| ShrinkKernel::Mma { config, tiles_per_segment: 0 });
-        let (x, x64) = rng.tensor::<F>((tokens * layout.in_features()) as usize, 1.0);
-        let c_r = (layout.groups() * layout.max_rank()) as usize;
-        let mut out = DeviceBuffer::upload(client, &vec![f32::NAN; tokens as usize * c_r]);
-        launch_shrink(client, &layout, &pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut out, kernel).unwrap();
-        let got = out.read(client);
-        let mut reference = vec![f64::NAN; got.len()];
-        reference_shrink(&layout, &ranks, &segs, &x64, &pool_data.a64, &mut reference);
-        let (mut outs, mut refs) = (Vec::new(), Vec::new());
-        for (i, (&g, &r)) in got.iter().zip(&reference).enumerate() {
-            if r.is_nan() {
-                assert!(g.is_nan(), "{what}: intermediate {i} (no adapter / past the rank) was written");
-            } else {
-                outs.push(g as f64);
-                refs.push(r);
-            }
-        }
-        check_close(&what, &outs, &refs, F::TOLERANCE);
+        let (x, x64) = random_x::<F>(rng, &layout, tokens as usize);
+        let mut out = poisoned_intermediate(client, &layout, tokens as usize);
+        launch_shrink(client, &layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut out, kernel).unwrap();
+        let reference = adapters.reference_shrink(&layout, &segs, &x64, tokens);
+        check_intermediate(&what, &out.read(client), &reference, F::TOLERANCE);
     }
 }
 
@@ -296,21 +342,16 @@ pub fn segmented_expand<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let rng = &mut Rng::new(200 + seed);
         let (layout, family) = random_layout(rng, None);
         let what = format!("expand {family} seed {seed} {layout:?}");
-        let (ranks, scales) = random_ranks(rng, &layout);
-        let pool_data = random_pool::<F>(rng, &layout, &ranks);
-        let pool = upload_pool(client, &layout, &pool_data, &ranks, &scales);
+        let adapters = Adapters::<F>::random(client, rng, &layout);
         let tokens = rng.pick(&[1, 3, 8, 33, 70]);
         let segs = random_segments(rng, tokens, layout.slots());
-        let slot_ranks = token_slot_ranks(&segs, &ranks);
-        let (a, a64) = random_intermediate(rng, &layout, &slot_ranks);
-        let out = layout.out_features() as usize;
-        let mut delta = vec![0.0; tokens as usize * out];
-        reference_expand(&layout, &ranks, &scales, &segs, &a64, &pool_data.b64, &mut delta);
+        let (a, a64) = random_intermediate(rng, &layout, &token_slot_ranks(&segs, &adapters.ranks));
+        let delta = adapters.reference_expand(&layout, &segs, &a64, tokens);
         let (y0, y064) = initial_y::<F>(rng, &delta);
         let mut y = DeviceBuffer::upload(client, &y0);
-        launch_expand(client, &layout, &pool, &segs.upload(client), &DeviceBuffer::upload(client, &a), &mut y, None).unwrap();
-        let touched: Vec<bool> = slot_ranks.iter().map(|sr| matches!(sr, Some((_, r)) if *r > 0)).collect();
-        check_y(&what, &y.read(client), &y064, &delta, &touched, out);
+        launch_expand(client, &layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &a), &mut y, None).unwrap();
+        let out = layout.out_features() as usize;
+        check_y(&what, &y.read(client), &y064, &delta, &adapters.touched(&segs), out, F::TOLERANCE);
     }
 }
 
@@ -320,32 +361,18 @@ pub fn fused_decode<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let rng = &mut Rng::new(700 + seed);
         let (layout, family) = random_layout(rng, None);
         let what = format!("fused {family} seed {seed} {layout:?}");
-        let (ranks, scales) = random_ranks(rng, &layout);
-        let pool_data = random_pool::<F>(rng, &layout, &ranks);
-        let pool = upload_pool(client, &layout, &pool_data, &ranks, &scales);
+        let adapters = Adapters::<F>::random(client, rng, &layout);
         let tokens = rng.pick(&[1, 3, 8, 33]);
         let segs = random_segments(rng, tokens, layout.slots());
-        let (x, x64) = rng.tensor::<F>((tokens * layout.in_features()) as usize, 1.0);
-        let c_r = (layout.groups() * layout.max_rank()) as usize;
-        let mut a64 = vec![f64::NAN; tokens as usize * c_r];
-        reference_shrink(&layout, &ranks, &segs, &x64, &pool_data.a64, &mut a64);
-        let out = layout.out_features() as usize;
-        let mut delta = vec![0.0; tokens as usize * out];
-        reference_expand(&layout, &ranks, &scales, &segs, &a64, &pool_data.b64, &mut delta);
+        let (x, x64) = random_x::<F>(rng, &layout, tokens as usize);
+        let a64 = adapters.reference_shrink(&layout, &segs, &x64, tokens);
+        let delta = adapters.reference_expand(&layout, &segs, &a64, tokens);
         let (y0, y064) = initial_y::<F>(rng, &delta);
         let mut y = DeviceBuffer::upload(client, &y0);
-        launch_fused(client, &layout, &pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut y, None).unwrap();
-        let touched: Vec<bool> = token_slot_ranks(&segs, &ranks).iter().map(|sr| matches!(sr, Some((_, r)) if *r > 0)).collect();
-        let y_out: Vec<F> = y.read(client);
-        let outv: Vec<f64> = y_out.iter().map(|v| v.as_f64()).collect();
-        for (row, t) in touched.iter().enumerate() {
-            if !t {
-                assert_eq!(&outv[row * out..(row + 1) * out], &y064[row * out..(row + 1) * out], "{what}: row {row} changed");
-            }
-        }
-        let reference: Vec<f64> = y064.iter().zip(&delta).map(|(a, b)| a + b).collect();
+        launch_fused(client, &layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut y, None).unwrap();
         // The intermediate stays f32 in shared memory; its inputs were rounded twice.
-        check_close(&what, &outv, &reference, 2.0 * F::TOLERANCE);
+        let out = layout.out_features() as usize;
+        check_y(&what, &y.read(client), &y064, &delta, &adapters.touched(&segs), out, 2.0 * F::TOLERANCE);
     }
 }
 
@@ -356,9 +383,7 @@ pub fn chunked_prefill<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let (layout, family) = random_layout(rng, None);
         let chunk = rng.pick(&[1, 5, 16, 64]);
         let what = format!("chunked(chunk {chunk}) {family} seed {seed} {layout:?}");
-        let (ranks, scales) = random_ranks(rng, &layout);
-        let pool_data = random_pool::<F>(rng, &layout, &ranks);
-        let pool = upload_pool(client, &layout, &pool_data, &ranks, &scales);
+        let adapters = Adapters::<F>::random(client, rng, &layout);
         let tokens = rng.pick(&[1, 60, 150]);
         let plan = ChunkedPlan::new::<R, F>(client, &layout, 160, chunk).unwrap();
         let segs = random_segments(rng, tokens, layout.slots());
@@ -366,30 +391,18 @@ pub fn chunked_prefill<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         assert_eq!(chunks.num_segments(), plan.capacity);
         assert!(chunks.seg_indptr().windows(2).all(|w| w[1] - w[0] <= chunk));
         let dev_chunks = chunks.upload(client);
-        let (x, x64) = rng.tensor::<F>((tokens * layout.in_features()) as usize, 1.0);
-        let c_r = (layout.groups() * layout.max_rank()) as usize;
-        let mut a = DeviceBuffer::upload(client, &vec![f32::NAN; tokens as usize * c_r]);
-        plan.launch_shrink(client, &layout, &pool, &dev_chunks, &DeviceBuffer::upload(client, &x), &mut a).unwrap();
+        let (x, x64) = random_x::<F>(rng, &layout, tokens as usize);
+        let mut a = poisoned_intermediate(client, &layout, tokens as usize);
+        plan.launch_shrink(client, &layout, &adapters.pool, &dev_chunks, &DeviceBuffer::upload(client, &x), &mut a).unwrap();
         // The reference runs on the unchunked segments: chunking must not change the result.
-        let mut a64 = vec![f64::NAN; tokens as usize * c_r];
-        reference_shrink(&layout, &ranks, &segs, &x64, &pool_data.a64, &mut a64);
-        let out = layout.out_features() as usize;
-        let mut delta = vec![0.0; tokens as usize * out];
-        reference_expand(&layout, &ranks, &scales, &segs, &a64, &pool_data.b64, &mut delta);
+        let a64 = adapters.reference_shrink(&layout, &segs, &x64, tokens);
+        let delta = adapters.reference_expand(&layout, &segs, &a64, tokens);
         let (y0, y064) = initial_y::<F>(rng, &delta);
         let mut y = DeviceBuffer::upload(client, &y0);
-        plan.launch_expand(client, &layout, &pool, &dev_chunks, &a, &mut y).unwrap();
-        let touched: Vec<bool> = token_slot_ranks(&segs, &ranks).iter().map(|sr| matches!(sr, Some((_, r)) if *r > 0)).collect();
+        plan.launch_expand(client, &layout, &adapters.pool, &dev_chunks, &a, &mut y).unwrap();
         // Two roundings of the f32 intermediate's inputs: allow twice the tolerance.
-        let y_out: Vec<F> = y.read(client);
-        let outv: Vec<f64> = y_out.iter().map(|v| v.as_f64()).collect();
-        let reference: Vec<f64> = y064.iter().zip(&delta).map(|(a, b)| a + b).collect();
-        for (row, t) in touched.iter().enumerate() {
-            if !t {
-                assert_eq!(&outv[row * out..(row + 1) * out], &y064[row * out..(row + 1) * out], "{what}: row {row} changed");
-            }
-        }
-        check_close(&what, &outv, &reference, 2.0 * F::TOLERANCE);
+        let out = layout.out_features() as usize;
+        check_y(&what, &y.read(client), &y064, &delta, &adapters.touched(&segs), out, 2.0 * F::TOLERANCE);
     }
 }
 
@@ -401,22 +414,20 @@ pub fn embedding<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let layout =
             LoraLayout::new(nz(rng.range(1, 5)), nz(rng.pick(&[1, 4, 8, 16])), vocab, 1, vec![slice("embed", hidden, 0)], None).unwrap();
         let what = format!("embedding seed {seed} {layout:?}");
-        let (ranks, scales) = random_ranks(rng, &layout);
-        let pool_data = random_pool::<F>(rng, &layout, &ranks);
-        let pool = upload_pool(client, &layout, &pool_data, &ranks, &scales);
+        let adapters = Adapters::<F>::random(client, rng, &layout);
         let tokens = rng.pick(&[1, 7, 30]);
         let segs = random_segments(rng, tokens, layout.slots());
         // One id past the vocabulary: it must contribute nothing rather than read out of bounds.
         let ids: Vec<u32> = (0..tokens).map(|t| if t == 0 && seed % 2 == 1 { vocab + 3 } else { rng.range(0, vocab - 1) }).collect();
         let mut delta = vec![0.0; (tokens * hidden) as usize];
-        reference_embedding(&layout, &ranks, &scales, &segs, &ids, &pool_data.a64, &pool_data.b64, &mut delta);
+        let (data, ranks, scales) = (&adapters.data, &adapters.ranks, &adapters.scales);
+        reference_embedding(&layout, ranks, scales, &segs, &ids, &data.a64, &data.b64, &mut delta);
         let (y0, y064) = initial_y::<F>(rng, &delta);
         let mut y = DeviceBuffer::upload(client, &y0);
         let mut scratch = DeviceBuffer::upload(client, &vec![f32::NAN; (tokens * layout.max_rank()) as usize]);
-        launch_embedding(client, &layout, &pool, &segs.upload(client), &DeviceBuffer::upload(client, &ids), &mut scratch, &mut y, None)
-            .unwrap();
-        let touched: Vec<bool> = token_slot_ranks(&segs, &ranks).iter().map(|sr| matches!(sr, Some((_, r)) if *r > 0)).collect();
-        check_y(&what, &y.read(client), &y064, &delta, &touched, hidden as usize);
+        let ids_dev = DeviceBuffer::upload(client, &ids);
+        launch_embedding(client, &layout, &adapters.pool, &segs.upload(client), &ids_dev, &mut scratch, &mut y, None).unwrap();
+        check_y(&what, &y.read(client), &y064, &delta, &adapters.touched(&segs), hidden as usize, F::TOLERANCE);
     }
 }
 
@@ -447,9 +458,8 @@ pub fn moe<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let layout = LoraLayout::new(nz(rng.range(1, 4)), nz(rng.pick(&[2, 4, 8])), in_features, groups, slices, Some(dims)).unwrap();
         let (input, output) = if down { (MoeInput::PerPair, MoeOutput::RouterWeighted) } else { (MoeInput::PerToken, MoeOutput::PerPair) };
         let what = format!("moe seed {seed} down={down} gated={gated} shared_outer={shared_outer} topk {topk} {layout:?}");
-        let (ranks, scales) = random_ranks(rng, &layout);
-        let pool_data = random_pool::<F>(rng, &layout, &ranks);
-        let pool = upload_pool(client, &layout, &pool_data, &ranks, &scales);
+        let adapters = Adapters::<F>::random(client, rng, &layout);
+        let (ranks, data) = (&adapters.ranks, &adapters.data);
         let tokens = rng.pick(&[1, 4, 19]);
         let segs = random_segments(rng, tokens, layout.slots());
         let pairs = (tokens * topk) as usize;
@@ -457,32 +467,19 @@ pub fn moe<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let weights: Vec<f32> = (0..pairs).map(|_| rng.value().abs() as f32).collect();
         let routing = MoeRouting::new(client, tokens, topk, experts, &ids, &weights).unwrap();
         let x_rows = if down { pairs } else { tokens as usize };
-        let (x, x64) = rng.tensor::<F>(x_rows * in_features as usize, 1.0);
+        let (x, x64) = random_x::<F>(rng, &layout, x_rows);
         let out = layout.out_features() as usize;
         let y_rows = if down { tokens as usize } else { pairs };
         let mut delta = vec![0.0; y_rows * out];
-        reference_moe(
-            &layout,
-            &ranks,
-            &scales,
-            &segs,
-            topk as usize,
-            &ids,
-            &weights,
-            input,
-            output,
-            &x64,
-            &pool_data.a64,
-            &pool_data.b64,
-            &mut delta,
-        );
+        let (a64, b64) = (&data.a64, &data.b64);
+        reference_moe(&layout, ranks, &adapters.scales, &segs, topk as usize, &ids, &weights, input, output, &x64, a64, b64, &mut delta);
         let (y0, y064) = initial_y::<F>(rng, &delta);
         let mut y = DeviceBuffer::upload(client, &y0);
         let dev_segs = segs.upload(client);
-        let c_r = (layout.groups() * layout.max_rank()) as usize;
-        let mut a = DeviceBuffer::upload(client, &vec![f32::NAN; pairs * c_r]);
-        launch_moe_shrink(client, &layout, &pool, &dev_segs, &routing, input, &DeviceBuffer::upload(client, &x), &mut a).unwrap();
-        launch_moe_expand(client, &layout, &pool, &dev_segs, &routing, output, &a, &mut y).unwrap();
+        let mut a = poisoned_intermediate(client, &layout, pairs);
+        let pool = &adapters.pool;
+        launch_moe_shrink(client, &layout, pool, &dev_segs, &routing, input, &DeviceBuffer::upload(client, &x), &mut a).unwrap();
+        launch_moe_expand(client, &layout, pool, &dev_segs, &routing, output, &a, &mut y).unwrap();
         let slots = segs.token_slots();
         let touched: Vec<bool> = (0..y_rows)
             .map(|row| {
@@ -492,15 +489,7 @@ pub fn moe<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             })
             .collect();
         // The intermediate is f32 but its inputs were rounded twice: allow twice the tolerance.
-        let y_out = y.read(client);
-        let outv: Vec<f64> = y_out.iter().map(|v| v.as_f64()).collect();
-        for (row, t) in touched.iter().enumerate() {
-            if !t {
-                assert_eq!(&outv[row * out..(row + 1) * out], &y064[row * out..(row + 1) * out], "{what}: row {row} changed");
-            }
-        }
-        let reference: Vec<f64> = y064.iter().zip(&delta).map(|(a, b)| a + b).collect();
-        check_close(&what, &outv, &reference, 2.0 * F::TOLERANCE);
+        check_y(&what, &y.read(client), &y064, &delta, &touched, out, 2.0 * F::TOLERANCE);
     }
 }
 

@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use crate::plan::Plan;
 
 pub const MAGIC: [u8; 8] = *b"LORACPLN";
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

@@ -139,8 +139,62 @@ pub struct PlanNode {
     pub outputs: Vec<ValueId>,
     /// For LoRA nodes: the index into each rank's `lora_buffers`.
     pub lora_buffer: Option<u32>,
-    /// Checkpoint tensors the node reads (full names; routed experts hold `{expert}`).
+    /// For linear, embedding and LoRA nodes: what the linear layer (the one a LoRA node
+    /// adapts) computes, so the runtime knows its projections without reading labels.
+    pub role: Option<LinearRole>,
+    /// Checkpoint tensors the node reads (full names; routed experts hold `{expert}`). A
+    /// linear lists `{module}.weight` per packed module in row order (then its biases or
+    /// scales, where it has them); a tied lm_head lists the embedding's table. A norm lists its
+    /// weight; attention with `qk_norm` lists q_norm's weight, then k_norm's.
     pub weights: Vec<String>,
+}
+
+/// The part a linear layer plays in its block, set by lowering from where the typed model
+/// description holds it (never from module names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LinearRole {
+    /// Token embedding table (a lookup).
+    Embedding,
+    /// Output projection to the vocabulary.
+    LmHead,
+    /// GQA attention's fused q|k|v (q with its output gate where the model has one).
+    AttentionQkv,
+    /// Attention's output projection.
+    AttentionOut,
+    /// MLA's fused (q_a|)kv_a latent projection.
+    MlaLatent,
+    /// MLA's query projection (from the q latent, or the hidden state without one).
+    MlaQuery,
+    /// MLA's kv_b projection out of the kv latent.
+    MlaKv,
+    /// MLA's output projection.
+    MlaOut,
+    /// Gated DeltaNet's fused q|k|v|z input projection.
+    DeltaNetQkvz,
+    /// Gated DeltaNet's b|a input projection.
+    DeltaNetBa,
+    /// Gated DeltaNet's output projection.
+    DeltaNetOut,
+    /// Mamba2's fused z|x|B|C|dt input projection.
+    Mamba2In,
+    /// Mamba2's output projection.
+    Mamba2Out,
+    /// A dense MLP's gate|up (gated activation) or up projection.
+    MlpUp,
+    /// A dense MLP's down projection.
+    MlpDown,
+    /// The shared expert's gate|up or up projection (an MoE block's dense MLP).
+    SharedExpertUp,
+    /// The shared expert's down projection.
+    SharedExpertDown,
+    /// Routed experts' gate|up or up projections.
+    ExpertsUp,
+    /// Routed experts' down projections.
+    ExpertsDown,
+    /// Latent MoE: hidden → latent before the experts.
+    LatentIn,
+    /// Latent MoE: latent → hidden after the experts.
+    LatentOut,
 }
 
 /// One compiled kernel specialisation. Every field is a compile-time parameter of the kernel.

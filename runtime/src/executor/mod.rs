@@ -71,7 +71,7 @@ use activations::{Activations, HeadViews, TokenViews};
 use error::Context;
 pub use error::{ExecResult, ExecutorError};
 use metadata::{MetadataLimits, Region, StepMetadata};
-use model::{LAYER_LINEARS, ModelDesc};
+use model::{LAYER_PROJECTIONS, ModelDesc};
 use weights::Checkpoint;
 
 use crate::batch::Segments;
@@ -187,7 +187,7 @@ struct LayerWeights<F> {
     post_norm: DeviceBuffer<F>,
     q_norm: Option<DeviceBuffer<F>>,
     k_norm: Option<DeviceBuffer<F>>,
-    /// [`LAYER_LINEARS`] order: fused qkv, o, fused gate_up, down.
+    /// [`LAYER_PROJECTIONS`] order: fused qkv, o, fused gate_up, down.
     linears: [DeviceBuffer<F>; 4],
 }
 
@@ -765,7 +765,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
             let Some(b) = desc.layer_lora[l][i] else { return Ok(()) };
             let layout = &buffers[b].layout;
             let mut a = lora_a(width(b))?;
-            let what = || format!("layer {l} {} LoRA", LAYER_LINEARS[i]);
+            let what = || format!("layer {l} {:?} LoRA", LAYER_PROJECTIONS[i]);
             shrink::launch_shrink(client, layout, &lora[b].pool, segs, x, &mut a, None).ctx(what)?;
             expand::launch_expand(client, layout, &lora[b].pool, segs, &a, y, None).ctx(what)
         };
@@ -835,23 +835,14 @@ fn put_segments(w: &mut metadata::MetadataWrite<'_>, segs: &Segments, [indptr, w
     Ok(())
 }
 
-/// The checkpoint path of each fused part of layer `l`'s projection `i`: the plan's `hf_paths`
-/// where a LoRA buffer covers it, HF's naming otherwise.
-fn linear_paths(plan: &Plan, desc: &ModelDesc, l: usize, i: usize) -> Vec<String> {
-    if let Some(b) = desc.layer_lora[l][i] {
-        let paths = &plan.ranks[0].lora_buffers[b].hf_paths;
-        if paths.len() == ModelDesc::linear_parts(i).len() {
-            return paths.clone();
-        }
-    }
-    ModelDesc::linear_parts(i).iter().map(|p| format!("model.layers.{l}.{p}")).collect()
-}
-
 fn upload_tensor<R: Runtime, F: EngineElem>(client: &ComputeClient<R>, values: &[f32]) -> DeviceBuffer<F> {
     let host: Vec<F> = values.iter().map(|&v| F::from_f32(v)).collect();
     DeviceBuffer::upload(client, &host)
 }
 
+/// Uploads every weight under the checkpoint names the plan's nodes list (`desc.tensors`):
+/// each projection's parts fused by rows, norms with the plan's unit offset folded in, and
+/// lm_head sharing the embedding's handle when it reads the same table (tied embeddings).
 fn load_weights<R: Runtime, F: EngineElem>(
     client: &ComputeClient<R>,
     plan: &Plan,
@@ -859,6 +850,7 @@ fn load_weights<R: Runtime, F: EngineElem>(
     ckpt: &Checkpoint,
 ) -> ExecResult<Weights<F>> {
     let (h, v) = (desc.hidden, desc.vocab);
+    let names = &desc.tensors;
     let unit = plan.model.norm.unit_offset;
     let norm = |name: &str, width: usize| -> ExecResult<DeviceBuffer<F>> {
         let mut w = ckpt.tensor_f32(name, &[width])?;
@@ -867,41 +859,36 @@ fn load_weights<R: Runtime, F: EngineElem>(
         }
         Ok(upload_tensor(client, &w))
     };
-    let embed_path = desc
-        .embed_lora
-        .and_then(|b| plan.ranks[0].lora_buffers[b].hf_paths.first().cloned())
-        .unwrap_or_else(|| "model.embed_tokens".to_string());
-    let embed = upload_tensor(client, &ckpt.tensor_f32(&format!("{embed_path}.weight"), &[v, h])?);
+    let embed = upload_tensor(client, &ckpt.tensor_f32(&names.embed, &[v, h])?);
     let lm_head =
-        if plan.model.tie_word_embeddings { embed.clone() } else { upload_tensor(client, &ckpt.tensor_f32("lm_head.weight", &[v, h])?) };
-    let final_norm = norm("model.norm.weight", h)?;
+        if names.lm_head == names.embed { embed.clone() } else { upload_tensor(client, &ckpt.tensor_f32(&names.lm_head, &[v, h])?) };
+    let final_norm = norm(&names.final_norm, h)?;
     let d = desc.head_dim as usize;
     let mut layers = Vec::with_capacity(desc.layers);
-    for l in 0..desc.layers {
-        let mut linears = Vec::with_capacity(4);
-        for i in 0..4 {
+    for (l, tensors) in names.layers.iter().enumerate() {
+        let mut linears = Vec::with_capacity(LAYER_PROJECTIONS.len());
+        for (i, parts) in tensors.linears.iter().enumerate() {
             let (_, inp) = desc.linear_shape(i);
             let mut fused = Vec::new();
-            for (path, rows) in linear_paths(plan, desc, l, i).iter().zip(desc.part_rows(i)) {
-                fused.extend(ckpt.tensor_f32(&format!("{path}.weight"), &[rows, inp])?);
+            for (name, rows) in parts.iter().zip(desc.part_rows(i)) {
+                // The plan lists no bias, so a checkpoint that holds one is not this plan's model.
+                if let Some(bias) = name.strip_suffix(".weight").map(|module| format!("{module}.bias"))
+                    && ckpt.contains(&bias)
+                {
+                    return Err(ExecutorError::Unsupported(format!("projection biases (layer {l}: {bias})")));
+                }
+                fused.extend(ckpt.tensor_f32(name, &[rows, inp])?);
             }
             linears.push(upload_tensor(client, &fused));
         }
-        let prefix = format!("model.layers.{l}");
-        let (q_norm, k_norm) = if desc.qk_norm {
-            (Some(norm(&format!("{prefix}.self_attn.q_norm.weight"), d)?), Some(norm(&format!("{prefix}.self_attn.k_norm.weight"), d)?))
-        } else {
-            (None, None)
+        let (q_norm, k_norm) = match &tensors.qk_norm {
+            Some((q, k)) => (Some(norm(q, d)?), Some(norm(k, d)?)),
+            None => (None, None),
         };
-        for bias in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            if ckpt.contains(&format!("{prefix}.self_attn.{bias}.bias")) {
-                return Err(ExecutorError::Unsupported(format!("projection biases ({prefix}.self_attn.{bias}.bias)")));
-            }
-        }
         let linears: [DeviceBuffer<F>; 4] = linears.try_into().map_err(|_| ExecutorError::Plan("four projections per layer".into()))?;
         layers.push(LayerWeights {
-            input_norm: norm(&format!("{prefix}.input_layernorm.weight"), h)?,
-            post_norm: norm(&format!("{prefix}.post_attention_layernorm.weight"), h)?,
+            input_norm: norm(&tensors.input_norm, h)?,
+            post_norm: norm(&tensors.post_norm, h)?,
             q_norm,
             k_norm,
             linears,

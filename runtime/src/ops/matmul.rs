@@ -67,6 +67,36 @@ impl MatmulConfig {
     }
 }
 
+/// Stages rows `row0 .. row0 + tile_rows` × columns `k0 .. k0 + bk` of the row-major
+/// `[rows, k]` matrix `src` (x, or W in the HF layout) into `tile` K-major
+/// (`tile[kk · tile_rows + r]`), as f32, zeros past either edge. Consecutive threads read
+/// consecutive k of one row, so the loads are coalesced for both operands.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_tile<F: Float>(
+    src: &Array<F>,
+    tile: &mut SharedMemory<f32>,
+    row0: usize,
+    rows: usize,
+    k0: usize,
+    k: usize,
+    #[comptime] tile_rows: usize,
+    #[comptime] bk: usize,
+    #[comptime] threads: usize,
+) {
+    let mut e = UNIT_POS as usize;
+    while e < comptime!(tile_rows * bk) {
+        let r = e / bk;
+        let kk = e % bk;
+        let mut v = 0.0f32;
+        if row0 + r < rows && k0 + kk < k {
+            v = f32::cast_from(src[(row0 + r) * k + k0 + kk]);
+        }
+        tile[kk * tile_rows + r] = v;
+        e += threads;
+    }
+}
+
 #[cube(launch_unchecked)]
 fn matmul_kernel<F: Float>(x: &Array<F>, w: &Array<F>, y: &mut Array<F>, m: u32, n: u32, k: u32, #[comptime] cfg: MatmulConfig) {
     let bm = comptime!(cfg.block_m as usize);
@@ -100,29 +130,8 @@ fn matmul_kernel<F: Float>(x: &Array<F>, w: &Array<F>, y: &mut Array<F>, m: u32,
 
     let mut k0 = 0usize;
     while k0 < k {
-        // Consecutive threads read consecutive k of one row: coalesced for both operands.
-        let mut e = tid;
-        while e < comptime!(bm * bk) {
-            let r = e / bk;
-            let kk = e % bk;
-            let mut v = 0.0f32;
-            if row0 + r < m && k0 + kk < k {
-                v = f32::cast_from(x[(row0 + r) * k + k0 + kk]);
-            }
-            xs[kk * bm + r] = v;
-            e += threads;
-        }
-        let mut e = tid;
-        while e < comptime!(bn * bk) {
-            let c = e / bk;
-            let kk = e % bk;
-            let mut v = 0.0f32;
-            if col0 + c < n && k0 + kk < k {
-                v = f32::cast_from(w[(col0 + c) * k + k0 + kk]);
-            }
-            ws[kk * bn + c] = v;
-            e += threads;
-        }
+        stage_tile::<F>(x, &mut xs, row0, m, k0, k, bm, bk, threads);
+        stage_tile::<F>(w, &mut ws, col0, n, k0, k, bn, bk, threads);
         sync_cube();
         #[unroll]
         for kk in 0..bk {
