@@ -34,8 +34,8 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(generate::<CompletionRequest>))
+        .route("/v1/chat/completions", post(generate::<ChatRequest>))
         .route("/v1/models", get(models))
         .route("/v1/load_lora_adapter", post(load_adapter))
         .route("/v1/unload_lora_adapter", post(unload_adapter))
@@ -116,45 +116,61 @@ impl Reply {
     }
 }
 
-async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
-    let result = async {
-        let request: CompletionRequest = parse(&body)?;
-        let scheduled = request.to_request(&state.codec)?;
-        let reply = Reply {
-            endpoint: Endpoint::Completion,
-            id: request_id("cmpl"),
-            created: now(),
-            model: request.model.clone(),
-            prompt_ids: scheduled.prompt.clone(),
-            include_usage: request.sampling.include_usage(),
-            return_token_ids: request.sampling.return_token_ids,
-        };
-        let events = state.scheduler.submit(scheduled)?;
-        Ok::<_, ApiError>((reply, events, request.sampling.stream))
+/// The two generation endpoints differ only in how the request becomes a prompt and in the
+/// shape of their replies.
+trait GenerationRequest: serde::de::DeserializeOwned {
+    const ENDPOINT: Endpoint;
+    const ID_PREFIX: &'static str;
+    fn to_request(&self, codec: &TextCodec) -> Result<crate::scheduler::Request, ApiError>;
+    fn model(&self) -> &str;
+    fn sampling(&self) -> &crate::openai::Sampling;
+}
+
+impl GenerationRequest for CompletionRequest {
+    const ENDPOINT: Endpoint = Endpoint::Completion;
+    const ID_PREFIX: &'static str = "cmpl";
+    fn to_request(&self, codec: &TextCodec) -> Result<crate::scheduler::Request, ApiError> {
+        CompletionRequest::to_request(self, codec)
     }
-    .await;
-    match result {
-        Ok((reply, events, true)) => stream(reply, events).into_response(),
-        Ok((reply, events, false)) => collect(reply, events).await,
-        Err(e) => e.into_response(),
+    fn model(&self) -> &str {
+        &self.model
+    }
+    fn sampling(&self) -> &crate::openai::Sampling {
+        &self.sampling
     }
 }
 
-async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
+impl GenerationRequest for ChatRequest {
+    const ENDPOINT: Endpoint = Endpoint::Chat;
+    const ID_PREFIX: &'static str = "chatcmpl";
+    fn to_request(&self, codec: &TextCodec) -> Result<crate::scheduler::Request, ApiError> {
+        ChatRequest::to_request(self, codec)
+    }
+    fn model(&self) -> &str {
+        &self.model
+    }
+    fn sampling(&self) -> &crate::openai::Sampling {
+        &self.sampling
+    }
+}
+
+async fn generate<Q: GenerationRequest>(State(state): State<AppState>, body: Bytes) -> Response {
     let result = async {
-        let request: ChatRequest = parse(&body)?;
+        let request: Q = parse(&body)?;
         let scheduled = request.to_request(&state.codec)?;
+        let sampling = request.sampling();
         let reply = Reply {
-            endpoint: Endpoint::Chat,
-            id: request_id("chatcmpl"),
+            endpoint: Q::ENDPOINT,
+            id: request_id(Q::ID_PREFIX),
             created: now(),
-            model: request.model.clone(),
+            model: request.model().to_string(),
             prompt_ids: scheduled.prompt.clone(),
-            include_usage: request.sampling.include_usage(),
-            return_token_ids: request.sampling.return_token_ids,
+            include_usage: sampling.include_usage(),
+            return_token_ids: sampling.return_token_ids,
         };
+        let stream = sampling.stream;
         let events = state.scheduler.submit(scheduled)?;
-        Ok::<_, ApiError>((reply, events, request.sampling.stream))
+        Ok::<_, ApiError>((reply, events, stream))
     }
     .await;
     match result {
