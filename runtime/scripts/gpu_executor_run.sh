@@ -13,7 +13,9 @@
 #                                                                    # -> deps/executor_cuda-<hash>
 #   D=/work/main/devbin/gpu; mkdir -p $D/scripts $D/fixtures
 #   cp $CARGO_TARGET_DIR/release/{lorac,decode_bench} $D/
-#   cp $CARGO_TARGET_DIR/release/deps/executor_cuda-<hash> $D/executor_cuda && strip $D/lorac $D/decode_bench $D/executor_cuda
+#   cargo test -p lorac-runtime --release --features cuda-tests --test ops --no-run   # -> deps/ops-<hash> (optional)
+#   cp $CARGO_TARGET_DIR/release/deps/executor_cuda-<hash> $D/executor_cuda && cp $CARGO_TARGET_DIR/release/deps/ops-<hash> $D/ops
+#   strip $D/lorac $D/decode_bench $D/executor_cuda $D/ops && xz -T2 $D/decode_bench $D/executor_cuda $D/ops   # under 64 MiB
 #   cp -r tests/fixtures/tiny/{llama,qwen3} $D/fixtures/
 #   cp runtime/scripts/{gpu_executor_run.sh,make_bench_model.py,hf_decode_bench.py} $D/scripts/
 # then, with the device tool: run(command="bash devbin/gpu/scripts/gpu_executor_run.sh", carry=["devbin/gpu"]).
@@ -24,7 +26,10 @@
 # call on a still-warm machine skips the generation), NEW_TOKENS (default 32).
 set -uo pipefail
 OUT=${OUT:-/tmp/decode_out}
-mkdir -p "$OUT"
+# The device tool brings back at most 8 files: the small ones go to $EXTRA (their content is
+# printed too, so a log of this script's output holds it).
+EXTRA=${EXTRA:-/tmp/decode_extra}
+mkdir -p "$OUT" "$EXTRA"
 SCRIPTS=$(cd "$(dirname "$0")" && pwd)
 BIN=${BIN:-$(dirname "$SCRIPTS")}
 LAYERS=${LAYERS:-32}
@@ -36,8 +41,10 @@ fi
 export CUDA_PATH
 export LD_LIBRARY_PATH="$CUDA_PATH/lib64:${LD_LIBRARY_PATH:-}"
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-date -u +"start %FT%TZ" | tee -a "$OUT/gpu.txt"
+# Binaries may travel xz-compressed (the device tool carries at most 64 MiB).
+for f in "$BIN"/*.xz; do [ -e "$f" ] && [ ! -e "${f%.xz}" ] && xz -dk "$f"; done
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$EXTRA/gpu.txt"
+date -u +"start %FT%TZ" | tee -a "$EXTRA/gpu.txt"
 
 if [ -z "${SKIP_TESTS:-}" ]; then
     echo "== executor CUDA tests (tiny llama / qwen3 vs HF + PEFT; bf16 and f32) =="
@@ -45,12 +52,18 @@ if [ -z "${SKIP_TESTS:-}" ]; then
     LORAC_TINY_FIXTURES="$BIN/fixtures" "$BIN/executor_cuda" --nocapture --test-threads 1 > "$OUT/executor_cuda.log" 2>&1
     echo "exit $? after ${SECONDS} s"
     grep -E "^test |test result|worst|greedy:|divergence|panicked" "$OUT/executor_cuda.log"
+    if [ -x "$BIN/ops" ]; then
+        echo "== CUDA matmul op tests (every route: GEMV, TMA / cyclic tensor cores, tiled) =="
+        "$BIN/ops" --exact cuda_bf16::matmul cuda_f32::matmul cuda_bf16::matmul_cubek cuda_f32::matmul_cubek > "$OUT/ops_matmul.log" 2>&1
+        echo "exit $?"
+        grep -E "^test |test result|panicked" "$OUT/ops_matmul.log"
+    fi
 fi
 
 if { [ -z "${SKIP_OURS:-}" ] || [ -z "${SKIP_HF:-}" ]; } && [ ! -f "$MODEL_DIR/config.json" ]; then
     echo "== random Llama-3-8B-shaped model ($LAYERS layers, bf16) and 8 rank-16 adapters =="
     SECONDS=0
-    python3 "$SCRIPTS/make_bench_model.py" --out "$MODEL_DIR" --layers "$LAYERS" --adapters 8 --rank 16 2>&1 | tee "$OUT/model_gen.log"
+    python3 "$SCRIPTS/make_bench_model.py" --out "$MODEL_DIR" --layers "$LAYERS" --adapters 8 --rank 16 2>&1 | tee "$EXTRA/model_gen.log"
     echo "generated in ${SECONDS} s"
 fi
 ADAPTERS=$(for i in 0 1 2 3 4 5 6 7; do printf "%s " "${MODEL_DIR}_adapters/a$i"; done)
@@ -58,11 +71,11 @@ ADAPTERS=$(for i in 0 1 2 3 4 5 6 7; do printf "%s " "${MODEL_DIR}_adapters/a$i"
 if [ -z "${SKIP_OURS:-}" ]; then
     echo "== lorac compile (bf16) =="
     "$BIN/lorac" compile "$MODEL_DIR" --dtype bf16 --max-lora-rank 16 --max-loras 8 --lora-target-modules all-linear \
-        --max-seqs 64 --max-batch-tokens 4096 --kv-cache-tokens 16384 -o "$OUT/plan.bin" 2>&1 | tee "$OUT/compile.log"
+        --max-seqs 64 --max-batch-tokens 4096 --kv-cache-tokens 16384 -o "$EXTRA/plan.bin" 2>&1 | tee "$EXTRA/compile.log"
     echo "== decode_bench (lorac engine, CUDA, bf16) =="
     SECONDS=0
     # shellcheck disable=SC2086
-    "$BIN/decode_bench" --model "$MODEL_DIR" --plan "$OUT/plan.bin" --adapters $ADAPTERS --batches 1,8,32 --adapter-counts 0,1,8 \
+    "$BIN/decode_bench" --model "$MODEL_DIR" --plan "$EXTRA/plan.bin" --adapters $ADAPTERS --batches 1,8,32 --adapter-counts 0,1,8 \
         --prompt-len 128 --warmup 4 --steps "$NEW_TOKENS" --ops --csv "$OUT/lorac.csv" > "$OUT/lorac.log" 2>&1
     echo "exit $? after ${SECONDS} s"
     grep -vE "^\s*$" "$OUT/lorac.log" | grep -E "^#|^\||^decode_bench|panicked" | head -80

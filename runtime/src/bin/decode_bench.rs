@@ -48,6 +48,12 @@ struct Args {
     steps: usize,
     warmup: usize,
     ops: bool,
+    /// Only the op breakdown (and the matmul sweep), at Llama-3-8B's shapes: no model, plan or
+    /// engine.
+    ops_only: bool,
+    /// Every matmul path (our dispatcher, the tiled kernel, cubek-matmul's strategies) at the
+    /// decode projections.
+    matmul_sweep: bool,
     csv: Option<PathBuf>,
     wgpu_f32: bool,
 }
@@ -67,6 +73,8 @@ fn parse_args() -> Result<Args, String> {
         steps: 64,
         warmup: 8,
         ops: false,
+        ops_only: false,
+        matmul_sweep: false,
         csv: None,
         wgpu_f32: false,
     };
@@ -89,17 +97,19 @@ fn parse_args() -> Result<Args, String> {
             "--warmup" => args.warmup = parse_list("--warmup", &value(&mut it)?)?.first().copied().unwrap_or(0),
             "--csv" => args.csv = Some(PathBuf::from(value(&mut it)?)),
             "--ops" => args.ops = true,
+            "--ops-only" => args.ops_only = true,
+            "--matmul-sweep" => args.matmul_sweep = true,
             "--wgpu-f32" => args.wgpu_f32 = true,
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
-    if args.model.as_os_str().is_empty() || args.plan.as_os_str().is_empty() {
-        return Err("--model DIR and --plan FILE are required".into());
+    if !args.ops_only && (args.model.as_os_str().is_empty() || args.plan.as_os_str().is_empty()) {
+        return Err("--model DIR and --plan FILE are required (or --ops-only)".into());
     }
     if args.prompt_len == 0 || args.steps == 0 || args.batches.contains(&0) {
         return Err("--prompt-len, --steps and every batch must be positive".into());
     }
-    if let Some(&n) = args.adapter_counts.iter().find(|&&n| n > args.adapters.len()) {
+    if let Some(&n) = args.adapter_counts.iter().find(|&&n| !args.ops_only && n > args.adapters.len()) {
         return Err(format!("{n} distinct adapters asked for, {} given with --adapters", args.adapters.len()));
     }
     Ok(args)
@@ -206,6 +216,15 @@ fn readback_ms<R: Runtime, F: EngineElem>(client: &ComputeClient<R>, rows: usize
 }
 
 fn run<R: Runtime, F: EngineElem>(client: ComputeClient<R>, args: &Args) -> Result<(), String> {
+    if args.ops_only {
+        let shapes = OpShapes::LLAMA3_8B;
+        let context = args.prompt_len + args.warmup + args.steps / 2;
+        op_breakdown::<R, F>(&client, &shapes, &args.batches, context, 32)?;
+        if args.matmul_sweep {
+            matmul_sweep::<R, F>(&client, &shapes, &args.batches)?;
+        }
+        return Ok(());
+    }
     let plan_bytes = std::fs::read(&args.plan).map_err(|e| format!("cannot read {}: {e}", args.plan.display()))?;
     let plan = lorac_plan::decode(&plan_bytes).map_err(|e| format!("{}: {e}", args.plan.display()))?;
     let vocab = plan.model.vocab_size as usize;
@@ -289,6 +308,9 @@ fn run<R: Runtime, F: EngineElem>(client: ComputeClient<R>, args: &Args) -> Resu
         let shapes = OpShapes::read(&args.model, &plan)?;
         let context = args.prompt_len + args.warmup + args.steps / 2;
         op_breakdown::<R, F>(&client, &shapes, &args.batches, context, plan.model.num_layers as usize)?;
+        if args.matmul_sweep {
+            matmul_sweep::<R, F>(&client, &shapes, &args.batches)?;
+        }
     }
     std::io::stdout().flush().ok();
     Ok(())
@@ -305,6 +327,22 @@ struct OpShapes {
 }
 
 impl OpShapes {
+    /// Meta-Llama-3-8B.
+    const LLAMA3_8B: OpShapes = OpShapes { hidden: 4096, q_heads: 32, kv_heads: 8, head_dim: 128, inter: 14336, vocab: 128256 };
+
+    /// `(name, out, in)` of the decode step's projections.
+    fn linears(&self) -> [(&'static str, usize, usize); 5] {
+        let d = self.head_dim as usize;
+        let qkv = (self.q_heads as usize + 2 * self.kv_heads as usize) * d;
+        [
+            ("qkv_proj", qkv, self.hidden),
+            ("o_proj", self.hidden, self.q_heads as usize * d),
+            ("gate_up_proj", 2 * self.inter, self.hidden),
+            ("down_proj", self.hidden, self.inter),
+            ("lm_head", self.vocab, self.hidden),
+        ]
+    }
+
     fn read(dir: &Path, plan: &lorac_plan::Plan) -> Result<OpShapes, String> {
         let mut shapes = std::collections::HashMap::new();
         let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -361,13 +399,7 @@ fn op_breakdown<R: Runtime, F: EngineElem>(
 ) -> Result<(), String> {
     let d = s.head_dim as usize;
     let qkv = (s.q_heads as usize + 2 * s.kv_heads as usize) * d;
-    let linears = [
-        ("qkv_proj", qkv, s.hidden, layers),
-        ("o_proj", s.hidden, s.q_heads as usize * d, layers),
-        ("gate_up_proj", 2 * s.inter, s.hidden, layers),
-        ("down_proj", s.hidden, s.inter, layers),
-        ("lm_head", s.vocab, s.hidden, 1),
-    ];
+    let linears = s.linears().map(|(name, n, k)| (name, n, k, if name == "lm_head" { 1 } else { layers }));
     // One random host pool, sliced for every weight copy (distinct device buffers defeat L2).
     let largest = linears.iter().map(|(_, n, k, _)| n * k).max().unwrap_or(0);
     let mut rng = Rng::new(11);
@@ -417,6 +449,91 @@ fn op_breakdown<R: Runtime, F: EngineElem>(
             us * layers as f64 / 1e3
         );
         println!("| {m} | **sum of the above per step** | | | {per_step_ms:.3} |");
+    }
+    Ok(())
+}
+
+/// One launch of a matmul path: the weight copy to use (by launch index) and the output.
+type MatmulCall<'a, F> = dyn FnMut(usize, &mut DeviceBuffer<F>) -> Result<(), String> + 'a;
+
+/// Every matmul path at the decode projections (lm_head left out): our dispatcher
+/// (`launch_matmul`), the tiled kernel, and cubek-matmul's strategies, µs per launch (as in
+/// [`op_breakdown`]) and the relative error against the tiled kernel's output. A strategy
+/// cubek refuses, or that panics, is reported as such.
+fn matmul_sweep<R: Runtime, F: EngineElem>(client: &ComputeClient<R>, s: &OpShapes, batches: &[usize]) -> Result<(), String> {
+    use cubek_matmul::launch::Strategy;
+    let strategies: Vec<(&str, Strategy)> = vec![
+        ("simple_cyclic_cmma", Strategy::SimpleCyclicCmma(Default::default())),
+        ("simple_cyclic_mma", Strategy::SimpleCyclicMma(Default::default())),
+        ("simple_async_cyclic_cmma", Strategy::SimpleAsyncCyclicCmma(Default::default())),
+        ("double_cyclic_cmma", Strategy::DoubleCyclicCmma(Default::default())),
+        ("double_cyclic_mma", Strategy::DoubleCyclicMma(Default::default())),
+        ("simple_tma_mma", Strategy::SimpleTmaMma(Default::default())),
+        ("double_tma_mma", Strategy::DoubleTmaMma(Default::default())),
+        ("specialized_tma_mma", Strategy::SpecializedTmaMma(Default::default())),
+        ("ordered_double_mma", Strategy::OrderedDoubleMma(Default::default())),
+        ("simple_unit", Strategy::SimpleUnit(Default::default())),
+        ("double_unit", Strategy::DoubleUnit(Default::default())),
+        ("simple_vecmat", Strategy::SimpleVecMat(Default::default())),
+        ("double_vecmat", Strategy::DoubleVecMat(Default::default())),
+        ("gemv_unit_perpendicular", Strategy::GemvUnitPerpendicular(Default::default())),
+        ("gemv_plane_parallel", Strategy::GemvPlaneParallel(Default::default())),
+        ("auto", Strategy::Auto),
+    ];
+    let mut rng = Rng::new(13);
+    let largest = s.linears().iter().filter(|l| l.0 != "lm_head").map(|(_, n, k)| n * k).max().unwrap_or(0);
+    let pool: Vec<F> = (0..largest).map(|_| F::from_f32((rng.value() * 0.05) as f32)).collect();
+    println!("\n# matmul sweep: µs per launch (L2 defeated), relative error against the tiled kernel");
+    println!("| batch | op | path | µs | GB/s | rel. err |");
+    println!("|---|---|---|---|---|---|");
+    for &m in batches {
+        for (name, n, k) in s.linears().into_iter().filter(|l| l.0 != "lm_head") {
+            let bytes = n * k * size_of::<F>();
+            let copies = (4 * L2_BYTES).div_ceil(bytes).clamp(1, 8);
+            let weights: Vec<DeviceBuffer<F>> = (0..copies).map(|_| DeviceBuffer::upload(client, &pool[..n * k])).collect();
+            let x = DeviceBuffer::upload(client, &pool[pool.len() - m * k..]);
+            let mut y = DeviceBuffer::<F>::empty(client, m * n);
+            matmul::launch_matmul(client, &x, &weights[0], &mut y, m, n, k, Some(matmul::MatmulConfig::new(m)))
+                .map_err(|e| e.to_string())?;
+            let want: Vec<f64> = y.read(client).into_iter().map(|v| f64::from(EngineElem::to_f32(v))).collect();
+            let report = |path: &str, call: &mut MatmulCall<'_, F>| {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(f64, f64), String> {
+                    let mut out = DeviceBuffer::<F>::empty(client, m * n);
+                    call(0, &mut out)?;
+                    let got = out.read(client);
+                    let (mut num, mut den) = (0.0f64, 0.0f64);
+                    for (g, w) in got.iter().zip(&want) {
+                        num += (f64::from(EngineElem::to_f32(*g)) - w).powi(2);
+                        den += w * w;
+                    }
+                    let us = time_us(client, 50, |i| call(i, &mut out))?;
+                    Ok((us, (num / den.max(1e-30)).sqrt()))
+                }));
+                match outcome {
+                    Ok(Ok((us, err))) => {
+                        println!("| {m} | {name} ({n}×{k}) | {path} | {us:.1} | {:.0} | {err:.1e} |", bytes as f64 / us / 1e3)
+                    }
+                    Ok(Err(e)) => println!(
+                        "| {m} | {name} ({n}×{k}) | {path} | refused: {} | | |",
+                        e.lines().next().unwrap_or("").chars().take(90).collect::<String>()
+                    ),
+                    Err(_) => println!("| {m} | {name} ({n}×{k}) | {path} | panicked | | |"),
+                }
+                std::io::stdout().flush().ok();
+            };
+            report("dispatch (launch_matmul)", &mut |i, out| {
+                matmul::launch_matmul(client, &x, &weights[i % copies], out, m, n, k, None).map_err(|e| e.to_string())
+            });
+            report("tiled kernel", &mut |i, out| {
+                matmul::launch_matmul(client, &x, &weights[i % copies], out, m, n, k, Some(matmul::MatmulConfig::new(m)))
+                    .map_err(|e| e.to_string())
+            });
+            for (label, strategy) in &strategies {
+                report(label, &mut |i, out| {
+                    matmul::launch_matmul_cubek(client, &x, &weights[i % copies], out, m, n, k, strategy).map_err(|e| e.to_string())
+                });
+            }
+        }
     }
     Ok(())
 }
