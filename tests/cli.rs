@@ -86,3 +86,34 @@ fn bad_input_is_one_clear_line() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--dtype` converts the float32 tiny checkpoint's plan to bf16 (weights, activations, KV
+/// cache and, by default, the adapter pool); `--lora-dtype` still overrides the pool.
+#[test]
+fn compile_dtype_overrides_the_config() {
+    let dir = std::env::temp_dir().join(format!("lorac-cli-dtype-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plan = dir.join("plan.bin");
+    let model = common::tiny("llama");
+    let inspect = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["compile", model.to_str().unwrap(), "-o", plan.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (ok, _, stderr) = lorac(&args);
+        assert!(ok, "{stderr}");
+        let (ok, stdout, stderr) = lorac(&["inspect", plan.to_str().unwrap(), "--json"]);
+        assert!(ok, "{stderr}");
+        serde_json::from_str(&stdout).unwrap()
+    };
+    let f32 = inspect(&[]);
+    let bf16 = inspect(&["--dtype", "bf16"]);
+    assert_eq!((&f32["model"]["dtype"], &f32["lora"]["dtype"]), (&serde_json::json!("f32"), &serde_json::json!("f32")));
+    assert_eq!((&bf16["model"]["dtype"], &bf16["lora"]["dtype"]), (&serde_json::json!("bf16"), &serde_json::json!("bf16")));
+    let bytes = |r: &serde_json::Value, key: &str| r["ranks"][0]["memory"][key].as_u64().unwrap();
+    assert_eq!(bytes(&f32, "weights"), 2 * bytes(&bf16, "weights"));
+    assert_eq!(bytes(&f32, "kv_cache"), 2 * bytes(&bf16, "kv_cache"));
+    let mixed = inspect(&["--dtype", "bf16", "--lora-dtype", "f32"]);
+    assert_eq!((&mixed["model"]["dtype"], &mixed["lora"]["dtype"]), (&serde_json::json!("bf16"), &serde_json::json!("f32")));
+    let (ok, _, stderr) = lorac(&["compile", model.to_str().unwrap(), "--dtype", "int8", "-o", plan.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("--dtype"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}

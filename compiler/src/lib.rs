@@ -61,6 +61,16 @@ pub fn compile_spec(
     checkpoint: Option<&std::collections::BTreeMap<String, Vec<u64>>>,
 ) -> Result<Plan, CompileError> {
     opts.validate()?;
+    // `--dtype` replaces the checkpoint's dtype everywhere the spec's is read (weight bytes,
+    // kernel dtypes, activations, caches, the adapter pool's default).
+    let converted;
+    let spec = match opts.model_dtype(spec.dtype)? {
+        dtype if dtype != spec.dtype => {
+            converted = ModelSpec { dtype, ..spec.clone() };
+            &converted
+        }
+        _ => spec,
+    };
     let (tp, ep) = (opts.tp.get(), opts.ep.get());
     let lora_dtype = opts.lora_dtype.unwrap_or(spec.dtype.activation());
 

@@ -21,6 +21,10 @@ pub struct CompileOptions {
     pub kv_cache_tokens: u64,
     /// Tokens per KV-cache page.
     pub kv_page_size: NonZeroU32,
+    /// Weight and activation dtype (the KV cache's too), overriding the config's `dtype` /
+    /// `torch_dtype`: the runtime converts the checkpoint's float tensors when it uploads them.
+    /// None keeps the config's. Only float dtypes (f32, bf16, f16) of float checkpoints.
+    pub dtype: Option<DType>,
     /// Adapter pool dtype; the model's compute dtype (`DType::activation`) when None.
     pub lora_dtype: Option<DType>,
 }
@@ -39,6 +43,7 @@ impl CompileOptions {
             max_seqs: NonZeroU32::new(256).expect("non-zero"),
             kv_cache_tokens: 256 * 4096,
             kv_page_size: NonZeroU32::new(16).expect("non-zero"),
+            dtype: None,
             lora_dtype: None,
         })
     }
@@ -67,7 +72,30 @@ impl CompileOptions {
                 message: format!("{} is not a positive multiple of the KV page size ({page} tokens, --kv-page-size)", self.kv_cache_tokens),
             });
         }
+        if let Some(dtype) = self.dtype
+            && !matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        {
+            return Err(CompileError::Option {
+                option: "--dtype",
+                message: format!("{dtype} is not a float dtype (expected f32, bf16 or f16)"),
+            });
+        }
         Ok(())
+    }
+
+    /// The dtype weights and activations run in: `--dtype` over the config's. A config that
+    /// declares fp8 weights keeps it (they are not converted); fp8 linears of a quantised
+    /// checkpoint (`quantization_config`) keep their format whatever the model dtype.
+    pub fn model_dtype(&self, checkpoint: DType) -> Result<DType, CompileError> {
+        match self.dtype {
+            None => Ok(checkpoint),
+            Some(dtype) if dtype == checkpoint => Ok(checkpoint),
+            Some(dtype) if checkpoint == DType::F8E4M3 => Err(CompileError::Option {
+                option: "--dtype",
+                message: format!("the checkpoint stores {checkpoint} (block-quantised) weights, which are not converted to {dtype}"),
+            }),
+            Some(dtype) => Ok(dtype),
+        }
     }
 }
 

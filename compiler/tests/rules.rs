@@ -250,3 +250,27 @@ fn softmax_scales_by_hand() {
     // Nemotron-H attention layers: attention_head_dim 128.
     assert_eq!(plan_with("nvidia__Nemotron-H-56B-Base-8K.json", opts).model.softmax_scale, Some(1.0 / 128f64.sqrt()));
 }
+
+#[test]
+fn dtype_overrides_the_config() {
+    let bf16 = plan(LLAMA, 1, &["all"]);
+    let mut opts = CompileOptions::new(1, 16, 8, &["all"]).unwrap();
+    opts.dtype = Some(lorac_plan::DType::F32);
+    let f32 = plan_with(LLAMA, opts.clone());
+    assert_eq!((bf16.model.dtype, bf16.lora.dtype), (lorac_plan::DType::BF16, lorac_plan::DType::BF16));
+    // Weights, KV cache and adapter pool all follow the override (4 bytes instead of 2).
+    assert_eq!((f32.model.dtype, f32.lora.dtype), (lorac_plan::DType::F32, lorac_plan::DType::F32));
+    let (m16, m32) = (&bf16.ranks[0].memory, &f32.ranks[0].memory);
+    assert_eq!((m32.weights, m32.kv_cache, m32.lora_pool), (2 * m16.weights, 2 * m16.kv_cache, 2 * m16.lora_pool));
+    // --lora-dtype still wins for the adapter pool.
+    opts.lora_dtype = Some(lorac_plan::DType::BF16);
+    assert_eq!(plan_with(LLAMA, opts.clone()).lora.dtype, lorac_plan::DType::BF16);
+    // Only float dtypes.
+    opts.dtype = Some(lorac_plan::DType::I32);
+    let err = compile(&config(LLAMA), &opts).unwrap_err().to_string();
+    assert_eq!(err, "--dtype: i32 is not a float dtype (expected f32, bf16 or f16)");
+    // fp8-declared weights are not converted.
+    opts.dtype = Some(lorac_plan::DType::BF16);
+    let err = opts.model_dtype(lorac_plan::DType::F8E4M3).unwrap_err().to_string();
+    assert_eq!(err, "--dtype: the checkpoint stores f8e4m3 (block-quantised) weights, which are not converted to bf16");
+}

@@ -70,6 +70,23 @@ pub fn matmul<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         launch_matmul(client, &DeviceBuffer::upload(client, &x), &DeviceBuffer::upload(client, &w), &mut y, m, n, k, config).unwrap();
         check_close(&what, &to_f64(&y.read(client)), &reference_matmul(&x64, &w64, m, n, k), F::TOLERANCE);
     }
+    // Decode sizes past the GEMV range on model-like shapes (multiples of 8): half precision
+    // takes the TMA tensor-core kernel where the device has it (up to DECODE_TMA_MAX_M), the
+    // cyclic one or the tiled kernel elsewhere; the result must not depend on the route.
+    for (i, m) in [9usize, 16, 24, 32].into_iter().enumerate() {
+        let rng = &mut Rng::new(1150 + i as u64);
+        let (n, k) = (96, 264);
+        let (x, x64) = rng.tensor::<F>(m * k, 1.0);
+        let (w, w64) = rng.tensor::<F>(n * k, 1.0);
+        let mut y = nan_buffer::<R, F>(client, m * n);
+        launch_matmul(client, &DeviceBuffer::upload(client, &x), &DeviceBuffer::upload(client, &w), &mut y, m, n, k, None).unwrap();
+        check_close(
+            &format!("matmul auto m {m} n {n} k {k}"),
+            &to_f64(&y.read(client)),
+            &reference_matmul(&x64, &w64, m, n, k),
+            F::TOLERANCE,
+        );
+    }
     // Every decode size through the GEMV path (config None, m ≤ 8), vectorised and not.
     for m in 1..=8usize {
         let rng = &mut Rng::new(1100 + m as u64);

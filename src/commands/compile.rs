@@ -36,9 +36,13 @@ pub struct Args {
     /// Tokens per KV-cache page.
     #[arg(long, default_value_t = 16)]
     kv_page_size: u32,
+    /// Weight and activation dtype (default: the config's dtype / torch_dtype); the runtime
+    /// converts the checkpoint's float weights when it loads them. Not for fp8 checkpoints.
+    #[arg(long, value_enum)]
+    dtype: Option<FloatDType>,
     /// Adapter pool dtype (default: the model's compute dtype, bf16 for fp8 checkpoints).
     #[arg(long, value_enum)]
-    lora_dtype: Option<LoraDType>,
+    lora_dtype: Option<FloatDType>,
     /// Where to write the plan.
     #[arg(short, long, default_value = "plan.bin")]
     output: PathBuf,
@@ -51,10 +55,20 @@ enum MoeLora {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum LoraDType {
+enum FloatDType {
     F32,
     Bf16,
     F16,
+}
+
+impl FloatDType {
+    fn dtype(self) -> DType {
+        match self {
+            FloatDType::F32 => DType::F32,
+            FloatDType::Bf16 => DType::BF16,
+            FloatDType::F16 => DType::F16,
+        }
+    }
 }
 
 pub fn options(args: &Args) -> Result<CompileOptions, lorac_compiler::CompileError> {
@@ -73,11 +87,8 @@ pub fn options(args: &Args) -> Result<CompileOptions, lorac_compiler::CompileErr
         max_seqs,
         kv_cache_tokens: args.kv_cache_tokens.unwrap_or(u64::from(max_seqs.get()) * 4096),
         kv_page_size: nonzero("--kv-page-size", args.kv_page_size)?,
-        lora_dtype: args.lora_dtype.map(|d| match d {
-            LoraDType::F32 => DType::F32,
-            LoraDType::Bf16 => DType::BF16,
-            LoraDType::F16 => DType::F16,
-        }),
+        dtype: args.dtype.map(FloatDType::dtype),
+        lora_dtype: args.lora_dtype.map(FloatDType::dtype),
     })
 }
 

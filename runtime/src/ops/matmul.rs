@@ -12,9 +12,11 @@
 //! `rows × M` partial sums tree-reduced in shared memory; the grid spreads over N.
 //!
 //! Half-precision storage (bf16 / f16) with M past the GEMV range goes to cubek-matmul's
-//! tensor-core kernel (`SimpleCyclicCmma`), W passed as the column-major `[K, N]` right-hand
-//! side (strides `[1, K]`), so the HF layout needs no transpose; where cubek reports the
-//! problem or device unsupported (no tensor cores: wgpu/lavapipe), the tiled kernel runs.
+//! tensor-core kernels, W passed as the column-major `[K, N]` right-hand side (strides
+//! `[1, K]`), so the HF layout needs no transpose: `SpecializedTmaMma` (warp-specialised, TMA
+//! loads) up to [`DECODE_TMA_MAX_M`] rows, `SimpleCyclicCmma` past it; where cubek reports the
+//! problem or device unsupported (no TMA: anything before Hopper; no tensor cores:
+//! wgpu/lavapipe), the next one, then the tiled kernel, runs.
 //! f32 storage never takes cubek's tensor cores (they would compute in tf32).
 
 use cubecl::prelude::*;
@@ -181,6 +183,9 @@ pub struct GemvConfig {
 
 /// Largest M the GEMV path takes.
 pub const GEMV_MAX_M: usize = 8;
+
+/// Largest M sent to cubek's `SpecializedTmaMma` (half precision); measured for M = 16 and 32.
+pub const DECODE_TMA_MAX_M: usize = 32;
 
 #[cube(launch_unchecked)]
 fn gemv_kernel<F: Float, N: Size>(
@@ -365,11 +370,23 @@ pub fn launch_matmul<R: Runtime, F: Float + CubeElement>(
         return launch_gemv(client, x, w, y, m, n, k);
     }
     // Tensor cores for the model-sized shapes (every projection of a real model is a multiple
-    // of 8 both ways); odd test shapes stay on the tiled kernel.
-    if config.is_none() && size_of::<F>() == 2 && m >= 16 && n % 8 == 0 && k % 8 == 0 && k > 0 {
-        let cmma = Strategy::SimpleCyclicCmma(Default::default());
-        if launch_matmul_cubek(client, x, w, y, m, n, k, &cmma).is_ok() {
-            return Ok(());
+    // of 8 both ways); odd test shapes stay on the tiled kernel. Decode-sized M past the GEMV
+    // range takes cubek's warp-specialised TMA kernel where the device has TMA (Hopper): on an
+    // H100 at Llama-3-8B's projections and M = 16 or 32 it ran 2.7–3× faster than
+    // `SimpleCyclicCmma` (qkv 82 vs 227 µs, down 255 vs 769 µs; runtime/BENCHMARKS.md, decode
+    // section). Where cubek refuses it, the cyclic CMMA kernel, then the tiled one, runs.
+    if config.is_none() && size_of::<F>() == 2 && m > GEMV_MAX_M && n.is_multiple_of(8) && k.is_multiple_of(8) && k > 0 {
+        if m <= DECODE_TMA_MAX_M {
+            let tma = Strategy::SpecializedTmaMma(Default::default());
+            if launch_matmul_cubek(client, x, w, y, m, n, k, &tma).is_ok() {
+                return Ok(());
+            }
+        }
+        if m >= 16 {
+            let cmma = Strategy::SimpleCyclicCmma(Default::default());
+            if launch_matmul_cubek(client, x, w, y, m, n, k, &cmma).is_ok() {
+                return Ok(());
+            }
         }
     }
     let cfg = config.unwrap_or_else(|| MatmulConfig::new(m));

@@ -1,0 +1,292 @@
+//! The plan executor on CUDA against the HF + PEFT references of the tiny fixtures
+//! (tests/fixtures/tiny, float32 references computed by transformers + PEFT on the CPU):
+//!
+//! * bf16 engines (plans compiled with `dtype = bf16`: weights converted on upload, bf16 KV
+//!   cache and adapter pool, f32 accumulation): the mixed-adapter batch [A, B, C, base, A] as
+//!   one prefill step, KL(ref ‖ ours) < 1e-2 per token, max |Δlogit| reported; 8 greedy tokens
+//!   per row by decode steps over the paged KV cache, which must agree with the reference
+//!   wherever the reference's top-1/top-2 margin exceeds twice the measured logit error; the
+//!   last-position logits of every prompt under every adapter;
+//! * f32 engines on CUDA at the wgpu tests' tolerance (KL and |Δlogit| < 1e-3).
+//!
+//! Built only with `--features cuda-tests` (needs an NVIDIA GPU). The device machine has no
+//! source tree: `LORAC_TINY_FIXTURES` overrides the fixture directory (default
+//! `tests/fixtures/tiny` of this checkout). Run with `--nocapture` to see the numbers.
+#![cfg(feature = "cuda-tests")]
+
+use std::path::{Path, PathBuf};
+
+use cubecl::cuda::CudaRuntime;
+use cubecl::prelude::*;
+use lorac_plan::DType;
+use lorac_runtime::executor::{Engine, EngineElem, LogitsMode, SeqInput};
+use safetensors::SafeTensors;
+
+type Rt = CudaRuntime;
+
+/// KL(ref ‖ ours) per token for bf16 engines.
+const BF16_KL_TOL: f64 = 1e-2;
+/// The f32 tolerances of the wgpu executor tests.
+const F32_KL_TOL: f64 = 1e-3;
+const F32_DELTA_TOL: f64 = 1e-3;
+
+fn fixture(model: &str) -> PathBuf {
+    let root = std::env::var_os("LORAC_TINY_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny"));
+    root.join(model)
+}
+
+/// The executor tests' plan (tp 1, rank 16, 4 slots, every target), in `dtype` (None keeps
+/// the fixture's float32).
+fn plan_for(dir: &Path, dtype: Option<DType>) -> lorac_plan::Plan {
+    let mut opts = lorac_compiler::CompileOptions::new(1, 16, 4, &["all"]).expect("options");
+    opts.max_batch_tokens = std::num::NonZeroU32::new(256).unwrap();
+    opts.max_seqs = std::num::NonZeroU32::new(8).unwrap();
+    opts.kv_cache_tokens = 2048;
+    opts.dtype = dtype;
+    lorac_compiler::compile(dir, &opts).expect("compile")
+}
+
+struct Row {
+    input_ids: Vec<u32>,
+    adapter: Option<String>,
+    generated: Vec<u32>,
+    margins: Vec<f64>,
+}
+
+struct Reference {
+    rows: Vec<Row>,
+    tensors: Vec<u8>,
+}
+
+impl Reference {
+    fn load(dir: &Path) -> Reference {
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+        let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
+        let rows = json["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| Row {
+                input_ids: ids(&r["input_ids"]),
+                adapter: r["adapter"].as_str().map(str::to_string),
+                generated: ids(&r["generated_ids"]),
+                margins: r["greedy_top1_top2_margins"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect(),
+            })
+            .collect();
+        Reference { rows, tensors: std::fs::read(dir.join("reference.safetensors")).unwrap() }
+    }
+
+    fn tensor(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
+        let st = SafeTensors::deserialize(&self.tensors).unwrap();
+        let t = st.tensor(name).unwrap_or_else(|_| panic!("reference tensor {name}"));
+        (t.shape().to_vec(), t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+}
+
+/// Slots of the fixture adapters: A → 0, B → 1, C → 2.
+fn slot_of(adapter: &Option<String>) -> Option<u32> {
+    adapter.as_deref().map(|a| match a {
+        "A" => 0,
+        "B" => 1,
+        "C" => 2,
+        other => panic!("unknown adapter {other}"),
+    })
+}
+
+fn engine<F: EngineElem>(model: &str) -> Engine<Rt, F> {
+    let dir = fixture(model);
+    let dtype = (F::DTYPE != DType::F32).then_some(F::DTYPE);
+    let client = Rt::client(&Default::default());
+    let mut e = Engine::<Rt, F>::new(client, plan_for(&dir, dtype), &dir).expect("engine");
+    for (slot, name) in ["A", "B", "C"].iter().enumerate() {
+        e.load_adapter(slot as u32, &dir.join("adapters").join(name)).unwrap_or_else(|err| panic!("adapter {name}: {err}"));
+    }
+    e
+}
+
+/// (max |Δlogit|, max per-token KL(ref ‖ ours)) over rows of `vocab`.
+fn compare(ours: &[f32], reference: &[f32], vocab: usize) -> (f64, f64) {
+    assert_eq!(ours.len(), reference.len());
+    let mut max_delta = 0.0f64;
+    let mut max_kl = 0.0f64;
+    for (o, r) in ours.chunks(vocab).zip(reference.chunks(vocab)) {
+        let log_softmax = |x: &[f32]| {
+            let m = x.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+            let lse = m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            x.iter().map(|&v| v as f64 - lse).collect::<Vec<_>>()
+        };
+        let (lo, lr) = (log_softmax(o), log_softmax(r));
+        let kl: f64 = lr.iter().zip(&lo).map(|(r, o)| r.exp() * (r - o)).sum();
+        max_kl = max_kl.max(kl);
+        for (a, b) in o.iter().zip(r) {
+            assert!(a.is_finite(), "non-finite logit");
+            max_delta = max_delta.max((*a as f64 - *b as f64).abs());
+        }
+    }
+    (max_delta, max_kl)
+}
+
+/// Tolerances of one engine dtype: KL per token, and |Δlogit| when it is asserted (bf16 only
+/// reports it).
+fn tolerances<F: EngineElem>() -> (f64, Option<f64>) {
+    if F::DTYPE == DType::F32 { (F32_KL_TOL, Some(F32_DELTA_TOL)) } else { (BF16_KL_TOL, None) }
+}
+
+/// The mixed batch [A, B, C, base, A] as one prefill step against HF + PEFT's full-sequence
+/// logits, then greedy decode steps of all five rows at once against HF's generations.
+fn mixed_batch_matches_reference<F: EngineElem>(model: &str) {
+    let dir = fixture(model);
+    let reference = Reference::load(&dir);
+    let (kl_tol, delta_tol) = tolerances::<F>();
+    let mut e = engine::<F>(model);
+    let seqs: Vec<_> = reference.rows.iter().map(|_| e.add_sequence()).collect();
+    let batch: Vec<SeqInput> = reference
+        .rows
+        .iter()
+        .zip(&seqs)
+        .map(|(r, &seq)| SeqInput { seq, position: 0, tokens: r.input_ids.clone(), adapter: slot_of(&r.adapter) })
+        .collect();
+    let out = e.step(&batch, LogitsMode::All).expect("prefill step");
+    let vocab = e.plan().model.vocab_size as usize;
+    let dtype = F::DTYPE;
+    let (mut worst_delta, mut worst_kl) = (0.0f64, 0.0f64);
+    for (i, row) in reference.rows.iter().enumerate() {
+        let (shape, want) = reference.tensor(&format!("row{i}.logits"));
+        assert_eq!(shape, vec![row.input_ids.len(), vocab]);
+        let (delta, kl) = compare(&out.logits[i], &want, vocab);
+        println!(
+            "cuda {dtype} {model} row {i} (adapter {:?}, {} tokens): max |Δlogit| {delta:.3e}, max KL/token {kl:.3e}",
+            row.adapter,
+            row.input_ids.len()
+        );
+        assert!(kl < kl_tol, "{dtype} {model} row {i}: KL {kl:e} ≥ {kl_tol:e}");
+        if let Some(tol) = delta_tol {
+            assert!(delta < tol, "{dtype} {model} row {i}: max |Δlogit| {delta:e} ≥ {tol:e}");
+        }
+        worst_delta = worst_delta.max(delta);
+        worst_kl = worst_kl.max(kl);
+    }
+    println!("cuda {dtype} {model} prefill: worst max |Δlogit| {worst_delta:.3e}, worst KL/token {worst_kl:.3e}");
+
+    let mut generated: Vec<Vec<u32>> = out.next_tokens.iter().map(|&t| vec![t]).collect();
+    let new_tokens = reference.rows[0].generated.len();
+    for _ in 1..new_tokens {
+        let batch: Vec<SeqInput> = reference
+            .rows
+            .iter()
+            .zip(&seqs)
+            .zip(&generated)
+            .map(|((r, &seq), g)| SeqInput {
+                seq,
+                position: (r.input_ids.len() + g.len() - 1) as u32,
+                tokens: vec![*g.last().unwrap()],
+                adapter: slot_of(&r.adapter),
+            })
+            .collect();
+        let out = e.step(&batch, LogitsMode::Last).expect("decode step");
+        for (g, t) in generated.iter_mut().zip(out.next_tokens) {
+            g.push(t);
+        }
+    }
+    // A greedy flip is excusable only where the reference's own top-1/top-2 margin is within
+    // the logit error this engine showed (twice the worst |Δlogit|: both logits may move).
+    let excusable = 2.0 * worst_delta;
+    let (mut agreed, mut compared) = (0usize, 0usize);
+    for (i, (row, got)) in reference.rows.iter().zip(&generated).enumerate() {
+        let first_flip = got.iter().zip(&row.generated).position(|(a, b)| a != b);
+        let checked = first_flip.map_or(got.len(), |p| p + 1);
+        agreed += first_flip.unwrap_or(got.len());
+        compared += checked;
+        let min_margin = row.margins[..checked].iter().cloned().fold(f64::INFINITY, f64::min);
+        println!(
+            "cuda {dtype} {model} row {i}: generated {got:?}, reference {:?}, smallest reference margin up to the first flip {min_margin:.3e}",
+            row.generated
+        );
+        if let Some(p) = first_flip {
+            let margin = row.margins[p];
+            println!(
+                "cuda {dtype} {model} row {i}: first divergence at token {p}, reference margin {margin:.3e} (excusable below {excusable:.3e})"
+            );
+            assert!(margin < excusable, "{dtype} {model} row {i}: greedy token {p} differs with a reference margin of {margin:e}");
+        }
+    }
+    println!("cuda {dtype} {model} greedy: {agreed} of {compared} compared tokens agree (a row stops at its first excused flip)");
+}
+
+/// Every prompt under every adapter (and the base model) in one `Last` step per adapter,
+/// against `adapter_X.last_logits` / `base.last_logits`.
+fn last_logits_per_adapter<F: EngineElem>(model: &str) {
+    let reference = Reference::load(&fixture(model));
+    let (kl_tol, delta_tol) = tolerances::<F>();
+    let mut e = engine::<F>(model);
+    let vocab = e.plan().model.vocab_size as usize;
+    for (name, slot) in [("adapter_A", Some(0)), ("adapter_B", Some(1)), ("adapter_C", Some(2)), ("base", None)] {
+        let batch: Vec<SeqInput> = reference
+            .rows
+            .iter()
+            .map(|r| SeqInput { seq: e.add_sequence(), position: 0, tokens: r.input_ids.clone(), adapter: slot })
+            .collect();
+        let out = e.step(&batch, LogitsMode::Last).expect("step");
+        let (shape, want) = reference.tensor(&format!("{name}.last_logits"));
+        assert_eq!(shape, vec![reference.rows.len(), vocab]);
+        let (delta, kl) = compare(&out.logits.concat(), &want, vocab);
+        println!("cuda {} {model} {name}: last-position max |Δlogit| {delta:.3e}, max KL {kl:.3e}", F::DTYPE);
+        assert!(kl < kl_tol, "{model} {name}: KL {kl:e}");
+        if let Some(tol) = delta_tol {
+            assert!(delta < tol, "{model} {name}: Δ {delta:e}");
+        }
+    }
+}
+
+#[test]
+fn cuda_bf16_llama_mixed_batch_matches_reference() {
+    mixed_batch_matches_reference::<half::bf16>("llama");
+}
+
+#[test]
+fn cuda_bf16_qwen3_mixed_batch_matches_reference() {
+    mixed_batch_matches_reference::<half::bf16>("qwen3");
+}
+
+#[test]
+fn cuda_bf16_llama_last_logits_per_adapter() {
+    last_logits_per_adapter::<half::bf16>("llama");
+}
+
+#[test]
+fn cuda_bf16_qwen3_last_logits_per_adapter() {
+    last_logits_per_adapter::<half::bf16>("qwen3");
+}
+
+#[test]
+fn cuda_f32_llama_mixed_batch_matches_reference() {
+    mixed_batch_matches_reference::<f32>("llama");
+}
+
+#[test]
+fn cuda_f32_qwen3_mixed_batch_matches_reference() {
+    mixed_batch_matches_reference::<f32>("qwen3");
+}
+
+#[test]
+fn cuda_f32_qwen3_last_logits_per_adapter() {
+    last_logits_per_adapter::<f32>("qwen3");
+}
+
+/// The compiler's `dtype` option is what makes a bf16 engine possible on a float32 checkpoint:
+/// the plan without it is refused by a bf16 engine, with an error naming both dtypes.
+#[test]
+fn cuda_bf16_engine_refuses_an_f32_plan() {
+    let dir = fixture("llama");
+    let client = Rt::client(&Default::default());
+    match Engine::<Rt, half::bf16>::new(client, plan_for(&dir, None), &dir) {
+        Err(err) => {
+            let msg = err.to_string();
+            println!("{msg}");
+            assert!(msg.contains("f32") && msg.contains("bf16"), "{msg}");
+        }
+        Ok(_) => panic!("a bf16 engine accepted an f32 plan"),
+    }
+}
