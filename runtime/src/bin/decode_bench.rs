@@ -192,7 +192,8 @@ fn run_sequences<R: Runtime, F: EngineElem>(
             .map(|(i, (&seq, &tok))| SeqInput { seq, position: (prompt_len + step) as u32, tokens: vec![tok], adapter: slot(i, n) })
             .collect();
         let t0 = Instant::now();
-        let out = engine.step(&batch, LogitsMode::Last).map_err(|e| format!("decode step {step}: {e}"))?;
+        // Greedy decode as the server runs it: next tokens only, logits stay on the device.
+        let out = engine.step(&batch, LogitsMode::NextTokens).map_err(|e| format!("decode step {step}: {e}"))?;
         if step >= warmup {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
