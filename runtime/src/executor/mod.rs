@@ -865,9 +865,12 @@ fn load_weights<R: Runtime, F: EngineElem>(
         }
         Ok(upload_tensor(client, &w))
     };
-    let embed = upload_tensor(client, &ckpt.tensor_f32(&names.embed, &[v, h])?);
-    let lm_head =
-        if names.lm_head == names.embed { embed.clone() } else { upload_tensor(client, &ckpt.tensor_f32(&names.lm_head, &[v, h])?) };
+    let embed = DeviceBuffer::upload(client, &ckpt.tensor::<F>(&names.embed, &[v, h])?);
+    let lm_head = if names.lm_head == names.embed {
+        embed.clone()
+    } else {
+        DeviceBuffer::upload(client, &ckpt.tensor::<F>(&names.lm_head, &[v, h])?)
+    };
     let final_norm = norm(&names.final_norm, h)?;
     let d = desc.head_dim as usize;
     let mut layers = Vec::with_capacity(desc.layers);
@@ -883,9 +886,9 @@ fn load_weights<R: Runtime, F: EngineElem>(
                 {
                     return Err(ExecutorError::Unsupported(format!("projection biases (layer {l}: {bias})")));
                 }
-                fused.extend(ckpt.tensor_f32(name, &[rows, inp])?);
+                fused.extend(ckpt.tensor::<F>(name, &[rows, inp])?);
             }
-            linears.push(upload_tensor(client, &fused));
+            linears.push(DeviceBuffer::upload(client, &fused));
         }
         let (q_norm, k_norm) = match &tensors.qk_norm {
             Some((q, k)) => (Some(norm(q, d)?), Some(norm(k, d)?)),

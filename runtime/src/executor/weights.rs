@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use lorac_plan::DType;
+
+use super::EngineElem;
 use super::error::{ExecResult, ExecutorError};
 
 /// Where a tensor lives: file index, dtype, shape, byte range inside the file's data section.
@@ -58,8 +61,8 @@ impl Checkpoint {
         self.index.contains_key(name)
     }
 
-    /// The tensor `name` as f32 values, refused unless its shape is `shape`.
-    pub(crate) fn tensor_f32(&self, name: &str, shape: &[usize]) -> ExecResult<Vec<f32>> {
+    /// The tensor `name`'s little-endian bytes and dtype, refused unless its shape is `shape`.
+    fn raw(&self, name: &str, shape: &[usize]) -> ExecResult<(&[u8], Dtype)> {
         let (file, dtype, actual, (start, end)) =
             self.index.get(name).ok_or_else(|| ExecutorError::MissingTensor { name: name.to_string(), dir: self.dir.clone() })?;
         if actual != shape {
@@ -82,10 +85,28 @@ impl Checkpoint {
                 message: format!("tensor `{name}` holds {} bytes for {n} elements of {dtype:?}", bytes.len()),
             });
         }
+        Ok((bytes, *dtype))
+    }
+
+    /// The tensor `name` as f32 values, refused unless its shape is `shape`.
+    pub(crate) fn tensor_f32(&self, name: &str, shape: &[usize]) -> ExecResult<Vec<f32>> {
+        let (bytes, dtype) = self.raw(name, shape)?;
         Ok(match dtype {
             Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             _ => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         })
+    }
+
+    /// The tensor `name` in the engine's storage type: the stored bytes as they are when the
+    /// checkpoint already holds that type (a bf16 checkpoint into a bf16 engine: no f32 pass
+    /// over 16 GB), else through f32.
+    pub(crate) fn tensor<F: EngineElem>(&self, name: &str, shape: &[usize]) -> ExecResult<Vec<F>> {
+        let (bytes, dtype) = self.raw(name, shape)?;
+        let same = matches!((dtype, F::DTYPE), (Dtype::F32, DType::F32) | (Dtype::BF16, DType::BF16));
+        if same {
+            return Ok(F::from_le_bytes(bytes));
+        }
+        Ok(self.tensor_f32(name, shape)?.into_iter().map(F::from_f32).collect())
     }
 }
