@@ -15,6 +15,7 @@
 #   cp $CARGO_TARGET_DIR/release/{lorac,decode_bench} $D/
 #   cargo test -p lorac-runtime --release --features cuda-tests --test ops --no-run   # -> deps/ops-<hash> (optional)
 #   cp $CARGO_TARGET_DIR/release/deps/executor_cuda-<hash> $D/executor_cuda && cp $CARGO_TARGET_DIR/release/deps/ops-<hash> $D/ops
+#   (optional: the `executor` test binary of the same --no-run, for its CUDA memory-statistics test)
 #   strip $D/lorac $D/decode_bench $D/executor_cuda $D/ops && xz -T2 $D/decode_bench $D/executor_cuda $D/ops   # under 64 MiB
 #   cp -r tests/fixtures/tiny/{llama,qwen3} $D/fixtures/
 #   cp runtime/scripts/{gpu_executor_run.sh,make_bench_model.py,hf_decode_bench.py} $D/scripts/
@@ -52,6 +53,12 @@ if [ -z "${SKIP_TESTS:-}" ]; then
     LORAC_TINY_FIXTURES="$BIN/fixtures" "$BIN/executor_cuda" --nocapture --test-threads 1 > "$OUT/executor_cuda.log" 2>&1
     echo "exit $? after ${SECONDS} s"
     grep -E "^test |test result|worst|greedy:|divergence|panicked" "$OUT/executor_cuda.log"
+    if [ -x "$BIN/executor" ]; then
+        echo "== executor tests on CUDA (memory statistics unchanged while serving a mixed workload) =="
+        LORAC_TINY_FIXTURES="$BIN/fixtures" "$BIN/executor" cuda --nocapture --test-threads 1 > "$OUT/executor_noalloc.log" 2>&1
+        echo "exit $?"
+        grep -E "^test |test result|panicked" "$OUT/executor_noalloc.log"
+    fi
     if [ -x "$BIN/ops" ]; then
         echo "== CUDA matmul op tests (every route: GEMV, TMA / cyclic tensor cores, tiled) =="
         "$BIN/ops" --exact cuda_bf16::matmul cuda_f32::matmul cuda_bf16::matmul_cubek cuda_f32::matmul_cubek > "$OUT/ops_matmul.log" 2>&1

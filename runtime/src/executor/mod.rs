@@ -76,7 +76,6 @@ use weights::Checkpoint;
 
 use crate::batch::Segments;
 use crate::buffer::DeviceBuffer;
-use crate::fused::{self, FusedConfig};
 use crate::ops::attention::{AttentionBatch, DeviceAttentionBatch, KvCacheShape, PagedKvCache, SeqSlice};
 use crate::ops::rope::{RopeParams, RopeScaling};
 use crate::ops::{HeadView, add, argmax, attention, gather, matmul, rms_norm, rope, silu_mul};
@@ -761,16 +760,13 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let v_view = HeadView::slice(total, desc.q_heads + desc.kv_heads, desc.kv_heads, desc.head_dim);
         let scale = desc.softmax_scale;
 
-        // LoRA of projection `i` of layer `l`: shrink from `x`, expand into `y`; one fused launch
-        // where that measured faster (single-token segments, small rank: decode is launch-bound).
+        // LoRA of projection `i` of layer `l`: shrink from `x`, expand into `y`. (The fused
+        // one-launch kernel measured slower inside a decode step than these two launches on
+        // the H100, although faster alone: runtime/BENCHMARKS.md, run 4.)
         let apply_lora = |l: usize, i: usize, x: &DeviceBuffer<F>, y: &mut DeviceBuffer<F>| -> ExecResult<()> {
             let Some(b) = desc.layer_lora[l][i] else { return Ok(()) };
             let layout = &buffers[b].layout;
             let what = || format!("layer {l} {:?} LoRA", LAYER_PROJECTIONS[i]);
-            let fused = FusedConfig::new(client, layout, size_of::<F>(), segs.max_segment_len);
-            if fused.worthwhile(layout, segs.max_segment_len) {
-                return fused::launch_fused(client, layout, &lora[b].pool, segs, x, y, Some(fused)).ctx(what);
-            }
             let mut a = lora_a(width(b))?;
             shrink::launch_shrink(client, layout, &lora[b].pool, segs, x, &mut a, None).ctx(what)?;
             expand::launch_expand(client, layout, &lora[b].pool, segs, &a, y, None).ctx(what)
