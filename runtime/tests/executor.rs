@@ -3,111 +3,25 @@
 //! generation over the paged KV cache, each row alone against the mixed batch, the per-adapter
 //! last-position logits, and the refusals.
 
-use std::path::{Path, PathBuf};
-
 use cubecl::prelude::*;
 use cubecl::wgpu::WgpuRuntime;
 use lorac_runtime::executor::{Engine, ExecutorError, LogitsMode, SeqInput};
-use safetensors::SafeTensors;
+
+mod common;
+
+use common::{Reference, Row, compare, fixture, load_fixture_adapters, plan_for, slot_of};
 
 type Rt = WgpuRuntime;
-
-/// `LORAC_TINY_FIXTURES` overrides the fixture directory (a test binary run on another machine).
-fn fixture(model: &str) -> PathBuf {
-    let root = std::env::var_os("LORAC_TINY_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny"));
-    root.join(model)
-}
-
-fn plan_for(dir: &Path, tp: u32) -> lorac_plan::Plan {
-    let mut opts = lorac_compiler::CompileOptions::new(tp, 16, 4, &["all"]).expect("options");
-    opts.max_batch_tokens = std::num::NonZeroU32::new(256).unwrap();
-    opts.max_seqs = std::num::NonZeroU32::new(8).unwrap();
-    opts.kv_cache_tokens = 2048;
-    lorac_compiler::compile(dir, &opts).expect("compile")
-}
 
 fn client() -> ComputeClient<Rt> {
     Rt::client(&Default::default())
 }
 
-struct Row {
-    input_ids: Vec<u32>,
-    adapter: Option<String>,
-    generated: Vec<u32>,
-    margins: Vec<f64>,
-}
-
-struct Reference {
-    rows: Vec<Row>,
-    tensors: Vec<u8>,
-}
-
-impl Reference {
-    fn load(dir: &Path) -> Reference {
-        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
-        let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
-        let rows = json["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| Row {
-                input_ids: ids(&r["input_ids"]),
-                adapter: r["adapter"].as_str().map(str::to_string),
-                generated: ids(&r["generated_ids"]),
-                margins: r["greedy_top1_top2_margins"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect(),
-            })
-            .collect();
-        Reference { rows, tensors: std::fs::read(dir.join("reference.safetensors")).unwrap() }
-    }
-
-    fn tensor(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
-        let st = SafeTensors::deserialize(&self.tensors).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("reference tensor {name}"));
-        (t.shape().to_vec(), t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-    }
-}
-
-/// Slots of the fixture adapters: A → 0, B → 1, C → 2.
-fn slot_of(adapter: &Option<String>) -> Option<u32> {
-    adapter.as_deref().map(|a| match a {
-        "A" => 0,
-        "B" => 1,
-        "C" => 2,
-        other => panic!("unknown adapter {other}"),
-    })
-}
-
 fn engine(model: &str) -> Engine<Rt, f32> {
     let dir = fixture(model);
-    let mut e = Engine::<Rt, f32>::new(client(), plan_for(&dir, 1), &dir).expect("engine");
-    for (slot, name) in ["A", "B", "C"].iter().enumerate() {
-        e.load_adapter(slot as u32, &dir.join("adapters").join(name)).unwrap_or_else(|err| panic!("adapter {name}: {err}"));
-    }
+    let mut e = Engine::<Rt, f32>::new(client(), plan_for(&dir, 1, None), &dir).expect("engine");
+    load_fixture_adapters(&mut e, &dir);
     e
-}
-
-/// (max |Δlogit|, max per-token KL(ref ‖ ours)) over rows of `vocab`.
-fn compare(ours: &[f32], reference: &[f32], vocab: usize) -> (f64, f64) {
-    assert_eq!(ours.len(), reference.len());
-    let mut max_delta = 0.0f64;
-    let mut max_kl = 0.0f64;
-    for (o, r) in ours.chunks(vocab).zip(reference.chunks(vocab)) {
-        let log_softmax = |x: &[f32]| {
-            let m = x.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
-            let lse = m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
-            x.iter().map(|&v| v as f64 - lse).collect::<Vec<_>>()
-        };
-        let (lo, lr) = (log_softmax(o), log_softmax(r));
-        let kl: f64 = lr.iter().zip(&lo).map(|(r, o)| r.exp() * (r - o)).sum();
-        max_kl = max_kl.max(kl);
-        for (a, b) in o.iter().zip(r) {
-            assert!(a.is_finite(), "non-finite logit");
-            max_delta = max_delta.max((*a as f64 - *b as f64).abs());
-        }
-    }
-    (max_delta, max_kl)
 }
 
 const KL_TOL: f64 = 1e-3;
@@ -322,7 +236,7 @@ fn serving_allocates_nothing_after_start_up_cuda() {
 fn serve_mixed_workload<R: Runtime>(client: ComputeClient<R>) {
     let dir = fixture("llama");
     let reference = Reference::load(&dir);
-    let plan = plan_for(&dir, 1);
+    let plan = plan_for(&dir, 1, None);
     let (max_tokens, max_seqs) = (plan.limits.max_batch_tokens as usize, plan.limits.max_seqs as usize);
     let plan_activations = plan.ranks[0].memory.activations;
     let mut e = Engine::<R, f32>::new(client, plan, &dir).expect("engine");
@@ -467,21 +381,21 @@ fn serve_mixed_workload<R: Runtime>(client: ComputeClient<R>) {
 fn refusals() {
     let dir = fixture("llama");
     // tp > 1 is refused with a clear error.
-    match Engine::<Rt, f32>::new(client(), plan_for(&dir, 2), &dir) {
+    match Engine::<Rt, f32>::new(client(), plan_for(&dir, 2, None), &dir) {
         Err(ExecutorError::Unsupported(msg)) => assert!(msg.contains("tensor parallelism"), "{msg}"),
         other => panic!("tp 2: {:?}", other.err()),
     }
     // Plans of other shapes are refused by what their nodes hold, with the reason.
     for model in ["qwen3_moe", "deepseek_v3", "qwen3_next", "qwen3_5", "qwen3_5_moe", "nemotron_h"] {
         let other = fixture(model);
-        match Engine::<Rt, f32>::new(client(), plan_for(&other, 1), &other) {
+        match Engine::<Rt, f32>::new(client(), plan_for(&other, 1, None), &other) {
             Err(ExecutorError::Unsupported(msg)) => println!("{model}: {msg}"),
             other => panic!("{model}: {:?}", other.err()),
         }
     }
     // A plan compiled for another model directory.
     let qwen = fixture("qwen3");
-    assert!(matches!(Engine::<Rt, f32>::new(client(), plan_for(&dir, 1), &qwen), Err(ExecutorError::Config(_))));
+    assert!(matches!(Engine::<Rt, f32>::new(client(), plan_for(&dir, 1, None), &qwen), Err(ExecutorError::Config(_))));
 
     let mut e = engine("llama");
     let seq = e.add_sequence();

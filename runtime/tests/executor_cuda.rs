@@ -14,13 +14,14 @@
 //! `tests/fixtures/tiny` of this checkout). Run with `--nocapture` to see the numbers.
 #![cfg(feature = "cuda-tests")]
 
-use std::path::{Path, PathBuf};
-
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
 use lorac_plan::DType;
 use lorac_runtime::executor::{Engine, EngineElem, LogitsMode, SeqInput};
-use safetensors::SafeTensors;
+
+mod common;
+
+use common::{Reference, compare, fixture, load_fixture_adapters, plan_for, slot_of};
 
 type Rt = CudaRuntime;
 
@@ -30,102 +31,13 @@ const BF16_KL_TOL: f64 = 1e-2;
 const F32_KL_TOL: f64 = 1e-3;
 const F32_DELTA_TOL: f64 = 1e-3;
 
-fn fixture(model: &str) -> PathBuf {
-    let root = std::env::var_os("LORAC_TINY_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny"));
-    root.join(model)
-}
-
-/// The executor tests' plan (tp 1, rank 16, 4 slots, every target), in `dtype` (None keeps
-/// the fixture's float32).
-fn plan_for(dir: &Path, dtype: Option<DType>) -> lorac_plan::Plan {
-    let mut opts = lorac_compiler::CompileOptions::new(1, 16, 4, &["all"]).expect("options");
-    opts.max_batch_tokens = std::num::NonZeroU32::new(256).unwrap();
-    opts.max_seqs = std::num::NonZeroU32::new(8).unwrap();
-    opts.kv_cache_tokens = 2048;
-    opts.dtype = dtype;
-    lorac_compiler::compile(dir, &opts).expect("compile")
-}
-
-struct Row {
-    input_ids: Vec<u32>,
-    adapter: Option<String>,
-    generated: Vec<u32>,
-    margins: Vec<f64>,
-}
-
-struct Reference {
-    rows: Vec<Row>,
-    tensors: Vec<u8>,
-}
-
-impl Reference {
-    fn load(dir: &Path) -> Reference {
-        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
-        let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
-        let rows = json["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| Row {
-                input_ids: ids(&r["input_ids"]),
-                adapter: r["adapter"].as_str().map(str::to_string),
-                generated: ids(&r["generated_ids"]),
-                margins: r["greedy_top1_top2_margins"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect(),
-            })
-            .collect();
-        Reference { rows, tensors: std::fs::read(dir.join("reference.safetensors")).unwrap() }
-    }
-
-    fn tensor(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
-        let st = SafeTensors::deserialize(&self.tensors).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("reference tensor {name}"));
-        (t.shape().to_vec(), t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-    }
-}
-
-/// Slots of the fixture adapters: A → 0, B → 1, C → 2.
-fn slot_of(adapter: &Option<String>) -> Option<u32> {
-    adapter.as_deref().map(|a| match a {
-        "A" => 0,
-        "B" => 1,
-        "C" => 2,
-        other => panic!("unknown adapter {other}"),
-    })
-}
-
 fn engine<F: EngineElem>(model: &str) -> Engine<Rt, F> {
     let dir = fixture(model);
     let dtype = (F::DTYPE != DType::F32).then_some(F::DTYPE);
     let client = Rt::client(&Default::default());
-    let mut e = Engine::<Rt, F>::new(client, plan_for(&dir, dtype), &dir).expect("engine");
-    for (slot, name) in ["A", "B", "C"].iter().enumerate() {
-        e.load_adapter(slot as u32, &dir.join("adapters").join(name)).unwrap_or_else(|err| panic!("adapter {name}: {err}"));
-    }
+    let mut e = Engine::<Rt, F>::new(client, plan_for(&dir, 1, dtype), &dir).expect("engine");
+    load_fixture_adapters(&mut e, &dir);
     e
-}
-
-/// (max |Δlogit|, max per-token KL(ref ‖ ours)) over rows of `vocab`.
-fn compare(ours: &[f32], reference: &[f32], vocab: usize) -> (f64, f64) {
-    assert_eq!(ours.len(), reference.len());
-    let mut max_delta = 0.0f64;
-    let mut max_kl = 0.0f64;
-    for (o, r) in ours.chunks(vocab).zip(reference.chunks(vocab)) {
-        let log_softmax = |x: &[f32]| {
-            let m = x.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
-            let lse = m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
-            x.iter().map(|&v| v as f64 - lse).collect::<Vec<_>>()
-        };
-        let (lo, lr) = (log_softmax(o), log_softmax(r));
-        let kl: f64 = lr.iter().zip(&lo).map(|(r, o)| r.exp() * (r - o)).sum();
-        max_kl = max_kl.max(kl);
-        for (a, b) in o.iter().zip(r) {
-            assert!(a.is_finite(), "non-finite logit");
-            max_delta = max_delta.max((*a as f64 - *b as f64).abs());
-        }
-    }
-    (max_delta, max_kl)
 }
 
 /// Tolerances of one engine dtype: KL per token, and |Δlogit| when it is asserted (bf16 only
@@ -281,7 +193,7 @@ fn cuda_f32_qwen3_last_logits_per_adapter() {
 fn cuda_bf16_engine_refuses_an_f32_plan() {
     let dir = fixture("llama");
     let client = Rt::client(&Default::default());
-    match Engine::<Rt, half::bf16>::new(client, plan_for(&dir, None), &dir) {
+    match Engine::<Rt, half::bf16>::new(client, plan_for(&dir, 1, None), &dir) {
         Err(err) => {
             let msg = err.to_string();
             println!("{msg}");
