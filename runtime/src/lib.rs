@@ -7,6 +7,8 @@
 //!   ([`shrink_mma`]: its tensor-core variant for prefill segments);
 //! * [`expand`]: segmented expand `y += scale · a · Bᵀ` over slices of unequal widths;
 //! * [`fused`]: shrink and expand in one launch for decode batches (launch-bound);
+//! * [`gemm_expand`]: the expand that follows a shrink folded into the base GEMM (A stored
+//!   after W, one GEMM for both): base output plus each token's delta in one pass;
 //! * [`chunked`]: the prefill variant, segments cut into fixed chunks under a fixed grid;
 //! * [`embedding`]: embedding LoRA (A is a column lookup, then expand);
 //! * [`moe`]: routed-expert LoRA, gated and non-gated, router-weighted down projection.
@@ -20,6 +22,7 @@ pub mod error;
 pub mod executor;
 pub mod expand;
 pub mod fused;
+pub mod gemm_expand;
 pub mod moe;
 pub mod ops;
 pub mod pool;

@@ -5,7 +5,7 @@
 
 use cubecl::prelude::*;
 use cubecl::wgpu::WgpuRuntime;
-use lorac_runtime::executor::{Engine, ExecutorError, LogitsMode, SeqInput};
+use lorac_runtime::executor::{Engine, EngineOptions, ExecutorError, LogitsMode, LoraShrink, SeqInput};
 
 mod common;
 
@@ -18,8 +18,25 @@ fn client() -> ComputeClient<Rt> {
 }
 
 fn engine(model: &str) -> Engine<Rt, f32> {
+    engine_with(model, LoraShrink::DEFAULT)
+}
+
+/// Every LoRA shrink folded into its projection's GEMM, in steps of any length (the tiny
+/// models' pools are too large next to their weights for `LoraShrink::DEFAULT` to fold).
+const FOLDED: LoraShrink = LoraShrink::InGemm { max_tokens: u32::MAX };
+
+fn engine_with(model: &str, lora_shrink: LoraShrink) -> Engine<Rt, f32> {
     let dir = fixture(model);
-    let mut e = Engine::<Rt, f32>::new(client(), plan_for(&dir, 1, None), &dir).expect("engine");
+    let plan = plan_for(&dir, 1, None);
+    let options = EngineOptions { lora_shrink, ..EngineOptions::for_plan(&plan) };
+    let mut e = Engine::<Rt, f32>::with_options(client(), plan, &dir, options).expect("engine");
+    let (folded, sites) = e.lora_sites_in_gemm();
+    assert!(sites > 0, "the test plan targets every projection");
+    let expected = match lora_shrink {
+        LoraShrink::InGemm { .. } => sites,
+        _ => 0,
+    };
+    assert_eq!(folded, expected, "{model}: LoRA sites folded into the GEMM under {lora_shrink:?}");
     load_fixture_adapters(&mut e, &dir);
     e
 }
@@ -29,10 +46,10 @@ const DELTA_TOL: f64 = 1e-3;
 
 /// The mixed batch [A, B, C, base, A] as one prefill step: every row's full-sequence logits
 /// against HF + PEFT; then 8 greedy tokens per row by decode steps over the KV cache.
-fn mixed_batch_matches_reference(model: &str) {
+fn mixed_batch_matches_reference(model: &str, lora_shrink: LoraShrink) {
     let dir = fixture(model);
     let reference = Reference::load(&dir);
-    let mut e = engine(model);
+    let mut e = engine_with(model, lora_shrink);
     let seqs: Vec<_> = reference.rows.iter().map(|_| e.add_sequence()).collect();
     let batch: Vec<SeqInput> = reference
         .rows
@@ -87,18 +104,28 @@ fn mixed_batch_matches_reference(model: &str) {
 
 #[test]
 fn llama_mixed_batch_matches_reference() {
-    mixed_batch_matches_reference("llama");
+    mixed_batch_matches_reference("llama", LoraShrink::Kernel);
 }
 
 #[test]
 fn qwen3_mixed_batch_matches_reference() {
-    mixed_batch_matches_reference("qwen3");
+    mixed_batch_matches_reference("qwen3", LoraShrink::Kernel);
+}
+
+#[test]
+fn llama_mixed_batch_matches_reference_shrink_in_gemm() {
+    mixed_batch_matches_reference("llama", FOLDED);
+}
+
+#[test]
+fn qwen3_mixed_batch_matches_reference_shrink_in_gemm() {
+    mixed_batch_matches_reference("qwen3", FOLDED);
 }
 
 /// Each row alone gives the mixed batch's logits (segmenting by adapter changes nothing).
-fn rows_alone_match_mixed_batch(model: &str) {
+fn rows_alone_match_mixed_batch(model: &str, lora_shrink: LoraShrink) {
     let reference = Reference::load(&fixture(model));
-    let mut e = engine(model);
+    let mut e = engine_with(model, lora_shrink);
     let seqs: Vec<_> = reference.rows.iter().map(|_| e.add_sequence()).collect();
     let batch: Vec<SeqInput> = reference
         .rows
@@ -120,20 +147,20 @@ fn rows_alone_match_mixed_batch(model: &str) {
 
 #[test]
 fn llama_rows_alone_match_mixed_batch() {
-    rows_alone_match_mixed_batch("llama");
+    rows_alone_match_mixed_batch("llama", LoraShrink::Kernel);
 }
 
 #[test]
 fn qwen3_rows_alone_match_mixed_batch() {
-    rows_alone_match_mixed_batch("qwen3");
+    rows_alone_match_mixed_batch("qwen3", FOLDED);
 }
 
 /// Prefill in two chunks per sequence, the second chunk of some rows sharing a step with
 /// the first chunk of others (mixed prefill at nonzero positions over the KV cache): the
 /// logits of every position still match the single-pass references.
-fn chunked_prefill_matches_reference(model: &str) {
+fn chunked_prefill_matches_reference(model: &str, lora_shrink: LoraShrink) {
     let reference = Reference::load(&fixture(model));
-    let mut e = engine(model);
+    let mut e = engine_with(model, lora_shrink);
     let vocab = e.plan().model.vocab_size as usize;
     let seqs: Vec<_> = reference.rows.iter().map(|_| e.add_sequence()).collect();
     let split = |r: &Row, i: usize| (r.input_ids.len() * (i + 1)) / 7 + 1;
@@ -168,12 +195,14 @@ fn chunked_prefill_matches_reference(model: &str) {
 
 #[test]
 fn llama_chunked_prefill_matches_reference() {
-    chunked_prefill_matches_reference("llama");
+    chunked_prefill_matches_reference("llama", LoraShrink::Kernel);
 }
 
+/// Steps of up to 16 tokens folded, longer ones through the shrink kernel: both kinds of step
+/// share one engine (and the chunks straddle the threshold).
 #[test]
 fn qwen3_chunked_prefill_matches_reference() {
-    chunked_prefill_matches_reference("qwen3");
+    chunked_prefill_matches_reference("qwen3", LoraShrink::InGemm { max_tokens: 16 });
 }
 
 /// Every prompt under every adapter (and the base model) in one `Last` step per adapter,
@@ -221,6 +250,9 @@ fn tokens(seed: u32, n: usize) -> Vec<u32> {
 ///   when the call returns, so between steps these must equal their start-up values too.
 ///
 /// The engine's own `footprint()` (its buffers by handle) must not change either.
+///
+/// Decode-sized steps (up to 8 tokens) fold the LoRA shrink into the GEMM, longer ones run the
+/// shrink kernel, so both paths serve the workload.
 #[test]
 fn serving_allocates_nothing_after_start_up() {
     serve_mixed_workload(client());
@@ -239,7 +271,8 @@ fn serve_mixed_workload<R: Runtime>(client: ComputeClient<R>) {
     let plan = plan_for(&dir, 1, None);
     let (max_tokens, max_seqs) = (plan.limits.max_batch_tokens as usize, plan.limits.max_seqs as usize);
     let plan_activations = plan.ranks[0].memory.activations;
-    let mut e = Engine::<R, f32>::new(client, plan, &dir).expect("engine");
+    let options = EngineOptions { lora_shrink: LoraShrink::InGemm { max_tokens: 8 }, ..EngineOptions::for_plan(&plan) };
+    let mut e = Engine::<R, f32>::with_options(client, plan, &dir, options).expect("engine");
     let client = e.client().clone();
     let start = client.memory_usage().expect("memory usage");
     let footprint = e.footprint();

@@ -17,7 +17,7 @@
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
 use lorac_plan::DType;
-use lorac_runtime::executor::{Engine, EngineElem, LogitsMode, SeqInput};
+use lorac_runtime::executor::{Engine, EngineElem, EngineOptions, LogitsMode, LoraShrink, SeqInput};
 
 mod common;
 
@@ -31,11 +31,20 @@ const BF16_KL_TOL: f64 = 1e-2;
 const F32_KL_TOL: f64 = 1e-3;
 const F32_DELTA_TOL: f64 = 1e-3;
 
-fn engine<F: EngineElem>(model: &str) -> Engine<Rt, F> {
+/// Every LoRA shrink folded into its projection's GEMM, in steps of any length.
+const FOLDED: LoraShrink = LoraShrink::InGemm { max_tokens: u32::MAX };
+
+fn engine<F: EngineElem>(model: &str, lora_shrink: LoraShrink) -> Engine<Rt, F> {
     let dir = fixture(model);
     let dtype = (F::DTYPE != DType::F32).then_some(F::DTYPE);
     let client = Rt::client(&Default::default());
-    let mut e = Engine::<Rt, F>::new(client, plan_for(&dir, 1, dtype), &dir).expect("engine");
+    let plan = plan_for(&dir, 1, dtype);
+    let options = EngineOptions { lora_shrink, ..EngineOptions::for_plan(&plan) };
+    let mut e = Engine::<Rt, F>::with_options(client, plan, &dir, options).expect("engine");
+    if lora_shrink == FOLDED {
+        let (folded, sites) = e.lora_sites_in_gemm();
+        assert_eq!(folded, sites, "{model}: every LoRA site folded into its GEMM");
+    }
     load_fixture_adapters(&mut e, &dir);
     e
 }
@@ -48,11 +57,11 @@ fn tolerances<F: EngineElem>() -> (f64, Option<f64>) {
 
 /// The mixed batch [A, B, C, base, A] as one prefill step against HF + PEFT's full-sequence
 /// logits, then greedy decode steps of all five rows at once against HF's generations.
-fn mixed_batch_matches_reference<F: EngineElem>(model: &str) {
+fn mixed_batch_matches_reference<F: EngineElem>(model: &str, lora_shrink: LoraShrink) {
     let dir = fixture(model);
     let reference = Reference::load(&dir);
     let (kl_tol, delta_tol) = tolerances::<F>();
-    let mut e = engine::<F>(model);
+    let mut e = engine::<F>(model, lora_shrink);
     let seqs: Vec<_> = reference.rows.iter().map(|_| e.add_sequence()).collect();
     let batch: Vec<SeqInput> = reference
         .rows
@@ -132,7 +141,7 @@ fn mixed_batch_matches_reference<F: EngineElem>(model: &str) {
 fn last_logits_per_adapter<F: EngineElem>(model: &str) {
     let reference = Reference::load(&fixture(model));
     let (kl_tol, delta_tol) = tolerances::<F>();
-    let mut e = engine::<F>(model);
+    let mut e = engine::<F>(model, LoraShrink::DEFAULT);
     let vocab = e.plan().model.vocab_size as usize;
     for (name, slot) in [("adapter_A", Some(0)), ("adapter_B", Some(1)), ("adapter_C", Some(2)), ("base", None)] {
         let batch: Vec<SeqInput> = reference
@@ -154,12 +163,22 @@ fn last_logits_per_adapter<F: EngineElem>(model: &str) {
 
 #[test]
 fn cuda_bf16_llama_mixed_batch_matches_reference() {
-    mixed_batch_matches_reference::<half::bf16>("llama");
+    mixed_batch_matches_reference::<half::bf16>("llama", LoraShrink::Kernel);
+}
+
+#[test]
+fn cuda_bf16_llama_mixed_batch_matches_reference_shrink_in_gemm() {
+    mixed_batch_matches_reference::<half::bf16>("llama", FOLDED);
 }
 
 #[test]
 fn cuda_bf16_qwen3_mixed_batch_matches_reference() {
-    mixed_batch_matches_reference::<half::bf16>("qwen3");
+    mixed_batch_matches_reference::<half::bf16>("qwen3", LoraShrink::Kernel);
+}
+
+#[test]
+fn cuda_bf16_qwen3_mixed_batch_matches_reference_shrink_in_gemm() {
+    mixed_batch_matches_reference::<half::bf16>("qwen3", FOLDED);
 }
 
 #[test]
@@ -174,12 +193,12 @@ fn cuda_bf16_qwen3_last_logits_per_adapter() {
 
 #[test]
 fn cuda_f32_llama_mixed_batch_matches_reference() {
-    mixed_batch_matches_reference::<f32>("llama");
+    mixed_batch_matches_reference::<f32>("llama", FOLDED);
 }
 
 #[test]
 fn cuda_f32_qwen3_mixed_batch_matches_reference() {
-    mixed_batch_matches_reference::<f32>("qwen3");
+    mixed_batch_matches_reference::<f32>("qwen3", LoraShrink::Kernel);
 }
 
 #[test]

@@ -13,6 +13,7 @@ use lorac_runtime::chunked::ChunkedPlan;
 use lorac_runtime::embedding::{launch_embedding, reference_embedding};
 use lorac_runtime::expand::{launch_expand, reference_expand};
 use lorac_runtime::fused::launch_fused;
+use lorac_runtime::gemm_expand::{gemm_width, launch_gemm_expand, reference_gemm_expand};
 use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT, launch_moe_expand, launch_moe_shrink, reference_moe};
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink, reference_shrink};
 use lorac_runtime::shrink_mma::MmaShrinkConfig;
@@ -376,6 +377,51 @@ pub fn fused_decode<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     }
 }
 
+/// The expand after a shrink folded into the base GEMM: y (NaN-poisoned) is written in full
+/// from the GEMM's base columns plus each token's delta. Every column the kernel must not read
+/// (other slots' intermediates, entries past the token's rank) is NaN in the input.
+pub fn gemm_expand<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
+    for seed in 0..CASES {
+        let rng = &mut Rng::new(800 + seed);
+        let (layout, family) = random_layout(rng, None);
+        let what = format!("gemm expand {family} seed {seed} {layout:?}");
+        let adapters = Adapters::<F>::random(client, rng, &layout);
+        let tokens = rng.pick(&[1, 3, 8, 33]);
+        let segs = random_segments(rng, tokens, layout.slots());
+        let token_slots = segs.token_slots();
+        let (width, out) = (gemm_width(&layout) as usize, layout.out_features() as usize);
+        let (big_r, c_r) = (layout.max_rank() as usize, intermediate_width(&layout));
+        let mut g64 = vec![f64::NAN; tokens as usize * width];
+        for (t, &slot) in token_slots.iter().enumerate() {
+            let row = &mut g64[t * width..(t + 1) * width];
+            row[..out].iter_mut().for_each(|v| *v = rng.value());
+            if slot != NO_SLOT {
+                let base = out + slot as usize * c_r;
+                for g in 0..layout.groups() as usize {
+                    for j in 0..adapters.ranks[slot as usize] as usize {
+                        row[base + g * big_r + j] = rng.value() * 4.0;
+                    }
+                }
+            }
+        }
+        let g: Vec<F> = g64.iter().map(|&v| F::round_from(v)).collect();
+        let g64: Vec<f64> = g.iter().map(|v| v.as_f64()).collect();
+        let mut reference = vec![0.0; tokens as usize * out];
+        reference_gemm_expand(&layout, &adapters.ranks, &adapters.scales, &token_slots, &g64, &adapters.data.b64, &mut reference);
+        let mut y = DeviceBuffer::upload(client, &vec![F::round_from(f64::NAN); tokens as usize * out]);
+        let dev_segs = segs.upload(client);
+        launch_gemm_expand(client, &layout, &adapters.pool, &dev_segs, &DeviceBuffer::upload(client, &g), &mut y, None).unwrap();
+        let got: Vec<f64> = y.read(client).iter().map(|v| v.as_f64()).collect();
+        check_close(&what, &got, &reference, F::TOLERANCE);
+        // A GEMM output of the wrong width is refused before anything launches.
+        let short = DeviceBuffer::upload(client, &g[..g.len() - 1]);
+        assert!(matches!(
+            launch_gemm_expand(client, &layout, &adapters.pool, &dev_segs, &short, &mut y, None),
+            Err(LoraError::BufferSize { .. })
+        ));
+    }
+}
+
 /// Chunked shrink → expand on long and short segments under the plan's fixed grid.
 pub fn chunked_prefill<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     for seed in 0..CASES / 2 {
@@ -552,6 +598,10 @@ macro_rules! stamp_kernel_tests {
             #[test]
             fn fused_decode() {
                 super::fused_decode::<Rt, E>(&client());
+            }
+            #[test]
+            fn gemm_expand() {
+                super::gemm_expand::<Rt, E>(&client());
             }
             #[test]
             fn chunked_prefill() {

@@ -12,7 +12,9 @@
 //!
 //! Row i of a case with n adapters uses slot `i % n` (n = 0: the base model, no adapter). The
 //! same plan and engine serve every case, so the 0-adapter case runs the LoRA-enabled plan
-//! with no adapter rows (its LoRA launches see only base segments).
+//! with no adapter rows (a step without adapter rows launches no LoRA kernel). Where the
+//! engine folded LoRA shrinks into the projection GEMMs (`LoraShrink`), every case with
+//! adapters runs twice on the same engine: folded ("gemm") and with the shrink kernel.
 //!
 //! Also measured: the read-back the step does ([rows, vocab] logits to the host and to f32),
 //! and with `--ops` each base op of one decode step on its own (the four projections, lm_head
@@ -35,7 +37,7 @@ use std::time::Instant;
 
 use cubecl::prelude::*;
 use lorac_runtime::DeviceBuffer;
-use lorac_runtime::executor::{Engine, EngineElem, LogitsMode, SeqInput};
+use lorac_runtime::executor::{Engine, EngineElem, LogitsMode, LoraShrink, SeqInput};
 use lorac_runtime::ops::attention::{AttentionBatch, KvCacheShape, PagedKvCache, SeqSlice, launch_attention};
 use lorac_runtime::ops::{HeadView, matmul};
 use lorac_runtime::testing::Rng;
@@ -152,6 +154,9 @@ fn quantile(values: &[f64], q: f64) -> f64 {
 struct CaseResult {
     batch: usize,
     adapters: usize,
+    /// Where the LoRA shrink ran: "gemm" (folded into the projection GEMM), "kernel", or "-"
+    /// (no adapter rows).
+    shrink: &'static str,
     prefill_ms: f64,
     step_ms: Vec<f64>,
     readback_ms: f64,
@@ -254,6 +259,12 @@ fn run<R: Runtime, F: EngineElem>(client: ComputeClient<R>, args: &Args) -> Resu
     }
     sync(&client)?;
     println!("# {} adapters loaded in {:.2} s", args.adapters.len(), t0.elapsed().as_secs_f64());
+    let (folded, sites) = engine.lora_sites_in_gemm();
+    let fold_capacity = match engine.options().lora_shrink {
+        LoraShrink::Auto { max_tokens } | LoraShrink::InGemm { max_tokens } => max_tokens.min(plan.limits.max_batch_tokens),
+        LoraShrink::Kernel => 0,
+    };
+    println!("# LoRA shrink folded into the GEMM at {folded} of {sites} layer projections, for steps up to {fold_capacity} tokens");
 
     let mut rng = Rng::new(7);
     let mut results = Vec::new();
@@ -264,27 +275,39 @@ fn run<R: Runtime, F: EngineElem>(client: ComputeClient<R>, args: &Args) -> Resu
                 println!("# batch {batch}: skipping {n} distinct adapters (more than rows)");
                 continue;
             }
-            // Warm-up round: kernels compiled for these shapes, workspaces allocated.
-            run_sequences(&mut engine, &prompts, n, 0, 2)?;
-            let (prefill_ms, step_ms) = run_sequences(&mut engine, &prompts, n, args.warmup, args.steps)?;
-            let readback_ms = readback_ms::<R, F>(&client, batch, vocab)?;
-            let r = CaseResult { batch, adapters: n, prefill_ms, step_ms, readback_ms };
-            let median = quantile(&r.step_ms, 0.5);
-            println!(
-                "batch {batch:>3} adapters {n}: step median {median:.3} ms (p10 {:.3}, p90 {:.3}), {:.1} tok/s; prefill {batch}×{} tokens {prefill_ms:.1} ms; logits read-back {readback_ms:.3} ms",
-                quantile(&r.step_ms, 0.1),
-                quantile(&r.step_ms, 0.9),
-                batch as f64 / median * 1e3,
-                args.prompt_len
-            );
-            results.push(r);
+            // With adapters, both places of the LoRA shrink on the same engine (when start-up
+            // folded any site): folded into the GEMM, then the separate kernel.
+            let modes: &[(&'static str, u32)] = match (n, folded) {
+                (0, _) => &[("-", 0)],
+                (_, 0) => &[("kernel", 0)],
+                _ => &[("gemm", fold_capacity), ("kernel", 0)],
+            };
+            for &(shrink, fold_tokens) in modes {
+                engine.set_folded_shrink_max_tokens(fold_tokens).map_err(|e| e.to_string())?;
+                // Warm-up round: kernels compiled for these shapes, workspaces allocated.
+                run_sequences(&mut engine, &prompts, n, 0, 2)?;
+                let (prefill_ms, step_ms) = run_sequences(&mut engine, &prompts, n, args.warmup, args.steps)?;
+                let readback_ms = readback_ms::<R, F>(&client, batch, vocab)?;
+                let r = CaseResult { batch, adapters: n, shrink, prefill_ms, step_ms, readback_ms };
+                let median = quantile(&r.step_ms, 0.5);
+                println!(
+                    "batch {batch:>3} adapters {n} shrink {shrink}: step median {median:.3} ms (p10 {:.3}, p90 {:.3}), {:.1} tok/s; prefill {batch}×{} tokens {prefill_ms:.1} ms; logits read-back {readback_ms:.3} ms",
+                    quantile(&r.step_ms, 0.1),
+                    quantile(&r.step_ms, 0.9),
+                    batch as f64 / median * 1e3,
+                    args.prompt_len
+                );
+                results.push(r);
+            }
+            engine.set_folded_shrink_max_tokens(fold_capacity).map_err(|e| e.to_string())?;
         }
     }
 
-    println!("\n| batch | adapters | step ms (median) | p10 | p90 | tok/s | vs 0 adapters | prefill ms | read-back ms |");
-    println!("|---|---|---|---|---|---|---|---|---|");
-    let mut csv =
-        String::from("batch,adapters,step_ms_median,step_ms_p10,step_ms_p90,tokens_per_s,overhead_vs_base,prefill_ms,readback_ms\n");
+    println!("\n| batch | adapters | shrink | step ms (median) | p10 | p90 | tok/s | vs 0 adapters | prefill ms | read-back ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut csv = String::from(
+        "batch,adapters,shrink,step_ms_median,step_ms_p10,step_ms_p90,tokens_per_s,overhead_vs_base,prefill_ms,readback_ms\n",
+    );
     for r in &results {
         let median = quantile(&r.step_ms, 0.5);
         let base = results.iter().find(|b| b.batch == r.batch && b.adapters == 0).map(|b| quantile(&b.step_ms, 0.5));
@@ -292,13 +315,14 @@ fn run<R: Runtime, F: EngineElem>(client: ComputeClient<R>, args: &Args) -> Resu
         let overhead_text = overhead.map_or("-".to_string(), |o| format!("{:+.1}%", o * 100.0));
         let (p10, p90, tps) = (quantile(&r.step_ms, 0.1), quantile(&r.step_ms, 0.9), r.batch as f64 / median * 1e3);
         println!(
-            "| {} | {} | {median:.3} | {p10:.3} | {p90:.3} | {tps:.1} | {overhead_text} | {:.1} | {:.3} |",
-            r.batch, r.adapters, r.prefill_ms, r.readback_ms
+            "| {} | {} | {} | {median:.3} | {p10:.3} | {p90:.3} | {tps:.1} | {overhead_text} | {:.1} | {:.3} |",
+            r.batch, r.adapters, r.shrink, r.prefill_ms, r.readback_ms
         );
         csv += &format!(
-            "{},{},{median:.4},{p10:.4},{p90:.4},{tps:.2},{},{:.3},{:.4}\n",
+            "{},{},{},{median:.4},{p10:.4},{p90:.4},{tps:.2},{},{:.3},{:.4}\n",
             r.batch,
             r.adapters,
+            r.shrink,
             overhead.map_or(String::new(), |o| format!("{o:.4}")),
             r.prefill_ms,
             r.readback_ms

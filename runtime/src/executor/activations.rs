@@ -33,6 +33,19 @@ pub(crate) struct TokenViews<F> {
     pub act: DeviceBuffer<F>,
     /// LoRA intermediates by width (groups · max_rank), f32.
     pub lora_a: HashMap<usize, DeviceBuffer<f32>>,
+    /// The folded GEMM's output at full capacity (see [`TokenViews::gemm_scratch`]).
+    gemm: Option<(usize, DeviceBuffer<F>)>,
+}
+
+impl<F: CubeElement> TokenViews<F> {
+    /// `[t, width]` of the folded GEMM's output buffer (`LoraShrink`), shared by every site.
+    pub fn gemm_scratch(&self, t: usize, width: usize) -> ExecResult<DeviceBuffer<F>> {
+        let (rows, buf) = self.gemm.as_ref().ok_or_else(|| ExecutorError::Plan("no folded-GEMM buffer in the arena".into()))?;
+        if t > *rows || t * width > buf.len() {
+            return Err(ExecutorError::Batch(format!("a folded GEMM of {t} × {width} exceeds its buffer ({rows} rows)")));
+        }
+        buf.prefix(t * width).map_err(|e| ExecutorError::Plan(format!("activation arena: {e}")))
+    }
 }
 
 /// The rows that reach lm_head in one head pass (views of the arena).
@@ -68,6 +81,8 @@ pub(crate) struct Activations {
     logits: Slot,
     next: Slot,
     head_lora_a: Option<Slot>,
+    /// Rows and slot of the folded GEMM's output.
+    gemm: Option<(usize, Slot)>,
 }
 
 /// Back-to-back placement at aligned offsets.
@@ -86,7 +101,8 @@ impl Layout {
 impl Activations {
     /// Lays out and allocates the arena for `max_tokens` token rows and `max_head_rows` rows
     /// per lm_head pass; `lora_widths` are the LoRA intermediate widths of the layers and
-    /// `head_lora_width` that of lm_head.
+    /// `head_lora_width` that of lm_head; `gemm_scratch` the (rows, width) of the folded GEMM's
+    /// output, where some site folds its shrink into the GEMM.
     pub fn new<R: Runtime, F: CubeElement>(
         client: &ComputeClient<R>,
         desc: &ModelDesc,
@@ -94,6 +110,7 @@ impl Activations {
         max_head_rows: usize,
         lora_widths: &[usize],
         head_lora_width: Option<usize>,
+        gemm_scratch: Option<(usize, usize)>,
     ) -> ExecResult<Self> {
         let (t, r, e) = (max_tokens, max_head_rows, size_of::<F>());
         let mut l = Layout { bytes: 0 };
@@ -110,6 +127,7 @@ impl Activations {
         let logits = l.place(r, desc.vocab, e);
         let next = l.place(r, 1, 4);
         let head_lora_a = head_lora_width.map(|w| l.place(r, w, 4));
+        let gemm = gemm_scratch.filter(|&(rows, _)| rows > 0).map(|(rows, w)| (rows, l.place(rows, w, e)));
         if l.bytes / 4 >= u32::MAX as u64 {
             return Err(ExecutorError::Unsupported(format!("an activation arena of {} bytes (indices past u32)", l.bytes)));
         }
@@ -130,6 +148,7 @@ impl Activations {
             logits,
             next,
             head_lora_a,
+            gemm,
         })
     }
 
@@ -159,6 +178,7 @@ impl Activations {
             gate_up: self.view(self.gate_up, t)?,
             act: self.view(self.act, t)?,
             lora_a: self.lora_a.iter().map(|&(w, slot)| Ok((w, self.view(slot, t)?))).collect::<ExecResult<_>>()?,
+            gemm: self.gemm.map(|(rows, slot)| Ok::<_, ExecutorError>((rows, self.view(slot, rows)?))).transpose()?,
         })
     }
 

@@ -75,12 +75,12 @@ use model::{LAYER_PROJECTIONS, ModelDesc};
 use weights::Checkpoint;
 
 use crate::batch::Segments;
-use crate::buffer::DeviceBuffer;
+use crate::buffer::{DeviceBuffer, VIEW_ALIGN};
 use crate::ops::attention::{AttentionBatch, DeviceAttentionBatch, KvCacheShape, PagedKvCache, SeqSlice};
 use crate::ops::rope::{RopeParams, RopeScaling};
 use crate::ops::{HeadView, add, argmax, attention, gather, matmul, rms_norm, rope, silu_mul};
 use crate::pool::AdapterPool;
-use crate::{DeviceSegments, embedding, expand, shrink};
+use crate::{DeviceSegments, embedding, expand, gemm_expand, shrink};
 
 /// Storage types the executor runs in (f32 accumulation for both).
 pub trait EngineElem: Float + CubeElement + Copy {
@@ -117,6 +117,49 @@ impl EngineElem for half::bf16 {
     }
 }
 
+/// Where a projection's LoRA shrink runs.
+///
+/// Folded into the base GEMM, a site's adapter pool A `[S, c·R, K]` is stored right after its
+/// weight W `[N, K]` in one allocation and one GEMM against `[W; A]` yields the base output and
+/// every slot's intermediate; [`crate::gemm_expand`] then writes y in one pass. That turns a
+/// site's three launches (GEMM, shrink, expand) into two, which is what a decode step is bound
+/// by, at the price of reading every slot's A (not only the batch's adapters) and of a GEMM
+/// output `S·c·R` columns wider. Longer steps keep the separate shrink (its tensor-core kernel
+/// reads each adapter's A once per segment and needs no wider scratch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraShrink {
+    /// A separate shrink launch at every site.
+    Kernel,
+    /// Folded in for steps of at most `max_tokens` tokens, at the sites where the pool's A
+    /// adds at most an eighth to the weight's rows.
+    Auto { max_tokens: u32 },
+    /// Folded in at every site whose layout allows it, for steps of at most `max_tokens`
+    /// tokens (tests of the folded path on small models).
+    InGemm { max_tokens: u32 },
+}
+
+impl LoraShrink {
+    /// The serving default: folded in for decode-sized steps.
+    pub const DEFAULT: LoraShrink = LoraShrink::Auto { max_tokens: 64 };
+
+    fn max_tokens(self) -> usize {
+        match self {
+            LoraShrink::Kernel => 0,
+            LoraShrink::Auto { max_tokens } | LoraShrink::InGemm { max_tokens } => max_tokens as usize,
+        }
+    }
+
+    /// Extra weight rows of a site with `base_rows` rows and `pool_rows` A rows (0: not folded).
+    fn folded_rows(self, base_rows: usize, pool_rows: usize) -> usize {
+        let fold = match self {
+            LoraShrink::Kernel => false,
+            LoraShrink::Auto { max_tokens } => max_tokens > 0 && pool_rows * 8 <= base_rows,
+            LoraShrink::InGemm { max_tokens } => max_tokens > 0,
+        };
+        if fold { pool_rows } else { 0 }
+    }
+}
+
 /// Runtime choices the plan leaves open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineOptions {
@@ -124,6 +167,8 @@ pub struct EngineOptions {
     pub page_size: u32,
     /// Longest sequence (prompt + generated); sizes the rotary table and the block tables.
     pub max_seq_len: u32,
+    /// Where the LoRA shrink of the layer projections runs.
+    pub lora_shrink: LoraShrink,
 }
 
 impl EngineOptions {
@@ -132,7 +177,7 @@ impl EngineOptions {
     pub fn for_plan(plan: &Plan) -> Self {
         let positions = u64::from(plan.model.max_position_embeddings.unwrap_or(8192));
         let max_seq_len = plan.limits.kv_cache_tokens.min(positions).min(u64::from(u32::MAX)) as u32;
-        EngineOptions { page_size: plan.limits.kv_page_size, max_seq_len }
+        EngineOptions { page_size: plan.limits.kv_page_size, max_seq_len, lora_shrink: LoraShrink::DEFAULT }
     }
 }
 
@@ -188,7 +233,16 @@ struct LayerWeights<F> {
     q_norm: Option<DeviceBuffer<F>>,
     k_norm: Option<DeviceBuffer<F>>,
     /// [`LAYER_PROJECTIONS`] order: fused qkv, o, fused gate_up, down.
-    linears: [DeviceBuffer<F>; 4],
+    linears: [Linear<F>; 4],
+}
+
+/// A projection's weight (its parts fused by rows).
+struct Linear<F> {
+    /// W `[N, K]`.
+    base: DeviceBuffer<F>,
+    /// `[W; A]` `[N + S·c·R, K]` where the LoRA shrink is folded into the GEMM ([`LoraShrink`]):
+    /// the allocation `base` and the adapter pool's A are views of.
+    folded: Option<DeviceBuffer<F>>,
 }
 
 struct Weights<F> {
@@ -202,6 +256,8 @@ struct Weights<F> {
 /// One LoRA buffer of the plan on the device.
 struct LoraDevice<F> {
     pool: AdapterPool<F>,
+    /// The pool's A is a view of its projection's folded weight allocation.
+    a_in_weights: bool,
 }
 
 struct SeqState {
@@ -230,6 +286,10 @@ pub struct Engine<R: Runtime, F: EngineElem> {
     activations: Activations,
     /// Every per-step index buffer, views of one allocation written in place.
     meta: StepMetadata,
+    /// Longest step whose folded sites run the folded GEMM (`LoraShrink`), and the most the
+    /// arena's folded-GEMM buffer allows.
+    fold_tokens: usize,
+    fold_capacity: usize,
 }
 
 fn nonzero(v: u32, what: &str) -> ExecResult<u32> {
@@ -261,7 +321,18 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let eps = plan.model.norm.eps as f32;
 
         let ckpt = Checkpoint::open(model_dir)?;
-        let weights = load_weights::<R, F>(&client, &plan, &desc, &ckpt)?;
+        // Sites whose shrink is folded into the GEMM get the pool's A rows after W.
+        let buffers = &plan.ranks[0].lora_buffers;
+        let folded_rows = |l: usize, i: usize| -> usize {
+            let Some(layout) = desc.layer_lora[l][i].map(|b| &buffers[b].layout) else { return 0 };
+            let (n, k) = desc.linear_shape(i);
+            let pool_rows = (layout.slots() * layout.groups() * layout.max_rank()) as usize;
+            // A's view must start at an aligned byte offset of the allocation.
+            let aligned = ((n * k * size_of::<F>()) as u64).is_multiple_of(VIEW_ALIGN);
+            let fits = layout.experts().is_none() && layout.in_features() as usize == k && layout.out_features() as usize == n;
+            if aligned && fits { options.lora_shrink.folded_rows(n, pool_rows) } else { 0 }
+        };
+        let weights = load_weights::<R, F>(&client, &plan, &desc, &ckpt, &folded_rows)?;
 
         // Paged KV cache: the plan's token budget, split evenly over pages.
         let num_pages = (plan.limits.kv_cache_tokens / u64::from(page_size)).min(u64::from(u32::MAX)) as u32;
@@ -309,7 +380,26 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let max_seqs = nonzero(limits.max_seqs, "max_seqs")? as usize;
         // lm_head rows: one per sequence (the plan's `Rows::Seqs`); `LogitsMode::All` runs
         // several head passes of at most this many rows.
-        let activations = Activations::new::<R, F>(&client, &desc, max_tokens, max_seqs, &lora_widths, desc.lm_head_lora.map(lora_width))?;
+        // The folded GEMM's output `[t, N + S·c·R]`, for steps up to the folding threshold.
+        let folded_width = desc
+            .layer_lora
+            .iter()
+            .zip(&weights.layers)
+            .flat_map(|(lora, w)| lora.iter().zip(&w.linears))
+            .filter(|(_, lin)| lin.folded.is_some())
+            .filter_map(|(b, _)| b.map(|b| gemm_expand::gemm_width(&plan.ranks[0].lora_buffers[b].layout) as usize))
+            .max();
+        let fold_capacity = if folded_width.is_some() { options.lora_shrink.max_tokens().min(max_tokens) } else { 0 };
+        let gemm_scratch = folded_width.map(|w| (fold_capacity, w));
+        let activations = Activations::new::<R, F>(
+            &client,
+            &desc,
+            max_tokens,
+            max_seqs,
+            &lora_widths,
+            desc.lm_head_lora.map(lora_width),
+            gemm_scratch,
+        )?;
         let meta_limits = MetadataLimits {
             tokens: max_tokens,
             seqs: max_seqs,
@@ -321,7 +411,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let mut engine = Engine {
             client,
             desc,
-            options: EngineOptions { page_size, max_seq_len },
+            options: EngineOptions { page_size, max_seq_len, lora_shrink: options.lora_shrink },
             eps,
             weights,
             caches,
@@ -337,8 +427,24 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
             activations,
             meta,
             plan,
+            fold_tokens: fold_capacity,
+            fold_capacity,
         };
-        engine.lora = (0..engine.plan.ranks[0].lora_buffers.len()).map(|b| engine.upload_lora(b)).collect::<ExecResult<_>>()?;
+        // Folded sites: the pool's A lives in the weight allocation, after W.
+        let mut a_views: HashMap<usize, DeviceBuffer<F>> = HashMap::new();
+        for (lora, w) in engine.desc.layer_lora.iter().zip(&engine.weights.layers) {
+            for (i, (b, lin)) in lora.iter().zip(&w.linears).enumerate() {
+                if let (Some(b), Some(folded)) = (b, &lin.folded) {
+                    let (n, k) = engine.desc.linear_shape(i);
+                    let a_len = engine.plan.ranks[0].lora_buffers[*b].layout.a_elements() as usize;
+                    let view = folded.slice(n * k, a_len).ctx(|| format!("adapter pool A of LoRA buffer {b} in its weight"))?;
+                    a_views.insert(*b, view);
+                }
+            }
+        }
+        engine.lora = (0..engine.plan.ranks[0].lora_buffers.len())
+            .map(|b| engine.upload_lora(b, a_views.remove(&b)))
+            .collect::<ExecResult<_>>()?;
         engine.warm_up()?;
         Ok(engine)
     }
@@ -351,12 +457,34 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         self.options
     }
 
+    /// Lowers the longest step whose folded sites run the folded GEMM (0: the shrink kernel
+    /// everywhere), up to what start-up sized the arena for; benchmarks compare both paths on
+    /// one engine this way.
+    pub fn set_folded_shrink_max_tokens(&mut self, max_tokens: u32) -> ExecResult<()> {
+        if max_tokens as usize > self.fold_capacity {
+            return Err(ExecutorError::Batch(format!(
+                "folded shrink up to {max_tokens} tokens: start-up sized its buffer for {}",
+                self.fold_capacity
+            )));
+        }
+        self.fold_tokens = max_tokens as usize;
+        Ok(())
+    }
+
+    /// Layer projections whose LoRA shrink is folded into the GEMM ([`LoraShrink`]) and those
+    /// with LoRA in all.
+    pub fn lora_sites_in_gemm(&self) -> (usize, usize) {
+        let sites = self.desc.layer_lora.iter().zip(&self.weights.layers).flat_map(|(lora, w)| lora.iter().zip(&w.linears));
+        sites.filter(|(b, _)| b.is_some()).fold((0, 0), |(folded, all), (_, lin)| (folded + usize::from(lin.folded.is_some()), all + 1))
+    }
+
     pub fn client(&self) -> &ComputeClient<R> {
         &self.client
     }
 
-    /// LoRA buffer `b`'s A and B from the host pool, with each slot's rank.
-    fn upload_lora(&self, b: usize) -> ExecResult<LoraDevice<F>> {
+    /// LoRA buffer `b`'s A and B from the host pool, with each slot's rank. `a_in_weights`:
+    /// the view of a folded weight allocation that holds A (written in place).
+    fn upload_lora(&self, b: usize, a_in_weights: Option<DeviceBuffer<F>>) -> ExecResult<LoraDevice<F>> {
         let buf = &self.plan.ranks[0].lora_buffers[b];
         let size = F::DTYPE.size_bytes();
         let bytes = self.host_pool.rank_bytes(0);
@@ -366,7 +494,15 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
                 bytes.get(start..end).ok_or_else(|| ExecutorError::Plan(format!("LoRA buffer {b} lies outside the adapter pool")))?;
             Ok(F::from_le_bytes(slice))
         };
-        let a = DeviceBuffer::upload(&self.client, &region(buf.a_offset, buf.layout.a_elements())?);
+        let a_host = region(buf.a_offset, buf.layout.a_elements())?;
+        let folded = a_in_weights.is_some();
+        let a = match a_in_weights {
+            Some(view) => {
+                view.write_at(&self.client, 0, &a_host).ctx(|| format!("adapter pool A of LoRA buffer {b} ({})", buf.module))?;
+                view
+            }
+            None => DeviceBuffer::upload(&self.client, &a_host),
+        };
         let bb = DeviceBuffer::upload(&self.client, &region(buf.b_offset, buf.layout.b_elements())?);
         let slots = buf.layout.slots() as usize;
         let ranks: Vec<u32> = (0..slots).map(|s| self.host_pool.slot_rank(s, b)).collect();
@@ -374,7 +510,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let scales = vec![1.0f32; slots];
         let pool = AdapterPool::new(&buf.layout, a, bb, &ranks, &scales, &self.client)
             .ctx(|| format!("adapter pool of LoRA buffer {b} ({})", buf.module))?;
-        Ok(LoraDevice { pool })
+        Ok(LoraDevice { pool, a_in_weights: folded })
     }
 
     /// Copies `slot`'s region of every LoRA buffer from the host pool into the device pool in
@@ -467,7 +603,8 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
             add(b.size_bytes());
         }
         for l in &w.layers {
-            for b in [&l.input_norm, &l.post_norm].into_iter().chain(&l.linears).chain(l.q_norm.iter()).chain(l.k_norm.iter()) {
+            let linears = l.linears.iter().map(|lin| lin.folded.as_ref().unwrap_or(&lin.base));
+            for b in [&l.input_norm, &l.post_norm].into_iter().chain(linears).chain(l.q_norm.iter()).chain(l.k_norm.iter()) {
                 add(b.size_bytes());
             }
         }
@@ -477,7 +614,10 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         }
         add(self.rope_table.size_bytes());
         for p in &self.lora {
-            add(p.pool.a.size_bytes());
+            // A folded into a weight allocation is counted with that weight.
+            if !p.a_in_weights {
+                add(p.pool.a.size_bytes());
+            }
             add(p.pool.b.size_bytes());
             add(p.pool.ranks.size_bytes());
             add(p.pool.scales.size_bytes());
@@ -735,7 +875,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         batch: &DeviceAttentionBatch,
         segs: &DeviceSegments,
     ) -> ExecResult<()> {
-        let Engine { client, desc, weights, caches, lora, rope, rope_table, eps, plan, .. } = self;
+        let Engine { client, desc, weights, caches, lora, rope, rope_table, eps, plan, fold_tokens, .. } = self;
         let buffers = &plan.ranks[0].lora_buffers;
         let (h, eps) = (desc.hidden, *eps);
         // Views are handles: the `mut` copies write the arena's memory.
@@ -760,25 +900,41 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let v_view = HeadView::slice(total, desc.q_heads + desc.kv_heads, desc.kv_heads, desc.head_dim);
         let scale = desc.softmax_scale;
 
-        // LoRA of projection `i` of layer `l`: shrink from `x`, expand into `y`. (The fused
-        // one-launch kernel measured slower inside a decode step than these two launches on
-        // the H100, although faster alone: runtime/BENCHMARKS.md, run 4.)
-        let apply_lora = |l: usize, i: usize, x: &DeviceBuffer<F>, y: &mut DeviceBuffer<F>| -> ExecResult<()> {
-            let Some(b) = desc.layer_lora[l][i] else { return Ok(()) };
-            let layout = &buffers[b].layout;
-            let what = || format!("layer {l} {:?} LoRA", LAYER_PROJECTIONS[i]);
-            let mut a = lora_a(width(b))?;
-            shrink::launch_shrink(client, layout, &lora[b].pool, segs, x, &mut a, None).ctx(what)?;
-            expand::launch_expand(client, layout, &lora[b].pool, segs, &a, y, None).ctx(what)
+        // Projection `i` of layer `l`, `y = x·Wᵀ` plus its LoRA. Folded sites in short steps:
+        // one GEMM against [W; A] and the GEMM-expand (two launches); otherwise the GEMM, then
+        // shrink and expand (the fused one-launch kernel measured slower inside a decode step
+        // than these two on the H100, although faster alone: runtime/BENCHMARKS.md, run 4).
+        // A step without adapter rows runs the GEMM alone.
+        let fold_tokens = *fold_tokens;
+        let project = |l: usize, i: usize, x: &DeviceBuffer<F>, y: &mut DeviceBuffer<F>| -> ExecResult<()> {
+            let lin = &weights.layers[l].linears[i];
+            let (n, k) = desc.linear_shape(i);
+            let what = || format!("layer {l} {:?}", LAYER_PROJECTIONS[i]);
+            let lora_b = desc.layer_lora[l][i].filter(|_| segs.num_segments() > 0);
+            match (lora_b, &lin.folded) {
+                (Some(b), Some(folded)) if t <= fold_tokens => {
+                    let layout = &buffers[b].layout;
+                    let g_width = gemm_expand::gemm_width(layout) as usize;
+                    let mut g = ws.gemm_scratch(t, g_width)?;
+                    matmul::launch_matmul(client, x, folded, &mut g, t, g_width, k, None).ctx(what)?;
+                    gemm_expand::launch_gemm_expand(client, layout, &lora[b].pool, segs, &g, y, None).ctx(what)
+                }
+                _ => {
+                    matmul::launch_matmul(client, x, &lin.base, y, t, n, k, None).ctx(what)?;
+                    let Some(b) = lora_b else { return Ok(()) };
+                    let layout = &buffers[b].layout;
+                    let mut a = lora_a(width(b))?;
+                    shrink::launch_shrink(client, layout, &lora[b].pool, segs, x, &mut a, None).ctx(what)?;
+                    expand::launch_expand(client, layout, &lora[b].pool, segs, &a, y, None).ctx(what)
+                }
+            }
         };
 
         let layers = weights.layers.len();
         rms_norm::launch_rms_norm(client, &hs, &weights.layers[0].input_norm, &mut x, t, h, eps).ctx(|| "layer 0 input norm".into())?;
         for (l, (w, cache)) in weights.layers.iter().zip(caches.iter_mut()).enumerate() {
             let what = |op: &str| format!("layer {l} {op}");
-            let (qkv_n, qkv_k) = desc.linear_shape(0);
-            matmul::launch_matmul(client, &x, &w.linears[0], &mut qkv, t, qkv_n, qkv_k, None).ctx(|| what("qkv_proj"))?;
-            apply_lora(l, 0, &x, &mut qkv)?;
+            project(l, 0, &x, &mut qkv)?;
             if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
                 rms_norm::launch_rms_norm_heads(client, &mut qkv, q_view, qn, t, eps).ctx(|| what("q_norm"))?;
                 rms_norm::launch_rms_norm_heads(client, &mut qkv, k_view, kn, t, eps).ctx(|| what("k_norm"))?;
@@ -787,17 +943,11 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
             rope::launch_rope(client, &mut qkv, k_view, &batch.positions, rope_table, rope, t).ctx(|| what("rope k"))?;
             attention::launch_kv_write(client, &qkv, k_view, &qkv, v_view, cache, batch, t).ctx(|| what("kv write"))?;
             attention::launch_attention(client, &qkv, q_view, cache, batch, &mut attn, t, scale).ctx(|| what("attention"))?;
-            let (o_n, o_k) = desc.linear_shape(1);
-            matmul::launch_matmul(client, &attn, &w.linears[1], &mut o, t, o_n, o_k, None).ctx(|| what("o_proj"))?;
-            apply_lora(l, 1, &attn, &mut o)?;
+            project(l, 1, &attn, &mut o)?;
             rms_norm::launch_add_rms_norm(client, &mut hs, &o, &w.post_norm, &mut x, t, h, eps).ctx(|| what("post-attention norm"))?;
-            let (gu_n, gu_k) = desc.linear_shape(2);
-            matmul::launch_matmul(client, &x, &w.linears[2], &mut gate_up, t, gu_n, gu_k, None).ctx(|| what("gate_up_proj"))?;
-            apply_lora(l, 2, &x, &mut gate_up)?;
+            project(l, 2, &x, &mut gate_up)?;
             silu_mul::launch_silu_mul(client, &gate_up, &mut act, t, desc.inter).ctx(|| what("silu_mul"))?;
-            let (d_n, d_k) = desc.linear_shape(3);
-            matmul::launch_matmul(client, &act, &w.linears[3], &mut o, t, d_n, d_k, None).ctx(|| what("down_proj"))?;
-            apply_lora(l, 3, &act, &mut o)?;
+            project(l, 3, &act, &mut o)?;
             if l + 1 < layers {
                 let next = &weights.layers[l + 1].input_norm;
                 rms_norm::launch_add_rms_norm(client, &mut hs, &o, next, &mut x, t, h, eps)
@@ -845,11 +995,14 @@ fn upload_tensor<R: Runtime, F: EngineElem>(client: &ComputeClient<R>, values: &
 /// Uploads every weight under the checkpoint names the plan's nodes list (`desc.tensors`):
 /// each projection's parts fused by rows, norms with the plan's unit offset folded in, and
 /// lm_head sharing the embedding's handle when it reads the same table (tied embeddings).
+/// `folded_rows(l, i)`: zero rows to append after projection `i` of layer `l` for its adapter
+/// pool's A (0: none; see [`LoraShrink`]).
 fn load_weights<R: Runtime, F: EngineElem>(
     client: &ComputeClient<R>,
     plan: &Plan,
     desc: &ModelDesc,
     ckpt: &Checkpoint,
+    folded_rows: &dyn Fn(usize, usize) -> usize,
 ) -> ExecResult<Weights<F>> {
     let (h, v) = (desc.hidden, desc.vocab);
     let names = &desc.tensors;
@@ -884,13 +1037,23 @@ fn load_weights<R: Runtime, F: EngineElem>(
                 }
                 fused.extend(ckpt.tensor::<F>(name, &[rows, inp])?);
             }
-            linears.push(DeviceBuffer::upload(client, &fused));
+            let base_len = fused.len();
+            let extra = folded_rows(l, i);
+            let linear = if extra == 0 {
+                Linear { base: DeviceBuffer::upload(client, &fused), folded: None }
+            } else {
+                fused.resize(base_len + extra * inp, F::from_f32(0.0));
+                let folded = DeviceBuffer::upload(client, &fused);
+                let base = folded.prefix(base_len).ctx(|| format!("layer {l} projection {i}"))?;
+                Linear { base, folded: Some(folded) }
+            };
+            linears.push(linear);
         }
         let (q_norm, k_norm) = match &tensors.qk_norm {
             Some((q, k)) => (Some(norm(q, d)?), Some(norm(k, d)?)),
             None => (None, None),
         };
-        let linears: [DeviceBuffer<F>; 4] = linears.try_into().map_err(|_| ExecutorError::Plan("four projections per layer".into()))?;
+        let linears: [Linear<F>; 4] = linears.try_into().map_err(|_| ExecutorError::Plan("four projections per layer".into()))?;
         layers.push(LayerWeights {
             input_norm: norm(&tensors.input_norm, h)?,
             post_norm: norm(&tensors.post_norm, h)?,
