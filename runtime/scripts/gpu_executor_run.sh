@@ -15,7 +15,8 @@
 #   cp $CARGO_TARGET_DIR/release/{lorac,decode_bench} $D/
 #   cargo test -p lorac-runtime --release --features cuda-tests --test ops --no-run   # -> deps/ops-<hash> (optional)
 #   cp $CARGO_TARGET_DIR/release/deps/executor_cuda-<hash> $D/executor_cuda && cp $CARGO_TARGET_DIR/release/deps/ops-<hash> $D/ops
-#   (optional: the `executor` test binary of the same --no-run, for its CUDA memory-statistics test)
+#   (optional: the `executor` and `kernels` test binaries of the same --no-run: the CUDA
+#   memory-statistics test and the CUDA LoRA kernel tests)
 #   strip $D/lorac $D/decode_bench $D/executor_cuda $D/ops && xz -T2 $D/decode_bench $D/executor_cuda $D/ops   # under 64 MiB
 #   cp -r tests/fixtures/tiny/{llama,qwen3} $D/fixtures/
 #   cp runtime/scripts/{gpu_executor_run.sh,make_bench_model.py,hf_decode_bench.py} $D/scripts/
@@ -23,7 +24,7 @@
 #
 # Environment: BIN (the binaries and fixtures, default: the folder above this script's),
 # LAYERS (decoder layers of the bench model, default 32), SKIP_TESTS=1, SKIP_OURS=1,
-# SKIP_HF=1, MODEL_DIR (default /tmp/llama8b; kept when its config.json exists, so a second
+# SKIP_HF=1, OPS_BREAKDOWN=1 (decode_bench --ops: each base op timed alone), MODEL_DIR (default /tmp/llama8b; kept when its config.json exists, so a second
 # call on a still-warm machine skips the generation), NEW_TOKENS (default 32).
 set -uo pipefail
 OUT=${OUT:-/tmp/decode_out}
@@ -59,6 +60,12 @@ if [ -z "${SKIP_TESTS:-}" ]; then
         echo "exit $?"
         grep -E "^test |test result|panicked" "$OUT/executor_noalloc.log"
     fi
+    if [ -x "$BIN/kernels" ]; then
+        echo "== CUDA LoRA kernel tests (f32 and bf16, every family) =="
+        "$BIN/kernels" cuda_ > "$OUT/kernels.log" 2>&1
+        echo "exit $?"
+        grep -E "^test |test result|panicked" "$OUT/kernels.log"
+    fi
     if [ -x "$BIN/ops" ]; then
         echo "== CUDA matmul op tests (every route: GEMV, TMA / cyclic tensor cores, tiled) =="
         "$BIN/ops" --exact cuda_bf16::matmul cuda_f32::matmul cuda_bf16::matmul_cubek cuda_f32::matmul_cubek > "$OUT/ops_matmul.log" 2>&1
@@ -83,7 +90,7 @@ if [ -z "${SKIP_OURS:-}" ]; then
     SECONDS=0
     # shellcheck disable=SC2086
     "$BIN/decode_bench" --model "$MODEL_DIR" --plan "$EXTRA/plan.bin" --adapters $ADAPTERS --batches 1,8,32 --adapter-counts 0,1,8 \
-        --prompt-len 128 --warmup 4 --steps "$NEW_TOKENS" --ops --csv "$OUT/lorac.csv" > "$OUT/lorac.log" 2>&1
+        --prompt-len 128 --warmup 4 --steps "$NEW_TOKENS" ${OPS_BREAKDOWN:+--ops} --csv "$OUT/lorac.csv" > "$OUT/lorac.log" 2>&1
     echo "exit $? after ${SECONDS} s"
     grep -vE "^\s*$" "$OUT/lorac.log" | grep -E "^#|^\||^decode_bench|panicked" | head -80
 fi
@@ -102,17 +109,17 @@ if [ -f "$OUT/lorac.csv" ] && [ -f "$OUT/hf.csv" ]; then
     echo "== summary =="
     python3 - "$OUT/lorac.csv" "$OUT/hf.csv" <<'PY' | tee "$OUT/summary.md"
 import csv, sys
-ours = {(int(r["batch"]), int(r["adapters"])): r for r in csv.DictReader(open(sys.argv[1]))}
+ours = {(int(r["batch"]), int(r["adapters"]), r.get("shrink", "-")): r for r in csv.DictReader(open(sys.argv[1]))}
 hf = {(int(r["batch"]), int(r["adapters"])): r for r in csv.DictReader(open(sys.argv[2]))}
-print("| batch | adapters | lorac step ms | lorac tok/s | lorac vs base | HF+PEFT step ms | HF tok/s | HF vs base | lorac / HF |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| batch | adapters | LoRA shrink | lorac step ms | lorac tok/s | lorac vs base | HF+PEFT step ms | HF tok/s | HF vs base | lorac / HF |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for key in sorted(ours):
-    o, h = ours[key], hf.get(key)
+    o, h = ours[key], hf.get(key[:2])
     pct = lambda v: "-" if not v else f"{float(v) * 100:+.1f}%"
     hs = f"{float(h['step_ms']):.2f}" if h else "-"
     ht = f"{float(h['tokens_per_s']):.1f}" if h else "-"
     ratio = f"{float(o['tokens_per_s']) / float(h['tokens_per_s']):.2f}×" if h else "-"
-    print(f"| {key[0]} | {key[1]} | {float(o['step_ms_median']):.3f} | {float(o['tokens_per_s']):.1f} | {pct(o['overhead_vs_base'])} | {hs} | {ht} | {pct(h['overhead_vs_base']) if h else '-'} | {ratio} |")
+    print(f"| {key[0]} | {key[1]} | {key[2]} | {float(o['step_ms_median']):.3f} | {float(o['tokens_per_s']):.1f} | {pct(o['overhead_vs_base'])} | {hs} | {ht} | {pct(h['overhead_vs_base']) if h else '-'} | {ratio} |")
 PY
 fi
 date -u +"end %FT%TZ"

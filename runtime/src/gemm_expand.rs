@@ -54,10 +54,10 @@ impl GemmExpandConfig {
         let ok = self.groups == layout.groups()
             && self.max_rank == layout.max_rank()
             && self.out_vector > 0
-            && layout.slices().iter().all(|s| s.width % self.out_vector == 0)
-            && gemm_width(layout) % self.out_vector == 0
+            && layout.slices().iter().all(|s| s.width.is_multiple_of(self.out_vector))
+            && gemm_width(layout).is_multiple_of(self.out_vector)
             && self.rank_vector > 0
-            && self.max_rank % self.rank_vector == 0
+            && self.max_rank.is_multiple_of(self.rank_vector)
             && self.threads > 0;
         if !ok {
             return Err(LoraError::Layout(format!("GEMM-expand config {self:?} does not fit the layout")));
