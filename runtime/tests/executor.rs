@@ -530,3 +530,28 @@ fn base_model_under_a_partial_target_plan() {
     // Adapter A trains modules this plan does not target.
     assert!(matches!(e.load_adapter(0, &dir.join("adapters/A")), Err(ExecutorError::Adapter(_))));
 }
+
+/// Weight loading reports each tensor the plan reads once, in increasing byte counts that end
+/// at the total, and that total is every tensor of the tiny checkpoint (it holds nothing else).
+#[test]
+fn weight_loading_reports_progress() {
+    let dir = fixture("llama");
+    let plan = plan_for(&dir, 1, None);
+    let options = EngineOptions::for_plan(&plan);
+    let mut events: Vec<(String, u64, u64)> = Vec::new();
+    Engine::<Rt, f32>::with_progress(client(), plan, &dir, options, &mut |p| {
+        events.push((p.tensor.to_string(), p.bytes_done, p.bytes_total))
+    })
+    .expect("engine");
+    let bytes = std::fs::read(dir.join("model.safetensors")).expect("checkpoint");
+    let file = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let stored: u64 = file.tensors().iter().map(|(_, t)| t.data().len() as u64).sum();
+    let mut names: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), events.len(), "a tensor was reported twice");
+    assert_eq!(names.len(), file.len(), "every checkpoint tensor is read once");
+    assert!(events.windows(2).all(|w| w[0].1 < w[1].1), "bytes uploaded must grow with each tensor");
+    let &(_, done, total) = events.last().expect("progress reported");
+    assert_eq!((done, total), (stored, stored));
+}

@@ -6,8 +6,11 @@ use std::path::Path;
 
 use cubecl::Runtime;
 use lorac_plan::{DType, Plan};
-use lorac_runtime::executor::{Engine, EngineElem, EngineOptions, ExecResult, LogitsMode, SeqId, SeqInput, StepOutput};
+use lorac_runtime::executor::{
+    Engine, EngineElem, EngineOptions, ExecResult, LoadProgress, LogitsMode, SeqId, SeqInput, StepOutput,
+};
 
+use crate::LoadObserver;
 use crate::error::ServerError;
 
 /// What the scheduler asks of an engine (see [`Engine`]); lives on the scheduler's thread.
@@ -115,6 +118,7 @@ pub fn build_backend(
     plan: Plan,
     model_dir: &Path,
     max_model_len: Option<u32>,
+    on_load: Option<&LoadObserver>,
 ) -> Result<(Box<dyn Backend>, Device), ServerError> {
     let device = match choice {
         DeviceChoice::Cuda => {
@@ -133,8 +137,8 @@ pub fn build_backend(
         }
     };
     let backend = match device {
-        Device::Cuda => engine_for_dtype(catch("CUDA client creation", cuda_client)?, plan, model_dir, max_model_len)?,
-        Device::Wgpu => engine_for_dtype(catch("wgpu client creation", wgpu_client)?, plan, model_dir, max_model_len)?,
+        Device::Cuda => engine_for_dtype(catch("CUDA client creation", cuda_client)?, plan, model_dir, max_model_len, on_load)?,
+        Device::Wgpu => engine_for_dtype(catch("wgpu client creation", wgpu_client)?, plan, model_dir, max_model_len, on_load)?,
     };
     Ok((backend, device))
 }
@@ -152,15 +156,23 @@ fn engine_for_dtype<R: Runtime>(
     plan: Plan,
     model_dir: &Path,
     max_model_len: Option<u32>,
+    on_load: Option<&LoadObserver>,
 ) -> Result<Box<dyn Backend>, ServerError> {
     let dtype = plan.model.dtype.activation();
     let mut options = EngineOptions::for_plan(&plan);
     if let Some(len) = max_model_len {
         options.max_seq_len = len;
     }
+    let mut progress = |p: LoadProgress<'_>| {
+        if let Some(observer) = on_load {
+            (observer.0)(p);
+        }
+    };
     let backend: Box<dyn Backend> = match dtype {
-        DType::F32 => Box::new(catch("engine start-up", || Engine::<R, f32>::with_options(client, plan, model_dir, options))??),
-        DType::BF16 => Box::new(catch("engine start-up", || Engine::<R, half::bf16>::with_options(client, plan, model_dir, options))??),
+        DType::F32 => Box::new(catch("engine start-up", || Engine::<R, f32>::with_progress(client, plan, model_dir, options, &mut progress))??),
+        DType::BF16 => {
+            Box::new(catch("engine start-up", || Engine::<R, half::bf16>::with_progress(client, plan, model_dir, options, &mut progress))??)
+        }
         other => return Err(ServerError::Invalid(format!("the plan's dtype {other} has no engine (f32 and bf16 do)"))),
     };
     Ok(backend)

@@ -21,6 +21,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use lorac_plan::Plan;
+pub use lorac_runtime::executor::LoadProgress;
 
 pub use backend::{Backend, Device, DeviceChoice};
 pub use error::{ApiError, ServerError};
@@ -41,6 +42,18 @@ pub struct StartOptions {
     /// Longest sequence (prompt + completion); default: the model's `max_position_embeddings`,
     /// at most the KV cache's size (see `EngineOptions::for_plan`).
     pub max_model_len: Option<u32>,
+    /// Told of each weight tensor's upload while the engine starts (a progress bar).
+    pub on_load: Option<LoadObserver>,
+}
+
+/// A callback for weight loading progress ([`LoadProgress`]), called from the engine thread.
+#[derive(Clone)]
+pub struct LoadObserver(pub Arc<dyn Fn(LoadProgress<'_>) + Send + Sync>);
+
+impl std::fmt::Debug for LoadObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoadObserver")
+    }
 }
 
 /// The name the base model is served under when none is given: the model directory's name.
@@ -77,8 +90,9 @@ pub fn start(plan: Plan, options: StartOptions) -> Result<(AppState, Device), Se
     let model_dir = options.model_dir.clone();
     let choice = options.device;
     let max_model_len = options.max_model_len;
+    let on_load = options.on_load.clone();
     let make_backend = move || {
-        let (backend, device) = backend::build_backend(choice, plan, &model_dir, max_model_len)?;
+        let (backend, device) = backend::build_backend(choice, plan, &model_dir, max_model_len, on_load.as_ref())?;
         let _ = device_out.set(device);
         Ok(backend)
     };

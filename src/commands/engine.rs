@@ -1,12 +1,13 @@
 //! What `serve` and `run` share: the plan, model directory, device and start-up adapters,
-//! logging, and a spinner while the engine starts.
+//! logging, and a progress bar while the engine starts.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::ValueEnum;
 use lorac_plan::Plan;
-use lorac_server::{AppState, Device, StartOptions};
+use lorac_server::{AppState, Device, LoadObserver, LoadProgress, StartOptions};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum DeviceArg {
@@ -83,15 +84,28 @@ pub fn init_logging(default: &str) {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
-/// Starts the engine behind a spinner (the engine reports no per-tensor progress, so none
-/// is shown); the spinner hides itself when stderr is not a terminal.
-pub fn start_with_spinner(plan: Plan, options: StartOptions) -> Result<(AppState, Device), String> {
-    let spinner = indicatif::ProgressBar::new_spinner();
-    spinner.set_message(format!("loading {} (weights, KV cache, adapters)", options.model_dir.display()));
-    spinner.enable_steady_tick(Duration::from_millis(100));
+/// Starts the engine behind a progress bar: checkpoint bytes uploaded per tensor, then a
+/// spinner while the KV cache, adapters and kernel warm-up follow. indicatif hides the bar
+/// when stderr is not a terminal.
+pub fn start_with_progress(plan: Plan, mut options: StartOptions) -> Result<(AppState, Device), String> {
+    let bar = indicatif::ProgressBar::new(0);
+    let style = indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})")
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_message(format!("loading {}", options.model_dir.display()));
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let observer = bar.clone();
+    options.on_load = Some(LoadObserver(Arc::new(move |p: LoadProgress<'_>| {
+        observer.set_length(p.bytes_total);
+        observer.set_position(p.bytes_done);
+        if p.bytes_done >= p.bytes_total {
+            observer.set_message("weights on the device; KV cache, adapters and kernel warm-up");
+        }
+    })));
     let started = std::time::Instant::now();
     let result = lorac_server::start(plan, options).map_err(|e| e.to_string());
-    spinner.finish_and_clear();
+    bar.finish_and_clear();
     if result.is_ok() {
         tracing::info!(seconds = started.elapsed().as_secs_f64(), "engine ready");
     }

@@ -63,8 +63,9 @@ pub fn run(args: Args) -> Result<(), String> {
         adapters,
         max_queue: 1,
         max_model_len: args.engine.max_model_len,
+        on_load: None,
     };
-    let (state, _device) = super::engine::start_with_spinner(plan, options)?;
+    let (state, _device) = super::engine::start_with_progress(plan, options)?;
     let scheduler = state.scheduler.clone();
     let result = generate(&args, &state);
     scheduler.shutdown(std::time::Duration::ZERO);

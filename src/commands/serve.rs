@@ -44,8 +44,9 @@ pub fn run(args: Args) -> Result<(), String> {
         adapters,
         max_queue: args.max_queue.max(1),
         max_model_len: args.engine.max_model_len,
+        on_load: None,
     };
-    let (state, device) = super::engine::start_with_spinner(plan, options)?;
+    let (state, device) = super::engine::start_with_progress(plan, options)?;
     let name = state.scheduler.info().served_model_name.clone();
     let adapters: Vec<String> = state.scheduler.models().into_iter().skip(1).map(|m| m.name).collect();
     tracing::info!(model = %name, %device, adapters = ?adapters, "serving on http://{local}");

@@ -181,6 +181,16 @@ impl EngineOptions {
     }
 }
 
+/// Weight loading progress: reported after each checkpoint tensor reached the device.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadProgress<'a> {
+    /// The tensor just uploaded.
+    pub tensor: &'a str,
+    /// Checkpoint bytes uploaded so far, of `bytes_total` (the tensors the plan reads).
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
 /// A sequence whose KV cache the engine holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SeqId(u64);
@@ -306,6 +316,18 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
     }
 
     pub fn with_options(client: ComputeClient<R>, plan: Plan, model_dir: &Path, options: EngineOptions) -> ExecResult<Self> {
+        Self::with_progress(client, plan, model_dir, options, &mut |_| {})
+    }
+
+    /// As [`Engine::with_options`], calling `progress` after each weight tensor's upload
+    /// (for a progress bar: the upload is most of start-up).
+    pub fn with_progress(
+        client: ComputeClient<R>,
+        plan: Plan,
+        model_dir: &Path,
+        options: EngineOptions,
+        progress: &mut dyn FnMut(LoadProgress<'_>),
+    ) -> ExecResult<Self> {
         let config = model_dir.join("config.json");
         let bytes = std::fs::read(&config).map_err(|source| ExecutorError::Io { path: config.clone(), source })?;
         plan.check_config(&bytes)?;
@@ -332,7 +354,13 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
             let fits = layout.experts().is_none() && layout.in_features() as usize == k && layout.out_features() as usize == n;
             if aligned && fits { options.lora_shrink.folded_rows(n, pool_rows) } else { 0 }
         };
-        let weights = load_weights::<R, F>(&client, &plan, &desc, &ckpt, &folded_rows)?;
+        let bytes_total = desc.tensors.names().map(|n| ckpt.stored_bytes(n)).sum();
+        let mut bytes_done = 0;
+        let mut uploaded = |tensor: &str| {
+            bytes_done += ckpt.stored_bytes(tensor);
+            progress(LoadProgress { tensor, bytes_done, bytes_total });
+        };
+        let weights = load_weights::<R, F>(&client, &plan, &desc, &ckpt, &folded_rows, &mut uploaded)?;
 
         // Paged KV cache: the plan's token budget, split evenly over pages.
         let num_pages = (plan.limits.kv_cache_tokens / u64::from(page_size)).min(u64::from(u32::MAX)) as u32;
@@ -996,31 +1024,38 @@ fn upload_tensor<R: Runtime, F: EngineElem>(client: &ComputeClient<R>, values: &
 /// each projection's parts fused by rows, norms with the plan's unit offset folded in, and
 /// lm_head sharing the embedding's handle when it reads the same table (tied embeddings).
 /// `folded_rows(l, i)`: zero rows to append after projection `i` of layer `l` for its adapter
-/// pool's A (0: none; see [`LoraShrink`]).
+/// pool's A (0: none; see [`LoraShrink`]). `uploaded(name)` follows each tensor's upload.
 fn load_weights<R: Runtime, F: EngineElem>(
     client: &ComputeClient<R>,
     plan: &Plan,
     desc: &ModelDesc,
     ckpt: &Checkpoint,
     folded_rows: &dyn Fn(usize, usize) -> usize,
+    uploaded: &mut dyn FnMut(&str),
 ) -> ExecResult<Weights<F>> {
     let (h, v) = (desc.hidden, desc.vocab);
     let names = &desc.tensors;
     let unit = plan.model.norm.unit_offset;
+    // Shared by the closures below, each reporting the tensors it uploads.
+    let uploaded = std::cell::RefCell::new(uploaded);
+    let report = |name: &str| (uploaded.borrow_mut())(name);
     let norm = |name: &str, width: usize| -> ExecResult<DeviceBuffer<F>> {
         let mut w = ckpt.tensor_f32(name, &[width])?;
         if unit {
             w.iter_mut().for_each(|x| *x += 1.0);
         }
-        Ok(upload_tensor(client, &w))
-    };
-    let embed = DeviceBuffer::upload(client, &ckpt.tensor::<F>(&names.embed, &[v, h])?);
-    let lm_head = if names.lm_head == names.embed {
-        embed.clone()
-    } else {
-        DeviceBuffer::upload(client, &ckpt.tensor::<F>(&names.lm_head, &[v, h])?)
+        let buffer = upload_tensor(client, &w);
+        report(name);
+        Ok(buffer)
     };
     let final_norm = norm(&names.final_norm, h)?;
+    let matrix = |name: &str, rows: usize| -> ExecResult<DeviceBuffer<F>> {
+        let buffer = DeviceBuffer::upload(client, &ckpt.tensor::<F>(name, &[rows, h])?);
+        report(name);
+        Ok(buffer)
+    };
+    let embed = matrix(&names.embed, v)?;
+    let lm_head = if names.lm_head == names.embed { embed.clone() } else { matrix(&names.lm_head, v)? };
     let d = desc.head_dim as usize;
     let mut layers = Vec::with_capacity(desc.layers);
     for (l, tensors) in names.layers.iter().enumerate() {
@@ -1047,6 +1082,7 @@ fn load_weights<R: Runtime, F: EngineElem>(
                 let base = folded.prefix(base_len).ctx(|| format!("layer {l} projection {i}"))?;
                 Linear { base, folded: Some(folded) }
             };
+            parts.iter().for_each(|name| report(name));
             linears.push(linear);
         }
         let (q_norm, k_norm) = match &tensors.qk_norm {

@@ -44,6 +44,19 @@ pub(crate) struct ModelTensors {
     pub layers: Vec<LayerTensors>,
 }
 
+impl ModelTensors {
+    /// Every tensor the engine reads, each once (a tied lm_head is the embedding).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        let lm_head = (self.lm_head != self.embed).then_some(self.lm_head.as_str());
+        let layers = self.layers.iter().flat_map(|l| {
+            let norms = [l.input_norm.as_str(), l.post_norm.as_str()].into_iter();
+            let qk = l.qk_norm.iter().flat_map(|(q, k)| [q.as_str(), k.as_str()]);
+            norms.chain(qk).chain(l.linears.iter().flatten().map(String::as_str))
+        });
+        [self.embed.as_str(), self.final_norm.as_str()].into_iter().chain(lm_head).chain(layers)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct ModelDesc {
     pub layers: usize,

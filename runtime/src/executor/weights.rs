@@ -57,6 +57,11 @@ impl Checkpoint {
         Ok(Checkpoint { dir: dir.to_path_buf(), files, index })
     }
 
+    /// Bytes `name` occupies in its file (0 when absent): the unit of load progress.
+    pub(crate) fn stored_bytes(&self, name: &str) -> u64 {
+        self.index.get(name).map_or(0, |(_, _, _, (start, end))| (end - start) as u64)
+    }
+
     pub(crate) fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }

@@ -54,6 +54,7 @@ pub fn start(limits: Limits, adapters: &[&str], max_queue: usize) -> AppState {
         // Past the tiny model's 256 positions, so requests stay running long enough for the
         // tests that act on running requests.
         max_model_len: Some(2048),
+        on_load: None,
     };
     lorac_server::start(plan(&dir, &limits), options).expect("server starts").0
 }
