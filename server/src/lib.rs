@@ -1,11 +1,12 @@
 //! lorac's serving layer: `lorac serve` and `lorac run` are built from these pieces.
 //!
 //! - [`text`]: tokenizer, chat template, stop tokens, incremental detokenization.
-//! - [`scheduler`]: the thread that owns the engine and runs continuous batching, and the
-//!   adapter registry (name → pool slot, LRU eviction, pins).
+//! - [`scheduler`]: the thread that owns the engine and runs continuous batching.
+//! - [`adapter_registry`]: adapter names → pool slots, leases, LRU eviction, pins.
 //! - [`http`]: the OpenAI-compatible API over the scheduler.
 //! - [`backend`]: device (CUDA / wgpu) and dtype dispatch onto `lorac_runtime`'s engine.
 
+pub(crate) mod adapter_registry;
 pub mod backend;
 pub mod error;
 pub mod http;

@@ -18,12 +18,12 @@
 //! preemption). Output does not depend on it, beyond float rounding between a recomputed
 //! prefill and the decode steps it replaces.
 //!
-//! Adapters: the registry maps names to pool slots. An adapter can be registered without a
-//! slot (the pool was full of busy adapters, or it was evicted): the first request that
-//! needs it loads it into a free slot, or evicts the least recently used adapter that no
-//! running or queued request uses. Adapters given at start-up, or loaded with `pin`, are
-//! never evicted. An unload removes the name at once; the slot is freed when the last
-//! request using it ends (a running request never loses its weights).
+//! Adapters: the registry ([`crate::adapter_registry`]) maps names to pool slots. An adapter
+//! can be registered without a slot (the pool was full of busy adapters, or it was evicted):
+//! the first request that needs it loads it into a free slot, or evicts the least recently
+//! used adapter that no running or queued request uses. Adapters given at start-up, or
+//! loaded with `pin`, are never evicted. An unload removes the name at once; the slot is
+//! freed when the last request using it ends (a running request never loses its weights).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -38,6 +38,7 @@ use lorac_runtime::executor::{LogitsMode, SeqId, SeqInput};
 use serde::Serialize;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
+use crate::adapter_registry::{AdapterEntry, AdapterId, AdapterRegistry};
 use crate::backend::Backend;
 use crate::error::{ApiError, ServerError};
 use crate::metrics::{Metrics, Outcome, Rejection};
@@ -355,22 +356,6 @@ fn pages_for(tokens: u64, page_size: u32) -> u64 {
     tokens.div_ceil(u64::from(page_size.max(1)))
 }
 
-type AdapterId = u64;
-
-struct AdapterEntry {
-    id: AdapterId,
-    name: String,
-    path: PathBuf,
-    slot: Option<u32>,
-    pinned: bool,
-    /// Logical time of the last admission or completion of a request using it.
-    last_used: u64,
-    /// Queued and running requests that use it.
-    users: usize,
-    /// Unloaded by name; dropped when its last user ends.
-    retired: bool,
-}
-
 enum Waiting {
     Fresh {
         id: u64,
@@ -454,10 +439,9 @@ struct Scheduler {
     info: EngineInfo,
     waiting: VecDeque<Waiting>,
     running: Vec<Running>,
-    adapters: Vec<AdapterEntry>,
+    adapters: AdapterRegistry,
     free_pages: u32,
     admissions: u64,
-    clock: u64,
     next_id: u64,
     /// Set by a shutdown: running requests end by this time.
     deadline: Option<Instant>,
@@ -487,6 +471,7 @@ impl Scheduler {
         };
         shared.metrics.kv_pages_total.store(u64::from(kv_pages), Ordering::Relaxed);
         shared.metrics.adapter_slots_total.store(u64::from(info.adapter_slots), Ordering::Relaxed);
+        let slots = info.adapter_slots;
         Scheduler {
             backend,
             codec,
@@ -495,10 +480,9 @@ impl Scheduler {
             info,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            adapters: Vec::new(),
+            adapters: AdapterRegistry::new(slots),
             free_pages: kv_pages,
             admissions: 0,
-            clock: 0,
             next_id: 0,
             deadline: None,
         }
@@ -606,16 +590,13 @@ impl Scheduler {
         let adapter = if request.model == self.info.served_model_name {
             None
         } else {
-            match self.adapters.iter_mut().find(|a| !a.retired && a.name == request.model) {
-                Some(entry) => {
-                    entry.users += 1;
-                    Some(entry.id)
-                }
+            match self.adapters.acquire(&request.model) {
+                Some(id) => Some(id),
                 // Unloaded between the handler's check and now.
                 None => return refuse(self, ApiError::not_found(format!("The model `{}` does not exist.", request.model))),
             }
         };
-        if let Some(id) = adapter.filter(|&id| !self.can_ever_be_resident(id)) {
+        if let Some(id) = adapter.filter(|&id| !self.adapters.can_ever_be_resident(id)) {
             self.release_adapter(Some(id));
             return refuse(
                 self,
@@ -695,9 +676,8 @@ impl Scheduler {
                 }
             }
             let w = self.waiting.remove(i).expect("index checked");
-            self.clock += 1;
-            if let Some(entry) = w.adapter().and_then(|id| self.adapters.iter_mut().find(|a| a.id == id)) {
-                entry.last_used = self.clock;
+            if let Some(id) = w.adapter() {
+                self.adapters.touch(id);
             }
             self.admissions += 1;
             let seq = self.backend.add_sequence();
@@ -806,7 +786,7 @@ impl Scheduler {
         let mut batch = Vec::with_capacity(rows.len());
         for &(i, n) in &rows {
             let r = &self.running[i];
-            let adapter = r.adapter.and_then(|id| self.adapters.iter().find(|a| a.id == id)).and_then(|a| a.slot);
+            let adapter = r.adapter.and_then(|id| self.adapters.slot_of(id));
             batch.push(SeqInput { seq: r.seq, position: r.fed as u32, tokens: r.tokens[r.fed..r.fed + n].to_vec(), adapter });
         }
         let tokens: usize = rows.iter().map(|r| r.1).sum();
@@ -934,14 +914,14 @@ impl Scheduler {
         m.queue_depth.store(self.waiting.len() as u64, Ordering::Relaxed);
         m.running.store(self.running.len() as u64, Ordering::Relaxed);
         m.kv_pages_used.store(u64::from(self.info.kv_pages - self.free_pages), Ordering::Relaxed);
-        m.adapter_slots_used.store(self.adapters.iter().filter(|a| a.slot.is_some()).count() as u64, Ordering::Relaxed);
-        m.adapters_registered.store(self.adapters.iter().filter(|a| !a.retired).count() as u64, Ordering::Relaxed);
+        m.adapter_slots_used.store(self.adapters.slots_used() as u64, Ordering::Relaxed);
+        m.adapters_registered.store(self.adapters.active().count() as u64, Ordering::Relaxed);
     }
 
     /// Publishes the model list the HTTP side serves.
     fn publish(&self) {
         let mut models = vec![ModelEntry { name: self.info.served_model_name.clone(), path: None, resident: true, pinned: true }];
-        models.extend(self.adapters.iter().filter(|a| !a.retired).map(|a| ModelEntry {
+        models.extend(self.adapters.active().map(|a| ModelEntry {
             name: a.name.clone(),
             path: Some(a.path.clone()),
             resident: a.slot.is_some(),
@@ -953,68 +933,43 @@ impl Scheduler {
         self.update_gauges();
     }
 
-    // ---- adapters ----
+    // ---- adapters: the registry's decisions, carried out on the engine ----
 
-    fn free_slot(&self) -> Option<u32> {
-        (0..self.info.adapter_slots).find(|s| !self.adapters.iter().any(|a| a.slot == Some(*s)))
-    }
-
-    /// The least recently used resident adapter that is not pinned and that no queued or
-    /// running request uses.
-    fn eviction_victim(&self, keep: Option<AdapterId>) -> Option<usize> {
-        self.adapters
-            .iter()
-            .enumerate()
-            .filter(|(_, a)| a.slot.is_some() && !a.pinned && a.users == 0 && Some(a.id) != keep)
-            .min_by_key(|(_, a)| a.last_used)
-            .map(|(i, _)| i)
-    }
-
-    fn pinned_slots(&self) -> u32 {
-        self.adapters.iter().filter(|a| a.pinned && a.slot.is_some()).count() as u32
-    }
-
-    fn can_ever_be_resident(&self, id: AdapterId) -> bool {
-        self.adapters.iter().any(|a| a.id == id && a.slot.is_some()) || self.pinned_slots() < self.info.adapter_slots
-    }
-
-    /// Frees entry `index`'s slot (it stays registered and reloads on demand).
-    fn evict(&mut self, index: usize) -> Result<u32, ApiError> {
-        let slot = self.adapters[index].slot.ok_or_else(|| ApiError::internal("evicting an adapter without a slot"))?;
-        self.backend
-            .unload_adapter(slot)
-            .map_err(|e| ApiError::internal(format!("evicting adapter `{}`: {e}", self.adapters[index].name)))?;
-        self.adapters[index].slot = None;
-        tracing::info!(adapter = %self.adapters[index].name, slot, "adapter evicted (least recently used)");
+    /// Frees adapter `id`'s slot (it stays registered and reloads on demand).
+    fn evict(&mut self, id: AdapterId) -> Result<u32, ApiError> {
+        let entry = self.adapters.get(id).ok_or_else(|| ApiError::internal("evicting an unknown adapter"))?;
+        let slot = entry.slot.ok_or_else(|| ApiError::internal("evicting an adapter without a slot"))?;
+        self.backend.unload_adapter(slot).map_err(|e| ApiError::internal(format!("evicting adapter `{}`: {e}", entry.name)))?;
+        tracing::info!(adapter = %entry.name, slot, "adapter evicted (least recently used)");
+        self.adapters.set_slot(id, None);
         Ok(slot)
     }
 
     /// Gives adapter `id` a slot if it has none: a free one, or an evicted one. `false` when
     /// every slot is busy now.
     fn make_resident(&mut self, id: AdapterId) -> Result<bool, ApiError> {
-        let index = self.adapters.iter().position(|a| a.id == id).ok_or_else(|| ApiError::internal("unknown adapter id"))?;
-        if self.adapters[index].slot.is_some() {
+        let entry = self.adapters.get(id).ok_or_else(|| ApiError::internal("unknown adapter id"))?;
+        if entry.slot.is_some() {
             return Ok(true);
         }
         // An unloaded adapter of the same name still serving its last requests: the pool
         // holds one adapter per name, so wait for it to leave.
-        let name = &self.adapters[index].name;
-        if self.adapters.iter().any(|a| a.retired && a.name == *name && a.slot.is_some()) {
+        if self.adapters.retired_holds_slot(&entry.name) {
             return Ok(false);
         }
-        let slot = match self.free_slot() {
+        let slot = match self.adapters.free_slot() {
             Some(slot) => slot,
-            None => match self.eviction_victim(Some(id)) {
+            None => match self.adapters.eviction_victim(Some(id)) {
                 Some(victim) => self.evict(victim)?,
                 None => return Ok(false),
             },
         };
-        let entry = &self.adapters[index];
+        let entry = self.adapters.get(id).ok_or_else(|| ApiError::internal("unknown adapter id"))?;
         self.backend
             .load_adapter(slot, &entry.path, &entry.name)
             .map_err(|e| ApiError::internal(format!("reloading adapter `{}` from {}: {e}", entry.name, entry.path.display())))?;
         tracing::info!(adapter = %entry.name, slot, "adapter swapped in");
-        self.adapters[index].slot = Some(slot);
+        self.adapters.set_slot(id, Some(slot));
         self.publish();
         Ok(true)
     }
@@ -1023,20 +978,19 @@ impl Scheduler {
         if name.is_empty() {
             return Err(ApiError::invalid_param("lora_name", "the adapter name is empty"));
         }
-        if name == self.info.served_model_name || self.adapters.iter().any(|a| !a.retired && a.name == name) {
+        if name == self.info.served_model_name || self.adapters.is_registered(name) {
             return Err(ApiError::invalid_param("lora_name", format!("The lora adapter `{name}` has already been loaded.")));
         }
-        let pinned = self.pinned_slots();
-        if pinned >= self.info.adapter_slots {
+        if self.adapters.pinned_slots() >= self.adapters.slots() {
             return Err(ApiError::bad_request(format!(
                 "all {} adapter slots hold pinned adapters; unload one before loading `{name}`",
-                self.info.adapter_slots
+                self.adapters.slots()
             )));
         }
         // A retired entry of the same name may still hold its slot for running requests: the
         // pool refuses a second adapter of one name, so the new one waits for a slot of its own.
-        let clashes = self.adapters.iter().any(|a| a.retired && a.name == name && a.slot.is_some());
-        let slot = if clashes { None } else { self.free_slot() };
+        let clashes = self.adapters.retired_holds_slot(name);
+        let slot = if clashes { None } else { self.adapters.free_slot() };
         let slot = match slot {
             // A free slot: the engine validates while loading and leaves the pool as it was
             // on a refusal.
@@ -1047,7 +1001,7 @@ impl Scheduler {
             None => {
                 // Validate before evicting anyone, so a refusal changes nothing.
                 LoadedAdapter::load(&path, self.backend.plan()).map_err(|e| ApiError::invalid_param("lora_path", e.to_string()))?;
-                match (clashes, self.eviction_victim(None)) {
+                match (clashes, self.adapters.eviction_victim(None)) {
                     (false, Some(victim)) => {
                         let slot = self.evict(victim)?;
                         self.backend.load_adapter(slot, &path, name).map_err(|e| ApiError::invalid_param("lora_path", e.to_string()))?;
@@ -1063,52 +1017,30 @@ impl Scheduler {
                 }
             }
         };
-        self.clock += 1;
-        let id = self.next_id;
-        self.next_id += 1;
-        self.adapters.push(AdapterEntry {
-            id,
-            name: name.to_string(),
-            path,
-            slot,
-            pinned: pin,
-            last_used: self.clock,
-            users: 0,
-            retired: false,
-        });
+        self.adapters.register(name, path, slot, pin);
         Ok(())
     }
 
     fn unload_adapter(&mut self, name: &str) -> Result<(), ApiError> {
-        let index = self
-            .adapters
-            .iter()
-            .position(|a| !a.retired && a.name == name)
-            .ok_or_else(|| ApiError::not_found(format!("The lora adapter `{name}` cannot be found.")))?;
-        self.adapters[index].retired = true;
-        self.drop_if_unused(index);
+        let dropped =
+            self.adapters.retire(name).map_err(|_| ApiError::not_found(format!("The lora adapter `{name}` cannot be found.")))?;
+        self.free_dropped(dropped);
         Ok(())
     }
 
+    /// A request's lease on its adapter ends (queued or running, finished or not).
     fn release_adapter(&mut self, id: Option<AdapterId>) {
-        let Some(index) = id.and_then(|id| self.adapters.iter().position(|a| a.id == id)) else { return };
-        self.clock += 1;
-        let entry = &mut self.adapters[index];
-        entry.users = entry.users.saturating_sub(1);
-        entry.last_used = self.clock;
-        self.drop_if_unused(index);
+        if let Some(dropped) = id.and_then(|id| self.adapters.release(id)) {
+            self.free_dropped(Some(dropped));
+        }
     }
 
-    /// Removes a retired adapter once no request uses it, freeing its slot.
-    fn drop_if_unused(&mut self, index: usize) {
-        let entry = &self.adapters[index];
-        if !entry.retired || entry.users > 0 {
-            return;
-        }
+    /// Frees the slot of an unloaded adapter whose last request ended.
+    fn free_dropped(&mut self, dropped: Option<AdapterEntry>) {
+        let Some(entry) = dropped else { return };
         if let Some((slot, Err(e))) = entry.slot.map(|slot| (slot, self.backend.unload_adapter(slot))) {
             tracing::error!(adapter = %entry.name, slot, error = %e, "freeing the adapter slot failed");
         }
-        self.adapters.remove(index);
         self.publish();
     }
 }
