@@ -16,13 +16,16 @@
 //!          → o_proj (+LoRA) → h += o, rms_norm → gate_up (+LoRA) → silu·mul → down (+LoRA) → h += down
 //! ```
 //! then the final norm over the rows that reach lm_head, lm_head (+LoRA; the embedding table
-//! when tied) and argmax. The embedding runs a lookup plus the embedding LoRA.
+//! when tied) and argmax. The embedding runs a lookup plus the embedding LoRA. A projection's
+//! "+LoRA" is a shrink and an expand launch after its GEMM, or, in decode-sized steps where
+//! [`LoraShrink`] folds the site, one GEMM against `[W; A]` and one GEMM-expand launch.
 //!
 //! # Memory: everything at start-up, nothing per step
 //!
 //! `Engine::new` allocates every device buffer the engine will ever use: the weights (uploaded
 //! from the memory-mapped safetensors), the paged KV cache of every layer, the rotary table,
-//! one A/B pair plus rank / scale / slice tables per LoRA buffer of the plan, one **activation
+//! one A/B pair plus rank / scale / slice tables per LoRA buffer of the plan (a folded site's
+//! A is a view of its weight's allocation, right after W), one **activation
 //! arena** and one **metadata block**. A step only takes views of those
 //! ([`DeviceBuffer::slice`], cubecl's `Handle::offset_start` / `offset_end`, starts aligned to
 //! [`crate::buffer::VIEW_ALIGN`]) at its own token and row counts, so every op keeps its
