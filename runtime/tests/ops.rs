@@ -10,7 +10,8 @@ use lorac_runtime::DeviceBuffer;
 use lorac_runtime::ops::add::{launch_add, launch_add_inplace};
 use lorac_runtime::ops::argmax::{launch_argmax, reference_argmax};
 use lorac_runtime::ops::attention::{
-    AttentionBatch, KvCacheShape, PagedKvCache, SeqSlice, launch_attention, launch_kv_write, reference_attention,
+    AttentionBatch, KvCacheShape, PagedKvCache, SeqSlice, launch_attention, launch_attention_split, launch_kv_write, reference_attention,
+    split_partial_len,
 };
 use lorac_runtime::ops::gather::{launch_embedding_lookup, launch_gather_rows, reference_gather_rows};
 use lorac_runtime::ops::matmul::{MatmulConfig, launch_matmul, launch_matmul_cubek, reference_matmul};
@@ -466,6 +467,14 @@ pub fn attention<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let reference =
             reference_attention(&q64, &seq_k, &seq_v, &batch.token_seq, &batch.positions, hq as usize, kv as usize, d as usize, scale);
         check_close(&what, &to_f64(&out.read(client)), &reference, 10.0 * F::TOLERANCE);
+
+        // Split over the sequence (chunks of one key, of a few, and more chunks than keys).
+        let splits = rng.pick(&[2, 3, 7, 40]);
+        let mut split_out = nan_buffer::<R, F>(client, tokens * (hq * d) as usize);
+        let mut partial = DeviceBuffer::upload(client, &vec![f32::NAN; split_partial_len(tokens, hq, d, splits)]);
+        launch_attention_split(client, &qkv_buf, q_view, &cache, &dev_batch, &mut split_out, tokens, scale as f32, &mut partial, splits)
+            .unwrap();
+        check_close(&format!("{what} split {splits}"), &to_f64(&split_out.read(client)), &reference, 10.0 * F::TOLERANCE);
     }
 }
 

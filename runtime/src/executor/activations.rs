@@ -35,6 +35,8 @@ pub(crate) struct TokenViews<F> {
     pub lora_a: HashMap<usize, DeviceBuffer<f32>>,
     /// The folded GEMM's output at full capacity (see [`TokenViews::gemm_scratch`]).
     gemm: Option<(usize, DeviceBuffer<F>)>,
+    /// Split-sequence attention partials at full capacity (see [`TokenViews::attn_partial`]).
+    attn_partial: Option<(usize, DeviceBuffer<f32>)>,
 }
 
 impl<F: CubeElement> TokenViews<F> {
@@ -45,6 +47,16 @@ impl<F: CubeElement> TokenViews<F> {
             return Err(ExecutorError::Batch(format!("a folded GEMM of {t} × {width} exceeds its buffer ({rows} rows)")));
         }
         buf.prefix(t * width).map_err(|e| ExecutorError::Plan(format!("activation arena: {e}")))
+    }
+
+    /// The first `len` floats of the split-attention partials, for a step of `t` tokens;
+    /// `None` when the arena has none or `t` exceeds its rows (attention then runs unsplit).
+    pub fn attn_partial(&self, t: usize, len: usize) -> Option<DeviceBuffer<f32>> {
+        let (rows, buf) = self.attn_partial.as_ref()?;
+        if t > *rows {
+            return None;
+        }
+        buf.prefix(len).ok()
     }
 }
 
@@ -83,6 +95,8 @@ pub(crate) struct Activations {
     head_lora_a: Option<Slot>,
     /// Rows and slot of the folded GEMM's output.
     gemm: Option<(usize, Slot)>,
+    /// Rows and slot of the split-attention partials.
+    attn_partial: Option<(usize, Slot)>,
 }
 
 /// Back-to-back placement at aligned offsets.
@@ -102,7 +116,8 @@ impl Activations {
     /// Lays out and allocates the arena for `max_tokens` token rows and `max_head_rows` rows
     /// per lm_head pass; `lora_widths` are the LoRA intermediate widths of the layers and
     /// `head_lora_width` that of lm_head; `gemm_scratch` the (rows, width) of the folded GEMM's
-    /// output, where some site folds its shrink into the GEMM.
+    /// output, where some site folds its shrink into the GEMM; `attn_partial` the (rows, floats
+    /// per row) of the split-sequence attention partials.
     pub fn new<R: Runtime, F: CubeElement>(
         client: &ComputeClient<R>,
         desc: &ModelDesc,
@@ -111,6 +126,7 @@ impl Activations {
         lora_widths: &[usize],
         head_lora_width: Option<usize>,
         gemm_scratch: Option<(usize, usize)>,
+        attn_partial: Option<(usize, usize)>,
     ) -> ExecResult<Self> {
         let (t, r, e) = (max_tokens, max_head_rows, size_of::<F>());
         let mut l = Layout { bytes: 0 };
@@ -128,6 +144,7 @@ impl Activations {
         let next = l.place(r, 1, 4);
         let head_lora_a = head_lora_width.map(|w| l.place(r, w, 4));
         let gemm = gemm_scratch.filter(|&(rows, _)| rows > 0).map(|(rows, w)| (rows, l.place(rows, w, e)));
+        let attn_partial = attn_partial.filter(|&(rows, _)| rows > 0).map(|(rows, w)| (rows, l.place(rows, w, 4)));
         if l.bytes / 4 >= u32::MAX as u64 {
             return Err(ExecutorError::Unsupported(format!("an activation arena of {} bytes (indices past u32)", l.bytes)));
         }
@@ -149,6 +166,7 @@ impl Activations {
             next,
             head_lora_a,
             gemm,
+            attn_partial,
         })
     }
 
@@ -179,6 +197,7 @@ impl Activations {
             act: self.view(self.act, t)?,
             lora_a: self.lora_a.iter().map(|&(w, slot)| Ok((w, self.view(slot, t)?))).collect::<ExecResult<_>>()?,
             gemm: self.gemm.map(|(rows, slot)| Ok::<_, ExecutorError>((rows, self.view(slot, rows)?))).transpose()?,
+            attn_partial: self.attn_partial.map(|(rows, slot)| Ok::<_, ExecutorError>((rows, self.view(slot, rows)?))).transpose()?,
         })
     }
 

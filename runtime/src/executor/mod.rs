@@ -85,6 +85,11 @@ use crate::ops::{HeadView, add, argmax, attention, gather, matmul, rms_norm, rop
 use crate::pool::AdapterPool;
 use crate::{DeviceSegments, embedding, expand, gemm_expand, shrink};
 
+/// Longest step whose attention is split over the sequence (decode batches, where one cube per
+/// (head, token) leaves most multiprocessors idle), and the most chunks per token.
+const ATTENTION_SPLIT_MAX_TOKENS: usize = 64;
+const ATTENTION_MAX_SPLITS: u32 = 16;
+
 /// Storage types the executor runs in (f32 accumulation for both).
 pub trait EngineElem: Float + CubeElement + Copy {
     const DTYPE: DType;
@@ -422,6 +427,9 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
             .max();
         let fold_capacity = if folded_width.is_some() { options.lora_shrink.max_tokens().min(max_tokens) } else { 0 };
         let gemm_scratch = folded_width.map(|w| (fold_capacity, w));
+        // Decode-sized steps split attention over the sequence (the partials live in the arena).
+        let split_rows = ATTENTION_SPLIT_MAX_TOKENS.min(max_tokens);
+        let split_floats = attention::split_partial_len(1, desc.q_heads, desc.head_dim, ATTENTION_MAX_SPLITS);
         let activations = Activations::new::<R, F>(
             &client,
             &desc,
@@ -430,6 +438,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
             &lora_widths,
             desc.lm_head_lora.map(lora_width),
             gemm_scratch,
+            Some((split_rows, split_floats)),
         )?;
         let meta_limits = MetadataLimits {
             tokens: max_tokens,
@@ -930,6 +939,11 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let k_view = HeadView::slice(total, desc.q_heads, desc.kv_heads, desc.head_dim);
         let v_view = HeadView::slice(total, desc.q_heads + desc.kv_heads, desc.kv_heads, desc.head_dim);
         let scale = desc.softmax_scale;
+        // Split-sequence attention for decode-sized steps (one split: the plain kernel).
+        let splits = attention::decode_splits(client, t, desc.q_heads, ATTENTION_MAX_SPLITS);
+        let mut attn_partial = ws
+            .attn_partial(t, attention::split_partial_len(t, desc.q_heads, desc.head_dim, splits))
+            .filter(|_| splits > 1);
 
         // Projection `i` of layer `l`, `y = x·Wᵀ` plus its LoRA. Folded sites in short steps:
         // one GEMM against [W; A] and the GEMM-expand (two launches); otherwise the GEMM, then
@@ -973,7 +987,11 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
             rope::launch_rope(client, &mut qkv, q_view, &batch.positions, rope_table, rope, t).ctx(|| what("rope q"))?;
             rope::launch_rope(client, &mut qkv, k_view, &batch.positions, rope_table, rope, t).ctx(|| what("rope k"))?;
             attention::launch_kv_write(client, &qkv, k_view, &qkv, v_view, cache, batch, t).ctx(|| what("kv write"))?;
-            attention::launch_attention(client, &qkv, q_view, cache, batch, &mut attn, t, scale).ctx(|| what("attention"))?;
+            match attn_partial.as_mut() {
+                Some(partial) => attention::launch_attention_split(client, &qkv, q_view, cache, batch, &mut attn, t, scale, partial, splits),
+                None => attention::launch_attention(client, &qkv, q_view, cache, batch, &mut attn, t, scale),
+            }
+            .ctx(|| what("attention"))?;
             project(l, 1, &attn, &mut o)?;
             rms_norm::launch_add_rms_norm(client, &mut hs, &o, &w.post_norm, &mut x, t, h, eps).ctx(|| what("post-attention norm"))?;
             project(l, 2, &x, &mut gate_up)?;

@@ -14,7 +14,8 @@
 //! written by kernel A) and to the sequence's cached prefix, and a decode token to its whole
 //! history, in one launch.
 //!
-//! Kernel B: one cube per (q head, token), flash-decoding style. Keys go in blocks of `threads`:
+//! Kernel B: one cube per (q head, token), flash-decoding style ([`launch_attention_split`]
+//! also cuts each token's keys into chunks, one cube each, and merges them in a second launch). Keys go in blocks of `threads`:
 //! each thread scores one key (q staged in shared memory, f32 dot over d with vector loads of
 //! the key row), the block's scores
 //! update a running max / denominator (online softmax, f32), and each thread accumulates its
@@ -273,6 +274,9 @@ pub struct AttentionConfig {
     pub threads: u32,
     /// Vector width of the key loads (divides `head_dim`).
     pub k_vector: u32,
+    /// Split-sequence mode: grid z cuts each token's keys into that many chunks and each cube
+    /// writes its chunk's unnormalised partial (see [`launch_attention_split`]).
+    pub split: bool,
 }
 
 #[cube(launch_unchecked)]
@@ -285,6 +289,7 @@ fn attention_kernel<F: Float, N: Size>(
     positions: &Array<i32>,
     block_tables: &Array<u32>,
     out: &mut Array<F>,
+    partial: &mut Array<f32>,
     q_offset: u32,
     q_stride: u32,
     max_pages_per_seq: u32,
@@ -337,14 +342,22 @@ fn attention_kernel<F: Float, N: Size>(
         keys = min(pos as usize + 1, capacity);
     }
     let table_base = seq as usize * max_pages_per_seq as usize;
+    // This cube's keys: all of them, or its chunk in split-sequence mode.
+    let mut k_begin = 0usize;
+    let mut k_end = keys;
+    if comptime!(cfg.split) {
+        let chunk = keys.div_ceil(CUBE_COUNT_Z as usize);
+        k_begin = min(CUBE_POS_Z as usize * chunk, keys);
+        k_end = min(k_begin + chunk, keys);
+    }
     let mut m = f32::new(-1.0e30);
     let mut l = 0.0f32;
-    let mut b0 = 0usize;
-    while b0 < keys {
+    let mut b0 = k_begin;
+    while b0 < k_end {
         let j = b0 + tid;
         let mut s = f32::new(-1.0e30);
         let mut slot = 0u32;
-        if j < keys {
+        if j < k_end {
             let page = block_tables[table_base + j / page_size];
             if page < num_pages {
                 slot = page * comptime!(cfg.page_size) + (j % page_size) as u32;
@@ -364,7 +377,7 @@ fn attention_kernel<F: Float, N: Size>(
         s_s[tid] = s;
         slot_s[tid] = slot;
         sync_cube();
-        let n = min(threads, keys - b0);
+        let n = min(threads, k_end - b0);
         let mut blk = f32::new(-1.0e30);
         for jj in 0..n {
             blk = max(blk, s_s[jj]);
@@ -400,16 +413,63 @@ fn attention_kernel<F: Float, N: Size>(
         sync_cube();
         b0 += threads;
     }
+    if comptime!(cfg.split) {
+        // Partial record of (token, head, chunk): d unnormalised sums, then max and denominator.
+        let rec = ((t * hq + h) * CUBE_COUNT_Z as usize + CUBE_POS_Z as usize) * (d + 2);
+        #[unroll]
+        for r in 0..per_thread {
+            let c = tid + r * threads;
+            if c < d {
+                partial[rec + c] = acc[r];
+            }
+        }
+        if tid == 0 {
+            partial[rec + d] = m;
+            partial[rec + d + 1] = l;
+        }
+    } else {
+        let mut inv = 0.0f32;
+        if l > 0.0f32 {
+            inv = 1.0f32 / l;
+        }
+        #[unroll]
+        for r in 0..per_thread {
+            let c = tid + r * threads;
+            if c < d {
+                out[out_base + c] = F::cast_from(acc[r] * inv);
+            }
+        }
+    }
+}
+
+/// Merges the chunks' partials of each (head, token) cube: rescales every chunk to the
+/// common maximum and normalises by the summed denominators.
+#[cube(launch_unchecked)]
+fn attention_combine_kernel<F: Float>(partial: &Array<f32>, out: &mut Array<F>, splits: u32, #[comptime] head_dim: u32, #[comptime] q_heads: u32) {
+    let d = comptime!(head_dim as usize);
+    let (h, t) = (CUBE_POS_X as usize, CUBE_POS_Y as usize);
+    let splits = splits as usize;
+    let base = (t * comptime!(q_heads as usize) + h) * splits * (d + 2);
+    let mut m = f32::new(-1.0e30);
+    for z in 0..splits {
+        m = max(m, partial[base + z * (d + 2) + d]);
+    }
+    let mut l = 0.0f32;
+    for z in 0..splits {
+        l += f32::exp(partial[base + z * (d + 2) + d] - m) * partial[base + z * (d + 2) + d + 1];
+    }
     let mut inv = 0.0f32;
     if l > 0.0f32 {
         inv = 1.0f32 / l;
     }
-    #[unroll]
-    for r in 0..per_thread {
-        let c = tid + r * threads;
-        if c < d {
-            out[out_base + c] = F::cast_from(acc[r] * inv);
+    let mut c = UNIT_POS as usize;
+    while c < d {
+        let mut acc = 0.0f32;
+        for z in 0..splits {
+            acc += f32::exp(partial[base + z * (d + 2) + d] - m) * partial[base + z * (d + 2) + c];
         }
+        out[(t * comptime!(q_heads as usize) + h) * d + c] = F::cast_from(acc * inv);
+        c += CUBE_DIM_X as usize;
     }
 }
 
@@ -427,6 +487,62 @@ pub fn launch_attention<R: Runtime, F: Float + CubeElement>(
     out: &mut DeviceBuffer<F>,
     tokens: usize,
     scale: f32,
+) -> OpResult<()> {
+    launch(client, q_src, q_view, cache, batch, out, tokens, scale, None)
+}
+
+/// Floats of the partials [`launch_attention_split`] needs for `tokens` tokens.
+pub fn split_partial_len(tokens: usize, q_heads: u32, head_dim: u32, splits: u32) -> usize {
+    tokens * q_heads as usize * splits as usize * (head_dim as usize + 2)
+}
+
+/// Chunks per token that fill the GPU for a decode batch of `tokens` tokens × `q_heads` heads
+/// (about eight cubes per multiprocessor), at most `max_splits`; 1 means no split.
+pub fn decode_splits<R: Runtime>(client: &ComputeClient<R>, tokens: usize, q_heads: u32, max_splits: u32) -> u32 {
+    let sms = client.properties().hardware.num_streaming_multiprocessors.unwrap_or(64) as usize;
+    let cubes = (tokens * q_heads as usize).max(1);
+    ((8 * sms).div_ceil(cubes) as u32).clamp(1, max_splits.max(1))
+}
+
+/// Kernel B split over the sequence (flash-decoding): each (head, token) cube's keys are cut
+/// into `splits` chunks, each chunk's cube writes its unnormalised output, max and denominator
+/// into `partial` (at least [`split_partial_len`] floats), and a second launch merges them
+/// into `out`. For decode batches, where one cube per (head, token) leaves most of the GPU
+/// idle. Same result as [`launch_attention`] up to float rounding.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_attention_split<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    q_src: &DeviceBuffer<F>,
+    q_view: HeadView,
+    cache: &PagedKvCache<F>,
+    batch: &DeviceAttentionBatch,
+    out: &mut DeviceBuffer<F>,
+    tokens: usize,
+    scale: f32,
+    partial: &mut DeviceBuffer<f32>,
+    splits: u32,
+) -> OpResult<()> {
+    if splits == 0 || splits > u32::from(u16::MAX) {
+        return Err(OpError::Shape(format!("{splits} sequence splits")));
+    }
+    let need = split_partial_len(tokens, q_view.heads, q_view.head_dim, splits);
+    if partial.len() < need {
+        return Err(OpError::Shape(format!("split attention partials: {} floats for {need}", partial.len())));
+    }
+    launch(client, q_src, q_view, cache, batch, out, tokens, scale, Some((partial, splits)))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    q_src: &DeviceBuffer<F>,
+    q_view: HeadView,
+    cache: &PagedKvCache<F>,
+    batch: &DeviceAttentionBatch,
+    out: &mut DeviceBuffer<F>,
+    tokens: usize,
+    scale: f32,
+    split: Option<(&mut DeviceBuffer<f32>, u32)>,
 ) -> OpResult<()> {
     let shape = cache.shape;
     shape.check()?;
@@ -459,11 +575,19 @@ pub fn launch_attention<R: Runtime, F: Float + CubeElement>(
         page_size: shape.page_size,
         threads: 64,
         k_vector: k_vector as u32,
+        split: split.is_some(),
+    };
+    let splits = split.as_ref().map_or(1, |(_, s)| *s);
+    // The unsplit kernel never touches `partial` (comptime), but every argument needs storage
+    // behind it and nothing may be allocated per step: it is bound to `out`'s.
+    let partial_arg = match &split {
+        Some((partial, _)) => partial.arg(1),
+        None => out.arg(1),
     };
     unsafe {
         attention_kernel::launch_unchecked::<F, R>(
             client,
-            CubeCount::Static(q_view.heads, tokens as u32, 1),
+            CubeCount::Static(q_view.heads, tokens as u32, splits),
             CubeDim::new_1d(cfg.threads),
             k_vector,
             q_src.arg(1),
@@ -473,6 +597,7 @@ pub fn launch_attention<R: Runtime, F: Float + CubeElement>(
             batch.positions.arg(1),
             batch.block_tables.arg(1),
             out.arg(1),
+            partial_arg,
             q_view.offset,
             q_view.token_stride,
             batch.max_pages_per_seq,
@@ -481,6 +606,21 @@ pub fn launch_attention<R: Runtime, F: Float + CubeElement>(
             scale,
             cfg,
         );
+    }
+    if let Some((partial, splits)) = split {
+        let threads = shape.head_dim.min(128);
+        unsafe {
+            attention_combine_kernel::launch_unchecked::<F, R>(
+                client,
+                CubeCount::Static(q_view.heads, tokens as u32, 1),
+                CubeDim::new_1d(threads),
+                partial.arg(1),
+                out.arg(1),
+                splits,
+                shape.head_dim,
+                q_view.heads,
+            );
+        }
     }
     Ok(())
 }
