@@ -67,8 +67,8 @@ if [ -z "${SKIP_TESTS:-}" ]; then
         grep -E "^test |test result|panicked" "$OUT/kernels.log"
     fi
     if [ -x "$BIN/ops" ]; then
-        echo "== CUDA matmul op tests (every route: GEMV, TMA / cyclic tensor cores, tiled) =="
-        "$BIN/ops" --exact cuda_bf16::matmul cuda_f32::matmul cuda_bf16::matmul_cubek cuda_f32::matmul_cubek > "$OUT/ops_matmul.log" 2>&1
+        echo "== CUDA matmul and attention op tests (every matmul route; attention plain and split) =="
+        "$BIN/ops" --exact cuda_bf16::matmul cuda_f32::matmul cuda_bf16::matmul_cubek cuda_f32::matmul_cubek cuda_bf16::attention cuda_f32::attention > "$OUT/ops_matmul.log" 2>        "$BIN/ops" --exact cuda_bf16::matmul cuda_f32::matmul cuda_bf16::matmul_cubek cuda_f32::matmul_cubek > "$OUT/ops_matmul.log" 2>&11
         echo "exit $?"
         grep -E "^test |test result|panicked" "$OUT/ops_matmul.log"
     fi
