@@ -68,7 +68,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
     fi
     if [ -x "$BIN/ops" ]; then
         echo "== CUDA matmul and attention op tests (every matmul route; attention plain and split) =="
-        "$BIN/ops" --exact cuda_bf16::matmul cuda_f32::matmul cuda_bf16::matmul_cubek cuda_f32::matmul_cubek cuda_bf16::attention cuda_f32::attention > "$OUT/ops_matmul.log" 2>        "$BIN/ops" --exact cuda_bf16::matmul cuda_f32::matmul cuda_bf16::matmul_cubek cuda_f32::matmul_cubek > "$OUT/ops_matmul.log" 2>&11
+        "$BIN/ops" --exact cuda_bf16::matmul cuda_f32::matmul cuda_bf16::matmul_cubek cuda_f32::matmul_cubek cuda_bf16::attention cuda_f32::attention > "$OUT/ops_matmul.log" 2>&1
         echo "exit $?"
         grep -E "^test |test result|panicked" "$OUT/ops_matmul.log"
     fi
