@@ -89,6 +89,10 @@ use crate::{DeviceSegments, embedding, expand, gemm_expand, shrink};
 /// (head, token) leaves most multiprocessors idle), and the most chunks per token.
 const ATTENTION_SPLIT_MAX_TOKENS: usize = 64;
 const ATTENTION_MAX_SPLITS: u32 = 16;
+/// Fewer chunks than this run unsplit: the merge is one more launch per layer, and on the H100
+/// two chunks at batch 32 (1024 cubes already) gave no measurable gain (runtime/BENCHMARKS.md,
+/// run 7).
+const ATTENTION_MIN_SPLITS: u32 = 4;
 
 /// Storage types the executor runs in (f32 accumulation for both).
 pub trait EngineElem: Float + CubeElement + Copy {
@@ -939,11 +943,11 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let k_view = HeadView::slice(total, desc.q_heads, desc.kv_heads, desc.head_dim);
         let v_view = HeadView::slice(total, desc.q_heads + desc.kv_heads, desc.kv_heads, desc.head_dim);
         let scale = desc.softmax_scale;
-        // Split-sequence attention for decode-sized steps (one split: the plain kernel).
+        // Split-sequence attention for decode-sized steps that leave the GPU idle otherwise.
         let splits = attention::decode_splits(client, t, desc.q_heads, ATTENTION_MAX_SPLITS);
         let mut attn_partial = ws
             .attn_partial(t, attention::split_partial_len(t, desc.q_heads, desc.head_dim, splits))
-            .filter(|_| splits > 1);
+            .filter(|_| splits >= ATTENTION_MIN_SPLITS);
 
         // Projection `i` of layer `l`, `y = x·Wᵀ` plus its LoRA. Folded sites in short steps:
         // one GEMM against [W; A] and the GEMM-expand (two launches); otherwise the GEMM, then
