@@ -9,7 +9,7 @@ use lorac_runtime::executor::{Engine, EngineOptions, ExecutorError, LogitsMode, 
 
 mod common;
 
-use common::{Reference, Row, compare, fixture, load_fixture_adapters, plan_for, slot_of};
+use common::{FOLDED, Reference, Row, compare, fixture, greedy_decode, plan_for, prefill_batch, slot_of};
 
 type Rt = WgpuRuntime;
 
@@ -21,24 +21,8 @@ fn engine(model: &str) -> Engine<Rt, f32> {
     engine_with(model, LoraShrink::DEFAULT)
 }
 
-/// Every LoRA shrink folded into its projection's GEMM, in steps of any length (the tiny
-/// models' pools are too large next to their weights for `LoraShrink::DEFAULT` to fold).
-const FOLDED: LoraShrink = LoraShrink::InGemm { max_tokens: u32::MAX };
-
 fn engine_with(model: &str, lora_shrink: LoraShrink) -> Engine<Rt, f32> {
-    let dir = fixture(model);
-    let plan = plan_for(&dir, 1, None);
-    let options = EngineOptions { lora_shrink, ..EngineOptions::for_plan(&plan) };
-    let mut e = Engine::<Rt, f32>::with_options(client(), plan, &dir, options).expect("engine");
-    let (folded, sites) = e.lora_sites_in_gemm();
-    assert!(sites > 0, "the test plan targets every projection");
-    let expected = match lora_shrink {
-        LoraShrink::InGemm { .. } => sites,
-        _ => 0,
-    };
-    assert_eq!(folded, expected, "{model}: LoRA sites folded into the GEMM under {lora_shrink:?}");
-    load_fixture_adapters(&mut e, &dir);
-    e
+    common::engine_with(client(), model, None, lora_shrink)
 }
 
 const KL_TOL: f64 = 1e-3;
@@ -51,12 +35,7 @@ fn mixed_batch_matches_reference(model: &str, lora_shrink: LoraShrink) {
     let reference = Reference::load(&dir);
     let mut e = engine_with(model, lora_shrink);
     let seqs: Vec<_> = reference.rows.iter().map(|_| e.add_sequence()).collect();
-    let batch: Vec<SeqInput> = reference
-        .rows
-        .iter()
-        .zip(&seqs)
-        .map(|(r, &seq)| SeqInput { seq, position: 0, tokens: r.input_ids.clone(), adapter: slot_of(&r.adapter) })
-        .collect();
+    let batch = prefill_batch(&reference, &seqs);
     let out = e.step(&batch, LogitsMode::All).expect("prefill step");
     let vocab = e.plan().model.vocab_size as usize;
     let mut worst_delta = 0.0f64;
@@ -71,26 +50,7 @@ fn mixed_batch_matches_reference(model: &str, lora_shrink: LoraShrink) {
     }
 
     // Greedy generation: the prefill's argmax, then decode steps of all five rows at once.
-    let mut generated: Vec<Vec<u32>> = out.next_tokens.iter().map(|&t| vec![t]).collect();
-    let new_tokens = reference.rows[0].generated.len();
-    for _ in 1..new_tokens {
-        let batch: Vec<SeqInput> = reference
-            .rows
-            .iter()
-            .zip(&seqs)
-            .zip(&generated)
-            .map(|((r, &seq), g)| SeqInput {
-                seq,
-                position: (r.input_ids.len() + g.len() - 1) as u32,
-                tokens: vec![*g.last().unwrap()],
-                adapter: slot_of(&r.adapter),
-            })
-            .collect();
-        let out = e.step(&batch, LogitsMode::Last).expect("decode step");
-        for (g, t) in generated.iter_mut().zip(out.next_tokens) {
-            g.push(t);
-        }
-    }
+    let generated = greedy_decode(&mut e, &reference, &seqs, &out.next_tokens);
     for (i, (row, got)) in reference.rows.iter().zip(&generated).enumerate() {
         println!("{model} row {i}: generated {got:?}, reference {:?}", row.generated);
         if let Some(p) = got.iter().zip(&row.generated).position(|(a, b)| a != b) {
@@ -127,12 +87,7 @@ fn rows_alone_match_mixed_batch(model: &str, lora_shrink: LoraShrink) {
     let reference = Reference::load(&fixture(model));
     let mut e = engine_with(model, lora_shrink);
     let seqs: Vec<_> = reference.rows.iter().map(|_| e.add_sequence()).collect();
-    let batch: Vec<SeqInput> = reference
-        .rows
-        .iter()
-        .zip(&seqs)
-        .map(|(r, &seq)| SeqInput { seq, position: 0, tokens: r.input_ids.clone(), adapter: slot_of(&r.adapter) })
-        .collect();
+    let batch = prefill_batch(&reference, &seqs);
     let mixed = e.step(&batch, LogitsMode::All).expect("mixed step");
     let vocab = e.plan().model.vocab_size as usize;
     for (i, input) in batch.iter().enumerate() {

@@ -17,11 +17,11 @@
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
 use lorac_plan::DType;
-use lorac_runtime::executor::{Engine, EngineElem, EngineOptions, LogitsMode, LoraShrink, SeqInput};
+use lorac_runtime::executor::{Engine, EngineElem, LogitsMode, LoraShrink, SeqInput};
 
 mod common;
 
-use common::{Reference, compare, fixture, load_fixture_adapters, plan_for, slot_of};
+use common::{FOLDED, Reference, compare, fixture, greedy_decode, plan_for, prefill_batch};
 
 type Rt = CudaRuntime;
 
@@ -31,22 +31,9 @@ const BF16_KL_TOL: f64 = 1e-2;
 const F32_KL_TOL: f64 = 1e-3;
 const F32_DELTA_TOL: f64 = 1e-3;
 
-/// Every LoRA shrink folded into its projection's GEMM, in steps of any length.
-const FOLDED: LoraShrink = LoraShrink::InGemm { max_tokens: u32::MAX };
-
 fn engine<F: EngineElem>(model: &str, lora_shrink: LoraShrink) -> Engine<Rt, F> {
-    let dir = fixture(model);
     let dtype = (F::DTYPE != DType::F32).then_some(F::DTYPE);
-    let client = Rt::client(&Default::default());
-    let plan = plan_for(&dir, 1, dtype);
-    let options = EngineOptions { lora_shrink, ..EngineOptions::for_plan(&plan) };
-    let mut e = Engine::<Rt, F>::with_options(client, plan, &dir, options).expect("engine");
-    if lora_shrink == FOLDED {
-        let (folded, sites) = e.lora_sites_in_gemm();
-        assert_eq!(folded, sites, "{model}: every LoRA site folded into its GEMM");
-    }
-    load_fixture_adapters(&mut e, &dir);
-    e
+    common::engine_with(Rt::client(&Default::default()), model, dtype, lora_shrink)
 }
 
 /// Tolerances of one engine dtype: KL per token, and |Δlogit| when it is asserted (bf16 only
@@ -63,12 +50,7 @@ fn mixed_batch_matches_reference<F: EngineElem>(model: &str, lora_shrink: LoraSh
     let (kl_tol, delta_tol) = tolerances::<F>();
     let mut e = engine::<F>(model, lora_shrink);
     let seqs: Vec<_> = reference.rows.iter().map(|_| e.add_sequence()).collect();
-    let batch: Vec<SeqInput> = reference
-        .rows
-        .iter()
-        .zip(&seqs)
-        .map(|(r, &seq)| SeqInput { seq, position: 0, tokens: r.input_ids.clone(), adapter: slot_of(&r.adapter) })
-        .collect();
+    let batch = prefill_batch(&reference, &seqs);
     let out = e.step(&batch, LogitsMode::All).expect("prefill step");
     let vocab = e.plan().model.vocab_size as usize;
     let dtype = F::DTYPE;
@@ -91,26 +73,7 @@ fn mixed_batch_matches_reference<F: EngineElem>(model: &str, lora_shrink: LoraSh
     }
     println!("cuda {dtype} {model} prefill: worst max |Δlogit| {worst_delta:.3e}, worst KL/token {worst_kl:.3e}");
 
-    let mut generated: Vec<Vec<u32>> = out.next_tokens.iter().map(|&t| vec![t]).collect();
-    let new_tokens = reference.rows[0].generated.len();
-    for _ in 1..new_tokens {
-        let batch: Vec<SeqInput> = reference
-            .rows
-            .iter()
-            .zip(&seqs)
-            .zip(&generated)
-            .map(|((r, &seq), g)| SeqInput {
-                seq,
-                position: (r.input_ids.len() + g.len() - 1) as u32,
-                tokens: vec![*g.last().unwrap()],
-                adapter: slot_of(&r.adapter),
-            })
-            .collect();
-        let out = e.step(&batch, LogitsMode::Last).expect("decode step");
-        for (g, t) in generated.iter_mut().zip(out.next_tokens) {
-            g.push(t);
-        }
-    }
+    let generated = greedy_decode(&mut e, &reference, &seqs, &out.next_tokens);
     // A greedy flip is excusable only where the reference's own top-1/top-2 margin is within
     // the logit error this engine showed (twice the worst |Δlogit|: both logits may move).
     let excusable = 2.0 * worst_delta;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use cubecl::prelude::*;
 use lorac_plan::DType;
-use lorac_runtime::executor::{Engine, EngineElem};
+use lorac_runtime::executor::{Engine, EngineElem, EngineOptions, LogitsMode, LoraShrink, SeqId, SeqInput};
 use safetensors::SafeTensors;
 
 /// `LORAC_TINY_FIXTURES` overrides the fixture directory (a test binary run on another machine).
@@ -27,6 +27,34 @@ pub fn plan_for(dir: &Path, tp: u32, dtype: Option<DType>) -> lorac_plan::Plan {
     opts.kv_cache_tokens = 2048;
     opts.dtype = dtype;
     lorac_compiler::compile(dir, &opts).expect("compile")
+}
+
+/// Every LoRA shrink folded into its projection's GEMM, in steps of any length (the tiny
+/// models' pools are too large next to their weights for `LoraShrink::DEFAULT` to fold).
+pub const FOLDED: LoraShrink = LoraShrink::InGemm { max_tokens: u32::MAX };
+
+/// An engine for fixture `model` under the test plan in `dtype` (None: float32) with the
+/// fixture adapters loaded; asserts where `lora_shrink` put the shrinks (every site under
+/// `InGemm`, none otherwise on these small models).
+pub fn engine_with<R: Runtime, F: EngineElem>(
+    client: ComputeClient<R>,
+    model: &str,
+    dtype: Option<DType>,
+    lora_shrink: LoraShrink,
+) -> Engine<R, F> {
+    let dir = fixture(model);
+    let plan = plan_for(&dir, 1, dtype);
+    let options = EngineOptions { lora_shrink, ..EngineOptions::for_plan(&plan) };
+    let mut e = Engine::<R, F>::with_options(client, plan, &dir, options).expect("engine");
+    let (folded, sites) = e.lora_sites_in_gemm();
+    assert!(sites > 0, "the test plan targets every projection");
+    let expected = match lora_shrink {
+        LoraShrink::InGemm { .. } => sites,
+        _ => 0,
+    };
+    assert_eq!(folded, expected, "{model}: LoRA sites folded into the GEMM under {lora_shrink:?}");
+    load_fixture_adapters(&mut e, &dir);
+    e
 }
 
 /// Loads the fixture adapters A, B, C into slots 0, 1, 2 (see [`slot_of`]).
@@ -71,6 +99,47 @@ impl Reference {
         let t = st.tensor(name).unwrap_or_else(|_| panic!("reference tensor {name}"));
         (t.shape().to_vec(), t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
+}
+
+/// The reference's rows as one prefill batch, row i on sequence `seqs[i]`.
+pub fn prefill_batch(reference: &Reference, seqs: &[SeqId]) -> Vec<SeqInput> {
+    reference
+        .rows
+        .iter()
+        .zip(seqs)
+        .map(|(r, &seq)| SeqInput { seq, position: 0, tokens: r.input_ids.clone(), adapter: slot_of(&r.adapter) })
+        .collect()
+}
+
+/// Greedy generation after [`prefill_batch`]: `first[i]` is row i's prefill argmax, then decode
+/// steps of all rows at once until each has the reference's number of generated tokens.
+pub fn greedy_decode<R: Runtime, F: EngineElem>(
+    e: &mut Engine<R, F>,
+    reference: &Reference,
+    seqs: &[SeqId],
+    first: &[u32],
+) -> Vec<Vec<u32>> {
+    let mut generated: Vec<Vec<u32>> = first.iter().map(|&t| vec![t]).collect();
+    let new_tokens = reference.rows[0].generated.len();
+    for _ in 1..new_tokens {
+        let batch: Vec<SeqInput> = reference
+            .rows
+            .iter()
+            .zip(seqs)
+            .zip(&generated)
+            .map(|((r, &seq), g)| SeqInput {
+                seq,
+                position: (r.input_ids.len() + g.len() - 1) as u32,
+                tokens: vec![*g.last().unwrap()],
+                adapter: slot_of(&r.adapter),
+            })
+            .collect();
+        let out = e.step(&batch, LogitsMode::Last).expect("decode step");
+        for (g, t) in generated.iter_mut().zip(out.next_tokens) {
+            g.push(t);
+        }
+    }
+    generated
 }
 
 /// Slots of the fixture adapters: A → 0, B → 1, C → 2.
