@@ -37,7 +37,7 @@ use std::time::Instant;
 
 use cubecl::prelude::*;
 use lorac_runtime::DeviceBuffer;
-use lorac_runtime::executor::{Engine, EngineElem, LogitsMode, LoraShrink, SeqInput};
+use lorac_runtime::executor::{Engine, EngineElem, LogitsMode, SeqInput};
 use lorac_runtime::ops::attention::{AttentionBatch, KvCacheShape, PagedKvCache, SeqSlice, launch_attention};
 use lorac_runtime::ops::{HeadView, matmul};
 use lorac_runtime::testing::Rng;
@@ -260,10 +260,7 @@ fn run<R: Runtime, F: EngineElem>(client: ComputeClient<R>, args: &Args) -> Resu
     sync(&client)?;
     println!("# {} adapters loaded in {:.2} s", args.adapters.len(), t0.elapsed().as_secs_f64());
     let (folded, sites) = engine.lora_sites_in_gemm();
-    let fold_capacity = match engine.options().lora_shrink {
-        LoraShrink::Auto { max_tokens } | LoraShrink::InGemm { max_tokens } => max_tokens.min(plan.limits.max_batch_tokens),
-        LoraShrink::Kernel => 0,
-    };
+    let fold_capacity = engine.folded_shrink_capacity() as u32;
     println!("# LoRA shrink folded into the GEMM at {folded} of {sites} layer projections, for steps up to {fold_capacity} tokens");
 
     let mut rng = Rng::new(7);

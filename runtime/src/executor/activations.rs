@@ -178,6 +178,11 @@ impl Activations {
         self.max_head_rows
     }
 
+    /// Rows of the folded GEMM's output buffer (0: none).
+    pub fn gemm_rows(&self) -> usize {
+        self.gemm.map_or(0, |(rows, _)| rows)
+    }
+
     fn view<E: CubeElement>(&self, slot: Slot, rows: usize) -> ExecResult<DeviceBuffer<E>> {
         self.arena.view(slot.offset, rows * slot.per_row).map_err(|e| ExecutorError::Plan(format!("activation arena: {e}")))
     }

@@ -308,10 +308,9 @@ pub struct Engine<R: Runtime, F: EngineElem> {
     activations: Activations,
     /// Every per-step index buffer, views of one allocation written in place.
     meta: StepMetadata,
-    /// Longest step whose folded sites run the folded GEMM (`LoraShrink`), and the most the
-    /// arena's folded-GEMM buffer allows.
+    /// Longest step whose folded sites run the folded GEMM (`LoraShrink`); at most the rows of
+    /// the arena's folded-GEMM buffer.
     fold_tokens: usize,
-    fold_capacity: usize,
 }
 
 fn nonzero(v: u32, what: &str) -> ExecResult<u32> {
@@ -472,7 +471,6 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
             meta,
             plan,
             fold_tokens: fold_capacity,
-            fold_capacity,
         };
         // Folded sites: the pool's A lives in the weight allocation, after W.
         let mut a_views: HashMap<usize, DeviceBuffer<F>> = HashMap::new();
@@ -505,14 +503,17 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
     /// everywhere), up to what start-up sized the arena for; benchmarks compare both paths on
     /// one engine this way.
     pub fn set_folded_shrink_max_tokens(&mut self, max_tokens: u32) -> ExecResult<()> {
-        if max_tokens as usize > self.fold_capacity {
-            return Err(ExecutorError::Batch(format!(
-                "folded shrink up to {max_tokens} tokens: start-up sized its buffer for {}",
-                self.fold_capacity
-            )));
+        let capacity = self.folded_shrink_capacity();
+        if max_tokens as usize > capacity {
+            return Err(ExecutorError::Batch(format!("folded shrink up to {max_tokens} tokens: start-up sized its buffer for {capacity}")));
         }
         self.fold_tokens = max_tokens as usize;
         Ok(())
+    }
+
+    /// Longest step start-up sized the folded GEMM's buffer for (0: no site is folded).
+    pub fn folded_shrink_capacity(&self) -> usize {
+        self.activations.gemm_rows()
     }
 
     /// Layer projections whose LoRA shrink is folded into the GEMM ([`LoraShrink`]) and those
@@ -944,10 +945,10 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let v_view = HeadView::slice(total, desc.q_heads + desc.kv_heads, desc.kv_heads, desc.head_dim);
         let scale = desc.softmax_scale;
         // Split-sequence attention for decode-sized steps that leave the GPU idle otherwise.
-        let splits = attention::decode_splits(client, t, desc.q_heads, ATTENTION_MAX_SPLITS);
+        let splits = attention::decode_splits(client, t, desc.q_heads, ATTENTION_MIN_SPLITS, ATTENTION_MAX_SPLITS);
         let mut attn_partial = ws
             .attn_partial(t, attention::split_partial_len(t, desc.q_heads, desc.head_dim, splits))
-            .filter(|_| splits >= ATTENTION_MIN_SPLITS);
+            .filter(|_| splits > 1);
 
         // Projection `i` of layer `l`, `y = x·Wᵀ` plus its LoRA. Folded sites in short steps:
         // one GEMM against [W; A] and the GEMM-expand (two launches); otherwise the GEMM, then

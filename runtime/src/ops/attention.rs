@@ -497,11 +497,13 @@ pub fn split_partial_len(tokens: usize, q_heads: u32, head_dim: u32, splits: u32
 }
 
 /// Chunks per token that fill the GPU for a decode batch of `tokens` tokens × `q_heads` heads
-/// (about eight cubes per multiprocessor), at most `max_splits`; 1 means no split.
-pub fn decode_splits<R: Runtime>(client: &ComputeClient<R>, tokens: usize, q_heads: u32, max_splits: u32) -> u32 {
+/// (about eight cubes per multiprocessor), at most `max_splits`; 1 (no split) where that is
+/// fewer than `min_splits`, which would not repay the merge launch.
+pub fn decode_splits<R: Runtime>(client: &ComputeClient<R>, tokens: usize, q_heads: u32, min_splits: u32, max_splits: u32) -> u32 {
     let sms = client.properties().hardware.num_streaming_multiprocessors.unwrap_or(64) as usize;
     let cubes = (tokens * q_heads as usize).max(1);
-    ((8 * sms).div_ceil(cubes) as u32).clamp(1, max_splits.max(1))
+    let splits = ((8 * sms).div_ceil(cubes) as u32).clamp(1, max_splits.max(1));
+    if splits < min_splits { 1 } else { splits }
 }
 
 /// Kernel B split over the sequence (flash-decoding): each (head, token) cube's keys are cut
