@@ -43,6 +43,8 @@ def main():
     print(f"empty cubecl kernel: {launch} us per launch back-to-back, {bmeta.get('launch_sync_us')} us launch+sync\n")
     print("| case | variant | shrink µs | expand µs | shrink+expand µs | min MB | GB/s | of copy BW | 2 launches share | torch µs (impl) | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    sweep = [r for r in bench if r["pair_us"] == "NaN" or r["pair_us"] == "nan"]
+    bench = [r for r in bench if r not in sweep]
     for r in bench:
         pair = float(r["pair_us"])
         mb = float(r["shrink_MB"]) + float(r["expand_MB"])
@@ -52,6 +54,15 @@ def main():
         speed = f"{t[0] / pair:.1f}x" if t else "n/a"
         share = min(1.0, 2 * launch / pair)
         print(f"| {r['case']} | {r['variant']} | {float(r['shrink_us']):.1f} | {float(r['expand_us']):.1f} | {pair:.1f} | {mb:.2f} | {gbps:.0f} | {gbps / copy:.2f} | {share:.2f} | {torch_s} | {speed} |")
+    if sweep:
+        print("\nTile sweep (prefill; each kernel timed alone, GB/s over its own minimum bytes):\n")
+        print("| case | kernel | µs | min MB | GB/s | of copy BW |")
+        print("|---|---|---|---|---|---|")
+        for r in sweep:
+            kind = "shrink" if r["variant"].startswith("shrink") else "expand"
+            us, mb = float(r[kind + "_us"]), float(r[kind + "_MB"])
+            gbps = mb * 1e6 / (us * 1e-6) / 1e9
+            print(f"| {r['case']} | {r['variant']} | {us:.1f} | {mb:.1f} | {gbps:.0f} | {gbps / copy:.2f} |")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,43 @@ use crate::batch::{DeviceSegments, Segments};
 use crate::buffer::DeviceBuffer;
 use crate::config::{ExpandConfig, ShrinkConfig};
 use crate::error::{LoraError, Result};
+use crate::expand::ExpandKernel;
+use crate::expand_mma::MmaExpandConfig;
 use crate::pool::AdapterPool;
 use crate::shrink::ShrinkKernel;
 use crate::shrink_mma::{MmaShrinkConfig, TILE};
 use crate::{expand, shrink};
+
+/// The tensor-core shrink with a token tile that divides the chunk, where one applies.
+fn mma_shrink_for_chunks<R: Runtime, F: Float>(
+    client: &ComputeClient<R>,
+    layout: &LoraLayout,
+    capacity: usize,
+    chunk: u32,
+) -> Option<MmaShrinkConfig> {
+    if chunk % TILE != 0 {
+        return None;
+    }
+    let preferred = MmaShrinkConfig::supported::<R, F>(client, layout, capacity, chunk)?;
+    let mut m_frags = preferred.m_frags;
+    while chunk % (m_frags * TILE) != 0 {
+        m_frags /= 2;
+    }
+    MmaShrinkConfig::with_tile::<R, F>(client, layout, m_frags, preferred.n_frags)
+}
+
+/// The tensor-core expand with a token tile that divides the chunk, where one applies.
+fn mma_expand_for_chunks<R: Runtime, F: Float>(client: &ComputeClient<R>, layout: &LoraLayout, chunk: u32) -> Option<MmaExpandConfig> {
+    if chunk % TILE != 0 {
+        return None;
+    }
+    let preferred = MmaExpandConfig::supported::<R, F>(client, layout, chunk)?;
+    let mut m_frags = preferred.m_frags;
+    while chunk % (m_frags * TILE) != 0 {
+        m_frags /= 2;
+    }
+    MmaExpandConfig::with_tile::<R, F>(client, layout, m_frags, preferred.n_frags)
+}
 
 /// Fixed launch shape of one module, computed once from the layout and the plan's limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +57,7 @@ pub struct ChunkedPlan {
     pub chunk: u32,
     pub capacity: usize,
     pub shrink: ShrinkKernel,
-    pub expand: ExpandConfig,
+    pub expand: ExpandKernel,
 }
 
 impl ChunkedPlan {
@@ -34,14 +67,19 @@ impl ChunkedPlan {
         }
         // The grid already has a cube per chunk: no further token split.
         let capacity = Segments::chunk_capacity(max_tokens, layout.slots(), chunk);
-        // Tensor cores where the storage type has them and chunks hold whole 16-token tiles.
-        let shrink = match MmaShrinkConfig::supported::<R, F>(client, layout) {
-            Some(config) if chunk % TILE == 0 => ShrinkKernel::Mma { config, tiles_per_segment: chunk / TILE },
-            _ => {
+        // Tensor cores where the storage type has them and chunks hold whole token tiles.
+        let shrink = match mma_shrink_for_chunks::<R, F>(client, layout, capacity, chunk) {
+            Some(config) => ShrinkKernel::Mma { config, tiles_per_segment: chunk / config.tile_tokens() },
+            None => {
                 ShrinkKernel::Scalar(ShrinkConfig { token_splits: 1, ..ShrinkConfig::new(client, layout, size_of::<F>(), capacity, chunk) })
             }
         };
-        let expand = ExpandConfig { token_splits: 1, ..ExpandConfig::new(client, layout, size_of::<F>(), capacity, chunk) };
+        let expand = match mma_expand_for_chunks::<R, F>(client, layout, chunk) {
+            Some(config) => ExpandKernel::Mma { config, token_splits: 1 },
+            None => {
+                ExpandKernel::Scalar(ExpandConfig { token_splits: 1, ..ExpandConfig::new(client, layout, size_of::<F>(), capacity, chunk) })
+            }
+        };
         Ok(ChunkedPlan { chunk, capacity, shrink, expand })
     }
 

@@ -7,9 +7,8 @@ use lorac_plan::LoraLayout;
 
 use crate::batch::{DeviceSegments, NO_SLOT, Segments};
 use crate::buffer::DeviceBuffer;
-use crate::config::ExpandConfig;
 use crate::error::{LoraError, Result};
-use crate::expand::{self, reference_expand};
+use crate::expand::{self, ExpandKernel, reference_expand};
 use crate::pool::AdapterPool;
 
 const GATHER_THREADS: u32 = 128;
@@ -63,7 +62,7 @@ pub fn launch_embedding<R: Runtime, F: Float + CubeElement>(
     token_ids: &DeviceBuffer<u32>,
     a: &mut DeviceBuffer<f32>,
     y: &mut DeviceBuffer<F>,
-    config: Option<ExpandConfig>,
+    config: Option<ExpandKernel>,
 ) -> Result<()> {
     pool.check_layout(layout)?;
     segs.check_slots(layout)?;

@@ -13,6 +13,7 @@ use crate::batch::{DeviceSegments, NO_SLOT};
 use crate::buffer::DeviceBuffer;
 use crate::config::{ExpandConfig, vector_size};
 use crate::error::{LoraError, Result};
+use crate::expand_mma::{MmaExpandConfig, expand_mma_kernel};
 use crate::pool::AdapterPool;
 
 /// Where one expand cube and thread work: the cube's slice (grid y) and segment, the
@@ -175,21 +176,43 @@ fn expand_kernel<F: Float, NY: Size, NB: Size>(
             for i in 0..comptime!(tokens * ny) {
                 acc[i] = 0.0f32;
             }
-            for jv in 0..blk.rank_vecs {
+            // B is read `RANK_UNROLL` rank vectors at a time, all loads of a round issued
+            // before the first is used: a loop over one vector at a time waits out a memory
+            // latency per vector, and at decode that chain is the kernel's time. Vectors past
+            // the rank are zeros (the intermediate is zero there too).
+            let mut b_round = Array::<Vector<f32, NB>>::new(comptime!(RANK_UNROLL * ny));
+            let mut jv0 = 0usize.runtime();
+            while jv0 < blk.rank_vecs {
                 #[unroll]
-                for v in 0..ny {
-                    let bv = Vector::<f32, NB>::cast_from(b_pool[blk.b_row0 + v * rank_vecs_max + jv]);
+                for u in 0..RANK_UNROLL {
                     #[unroll]
-                    for i in 0..tokens {
-                        let prod = a_tile[i * rank_vecs_max + jv] * bv;
-                        let mut s = 0.0f32;
-                        #[unroll]
-                        for l in 0..nb {
-                            s += prod[l];
+                    for v in 0..ny {
+                        let mut bv = Vector::<f32, NB>::new(0.0f32);
+                        if jv0 + u < blk.rank_vecs {
+                            bv = Vector::<f32, NB>::cast_from(b_pool[blk.b_row0 + v * rank_vecs_max + jv0 + u]);
                         }
-                        acc[i * ny + v] += s;
+                        b_round[u * ny + v] = bv;
                     }
                 }
+                #[unroll]
+                for u in 0..RANK_UNROLL {
+                    #[unroll]
+                    for v in 0..ny {
+                        #[unroll]
+                        for i in 0..tokens {
+                            let mut s = 0.0f32;
+                            if jv0 + u < blk.rank_vecs {
+                                let prod = a_tile[i * rank_vecs_max + jv0 + u] * b_round[u * ny + v];
+                                #[unroll]
+                                for l in 0..nb {
+                                    s += prod[l];
+                                }
+                            }
+                            acc[i * ny + v] += s;
+                        }
+                    }
+                }
+                jv0 += RANK_UNROLL;
             }
             add_tile_to_y::<F, NY>(y, token_perm, &acc, &blk, p0, tokens, ny);
         }
@@ -197,6 +220,29 @@ fn expand_kernel<F: Float, NY: Size, NB: Size>(
         p0 += splits * tokens;
     }
 }
+
+/// Which expand kernel a launch uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpandKernel {
+    /// CUDA-core kernel: any dtype, any shape; best for decode.
+    Scalar(ExpandConfig),
+    /// Tensor-core kernel for long segments. `token_splits` cubes share each segment's token
+    /// tiles (each loops over its share); 0 chooses a split that fills the GPU.
+    Mma { config: MmaExpandConfig, token_splits: u32 },
+}
+
+impl ExpandKernel {
+    /// The tensor-core kernel where it applies and the batch fills the GPU, else the scalar one.
+    pub fn choose<R: Runtime, F: Float>(client: &ComputeClient<R>, layout: &LoraLayout, num_segments: usize, max_segment_len: u32) -> Self {
+        match MmaExpandConfig::for_batch::<R, F>(client, layout, num_segments, max_segment_len) {
+            Some(config) => ExpandKernel::Mma { config, token_splits: 0 },
+            None => ExpandKernel::Scalar(ExpandConfig::new(client, layout, size_of::<F>(), num_segments, max_segment_len)),
+        }
+    }
+}
+
+/// Rank vectors of B each expand thread loads per round (see [`expand_kernel`]).
+const RANK_UNROLL: usize = 4;
 
 /// Launches the segmented expand, accumulating into `y` (`[tokens, out_features]`) in place.
 pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
@@ -206,43 +252,89 @@ pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
     segs: &DeviceSegments,
     a: &DeviceBuffer<f32>,
     y: &mut DeviceBuffer<F>,
-    config: Option<ExpandConfig>,
+    kernel: Option<ExpandKernel>,
 ) -> Result<()> {
     pool.check_layout(layout)?;
     segs.check_slots(layout)?;
     if layout.experts().is_some() {
         return Err(LoraError::Layout("expert layouts go through the MoE kernels".into()));
     }
-    let cfg = config.unwrap_or_else(|| ExpandConfig::new(client, layout, size_of::<F>(), segs.num_segments, segs.max_segment_len));
-    check_expand_config(layout, &cfg)?;
+    let kernel = kernel.unwrap_or_else(|| ExpandKernel::choose::<R, F>(client, layout, segs.num_segments, segs.max_segment_len));
+    match kernel {
+        ExpandKernel::Scalar(cfg) => check_expand_config(layout, &cfg)?,
+        ExpandKernel::Mma { config, .. } => {
+            if !config.fits::<R, F>(client, layout) {
+                return Err(LoraError::Layout(format!("tensor-core expand config {config:?} does not fit the layout or device")));
+            }
+        }
+    }
     let tokens = segs.tokens as usize;
     a.check_len("a (expand input)", tokens * (layout.groups() * layout.max_rank()) as usize)?;
     y.check_len("y", tokens * layout.out_features() as usize)?;
     if segs.num_segments == 0 || tokens == 0 {
         return Ok(());
     }
-    let (ny, nb) = (cfg.out_vector as usize, cfg.rank_vector as usize);
     let widest = layout.slices().iter().map(|s| s.width).max().unwrap_or(1);
-    let blocks = widest.div_ceil(cfg.threads * cfg.out_vector);
-    unsafe {
-        expand_kernel::launch_unchecked::<F, R>(
-            client,
-            CubeCount::Static(blocks, layout.slices().len() as u32, segs.num_segments as u32 * cfg.token_splits),
-            CubeDim::new_1d(cfg.threads),
-            ny,
-            nb,
-            a.arg(1),
-            pool.b.arg(nb),
-            y.arg(ny),
-            pool.slice_table.arg(1),
-            segs.seg_indptr.arg(1),
-            segs.weight_indices.arg(1),
-            segs.token_perm.arg(1),
-            pool.ranks.arg(1),
-            pool.scales.arg(1),
-            layout.out_features(),
-            cfg,
-        );
+    let slices = layout.slices().len() as u32;
+    match kernel {
+        ExpandKernel::Scalar(cfg) => {
+            let (ny, nb) = (cfg.out_vector as usize, cfg.rank_vector as usize);
+            unsafe {
+                expand_kernel::launch_unchecked::<F, R>(
+                    client,
+                    CubeCount::Static(widest.div_ceil(cfg.threads * cfg.out_vector), slices, segs.num_segments as u32 * cfg.token_splits),
+                    CubeDim::new_1d(cfg.threads),
+                    ny,
+                    nb,
+                    a.arg(1),
+                    pool.b.arg(nb),
+                    y.arg(ny),
+                    pool.slice_table.arg(1),
+                    segs.seg_indptr.arg(1),
+                    segs.weight_indices.arg(1),
+                    segs.token_perm.arg(1),
+                    pool.ranks.arg(1),
+                    pool.scales.arg(1),
+                    layout.out_features(),
+                    cfg,
+                );
+            }
+        }
+        ExpandKernel::Mma { config, token_splits } => {
+            let segments = segs.num_segments as u32;
+            let tiles = segs.max_segment_len.div_ceil(config.tile_tokens()).max(1);
+            let blocks: u32 = layout.slices().iter().map(|s| s.width.div_ceil(config.block_columns())).sum();
+            // By default a segment's tiles are shared out until the grid has about eight cubes
+            // per multiprocessor; each cube loops over the rest, prefetching the next tile.
+            let splits = match token_splits {
+                0 => (8 * crate::config::multiprocessors(client)).div_ceil(blocks * segments),
+                n => n,
+            }
+            .clamp(1, tiles)
+            .min((65535 / segments).max(1));
+            let (ny, nb) = (config.out_vector as usize, config.rank_vector as usize);
+            unsafe {
+                expand_mma_kernel::launch_unchecked::<F, R>(
+                    client,
+                    CubeCount::Static(widest.div_ceil(config.block_columns()), slices, segments * splits),
+                    CubeDim::new_2d(32, config.warps()),
+                    ny,
+                    nb,
+                    a.arg(1),
+                    pool.b.arg(nb),
+                    y.arg(ny),
+                    pool.slice_table.arg(1),
+                    segs.seg_indptr.arg(1),
+                    segs.weight_indices.arg(1),
+                    segs.token_perm.arg(1),
+                    pool.ranks.arg(1),
+                    pool.scales.arg(1),
+                    layout.out_features(),
+                    splits,
+                    config,
+                );
+            }
+        }
     }
     Ok(())
 }

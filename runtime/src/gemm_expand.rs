@@ -230,8 +230,7 @@ pub fn reference_gemm_expand(
     b_pool: &[f64],
     y: &mut [f64],
 ) {
-    let (big_r, c_r, out) =
-        (layout.max_rank() as usize, (layout.groups() * layout.max_rank()) as usize, layout.out_features() as usize);
+    let (big_r, c_r, out) = (layout.max_rank() as usize, (layout.groups() * layout.max_rank()) as usize, layout.out_features() as usize);
     let width = gemm_width(layout) as usize;
     for (t, &slot) in token_slots.iter().enumerate() {
         let g_row = &g[t * width..(t + 1) * width];

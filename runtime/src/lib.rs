@@ -5,7 +5,8 @@
 //! Kernel families, one file each, each with a plain f64 CPU reference beside it:
 //! * [`shrink`]: segmented shrink `a = x · Aᵀ` per adapter slot, 1–5 packed groups
 //!   ([`shrink_mma`]: its tensor-core variant for prefill segments);
-//! * [`expand`]: segmented expand `y += scale · a · Bᵀ` over slices of unequal widths;
+//! * [`expand`]: segmented expand `y += scale · a · Bᵀ` over slices of unequal widths
+//!   ([`expand_mma`]: its tensor-core variant for prefill segments, y as the accumulator);
 //! * [`fused`]: shrink and expand in one launch for decode batches (launch-bound);
 //! * [`gemm_expand`]: the expand that follows a shrink folded into the base GEMM (A stored
 //!   after W, one GEMM for both): base output plus each token's delta in one pass;
@@ -21,6 +22,7 @@ pub mod embedding;
 pub mod error;
 pub mod executor;
 pub mod expand;
+pub mod expand_mma;
 pub mod fused;
 pub mod gemm_expand;
 pub mod moe;

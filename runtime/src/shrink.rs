@@ -13,7 +13,7 @@ use crate::buffer::DeviceBuffer;
 use crate::config::ShrinkConfig;
 use crate::error::{LoraError, Result};
 use crate::pool::AdapterPool;
-use crate::shrink_mma::{MmaShrinkConfig, TILE, shrink_mma_kernel};
+use crate::shrink_mma::{MmaShrinkConfig, shrink_mma_kernel};
 
 /// Dot products of `rows` consecutive A rows (starting at vector index `a_base`, row stride
 /// `k_vecs`) with `tokens` x rows (vector offsets `x_off`), reduced over the cube's threads.
@@ -183,8 +183,9 @@ fn shrink_kernel<F: Float, N: Size>(
 pub enum ShrinkKernel {
     /// CUDA-core kernel: any dtype, any shape; best for decode.
     Scalar(ShrinkConfig),
-    /// Tensor-core kernel for long segments. `tiles_per_segment` fixes the grid (chunked
-    /// launches); 0 sizes it from the batch's longest segment.
+    /// Tensor-core kernel for long segments. `tiles_per_segment` (token tiles of
+    /// `config.tile_tokens()`) fixes the grid (chunked launches); 0 sizes it from the batch's
+    /// longest segment.
     Mma { config: MmaShrinkConfig, tiles_per_segment: u32 },
 }
 
@@ -222,7 +223,7 @@ pub fn launch_shrink<R: Runtime, F: Float + CubeElement>(
     match kernel {
         ShrinkKernel::Scalar(cfg) => check_shrink_config(layout, &cfg)?,
         ShrinkKernel::Mma { config, .. } => {
-            if MmaShrinkConfig::supported::<R, F>(client, layout) != Some(config) {
+            if !config.fits::<R, F>(client, layout) {
                 return Err(LoraError::Layout(format!("tensor-core shrink config {config:?} does not fit the layout or device")));
             }
         }
@@ -253,16 +254,16 @@ pub fn launch_shrink<R: Runtime, F: Float + CubeElement>(
             }
         }
         ShrinkKernel::Mma { config, tiles_per_segment } => {
-            let tiles = if tiles_per_segment > 0 { tiles_per_segment } else { segs.max_segment_len.div_ceil(TILE) };
+            let tiles = if tiles_per_segment > 0 { tiles_per_segment } else { segs.max_segment_len.div_ceil(config.tile_tokens()) };
             let n = config.vector as usize;
             unsafe {
                 shrink_mma_kernel::launch_unchecked::<F, R>(
                     client,
-                    CubeCount::Static(tiles.max(1), segs.num_segments as u32, 1),
+                    CubeCount::Static(tiles.max(1), segs.num_segments as u32, config.row_blocks()),
                     CubeDim::new_2d(32, config.warps()),
                     n,
                     x.arg(n),
-                    pool.a.arg(1),
+                    pool.a.arg(n),
                     segs.seg_indptr.arg(1),
                     segs.weight_indices.arg(1),
                     segs.token_perm.arg(1),

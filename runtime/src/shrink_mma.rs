@@ -1,12 +1,16 @@
 //! Tensor-core variant of the segmented shrink, for long segments (prefill) in bf16/f16.
 //!
 //! The scalar shrink spends most of a prefill in FMAs (T·c·R·K of them), so here each cube
-//! takes a 16-token tile of one segment and computes all `c·R` rows of its slot with 16×16×16
-//! MMAs (one warp per 16-row fragment, f32 accumulators). The tile's x rows, gathered through
-//! the token permutation, are staged once per K chunk in shared memory and shared by every
-//! warp, so x is read from memory exactly once; A fragments come straight from global memory.
-//! Fragments wholly past the slot's rank are skipped; partial ones are computed and their
-//! padding columns dropped when stored. Same contract and reference as [`crate::shrink`].
+//! takes a tile of `16·m_frags` tokens of one segment and `16·n_frags` of the `c·R` A rows of
+//! its slot (grid z covers the rest), one warp per 16×16 output fragment with an f32
+//! accumulator. Per K chunk the tile's x rows (gathered through the token permutation) and its
+//! A rows are staged in shared memory with coalesced vector loads, the next chunk's loads
+//! issued into registers before the current chunk's MMAs; every MMA operand then comes from
+//! shared memory, so no warp waits on a global load between MMAs. x is read from memory once
+//! per row block, A once per token tile (the L2 serves the repeats). Rows past the slot's rank
+//! are neither loaded nor computed where a whole fragment lies past it; partial fragments
+//! compute their padding columns and drop them when stored. Same contract and reference as
+//! [`crate::shrink`].
 
 use cubecl::features::MmaConfig;
 use cubecl::prelude::*;
@@ -17,30 +21,104 @@ use crate::batch::NO_SLOT;
 /// M, N and K of one MMA.
 pub(crate) const TILE: u32 = 16;
 
+/// Shared memory the default tiles use: small enough for several cubes per multiprocessor.
+/// (cubecl's CUDA runtime raises a kernel's dynamic shared-memory limit to what it declares,
+/// so this may pass the 48 KiB static limit; `with_tile_chunk` checks the device's maximum.)
+pub(crate) const SHARED_BUDGET: u32 = 50 * 1024;
+
+/// Most warps (one per output fragment) in one cube.
+pub(crate) const MAX_WARPS: u32 = 16;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MmaShrinkConfig {
     pub groups: u32,
     pub max_rank: u32,
+    /// 16-token fragments per cube: its token tile is `16·m_frags` tokens of one segment.
+    pub m_frags: u32,
+    /// 16-row A fragments per cube; divides `groups·max_rank/16` (grid z covers the rest).
+    pub n_frags: u32,
     /// K elements staged per round (divides `in_features`, multiple of 16).
     pub k_chunk: u32,
-    /// Vector width of the staging loads of x.
+    /// Vector width of the staging loads of x and A.
     pub vector: u32,
 }
 
 impl MmaShrinkConfig {
-    /// `None` where the tensor-core path does not apply: no 16×16×16 MMA with f32
-    /// accumulation for this storage type on this device, or a rank or input width that is
-    /// not a multiple of 16.
-    pub fn supported<R: Runtime, F: CubePrimitive>(client: &ComputeClient<R>, layout: &LoraLayout) -> Option<Self> {
-        let elem = F::as_type_native()?.storage_type();
-        let f32_ty = f32::as_type_native()?.storage_type();
-        let mma = MmaConfig { a_type: elem, b_type: elem, cd_type: f32_ty, m: TILE, n: TILE, k: TILE };
-        if !client.features().matmul.cmma.contains(&mma) || layout.max_rank() % TILE != 0 || layout.in_features() % TILE != 0 {
+    /// The configuration for a `16·m_frags`-token × `16·n_frags`-row cube tile with the
+    /// largest K chunk that fits [`SHARED_BUDGET`], or `None` where the tile does not apply
+    /// (see [`Self::with_tile_chunk`]).
+    pub fn with_tile<R: Runtime, F: CubePrimitive>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        m_frags: u32,
+        n_frags: u32,
+    ) -> Option<Self> {
+        [256, 128, 64, 32, 16]
+            .into_iter()
+            .filter(|kc| Self::shared_bytes(m_frags, n_frags, *kc, size_of::<F>() as u32) <= SHARED_BUDGET)
+            .find_map(|kc| Self::with_tile_chunk::<R, F>(client, layout, m_frags, n_frags, kc))
+    }
+
+    /// The configuration for a `16·m_frags`-token × `16·n_frags`-row cube tile staging `k_chunk`
+    /// input columns per round, or `None` where it does not apply: no 16×16×16 MMA with f32
+    /// accumulation for this storage type on this device, a rank or input width that is not a
+    /// multiple of 16, `n_frags` not dividing the row fragments, more than [`MAX_WARPS`] warps,
+    /// a chunk that does not divide the input width, more than 16 staged vectors per thread, or
+    /// more shared memory than the device gives a cube.
+    pub fn with_tile_chunk<R: Runtime, F: CubePrimitive>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        m_frags: u32,
+        n_frags: u32,
+        k_chunk: u32,
+    ) -> Option<Self> {
+        if !cmma_supported::<R, F>(client) || layout.max_rank() % TILE != 0 || layout.in_features() % TILE != 0 {
             return None;
         }
-        let k_chunk = [256, 128, 64, 32, 16].into_iter().find(|c| layout.in_features() % c == 0)?;
-        let vector = crate::config::vector_size(client, size_of::<F>(), &[k_chunk]) as u32;
-        Some(MmaShrinkConfig { groups: layout.groups(), max_rank: layout.max_rank(), k_chunk, vector })
+        let row_frags = layout.groups() * layout.max_rank() / TILE;
+        if m_frags == 0 || n_frags == 0 || row_frags % n_frags != 0 || m_frags * n_frags > MAX_WARPS {
+            return None;
+        }
+        if k_chunk == 0 || k_chunk % TILE != 0 || layout.in_features() % k_chunk != 0 {
+            return None;
+        }
+        let elem = size_of::<F>() as u32;
+        let vector = crate::config::vector_size(client, elem as usize, &[k_chunk]) as u32;
+        let staged = ((m_frags + n_frags) * TILE * k_chunk / vector).div_ceil(m_frags * n_frags * 32);
+        let shared_max = client.properties().hardware.max_shared_memory_size as u32;
+        if staged > 16 || Self::shared_bytes(m_frags, n_frags, k_chunk, elem) > shared_max {
+            return None;
+        }
+        Some(MmaShrinkConfig { groups: layout.groups(), max_rank: layout.max_rank(), m_frags, n_frags, k_chunk, vector })
+    }
+
+    /// Staged x and A tiles (rows padded by 8 elements) and the f32 accumulator tiles.
+    fn shared_bytes(m_frags: u32, n_frags: u32, k_chunk: u32, elem: u32) -> u32 {
+        (m_frags + n_frags) * TILE * (k_chunk + 8) * elem + m_frags * n_frags * TILE * TILE * 4
+    }
+
+    /// [`Self::with_tile`] with the default tile for a batch of `num_segments` segments of at
+    /// most `max_segment_len` tokens: row blocks of up to four fragments, and 32-token tiles
+    /// unless that leaves fewer cubes than about one per multiprocessor (in the H100 tile sweep,
+    /// runtime/BENCHMARKS.md, 32-token tiles were the best or within 3% of it in every
+    /// prefill case; 16-token tiles were slower everywhere).
+    pub fn supported<R: Runtime, F: CubePrimitive>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        num_segments: usize,
+        max_segment_len: u32,
+    ) -> Option<Self> {
+        let row_frags = layout.groups() * layout.max_rank() / TILE;
+        let n_frags = [4, 3, 2, 1].into_iter().find(|n| row_frags % n == 0).unwrap_or(1);
+        let target = u64::from(crate::config::multiprocessors(client)) * 3 / 4;
+        let m_frags = [2, 1]
+            .into_iter()
+            .find(|m| {
+                let tiles = u64::from(max_segment_len.div_ceil(m * TILE));
+                num_segments as u64 * tiles * u64::from(row_frags / n_frags) >= target
+            })
+            .unwrap_or(1);
+        Self::with_tile::<R, F>(client, layout, m_frags, n_frags)
     }
 
     /// [`Self::supported`], and only for batches with enough 16-token tiles to fill the GPU
@@ -52,20 +130,47 @@ impl MmaShrinkConfig {
         max_segment_len: u32,
     ) -> Option<Self> {
         let tiles = num_segments as u64 * u64::from(max_segment_len.div_ceil(TILE));
-        (tiles >= u64::from(crate::config::multiprocessors(client))).then(|| Self::supported::<R, F>(client, layout)).flatten()
+        (tiles >= u64::from(crate::config::multiprocessors(client)))
+            .then(|| Self::supported::<R, F>(client, layout, num_segments, max_segment_len))
+            .flatten()
     }
 
-    /// One warp per 16-row fragment of the `c·R` rows.
-    pub fn warps(&self) -> u32 {
-        self.groups * self.max_rank / TILE
+    /// Whether this is the configuration [`Self::with_tile_chunk`] derives for its tile and
+    /// chunk on this layout and device (a hand-made one could overrun shared memory or rows).
+    pub fn fits<R: Runtime, F: CubePrimitive>(&self, client: &ComputeClient<R>, layout: &LoraLayout) -> bool {
+        Self::with_tile_chunk::<R, F>(client, layout, self.m_frags, self.n_frags, self.k_chunk) == Some(*self)
     }
+
+    /// One warp per 16×16 output fragment.
+    pub fn warps(&self) -> u32 {
+        self.m_frags * self.n_frags
+    }
+
+    /// Token rows of one cube's tile.
+    pub fn tile_tokens(&self) -> u32 {
+        self.m_frags * TILE
+    }
+
+    /// Cubes along the `c·R` rows (grid z).
+    pub fn row_blocks(&self) -> u32 {
+        self.groups * self.max_rank / (self.n_frags * TILE)
+    }
+}
+
+/// Whether the device has a 16×16×16 MMA on `F` with f32 accumulation.
+pub(crate) fn cmma_supported<R: Runtime, F: CubePrimitive>(client: &ComputeClient<R>) -> bool {
+    let (Some(elem), Some(f32_ty)) = (F::as_type_native(), f32::as_type_native()) else {
+        return false;
+    };
+    let (elem, f32_ty) = (elem.storage_type(), f32_ty.storage_type());
+    client.features().matmul.cmma.contains(&MmaConfig { a_type: elem, b_type: elem, cd_type: f32_ty, m: TILE, n: TILE, k: TILE })
 }
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     x: &Array<Vector<F, N>>,
-    a_pool: &Array<F>,
+    a_pool: &Array<Vector<F, N>>,
     seg_indptr: &Array<u32>,
     weight_indices: &Array<u32>,
     token_perm: &Array<u32>,
@@ -75,6 +180,9 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     #[comptime] cfg: MmaShrinkConfig,
 ) {
     let tile = comptime!(TILE as usize);
+    let tm = comptime!((cfg.m_frags * TILE) as usize);
+    let tn = comptime!((cfg.n_frags * TILE) as usize);
+    let n_frags = comptime!(cfg.n_frags as usize);
     let max_rank = comptime!(cfg.max_rank as usize);
     let c_r = comptime!((cfg.groups * cfg.max_rank) as usize);
     let warps = comptime!(cfg.warps() as usize);
@@ -82,6 +190,9 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     let kc = comptime!(cfg.k_chunk as usize);
     let nv = comptime!(cfg.vector as usize);
     let kc_vecs = comptime!((cfg.k_chunk / cfg.vector) as usize);
+    // Rows of the staged tiles are padded by 8 elements: with a stride of exactly `kc` every
+    // row would start in the same shared-memory bank and the fragment loads would serialise.
+    let stride = comptime!(kc + 8);
 
     let seg = CUBE_POS_Y as usize;
     let slot = weight_indices[seg];
@@ -91,68 +202,108 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     let rank = ranks[slot as usize] as usize;
     let start = seg_indptr[seg] as usize;
     let end = seg_indptr[seg + 1] as usize;
-    let p0 = start + CUBE_POS_X as usize * tile;
-    if rank == 0 || p0 >= end {
+    let p0 = start + CUBE_POS_X as usize * tm;
+    let row_base = CUBE_POS_Z as usize * tn;
+    // A row block wholly in the padding past a low-rank adapter's rows computes nothing.
+    let mut any_active = false;
+    #[unroll]
+    for f in 0..n_frags {
+        if (row_base + f * tile) % max_rank < rank {
+            any_active = true;
+        }
+    }
+    if rank == 0 || p0 >= end || !any_active {
         terminate!();
     }
     let tid = UNIT_POS as usize;
     let warp = UNIT_POS_Y as usize;
-    let row0 = warp * tile;
-    // Warp-uniform: fragments entirely in a low-rank adapter's padding do nothing.
+    let mf = warp / n_frags;
+    let nf = warp % n_frags;
+    let row0 = row_base + nf * tile;
+    // Warp-uniform: fragments wholly in a low-rank adapter's padding do nothing.
     let active = row0 % max_rank < rank;
-    let k_elems = k as usize;
-    let k_vecs = k_elems / nv;
+    let k_vecs = k as usize / nv;
 
-    // Rows of the staged x tile are padded by 8 elements: with a stride of exactly `kc` every
-    // row would start in the same shared-memory bank and the fragment loads would serialise.
-    let stride = comptime!(kc + 8);
     // wmma loads and stores need 256-bit aligned shared-memory tiles.
-    let mut x_tile = SharedMemory::<F>::new_aligned(comptime!(tile * (kc + 8)), 128usize);
+    let mut x_tile = SharedMemory::<F>::new_aligned(comptime!(tm * stride), 128usize);
+    let mut a_tile = SharedMemory::<F>::new_aligned(comptime!(tn * stride), 128usize);
     let mut c_tile = SharedMemory::<f32>::new_aligned(comptime!(warps * tile * tile), 128usize);
     let acc =
         cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0);
-    let a_base = (slot as usize * c_r + row0) * k_elems;
-    let a_len = a_pool.len();
 
-    // Each thread stages the same `per_thread` vectors of every chunk; the next chunk's are
-    // loaded into registers before the current chunk's MMAs, hiding their latency.
-    let per_thread = comptime!((tile * kc_vecs).div_ceil(threads));
-    let mut staged = Array::<Vector<F, N>>::new(per_thread);
-    let mut x_rows = Array::<usize>::new(per_thread);
+    // Each thread stages the same vectors of every chunk: `x_per` of the x tile, `a_per` of
+    // the A rows. Their sources are fixed up front; x rows past the segment's end repeat its
+    // last token (their results are dropped), A rows past the rank are not loaded.
+    let x_per = comptime!((tm * kc_vecs).div_ceil(threads));
+    let a_per = comptime!((tn * kc_vecs).div_ceil(threads));
+    let mut x_staged = Array::<Vector<F, N>>::new(x_per);
+    let mut x_src = Array::<usize>::new(x_per);
+    let mut a_staged = Array::<Vector<F, N>>::new(a_per);
+    let mut a_src = Array::<usize>::new(a_per);
+    let mut a_live = Array::<bool>::new(a_per);
     #[unroll]
-    for s in 0..per_thread {
+    for s in 0..x_per {
         let v = tid + s * threads;
-        let i = min(v / kc_vecs, comptime!(tile - 1));
+        let i = min(v / kc_vecs, comptime!(tm - 1));
         let p = min(p0 + i, end - 1);
-        x_rows[s] = token_perm[p] as usize * k_vecs + v % kc_vecs;
-        if v < comptime!(tile * kc_vecs) {
-            staged[s] = x[x_rows[s]];
+        x_src[s] = token_perm[p] as usize * k_vecs + v % kc_vecs;
+        if v < comptime!(tm * kc_vecs) {
+            x_staged[s] = x[x_src[s]];
+        }
+    }
+    #[unroll]
+    for s in 0..a_per {
+        let v = tid + s * threads;
+        let r = v / kc_vecs;
+        a_src[s] = (slot as usize * c_r + row_base + r) * k_vecs + v % kc_vecs;
+        a_live[s] = v < comptime!(tn * kc_vecs) && (row_base + r) % max_rank < rank;
+        a_staged[s] = Vector::<F, N>::new(F::new(0.0));
+        if a_live[s] {
+            a_staged[s] = a_pool[a_src[s]];
         }
     }
 
+    let k_elems = k as usize;
     let mut k0 = 0usize.runtime();
     while k0 < k_elems {
         #[unroll]
-        for s in 0..per_thread {
+        for s in 0..x_per {
             let v = tid + s * threads;
-            if v < comptime!(tile * kc_vecs) {
-                let i = v / kc_vecs;
-                let cv = v % kc_vecs;
-                let xv = staged[s];
+            if v < comptime!(tm * kc_vecs) {
+                let base = (v / kc_vecs) * stride + (v % kc_vecs) * nv;
+                let xv = x_staged[s];
                 #[unroll]
                 for l in 0..nv {
-                    x_tile[i * stride + cv * nv + l] = xv[l];
+                    x_tile[base + l] = xv[l];
+                }
+            }
+        }
+        #[unroll]
+        for s in 0..a_per {
+            let v = tid + s * threads;
+            if v < comptime!(tn * kc_vecs) {
+                let base = (v / kc_vecs) * stride + (v % kc_vecs) * nv;
+                let av = a_staged[s];
+                #[unroll]
+                for l in 0..nv {
+                    a_tile[base + l] = av[l];
                 }
             }
         }
         sync_cube();
         let next = k0 + kc;
         if next < k_elems {
+            let step = next / nv;
             #[unroll]
-            for s in 0..per_thread {
-                let v = tid + s * threads;
-                if v < comptime!(tile * kc_vecs) {
-                    staged[s] = x[x_rows[s] + next / nv];
+            for s in 0..x_per {
+                if tid + s * threads < comptime!(tm * kc_vecs) {
+                    x_staged[s] = x[x_src[s] + step];
+                }
+            }
+            #[unroll]
+            for s in 0..a_per {
+                if a_live[s] {
+                    a_staged[s] = a_pool[a_src[s] + step];
                 }
             }
         }
@@ -165,8 +316,8 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
                     16usize,
                     16usize,
                     cmma::MatrixLayout::RowMajor,
-                    &x_tile.slice(kk * 16, comptime!(tile * (kc + 8))),
-                    comptime!((kc + 8) as u32),
+                    &x_tile.slice(mf * tile * stride + kk * 16, comptime!(tm * stride)),
+                    comptime!(stride as u32),
                 );
                 // B(k, n) = A[row0 + n, k0 + k]: A's rows are B's columns.
                 let wa = cmma::Matrix::<F>::from_slice(
@@ -175,8 +326,8 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
                     16usize,
                     16usize,
                     cmma::MatrixLayout::ColMajor,
-                    &a_pool.slice(a_base + k0 + kk * 16, a_len),
-                    k,
+                    &a_tile.slice(nf * tile * stride + kk * 16, comptime!(tn * stride)),
+                    comptime!(stride as u32),
                 );
                 cmma::execute::<F, F, f32, f32>(&xa, &wa, &acc, &acc);
             }
@@ -191,8 +342,8 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     let mut e = tid;
     while e < comptime!(warps * tile * tile) {
         let w = e / 256;
-        let i = (e % 256) / 16;
-        let row = w * 16 + e % 16;
+        let i = (w / n_frags) * tile + (e % 256) / 16;
+        let row = row_base + (w % n_frags) * tile + e % 16;
         let p = p0 + i;
         if p < end && row % max_rank < rank {
             let t = token_perm[p] as usize;

@@ -11,7 +11,8 @@ use cubecl::prelude::*;
 use lorac_plan::{ExpertDims, LoraLayout, LoraSlice};
 use lorac_runtime::chunked::ChunkedPlan;
 use lorac_runtime::embedding::{launch_embedding, reference_embedding};
-use lorac_runtime::expand::{launch_expand, reference_expand};
+use lorac_runtime::expand::{ExpandKernel, launch_expand, reference_expand};
+use lorac_runtime::expand_mma::MmaExpandConfig;
 use lorac_runtime::fused::launch_fused;
 use lorac_runtime::gemm_expand::{gemm_width, launch_gemm_expand, reference_gemm_expand};
 use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT, launch_moe_expand, launch_moe_shrink, reference_moe};
@@ -295,29 +296,88 @@ pub fn segmented_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     }
 }
 
-/// Prefill-sized segments through the tensor-core shrink where the device and storage type
-/// have one (CUDA bf16), else through the automatic choice; ranks include 0, partial
-/// 16-row fragments and full rank.
+/// Every tile shape of the tensor-core shrink the device has for this layout, or the
+/// automatic choice alone where it has none (wgpu: no MMA).
+fn mma_shrink_kernels<R: Runtime, F: StorageElem>(client: &ComputeClient<R>, layout: &LoraLayout) -> Vec<Option<ShrinkKernel>> {
+    let mut kernels: Vec<Option<ShrinkKernel>> = [1, 2, 4]
+        .into_iter()
+        .flat_map(|m| [1, 2, 3, 4].into_iter().filter_map(move |n| MmaShrinkConfig::with_tile::<R, F>(client, layout, m, n)))
+        .map(|config| Some(ShrinkKernel::Mma { config, tiles_per_segment: 0 }))
+        .collect();
+    if kernels.is_empty() {
+        kernels.push(None);
+    }
+    kernels
+}
+
+/// Ranks for the prefill tests: 0, partial 16-row fragments and full rank (slot 0).
+fn prefill_ranks(rng: &mut Rng, layout: &LoraLayout) -> Vec<u32> {
+    let mut ranks: Vec<u32> = (0..layout.slots()).map(|_| rng.pick(&[0, 5, 16, 17, layout.max_rank()]).min(layout.max_rank())).collect();
+    ranks[0] = layout.max_rank();
+    ranks
+}
+
+/// Prefill-sized segments through every tile shape of the tensor-core shrink where the device
+/// and storage type have one (CUDA bf16), else through the automatic choice.
 pub fn prefill_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     for seed in 0..CASES / 2 {
         let rng = &mut Rng::new(600 + seed);
         let (groups, slices, family) = random_slices(rng);
         let layout =
             LoraLayout::new(nz(rng.range(1, 4)), nz(rng.pick(&[16, 32])), rng.pick(&[16, 48, 256, 320]), groups, slices, None).unwrap();
-        let what = format!("prefill shrink {family} seed {seed} {layout:?}");
-        let mut ranks: Vec<u32> =
-            (0..layout.slots()).map(|_| rng.pick(&[0, 5, 16, 17, layout.max_rank()]).min(layout.max_rank())).collect();
-        ranks[0] = layout.max_rank();
+        let ranks = prefill_ranks(rng, &layout);
         let scales = vec![1.0; layout.slots() as usize];
         let adapters = Adapters::<F>::with_ranks(client, rng, &layout, ranks, scales);
         let tokens = rng.pick(&[40, 130, 200]);
         let segs = random_segments(rng, tokens, layout.slots());
-        let kernel = MmaShrinkConfig::supported::<R, F>(client, &layout).map(|config| ShrinkKernel::Mma { config, tiles_per_segment: 0 });
         let (x, x64) = random_x::<F>(rng, &layout, tokens as usize);
-        let mut out = poisoned_intermediate(client, &layout, tokens as usize);
-        launch_shrink(client, &layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut out, kernel).unwrap();
         let reference = adapters.reference_shrink(&layout, &segs, &x64, tokens);
-        check_intermediate(&what, &out.read(client), &reference, F::TOLERANCE);
+        for kernel in mma_shrink_kernels::<R, F>(client, &layout) {
+            let what = format!("prefill shrink {family} seed {seed} {kernel:?} {layout:?}");
+            let mut out = poisoned_intermediate(client, &layout, tokens as usize);
+            launch_shrink(client, &layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut out, kernel)
+                .unwrap();
+            check_intermediate(&what, &out.read(client), &reference, F::TOLERANCE);
+        }
+    }
+}
+
+/// Prefill-sized segments through every tile shape of the tensor-core expand (one cube per
+/// token tile, and one cube looping over a segment's tiles) where the device and storage
+/// type have one, else through the automatic choice. Slice widths are multiples of 16, as
+/// that kernel needs; the intermediate is NaN past each rank and the pool's padding is not
+/// zero, so reading either would show.
+pub fn prefill_expand<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
+    for seed in 0..CASES / 2 {
+        let rng = &mut Rng::new(700 + seed);
+        let (groups, slices, family) = random_slices(rng);
+        let slices = slices.into_iter().map(|s| LoraSlice { width: s.width.div_ceil(16) * 16, ..s }).collect();
+        let layout = LoraLayout::new(nz(rng.range(1, 4)), nz(rng.pick(&[16, 32, 64])), 24, groups, slices, None).unwrap();
+        let ranks = prefill_ranks(rng, &layout);
+        let scales = (0..layout.slots()).map(|_| 0.5 + rng.value().abs() as f32).collect();
+        let adapters = Adapters::<F>::with_ranks(client, rng, &layout, ranks, scales);
+        let tokens = rng.pick(&[40, 130, 200]);
+        let segs = random_segments(rng, tokens, layout.slots());
+        let (a, a64) = random_intermediate(rng, &layout, &token_slot_ranks(&segs, &adapters.ranks));
+        let delta = adapters.reference_expand(&layout, &segs, &a64, tokens);
+        let (y0, y064) = initial_y::<F>(rng, &delta);
+        let layout_ref = &layout;
+        let mut kernels: Vec<Option<ExpandKernel>> = [1, 2, 4]
+            .into_iter()
+            .flat_map(|m| [1, 2, 4, 8].into_iter().filter_map(move |n| MmaExpandConfig::with_tile::<R, F>(client, layout_ref, m, n)))
+            .flat_map(|config| [0, 1].map(|token_splits| Some(ExpandKernel::Mma { config, token_splits })))
+            .collect();
+        if kernels.is_empty() {
+            kernels.push(None);
+        }
+        for kernel in kernels {
+            let what = format!("prefill expand {family} seed {seed} {kernel:?} {layout:?}");
+            let mut y = DeviceBuffer::upload(client, &y0);
+            launch_expand(client, &layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &a), &mut y, kernel)
+                .unwrap();
+            let out = layout.out_features() as usize;
+            check_y(&what, &y.read(client), &y064, &delta, &adapters.touched(&segs), out, F::TOLERANCE);
+        }
     }
 }
 
@@ -590,6 +650,10 @@ macro_rules! stamp_kernel_tests {
             #[test]
             fn prefill_shrink() {
                 super::prefill_shrink::<Rt, E>(&client());
+            }
+            #[test]
+            fn prefill_expand() {
+                super::prefill_expand::<Rt, E>(&client());
             }
             #[test]
             fn segmented_expand() {

@@ -302,9 +302,8 @@ fn run<R: Runtime, F: EngineElem>(client: ComputeClient<R>, args: &Args) -> Resu
 
     println!("\n| batch | adapters | shrink | step ms (median) | p10 | p90 | tok/s | vs 0 adapters | prefill ms | read-back ms |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let mut csv = String::from(
-        "batch,adapters,shrink,step_ms_median,step_ms_p10,step_ms_p90,tokens_per_s,overhead_vs_base,prefill_ms,readback_ms\n",
-    );
+    let mut csv =
+        String::from("batch,adapters,shrink,step_ms_median,step_ms_p10,step_ms_p90,tokens_per_s,overhead_vs_base,prefill_ms,readback_ms\n");
     for r in &results {
         let median = quantile(&r.step_ms, 0.5);
         let base = results.iter().find(|b| b.batch == r.batch && b.adapters == 0).map(|b| quantile(&b.step_ms, 0.5));

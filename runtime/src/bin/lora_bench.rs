@@ -6,8 +6,9 @@
 //! the same run. Inputs rotate over enough independent buffer sets that each launch streams
 //! its adapters from HBM, not from the 50 MB L2.
 //!
-//! Usage: `lora_bench [--quick] [--csv FILE] [--profile-pass]`. `--profile-pass` launches every
-//! kernel a few times with no timing loop, for `ncu` to time the kernels themselves.
+//! Usage: `lora_bench [--quick] [--prefill-only] [--csv FILE] [--profile-pass]`.
+//! `--profile-pass` launches every kernel a few times with no timing loop, for `ncu` to time
+//! the kernels themselves; prefill cases add a sweep over the tensor-core kernels' tile shapes.
 
 use std::io::Write;
 use std::num::NonZeroU32;
@@ -18,12 +19,14 @@ use cubecl::prelude::*;
 use half::bf16;
 use lorac_plan::{ExpertDims, LoraLayout, LoraSlice};
 use lorac_runtime::chunked::ChunkedPlan;
-use lorac_runtime::expand::launch_expand;
+use lorac_runtime::expand::{ExpandKernel, launch_expand};
+use lorac_runtime::expand_mma::MmaExpandConfig;
 use lorac_runtime::fused::launch_fused;
 use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, launch_moe_expand, launch_moe_shrink};
-use lorac_runtime::shrink::launch_shrink;
+use lorac_runtime::shrink::{ShrinkKernel, launch_shrink};
+use lorac_runtime::shrink_mma::MmaShrinkConfig;
 use lorac_runtime::testing::{Rng, StorageElem};
-use lorac_runtime::{AdapterPool, DeviceBuffer, DeviceSegments, Segments};
+use lorac_runtime::{AdapterPool, DeviceBuffer, DeviceSegments, ExpandConfig, Segments};
 
 const SLOTS: u32 = 8;
 const L2_BYTES: f64 = 50e6;
@@ -33,6 +36,8 @@ struct Opts {
     /// Tiny shapes on wgpu with f32: checks the benchmark's own plumbing without a GPU.
     smoke: bool,
     profile_pass: bool,
+    /// Only the prefill (T = 4096) dense cases, with their tile sweep.
+    prefill_only: bool,
 }
 
 #[cube(launch_unchecked)]
@@ -158,7 +163,7 @@ fn modules(smoke: bool) -> Vec<Module> {
 #[derive(Default)]
 struct Row {
     case: String,
-    variant: &'static str,
+    variant: String,
     shrink_us: f64,
     expand_us: f64,
     pair_us: f64,
@@ -267,7 +272,10 @@ fn dense_case<R: Runtime, E: StorageElem>(
     let case = format!("{} R={rank} T={tokens} adapters={adapters}", m.name);
     let mut rows =
         vec![time_dense(client, opts, &layout, &dev, &mut data, iters, case.clone(), "segmented", None, shrink_bytes, expand_bytes)];
-    if tokens <= 128 {
+    if tokens >= 1024 {
+        rows.extend(tile_sweep(client, opts, &layout, &segs, &dev, &mut data, iters, &case, shrink_bytes, expand_bytes));
+    }
+    if tokens <= 8 {
         // One launch for both halves; it never writes or reads the intermediate.
         let n = data.len();
         let pair_us = time_us(client, opts, iters, |i| {
@@ -277,7 +285,7 @@ fn dense_case<R: Runtime, E: StorageElem>(
         let inter = t * c_r * 4.0;
         rows.push(Row {
             case: case.clone(),
-            variant: "fused",
+            variant: "fused".into(),
             shrink_us: f64::NAN,
             expand_us: f64::NAN,
             pair_us,
@@ -323,7 +331,73 @@ fn time_dense<R: Runtime, E: StorageElem>(
         shrink(d);
         expand(d);
     });
-    Row { case, variant, shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes }
+    Row { case, variant: variant.into(), shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes }
+}
+
+/// Prefill only: each tensor-core tile shape of the shrink and of the expand timed on its own
+/// (and the CUDA-core expand for comparison), so the defaults can be checked against the
+/// alternatives in the same run. Rows carry one kernel's time; their pair time is NaN.
+#[allow(clippy::too_many_arguments)]
+fn tile_sweep<R: Runtime, E: StorageElem>(
+    client: &ComputeClient<R>,
+    opts: &Opts,
+    layout: &LoraLayout,
+    segs: &Segments,
+    dev: &DeviceSegments,
+    data: &mut [DenseSet<E>],
+    iters: usize,
+    case: &str,
+    shrink_bytes: f64,
+    expand_bytes: f64,
+) -> Vec<Row> {
+    let n = data.len();
+    let (num_segments, max_len) = (segs.num_segments(), segs.max_segment_len());
+    let default_shrink = ShrinkKernel::choose::<R, E>(client, layout, num_segments, max_len);
+    let default_expand = ExpandKernel::choose::<R, E>(client, layout, num_segments, max_len);
+    let mut rows = Vec::new();
+    let row = |variant: String, shrink_us: f64, expand_us: f64| Row {
+        case: case.to_string(),
+        variant,
+        shrink_us,
+        expand_us,
+        pair_us: f64::NAN,
+        shrink_bytes,
+        expand_bytes,
+    };
+    for m in [1, 2, 4] {
+        for nf in [1, 2, 3, 4, 6, 8] {
+            for kc in [64, 128, 256] {
+                let Some(config) = MmaShrinkConfig::with_tile_chunk::<R, E>(client, layout, m, nf, kc) else { continue };
+                let kernel = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
+                let us = time_us(client, opts, iters, |i| {
+                    let d = &mut data[i % n];
+                    launch_shrink(client, layout, &d.pool, dev, &d.x, &mut d.a, Some(kernel)).unwrap()
+                });
+                let mark = if kernel == default_shrink { " (default)" } else { "" };
+                rows.push(row(format!("shrink m{m} n{nf} k{kc}{mark}"), us, f64::NAN));
+            }
+        }
+    }
+    let mut expands: Vec<(String, ExpandKernel)> =
+        vec![("expand cuda-core".into(), ExpandKernel::Scalar(ExpandConfig::new(client, layout, size_of::<E>(), num_segments, max_len)))];
+    for m in [1, 2, 4] {
+        for nf in [2, 4, 8] {
+            if let Some(config) = MmaExpandConfig::with_tile::<R, E>(client, layout, m, nf) {
+                let tiles = max_len.div_ceil(config.tile_tokens());
+                expands.push((format!("expand m{m} n{nf}"), ExpandKernel::Mma { config, token_splits: 0 }));
+                expands.push((format!("expand m{m} n{nf} tile-per-cube"), ExpandKernel::Mma { config, token_splits: tiles }));
+            }
+        }
+    }
+    for (name, kernel) in expands {
+        let us = time_us(client, opts, iters, |i| {
+            let d = &mut data[i % n];
+            launch_expand(client, layout, &d.pool, dev, &d.a, &mut d.y, Some(kernel)).unwrap()
+        });
+        let mark = if kernel == default_expand { " (default)" } else { "" };
+        rows.push(row(format!("{name}{mark}"), f64::NAN, us));
+    }
+    rows
 }
 
 /// OLMoE-style routed experts: hidden 2048, expert intermediate 1024, 64 experts, top-8.
@@ -405,7 +479,7 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
         });
         rows.push(Row {
             case: format!("{name} R={rank} T={tokens} adapters={adapters}"),
-            variant: "pairs",
+            variant: "pairs".into(),
             shrink_us,
             expand_us,
             pair_us,
@@ -419,7 +493,8 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str| args.iter().any(|a| a == name);
-    let opts = Opts { quick: flag("--quick"), smoke: flag("--smoke"), profile_pass: flag("--profile-pass") };
+    let opts =
+        Opts { quick: flag("--quick"), smoke: flag("--smoke"), profile_pass: flag("--profile-pass"), prefill_only: flag("--prefill-only") };
     let csv_path = args.iter().position(|a| a == "--csv").and_then(|i| args.get(i + 1)).cloned();
     if opts.smoke {
         run::<cubecl::wgpu::WgpuRuntime, f32>(&opts, csv_path);
@@ -451,30 +526,42 @@ fn run<R: Runtime, E: StorageElem>(opts: &Opts, csv_path: Option<String>) {
     for m in modules(opts.smoke) {
         for &rank in ranks {
             for &(tokens, adapters) in shapes {
-                rows.extend(dense_case::<R, E>(&client, opts, &m, rank, tokens, adapters));
-                if let Some(r) = rows.last() {
+                if opts.prefill_only && tokens < 1024 {
+                    continue;
+                }
+                let case_rows = dense_case::<R, E>(&client, opts, &m, rank, tokens, adapters);
+                for r in &case_rows {
                     eprintln!("{} {}: shrink {:.2} expand {:.2} pair {:.2} us", r.case, r.variant, r.shrink_us, r.expand_us, r.pair_us);
                 }
+                rows.extend(case_rows);
+                write_csv(csv_path.as_deref(), copy_bw, launch_us, launch_latency_us, &rows);
             }
         }
     }
     let moe_shapes: &[(u32, u32)] = if opts.smoke { &[(1, 1), (8, 8)] } else { &[(1, 1), (8, 8), (32, 8), (128, 8), (1024, 8)] };
     for &rank in ranks {
-        for &(tokens, adapters) in moe_shapes {
+        for &(tokens, adapters) in moe_shapes.iter().filter(|_| !opts.prefill_only) {
             rows.extend(moe_case::<R, E>(&client, opts, rank, tokens, adapters));
+            write_csv(csv_path.as_deref(), copy_bw, launch_us, launch_latency_us, &rows);
         }
     }
     if opts.profile_pass {
         return;
     }
+    print!("{}", write_csv(csv_path.as_deref(), copy_bw, launch_us, launch_latency_us, &rows));
+}
+
+/// The CSV of the rows so far, also written to `path` (after every case, so a run cut short
+/// keeps what it measured).
+fn write_csv(path: Option<&str>, copy_bw: f64, launch_us: f64, launch_latency_us: f64, rows: &[Row]) -> String {
     let mut text =
         format!("# copy_GBps={copy_bw:.0} launch_us={launch_us:.2} launch_sync_us={launch_latency_us:.2}\n{}\n", Row::csv_header());
-    for r in &rows {
+    for r in rows {
         text.push_str(&r.csv(copy_bw, launch_us));
         text.push('\n');
     }
-    print!("{text}");
-    if let Some(path) = csv_path {
+    if let Some(path) = path {
         std::fs::File::create(path).and_then(|mut f| f.write_all(text.as_bytes())).expect("write csv");
     }
+    text
 }

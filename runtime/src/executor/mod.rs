@@ -484,9 +484,8 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
                 }
             }
         }
-        engine.lora = (0..engine.plan.ranks[0].lora_buffers.len())
-            .map(|b| engine.upload_lora(b, a_views.remove(&b)))
-            .collect::<ExecResult<_>>()?;
+        engine.lora =
+            (0..engine.plan.ranks[0].lora_buffers.len()).map(|b| engine.upload_lora(b, a_views.remove(&b))).collect::<ExecResult<_>>()?;
         engine.warm_up()?;
         Ok(engine)
     }
@@ -946,9 +945,8 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let scale = desc.softmax_scale;
         // Split-sequence attention for decode-sized steps that leave the GPU idle otherwise.
         let splits = attention::decode_splits(client, t, desc.q_heads, ATTENTION_MIN_SPLITS, ATTENTION_MAX_SPLITS);
-        let mut attn_partial = ws
-            .attn_partial(t, attention::split_partial_len(t, desc.q_heads, desc.head_dim, splits))
-            .filter(|_| splits > 1);
+        let mut attn_partial =
+            ws.attn_partial(t, attention::split_partial_len(t, desc.q_heads, desc.head_dim, splits)).filter(|_| splits > 1);
 
         // Projection `i` of layer `l`, `y = x·Wᵀ` plus its LoRA. Folded sites in short steps:
         // one GEMM against [W; A] and the GEMM-expand (two launches); otherwise the GEMM, then
@@ -993,7 +991,9 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
             rope::launch_rope(client, &mut qkv, k_view, &batch.positions, rope_table, rope, t).ctx(|| what("rope k"))?;
             attention::launch_kv_write(client, &qkv, k_view, &qkv, v_view, cache, batch, t).ctx(|| what("kv write"))?;
             match attn_partial.as_mut() {
-                Some(partial) => attention::launch_attention_split(client, &qkv, q_view, cache, batch, &mut attn, t, scale, partial, splits),
+                Some(partial) => {
+                    attention::launch_attention_split(client, &qkv, q_view, cache, batch, &mut attn, t, scale, partial, splits)
+                }
                 None => attention::launch_attention(client, &qkv, q_view, cache, batch, &mut attn, t, scale),
             }
             .ctx(|| what("attention"))?;

@@ -445,7 +445,13 @@ fn attention_kernel<F: Float, N: Size>(
 /// Merges the chunks' partials of each (head, token) cube: rescales every chunk to the
 /// common maximum and normalises by the summed denominators.
 #[cube(launch_unchecked)]
-fn attention_combine_kernel<F: Float>(partial: &Array<f32>, out: &mut Array<F>, splits: u32, #[comptime] head_dim: u32, #[comptime] q_heads: u32) {
+fn attention_combine_kernel<F: Float>(
+    partial: &Array<f32>,
+    out: &mut Array<F>,
+    splits: u32,
+    #[comptime] head_dim: u32,
+    #[comptime] q_heads: u32,
+) {
     let d = comptime!(head_dim as usize);
     let (h, t) = (CUBE_POS_X as usize, CUBE_POS_Y as usize);
     let splits = splits as usize;

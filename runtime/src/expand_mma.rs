@@ -1,0 +1,341 @@
+//! Tensor-core variant of the segmented expand, for long segments (prefill) in bf16/f16.
+//!
+//! The scalar expand does `T·out·r` FMAs with a horizontal sum per output element; at rank 64
+//! that, not the pass over y, bounds a prefill. Here a cube takes a `16·m_frags`-token tile of
+//! one segment and a `16·n_frags`-column block of one slice, and the y tile itself is the MMA
+//! accumulator: y is read into shared memory (f32), each warp loads its 16×16 fragment of it as
+//! the accumulator, adds `(scale·a) · Bᵀ` over the slot's rank in 16-wide steps, and the tile
+//! goes back to y in one write, so every y element is read and written exactly once.
+//!
+//! The cube's B block (`16·n_frags` rows of the slot, rank columns) is staged once for all of
+//! its token tiles; the intermediate tile is staged per token tile, scaled and rounded to the
+//! storage type. Both are zero past the slot's rank, so the padding of a low-rank adapter (and
+//! the intermediate's unwritten columns) is never read into a product. Slice widths must be
+//! multiples of 16 so a fragment never straddles two slices; grid, exits and contract are the
+//! scalar [`crate::expand`]'s, and so is its f64 reference.
+
+use cubecl::prelude::*;
+use lorac_plan::LoraLayout;
+
+use crate::batch::NO_SLOT;
+use crate::shrink_mma::{MAX_WARPS, SHARED_BUDGET, TILE, cmma_supported};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MmaExpandConfig {
+    pub groups: u32,
+    pub max_rank: u32,
+    /// 16-token fragments per cube: its token tile is `16·m_frags` tokens of one segment.
+    pub m_frags: u32,
+    /// 16-column fragments per cube: its column block is `16·n_frags` columns of one slice.
+    pub n_frags: u32,
+    /// Vector width of the y loads and stores (divides every slice width).
+    pub out_vector: u32,
+    /// Vector width of the B loads along the rank (divides `max_rank`).
+    pub rank_vector: u32,
+}
+
+impl MmaExpandConfig {
+    /// The configuration for a `16·m_frags`-token × `16·n_frags`-column cube tile, or `None`
+    /// where it does not apply: no 16×16×16 MMA with f32 accumulation for this storage type on
+    /// this device, a rank or slice width that is not a multiple of 16, more than
+    /// [`MAX_WARPS`] warps, or a tile that overruns shared memory.
+    pub fn with_tile<R: Runtime, F: CubePrimitive>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        m_frags: u32,
+        n_frags: u32,
+    ) -> Option<Self> {
+        let widths: Vec<u32> = layout.slices().iter().map(|s| s.width).collect();
+        if !cmma_supported::<R, F>(client) || layout.max_rank() % TILE != 0 || widths.iter().any(|w| w % TILE != 0) {
+            return None;
+        }
+        if m_frags == 0 || n_frags == 0 || m_frags * n_frags > MAX_WARPS {
+            return None;
+        }
+        let elem = size_of::<F>();
+        let cfg = MmaExpandConfig {
+            groups: layout.groups(),
+            max_rank: layout.max_rank(),
+            m_frags,
+            n_frags,
+            out_vector: crate::config::vector_size(client, elem, &widths).min(8) as u32,
+            rank_vector: crate::config::vector_size(client, elem, &[layout.max_rank()]) as u32,
+        };
+        (cfg.shared_bytes(elem as u32) <= SHARED_BUDGET).then_some(cfg)
+    }
+
+    /// [`Self::with_tile`] with the default tile: 128 columns by 32 tokens (16 where the
+    /// longest segment is shorter). In the H100 tile sweep (runtime/BENCHMARKS.md) wide column
+    /// blocks won at rank 64 (B staged once serves more of y) and 32 × 128 was within 13% of
+    /// the best shape in every prefill case; 64-token tiles were up to 2× slower.
+    pub fn supported<R: Runtime, F: CubePrimitive>(client: &ComputeClient<R>, layout: &LoraLayout, max_segment_len: u32) -> Option<Self> {
+        let m_frags = if max_segment_len >= 2 * TILE { 2 } else { 1 };
+        Self::with_tile::<R, F>(client, layout, m_frags, 8).or_else(|| Self::with_tile::<R, F>(client, layout, m_frags, 4))
+    }
+
+    /// [`Self::supported`], and only for batches with enough 16-token tiles to fill the GPU
+    /// (decode batches stay on the scalar kernel, whose tiles are one to eight tokens).
+    pub fn for_batch<R: Runtime, F: CubePrimitive>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        num_segments: usize,
+        max_segment_len: u32,
+    ) -> Option<Self> {
+        let tiles = num_segments as u64 * u64::from(max_segment_len / TILE);
+        (tiles >= u64::from(crate::config::multiprocessors(client)))
+            .then(|| Self::supported::<R, F>(client, layout, max_segment_len))
+            .flatten()
+    }
+
+    /// Whether this is the configuration [`Self::with_tile`] derives for its tile on this
+    /// layout and device.
+    pub fn fits<R: Runtime, F: CubePrimitive>(&self, client: &ComputeClient<R>, layout: &LoraLayout) -> bool {
+        Self::with_tile::<R, F>(client, layout, self.m_frags, self.n_frags) == Some(*self)
+    }
+
+    pub fn warps(&self) -> u32 {
+        self.m_frags * self.n_frags
+    }
+
+    pub fn tile_tokens(&self) -> u32 {
+        self.m_frags * TILE
+    }
+
+    pub fn block_columns(&self) -> u32 {
+        self.n_frags * TILE
+    }
+
+    /// The staged B block and intermediate tile (rows padded by 8 elements) and the f32 y tile
+    /// (rows padded by 4).
+    fn shared_bytes(&self, elem: u32) -> u32 {
+        let rank_stride = self.max_rank + 8;
+        (self.block_columns() + self.tile_tokens()) * rank_stride * elem + self.tile_tokens() * (self.block_columns() + 4) * 4
+    }
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
+    a: &Array<f32>,
+    b_pool: &Array<Vector<F, NB>>,
+    y: &mut Array<Vector<F, NY>>,
+    slice_info: &Array<u32>,
+    seg_indptr: &Array<u32>,
+    weight_indices: &Array<u32>,
+    token_perm: &Array<u32>,
+    ranks: &Array<u32>,
+    scales: &Array<f32>,
+    out_features: u32,
+    token_splits: u32,
+    #[comptime] cfg: MmaExpandConfig,
+) {
+    let tile = comptime!(TILE as usize);
+    let tm = comptime!(cfg.tile_tokens() as usize);
+    let bw = comptime!(cfg.block_columns() as usize);
+    let n_frags = comptime!(cfg.n_frags as usize);
+    let max_rank = comptime!(cfg.max_rank as usize);
+    let threads = comptime!(cfg.warps() as usize * 32);
+    let ny = comptime!(cfg.out_vector as usize);
+    let nb = comptime!(cfg.rank_vector as usize);
+    let rank_vecs_max = comptime!((cfg.max_rank / cfg.rank_vector) as usize);
+    let bw_vecs = comptime!((cfg.block_columns() / cfg.out_vector) as usize);
+    // Padded strides keep consecutive rows out of the same shared-memory banks; both stay
+    // multiples of 16 bytes as the MMA loads require.
+    let rs = comptime!(max_rank + 8);
+    let ys = comptime!(bw + 4);
+
+    let splits = token_splits as usize;
+    let seg = CUBE_POS_Z as usize / splits;
+    let split = CUBE_POS_Z as usize % splits;
+    let slice = CUBE_POS_Y as usize;
+    let offset = slice_info[slice * 3] as usize;
+    let width = slice_info[slice * 3 + 1] as usize;
+    let group = slice_info[slice * 3 + 2] as usize;
+    let block0 = CUBE_POS_X as usize * bw;
+    let slot = weight_indices[seg];
+    if block0 >= width || slot == NO_SLOT {
+        terminate!();
+    }
+    let rank = ranks[slot as usize] as usize;
+    let start = seg_indptr[seg] as usize;
+    let end = seg_indptr[seg + 1] as usize;
+    if rank == 0 || start + split * tm >= end {
+        terminate!();
+    }
+    let scale = scales[slot as usize];
+    // A multiple of 16: slice widths are.
+    let cols = min(bw, width - block0);
+    let tid = UNIT_POS as usize;
+    let warp = UNIT_POS_Y as usize;
+    let mf = warp / n_frags;
+    let nf = warp % n_frags;
+    // Warp-uniform: fragments past the slice's end do nothing.
+    let active = nf * tile < cols;
+    let rank_steps = rank.div_ceil(tile);
+
+    let mut b_tile = SharedMemory::<F>::new_aligned(comptime!(bw * rs), 128usize);
+    let mut a_tile = SharedMemory::<F>::new_aligned(comptime!(tm * rs), 128usize);
+    let mut y_tile = SharedMemory::<f32>::new_aligned(comptime!(tm * ys), 128usize);
+
+    // The slot's B rows for this column block, zero past the rank and past the slice.
+    let b_row0 = (slot as usize * out_features as usize + offset + block0) * rank_vecs_max;
+    let mut v = tid;
+    while v < comptime!(bw * rank_vecs_max) {
+        let n = v / rank_vecs_max;
+        let j0 = (v % rank_vecs_max) * nb;
+        let mut bv = Vector::<F, NB>::new(F::new(0.0));
+        if n < cols && j0 < rank {
+            bv = b_pool[b_row0 + v];
+        }
+        #[unroll]
+        for l in 0..nb {
+            let mut e = F::new(0.0);
+            if j0 + l < rank {
+                e = bv[l];
+            }
+            b_tile[n * rs + j0 + l] = e;
+        }
+        v += threads;
+    }
+
+    let y_vecs = out_features as usize / ny;
+    let y_col = (offset + block0) / ny;
+    // Each thread moves the same `a_per` intermediate entries and `y_per` y vectors of every
+    // token tile; the next tile's are loaded into registers before the current tile's MMAs,
+    // so a cube looping over several tiles overlaps their memory latency with its work.
+    let a_per = comptime!((tm * max_rank).div_ceil(threads));
+    let y_per = comptime!((tm * bw_vecs).div_ceil(threads));
+    let mut a_next = Array::<f32>::new(a_per);
+    let mut y_next = Array::<Vector<F, NY>>::new(y_per);
+    let step = splits * tm;
+    let mut p0 = start + split * tm;
+    load_tile::<F, NY>(a, y, token_perm, &mut a_next, &mut y_next, p0, end, rank, cols, group, y_vecs, y_col, cfg);
+    while p0 < end {
+        // The tile's intermediate, scaled, in the storage type, and y in f32; zeros past the
+        // rank, the segment and the slice.
+        #[unroll]
+        for s in 0..a_per {
+            let idx = tid + s * threads;
+            if idx < comptime!(tm * max_rank) {
+                a_tile[(idx / max_rank) * rs + idx % max_rank] = F::cast_from(scale * a_next[s]);
+            }
+        }
+        #[unroll]
+        for s in 0..y_per {
+            let w = tid + s * threads;
+            if w < comptime!(tm * bw_vecs) {
+                let yv = Vector::<f32, NY>::cast_from(y_next[s]);
+                let base = (w / bw_vecs) * ys + (w % bw_vecs) * ny;
+                #[unroll]
+                for l in 0..ny {
+                    y_tile[base + l] = yv[l];
+                }
+            }
+        }
+        sync_cube();
+        if p0 + step < end {
+            load_tile::<F, NY>(a, y, token_perm, &mut a_next, &mut y_next, p0 + step, end, rank, cols, group, y_vecs, y_col, cfg);
+        }
+        if active {
+            let acc = unsafe {
+                cmma::Matrix::<f32>::uninitialized(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined)
+            };
+            let y_frag = mf * tile * ys + nf * tile;
+            cmma::load_with_layout(&acc, &y_tile.slice(y_frag, comptime!(tm * ys)), comptime!(ys as u32), cmma::MatrixLayout::RowMajor);
+            for kk in 0..rank_steps {
+                let af = cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::A,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::RowMajor,
+                    &a_tile.slice(mf * tile * rs + kk * tile, comptime!(tm * rs)),
+                    comptime!(rs as u32),
+                );
+                // Operand B(j, n) = B[slot, column n, j]: the staged rows are its columns.
+                let bf = cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::B,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::ColMajor,
+                    &b_tile.slice(nf * tile * rs + kk * tile, comptime!(bw * rs)),
+                    comptime!(rs as u32),
+                );
+                cmma::execute::<F, F, f32, f32>(&af, &bf, &acc, &acc);
+            }
+            cmma::store(&mut y_tile.slice_mut(y_frag, comptime!(tm * ys)), &acc, comptime!(ys as u32), cmma::MatrixLayout::RowMajor);
+        }
+        sync_cube();
+        let mut w = tid;
+        while w < comptime!(tm * bw_vecs) {
+            let i = w / bw_vecs;
+            let cv = w % bw_vecs;
+            if p0 + i < end && cv * ny < cols {
+                let mut yv = Vector::<f32, NY>::new(0.0f32);
+                #[unroll]
+                for l in 0..ny {
+                    yv[l] = y_tile[i * ys + cv * ny + l];
+                }
+                let yi = token_perm[p0 + i] as usize * y_vecs + y_col + cv;
+                y[yi] = Vector::<F, NY>::cast_from(yv);
+            }
+            w += threads;
+        }
+        sync_cube();
+        p0 += step;
+    }
+}
+
+/// Loads this thread's share of the token tile at `p0` into registers: `a_next` the
+/// intermediate entries (0 past the rank or the segment), `y_next` the y vectors (0 past the
+/// segment or the slice's end).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_tile<F: Float, NY: Size>(
+    a: &Array<f32>,
+    y: &Array<Vector<F, NY>>,
+    token_perm: &Array<u32>,
+    a_next: &mut Array<f32>,
+    y_next: &mut Array<Vector<F, NY>>,
+    p0: usize,
+    end: usize,
+    rank: usize,
+    cols: usize,
+    group: usize,
+    y_vecs: usize,
+    y_col: usize,
+    #[comptime] cfg: MmaExpandConfig,
+) {
+    let tm = comptime!(cfg.tile_tokens() as usize);
+    let max_rank = comptime!(cfg.max_rank as usize);
+    let c_r = comptime!((cfg.groups * cfg.max_rank) as usize);
+    let threads = comptime!(cfg.warps() as usize * 32);
+    let ny = comptime!(cfg.out_vector as usize);
+    let bw_vecs = comptime!((cfg.block_columns() / cfg.out_vector) as usize);
+    let a_per = comptime!((tm * max_rank).div_ceil(threads));
+    let y_per = comptime!((tm * bw_vecs).div_ceil(threads));
+    let tid = UNIT_POS as usize;
+    #[unroll]
+    for s in 0..a_per {
+        let idx = tid + s * threads;
+        let i = idx / max_rank;
+        let j = idx % max_rank;
+        let mut e = 0.0f32;
+        if p0 + i < end && j < rank && idx < comptime!(tm * max_rank) {
+            e = a[token_perm[p0 + i] as usize * c_r + group * max_rank + j];
+        }
+        a_next[s] = e;
+    }
+    #[unroll]
+    for s in 0..y_per {
+        let w = tid + s * threads;
+        let i = w / bw_vecs;
+        let cv = w % bw_vecs;
+        let mut yv = Vector::<F, NY>::new(F::new(0.0));
+        if p0 + i < end && cv * ny < cols && w < comptime!(tm * bw_vecs) {
+            yv = y[token_perm[p0 + i] as usize * y_vecs + y_col + cv];
+        }
+        y_next[s] = yv;
+    }
+}
