@@ -148,16 +148,7 @@ impl AdapterRegistry {
         self.clock += 1;
         let id = self.next_id;
         self.next_id += 1;
-        self.entries.push(AdapterEntry {
-            id,
-            name: name.to_string(),
-            path,
-            slot,
-            pinned,
-            last_used: self.clock,
-            users: 0,
-            retired: false,
-        });
+        self.entries.push(AdapterEntry { id, name: name.to_string(), path, slot, pinned, last_used: self.clock, users: 0, retired: false });
         id
     }
 

@@ -6,9 +6,7 @@ use std::path::Path;
 
 use cubecl::Runtime;
 use lorac_plan::{DType, Plan};
-use lorac_runtime::executor::{
-    Engine, EngineElem, EngineOptions, ExecResult, LoadProgress, LogitsMode, SeqId, SeqInput, StepOutput,
-};
+use lorac_runtime::executor::{Engine, EngineElem, EngineOptions, ExecResult, LoadProgress, LogitsMode, SeqId, SeqInput, StepOutput};
 
 use crate::LoadObserver;
 use crate::error::ServerError;
@@ -169,7 +167,9 @@ fn engine_for_dtype<R: Runtime>(
         }
     };
     let backend: Box<dyn Backend> = match dtype {
-        DType::F32 => Box::new(catch("engine start-up", || Engine::<R, f32>::with_progress(client, plan, model_dir, options, &mut progress))??),
+        DType::F32 => {
+            Box::new(catch("engine start-up", || Engine::<R, f32>::with_progress(client, plan, model_dir, options, &mut progress))??)
+        }
         DType::BF16 => {
             Box::new(catch("engine start-up", || Engine::<R, half::bf16>::with_progress(client, plan, model_dir, options, &mut progress))??)
         }

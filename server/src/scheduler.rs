@@ -1022,8 +1022,7 @@ impl Scheduler {
     }
 
     fn unload_adapter(&mut self, name: &str) -> Result<(), ApiError> {
-        let dropped =
-            self.adapters.retire(name).map_err(|_| ApiError::not_found(format!("The lora adapter `{name}` cannot be found.")))?;
+        let dropped = self.adapters.retire(name).map_err(|_| ApiError::not_found(format!("The lora adapter `{name}` cannot be found.")))?;
         self.free_dropped(dropped);
         Ok(())
     }
