@@ -176,43 +176,21 @@ fn expand_kernel<F: Float, NY: Size, NB: Size>(
             for i in 0..comptime!(tokens * ny) {
                 acc[i] = 0.0f32;
             }
-            // B is read `RANK_UNROLL` rank vectors at a time, all loads of a round issued
-            // before the first is used: a loop over one vector at a time waits out a memory
-            // latency per vector, and at decode that chain is the kernel's time. Vectors past
-            // the rank are zeros (the intermediate is zero there too).
-            let mut b_round = Array::<Vector<f32, NB>>::new(comptime!(RANK_UNROLL * ny));
-            let mut jv0 = 0usize.runtime();
-            while jv0 < blk.rank_vecs {
+            for jv in 0..blk.rank_vecs {
                 #[unroll]
-                for u in 0..RANK_UNROLL {
+                for v in 0..ny {
+                    let bv = Vector::<f32, NB>::cast_from(b_pool[blk.b_row0 + v * rank_vecs_max + jv]);
                     #[unroll]
-                    for v in 0..ny {
-                        let mut bv = Vector::<f32, NB>::new(0.0f32);
-                        if jv0 + u < blk.rank_vecs {
-                            bv = Vector::<f32, NB>::cast_from(b_pool[blk.b_row0 + v * rank_vecs_max + jv0 + u]);
-                        }
-                        b_round[u * ny + v] = bv;
-                    }
-                }
-                #[unroll]
-                for u in 0..RANK_UNROLL {
-                    #[unroll]
-                    for v in 0..ny {
+                    for i in 0..tokens {
+                        let prod = a_tile[i * rank_vecs_max + jv] * bv;
+                        let mut s = 0.0f32;
                         #[unroll]
-                        for i in 0..tokens {
-                            let mut s = 0.0f32;
-                            if jv0 + u < blk.rank_vecs {
-                                let prod = a_tile[i * rank_vecs_max + jv0 + u] * b_round[u * ny + v];
-                                #[unroll]
-                                for l in 0..nb {
-                                    s += prod[l];
-                                }
-                            }
-                            acc[i * ny + v] += s;
+                        for l in 0..nb {
+                            s += prod[l];
                         }
+                        acc[i * ny + v] += s;
                     }
                 }
-                jv0 += RANK_UNROLL;
             }
             add_tile_to_y::<F, NY>(y, token_perm, &acc, &blk, p0, tokens, ny);
         }
@@ -240,9 +218,6 @@ impl ExpandKernel {
         }
     }
 }
-
-/// Rank vectors of B each expand thread loads per round (see [`expand_kernel`]).
-const RANK_UNROLL: usize = 4;
 
 /// Launches the segmented expand, accumulating into `y` (`[tokens, out_features]`) in place.
 pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
