@@ -105,11 +105,10 @@ impl MmaExpandConfig {
         self.n_frags * TILE
     }
 
-    /// The staged B block and intermediate tile (rows padded by 8 elements) and the f32 y tile
-    /// (rows padded by 4).
+    /// The staged B block and intermediate tile and the f32 y tile (rows padded by 8 elements).
     fn shared_bytes(&self, elem: u32) -> u32 {
         let rank_stride = self.max_rank + 8;
-        (self.block_columns() + self.tile_tokens()) * rank_stride * elem + self.tile_tokens() * (self.block_columns() + 4) * 4
+        (self.block_columns() + self.tile_tokens()) * rank_stride * elem + self.tile_tokens() * (self.block_columns() + 8) * 4
     }
 }
 
@@ -142,7 +141,11 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
     // Padded strides keep consecutive rows out of the same shared-memory banks; both stay
     // multiples of 16 bytes as the MMA loads require.
     let rs = comptime!(max_rank + 8);
-    let ys = comptime!(bw + 4);
+    let ys = comptime!(bw + 8);
+    // y and B tiles hold whole vectors (one shared-memory access per vector, not per element);
+    // MMA loads and stores address them in vectors, with strides in elements.
+    let ysv = comptime!(ys / ny);
+    let rsv = comptime!(rs / nb);
 
     let splits = token_splits as usize;
     let seg = CUBE_POS_Z as usize / splits;
@@ -173,9 +176,9 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
     let active = nf * tile < cols;
     let rank_steps = rank.div_ceil(tile);
 
-    let mut b_tile = SharedMemory::<F>::new_aligned(comptime!(bw * rs), 128usize);
+    let mut b_tile = SharedMemory::<Vector<F, NB>>::new_aligned(comptime!(bw * rs / nb), 128usize);
     let mut a_tile = SharedMemory::<F>::new_aligned(comptime!(tm * rs), 128usize);
-    let mut y_tile = SharedMemory::<f32>::new_aligned(comptime!(tm * ys), 128usize);
+    let mut y_tile = SharedMemory::<Vector<f32, NY>>::new_aligned(comptime!(tm * ys / ny), 128usize);
 
     // The slot's B rows for this column block, zero past the rank and past the slice.
     let b_row0 = (slot as usize * out_features as usize + offset + block0) * rank_vecs_max;
@@ -189,12 +192,11 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
         }
         #[unroll]
         for l in 0..nb {
-            let mut e = F::new(0.0);
-            if j0 + l < rank {
-                e = bv[l];
+            if j0 + l >= rank {
+                bv[l] = F::new(0.0);
             }
-            b_tile[n * rs + j0 + l] = e;
         }
+        b_tile[n * rsv + j0 / nb] = bv;
         v += threads;
     }
 
@@ -224,12 +226,7 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
         for s in 0..y_per {
             let w = tid + s * threads;
             if w < comptime!(tm * bw_vecs) {
-                let yv = Vector::<f32, NY>::cast_from(y_next[s]);
-                let base = (w / bw_vecs) * ys + (w % bw_vecs) * ny;
-                #[unroll]
-                for l in 0..ny {
-                    y_tile[base + l] = yv[l];
-                }
+                y_tile[(w / bw_vecs) * ysv + w % bw_vecs] = Vector::<f32, NY>::cast_from(y_next[s]);
             }
         }
         sync_cube();
@@ -240,8 +237,8 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
             let acc = unsafe {
                 cmma::Matrix::<f32>::uninitialized(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined)
             };
-            let y_frag = mf * tile * ys + nf * tile;
-            cmma::load_with_layout(&acc, &y_tile.slice(y_frag, comptime!(tm * ys)), comptime!(ys as u32), cmma::MatrixLayout::RowMajor);
+            let y_frag = (mf * tile * ys + nf * tile) / ny;
+            cmma::load_with_layout(&acc, &y_tile.slice(y_frag, comptime!(tm * ysv)), comptime!(ys as u32), cmma::MatrixLayout::RowMajor);
             for kk in 0..rank_steps {
                 let af = cmma::Matrix::<F>::from_slice(
                     cmma::MatrixIdent::A,
@@ -253,18 +250,13 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
                     comptime!(rs as u32),
                 );
                 // Operand B(j, n) = B[slot, column n, j]: the staged rows are its columns.
-                let bf = cmma::Matrix::<F>::from_slice(
-                    cmma::MatrixIdent::B,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::ColMajor,
-                    &b_tile.slice(nf * tile * rs + kk * tile, comptime!(bw * rs)),
-                    comptime!(rs as u32),
-                );
+                let bf = unsafe {
+                    cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor)
+                };
+                cmma::load(&bf, &b_tile.slice((nf * tile * rs + kk * tile) / nb, comptime!(bw * rsv)), comptime!(rs as u32));
                 cmma::execute::<F, F, f32, f32>(&af, &bf, &acc, &acc);
             }
-            cmma::store(&mut y_tile.slice_mut(y_frag, comptime!(tm * ys)), &acc, comptime!(ys as u32), cmma::MatrixLayout::RowMajor);
+            cmma::store(&mut y_tile.slice_mut(y_frag, comptime!(tm * ysv)), &acc, comptime!(ys as u32), cmma::MatrixLayout::RowMajor);
         }
         sync_cube();
         let mut w = tid;
@@ -272,13 +264,8 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
             let i = w / bw_vecs;
             let cv = w % bw_vecs;
             if p0 + i < end && cv * ny < cols {
-                let mut yv = Vector::<f32, NY>::new(0.0f32);
-                #[unroll]
-                for l in 0..ny {
-                    yv[l] = y_tile[i * ys + cv * ny + l];
-                }
                 let yi = token_perm[p0 + i] as usize * y_vecs + y_col + cv;
-                y[yi] = Vector::<F, NY>::cast_from(yv);
+                y[yi] = Vector::<F, NY>::cast_from(y_tile[i * ysv + cv]);
             }
             w += threads;
         }

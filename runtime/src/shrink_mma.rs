@@ -225,8 +225,12 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     let k_vecs = k as usize / nv;
 
     // wmma loads and stores need 256-bit aligned shared-memory tiles.
-    let mut x_tile = SharedMemory::<F>::new_aligned(comptime!(tm * stride), 128usize);
-    let mut a_tile = SharedMemory::<F>::new_aligned(comptime!(tn * stride), 128usize);
+    // Tiles of whole vectors: one 16-byte shared-memory store per staged vector (eight 2-byte
+    // stores, four bank wavefronts each, were the staging's cost). The MMA loads read the
+    // same memory as elements: offsets below are in vectors, strides in elements.
+    let sv = comptime!(stride / nv);
+    let mut x_tile = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(tm * stride / nv), 128usize);
+    let mut a_tile = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(tn * stride / nv), 128usize);
     let mut c_tile = SharedMemory::<f32>::new_aligned(comptime!(warps * tile * tile), 128usize);
     let acc =
         cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0);
@@ -270,24 +274,14 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
         for s in 0..x_per {
             let v = tid + s * threads;
             if v < comptime!(tm * kc_vecs) {
-                let base = (v / kc_vecs) * stride + (v % kc_vecs) * nv;
-                let xv = x_staged[s];
-                #[unroll]
-                for l in 0..nv {
-                    x_tile[base + l] = xv[l];
-                }
+                x_tile[(v / kc_vecs) * sv + v % kc_vecs] = x_staged[s];
             }
         }
         #[unroll]
         for s in 0..a_per {
             let v = tid + s * threads;
             if v < comptime!(tn * kc_vecs) {
-                let base = (v / kc_vecs) * stride + (v % kc_vecs) * nv;
-                let av = a_staged[s];
-                #[unroll]
-                for l in 0..nv {
-                    a_tile[base + l] = av[l];
-                }
+                a_tile[(v / kc_vecs) * sv + v % kc_vecs] = a_staged[s];
             }
         }
         sync_cube();
@@ -310,25 +304,15 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
         if active {
             #[unroll]
             for kk in 0..comptime!(kc / 16) {
-                let xa = cmma::Matrix::<F>::from_slice(
-                    cmma::MatrixIdent::A,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::RowMajor,
-                    &x_tile.slice(mf * tile * stride + kk * 16, comptime!(tm * stride)),
-                    comptime!(stride as u32),
-                );
+                let xa = unsafe {
+                    cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::A, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor)
+                };
+                cmma::load(&xa, &x_tile.slice((mf * tile * stride + kk * 16) / nv, comptime!(tm * sv)), comptime!(stride as u32));
                 // B(k, n) = A[row0 + n, k0 + k]: A's rows are B's columns.
-                let wa = cmma::Matrix::<F>::from_slice(
-                    cmma::MatrixIdent::B,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::ColMajor,
-                    &a_tile.slice(nf * tile * stride + kk * 16, comptime!(tn * stride)),
-                    comptime!(stride as u32),
-                );
+                let wa = unsafe {
+                    cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor)
+                };
+                cmma::load(&wa, &a_tile.slice((nf * tile * stride + kk * 16) / nv, comptime!(tn * sv)), comptime!(stride as u32));
                 cmma::execute::<F, F, f32, f32>(&xa, &wa, &acc, &acc);
             }
         }
