@@ -31,11 +31,7 @@ fn mma_shrink_for_chunks<R: Runtime, F: Float>(
         return None;
     }
     let preferred = MmaShrinkConfig::supported::<R, F>(client, layout, capacity, chunk)?;
-    let mut m_frags = preferred.m_frags;
-    while chunk % (m_frags * TILE) != 0 {
-        m_frags /= 2;
-    }
-    MmaShrinkConfig::with_tile::<R, F>(client, layout, m_frags, preferred.n_frags)
+    MmaShrinkConfig::with_tile::<R, F>(client, layout, frags_dividing(chunk, preferred.m_frags), preferred.n_frags)
 }
 
 /// The tensor-core expand with a token tile that divides the chunk, where one applies.
@@ -44,11 +40,16 @@ fn mma_expand_for_chunks<R: Runtime, F: Float>(client: &ComputeClient<R>, layout
         return None;
     }
     let preferred = MmaExpandConfig::supported::<R, F>(client, layout, chunk)?;
-    let mut m_frags = preferred.m_frags;
-    while chunk % (m_frags * TILE) != 0 {
+    MmaExpandConfig::with_tile::<R, F>(client, layout, frags_dividing(chunk, preferred.m_frags), preferred.n_frags)
+}
+
+/// The largest of `m_frags`, `m_frags / 2`, … (powers of two) whose 16-token tiles divide
+/// `chunk`, a multiple of 16: a chunk then never ends inside a tile.
+fn frags_dividing(chunk: u32, mut m_frags: u32) -> u32 {
+    while m_frags > 1 && chunk % (m_frags * TILE) != 0 {
         m_frags /= 2;
     }
-    MmaExpandConfig::with_tile::<R, F>(client, layout, m_frags, preferred.n_frags)
+    m_frags.max(1)
 }
 
 /// Fixed launch shape of one module, computed once from the layout and the plan's limits.
