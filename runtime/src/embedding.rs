@@ -62,7 +62,7 @@ pub fn launch_embedding<R: Runtime, F: Float + CubeElement>(
     token_ids: &DeviceBuffer<u32>,
     a: &mut DeviceBuffer<f32>,
     y: &mut DeviceBuffer<F>,
-    config: Option<ExpandKernel>,
+    expand_kernel: Option<ExpandKernel>,
 ) -> Result<()> {
     pool.check_layout(layout)?;
     segs.check_slots(layout)?;
@@ -92,7 +92,7 @@ pub fn launch_embedding<R: Runtime, F: Float + CubeElement>(
             layout.max_rank(),
         );
     }
-    expand::launch_expand(client, layout, pool, segs, a, y, config)
+    expand::launch_expand(client, layout, pool, segs, a, y, expand_kernel)
 }
 
 /// Plain f64 reference, accumulating into `y`.
