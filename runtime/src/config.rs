@@ -69,6 +69,12 @@ pub(crate) fn multiprocessors<R: Runtime>(client: &ComputeClient<R>) -> u32 {
     client.properties().hardware.num_streaming_multiprocessors.unwrap_or(64)
 }
 
+/// How many ways to split work laid out as `cubes` cubes so the grid has about eight cubes per
+/// multiprocessor (streaming kernels want many loads in flight), between 1 and `max_splits`.
+pub(crate) fn splits_to_fill<R: Runtime>(client: &ComputeClient<R>, cubes: u32, max_splits: u32) -> u32 {
+    (8 * multiprocessors(client)).div_ceil(cubes.max(1)).clamp(1, max_splits.max(1))
+}
+
 /// Threads splitting a K of `k_vecs` vectors (about two loads each, so the whole adapter is in
 /// flight at once) and the plane width for their reduction of `values` sums. Without plane
 /// reductions the shared-memory tree needs `values · threads` floats: keep that within 16 KiB.
@@ -129,9 +135,8 @@ impl ExpandConfig {
         let tiles = max_segment_len.div_ceil(tokens_per_tile).max(1);
         // Split a segment's tiles over cubes until the grid has eight cubes per multiprocessor:
         // the expand streams y, so it wants many loads in flight.
-        let target = 8 * multiprocessors(client);
         let token_splits =
-            target.div_ceil(blocks * num_segments.max(1) as u32).clamp(1, tiles).min(65535 / num_segments.max(1) as u32).max(1);
+            splits_to_fill(client, blocks * num_segments.max(1) as u32, tiles).min(65535 / num_segments.max(1) as u32).max(1);
         ExpandConfig {
             groups: layout.groups(),
             max_rank: layout.max_rank(),

@@ -282,10 +282,9 @@ pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
             // By default a segment's tiles are shared out until the grid has about eight cubes
             // per multiprocessor; each cube loops over the rest, prefetching the next tile.
             let splits = match token_splits {
-                0 => (8 * crate::config::multiprocessors(client)).div_ceil(blocks * segments),
-                n => n,
+                0 => crate::config::splits_to_fill(client, blocks * segments, tiles),
+                n => n.clamp(1, tiles),
             }
-            .clamp(1, tiles)
             .min((65535 / segments).max(1));
             let (ny, nb) = (config.out_vector as usize, config.rank_vector as usize);
             unsafe {

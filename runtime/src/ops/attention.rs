@@ -506,9 +506,8 @@ pub fn split_partial_len(tokens: usize, q_heads: u32, head_dim: u32, splits: u32
 /// (about eight cubes per multiprocessor), at most `max_splits`; 1 (no split) where that is
 /// fewer than `min_splits`, which would not repay the merge launch.
 pub fn decode_splits<R: Runtime>(client: &ComputeClient<R>, tokens: usize, q_heads: u32, min_splits: u32, max_splits: u32) -> u32 {
-    let sms = client.properties().hardware.num_streaming_multiprocessors.unwrap_or(64) as usize;
-    let cubes = (tokens * q_heads as usize).max(1);
-    let splits = ((8 * sms).div_ceil(cubes) as u32).clamp(1, max_splits.max(1));
+    let cubes = u32::try_from(tokens * q_heads as usize).unwrap_or(u32::MAX);
+    let splits = crate::config::splits_to_fill(client, cubes, max_splits);
     if splits < min_splits { 1 } else { splits }
 }
 
