@@ -18,7 +18,13 @@ use cubecl::prelude::*;
 use lorac_plan::LoraLayout;
 
 use crate::batch::NO_SLOT;
-use crate::shrink_mma::{MAX_WARPS, SHARED_BUDGET, TILE, cmma_supported};
+use crate::shrink_mma::{TILE, cmma_supported};
+
+/// Shared memory the tiles may use: small enough for several cubes per multiprocessor.
+const SHARED_BUDGET: u32 = 50 * 1024;
+
+/// Most warps (one per output fragment) in one cube.
+const MAX_WARPS: u32 = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MmaExpandConfig {

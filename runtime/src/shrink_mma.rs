@@ -2,8 +2,11 @@
 //!
 //! The scalar shrink spends most of a prefill in FMAs (T·c·R·K of them), so here each cube
 //! takes a tile of `16·m_frags` tokens of one segment and `16·n_frags` of the `c·R` A rows of
-//! its slot (grid z covers the rest), one warp per 16×16 output fragment with an f32
-//! accumulator. Per K chunk the tile's x rows (gathered through the token permutation) and its
+//! its slot (grid z covers the rest), `k_groups` warps per 16×16 output fragment, each with an
+//! f32 accumulator over its share of every K chunk (summed when the tile is stored). A tile
+//! has few fragments (qkv at R = 16: six), so one warp per fragment left each scheduler with
+//! one or two warps and the kernel bound by instruction latency (H100 ncu: 1.5 active warps
+//! per scheduler, an instruction every 5 cycles, 22% of DRAM bandwidth). Per K chunk the tile's x rows (gathered through the token permutation) and its
 //! A rows are staged in shared memory with coalesced vector loads, the next chunk's loads
 //! issued into registers before the current chunk's MMAs; every MMA operand then comes from
 //! shared memory, so no warp waits on a global load between MMAs. x is read from memory once
@@ -21,13 +24,19 @@ use crate::batch::NO_SLOT;
 /// M, N and K of one MMA.
 pub(crate) const TILE: u32 = 16;
 
-/// Shared memory the default tiles use: small enough for several cubes per multiprocessor.
-/// (cubecl's CUDA runtime raises a kernel's dynamic shared-memory limit to what it declares,
-/// so this may pass the 48 KiB static limit; `with_tile_chunk` checks the device's maximum.)
-pub(crate) const SHARED_BUDGET: u32 = 50 * 1024;
+/// Most shared memory the default K chunk stages (x and A tiles; the per-warp accumulators
+/// come on top). In the H100 sweep (runtime/BENCHMARKS.md, run 11) 256-wide chunks were best
+/// for the 32-token × 32–48-row tiles of rank 16, and 128-wide ones for the 64-row tiles of
+/// rank 64, where a 256-wide chunk (50 KB) was 3–17% slower. (cubecl's CUDA runtime raises a
+/// kernel's dynamic shared-memory limit to what it declares, so a cube may pass the 48 KiB
+/// static limit; `with_tile_chunk` checks the device's maximum.)
+const STAGED_BUDGET: u32 = 48 * 1024;
 
-/// Most warps (one per output fragment) in one cube.
-pub(crate) const MAX_WARPS: u32 = 16;
+/// Most warps in one shrink cube (fragments × K groups): 1024 threads.
+const MAX_SHRINK_WARPS: u32 = 32;
+
+/// The default tiles split K until a cube has at least this many warps (four per scheduler).
+const MIN_SHRINK_WARPS: u32 = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MmaShrinkConfig {
@@ -37,6 +46,8 @@ pub struct MmaShrinkConfig {
     pub m_frags: u32,
     /// 16-row A fragments per cube; divides `groups·max_rank/16` (grid z covers the rest).
     pub n_frags: u32,
+    /// Warps per output fragment; each takes a contiguous `1/k_groups` of every K chunk.
+    pub k_groups: u32,
     /// K elements staged per round (divides `in_features`, multiple of 16).
     pub k_chunk: u32,
     /// Vector width of the staging loads of x and A.
@@ -45,7 +56,8 @@ pub struct MmaShrinkConfig {
 
 impl MmaShrinkConfig {
     /// The configuration for a `16·m_frags`-token × `16·n_frags`-row cube tile with the
-    /// largest K chunk that fits [`SHARED_BUDGET`], or `None` where the tile does not apply
+    /// default K groups (the fewest giving [`MIN_SHRINK_WARPS`] warps) and the largest K chunk
+    /// that fits the shrink's shared-memory budget, or `None` where the tile does not apply
     /// (see [`Self::with_tile_chunk`]).
     pub fn with_tile<R: Runtime, F: CubePrimitive>(
         client: &ComputeClient<R>,
@@ -53,17 +65,33 @@ impl MmaShrinkConfig {
         m_frags: u32,
         n_frags: u32,
     ) -> Option<Self> {
+        let fragments = m_frags * n_frags;
+        let k_groups =
+            [1, 2, 4].into_iter().find(|g| fragments * g >= MIN_SHRINK_WARPS || fragments * g * 2 > MAX_SHRINK_WARPS).unwrap_or(1);
+        Self::with_tile_groups::<R, F>(client, layout, m_frags, n_frags, k_groups)
+    }
+
+    /// [`Self::with_tile`] with `k_groups` warps per output fragment.
+    pub fn with_tile_groups<R: Runtime, F: CubePrimitive>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        m_frags: u32,
+        n_frags: u32,
+        k_groups: u32,
+    ) -> Option<Self> {
+        let elem = size_of::<F>() as u32;
         [256, 128, 64, 32, 16]
             .into_iter()
-            .filter(|kc| Self::shared_bytes(m_frags, n_frags, *kc, size_of::<F>() as u32) <= SHARED_BUDGET)
-            .find_map(|kc| Self::with_tile_chunk::<R, F>(client, layout, m_frags, n_frags, kc))
+            .filter(|kc| Self::staged_bytes(m_frags, n_frags, *kc, elem) <= STAGED_BUDGET)
+            .find_map(|kc| Self::with_tile_chunk::<R, F>(client, layout, m_frags, n_frags, kc, k_groups))
     }
 
     /// The configuration for a `16·m_frags`-token × `16·n_frags`-row cube tile staging `k_chunk`
     /// input columns per round, or `None` where it does not apply: no 16×16×16 MMA with f32
     /// accumulation for this storage type on this device, a rank or input width that is not a
-    /// multiple of 16, `n_frags` not dividing the row fragments, more than [`MAX_WARPS`] warps,
-    /// a chunk that does not divide the input width, more than 16 staged vectors per thread, or
+    /// multiple of 16, `n_frags` not dividing the row fragments, more than
+    /// [`MAX_SHRINK_WARPS`] warps, a chunk that does not divide the input width or whose
+    /// 16-wide steps `k_groups` does not divide, more than 16 staged vectors per thread, or
     /// more shared memory than the device gives a cube.
     pub fn with_tile_chunk<R: Runtime, F: CubePrimitive>(
         client: &ComputeClient<R>,
@@ -71,30 +99,37 @@ impl MmaShrinkConfig {
         m_frags: u32,
         n_frags: u32,
         k_chunk: u32,
+        k_groups: u32,
     ) -> Option<Self> {
         if !cmma_supported::<R, F>(client) || layout.max_rank() % TILE != 0 || layout.in_features() % TILE != 0 {
             return None;
         }
         let row_frags = layout.groups() * layout.max_rank() / TILE;
-        if m_frags == 0 || n_frags == 0 || row_frags % n_frags != 0 || m_frags * n_frags > MAX_WARPS {
+        if m_frags == 0 || n_frags == 0 || k_groups == 0 || row_frags % n_frags != 0 || m_frags * n_frags * k_groups > MAX_SHRINK_WARPS {
             return None;
         }
-        if k_chunk == 0 || k_chunk % TILE != 0 || layout.in_features() % k_chunk != 0 {
+        if k_chunk == 0 || k_chunk % TILE != 0 || layout.in_features() % k_chunk != 0 || (k_chunk / TILE) % k_groups != 0 {
             return None;
         }
         let elem = size_of::<F>() as u32;
         let vector = crate::config::vector_size(client, elem as usize, &[k_chunk]) as u32;
-        let staged = ((m_frags + n_frags) * TILE * k_chunk / vector).div_ceil(m_frags * n_frags * 32);
+        let warps = m_frags * n_frags * k_groups;
+        let staged = ((m_frags + n_frags) * TILE * k_chunk / vector).div_ceil(warps * 32);
         let shared_max = client.properties().hardware.max_shared_memory_size as u32;
-        if staged > 16 || Self::shared_bytes(m_frags, n_frags, k_chunk, elem) > shared_max {
+        if staged > 16 || Self::shared_bytes(m_frags, n_frags, k_groups, k_chunk, elem) > shared_max {
             return None;
         }
-        Some(MmaShrinkConfig { groups: layout.groups(), max_rank: layout.max_rank(), m_frags, n_frags, k_chunk, vector })
+        Some(MmaShrinkConfig { groups: layout.groups(), max_rank: layout.max_rank(), m_frags, n_frags, k_groups, k_chunk, vector })
     }
 
-    /// Staged x and A tiles (rows padded by 8 elements) and the f32 accumulator tiles.
-    fn shared_bytes(m_frags: u32, n_frags: u32, k_chunk: u32, elem: u32) -> u32 {
-        (m_frags + n_frags) * TILE * (k_chunk + 8) * elem + m_frags * n_frags * TILE * TILE * 4
+    /// Staged x and A tiles (rows padded by 8 elements) and one f32 accumulator tile per warp.
+    fn shared_bytes(m_frags: u32, n_frags: u32, k_groups: u32, k_chunk: u32, elem: u32) -> u32 {
+        Self::staged_bytes(m_frags, n_frags, k_chunk, elem) + m_frags * n_frags * k_groups * TILE * TILE * 4
+    }
+
+    /// The staged x and A tiles alone.
+    fn staged_bytes(m_frags: u32, n_frags: u32, k_chunk: u32, elem: u32) -> u32 {
+        (m_frags + n_frags) * TILE * (k_chunk + 8) * elem
     }
 
     /// [`Self::with_tile`] with the default tile for a batch of `num_segments` segments of at
@@ -138,12 +173,12 @@ impl MmaShrinkConfig {
     /// Whether this is the configuration [`Self::with_tile_chunk`] derives for its tile and
     /// chunk on this layout and device (a hand-made one could overrun shared memory or rows).
     pub fn fits<R: Runtime, F: CubePrimitive>(&self, client: &ComputeClient<R>, layout: &LoraLayout) -> bool {
-        Self::with_tile_chunk::<R, F>(client, layout, self.m_frags, self.n_frags, self.k_chunk) == Some(*self)
+        Self::with_tile_chunk::<R, F>(client, layout, self.m_frags, self.n_frags, self.k_chunk, self.k_groups) == Some(*self)
     }
 
-    /// One warp per 16×16 output fragment.
+    /// `k_groups` warps per 16×16 output fragment.
     pub fn warps(&self) -> u32 {
-        self.m_frags * self.n_frags
+        self.m_frags * self.n_frags * self.k_groups
     }
 
     /// Token rows of one cube's tile.
@@ -183,6 +218,9 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     let tm = comptime!((cfg.m_frags * TILE) as usize);
     let tn = comptime!((cfg.n_frags * TILE) as usize);
     let n_frags = comptime!(cfg.n_frags as usize);
+    let fragments = comptime!((cfg.m_frags * cfg.n_frags) as usize);
+    // 16-wide K steps per chunk that each warp of a fragment takes.
+    let group_steps = comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize);
     let max_rank = comptime!(cfg.max_rank as usize);
     let c_r = comptime!((cfg.groups * cfg.max_rank) as usize);
     let warps = comptime!(cfg.warps() as usize);
@@ -217,8 +255,10 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     }
     let tid = UNIT_POS as usize;
     let warp = UNIT_POS_Y as usize;
-    let mf = warp / n_frags;
-    let nf = warp % n_frags;
+    let fragment = warp % fragments;
+    let group_k = (warp / fragments) * group_steps * tile;
+    let mf = fragment / n_frags;
+    let nf = fragment % n_frags;
     let row0 = row_base + nf * tile;
     // Warp-uniform: fragments wholly in a low-rank adapter's padding do nothing.
     let active = row0 % max_rank < rank;
@@ -303,16 +343,17 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
         }
         if active {
             #[unroll]
-            for kk in 0..comptime!(kc / 16) {
+            for kk in 0..group_steps {
                 let xa = unsafe {
                     cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::A, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor)
                 };
-                cmma::load(&xa, &x_tile.slice((mf * tile * stride + kk * 16) / nv, comptime!(tm * sv)), comptime!(stride as u32));
+                let col = group_k + kk * 16;
+                cmma::load(&xa, &x_tile.slice((mf * tile * stride + col) / nv, comptime!(tm * sv)), comptime!(stride as u32));
                 // B(k, n) = A[row0 + n, k0 + k]: A's rows are B's columns.
                 let wa = unsafe {
                     cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor)
                 };
-                cmma::load(&wa, &a_tile.slice((nf * tile * stride + kk * 16) / nv, comptime!(tn * sv)), comptime!(stride as u32));
+                cmma::load(&wa, &a_tile.slice((nf * tile * stride + col) / nv, comptime!(tn * sv)), comptime!(stride as u32));
                 cmma::execute::<F, F, f32, f32>(&xa, &wa, &acc, &acc);
             }
         }
@@ -323,15 +364,21 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
         cmma::store(&mut c_tile.slice_mut(warp * 256, warp * 256 + 256), &acc, 16, cmma::MatrixLayout::RowMajor);
     }
     sync_cube();
+    // Each fragment's sum over its K groups (warp `g·fragments + f` holds group g of f).
     let mut e = tid;
-    while e < comptime!(warps * tile * tile) {
-        let w = e / 256;
-        let i = (w / n_frags) * tile + (e % 256) / 16;
-        let row = row_base + (w % n_frags) * tile + e % 16;
+    while e < comptime!(fragments * tile * tile) {
+        let f = e / 256;
+        let i = (f / n_frags) * tile + (e % 256) / 16;
+        let row = row_base + (f % n_frags) * tile + e % 16;
         let p = p0 + i;
         if p < end && row % max_rank < rank {
+            let mut sum = 0.0f32;
+            #[unroll]
+            for g in 0..comptime!(cfg.k_groups as usize) {
+                sum += c_tile[g * comptime!(fragments * 256) + e];
+            }
             let t = token_perm[p] as usize;
-            out[t * c_r + row] = c_tile[e];
+            out[t * c_r + row] = sum;
         }
         e += threads;
     }

@@ -6,7 +6,7 @@
 //! the same run. Inputs rotate over enough independent buffer sets that each launch streams
 //! its adapters from HBM, not from the 50 MB L2.
 //!
-//! Usage: `lora_bench [--quick] [--prefill-only] [--csv FILE] [--profile-pass]`.
+//! Usage: `lora_bench [--quick] [--prefill-only] [--case NAME-PART] [--csv FILE] [--profile-pass]`.
 //! `--profile-pass` launches every kernel a few times with no timing loop, for `ncu` to time
 //! the kernels themselves; prefill cases add a sweep over the tensor-core kernels' tile shapes.
 
@@ -38,6 +38,15 @@ struct Opts {
     profile_pass: bool,
     /// Only the prefill (T = 4096) dense cases, with their tile sweep.
     prefill_only: bool,
+    /// Only the cases whose name contains this (e.g. `"qkv R=16 T=32 adapters=8"`), so a
+    /// profiler can be pointed at one case.
+    case_filter: Option<String>,
+}
+
+impl Opts {
+    fn selects(&self, case: &str) -> bool {
+        self.case_filter.as_deref().is_none_or(|f| case.contains(f))
+    }
 }
 
 #[cube(launch_unchecked)]
@@ -269,7 +278,7 @@ fn dense_case<R: Runtime, E: StorageElem>(
     } else {
         200
     };
-    let case = format!("{} R={rank} T={tokens} adapters={adapters}", m.name);
+    let case = dense_case_name(m, rank, tokens, adapters);
     let mut rows =
         vec![time_dense(client, opts, &layout, &dev, &mut data, iters, case.clone(), "segmented", None, shrink_bytes, expand_bytes)];
     if tokens >= 1024 {
@@ -299,6 +308,10 @@ fn dense_case<R: Runtime, E: StorageElem>(
         rows.push(time_dense(client, opts, &layout, &chunks, &mut data, iters, case, "chunked64", Some(&plan), shrink_bytes, expand_bytes));
     }
     rows
+}
+
+fn dense_case_name(m: &Module, rank: u32, tokens: u32, adapters: u32) -> String {
+    format!("{} R={rank} T={tokens} adapters={adapters}", m.name)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -366,15 +379,15 @@ fn tile_sweep<R: Runtime, E: StorageElem>(
     };
     for m in [1, 2, 4] {
         for nf in [1, 2, 3, 4, 6, 8] {
-            for kc in [64, 128, 256] {
-                let Some(config) = MmaShrinkConfig::with_tile_chunk::<R, E>(client, layout, m, nf, kc) else { continue };
+            for (kc, kg) in [64, 128, 256].into_iter().flat_map(|kc| [1, 2, 4].map(|kg| (kc, kg))) {
+                let Some(config) = MmaShrinkConfig::with_tile_chunk::<R, E>(client, layout, m, nf, kc, kg) else { continue };
                 let kernel = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
                 let us = time_us(client, opts, iters, |i| {
                     let d = &mut data[i % n];
                     launch_shrink(client, layout, &d.pool, dev, &d.x, &mut d.a, Some(kernel)).unwrap()
                 });
                 let mark = if kernel == default_shrink { " (default)" } else { "" };
-                rows.push(row(format!("shrink m{m} n{nf} k{kc}{mark}"), us, f64::NAN));
+                rows.push(row(format!("shrink m{m} n{nf} k{kc} g{kg}{mark}"), us, f64::NAN));
             }
         }
     }
@@ -493,9 +506,15 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str| args.iter().any(|a| a == name);
-    let opts =
-        Opts { quick: flag("--quick"), smoke: flag("--smoke"), profile_pass: flag("--profile-pass"), prefill_only: flag("--prefill-only") };
-    let csv_path = args.iter().position(|a| a == "--csv").and_then(|i| args.get(i + 1)).cloned();
+    let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let opts = Opts {
+        quick: flag("--quick"),
+        smoke: flag("--smoke"),
+        profile_pass: flag("--profile-pass"),
+        prefill_only: flag("--prefill-only"),
+        case_filter: value("--case"),
+    };
+    let csv_path = value("--csv");
     if opts.smoke {
         run::<cubecl::wgpu::WgpuRuntime, f32>(&opts, csv_path);
     } else {
@@ -526,7 +545,7 @@ fn run<R: Runtime, E: StorageElem>(opts: &Opts, csv_path: Option<String>) {
     for m in modules(opts.smoke) {
         for &rank in ranks {
             for &(tokens, adapters) in shapes {
-                if opts.prefill_only && tokens < 1024 {
+                if (opts.prefill_only && tokens < 1024) || !opts.selects(&dense_case_name(&m, rank, tokens, adapters)) {
                     continue;
                 }
                 let case_rows = dense_case::<R, E>(&client, opts, &m, rank, tokens, adapters);
@@ -541,6 +560,9 @@ fn run<R: Runtime, E: StorageElem>(opts: &Opts, csv_path: Option<String>) {
     let moe_shapes: &[(u32, u32)] = if opts.smoke { &[(1, 1), (8, 8)] } else { &[(1, 1), (8, 8), (32, 8), (128, 8), (1024, 8)] };
     for &rank in ranks {
         for &(tokens, adapters) in moe_shapes.iter().filter(|_| !opts.prefill_only) {
+            if !["moe_gate_up", "moe_down"].iter().any(|m| opts.selects(&format!("{m} R={rank} T={tokens} adapters={adapters}"))) {
+                continue;
+            }
             rows.extend(moe_case::<R, E>(&client, opts, rank, tokens, adapters));
             write_csv(csv_path.as_deref(), copy_bw, launch_us, launch_latency_us, &rows);
         }
