@@ -30,6 +30,7 @@ pub mod ops;
 pub mod pool;
 pub mod shrink;
 pub mod shrink_mma;
+pub mod shrink_mma_pipelined;
 pub mod testing;
 
 pub use batch::{DeviceSegments, NO_SLOT, Segments};

@@ -14,6 +14,7 @@ use crate::config::ShrinkConfig;
 use crate::error::{LoraError, Result};
 use crate::pool::AdapterPool;
 use crate::shrink_mma::{MmaShrinkConfig, shrink_mma_kernel};
+use crate::shrink_mma_pipelined::shrink_mma_pipelined_kernel;
 
 /// Dot products of `rows` consecutive A rows (starting at vector index `a_base`, row stride
 /// `k_vecs`) with `tokens` x rows (vector offsets `x_off`), reduced over the cube's threads.
@@ -256,22 +257,43 @@ pub fn launch_shrink<R: Runtime, F: Float + CubeElement>(
         ShrinkKernel::Mma { config, tiles_per_segment } => {
             let tiles = if tiles_per_segment > 0 { tiles_per_segment } else { segs.max_segment_len.div_ceil(config.tile_tokens()) };
             let n = config.vector as usize;
+            let count = CubeCount::Static(tiles.max(1), segs.num_segments as u32, config.row_blocks());
+            let dim = CubeDim::new_2d(32, config.warps());
+            let (seg_indptr, weight_indices, token_perm) = (segs.seg_indptr.arg(1), segs.weight_indices.arg(1), segs.token_perm.arg(1));
             unsafe {
-                shrink_mma_kernel::launch_unchecked::<F, R>(
-                    client,
-                    CubeCount::Static(tiles.max(1), segs.num_segments as u32, config.row_blocks()),
-                    CubeDim::new_2d(32, config.warps()),
-                    n,
-                    x.arg(n),
-                    pool.a.arg(n),
-                    segs.seg_indptr.arg(1),
-                    segs.weight_indices.arg(1),
-                    segs.token_perm.arg(1),
-                    pool.ranks.arg(1),
-                    out.arg(1),
-                    k,
-                    config,
-                );
+                if config.stages > 1 {
+                    shrink_mma_pipelined_kernel::launch_unchecked::<F, R>(
+                        client,
+                        count,
+                        dim,
+                        n,
+                        x.arg(n),
+                        pool.a.arg(n),
+                        seg_indptr,
+                        weight_indices,
+                        token_perm,
+                        pool.ranks.arg(1),
+                        out.arg(1),
+                        k,
+                        config,
+                    );
+                } else {
+                    shrink_mma_kernel::launch_unchecked::<F, R>(
+                        client,
+                        count,
+                        dim,
+                        n,
+                        x.arg(n),
+                        pool.a.arg(n),
+                        seg_indptr,
+                        weight_indices,
+                        token_perm,
+                        pool.ranks.arg(1),
+                        out.arg(1),
+                        k,
+                        config,
+                    );
+                }
             }
         }
     }

@@ -6,16 +6,20 @@
 //! f32 accumulator over its share of every K chunk (summed when the tile is stored). A tile
 //! has few fragments (qkv at R = 16: six), so one warp per fragment left each scheduler with
 //! one or two warps and the kernel bound by instruction latency (H100 ncu: 1.5 active warps
-//! per scheduler, an instruction every 5 cycles, 22% of DRAM bandwidth). Per K chunk the tile's x rows (gathered through the token permutation) and its
-//! A rows are staged in shared memory with coalesced vector loads, the next chunk's loads
-//! issued into registers before the current chunk's MMAs; every MMA operand then comes from
-//! shared memory, so no warp waits on a global load between MMAs. x is read from memory once
-//! per row block, A once per token tile (the L2 serves the repeats). Rows past the slot's rank
-//! are neither loaded nor computed where a whole fragment lies past it; partial fragments
-//! compute their padding columns and drop them when stored. Same contract and reference as
-//! [`crate::shrink`].
+//! per scheduler, an instruction every 5 cycles, 22% of DRAM bandwidth).
+//!
+//! Per K chunk the tile's x rows (gathered through the token permutation) and its A rows are
+//! staged in shared memory; every MMA operand comes from there, so no warp waits on a global
+//! load between MMAs. This file's kernel stages through registers, the next chunk's loads
+//! issued before the current chunk's MMAs; [`crate::shrink_mma_pipelined`] copies
+//! asynchronously into 2–4 stages and is the default where the device has `cp.async`. x is
+//! read from memory once per row block, A once per token tile (the L2 serves the repeats).
+//! Rows past the slot's rank are neither loaded nor computed where a whole fragment lies past
+//! it; partial fragments compute their padding columns and drop them when stored. Same
+//! contract and reference as [`crate::shrink`].
 
 use cubecl::features::MmaConfig;
+use cubecl::ir::{BarrierLevel, OpaqueType};
 use cubecl::prelude::*;
 use lorac_plan::LoraLayout;
 
@@ -38,6 +42,12 @@ const MAX_SHRINK_WARPS: u32 = 32;
 /// The default tiles split K until a cube has at least this many warps (four per scheduler).
 const MIN_SHRINK_WARPS: u32 = 16;
 
+/// Bytes the default pipelined tiles keep in flight per cube: enough stages that the chunks
+/// issued ahead hold at least this much. In the H100 sweep (run 12) that meant two stages of
+/// the 34–42 KB rank-16 chunks and three of the 26 KB rank-64 ones, the best or within 4% of
+/// the best depth in five of six prefill cases (gate_up R = 64: within 10%).
+const IN_FLIGHT_TARGET: u32 = 32 * 1024;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MmaShrinkConfig {
     pub groups: u32,
@@ -52,13 +62,18 @@ pub struct MmaShrinkConfig {
     pub k_chunk: u32,
     /// Vector width of the staging loads of x and A.
     pub vector: u32,
+    /// 1: each chunk's loads go through registers, one chunk ahead ([`shrink_mma_kernel`]).
+    /// 2–4: asynchronous copies into that many shared-memory stages, `stages − 1` chunks
+    /// ahead ([`crate::shrink_mma_pipelined`]); see [`Self::with_stages`].
+    pub stages: u32,
 }
 
 impl MmaShrinkConfig {
     /// The configuration for a `16·m_frags`-token × `16·n_frags`-row cube tile with the
-    /// default K groups (the fewest giving [`MIN_SHRINK_WARPS`] warps) and the largest K chunk
-    /// that fits the shrink's shared-memory budget, or `None` where the tile does not apply
-    /// (see [`Self::with_tile_chunk`]).
+    /// default K groups (the fewest giving [`MIN_SHRINK_WARPS`] warps), the largest K chunk
+    /// that fits the staging budget and, where the device has asynchronous copies, the
+    /// pipelined kernel with enough stages for [`IN_FLIGHT_TARGET`]; `None` where the tile
+    /// does not apply (see [`Self::with_tile_chunk`]).
     pub fn with_tile<R: Runtime, F: CubePrimitive>(
         client: &ComputeClient<R>,
         layout: &LoraLayout,
@@ -68,10 +83,13 @@ impl MmaShrinkConfig {
         let fragments = m_frags * n_frags;
         let k_groups =
             [1, 2, 4].into_iter().find(|g| fragments * g >= MIN_SHRINK_WARPS || fragments * g * 2 > MAX_SHRINK_WARPS).unwrap_or(1);
-        Self::with_tile_groups::<R, F>(client, layout, m_frags, n_frags, k_groups)
+        let config = Self::with_tile_groups::<R, F>(client, layout, m_frags, n_frags, k_groups)?;
+        let staged = Self::staged_bytes(m_frags, n_frags, config.k_chunk, size_of::<F>() as u32);
+        let stages = (1 + IN_FLIGHT_TARGET.div_ceil(staged)).clamp(2, 4);
+        Some(config.with_stages::<R, F>(client, stages).unwrap_or(config))
     }
 
-    /// [`Self::with_tile`] with `k_groups` warps per output fragment.
+    /// [`Self::with_tile`] with `k_groups` warps per output fragment, staged through registers.
     pub fn with_tile_groups<R: Runtime, F: CubePrimitive>(
         client: &ComputeClient<R>,
         layout: &LoraLayout,
@@ -119,7 +137,16 @@ impl MmaShrinkConfig {
         if staged > 16 || Self::shared_bytes(m_frags, n_frags, k_groups, k_chunk, elem) > shared_max {
             return None;
         }
-        Some(MmaShrinkConfig { groups: layout.groups(), max_rank: layout.max_rank(), m_frags, n_frags, k_groups, k_chunk, vector })
+        Some(MmaShrinkConfig {
+            groups: layout.groups(),
+            max_rank: layout.max_rank(),
+            m_frags,
+            n_frags,
+            k_groups,
+            k_chunk,
+            vector,
+            stages: 1,
+        })
     }
 
     /// Staged x and A tiles (rows padded by 8 elements) and one f32 accumulator tile per warp.
@@ -134,9 +161,9 @@ impl MmaShrinkConfig {
 
     /// [`Self::with_tile`] with the default tile for a batch of `num_segments` segments of at
     /// most `max_segment_len` tokens: row blocks of up to four fragments, and 32-token tiles
-    /// unless that leaves fewer cubes than about one per multiprocessor (in the H100 tile sweep,
+    /// unless that leaves fewer cubes than about one per multiprocessor (in the H100 tile sweeps,
     /// runtime/BENCHMARKS.md, 32-token tiles were the best or within 3% of it in every
-    /// prefill case; 16-token tiles were slower everywhere).
+    /// prefill case of run 9, and within 15% in run 11, where 16-token tiles won one case).
     pub fn supported<R: Runtime, F: CubePrimitive>(
         client: &ComputeClient<R>,
         layout: &LoraLayout,
@@ -173,7 +200,26 @@ impl MmaShrinkConfig {
     /// Whether this is the configuration [`Self::with_tile_chunk`] derives for its tile and
     /// chunk on this layout and device (a hand-made one could overrun shared memory or rows).
     pub fn fits<R: Runtime, F: CubePrimitive>(&self, client: &ComputeClient<R>, layout: &LoraLayout) -> bool {
-        Self::with_tile_chunk::<R, F>(client, layout, self.m_frags, self.n_frags, self.k_chunk, self.k_groups) == Some(*self)
+        Self::with_tile_chunk::<R, F>(client, layout, self.m_frags, self.n_frags, self.k_chunk, self.k_groups)
+            .and_then(|base| base.with_stages::<R, F>(client, self.stages))
+            == Some(*self)
+    }
+
+    /// This tile with its K chunks staged through `stages` shared-memory buffers filled by
+    /// asynchronous copies (`stages` = 1: through registers), or `None` where the device has
+    /// no asynchronous copies or block barriers, `stages` is not 1–4, the vectors are not 16
+    /// bytes (the copy size), or the stages overrun the device's shared memory.
+    pub fn with_stages<R: Runtime, F: CubePrimitive>(self, client: &ComputeClient<R>, stages: u32) -> Option<Self> {
+        if stages == 1 {
+            return Some(MmaShrinkConfig { stages, ..self });
+        }
+        let props = client.properties();
+        let elem = size_of::<F>() as u32;
+        let async_copies = props.features.copy_async && props.supports_type(OpaqueType::Barrier(BarrierLevel::Cube));
+        let shared = stages * Self::staged_bytes(self.m_frags, self.n_frags, self.k_chunk, elem)
+            + self.m_frags * self.n_frags * self.k_groups * TILE * TILE * 4;
+        let fits = shared <= props.hardware.max_shared_memory_size as u32;
+        (async_copies && (2..=4).contains(&stages) && self.vector * elem == 16 && fits).then_some(MmaShrinkConfig { stages, ..self })
     }
 
     /// `k_groups` warps per 16×16 output fragment.

@@ -296,15 +296,18 @@ pub fn segmented_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     }
 }
 
-/// Every tile shape and K-group count of the tensor-core shrink the device has for this layout, or the
-/// automatic choice alone where it has none (wgpu: no MMA).
+/// Every tile shape and K-group count of the tensor-core shrink the device has for this
+/// layout, each default tile also with 2–4 asynchronous-copy stages, or the automatic choice
+/// alone where there is none (wgpu: no MMA).
 fn mma_shrink_kernels<R: Runtime, F: StorageElem>(client: &ComputeClient<R>, layout: &LoraLayout) -> Vec<Option<ShrinkKernel>> {
-    let mut kernels: Vec<Option<ShrinkKernel>> = [1, 2, 4]
-        .into_iter()
-        .flat_map(|m| [1, 2, 3, 4].into_iter().map(move |n| (m, n)))
-        .flat_map(|(m, n)| [1, 2, 4].into_iter().filter_map(move |g| MmaShrinkConfig::with_tile_groups::<R, F>(client, layout, m, n, g)))
-        .map(|config| Some(ShrinkKernel::Mma { config, tiles_per_segment: 0 }))
-        .collect();
+    let tiles = || [1, 2, 4].into_iter().flat_map(|m| [1, 2, 3, 4].into_iter().map(move |n| (m, n)));
+    let groups = tiles()
+        .flat_map(|(m, n)| [1, 2, 4].into_iter().filter_map(move |g| MmaShrinkConfig::with_tile_groups::<R, F>(client, layout, m, n, g)));
+    let pipelined = tiles()
+        .filter_map(|(m, n)| MmaShrinkConfig::with_tile::<R, F>(client, layout, m, n))
+        .flat_map(|config| [2, 3, 4].into_iter().filter_map(move |stages| config.with_stages::<R, F>(client, stages)));
+    let mut kernels: Vec<Option<ShrinkKernel>> =
+        groups.chain(pipelined).map(|config| Some(ShrinkKernel::Mma { config, tiles_per_segment: 0 })).collect();
     if kernels.is_empty() {
         kernels.push(None);
     }

@@ -1,0 +1,264 @@
+//! The tensor-core shrink with its K chunks staged by asynchronous copies into 2–4
+//! shared-memory stages (`MmaShrinkConfig::stages`), for devices with `cp.async` and block
+//! barriers (sm_80 and later).
+//!
+//! [`crate::shrink_mma`]'s kernel loads the next chunk into registers while it multiplies the
+//! current one, so each cube has one chunk (20–40 KB) in flight; on an H100 that left the
+//! prefill shrink waiting on global loads (ncu: half of all stall cycles) at a third of the
+//! DRAM bandwidth. Here each thread copies its 16-byte vectors of chunk `c + stages − 1`
+//! straight into a free stage while the warps multiply chunk `c`, so `stages − 1` chunks are
+//! in flight and no register holds staged data. Stage `s` has its own barrier: a thread
+//! arrives on it once its copies into the stage have landed, and the warps wait on the
+//! barrier's phase before reading the stage. Tile, K groups, output and contract are those of
+//! [`crate::shrink_mma`] (same reference, same tests). Rows past a slot's rank are not copied:
+//! their stage rows hold stale data, which only reaches output columns that are dropped.
+
+use cubecl::prelude::barrier::{Barrier, copy_async};
+use cubecl::prelude::*;
+
+use crate::batch::NO_SLOT;
+use crate::shrink_mma::{MmaShrinkConfig, TILE};
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    a_pool: &Array<Vector<F, N>>,
+    seg_indptr: &Array<u32>,
+    weight_indices: &Array<u32>,
+    token_perm: &Array<u32>,
+    ranks: &Array<u32>,
+    out: &mut Array<f32>,
+    k: u32,
+    #[comptime] cfg: MmaShrinkConfig,
+) {
+    let tile = comptime!(TILE as usize);
+    let tm = comptime!((cfg.m_frags * TILE) as usize);
+    let tn = comptime!((cfg.n_frags * TILE) as usize);
+    let n_frags = comptime!(cfg.n_frags as usize);
+    let fragments = comptime!((cfg.m_frags * cfg.n_frags) as usize);
+    let group_steps = comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize);
+    let max_rank = comptime!(cfg.max_rank as usize);
+    let c_r = comptime!((cfg.groups * cfg.max_rank) as usize);
+    let warps = comptime!(cfg.warps() as usize);
+    let threads = comptime!(cfg.warps() as usize * 32);
+    let kc = comptime!(cfg.k_chunk as usize);
+    let nv = comptime!(cfg.vector as usize);
+    let kc_vecs = comptime!((cfg.k_chunk / cfg.vector) as usize);
+    let stride = comptime!(kc + 8);
+    let sv = comptime!(stride / nv);
+
+    let seg = CUBE_POS_Y as usize;
+    let slot = weight_indices[seg];
+    if slot == NO_SLOT {
+        terminate!();
+    }
+    let rank = ranks[slot as usize] as usize;
+    let start = seg_indptr[seg] as usize;
+    let end = seg_indptr[seg + 1] as usize;
+    let p0 = start + CUBE_POS_X as usize * tm;
+    let row_base = CUBE_POS_Z as usize * tn;
+    let mut any_active = false;
+    #[unroll]
+    for f in 0..n_frags {
+        if (row_base + f * tile) % max_rank < rank {
+            any_active = true;
+        }
+    }
+    if rank == 0 || p0 >= end || !any_active {
+        terminate!();
+    }
+    let tid = UNIT_POS as usize;
+    let warp = UNIT_POS_Y as usize;
+    let fragment = warp % fragments;
+    let group_k = (warp / fragments) * group_steps * tile;
+    let mf = fragment / n_frags;
+    let nf = fragment % n_frags;
+    let row0 = row_base + nf * tile;
+    let active = row0 % max_rank < rank;
+    let k_vecs = k as usize / nv;
+
+    // Stage s of the x tile starts at vector s·x_stage, of the A tile at s·a_stage.
+    let x_stage = comptime!(tm * sv);
+    let a_stage = comptime!(tn * sv);
+    let mut x_tiles = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(cfg.stages as usize * tm * sv), 128usize);
+    let mut a_tiles = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(cfg.stages as usize * tn * sv), 128usize);
+    let mut c_tile = SharedMemory::<f32>::new_aligned(comptime!(warps * tile * tile), 128usize);
+    let acc =
+        cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0);
+    // Every thread arrives on a stage's barrier once per fill (all threads fill every stage).
+    let mut barrier_0 = Barrier::shared(comptime!(threads as u32), tid == 0);
+    let mut barrier_1 = Barrier::shared(comptime!(threads as u32), tid == 0);
+    let mut barrier_2 = Barrier::shared(comptime!(threads as u32), tid == 0);
+    let mut barrier_3 = Barrier::shared(comptime!(threads as u32), tid == 0);
+    sync_cube();
+
+    // Sources of this thread's vectors in chunk 0 (x rows past the segment repeat its last
+    // token; A rows past the rank are skipped).
+    let x_per = comptime!((tm * kc_vecs).div_ceil(threads));
+    let a_per = comptime!((tn * kc_vecs).div_ceil(threads));
+    let mut x_src = Array::<usize>::new(x_per);
+    let mut a_src = Array::<usize>::new(a_per);
+    let mut a_live = Array::<bool>::new(a_per);
+    #[unroll]
+    for s in 0..x_per {
+        let v = tid + s * threads;
+        let i = min(v / kc_vecs, comptime!(tm - 1));
+        let p = min(p0 + i, end - 1);
+        x_src[s] = token_perm[p] as usize * k_vecs + v % kc_vecs;
+    }
+    #[unroll]
+    for s in 0..a_per {
+        let v = tid + s * threads;
+        let r = v / kc_vecs;
+        a_src[s] = (slot as usize * c_r + row_base + r) * k_vecs + v % kc_vecs;
+        a_live[s] = v < comptime!(tn * kc_vecs) && (row_base + r) % max_rank < rank;
+    }
+
+    let chunks = k as usize / kc;
+    let stages = comptime!(cfg.stages as usize);
+    // Fill every stage but the last before the first multiply.
+    #[unroll]
+    for s in 0..comptime!(cfg.stages as usize - 1) {
+        if s < chunks {
+            let xs = s * x_stage;
+            let as_ = s * a_stage;
+            let step = s * kc_vecs;
+            if s == 0 {
+                fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &mut barrier_0, &x_src, &a_src, &a_live, xs, as_, step, cfg);
+            } else if s == 1 {
+                fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &mut barrier_1, &x_src, &a_src, &a_live, xs, as_, step, cfg);
+            } else {
+                fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &mut barrier_2, &x_src, &a_src, &a_live, xs, as_, step, cfg);
+            }
+        }
+    }
+
+    // Chunk c lives in stage c % stages; its barrier completes phase c / stages when it lands.
+    // Before multiplying chunk c, chunk c + stages − 1 is issued into the stage that chunk
+    // c − 1 used (free once every warp has passed the barrier after multiplying it).
+    let mut c0 = 0usize.runtime();
+    while c0 < chunks {
+        #[unroll]
+        for s in 0..comptime!(cfg.stages as usize) {
+            let c = c0 + s;
+            if c < chunks {
+                let ahead = c + stages - 1;
+                if ahead < chunks {
+                    let fs = (s + stages - 1) % stages;
+                    let xs = fs * x_stage;
+                    let as_ = fs * a_stage;
+                    let step = ahead * kc_vecs;
+                    if fs == 0 {
+                        fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &mut barrier_0, &x_src, &a_src, &a_live, xs, as_, step, cfg);
+                    } else if fs == 1 {
+                        fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &mut barrier_1, &x_src, &a_src, &a_live, xs, as_, step, cfg);
+                    } else if fs == 2 {
+                        fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &mut barrier_2, &x_src, &a_src, &a_live, xs, as_, step, cfg);
+                    } else {
+                        fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &mut barrier_3, &x_src, &a_src, &a_live, xs, as_, step, cfg);
+                    }
+                }
+                let phase = ((c / stages) % 2) as u32;
+                if s == 0 {
+                    barrier_0.wait_parity(phase);
+                } else if s == 1 {
+                    barrier_1.wait_parity(phase);
+                } else if s == 2 {
+                    barrier_2.wait_parity(phase);
+                } else {
+                    barrier_3.wait_parity(phase);
+                }
+                if active {
+                    let xs = s * x_stage;
+                    let as_ = s * a_stage;
+                    #[unroll]
+                    for kk in 0..group_steps {
+                        let col = group_k + kk * 16;
+                        let xa = unsafe {
+                            cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::A, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor)
+                        };
+                        cmma::load(&xa, &x_tiles.slice(xs + (mf * tile * stride + col) / nv, xs + x_stage), comptime!(stride as u32));
+                        let wa = unsafe {
+                            cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor)
+                        };
+                        cmma::load(&wa, &a_tiles.slice(as_ + (nf * tile * stride + col) / nv, as_ + a_stage), comptime!(stride as u32));
+                        cmma::execute::<F, F, f32, f32>(&xa, &wa, &acc, &acc);
+                    }
+                }
+                // Every warp is done with this stage before it is refilled.
+                sync_cube();
+            }
+        }
+        c0 += stages;
+    }
+    if active {
+        cmma::store(&mut c_tile.slice_mut(warp * 256, warp * 256 + 256), &acc, 16, cmma::MatrixLayout::RowMajor);
+    }
+    sync_cube();
+    let mut e = tid;
+    while e < comptime!(fragments * tile * tile) {
+        let f = e / 256;
+        let i = (f / n_frags) * tile + (e % 256) / 16;
+        let row = row_base + (f % n_frags) * tile + e % 16;
+        let p = p0 + i;
+        if p < end && row % max_rank < rank {
+            let mut sum = 0.0f32;
+            #[unroll]
+            for g in 0..comptime!(cfg.k_groups as usize) {
+                sum += c_tile[g * comptime!(fragments * 256) + e];
+            }
+            let t = token_perm[p] as usize;
+            out[t * c_r + row] = sum;
+        }
+        e += threads;
+    }
+}
+
+/// Issues this thread's asynchronous copies of one chunk (`step` vectors into every row) into
+/// the stage at `x_stage`/`a_stage`, and arrives on the stage's barrier once they land.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fill<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    a_pool: &Array<Vector<F, N>>,
+    x_tiles: &mut SharedMemory<Vector<F, N>>,
+    a_tiles: &mut SharedMemory<Vector<F, N>>,
+    barrier: &mut Barrier,
+    x_src: &Array<usize>,
+    a_src: &Array<usize>,
+    a_live: &Array<bool>,
+    x_stage: usize,
+    a_stage: usize,
+    step: usize,
+    #[comptime] cfg: MmaShrinkConfig,
+) {
+    let tm = comptime!((cfg.m_frags * TILE) as usize);
+    let tn = comptime!((cfg.n_frags * TILE) as usize);
+    let threads = comptime!(cfg.warps() as usize * 32);
+    let kc_vecs = comptime!((cfg.k_chunk / cfg.vector) as usize);
+    let sv = comptime!((cfg.k_chunk as usize + 8) / cfg.vector as usize);
+    let x_per = comptime!((tm * kc_vecs).div_ceil(threads));
+    let a_per = comptime!((tn * kc_vecs).div_ceil(threads));
+    let tid = UNIT_POS as usize;
+    #[unroll]
+    for s in 0..x_per {
+        let v = tid + s * threads;
+        if v < comptime!(tm * kc_vecs) {
+            let src = x_src[s] + step;
+            let dst = x_stage + (v / kc_vecs) * sv + v % kc_vecs;
+            copy_async(&x.slice(src, src + 1), &mut x_tiles.slice_mut(dst, dst + 1), comptime!(cfg.vector));
+        }
+    }
+    #[unroll]
+    for s in 0..a_per {
+        let v = tid + s * threads;
+        if a_live[s] {
+            let src = a_src[s] + step;
+            let dst = a_stage + (v / kc_vecs) * sv + v % kc_vecs;
+            copy_async(&a_pool.slice(src, src + 1), &mut a_tiles.slice_mut(dst, dst + 1), comptime!(cfg.vector));
+        }
+    }
+    barrier.commit_copy_async();
+    barrier.arrive();
+}
