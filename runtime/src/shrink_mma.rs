@@ -410,8 +410,31 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
         cmma::store(&mut c_tile.slice_mut(warp * 256, warp * 256 + 256), &acc, 16, cmma::MatrixLayout::RowMajor);
     }
     sync_cube();
-    // Each fragment's sum over its K groups (warp `g·fragments + f` holds group g of f).
-    let mut e = tid;
+    store_tile(out, &c_tile, token_perm, p0, end, row_base, rank, cfg);
+}
+
+/// Writes the cube's output tile from the per-warp accumulators in `c_tile`: each fragment's
+/// sum over its K groups (warp `g·fragments + f` holds group g of fragment f), for the tile's
+/// tokens inside the segment and rows below the slot's rank.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn store_tile(
+    out: &mut Array<f32>,
+    c_tile: &SharedMemory<f32>,
+    token_perm: &Array<u32>,
+    p0: usize,
+    end: usize,
+    row_base: usize,
+    rank: usize,
+    #[comptime] cfg: MmaShrinkConfig,
+) {
+    let tile = comptime!(TILE as usize);
+    let n_frags = comptime!(cfg.n_frags as usize);
+    let fragments = comptime!((cfg.m_frags * cfg.n_frags) as usize);
+    let max_rank = comptime!(cfg.max_rank as usize);
+    let c_r = comptime!((cfg.groups * cfg.max_rank) as usize);
+    let threads = comptime!(cfg.warps() as usize * 32);
+    let mut e = UNIT_POS as usize;
     while e < comptime!(fragments * tile * tile) {
         let f = e / 256;
         let i = (f / n_frags) * tile + (e % 256) / 16;

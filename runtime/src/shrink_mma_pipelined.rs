@@ -17,7 +17,7 @@ use cubecl::prelude::barrier::{Barrier, copy_async};
 use cubecl::prelude::*;
 
 use crate::batch::NO_SLOT;
-use crate::shrink_mma::{MmaShrinkConfig, TILE};
+use crate::shrink_mma::{MmaShrinkConfig, TILE, store_tile};
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -196,23 +196,7 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
         cmma::store(&mut c_tile.slice_mut(warp * 256, warp * 256 + 256), &acc, 16, cmma::MatrixLayout::RowMajor);
     }
     sync_cube();
-    let mut e = tid;
-    while e < comptime!(fragments * tile * tile) {
-        let f = e / 256;
-        let i = (f / n_frags) * tile + (e % 256) / 16;
-        let row = row_base + (f % n_frags) * tile + e % 16;
-        let p = p0 + i;
-        if p < end && row % max_rank < rank {
-            let mut sum = 0.0f32;
-            #[unroll]
-            for g in 0..comptime!(cfg.k_groups as usize) {
-                sum += c_tile[g * comptime!(fragments * 256) + e];
-            }
-            let t = token_perm[p] as usize;
-            out[t * c_r + row] = sum;
-        }
-        e += threads;
-    }
+    store_tile(out, &c_tile, token_perm, p0, end, row_base, rank, cfg);
 }
 
 /// Issues this thread's asynchronous copies of one chunk (`step` vectors into every row) into
