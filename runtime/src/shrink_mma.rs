@@ -268,7 +268,6 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     // 16-wide K steps per chunk that each warp of a fragment takes.
     let group_steps = comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize);
     let max_rank = comptime!(cfg.max_rank as usize);
-    let c_r = comptime!((cfg.groups * cfg.max_rank) as usize);
     let warps = comptime!(cfg.warps() as usize);
     let threads = comptime!(cfg.warps() as usize * 32);
     let kc = comptime!(cfg.k_chunk as usize);
@@ -278,27 +277,8 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     // row would start in the same shared-memory bank and the fragment loads would serialise.
     let stride = comptime!(kc + 8);
 
-    let seg = CUBE_POS_Y as usize;
-    let slot = weight_indices[seg];
-    if slot == NO_SLOT {
-        terminate!();
-    }
-    let rank = ranks[slot as usize] as usize;
-    let start = seg_indptr[seg] as usize;
-    let end = seg_indptr[seg + 1] as usize;
-    let p0 = start + CUBE_POS_X as usize * tm;
-    let row_base = CUBE_POS_Z as usize * tn;
-    // A row block wholly in the padding past a low-rank adapter's rows computes nothing.
-    let mut any_active = false;
-    #[unroll]
-    for f in 0..n_frags {
-        if (row_base + f * tile) % max_rank < rank {
-            any_active = true;
-        }
-    }
-    if rank == 0 || p0 >= end || !any_active {
-        terminate!();
-    }
+    let cube = cube_tile(seg_indptr, weight_indices, ranks, cfg);
+    let (rank, end, p0, row_base) = (cube.rank, cube.end, cube.p0, cube.row_base);
     let tid = UNIT_POS as usize;
     let warp = UNIT_POS_Y as usize;
     let fragment = warp % fragments;
@@ -326,27 +306,20 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     // last token (their results are dropped), A rows past the rank are not loaded.
     let x_per = comptime!((tm * kc_vecs).div_ceil(threads));
     let a_per = comptime!((tn * kc_vecs).div_ceil(threads));
-    let mut x_staged = Array::<Vector<F, N>>::new(x_per);
     let mut x_src = Array::<usize>::new(x_per);
-    let mut a_staged = Array::<Vector<F, N>>::new(a_per);
     let mut a_src = Array::<usize>::new(a_per);
     let mut a_live = Array::<bool>::new(a_per);
+    stage_sources(token_perm, &cube, k_vecs, &mut x_src, &mut a_src, &mut a_live, cfg);
+    let mut x_staged = Array::<Vector<F, N>>::new(x_per);
+    let mut a_staged = Array::<Vector<F, N>>::new(a_per);
     #[unroll]
     for s in 0..x_per {
-        let v = tid + s * threads;
-        let i = min(v / kc_vecs, comptime!(tm - 1));
-        let p = min(p0 + i, end - 1);
-        x_src[s] = token_perm[p] as usize * k_vecs + v % kc_vecs;
-        if v < comptime!(tm * kc_vecs) {
+        if tid + s * threads < comptime!(tm * kc_vecs) {
             x_staged[s] = x[x_src[s]];
         }
     }
     #[unroll]
     for s in 0..a_per {
-        let v = tid + s * threads;
-        let r = v / kc_vecs;
-        a_src[s] = (slot as usize * c_r + row_base + r) * k_vecs + v % kc_vecs;
-        a_live[s] = v < comptime!(tn * kc_vecs) && (row_base + r) % max_rank < rank;
         a_staged[s] = Vector::<F, N>::new(F::new(0.0));
         if a_live[s] {
             a_staged[s] = a_pool[a_src[s]];
@@ -411,6 +384,92 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     }
     sync_cube();
     store_tile(out, &c_tile, token_perm, p0, end, row_base, rank, cfg);
+}
+
+/// A shrink cube's place in the batch: its slot's rank, its segment's end, its first token
+/// (position in the permuted batch) and its first A row.
+#[derive(CubeType)]
+pub(crate) struct CubeTile {
+    pub slot: usize,
+    pub rank: usize,
+    pub end: usize,
+    pub p0: usize,
+    pub row_base: usize,
+}
+
+/// Reads the cube's tile from the batch metadata (segment on grid y, token tile on x, row
+/// block on z) and exits the cube where it has nothing to compute: a segment with no adapter
+/// or of rank 0, a tile past the segment's end, or a row block wholly in the padding past a
+/// low-rank adapter's rows.
+#[cube]
+pub(crate) fn cube_tile(
+    seg_indptr: &Array<u32>,
+    weight_indices: &Array<u32>,
+    ranks: &Array<u32>,
+    #[comptime] cfg: MmaShrinkConfig,
+) -> CubeTile {
+    let tile = comptime!(TILE as usize);
+    let tm = comptime!((cfg.m_frags * TILE) as usize);
+    let tn = comptime!((cfg.n_frags * TILE) as usize);
+    let max_rank = comptime!(cfg.max_rank as usize);
+    let seg = CUBE_POS_Y as usize;
+    let slot = weight_indices[seg];
+    if slot == NO_SLOT {
+        terminate!();
+    }
+    let rank = ranks[slot as usize] as usize;
+    let end = seg_indptr[seg + 1] as usize;
+    let p0 = seg_indptr[seg] as usize + CUBE_POS_X as usize * tm;
+    let row_base = CUBE_POS_Z as usize * tn;
+    let mut any_active = false;
+    #[unroll]
+    for f in 0..comptime!(cfg.n_frags as usize) {
+        if (row_base + f * tile) % max_rank < rank {
+            any_active = true;
+        }
+    }
+    if rank == 0 || p0 >= end || !any_active {
+        terminate!();
+    }
+    CubeTile { slot: slot as usize, rank, end, p0, row_base }
+}
+
+/// The global sources of this thread's staged vectors in chunk 0 (add `chunk·k_chunk/vector`
+/// for later chunks): `x_src` its `x_per` vectors of the x tile, whose rows past the segment's
+/// end repeat its last token (their results are dropped); `a_src` its `a_per` vectors of the A
+/// rows, `a_live` false for rows past the slot's rank or the tile (not loaded).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn stage_sources(
+    token_perm: &Array<u32>,
+    cube: &CubeTile,
+    k_vecs: usize,
+    x_src: &mut Array<usize>,
+    a_src: &mut Array<usize>,
+    a_live: &mut Array<bool>,
+    #[comptime] cfg: MmaShrinkConfig,
+) {
+    let tm = comptime!((cfg.m_frags * TILE) as usize);
+    let tn = comptime!((cfg.n_frags * TILE) as usize);
+    let max_rank = comptime!(cfg.max_rank as usize);
+    let c_r = comptime!((cfg.groups * cfg.max_rank) as usize);
+    let threads = comptime!(cfg.warps() as usize * 32);
+    let kc_vecs = comptime!((cfg.k_chunk / cfg.vector) as usize);
+    let tid = UNIT_POS as usize;
+    #[unroll]
+    for s in 0..comptime!((tm * kc_vecs).div_ceil(threads)) {
+        let v = tid + s * threads;
+        let i = min(v / kc_vecs, comptime!(tm - 1));
+        let p = min(cube.p0 + i, cube.end - 1);
+        x_src[s] = token_perm[p] as usize * k_vecs + v % kc_vecs;
+    }
+    #[unroll]
+    for s in 0..comptime!((tn * kc_vecs).div_ceil(threads)) {
+        let v = tid + s * threads;
+        let r = v / kc_vecs;
+        a_src[s] = (cube.slot * c_r + cube.row_base + r) * k_vecs + v % kc_vecs;
+        a_live[s] = v < comptime!(tn * kc_vecs) && (cube.row_base + r) % max_rank < cube.rank;
+    }
 }
 
 /// Writes the cube's output tile from the per-warp accumulators in `c_tile`: each fragment's

@@ -16,8 +16,7 @@
 use cubecl::prelude::barrier::{Barrier, copy_async};
 use cubecl::prelude::*;
 
-use crate::batch::NO_SLOT;
-use crate::shrink_mma::{MmaShrinkConfig, TILE, store_tile};
+use crate::shrink_mma::{MmaShrinkConfig, TILE, cube_tile, stage_sources, store_tile};
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -39,7 +38,6 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     let fragments = comptime!((cfg.m_frags * cfg.n_frags) as usize);
     let group_steps = comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize);
     let max_rank = comptime!(cfg.max_rank as usize);
-    let c_r = comptime!((cfg.groups * cfg.max_rank) as usize);
     let warps = comptime!(cfg.warps() as usize);
     let threads = comptime!(cfg.warps() as usize * 32);
     let kc = comptime!(cfg.k_chunk as usize);
@@ -48,26 +46,8 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     let stride = comptime!(kc + 8);
     let sv = comptime!(stride / nv);
 
-    let seg = CUBE_POS_Y as usize;
-    let slot = weight_indices[seg];
-    if slot == NO_SLOT {
-        terminate!();
-    }
-    let rank = ranks[slot as usize] as usize;
-    let start = seg_indptr[seg] as usize;
-    let end = seg_indptr[seg + 1] as usize;
-    let p0 = start + CUBE_POS_X as usize * tm;
-    let row_base = CUBE_POS_Z as usize * tn;
-    let mut any_active = false;
-    #[unroll]
-    for f in 0..n_frags {
-        if (row_base + f * tile) % max_rank < rank {
-            any_active = true;
-        }
-    }
-    if rank == 0 || p0 >= end || !any_active {
-        terminate!();
-    }
+    let cube = cube_tile(seg_indptr, weight_indices, ranks, cfg);
+    let (rank, end, p0, row_base) = (cube.rank, cube.end, cube.p0, cube.row_base);
     let tid = UNIT_POS as usize;
     let warp = UNIT_POS_Y as usize;
     let fragment = warp % fragments;
@@ -93,27 +73,12 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     let mut barrier_3 = Barrier::shared(comptime!(threads as u32), tid == 0);
     sync_cube();
 
-    // Sources of this thread's vectors in chunk 0 (x rows past the segment repeat its last
-    // token; A rows past the rank are skipped).
     let x_per = comptime!((tm * kc_vecs).div_ceil(threads));
     let a_per = comptime!((tn * kc_vecs).div_ceil(threads));
     let mut x_src = Array::<usize>::new(x_per);
     let mut a_src = Array::<usize>::new(a_per);
     let mut a_live = Array::<bool>::new(a_per);
-    #[unroll]
-    for s in 0..x_per {
-        let v = tid + s * threads;
-        let i = min(v / kc_vecs, comptime!(tm - 1));
-        let p = min(p0 + i, end - 1);
-        x_src[s] = token_perm[p] as usize * k_vecs + v % kc_vecs;
-    }
-    #[unroll]
-    for s in 0..a_per {
-        let v = tid + s * threads;
-        let r = v / kc_vecs;
-        a_src[s] = (slot as usize * c_r + row_base + r) * k_vecs + v % kc_vecs;
-        a_live[s] = v < comptime!(tn * kc_vecs) && (row_base + r) % max_rank < rank;
-    }
+    stage_sources(token_perm, &cube, k_vecs, &mut x_src, &mut a_src, &mut a_live, cfg);
 
     let chunks = k as usize / kc;
     let stages = comptime!(cfg.stages as usize);
