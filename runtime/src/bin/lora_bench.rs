@@ -377,37 +377,35 @@ fn tile_sweep<R: Runtime, E: StorageElem>(
         shrink_bytes,
         expand_bytes,
     };
+    let mut shrinks: Vec<(String, MmaShrinkConfig)> = Vec::new();
     for m in [1, 2, 4] {
         for nf in [1, 2, 3, 4, 6, 8] {
             for (kc, kg) in [64, 128, 256].into_iter().flat_map(|kc| [1, 2, 4].map(|kg| (kc, kg))) {
-                let Some(config) = MmaShrinkConfig::with_tile_chunk::<R, E>(client, layout, m, nf, kc, kg) else { continue };
-                let kernel = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
-                let us = time_us(client, opts, iters, |i| {
-                    let d = &mut data[i % n];
-                    launch_shrink(client, layout, &d.pool, dev, &d.x, &mut d.a, Some(kernel)).unwrap()
-                });
-                let mark = if kernel == default_shrink { " (default)" } else { "" };
-                rows.push(row(format!("shrink m{m} n{nf} k{kc} g{kg}{mark}"), us, f64::NAN));
+                if let Some(config) = MmaShrinkConfig::with_tile_chunk::<R, E>(client, layout, m, nf, kc, kg) {
+                    shrinks.push((format!("shrink m{m} n{nf} k{kc} g{kg}"), config));
+                }
             }
         }
     }
     // The default tile (K groups, chunk) staged by asynchronous copies, at each depth and chunk.
     if let ShrinkKernel::Mma { config: default_config, .. } = default_shrink {
+        let (m, nf, kg) = (default_config.m_frags, default_config.n_frags, default_config.k_groups);
         for (kc, stages) in [64, 128, 256].into_iter().flat_map(|kc| [2, 3, 4].map(|st| (kc, st))) {
-            let (m, nf, kg) = (default_config.m_frags, default_config.n_frags, default_config.k_groups);
-            let Some(config) =
-                MmaShrinkConfig::with_tile_chunk::<R, E>(client, layout, m, nf, kc, kg).and_then(|c| c.with_stages::<R, E>(client, stages))
-            else {
-                continue;
-            };
-            let kernel = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
-            let us = time_us(client, opts, iters, |i| {
-                let d = &mut data[i % n];
-                launch_shrink(client, layout, &d.pool, dev, &d.x, &mut d.a, Some(kernel)).unwrap()
-            });
-            let mark = if kernel == default_shrink { " (default)" } else { "" };
-            rows.push(row(format!("shrink m{m} n{nf} k{kc} g{kg} s{stages}{mark}"), us, f64::NAN));
+            let pipelined =
+                MmaShrinkConfig::with_tile_chunk::<R, E>(client, layout, m, nf, kc, kg).and_then(|c| c.with_stages::<R, E>(client, stages));
+            if let Some(config) = pipelined {
+                shrinks.push((format!("shrink m{m} n{nf} k{kc} g{kg} s{stages}"), config));
+            }
         }
+    }
+    for (name, config) in shrinks {
+        let kernel = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
+        let us = time_us(client, opts, iters, |i| {
+            let d = &mut data[i % n];
+            launch_shrink(client, layout, &d.pool, dev, &d.x, &mut d.a, Some(kernel)).unwrap()
+        });
+        let mark = if kernel == default_shrink { " (default)" } else { "" };
+        rows.push(row(format!("{name}{mark}"), us, f64::NAN));
     }
     let mut expands: Vec<(String, ExpandKernel)> =
         vec![("expand cuda-core".into(), ExpandKernel::Scalar(ExpandConfig::new(client, layout, size_of::<E>(), num_segments, max_len)))];
