@@ -40,7 +40,8 @@ fn mma_expand_for_chunks<R: Runtime, F: Float>(client: &ComputeClient<R>, layout
         return None;
     }
     let preferred = MmaExpandConfig::supported::<R, F>(client, layout, chunk)?;
-    MmaExpandConfig::with_tile::<R, F>(client, layout, frags_dividing(chunk, preferred.m_frags), preferred.n_frags)
+    MmaExpandConfig::with_tile::<R, F>(client, layout, frags_dividing(chunk, preferred.m_frags), preferred.n_frags)?
+        .with_stages::<R, F>(client, preferred.stages)
 }
 
 /// The largest of `m_frags`, `m_frags / 2`, … (powers of two) whose 16-token tiles divide

@@ -14,6 +14,7 @@ use crate::buffer::DeviceBuffer;
 use crate::config::{ExpandConfig, vector_size};
 use crate::error::{LoraError, Result};
 use crate::expand_mma::{MmaExpandConfig, expand_mma_kernel};
+use crate::expand_mma_pipelined::{A_VECTOR, expand_mma_pipelined_kernel};
 use crate::pool::AdapterPool;
 
 /// Where one expand cube and thread work: the cube's slice (grid y) and segment, the
@@ -287,26 +288,54 @@ pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
             }
             .min((65535 / segments).max(1));
             let (ny, nb) = (config.out_vector as usize, config.rank_vector as usize);
-            unsafe {
-                expand_mma_kernel::launch_unchecked::<F, R>(
-                    client,
-                    CubeCount::Static(widest.div_ceil(config.block_columns()), slices, segments * splits),
-                    CubeDim::new_2d(32, config.warps()),
-                    ny,
-                    nb,
-                    a.arg(1),
-                    pool.b.arg(nb),
-                    y.arg(ny),
-                    pool.slice_table.arg(1),
-                    segs.seg_indptr.arg(1),
-                    segs.weight_indices.arg(1),
-                    segs.token_perm.arg(1),
-                    pool.ranks.arg(1),
-                    pool.scales.arg(1),
-                    layout.out_features(),
-                    splits,
-                    config,
-                );
+            let cube_count = CubeCount::Static(widest.div_ceil(config.block_columns()), slices, segments * splits);
+            let cube_dim = CubeDim::new_2d(32, config.warps());
+            // Two kernels (cubecl generates a launch function per kernel), one argument list.
+            if config.stages == 1 {
+                unsafe {
+                    expand_mma_kernel::launch_unchecked::<F, R>(
+                        client,
+                        cube_count,
+                        cube_dim,
+                        ny,
+                        nb,
+                        a.arg(1),
+                        pool.b.arg(nb),
+                        y.arg(ny),
+                        pool.slice_table.arg(1),
+                        segs.seg_indptr.arg(1),
+                        segs.weight_indices.arg(1),
+                        segs.token_perm.arg(1),
+                        pool.ranks.arg(1),
+                        pool.scales.arg(1),
+                        layout.out_features(),
+                        splits,
+                        config,
+                    );
+                }
+            } else {
+                unsafe {
+                    expand_mma_pipelined_kernel::launch_unchecked::<F, R>(
+                        client,
+                        cube_count,
+                        cube_dim,
+                        ny,
+                        nb,
+                        A_VECTOR,
+                        a.arg(A_VECTOR),
+                        pool.b.arg(nb),
+                        y.arg(ny),
+                        pool.slice_table.arg(1),
+                        segs.seg_indptr.arg(1),
+                        segs.weight_indices.arg(1),
+                        segs.token_perm.arg(1),
+                        pool.ranks.arg(1),
+                        pool.scales.arg(1),
+                        layout.out_features(),
+                        splits,
+                        config,
+                    );
+                }
             }
         }
     }

@@ -14,6 +14,7 @@
 //! multiples of 16 so a fragment never straddles two slices; grid, exits and contract are the
 //! scalar [`crate::expand`]'s, and so is its f64 reference.
 
+use cubecl::ir::{BarrierLevel, OpaqueType};
 use cubecl::prelude::*;
 use lorac_plan::LoraLayout;
 
@@ -25,6 +26,12 @@ const SHARED_BUDGET: u32 = 50 * 1024;
 
 /// Most warps (one per output fragment) in one cube.
 const MAX_WARPS: u32 = 16;
+
+/// Shared-memory stages of the default pipelined tile (see [`MmaExpandConfig::supported`]).
+const DEFAULT_STAGES: u32 = 3;
+
+/// Largest rank whose default tile is pipelined (see [`MmaExpandConfig::supported`]).
+const PIPELINED_MAX_RANK: u32 = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MmaExpandConfig {
@@ -38,6 +45,11 @@ pub struct MmaExpandConfig {
     pub out_vector: u32,
     /// Vector width of the B loads along the rank (divides `max_rank`).
     pub rank_vector: u32,
+    /// 1: the next token tile is loaded into registers while the cube works on the current
+    /// one ([`expand_mma_kernel`]). 2–4: asynchronous copies into that many shared-memory
+    /// stages, `stages − 1` tiles ahead ([`crate::expand_mma_pipelined`]); see
+    /// [`Self::with_stages`].
+    pub stages: u32,
 }
 
 impl MmaExpandConfig {
@@ -66,17 +78,47 @@ impl MmaExpandConfig {
             n_frags,
             out_vector: crate::config::vector_size(client, elem, &widths).min(8) as u32,
             rank_vector: crate::config::vector_size(client, elem, &[layout.max_rank()]) as u32,
+            stages: 1,
         };
         (cfg.shared_bytes(elem as u32) <= SHARED_BUDGET).then_some(cfg)
     }
 
-    /// [`Self::with_tile`] with the default tile: 128 columns by 32 tokens (16 where the
-    /// longest segment is shorter). In the H100 tile sweep (runtime/BENCHMARKS.md) wide column
-    /// blocks won at rank 64 (B staged once serves more of y) and 32 × 128 was within 13% of
-    /// the best shape in every prefill case; 64-token tiles were up to 2× slower.
+    /// This tile with its token tiles staged through `stages` shared-memory buffers filled by
+    /// asynchronous copies (`stages` = 1: through registers), or `None` where the device has
+    /// no asynchronous copies or block barriers, `stages` is not 1–4, the y vectors are not
+    /// 16 bytes (the copy size), or the stages overrun the device's shared memory.
+    pub fn with_stages<R: Runtime, F: CubePrimitive>(self, client: &ComputeClient<R>, stages: u32) -> Option<Self> {
+        let base = MmaExpandConfig { stages: 1, ..self };
+        if stages == 1 {
+            return Some(base);
+        }
+        let props = client.properties();
+        let elem = size_of::<F>() as u32;
+        let async_copies = props.features.copy_async && props.supports_type(OpaqueType::Barrier(BarrierLevel::Cube));
+        let staged = MmaExpandConfig { stages, ..base };
+        let fits = staged.pipelined_shared_bytes(elem) <= props.hardware.max_shared_memory_size as u32;
+        (async_copies && (2..=4).contains(&stages) && self.out_vector * elem == 16 && fits).then_some(staged)
+    }
+
+    /// The default tile for segments of at most `max_segment_len` tokens. Up to rank
+    /// [`PIPELINED_MAX_RANK`], where the device has asynchronous copies: 16 tokens by 128
+    /// columns (64 where 128 does not fit), [`DEFAULT_STAGES`] stages. Otherwise the
+    /// register-staged kernel with 128 columns by 32 tokens (16 where the longest segment is
+    /// shorter). H100 sweeps (runtime/BENCHMARKS.md, runs 14–16): at rank 16 the pipelined
+    /// 16 × 128 tile took 64.7–69.8 µs for the qkv expand against 73.0–80.2 for the register
+    /// kernel's default, and 227.7–233.3 against 267.3–267.8 for gate_up; at rank 64 it was
+    /// slower than the register kernel in all three modules (gate_up 410.6 against 383.2 µs,
+    /// MLA 54.9 against 44.4), its staged f32 intermediate being as large as its y tile. In
+    /// the sweep of run 9 wide column blocks won at rank 64 (B staged once serves more of y)
+    /// and 32 × 128 was within 13% of the best register-staged shape in every prefill case.
     pub fn supported<R: Runtime, F: CubePrimitive>(client: &ComputeClient<R>, layout: &LoraLayout, max_segment_len: u32) -> Option<Self> {
-        let m_frags = if max_segment_len >= 2 * TILE { 2 } else { 1 };
-        Self::with_tile::<R, F>(client, layout, m_frags, 8).or_else(|| Self::with_tile::<R, F>(client, layout, m_frags, 4))
+        let widest =
+            |m_frags| Self::with_tile::<R, F>(client, layout, m_frags, 8).or_else(|| Self::with_tile::<R, F>(client, layout, m_frags, 4));
+        let pipelined = (layout.max_rank() <= PIPELINED_MAX_RANK)
+            .then(|| widest(1))
+            .flatten()
+            .and_then(|config| config.with_stages::<R, F>(client, DEFAULT_STAGES));
+        pipelined.or_else(|| widest(if max_segment_len >= 2 * TILE { 2 } else { 1 }))
     }
 
     /// [`Self::supported`], and only for batches with enough 16-token tiles to fill the GPU
@@ -96,7 +138,8 @@ impl MmaExpandConfig {
     /// Whether this is the configuration [`Self::with_tile`] derives for its tile on this
     /// layout and device.
     pub fn fits<R: Runtime, F: CubePrimitive>(&self, client: &ComputeClient<R>, layout: &LoraLayout) -> bool {
-        Self::with_tile::<R, F>(client, layout, self.m_frags, self.n_frags) == Some(*self)
+        Self::with_tile::<R, F>(client, layout, self.m_frags, self.n_frags).and_then(|base| base.with_stages::<R, F>(client, self.stages))
+            == Some(*self)
     }
 
     pub fn warps(&self) -> u32 {
@@ -115,6 +158,12 @@ impl MmaExpandConfig {
     fn shared_bytes(&self, elem: u32) -> u32 {
         let rank_stride = self.max_rank + 8;
         (self.block_columns() + self.tile_tokens()) * rank_stride * elem + self.tile_tokens() * (self.block_columns() + 8) * 4
+    }
+
+    /// The pipelined kernel's: the same B block, operand and f32 (delta) tiles, and per stage a
+    /// y tile in the storage type and an f32 intermediate tile.
+    fn pipelined_shared_bytes(&self, elem: u32) -> u32 {
+        self.shared_bytes(elem) + self.stages * self.tile_tokens() * (self.block_columns() * elem + self.max_rank * 4)
     }
 }
 

@@ -4,9 +4,11 @@
 //!
 //! Kernel families, one file each, each with a plain f64 CPU reference beside it:
 //! * [`shrink`]: segmented shrink `a = x · Aᵀ` per adapter slot, 1–5 packed groups
-//!   ([`shrink_mma`]: its tensor-core variant for prefill segments);
+//!   ([`shrink_mma`]: its tensor-core variant for prefill segments; [`shrink_mma_pipelined`]:
+//!   the same with asynchronous copies into several stages);
 //! * [`expand`]: segmented expand `y += scale · a · Bᵀ` over slices of unequal widths
-//!   ([`expand_mma`]: its tensor-core variant for prefill segments, y as the accumulator);
+//!   ([`expand_mma`]: its tensor-core variant for prefill segments, y as the accumulator;
+//!   [`expand_mma_pipelined`]: the same with asynchronous copies, delta added to staged y);
 //! * [`fused`]: shrink and expand in one launch for decode batches (launch-bound);
 //! * [`gemm_expand`]: the expand that follows a shrink folded into the base GEMM (A stored
 //!   after W, one GEMM for both): base output plus each token's delta in one pass;
@@ -23,6 +25,7 @@ pub mod error;
 pub mod executor;
 pub mod expand;
 pub mod expand_mma;
+pub mod expand_mma_pipelined;
 pub mod fused;
 pub mod gemm_expand;
 pub mod moe;

@@ -346,9 +346,10 @@ pub fn prefill_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     }
 }
 
-/// Prefill-sized segments through every tile shape of the tensor-core expand (one cube per
-/// token tile, and one cube looping over a segment's tiles) where the device and storage
-/// type have one, else through the automatic choice. Slice widths are multiples of 16, as
+/// Prefill-sized segments through every tile shape of the tensor-core expand, register-staged,
+/// and four of them with 2–4 asynchronous-copy stages (one cube per token tile, and one cube looping over a
+/// segment's tiles) where the device and storage type have one, else through the automatic
+/// choice. Slice widths are multiples of 16, as
 /// that kernel needs; the intermediate is NaN past each rank and the pool's padding is not
 /// zero, so reading either would show.
 pub fn prefill_expand<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
@@ -369,6 +370,14 @@ pub fn prefill_expand<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let mut kernels: Vec<Option<ExpandKernel>> = [1, 2, 4]
             .into_iter()
             .flat_map(|m| [1, 2, 4, 8].into_iter().filter_map(move |n| MmaExpandConfig::with_tile::<R, F>(client, layout_ref, m, n)))
+            // Each config compiles its own kernel: stages 2–4 on the corner tiles only.
+            .flat_map(|config| {
+                let corner = config.m_frags <= 2 && [1, 8].contains(&config.n_frags);
+                [1, 2, 3, 4]
+                    .into_iter()
+                    .filter(move |&s| s == 1 || corner)
+                    .filter_map(move |stages| config.with_stages::<R, F>(client, stages))
+            })
             .flat_map(|config| [0, 1].map(|token_splits| Some(ExpandKernel::Mma { config, token_splits })))
             .collect();
         if kernels.is_empty() {

@@ -6,7 +6,8 @@
 //! the same run. Inputs rotate over enough independent buffer sets that each launch streams
 //! its adapters from HBM, not from the 50 MB L2.
 //!
-//! Usage: `lora_bench [--quick] [--prefill-only] [--case NAME-PART] [--csv FILE] [--profile-pass]`.
+//! Usage: `lora_bench [--quick] [--prefill-only] [--case NAME-PART] [--variant NAME-PART]
+//! [--csv FILE] [--profile-pass]`.
 //! `--profile-pass` launches every kernel a few times with no timing loop, for `ncu` to time
 //! the kernels themselves; prefill cases add a sweep over the tensor-core kernels' tile shapes.
 
@@ -41,11 +42,17 @@ struct Opts {
     /// Only the cases whose name contains this (e.g. `"qkv R=16 T=32 adapters=8"`), so a
     /// profiler can be pointed at one case.
     case_filter: Option<String>,
+    /// Only the tile-sweep variants whose name contains this (e.g. `"expand m1 n8 s3"`).
+    variant_filter: Option<String>,
 }
 
 impl Opts {
     fn selects(&self, case: &str) -> bool {
         self.case_filter.as_deref().is_none_or(|f| case.contains(f))
+    }
+
+    fn selects_variant(&self, variant: &str) -> bool {
+        self.variant_filter.as_deref().is_none_or(|f| variant.contains(f))
     }
 }
 
@@ -377,28 +384,35 @@ fn tile_sweep<R: Runtime, E: StorageElem>(
         shrink_bytes,
         expand_bytes,
     };
+    // Register-staged: the default tile only (the K-group and chunk sweeps of runs 9-11 chose
+    // its defaults). Pipelined: 16-, 32- and 64-token tiles, the default row block and one
+    // covering every A row (x read once), with one or two K groups, at each chunk and depth.
     let mut shrinks: Vec<(String, MmaShrinkConfig)> = Vec::new();
-    for m in [1, 2, 4] {
-        for nf in [1, 2, 3, 4, 6, 8] {
-            for (kc, kg) in [64, 128, 256].into_iter().flat_map(|kc| [1, 2, 4].map(|kg| (kc, kg))) {
-                if let Some(config) = MmaShrinkConfig::with_tile_chunk::<R, E>(client, layout, m, nf, kc, kg) {
-                    shrinks.push((format!("shrink m{m} n{nf} k{kc} g{kg}"), config));
+    if let ShrinkKernel::Mma { config: default_config, .. } = default_shrink {
+        let (m, nf, kg, kc) = (default_config.m_frags, default_config.n_frags, default_config.k_groups, default_config.k_chunk);
+        if let Some(config) = MmaShrinkConfig::with_tile_chunk::<R, E>(client, layout, m, nf, kc, kg) {
+            shrinks.push((format!("shrink m{m} n{nf} k{kc} g{kg}"), config));
+        }
+        let row_frags = layout.groups() * layout.max_rank() / 16;
+        let mut pipelined = Vec::new();
+        for (m, nf) in [1, 2, 4].into_iter().flat_map(|m| [nf, row_frags].map(|nf| (m, nf))) {
+            for (kg, kc, stages) in
+                [kg, 1, 2].into_iter().flat_map(|kg| [64, 128].into_iter().flat_map(move |kc| [2, 3].map(|st| (kg, kc, st))))
+            {
+                let config = MmaShrinkConfig::with_tile_chunk::<R, E>(client, layout, m, nf, kc, kg)
+                    .and_then(|c| c.with_stages::<R, E>(client, stages));
+                if let Some(config) = config.filter(|c| !pipelined.contains(c)) {
+                    pipelined.push(config);
+                    shrinks.push((format!("shrink m{m} n{nf} k{kc} g{kg} s{stages}"), config));
                 }
             }
         }
-    }
-    // The default tile (K groups, chunk) staged by asynchronous copies, at each depth and chunk.
-    if let ShrinkKernel::Mma { config: default_config, .. } = default_shrink {
-        let (m, nf, kg) = (default_config.m_frags, default_config.n_frags, default_config.k_groups);
-        for (kc, stages) in [64, 128, 256].into_iter().flat_map(|kc| [2, 3, 4].map(|st| (kc, st))) {
-            let pipelined =
-                MmaShrinkConfig::with_tile_chunk::<R, E>(client, layout, m, nf, kc, kg).and_then(|c| c.with_stages::<R, E>(client, stages));
-            if let Some(config) = pipelined {
-                shrinks.push((format!("shrink m{m} n{nf} k{kc} g{kg} s{stages}"), config));
-            }
+        if default_config.stages > 1 && !pipelined.contains(&default_config) {
+            let name = format!("shrink m{m} n{nf} k{kc} g{kg} s{}", default_config.stages);
+            shrinks.push((name, default_config));
         }
     }
-    for (name, config) in shrinks {
+    for (name, config) in shrinks.into_iter().filter(|(name, _)| opts.selects_variant(name)) {
         let kernel = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
         let us = time_us(client, opts, iters, |i| {
             let d = &mut data[i % n];
@@ -409,16 +423,21 @@ fn tile_sweep<R: Runtime, E: StorageElem>(
     }
     let mut expands: Vec<(String, ExpandKernel)> =
         vec![("expand cuda-core".into(), ExpandKernel::Scalar(ExpandConfig::new(client, layout, size_of::<E>(), num_segments, max_len)))];
-    for m in [1, 2, 4] {
-        for nf in [2, 4, 8] {
-            if let Some(config) = MmaExpandConfig::with_tile::<R, E>(client, layout, m, nf) {
-                let tiles = max_len.div_ceil(config.tile_tokens());
-                expands.push((format!("expand m{m} n{nf}"), ExpandKernel::Mma { config, token_splits: 0 }));
-                expands.push((format!("expand m{m} n{nf} tile-per-cube"), ExpandKernel::Mma { config, token_splits: tiles }));
+    // Register-staged and pipelined 16- and 32-token tiles of 128 columns (the widest; the
+    // sweeps of runs 9 and 14 ruled out narrower ones), at each depth, with the default token
+    // split and with four cubes per segment and column block.
+    for m in [1, 2] {
+        if let Some(config) = MmaExpandConfig::with_tile::<R, E>(client, layout, m, 8) {
+            expands.push((format!("expand m{m} n8"), ExpandKernel::Mma { config, token_splits: 0 }));
+            for stages in [2, 3, 4] {
+                if let Some(config) = config.with_stages::<R, E>(client, stages) {
+                    expands.push((format!("expand m{m} n8 s{stages}"), ExpandKernel::Mma { config, token_splits: 0 }));
+                    expands.push((format!("expand m{m} n8 s{stages} x4"), ExpandKernel::Mma { config, token_splits: 4 }));
+                }
             }
         }
     }
-    for (name, kernel) in expands {
+    for (name, kernel) in expands.into_iter().filter(|(name, _)| opts.selects_variant(name)) {
         let us = time_us(client, opts, iters, |i| {
             let d = &mut data[i % n];
             launch_expand(client, layout, &d.pool, dev, &d.a, &mut d.y, Some(kernel)).unwrap()
@@ -529,6 +548,7 @@ fn main() {
         profile_pass: flag("--profile-pass"),
         prefill_only: flag("--prefill-only"),
         case_filter: value("--case"),
+        variant_filter: value("--variant"),
     };
     let csv_path = value("--csv");
     if opts.smoke {

@@ -1,0 +1,305 @@
+//! The tensor-core expand with its y and intermediate tiles staged by asynchronous copies into
+//! 2–4 shared-memory stages (`MmaExpandConfig::stages`), for devices with `cp.async` and block
+//! barriers (sm_80 and later).
+//!
+//! A prefill expand is a pass over y: at rank 16 its MMAs are a few percent of the time, and
+//! [`crate::expand_mma`]'s kernel, which loads one token tile ahead into registers, kept too
+//! few bytes in flight to stream y at the copy bandwidth (H100: 1.2–1.4 TB/s against 3.0).
+//! Here the delta `(scale·a)·Bᵀ` of a tile is computed from zero, not on top of y, so y need
+//! not pass through the accumulator: each thread copies its 16-byte y vectors and intermediate
+//! vectors of tile `c + stages − 1` straight into a free stage while the cube works on tile
+//! `c`, and adds the delta to the staged y on the way out. `stages − 1` tiles are in flight
+//! per cube, no register holds them, and each y element is still read and written once.
+//!
+//! Per tile: wait for its stage's barrier; scale the staged intermediate into the MMA operand
+//! (zero past the slot's rank and the segment); block sync (after which the stage the previous
+//! tile used is free and is refilled); MMAs into an f32 delta tile; block sync; y + delta back
+//! to y. Rows past the segment are neither copied nor written. Tile, grid, exits, contract and
+//! reference are [`crate::expand_mma`]'s.
+
+use cubecl::prelude::barrier::{Barrier, copy_async};
+use cubecl::prelude::*;
+
+use crate::batch::NO_SLOT;
+use crate::expand_mma::MmaExpandConfig;
+use crate::shrink_mma::TILE;
+
+/// Vector width of the staged intermediate (f32): one 16-byte copy.
+pub(crate) const A_VECTOR: usize = 4;
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size>(
+    a: &Array<Vector<f32, NA>>,
+    b_pool: &Array<Vector<F, NB>>,
+    y: &mut Array<Vector<F, NY>>,
+    slice_info: &Array<u32>,
+    seg_indptr: &Array<u32>,
+    weight_indices: &Array<u32>,
+    token_perm: &Array<u32>,
+    ranks: &Array<u32>,
+    scales: &Array<f32>,
+    out_features: u32,
+    token_splits: u32,
+    #[comptime] cfg: MmaExpandConfig,
+) {
+    let tile = comptime!(TILE as usize);
+    let tm = comptime!(cfg.tile_tokens() as usize);
+    let bw = comptime!(cfg.block_columns() as usize);
+    let n_frags = comptime!(cfg.n_frags as usize);
+    let max_rank = comptime!(cfg.max_rank as usize);
+    let threads = comptime!(cfg.warps() as usize * 32);
+    let ny = comptime!(cfg.out_vector as usize);
+    let nb = comptime!(cfg.rank_vector as usize);
+    let rank_vecs_max = comptime!((cfg.max_rank / cfg.rank_vector) as usize);
+    let bw_vecs = comptime!((cfg.block_columns() / cfg.out_vector) as usize);
+    let a_vecs = comptime!(max_rank / A_VECTOR);
+    let stages = comptime!(cfg.stages as usize);
+    // Padded strides keep the MMA operands' rows out of the same shared-memory banks.
+    let rs = comptime!(max_rank + 8);
+    let ds = comptime!(bw + 8);
+    let dsv = comptime!(ds / ny);
+    let rsv = comptime!(rs / nb);
+
+    let splits = token_splits as usize;
+    let seg = CUBE_POS_Z as usize / splits;
+    let split = CUBE_POS_Z as usize % splits;
+    let slice = CUBE_POS_Y as usize;
+    let offset = slice_info[slice * 3] as usize;
+    let width = slice_info[slice * 3 + 1] as usize;
+    let group = slice_info[slice * 3 + 2] as usize;
+    let block0 = CUBE_POS_X as usize * bw;
+    let slot = weight_indices[seg];
+    if block0 >= width || slot == NO_SLOT {
+        terminate!();
+    }
+    let rank = ranks[slot as usize] as usize;
+    let start = seg_indptr[seg] as usize;
+    let end = seg_indptr[seg + 1] as usize;
+    let first = start + split * tm;
+    if rank == 0 || first >= end {
+        terminate!();
+    }
+    let scale = scales[slot as usize];
+    let cols = min(bw, width - block0);
+    let tid = UNIT_POS as usize;
+    let warp = UNIT_POS_Y as usize;
+    let mf = warp / n_frags;
+    let nf = warp % n_frags;
+    let active = nf * tile < cols;
+    let rank_steps = rank.div_ceil(tile);
+    let step = splits * tm;
+    let tiles = (end - first).div_ceil(step);
+
+    let y_stage = comptime!(tm * bw_vecs);
+    let a_stage = comptime!(tm * a_vecs);
+    let mut y_tiles = SharedMemory::<Vector<F, NY>>::new_aligned(comptime!(stages * tm * bw_vecs), 128usize);
+    let mut a_tiles = SharedMemory::<Vector<f32, NA>>::new_aligned(comptime!(stages * tm * a_vecs), 128usize);
+    let mut b_tile = SharedMemory::<Vector<F, NB>>::new_aligned(comptime!(bw * rs / nb), 128usize);
+    let mut a_tile = SharedMemory::<F>::new_aligned(comptime!(tm * rs), 128usize);
+    let mut delta = SharedMemory::<Vector<f32, NY>>::new_aligned(comptime!(tm * ds / ny), 128usize);
+    let mut barrier_0 = Barrier::shared(comptime!(threads as u32), tid == 0);
+    let mut barrier_1 = Barrier::shared(comptime!(threads as u32), tid == 0);
+    let mut barrier_2 = Barrier::shared(comptime!(threads as u32), tid == 0);
+    let mut barrier_3 = Barrier::shared(comptime!(threads as u32), tid == 0);
+
+    // The barriers' initialisation is visible to every thread before the first copy.
+    sync_cube();
+
+    let y_vecs = out_features as usize / ny;
+    let y_col = (offset + block0) / ny;
+    let a_row = comptime!((cfg.groups * cfg.max_rank) as usize / A_VECTOR);
+    let a_col = group * a_vecs;
+    let geometry = TileGeometry { end, rank, cols, y_vecs, y_col, a_row, a_col };
+
+    // Fill every stage but the last before the first tile.
+    #[unroll]
+    for s in 0..comptime!(stages - 1) {
+        if s < tiles {
+            let p0 = first + s * step;
+            if s == 0 {
+                fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &mut barrier_0, p0, 0usize, &geometry, cfg);
+            } else if s == 1 {
+                fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &mut barrier_1, p0, 1usize, &geometry, cfg);
+            } else {
+                fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &mut barrier_2, p0, 2usize, &geometry, cfg);
+            }
+        }
+    }
+
+    // The slot's B rows for this column block, zero past the rank and past the slice, loaded
+    // while the first tiles' copies are in flight (the first tile's block sync publishes them).
+    let b_row0 = (slot as usize * out_features as usize + offset + block0) * rank_vecs_max;
+    let mut v = tid;
+    while v < comptime!(bw * rank_vecs_max) {
+        let n = v / rank_vecs_max;
+        let j0 = (v % rank_vecs_max) * nb;
+        let mut bv = Vector::<F, NB>::new(F::new(0.0));
+        if n < cols && j0 < rank {
+            bv = b_pool[b_row0 + v];
+        }
+        #[unroll]
+        for l in 0..nb {
+            if j0 + l >= rank {
+                bv[l] = F::new(0.0);
+            }
+        }
+        b_tile[n * rsv + j0 / nb] = bv;
+        v += threads;
+    }
+
+    // Tile c lives in stage c % stages; its barrier completes phase c / stages when it lands.
+    let mut c0 = 0usize.runtime();
+    while c0 < tiles {
+        #[unroll]
+        for s in 0..stages {
+            let c = c0 + s;
+            if c < tiles {
+                let p0 = first + c * step;
+                let phase = ((c / stages) % 2) as u32;
+                if s == 0 {
+                    barrier_0.wait_parity(phase);
+                } else if s == 1 {
+                    barrier_1.wait_parity(phase);
+                } else if s == 2 {
+                    barrier_2.wait_parity(phase);
+                } else {
+                    barrier_3.wait_parity(phase);
+                }
+                // The scaled intermediate in the storage type: zero past the rank and the
+                // segment (the stage holds stale data there).
+                let mut e = tid;
+                while e < comptime!(tm * max_rank) {
+                    let i = e / max_rank;
+                    let j = e % max_rank;
+                    let mut value = F::new(0.0);
+                    if p0 + i < end && j < rank {
+                        value = F::cast_from(scale * a_tiles[s * a_stage + i * a_vecs + j / A_VECTOR][j % A_VECTOR]);
+                    }
+                    a_tile[i * rs + j] = value;
+                    e += threads;
+                }
+                sync_cube();
+                // Every thread is past the previous tile's epilogue: its stage is free.
+                let ahead = c + stages - 1;
+                if ahead < tiles {
+                    let fs = (s + stages - 1) % stages;
+                    let pa = first + ahead * step;
+                    if fs == 0 {
+                        fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &mut barrier_0, pa, 0usize, &geometry, cfg);
+                    } else if fs == 1 {
+                        fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &mut barrier_1, pa, 1usize, &geometry, cfg);
+                    } else if fs == 2 {
+                        fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &mut barrier_2, pa, 2usize, &geometry, cfg);
+                    } else {
+                        fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &mut barrier_3, pa, 3usize, &geometry, cfg);
+                    }
+                }
+                if active {
+                    let acc = cmma::Matrix::<f32>::from_value(
+                        cmma::MatrixIdent::Accumulator,
+                        16usize,
+                        16usize,
+                        16usize,
+                        cmma::MatrixLayout::Undefined,
+                        0.0,
+                    );
+                    for kk in 0..rank_steps {
+                        let af = cmma::Matrix::<F>::from_slice(
+                            cmma::MatrixIdent::A,
+                            16usize,
+                            16usize,
+                            16usize,
+                            cmma::MatrixLayout::RowMajor,
+                            &a_tile.slice(mf * tile * rs + kk * tile, comptime!(tm * rs)),
+                            comptime!(rs as u32),
+                        );
+                        // Operand B(j, n) = B[slot, column n, j]: the staged rows are its columns.
+                        let bf = unsafe {
+                            cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor)
+                        };
+                        cmma::load(&bf, &b_tile.slice((nf * tile * rs + kk * tile) / nb, comptime!(bw * rsv)), comptime!(rs as u32));
+                        cmma::execute::<F, F, f32, f32>(&af, &bf, &acc, &acc);
+                    }
+                    let d0 = (mf * tile * ds + nf * tile) / ny;
+                    cmma::store(&mut delta.slice_mut(d0, comptime!(tm * dsv)), &acc, comptime!(ds as u32), cmma::MatrixLayout::RowMajor);
+                }
+                sync_cube();
+                let mut w = tid;
+                while w < comptime!(tm * bw_vecs) {
+                    let i = w / bw_vecs;
+                    let cv = w % bw_vecs;
+                    if p0 + i < end && cv * ny < cols {
+                        let sum = Vector::<f32, NY>::cast_from(y_tiles[s * y_stage + w]) + delta[i * dsv + cv];
+                        let yi = token_perm[p0 + i] as usize * y_vecs + y_col + cv;
+                        y[yi] = Vector::<F, NY>::cast_from(sum);
+                    }
+                    w += threads;
+                }
+            }
+        }
+        c0 += stages;
+    }
+}
+
+/// Where a cube's tiles live: the segment's end, the slot's rank, the columns of the block in
+/// its slice, and the y and intermediate row strides and column offsets (in vectors).
+#[derive(CubeType, Clone, Copy)]
+pub(crate) struct TileGeometry {
+    end: usize,
+    rank: usize,
+    cols: usize,
+    y_vecs: usize,
+    y_col: usize,
+    a_row: usize,
+    a_col: usize,
+}
+
+/// Issues this thread's asynchronous copies of the token tile at `p0` (its y vectors and its
+/// intermediate vectors, none past the segment, the slice's end or the rank) into `stage`,
+/// and arrives on the stage's barrier once they land.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fill<F: Float, NY: Size, NA: Size>(
+    a: &Array<Vector<f32, NA>>,
+    y: &Array<Vector<F, NY>>,
+    token_perm: &Array<u32>,
+    y_tiles: &mut SharedMemory<Vector<F, NY>>,
+    a_tiles: &mut SharedMemory<Vector<f32, NA>>,
+    barrier: &mut Barrier,
+    p0: usize,
+    #[comptime] stage: usize,
+    geometry: &TileGeometry,
+    #[comptime] cfg: MmaExpandConfig,
+) {
+    let tm = comptime!(cfg.tile_tokens() as usize);
+    let threads = comptime!(cfg.warps() as usize * 32);
+    let ny = comptime!(cfg.out_vector as usize);
+    let bw_vecs = comptime!((cfg.block_columns() / cfg.out_vector) as usize);
+    let a_vecs = comptime!(cfg.max_rank as usize / A_VECTOR);
+    let y_base = comptime!(stage * tm * bw_vecs);
+    let a_base = comptime!(stage * tm * cfg.max_rank as usize / A_VECTOR);
+    let tid = UNIT_POS as usize;
+    let mut w = tid;
+    while w < comptime!(tm * bw_vecs) {
+        let i = w / bw_vecs;
+        let cv = w % bw_vecs;
+        if p0 + i < geometry.end && cv * ny < geometry.cols {
+            let src = token_perm[p0 + i] as usize * geometry.y_vecs + geometry.y_col + cv;
+            copy_async(&y.slice(src, src + 1), &mut y_tiles.slice_mut(y_base + w, y_base + w + 1), comptime!(ny as u32));
+        }
+        w += threads;
+    }
+    let mut v = tid;
+    while v < comptime!(tm * a_vecs) {
+        let i = v / a_vecs;
+        let j0 = (v % a_vecs) * A_VECTOR;
+        if p0 + i < geometry.end && j0 < geometry.rank {
+            let src = token_perm[p0 + i] as usize * geometry.a_row + geometry.a_col + j0 / A_VECTOR;
+            copy_async(&a.slice(src, src + 1), &mut a_tiles.slice_mut(a_base + v, a_base + v + 1), comptime!(A_VECTOR as u32));
+        }
+        v += threads;
+    }
+    barrier.commit_copy_async();
+    barrier.arrive();
+}
