@@ -167,17 +167,24 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
                     barrier_3.wait_parity(phase);
                 }
                 // The scaled intermediate in the storage type: zero past the rank and the
-                // segment (the stage holds stale data there).
-                let mut e = tid;
-                while e < comptime!(tm * max_rank) {
-                    let i = e / max_rank;
-                    let j = e % max_rank;
-                    let mut value = F::new(0.0);
-                    if p0 + i < end && j < rank {
-                        value = F::cast_from(scale * a_tiles[s * a_stage + i * a_vecs + j / A_VECTOR][j % A_VECTOR]);
+                // segment (the stage holds stale data there). One staged vector per step, its
+                // lanes indexed at compile time (a runtime lane index put the vector in local
+                // memory: ncu, run 18).
+                let mut v = tid;
+                while v < comptime!(tm * a_vecs) {
+                    let i = v / a_vecs;
+                    let j0 = (v % a_vecs) * A_VECTOR;
+                    let staged = a_tiles[s * a_stage + v];
+                    let live = p0 + i < end;
+                    #[unroll]
+                    for l in 0..A_VECTOR {
+                        let mut value = F::new(0.0);
+                        if live && j0 + l < rank {
+                            value = F::cast_from(scale * staged[l]);
+                        }
+                        a_tile[i * rs + j0 + l] = value;
                     }
-                    a_tile[i * rs + j] = value;
-                    e += threads;
+                    v += threads;
                 }
                 sync_cube();
                 // Every thread is past the previous tile's epilogue: its stage is free.
