@@ -12,7 +12,9 @@
 //! storage type. Both are zero past the slot's rank, so the padding of a low-rank adapter (and
 //! the intermediate's unwritten columns) is never read into a product. Slice widths must be
 //! multiples of 16 so a fragment never straddles two slices; grid, exits and contract are the
-//! scalar [`crate::expand`]'s, and so is its f64 reference.
+//! scalar [`crate::expand`]'s, and so is its f64 reference. [`crate::expand_mma_pipelined`] is
+//! the variant with asynchronous copies, the default up to rank 32 (see
+//! [`MmaExpandConfig::supported`]).
 
 use cubecl::ir::{BarrierLevel, OpaqueType};
 use cubecl::prelude::*;
@@ -135,8 +137,8 @@ impl MmaExpandConfig {
             .flatten()
     }
 
-    /// Whether this is the configuration [`Self::with_tile`] derives for its tile on this
-    /// layout and device.
+    /// Whether this is the configuration [`Self::with_tile`] and [`Self::with_stages`] derive
+    /// for its tile and depth on this layout and device.
     pub fn fits<R: Runtime, F: CubePrimitive>(&self, client: &ComputeClient<R>, layout: &LoraLayout) -> bool {
         Self::with_tile::<R, F>(client, layout, self.m_frags, self.n_frags).and_then(|base| base.with_stages::<R, F>(client, self.stages))
             == Some(*self)
@@ -191,7 +193,6 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
     let threads = comptime!(cfg.warps() as usize * 32);
     let ny = comptime!(cfg.out_vector as usize);
     let nb = comptime!(cfg.rank_vector as usize);
-    let rank_vecs_max = comptime!((cfg.max_rank / cfg.rank_vector) as usize);
     let bw_vecs = comptime!((cfg.block_columns() / cfg.out_vector) as usize);
     // Padded strides keep consecutive rows out of the same shared-memory banks; both stay
     // multiples of 16 bytes as the MMA loads require.
@@ -202,27 +203,8 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
     let ysv = comptime!(ys / ny);
     let rsv = comptime!(rs / nb);
 
-    let splits = token_splits as usize;
-    let seg = CUBE_POS_Z as usize / splits;
-    let split = CUBE_POS_Z as usize % splits;
-    let slice = CUBE_POS_Y as usize;
-    let offset = slice_info[slice * 3] as usize;
-    let width = slice_info[slice * 3 + 1] as usize;
-    let group = slice_info[slice * 3 + 2] as usize;
-    let block0 = CUBE_POS_X as usize * bw;
-    let slot = weight_indices[seg];
-    if block0 >= width || slot == NO_SLOT {
-        terminate!();
-    }
-    let rank = ranks[slot as usize] as usize;
-    let start = seg_indptr[seg] as usize;
-    let end = seg_indptr[seg + 1] as usize;
-    if rank == 0 || start + split * tm >= end {
-        terminate!();
-    }
-    let scale = scales[slot as usize];
-    // A multiple of 16: slice widths are.
-    let cols = min(bw, width - block0);
+    let cube = expand_cube(slice_info, seg_indptr, weight_indices, ranks, scales, token_splits, cfg);
+    let (rank, end, cols, group, scale) = (cube.rank, cube.end, cube.cols, cube.group, cube.scale);
     let tid = UNIT_POS as usize;
     let warp = UNIT_POS_Y as usize;
     let mf = warp / n_frags;
@@ -235,28 +217,10 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
     let mut a_tile = SharedMemory::<F>::new_aligned(comptime!(tm * rs), 128usize);
     let mut y_tile = SharedMemory::<Vector<f32, NY>>::new_aligned(comptime!(tm * ys / ny), 128usize);
 
-    // The slot's B rows for this column block, zero past the rank and past the slice.
-    let b_row0 = (slot as usize * out_features as usize + offset + block0) * rank_vecs_max;
-    let mut v = tid;
-    while v < comptime!(bw * rank_vecs_max) {
-        let n = v / rank_vecs_max;
-        let j0 = (v % rank_vecs_max) * nb;
-        let mut bv = Vector::<F, NB>::new(F::new(0.0));
-        if n < cols && j0 < rank {
-            bv = b_pool[b_row0 + v];
-        }
-        #[unroll]
-        for l in 0..nb {
-            if j0 + l >= rank {
-                bv[l] = F::new(0.0);
-            }
-        }
-        b_tile[n * rsv + j0 / nb] = bv;
-        v += threads;
-    }
+    stage_b_block(b_pool, &mut b_tile, &cube, out_features, cfg);
 
     let y_vecs = out_features as usize / ny;
-    let y_col = (offset + block0) / ny;
+    let y_col = (cube.offset + cube.block0) / ny;
     // Each thread moves the same `a_per` intermediate entries and `y_per` y vectors of every
     // token tile; the next tile's are loaded into registers before the current tile's MMAs,
     // so a cube looping over several tiles overlaps their memory latency with its work.
@@ -264,8 +228,8 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
     let y_per = comptime!((tm * bw_vecs).div_ceil(threads));
     let mut a_next = Array::<f32>::new(a_per);
     let mut y_next = Array::<Vector<F, NY>>::new(y_per);
-    let step = splits * tm;
-    let mut p0 = start + split * tm;
+    let step = cube.step;
+    let mut p0 = cube.first;
     load_tile::<F, NY>(a, y, token_perm, &mut a_next, &mut y_next, p0, end, rank, cols, group, y_vecs, y_col, cfg);
     while p0 < end {
         // The tile's intermediate, scaled, in the storage type, and y in f32; zeros past the
@@ -326,6 +290,105 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
         }
         sync_cube();
         p0 += step;
+    }
+}
+
+/// An expand cube's place in the batch: its slot's rank and scale; its token tiles (the first
+/// at position `first` of the permuted batch, then every `step` positions up to the segment's
+/// `end`); and its column block: the slice's first column in y and intermediate group, the
+/// block's first column within the slice and its width (a multiple of 16, as slice widths are).
+#[derive(CubeType)]
+pub(crate) struct ExpandCube {
+    pub slot: usize,
+    pub rank: usize,
+    pub scale: f32,
+    pub first: usize,
+    pub step: usize,
+    pub end: usize,
+    pub offset: usize,
+    pub group: usize,
+    pub block0: usize,
+    pub cols: usize,
+}
+
+/// Reads the cube's place from the batch metadata (column block on grid x, slice on y, segment
+/// and token split on z) and exits the cube where it has nothing to do: a block past its
+/// slice's end, a segment with no adapter or of rank 0, or a split past the segment's end.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn expand_cube(
+    slice_info: &Array<u32>,
+    seg_indptr: &Array<u32>,
+    weight_indices: &Array<u32>,
+    ranks: &Array<u32>,
+    scales: &Array<f32>,
+    token_splits: u32,
+    #[comptime] cfg: MmaExpandConfig,
+) -> ExpandCube {
+    let tm = comptime!(cfg.tile_tokens() as usize);
+    let bw = comptime!(cfg.block_columns() as usize);
+    let splits = token_splits as usize;
+    let seg = CUBE_POS_Z as usize / splits;
+    let split = CUBE_POS_Z as usize % splits;
+    let slice = CUBE_POS_Y as usize;
+    let width = slice_info[slice * 3 + 1] as usize;
+    let block0 = CUBE_POS_X as usize * bw;
+    let slot = weight_indices[seg];
+    if block0 >= width || slot == NO_SLOT {
+        terminate!();
+    }
+    let rank = ranks[slot as usize] as usize;
+    let first = seg_indptr[seg] as usize + split * tm;
+    let end = seg_indptr[seg + 1] as usize;
+    if rank == 0 || first >= end {
+        terminate!();
+    }
+    ExpandCube {
+        slot: slot as usize,
+        rank,
+        scale: scales[slot as usize],
+        first,
+        step: splits * tm,
+        end,
+        offset: slice_info[slice * 3] as usize,
+        group: slice_info[slice * 3 + 2] as usize,
+        block0,
+        cols: min(bw, width - block0),
+    }
+}
+
+/// Stages the slot's B rows for the cube's column block (`16·n_frags` rows of `max_rank`
+/// values, rows padded by 8 elements), zero past the rank and past the slice's end.
+#[cube]
+pub(crate) fn stage_b_block<F: Float, NB: Size>(
+    b_pool: &Array<Vector<F, NB>>,
+    b_tile: &mut SharedMemory<Vector<F, NB>>,
+    cube: &ExpandCube,
+    out_features: u32,
+    #[comptime] cfg: MmaExpandConfig,
+) {
+    let bw = comptime!(cfg.block_columns() as usize);
+    let threads = comptime!(cfg.warps() as usize * 32);
+    let nb = comptime!(cfg.rank_vector as usize);
+    let rank_vecs_max = comptime!((cfg.max_rank / cfg.rank_vector) as usize);
+    let rsv = comptime!((cfg.max_rank as usize + 8) / nb);
+    let b_row0 = (cube.slot * out_features as usize + cube.offset + cube.block0) * rank_vecs_max;
+    let mut v = UNIT_POS as usize;
+    while v < comptime!(bw * rank_vecs_max) {
+        let n = v / rank_vecs_max;
+        let j0 = (v % rank_vecs_max) * nb;
+        let mut bv = Vector::<F, NB>::new(F::new(0.0));
+        if n < cube.cols && j0 < cube.rank {
+            bv = b_pool[b_row0 + v];
+        }
+        #[unroll]
+        for l in 0..nb {
+            if j0 + l >= cube.rank {
+                bv[l] = F::new(0.0);
+            }
+        }
+        b_tile[n * rsv + j0 / nb] = bv;
+        v += threads;
     }
 }
 

@@ -20,8 +20,7 @@
 use cubecl::prelude::barrier::{Barrier, copy_async};
 use cubecl::prelude::*;
 
-use crate::batch::NO_SLOT;
-use crate::expand_mma::MmaExpandConfig;
+use crate::expand_mma::{MmaExpandConfig, expand_cube, stage_b_block};
 use crate::shrink_mma::TILE;
 
 /// Vector width of the staged intermediate (f32): one 16-byte copy.
@@ -51,7 +50,6 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     let threads = comptime!(cfg.warps() as usize * 32);
     let ny = comptime!(cfg.out_vector as usize);
     let nb = comptime!(cfg.rank_vector as usize);
-    let rank_vecs_max = comptime!((cfg.max_rank / cfg.rank_vector) as usize);
     let bw_vecs = comptime!((cfg.block_columns() / cfg.out_vector) as usize);
     let a_vecs = comptime!(max_rank / A_VECTOR);
     let stages = comptime!(cfg.stages as usize);
@@ -61,34 +59,14 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     let dsv = comptime!(ds / ny);
     let rsv = comptime!(rs / nb);
 
-    let splits = token_splits as usize;
-    let seg = CUBE_POS_Z as usize / splits;
-    let split = CUBE_POS_Z as usize % splits;
-    let slice = CUBE_POS_Y as usize;
-    let offset = slice_info[slice * 3] as usize;
-    let width = slice_info[slice * 3 + 1] as usize;
-    let group = slice_info[slice * 3 + 2] as usize;
-    let block0 = CUBE_POS_X as usize * bw;
-    let slot = weight_indices[seg];
-    if block0 >= width || slot == NO_SLOT {
-        terminate!();
-    }
-    let rank = ranks[slot as usize] as usize;
-    let start = seg_indptr[seg] as usize;
-    let end = seg_indptr[seg + 1] as usize;
-    let first = start + split * tm;
-    if rank == 0 || first >= end {
-        terminate!();
-    }
-    let scale = scales[slot as usize];
-    let cols = min(bw, width - block0);
+    let cube = expand_cube(slice_info, seg_indptr, weight_indices, ranks, scales, token_splits, cfg);
+    let (rank, end, cols, scale, first, step) = (cube.rank, cube.end, cube.cols, cube.scale, cube.first, cube.step);
     let tid = UNIT_POS as usize;
     let warp = UNIT_POS_Y as usize;
     let mf = warp / n_frags;
     let nf = warp % n_frags;
     let active = nf * tile < cols;
     let rank_steps = rank.div_ceil(tile);
-    let step = splits * tm;
     let tiles = (end - first).div_ceil(step);
 
     let y_stage = comptime!(tm * bw_vecs);
@@ -107,9 +85,9 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     sync_cube();
 
     let y_vecs = out_features as usize / ny;
-    let y_col = (offset + block0) / ny;
+    let y_col = (cube.offset + cube.block0) / ny;
     let a_row = comptime!((cfg.groups * cfg.max_rank) as usize / A_VECTOR);
-    let a_col = group * a_vecs;
+    let a_col = cube.group * a_vecs;
     let geometry = TileGeometry { end, rank, cols, y_vecs, y_col, a_row, a_col };
 
     // Fill every stage but the last before the first tile.
@@ -127,26 +105,9 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
         }
     }
 
-    // The slot's B rows for this column block, zero past the rank and past the slice, loaded
-    // while the first tiles' copies are in flight (the first tile's block sync publishes them).
-    let b_row0 = (slot as usize * out_features as usize + offset + block0) * rank_vecs_max;
-    let mut v = tid;
-    while v < comptime!(bw * rank_vecs_max) {
-        let n = v / rank_vecs_max;
-        let j0 = (v % rank_vecs_max) * nb;
-        let mut bv = Vector::<F, NB>::new(F::new(0.0));
-        if n < cols && j0 < rank {
-            bv = b_pool[b_row0 + v];
-        }
-        #[unroll]
-        for l in 0..nb {
-            if j0 + l >= rank {
-                bv[l] = F::new(0.0);
-            }
-        }
-        b_tile[n * rsv + j0 / nb] = bv;
-        v += threads;
-    }
+    // B is staged while the first tiles' copies are in flight (the first tile's block sync
+    // publishes it).
+    stage_b_block(b_pool, &mut b_tile, &cube, out_features, cfg);
 
     // Tile c lives in stage c % stages; its barrier completes phase c / stages when it lands.
     let mut c0 = 0usize.runtime();
