@@ -22,6 +22,7 @@ use cubecl::prelude::*;
 
 use crate::expand_mma::{MmaExpandConfig, expand_cube, stage_b_block};
 use crate::shrink_mma::TILE;
+use crate::shrink_mma_pipelined::wait_stage;
 
 /// Vector width of the staged intermediate (f32): one 16-byte copy.
 pub(crate) const A_VECTOR: usize = 4;
@@ -117,16 +118,7 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
             let c = c0 + s;
             if c < tiles {
                 let p0 = first + c * step;
-                let phase = ((c / stages) % 2) as u32;
-                if s == 0 {
-                    barrier_0.wait_parity(phase);
-                } else if s == 1 {
-                    barrier_1.wait_parity(phase);
-                } else if s == 2 {
-                    barrier_2.wait_parity(phase);
-                } else {
-                    barrier_3.wait_parity(phase);
-                }
+                wait_stage(&barrier_0, &barrier_1, &barrier_2, &barrier_3, s, c, cfg.stages);
                 // The scaled intermediate in the storage type: zero past the rank and the
                 // segment (the stage holds stale data there). One staged vector per step, its
                 // lanes indexed at compile time (a runtime lane index put the vector in local

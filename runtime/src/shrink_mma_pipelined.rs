@@ -124,16 +124,7 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
                         fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &mut barrier_3, &x_src, &a_src, &a_live, xs, as_, step, cfg);
                     }
                 }
-                let phase = ((c / stages) % 2) as u32;
-                if s == 0 {
-                    barrier_0.wait_parity(phase);
-                } else if s == 1 {
-                    barrier_1.wait_parity(phase);
-                } else if s == 2 {
-                    barrier_2.wait_parity(phase);
-                } else {
-                    barrier_3.wait_parity(phase);
-                }
+                wait_stage(&barrier_0, &barrier_1, &barrier_2, &barrier_3, s, c, cfg.stages);
                 if active {
                     let xs = s * x_stage;
                     let as_ = s * a_stage;
@@ -162,6 +153,32 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     }
     sync_cube();
     store_tile(out, &c_tile, token_perm, p0, end, row_base, rank, cfg);
+}
+
+/// Waits until chunk (or tile) `c`, which lives in stage `stage` (`c % stages`), has landed:
+/// the stage's barrier completes phase `c / stages` when it does. (cubecl 0.10 has no arrays
+/// of barriers, so the four stage barriers are passed by name.)
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn wait_stage(
+    barrier_0: &Barrier,
+    barrier_1: &Barrier,
+    barrier_2: &Barrier,
+    barrier_3: &Barrier,
+    #[comptime] stage: usize,
+    c: usize,
+    #[comptime] stages: u32,
+) {
+    let phase = ((c / comptime!(stages as usize)) % 2) as u32;
+    if comptime!(stage == 0) {
+        barrier_0.wait_parity(phase);
+    } else if comptime!(stage == 1) {
+        barrier_1.wait_parity(phase);
+    } else if comptime!(stage == 2) {
+        barrier_2.wait_parity(phase);
+    } else {
+        barrier_3.wait_parity(phase);
+    }
 }
 
 /// Issues this thread's asynchronous copies of one chunk (`step` vectors into every row) into
