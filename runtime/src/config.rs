@@ -2,6 +2,7 @@
 //! knows about the batch) and becomes the kernel's comptime specialisation, so one compiled
 //! kernel exists per (layout shape, tile choice) and the layout cannot disagree with the code.
 
+use cubecl::ir::{BarrierLevel, OpaqueType};
 use cubecl::prelude::*;
 use lorac_plan::LoraLayout;
 
@@ -63,6 +64,15 @@ impl ShrinkConfig {
             vector,
         }
     }
+}
+
+/// Whether a tensor-core kernel may stage through `stages` (2–4) shared-memory buffers filled
+/// by asynchronous copies: the device has `cp.async` and block barriers, each copy moves
+/// `copy_bytes` = 16 bytes, and the kernel's `shared_bytes` fit the device's shared memory.
+pub(crate) fn pipeline_fits<R: Runtime>(client: &ComputeClient<R>, stages: u32, copy_bytes: u32, shared_bytes: u32) -> bool {
+    let props = client.properties();
+    let async_copies = props.features.copy_async && props.supports_type(OpaqueType::Barrier(BarrierLevel::Cube));
+    async_copies && (2..=4).contains(&stages) && copy_bytes == 16 && shared_bytes <= props.hardware.max_shared_memory_size as u32
 }
 
 pub(crate) fn multiprocessors<R: Runtime>(client: &ComputeClient<R>) -> u32 {

@@ -16,7 +16,6 @@
 //! the variant with asynchronous copies, the default up to rank 32 (see
 //! [`MmaExpandConfig::supported`]).
 
-use cubecl::ir::{BarrierLevel, OpaqueType};
 use cubecl::prelude::*;
 use lorac_plan::LoraLayout;
 
@@ -94,12 +93,9 @@ impl MmaExpandConfig {
         if stages == 1 {
             return Some(base);
         }
-        let props = client.properties();
-        let elem = size_of::<F>() as u32;
-        let async_copies = props.features.copy_async && props.supports_type(OpaqueType::Barrier(BarrierLevel::Cube));
         let staged = MmaExpandConfig { stages, ..base };
-        let fits = staged.pipelined_shared_bytes(elem) <= props.hardware.max_shared_memory_size as u32;
-        (async_copies && (2..=4).contains(&stages) && self.out_vector * elem == 16 && fits).then_some(staged)
+        let elem = size_of::<F>() as u32;
+        crate::config::pipeline_fits(client, stages, self.out_vector * elem, staged.pipelined_shared_bytes(elem)).then_some(staged)
     }
 
     /// The default tile for segments of at most `max_segment_len` tokens. Up to rank

@@ -22,7 +22,7 @@ use cubecl::prelude::*;
 
 use crate::expand_mma::{MmaExpandConfig, expand_cube, stage_b_block};
 use crate::shrink_mma::TILE;
-use crate::shrink_mma_pipelined::wait_stage;
+use crate::shrink_mma_pipelined::{arrive_on_stage, wait_stage};
 
 /// Vector width of the staged intermediate (f32): one 16-byte copy.
 pub(crate) const A_VECTOR: usize = 4;
@@ -77,10 +77,10 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     let mut b_tile = SharedMemory::<Vector<F, NB>>::new_aligned(comptime!(bw * rs / nb), 128usize);
     let mut a_tile = SharedMemory::<F>::new_aligned(comptime!(tm * rs), 128usize);
     let mut delta = SharedMemory::<Vector<f32, NY>>::new_aligned(comptime!(tm * ds / ny), 128usize);
-    let mut barrier_0 = Barrier::shared(comptime!(threads as u32), tid == 0);
-    let mut barrier_1 = Barrier::shared(comptime!(threads as u32), tid == 0);
-    let mut barrier_2 = Barrier::shared(comptime!(threads as u32), tid == 0);
-    let mut barrier_3 = Barrier::shared(comptime!(threads as u32), tid == 0);
+    let barrier_0 = Barrier::shared(comptime!(threads as u32), tid == 0);
+    let barrier_1 = Barrier::shared(comptime!(threads as u32), tid == 0);
+    let barrier_2 = Barrier::shared(comptime!(threads as u32), tid == 0);
+    let barrier_3 = Barrier::shared(comptime!(threads as u32), tid == 0);
 
     // The barriers' initialisation is visible to every thread before the first copy.
     sync_cube();
@@ -95,14 +95,21 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     #[unroll]
     for s in 0..comptime!(stages - 1) {
         if s < tiles {
-            let p0 = first + s * step;
-            if s == 0 {
-                fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &mut barrier_0, p0, 0usize, &geometry, cfg);
-            } else if s == 1 {
-                fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &mut barrier_1, p0, 1usize, &geometry, cfg);
-            } else {
-                fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &mut barrier_2, p0, 2usize, &geometry, cfg);
-            }
+            fill::<F, NY, NA>(
+                a,
+                y,
+                token_perm,
+                &mut y_tiles,
+                &mut a_tiles,
+                &barrier_0,
+                &barrier_1,
+                &barrier_2,
+                &barrier_3,
+                first + s * step,
+                s,
+                &geometry,
+                cfg,
+            );
         }
     }
 
@@ -143,17 +150,23 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
                 // Every thread is past the previous tile's epilogue: its stage is free.
                 let ahead = c + stages - 1;
                 if ahead < tiles {
-                    let fs = (s + stages - 1) % stages;
+                    let free = comptime!((s + stages - 1) % stages);
                     let pa = first + ahead * step;
-                    if fs == 0 {
-                        fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &mut barrier_0, pa, 0usize, &geometry, cfg);
-                    } else if fs == 1 {
-                        fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &mut barrier_1, pa, 1usize, &geometry, cfg);
-                    } else if fs == 2 {
-                        fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &mut barrier_2, pa, 2usize, &geometry, cfg);
-                    } else {
-                        fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &mut barrier_3, pa, 3usize, &geometry, cfg);
-                    }
+                    fill::<F, NY, NA>(
+                        a,
+                        y,
+                        token_perm,
+                        &mut y_tiles,
+                        &mut a_tiles,
+                        &barrier_0,
+                        &barrier_1,
+                        &barrier_2,
+                        &barrier_3,
+                        pa,
+                        free,
+                        &geometry,
+                        cfg,
+                    );
                 }
                 if active {
                     let acc = cmma::Matrix::<f32>::from_value(
@@ -226,7 +239,10 @@ fn fill<F: Float, NY: Size, NA: Size>(
     token_perm: &Array<u32>,
     y_tiles: &mut SharedMemory<Vector<F, NY>>,
     a_tiles: &mut SharedMemory<Vector<f32, NA>>,
-    barrier: &mut Barrier,
+    barrier_0: &Barrier,
+    barrier_1: &Barrier,
+    barrier_2: &Barrier,
+    barrier_3: &Barrier,
     p0: usize,
     #[comptime] stage: usize,
     geometry: &TileGeometry,
@@ -260,6 +276,5 @@ fn fill<F: Float, NY: Size, NA: Size>(
         }
         v += threads;
     }
-    barrier.commit_copy_async();
-    barrier.arrive();
+    arrive_on_stage(barrier_0, barrier_1, barrier_2, barrier_3, stage);
 }

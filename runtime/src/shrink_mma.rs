@@ -19,7 +19,6 @@
 //! contract and reference as [`crate::shrink`].
 
 use cubecl::features::MmaConfig;
-use cubecl::ir::{BarrierLevel, OpaqueType};
 use cubecl::prelude::*;
 use lorac_plan::LoraLayout;
 
@@ -213,13 +212,10 @@ impl MmaShrinkConfig {
         if stages == 1 {
             return Some(MmaShrinkConfig { stages, ..self });
         }
-        let props = client.properties();
         let elem = size_of::<F>() as u32;
-        let async_copies = props.features.copy_async && props.supports_type(OpaqueType::Barrier(BarrierLevel::Cube));
         let shared = stages * Self::staged_bytes(self.m_frags, self.n_frags, self.k_chunk, elem)
             + self.m_frags * self.n_frags * self.k_groups * TILE * TILE * 4;
-        let fits = shared <= props.hardware.max_shared_memory_size as u32;
-        (async_copies && (2..=4).contains(&stages) && self.vector * elem == 16 && fits).then_some(MmaShrinkConfig { stages, ..self })
+        crate::config::pipeline_fits(client, stages, self.vector * elem, shared).then_some(MmaShrinkConfig { stages, ..self })
     }
 
     /// `k_groups` warps per 16×16 output fragment.

@@ -67,10 +67,10 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     let acc =
         cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0);
     // Every thread arrives on a stage's barrier once per fill (all threads fill every stage).
-    let mut barrier_0 = Barrier::shared(comptime!(threads as u32), tid == 0);
-    let mut barrier_1 = Barrier::shared(comptime!(threads as u32), tid == 0);
-    let mut barrier_2 = Barrier::shared(comptime!(threads as u32), tid == 0);
-    let mut barrier_3 = Barrier::shared(comptime!(threads as u32), tid == 0);
+    let barrier_0 = Barrier::shared(comptime!(threads as u32), tid == 0);
+    let barrier_1 = Barrier::shared(comptime!(threads as u32), tid == 0);
+    let barrier_2 = Barrier::shared(comptime!(threads as u32), tid == 0);
+    let barrier_3 = Barrier::shared(comptime!(threads as u32), tid == 0);
     sync_cube();
 
     let x_per = comptime!((tm * kc_vecs).div_ceil(threads));
@@ -86,16 +86,22 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     #[unroll]
     for s in 0..comptime!(cfg.stages as usize - 1) {
         if s < chunks {
-            let xs = s * x_stage;
-            let as_ = s * a_stage;
-            let step = s * kc_vecs;
-            if s == 0 {
-                fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &mut barrier_0, &x_src, &a_src, &a_live, xs, as_, step, cfg);
-            } else if s == 1 {
-                fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &mut barrier_1, &x_src, &a_src, &a_live, xs, as_, step, cfg);
-            } else {
-                fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &mut barrier_2, &x_src, &a_src, &a_live, xs, as_, step, cfg);
-            }
+            fill::<F, N>(
+                x,
+                a_pool,
+                &mut x_tiles,
+                &mut a_tiles,
+                &barrier_0,
+                &barrier_1,
+                &barrier_2,
+                &barrier_3,
+                &x_src,
+                &a_src,
+                &a_live,
+                s,
+                s * kc_vecs,
+                cfg,
+            );
         }
     }
 
@@ -110,19 +116,23 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
             if c < chunks {
                 let ahead = c + stages - 1;
                 if ahead < chunks {
-                    let fs = (s + stages - 1) % stages;
-                    let xs = fs * x_stage;
-                    let as_ = fs * a_stage;
-                    let step = ahead * kc_vecs;
-                    if fs == 0 {
-                        fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &mut barrier_0, &x_src, &a_src, &a_live, xs, as_, step, cfg);
-                    } else if fs == 1 {
-                        fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &mut barrier_1, &x_src, &a_src, &a_live, xs, as_, step, cfg);
-                    } else if fs == 2 {
-                        fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &mut barrier_2, &x_src, &a_src, &a_live, xs, as_, step, cfg);
-                    } else {
-                        fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &mut barrier_3, &x_src, &a_src, &a_live, xs, as_, step, cfg);
-                    }
+                    let free = comptime!((s + stages - 1) % stages);
+                    fill::<F, N>(
+                        x,
+                        a_pool,
+                        &mut x_tiles,
+                        &mut a_tiles,
+                        &barrier_0,
+                        &barrier_1,
+                        &barrier_2,
+                        &barrier_3,
+                        &x_src,
+                        &a_src,
+                        &a_live,
+                        free,
+                        ahead * kc_vecs,
+                        cfg,
+                    );
                 }
                 wait_stage(&barrier_0, &barrier_1, &barrier_2, &barrier_3, s, c, cfg.stages);
                 if active {
@@ -157,7 +167,8 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
 
 /// Waits until chunk (or tile) `c`, which lives in stage `stage` (`c % stages`), has landed:
 /// the stage's barrier completes phase `c / stages` when it does. (cubecl 0.10 has no arrays
-/// of barriers, so the four stage barriers are passed by name.)
+/// of barriers, so the four stage barriers are passed by name, here and in
+/// [`arrive_on_stage`].)
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn wait_stage(
@@ -181,8 +192,33 @@ pub(crate) fn wait_stage(
     }
 }
 
+/// Makes this thread's asynchronous copies into stage `stage` visible on the stage's barrier,
+/// and arrives on it.
+#[cube]
+pub(crate) fn arrive_on_stage(
+    barrier_0: &Barrier,
+    barrier_1: &Barrier,
+    barrier_2: &Barrier,
+    barrier_3: &Barrier,
+    #[comptime] stage: usize,
+) {
+    if comptime!(stage == 0) {
+        barrier_0.commit_copy_async();
+        barrier_0.arrive();
+    } else if comptime!(stage == 1) {
+        barrier_1.commit_copy_async();
+        barrier_1.arrive();
+    } else if comptime!(stage == 2) {
+        barrier_2.commit_copy_async();
+        barrier_2.arrive();
+    } else {
+        barrier_3.commit_copy_async();
+        barrier_3.arrive();
+    }
+}
+
 /// Issues this thread's asynchronous copies of one chunk (`step` vectors into every row) into
-/// the stage at `x_stage`/`a_stage`, and arrives on the stage's barrier once they land.
+/// stage `stage`, and arrives on the stage's barrier once they land.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn fill<F: Float, N: Size>(
@@ -190,12 +226,14 @@ fn fill<F: Float, N: Size>(
     a_pool: &Array<Vector<F, N>>,
     x_tiles: &mut SharedMemory<Vector<F, N>>,
     a_tiles: &mut SharedMemory<Vector<F, N>>,
-    barrier: &mut Barrier,
+    barrier_0: &Barrier,
+    barrier_1: &Barrier,
+    barrier_2: &Barrier,
+    barrier_3: &Barrier,
     x_src: &Array<usize>,
     a_src: &Array<usize>,
     a_live: &Array<bool>,
-    x_stage: usize,
-    a_stage: usize,
+    #[comptime] stage: usize,
     step: usize,
     #[comptime] cfg: MmaShrinkConfig,
 ) {
@@ -206,6 +244,8 @@ fn fill<F: Float, N: Size>(
     let sv = comptime!((cfg.k_chunk as usize + 8) / cfg.vector as usize);
     let x_per = comptime!((tm * kc_vecs).div_ceil(threads));
     let a_per = comptime!((tn * kc_vecs).div_ceil(threads));
+    let x_stage = comptime!(stage * tm * sv);
+    let a_stage = comptime!(stage * tn * sv);
     let tid = UNIT_POS as usize;
     #[unroll]
     for s in 0..x_per {
@@ -225,6 +265,5 @@ fn fill<F: Float, N: Size>(
             copy_async(&a_pool.slice(src, src + 1), &mut a_tiles.slice_mut(dst, dst + 1), comptime!(cfg.vector));
         }
     }
-    barrier.commit_copy_async();
-    barrier.arrive();
+    arrive_on_stage(barrier_0, barrier_1, barrier_2, barrier_3, stage);
 }
