@@ -30,8 +30,8 @@ fn mma_shrink_for_chunks<R: Runtime, F: Float>(
     if chunk % TILE != 0 {
         return None;
     }
-    let preferred = MmaShrinkConfig::supported::<R, F>(client, layout, capacity, chunk)?;
-    MmaShrinkConfig::with_tile::<R, F>(client, layout, frags_dividing(chunk, preferred.m_frags), preferred.n_frags)
+    let preferred = MmaShrinkConfig::supported::<F>(client.properties(), layout, capacity, chunk)?;
+    MmaShrinkConfig::with_tile::<F>(client.properties(), layout, frags_dividing(chunk, preferred.m_frags), preferred.n_frags)
 }
 
 /// The tensor-core expand with a token tile that divides the chunk, where one applies.
@@ -39,9 +39,9 @@ fn mma_expand_for_chunks<R: Runtime, F: Float>(client: &ComputeClient<R>, layout
     if chunk % TILE != 0 {
         return None;
     }
-    let preferred = MmaExpandConfig::supported::<R, F>(client, layout, chunk)?;
-    MmaExpandConfig::with_tile::<R, F>(client, layout, frags_dividing(chunk, preferred.m_frags), preferred.n_frags)?
-        .with_stages::<R, F>(client, preferred.stages)
+    let preferred = MmaExpandConfig::supported::<F>(client.properties(), layout, chunk)?;
+    MmaExpandConfig::with_tile::<F>(client.properties(), layout, frags_dividing(chunk, preferred.m_frags), preferred.n_frags)?
+        .with_stages::<F>(client.properties(), preferred.stages)
 }
 
 /// The largest of `m_frags`, `m_frags / 2`, … (powers of two) whose 16-token tiles divide

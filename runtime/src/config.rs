@@ -2,7 +2,7 @@
 //! knows about the batch) and becomes the kernel's comptime specialisation, so one compiled
 //! kernel exists per (layout shape, tile choice) and the layout cannot disagree with the code.
 
-use cubecl::ir::{BarrierLevel, OpaqueType};
+use cubecl::ir::{BarrierLevel, DeviceProperties, OpaqueType};
 use cubecl::prelude::*;
 use lorac_plan::LoraLayout;
 
@@ -37,7 +37,7 @@ impl ShrinkConfig {
         max_segment_len: u32,
     ) -> Self {
         let max_rank = layout.max_rank();
-        let target = 2 * u64::from(multiprocessors(client));
+        let target = 2 * u64::from(multiprocessors(client.properties()));
         let fits = |r: u32| [r, 4, 2, 1].into_iter().find(|d| max_rank % d == 0).unwrap_or(1);
         let longest = max_segment_len.max(1).next_power_of_two();
         let options = [(8, 8), (4, 4), (4, 2), (4, 1)];
@@ -49,7 +49,7 @@ impl ShrinkConfig {
                 u64::from(layout.groups() * max_rank / r) * num_segments as u64 * u64::from(max_segment_len.div_ceil(t)) >= target
             })
             .unwrap_or((fits(4), 1));
-        let vector = vector_size(client, elem_size, &[layout.in_features()]) as u32;
+        let vector = vector_size(client.properties(), elem_size, &[layout.in_features()]) as u32;
         let k_vecs = layout.in_features() / vector;
         let (threads, plane) = shrink_threads(client, k_vecs, rows_per_cube * tokens);
         ShrinkConfig {
@@ -69,20 +69,19 @@ impl ShrinkConfig {
 /// Whether a tensor-core kernel may stage through `stages` (2–4) shared-memory buffers filled
 /// by asynchronous copies: the device has `cp.async` and block barriers, each copy moves
 /// `copy_bytes` = 16 bytes, and the kernel's `shared_bytes` fit the device's shared memory.
-pub(crate) fn pipeline_fits<R: Runtime>(client: &ComputeClient<R>, stages: u32, copy_bytes: u32, shared_bytes: u32) -> bool {
-    let props = client.properties();
+pub(crate) fn pipeline_fits(props: &DeviceProperties, stages: u32, copy_bytes: u32, shared_bytes: u32) -> bool {
     let async_copies = props.features.copy_async && props.supports_type(OpaqueType::Barrier(BarrierLevel::Cube));
     async_copies && (2..=4).contains(&stages) && copy_bytes == 16 && shared_bytes <= props.hardware.max_shared_memory_size as u32
 }
 
-pub(crate) fn multiprocessors<R: Runtime>(client: &ComputeClient<R>) -> u32 {
-    client.properties().hardware.num_streaming_multiprocessors.unwrap_or(64)
+pub(crate) fn multiprocessors(device: &DeviceProperties) -> u32 {
+    device.hardware.num_streaming_multiprocessors.unwrap_or(64)
 }
 
 /// How many ways to split work laid out as `cubes` cubes so the grid has about eight cubes per
 /// multiprocessor (streaming kernels want many loads in flight), between 1 and `max_splits`.
 pub(crate) fn splits_to_fill<R: Runtime>(client: &ComputeClient<R>, cubes: u32, max_splits: u32) -> u32 {
-    (8 * multiprocessors(client)).div_ceil(cubes.max(1)).clamp(1, max_splits.max(1))
+    (8 * multiprocessors(client.properties())).div_ceil(cubes.max(1)).clamp(1, max_splits.max(1))
 }
 
 /// Threads splitting a K of `k_vecs` vectors (about two loads each, so the whole adapter is in
@@ -133,8 +132,8 @@ impl ExpandConfig {
         max_segment_len: u32,
     ) -> Self {
         let widths: Vec<u32> = layout.slices().iter().map(|s| s.width).collect();
-        let out_vector = vector_size(client, elem_size, &widths) as u32;
-        let rank_vector = vector_size(client, elem_size, &[layout.max_rank()]) as u32;
+        let out_vector = vector_size(client.properties(), elem_size, &widths) as u32;
+        let rank_vector = vector_size(client.properties(), elem_size, &[layout.max_rank()]) as u32;
         let tokens_per_tile = match max_segment_len {
             0 | 1 => 1,
             2..=4 => max_segment_len.next_power_of_two(),
@@ -159,9 +158,16 @@ impl ExpandConfig {
     }
 }
 
-/// Largest vector width the device reads efficiently that divides every given length.
-pub(crate) fn vector_size<R: Runtime>(client: &ComputeClient<R>, elem_size: usize, lengths: &[u32]) -> usize {
-    client.io_optimized_vector_sizes(elem_size).filter(|v| lengths.iter().all(|l| *l as usize % v == 0)).max().unwrap_or(1)
+/// Largest vector width the device reads efficiently that divides every given length: the
+/// widths `ComputeClient::io_optimized_vector_sizes` offers (powers of two up to the device's
+/// load width and largest vector), from the device's properties alone.
+pub(crate) fn vector_size(device: &DeviceProperties, elem_size: usize, lengths: &[u32]) -> usize {
+    let widest = (device.hardware.load_width as usize / (elem_size * 8)).min(device.hardware.max_vector_size).max(1);
+    (0..=widest.trailing_zeros())
+        .map(|i| 1usize << i)
+        .filter(|v| lengths.iter().all(|l| (*l as usize).is_multiple_of(*v)))
+        .max()
+        .unwrap_or(1)
 }
 
 /// Per-slice table `[offset, width, group]` the expand kernels read (slices have unequal widths).

@@ -213,7 +213,7 @@ pub enum ExpandKernel {
 impl ExpandKernel {
     /// The tensor-core kernel where it applies and the batch fills the GPU, else the scalar one.
     pub fn choose<R: Runtime, F: Float>(client: &ComputeClient<R>, layout: &LoraLayout, num_segments: usize, max_segment_len: u32) -> Self {
-        match MmaExpandConfig::for_batch::<R, F>(client, layout, num_segments, max_segment_len) {
+        match MmaExpandConfig::for_batch::<F>(client.properties(), layout, num_segments, max_segment_len) {
             Some(config) => ExpandKernel::Mma { config, token_splits: 0 },
             None => ExpandKernel::Scalar(ExpandConfig::new(client, layout, size_of::<F>(), num_segments, max_segment_len)),
         }
@@ -239,7 +239,7 @@ pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
     match kernel {
         ExpandKernel::Scalar(cfg) => check_expand_config(layout, &cfg)?,
         ExpandKernel::Mma { config, .. } => {
-            if !config.fits::<R, F>(client, layout) {
+            if !config.fits::<F>(client.properties(), layout) {
                 return Err(LoraError::Layout(format!("tensor-core expand config {config:?} does not fit the layout or device")));
             }
         }
@@ -351,8 +351,8 @@ pub(crate) fn expand_geometry<R: Runtime>(
     threads: u32,
 ) -> (usize, usize, u32) {
     let widths: Vec<u32> = layout.slices().iter().map(|s| s.width).collect();
-    let ny = vector_size(client, elem, &widths).min(4);
-    let nb = vector_size(client, elem, &[layout.max_rank()]);
+    let ny = vector_size(client.properties(), elem, &widths).min(4);
+    let nb = vector_size(client.properties(), elem, &[layout.max_rank()]);
     let widest = widths.iter().copied().max().unwrap_or(1);
     (ny, nb, widest.div_ceil(threads * ny as u32))
 }

@@ -16,6 +16,7 @@
 //! the variant with asynchronous copies, the default up to rank 32 (see
 //! [`MmaExpandConfig::supported`]).
 
+use cubecl::ir::DeviceProperties;
 use cubecl::prelude::*;
 use lorac_plan::LoraLayout;
 
@@ -58,14 +59,9 @@ impl MmaExpandConfig {
     /// where it does not apply: no 16×16×16 MMA with f32 accumulation for this storage type on
     /// this device, a rank or slice width that is not a multiple of 16, more than
     /// [`MAX_WARPS`] warps, or a tile that overruns shared memory.
-    pub fn with_tile<R: Runtime, F: CubePrimitive>(
-        client: &ComputeClient<R>,
-        layout: &LoraLayout,
-        m_frags: u32,
-        n_frags: u32,
-    ) -> Option<Self> {
+    pub fn with_tile<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout, m_frags: u32, n_frags: u32) -> Option<Self> {
         let widths: Vec<u32> = layout.slices().iter().map(|s| s.width).collect();
-        if !cmma_supported::<R, F>(client) || layout.max_rank() % TILE != 0 || widths.iter().any(|w| w % TILE != 0) {
+        if !cmma_supported::<F>(device) || layout.max_rank() % TILE != 0 || widths.iter().any(|w| w % TILE != 0) {
             return None;
         }
         if m_frags == 0 || n_frags == 0 || m_frags * n_frags > MAX_WARPS {
@@ -77,8 +73,8 @@ impl MmaExpandConfig {
             max_rank: layout.max_rank(),
             m_frags,
             n_frags,
-            out_vector: crate::config::vector_size(client, elem, &widths).min(8) as u32,
-            rank_vector: crate::config::vector_size(client, elem, &[layout.max_rank()]) as u32,
+            out_vector: crate::config::vector_size(device, elem, &widths).min(8) as u32,
+            rank_vector: crate::config::vector_size(device, elem, &[layout.max_rank()]) as u32,
             stages: 1,
         };
         (cfg.shared_bytes(elem as u32) <= SHARED_BUDGET).then_some(cfg)
@@ -88,14 +84,14 @@ impl MmaExpandConfig {
     /// asynchronous copies (`stages` = 1: through registers), or `None` where the device has
     /// no asynchronous copies or block barriers, `stages` is not 1–4, the y vectors are not
     /// 16 bytes (the copy size), or the stages overrun the device's shared memory.
-    pub fn with_stages<R: Runtime, F: CubePrimitive>(self, client: &ComputeClient<R>, stages: u32) -> Option<Self> {
+    pub fn with_stages<F: CubePrimitive>(self, device: &DeviceProperties, stages: u32) -> Option<Self> {
         let base = MmaExpandConfig { stages: 1, ..self };
         if stages == 1 {
             return Some(base);
         }
         let staged = MmaExpandConfig { stages, ..base };
         let elem = size_of::<F>() as u32;
-        crate::config::pipeline_fits(client, stages, self.out_vector * elem, staged.pipelined_shared_bytes(elem)).then_some(staged)
+        crate::config::pipeline_fits(device, stages, self.out_vector * elem, staged.pipelined_shared_bytes(elem)).then_some(staged)
     }
 
     /// The default tile for segments of at most `max_segment_len` tokens. Up to rank
@@ -109,34 +105,34 @@ impl MmaExpandConfig {
     /// MLA 54.9 against 44.4), its staged f32 intermediate being as large as its y tile. In
     /// the sweep of run 9 wide column blocks won at rank 64 (B staged once serves more of y)
     /// and 32 × 128 was within 13% of the best register-staged shape in every prefill case.
-    pub fn supported<R: Runtime, F: CubePrimitive>(client: &ComputeClient<R>, layout: &LoraLayout, max_segment_len: u32) -> Option<Self> {
+    pub fn supported<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout, max_segment_len: u32) -> Option<Self> {
         let widest =
-            |m_frags| Self::with_tile::<R, F>(client, layout, m_frags, 8).or_else(|| Self::with_tile::<R, F>(client, layout, m_frags, 4));
+            |m_frags| Self::with_tile::<F>(device, layout, m_frags, 8).or_else(|| Self::with_tile::<F>(device, layout, m_frags, 4));
         let pipelined = (layout.max_rank() <= PIPELINED_MAX_RANK)
             .then(|| widest(1))
             .flatten()
-            .and_then(|config| config.with_stages::<R, F>(client, DEFAULT_STAGES));
+            .and_then(|config| config.with_stages::<F>(device, DEFAULT_STAGES));
         pipelined.or_else(|| widest(if max_segment_len >= 2 * TILE { 2 } else { 1 }))
     }
 
     /// [`Self::supported`], and only for batches with enough 16-token tiles to fill the GPU
     /// (decode batches stay on the scalar kernel, whose tiles are one to eight tokens).
-    pub fn for_batch<R: Runtime, F: CubePrimitive>(
-        client: &ComputeClient<R>,
+    pub fn for_batch<F: CubePrimitive>(
+        device: &DeviceProperties,
         layout: &LoraLayout,
         num_segments: usize,
         max_segment_len: u32,
     ) -> Option<Self> {
         let tiles = num_segments as u64 * u64::from(max_segment_len / TILE);
-        (tiles >= u64::from(crate::config::multiprocessors(client)))
-            .then(|| Self::supported::<R, F>(client, layout, max_segment_len))
+        (tiles >= u64::from(crate::config::multiprocessors(device)))
+            .then(|| Self::supported::<F>(device, layout, max_segment_len))
             .flatten()
     }
 
     /// Whether this is the configuration [`Self::with_tile`] and [`Self::with_stages`] derive
     /// for its tile and depth on this layout and device.
-    pub fn fits<R: Runtime, F: CubePrimitive>(&self, client: &ComputeClient<R>, layout: &LoraLayout) -> bool {
-        Self::with_tile::<R, F>(client, layout, self.m_frags, self.n_frags).and_then(|base| base.with_stages::<R, F>(client, self.stages))
+    pub fn fits<F: CubePrimitive>(&self, device: &DeviceProperties, layout: &LoraLayout) -> bool {
+        Self::with_tile::<F>(device, layout, self.m_frags, self.n_frags).and_then(|base| base.with_stages::<F>(device, self.stages))
             == Some(*self)
     }
 

@@ -41,7 +41,7 @@ impl FusedConfig {
         let max_rank = layout.max_rank();
         let tokens_per_tile = max_segment_len.clamp(1, 4).next_power_of_two();
         let rows_per_pass = [16, 8, 4, 2, 1].into_iter().find(|r| max_rank % r == 0 && r * tokens_per_tile <= 64).unwrap_or(1);
-        let vector = vector_size(client, elem_size, &[layout.in_features()]) as u32;
+        let vector = vector_size(client.properties(), elem_size, &[layout.in_features()]) as u32;
         let (threads, plane_size) = shrink_threads(client, layout.in_features() / vector, rows_per_pass * tokens_per_tile);
         let widths: Vec<u32> = layout.slices().iter().map(|s| s.width).collect();
         FusedConfig {
@@ -52,8 +52,8 @@ impl FusedConfig {
             threads,
             plane_size,
             vector,
-            out_vector: vector_size(client, elem_size, &widths) as u32,
-            rank_vector: vector_size(client, elem_size, &[max_rank]) as u32,
+            out_vector: vector_size(client.properties(), elem_size, &widths) as u32,
+            rank_vector: vector_size(client.properties(), elem_size, &[max_rank]) as u32,
         }
     }
 

@@ -45,8 +45,8 @@ impl GemmExpandConfig {
             groups: layout.groups(),
             max_rank: layout.max_rank(),
             threads: EXPAND_THREADS,
-            out_vector: vector_size(client, elem_size, &widths).min(4) as u32,
-            rank_vector: vector_size(client, elem_size, &[layout.max_rank()]) as u32,
+            out_vector: vector_size(client.properties(), elem_size, &widths).min(4) as u32,
+            rank_vector: vector_size(client.properties(), elem_size, &[layout.max_rank()]) as u32,
         }
     }
 

@@ -15,11 +15,15 @@
 //! * [`chunked`]: the prefill variant, segments cut into fixed chunks under a fixed grid;
 //! * [`embedding`]: embedding LoRA (A is a column lookup, then expand);
 //! * [`moe`]: routed-expert LoRA, gated and non-gated, router-weighted down projection.
+//!
+//! [`cuda_source`] lowers the tensor-core kernels to CUDA C++ for a described GPU (an H100),
+//! so they are expanded and checked without one (CI has no GPU).
 
 pub mod batch;
 pub mod buffer;
 pub mod chunked;
 pub mod config;
+pub mod cuda_source;
 pub mod embedding;
 pub mod error;
 pub mod executor;

@@ -120,7 +120,7 @@ impl MoeConfig {
         let e = layout.experts().ok_or_else(|| LoraError::Layout("MoE LoRA needs an expert layout".into()))?;
         let max_rank = layout.max_rank();
         let rows_per_cube = [4, 2, 1].into_iter().find(|r| max_rank % r == 0).unwrap_or(1);
-        let vector = vector_size(client, elem_size, &[layout.in_features()]) as u32;
+        let vector = vector_size(client.properties(), elem_size, &[layout.in_features()]) as u32;
         let (threads, plane_size) = shrink_threads(client, layout.in_features() / vector, rows_per_cube);
         Ok(MoeConfig {
             groups: layout.groups(),

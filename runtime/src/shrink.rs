@@ -193,7 +193,7 @@ pub enum ShrinkKernel {
 impl ShrinkKernel {
     /// The tensor-core kernel where it applies and the batch fills the GPU, else the scalar one.
     pub fn choose<R: Runtime, F: Float>(client: &ComputeClient<R>, layout: &LoraLayout, num_segments: usize, max_segment_len: u32) -> Self {
-        match MmaShrinkConfig::for_batch::<R, F>(client, layout, num_segments, max_segment_len) {
+        match MmaShrinkConfig::for_batch::<F>(client.properties(), layout, num_segments, max_segment_len) {
             Some(config) => ShrinkKernel::Mma { config, tiles_per_segment: 0 },
             None => ShrinkKernel::Scalar(ShrinkConfig::new(client, layout, size_of::<F>(), num_segments, max_segment_len)),
         }
@@ -224,7 +224,7 @@ pub fn launch_shrink<R: Runtime, F: Float + CubeElement>(
     match kernel {
         ShrinkKernel::Scalar(cfg) => check_shrink_config(layout, &cfg)?,
         ShrinkKernel::Mma { config, .. } => {
-            if !config.fits::<R, F>(client, layout) {
+            if !config.fits::<F>(client.properties(), layout) {
                 return Err(LoraError::Layout(format!("tensor-core shrink config {config:?} does not fit the layout or device")));
             }
         }

@@ -2,11 +2,14 @@
 //!
 //! The scalar shrink spends most of a prefill in FMAs (T·c·R·K of them), so here each cube
 //! takes a tile of `16·m_frags` tokens of one segment and `16·n_frags` of the `c·R` A rows of
-//! its slot (grid z covers the rest), `k_groups` warps per 16×16 output fragment, each with an
-//! f32 accumulator over its share of every K chunk (summed when the tile is stored). A tile
-//! has few fragments (qkv at R = 16: six), so one warp per fragment left each scheduler with
-//! one or two warps and the kernel bound by instruction latency (H100 ncu: 1.5 active warps
-//! per scheduler, an instruction every 5 cycles, 22% of DRAM bandwidth).
+//! its slot (grid z covers the rest). Each warp computes a block of `warp_m` × `warp_n` 16×16
+//! output fragments, with `k_groups` warps per block, each with f32 accumulators over its
+//! share of every K chunk (summed when the tile is stored). A tile has few fragments (qkv at
+//! R = 16: six), so one warp per fragment left each scheduler with one or two warps and the
+//! kernel bound by instruction latency (H100 ncu: 1.5 active warps per scheduler, an
+//! instruction every 5 cycles, 22% of DRAM bandwidth): hence the K groups. Blocks of several
+//! fragments reuse each operand fragment loaded from shared memory (1×1: two loads per MMA;
+//! 2×2: one), for the larger tiles that cut how often A is re-read across token tiles.
 //!
 //! Per K chunk the tile's x rows (gathered through the token permutation) and its A rows are
 //! staged in shared memory; every MMA operand comes from there, so no warp waits on a global
@@ -19,6 +22,7 @@
 //! contract and reference as [`crate::shrink`].
 
 use cubecl::features::MmaConfig;
+use cubecl::ir::DeviceProperties;
 use cubecl::prelude::*;
 use lorac_plan::LoraLayout;
 
@@ -55,7 +59,12 @@ pub struct MmaShrinkConfig {
     pub m_frags: u32,
     /// 16-row A fragments per cube; divides `groups·max_rank/16` (grid z covers the rest).
     pub n_frags: u32,
-    /// Warps per output fragment; each takes a contiguous `1/k_groups` of every K chunk.
+    /// 16×16 output fragments each warp computes, along the tokens (`warp_m`) and the A rows
+    /// (`warp_n`): per 16-wide K step a warp loads `warp_m + warp_n` operand fragments from
+    /// shared memory for `warp_m·warp_n` MMAs (1×1: two loads per MMA).
+    pub warp_m: u32,
+    pub warp_n: u32,
+    /// Warps per warp block; each takes a contiguous `1/k_groups` of every K chunk.
     pub k_groups: u32,
     /// K elements staged per round (divides `in_features`, multiple of 16).
     pub k_chunk: u32,
@@ -67,72 +76,97 @@ pub struct MmaShrinkConfig {
     pub stages: u32,
 }
 
-impl MmaShrinkConfig {
-    /// The configuration for a `16·m_frags`-token × `16·n_frags`-row cube tile with the
-    /// default K groups (the fewest giving [`MIN_SHRINK_WARPS`] warps), the largest K chunk
-    /// that fits the staging budget and, where the device has asynchronous copies, the
-    /// pipelined kernel with enough stages for [`IN_FLIGHT_TARGET`]; `None` where the tile
-    /// does not apply (see [`Self::with_tile_chunk`]).
-    pub fn with_tile<R: Runtime, F: CubePrimitive>(
-        client: &ComputeClient<R>,
-        layout: &LoraLayout,
-        m_frags: u32,
-        n_frags: u32,
-    ) -> Option<Self> {
-        let fragments = m_frags * n_frags;
-        let k_groups =
-            [1, 2, 4].into_iter().find(|g| fragments * g >= MIN_SHRINK_WARPS || fragments * g * 2 > MAX_SHRINK_WARPS).unwrap_or(1);
-        let config = Self::with_tile_groups::<R, F>(client, layout, m_frags, n_frags, k_groups)?;
-        let staged = Self::staged_bytes(m_frags, n_frags, config.k_chunk, size_of::<F>() as u32);
-        let stages = (1 + IN_FLIGHT_TARGET.div_ceil(staged)).clamp(2, 4);
-        Some(config.with_stages::<R, F>(client, stages).unwrap_or(config))
+/// A cube's tile of 16×16 output fragments (`m_frags` along the tokens, `n_frags` along the
+/// A rows) and the block of them each warp computes (`warp_m` × `warp_n`, dividing the tile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ShrinkTile {
+    pub m_frags: u32,
+    pub n_frags: u32,
+    pub warp_m: u32,
+    pub warp_n: u32,
+}
+
+impl ShrinkTile {
+    /// A `16·m_frags`-token × `16·n_frags`-row tile, one fragment per warp.
+    pub fn new(m_frags: u32, n_frags: u32) -> Self {
+        ShrinkTile { m_frags, n_frags, warp_m: 1, warp_n: 1 }
     }
 
-    /// [`Self::with_tile`] with `k_groups` warps per output fragment, staged through registers.
-    pub fn with_tile_groups<R: Runtime, F: CubePrimitive>(
-        client: &ComputeClient<R>,
+    /// This tile with `warp_m` × `warp_n` fragments per warp.
+    pub fn with_warps(self, warp_m: u32, warp_n: u32) -> Self {
+        ShrinkTile { warp_m, warp_n, ..self }
+    }
+
+    /// Warps per K group: the tile's warp blocks (0 where the warp block does not divide it).
+    fn warp_blocks(&self) -> u32 {
+        if self.warp_m == 0 || self.warp_n == 0 || !self.m_frags.is_multiple_of(self.warp_m) || !self.n_frags.is_multiple_of(self.warp_n) {
+            return 0;
+        }
+        (self.m_frags / self.warp_m) * (self.n_frags / self.warp_n)
+    }
+}
+
+impl MmaShrinkConfig {
+    /// The configuration for a `16·m_frags`-token × `16·n_frags`-row cube tile with one
+    /// fragment per warp, the default K groups (the fewest giving [`MIN_SHRINK_WARPS`]
+    /// warps), the largest K chunk that fits the staging budget and, where the device has
+    /// asynchronous copies, the pipelined kernel with enough stages for [`IN_FLIGHT_TARGET`];
+    /// `None` where the tile does not apply (see [`Self::with_tile_chunk`]).
+    pub fn with_tile<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout, m_frags: u32, n_frags: u32) -> Option<Self> {
+        let tile = ShrinkTile::new(m_frags, n_frags);
+        let blocks = tile.warp_blocks();
+        let k_groups = [1, 2, 4].into_iter().find(|g| blocks * g >= MIN_SHRINK_WARPS || blocks * g * 2 > MAX_SHRINK_WARPS).unwrap_or(1);
+        let config = Self::with_tile_groups::<F>(device, layout, tile, k_groups)?;
+        let staged = Self::staged_bytes(m_frags, n_frags, config.k_chunk, size_of::<F>() as u32);
+        let stages = (1 + IN_FLIGHT_TARGET.div_ceil(staged)).clamp(2, 4);
+        Some(config.with_stages::<F>(device, stages).unwrap_or(config))
+    }
+
+    /// [`Self::with_tile`] for `tile` with `k_groups` warps per warp block, staged through
+    /// registers.
+    pub fn with_tile_groups<F: CubePrimitive>(
+        device: &DeviceProperties,
         layout: &LoraLayout,
-        m_frags: u32,
-        n_frags: u32,
+        tile: ShrinkTile,
         k_groups: u32,
     ) -> Option<Self> {
         let elem = size_of::<F>() as u32;
         [256, 128, 64, 32, 16]
             .into_iter()
-            .filter(|kc| Self::staged_bytes(m_frags, n_frags, *kc, elem) <= STAGED_BUDGET)
-            .find_map(|kc| Self::with_tile_chunk::<R, F>(client, layout, m_frags, n_frags, kc, k_groups))
+            .filter(|kc| Self::staged_bytes(tile.m_frags, tile.n_frags, *kc, elem) <= STAGED_BUDGET)
+            .find_map(|kc| Self::with_tile_chunk::<F>(device, layout, tile, kc, k_groups))
     }
 
-    /// The configuration for a `16·m_frags`-token × `16·n_frags`-row cube tile staging `k_chunk`
-    /// input columns per round, or `None` where it does not apply: no 16×16×16 MMA with f32
+    /// The configuration for `tile` staging `k_chunk` input columns per round, with `k_groups`
+    /// warps per warp block, or `None` where it does not apply: no 16×16×16 MMA with f32
     /// accumulation for this storage type on this device, a rank or input width that is not a
-    /// multiple of 16, `n_frags` not dividing the row fragments, more than
-    /// [`MAX_SHRINK_WARPS`] warps, a chunk that does not divide the input width or whose
-    /// 16-wide steps `k_groups` does not divide, more than 16 staged vectors per thread, or
-    /// more shared memory than the device gives a cube.
-    pub fn with_tile_chunk<R: Runtime, F: CubePrimitive>(
-        client: &ComputeClient<R>,
+    /// multiple of 16, `n_frags` not dividing the row fragments, a warp block not dividing the
+    /// tile, more than [`MAX_SHRINK_WARPS`] warps, a chunk that does not divide the input width
+    /// or whose 16-wide steps `k_groups` does not divide, more than 16 staged vectors per
+    /// thread, or more shared memory than the device gives a cube.
+    pub fn with_tile_chunk<F: CubePrimitive>(
+        device: &DeviceProperties,
         layout: &LoraLayout,
-        m_frags: u32,
-        n_frags: u32,
+        tile: ShrinkTile,
         k_chunk: u32,
         k_groups: u32,
     ) -> Option<Self> {
-        if !cmma_supported::<R, F>(client) || layout.max_rank() % TILE != 0 || layout.in_features() % TILE != 0 {
+        let ShrinkTile { m_frags, n_frags, warp_m, warp_n } = tile;
+        if !cmma_supported::<F>(device) || layout.max_rank() % TILE != 0 || layout.in_features() % TILE != 0 {
             return None;
         }
         let row_frags = layout.groups() * layout.max_rank() / TILE;
-        if m_frags == 0 || n_frags == 0 || k_groups == 0 || row_frags % n_frags != 0 || m_frags * n_frags * k_groups > MAX_SHRINK_WARPS {
+        let warps = tile.warp_blocks() * k_groups;
+        if m_frags == 0 || n_frags == 0 || row_frags % n_frags != 0 || warps == 0 || warps > MAX_SHRINK_WARPS {
             return None;
         }
         if k_chunk == 0 || k_chunk % TILE != 0 || layout.in_features() % k_chunk != 0 || (k_chunk / TILE) % k_groups != 0 {
             return None;
         }
         let elem = size_of::<F>() as u32;
-        let vector = crate::config::vector_size(client, elem as usize, &[k_chunk]) as u32;
-        let warps = m_frags * n_frags * k_groups;
+        let vector = crate::config::vector_size(device, elem as usize, &[k_chunk]) as u32;
         let staged = ((m_frags + n_frags) * TILE * k_chunk / vector).div_ceil(warps * 32);
-        let shared_max = client.properties().hardware.max_shared_memory_size as u32;
+        let shared_max = device.hardware.max_shared_memory_size as u32;
         if staged > 16 || Self::shared_bytes(m_frags, n_frags, k_groups, k_chunk, elem) > shared_max {
             return None;
         }
@@ -141,6 +175,8 @@ impl MmaShrinkConfig {
             max_rank: layout.max_rank(),
             m_frags,
             n_frags,
+            warp_m,
+            warp_n,
             k_groups,
             k_chunk,
             vector,
@@ -148,7 +184,13 @@ impl MmaShrinkConfig {
         })
     }
 
-    /// Staged x and A tiles (rows padded by 8 elements) and one f32 accumulator tile per warp.
+    /// The cube's tile and warp blocks.
+    pub fn tile(&self) -> ShrinkTile {
+        ShrinkTile { m_frags: self.m_frags, n_frags: self.n_frags, warp_m: self.warp_m, warp_n: self.warp_n }
+    }
+
+    /// Staged x and A tiles (rows padded by 8 elements) and one f32 accumulator tile per
+    /// fragment and K group.
     fn shared_bytes(m_frags: u32, n_frags: u32, k_groups: u32, k_chunk: u32, elem: u32) -> u32 {
         Self::staged_bytes(m_frags, n_frags, k_chunk, elem) + m_frags * n_frags * k_groups * TILE * TILE * 4
     }
@@ -163,15 +205,15 @@ impl MmaShrinkConfig {
     /// unless that leaves fewer cubes than about one per multiprocessor (in the H100 tile sweeps,
     /// runtime/BENCHMARKS.md, 32-token tiles were the best or within 3% of it in every
     /// prefill case of run 9, and within 15% in run 11, where 16-token tiles won one case).
-    pub fn supported<R: Runtime, F: CubePrimitive>(
-        client: &ComputeClient<R>,
+    pub fn supported<F: CubePrimitive>(
+        device: &DeviceProperties,
         layout: &LoraLayout,
         num_segments: usize,
         max_segment_len: u32,
     ) -> Option<Self> {
         let row_frags = layout.groups() * layout.max_rank() / TILE;
         let n_frags = [4, 3, 2, 1].into_iter().find(|n| row_frags % n == 0).unwrap_or(1);
-        let target = u64::from(crate::config::multiprocessors(client)) * 3 / 4;
+        let target = u64::from(crate::config::multiprocessors(device)) * 3 / 4;
         let m_frags = [2, 1]
             .into_iter()
             .find(|m| {
@@ -179,28 +221,28 @@ impl MmaShrinkConfig {
                 num_segments as u64 * tiles * u64::from(row_frags / n_frags) >= target
             })
             .unwrap_or(1);
-        Self::with_tile::<R, F>(client, layout, m_frags, n_frags)
+        Self::with_tile::<F>(device, layout, m_frags, n_frags)
     }
 
     /// [`Self::supported`], and only for batches with enough 16-token tiles to fill the GPU
     /// (short decode segments run faster on the scalar kernel's finer grid).
-    pub fn for_batch<R: Runtime, F: CubePrimitive>(
-        client: &ComputeClient<R>,
+    pub fn for_batch<F: CubePrimitive>(
+        device: &DeviceProperties,
         layout: &LoraLayout,
         num_segments: usize,
         max_segment_len: u32,
     ) -> Option<Self> {
         let tiles = num_segments as u64 * u64::from(max_segment_len.div_ceil(TILE));
-        (tiles >= u64::from(crate::config::multiprocessors(client)))
-            .then(|| Self::supported::<R, F>(client, layout, num_segments, max_segment_len))
+        (tiles >= u64::from(crate::config::multiprocessors(device)))
+            .then(|| Self::supported::<F>(device, layout, num_segments, max_segment_len))
             .flatten()
     }
 
     /// Whether this is the configuration [`Self::with_tile_chunk`] derives for its tile and
     /// chunk on this layout and device (a hand-made one could overrun shared memory or rows).
-    pub fn fits<R: Runtime, F: CubePrimitive>(&self, client: &ComputeClient<R>, layout: &LoraLayout) -> bool {
-        Self::with_tile_chunk::<R, F>(client, layout, self.m_frags, self.n_frags, self.k_chunk, self.k_groups)
-            .and_then(|base| base.with_stages::<R, F>(client, self.stages))
+    pub fn fits<F: CubePrimitive>(&self, device: &DeviceProperties, layout: &LoraLayout) -> bool {
+        Self::with_tile_chunk::<F>(device, layout, self.tile(), self.k_chunk, self.k_groups)
+            .and_then(|base| base.with_stages::<F>(device, self.stages))
             == Some(*self)
     }
 
@@ -208,19 +250,19 @@ impl MmaShrinkConfig {
     /// asynchronous copies (`stages` = 1: through registers), or `None` where the device has
     /// no asynchronous copies or block barriers, `stages` is not 1–4, the vectors are not 16
     /// bytes (the copy size), or the stages overrun the device's shared memory.
-    pub fn with_stages<R: Runtime, F: CubePrimitive>(self, client: &ComputeClient<R>, stages: u32) -> Option<Self> {
+    pub fn with_stages<F: CubePrimitive>(self, device: &DeviceProperties, stages: u32) -> Option<Self> {
         if stages == 1 {
             return Some(MmaShrinkConfig { stages, ..self });
         }
         let elem = size_of::<F>() as u32;
         let shared = stages * Self::staged_bytes(self.m_frags, self.n_frags, self.k_chunk, elem)
             + self.m_frags * self.n_frags * self.k_groups * TILE * TILE * 4;
-        crate::config::pipeline_fits(client, stages, self.vector * elem, shared).then_some(MmaShrinkConfig { stages, ..self })
+        crate::config::pipeline_fits(device, stages, self.vector * elem, shared).then_some(MmaShrinkConfig { stages, ..self })
     }
 
-    /// `k_groups` warps per 16×16 output fragment.
+    /// `k_groups` warps per warp block.
     pub fn warps(&self) -> u32 {
-        self.m_frags * self.n_frags * self.k_groups
+        self.tile().warp_blocks() * self.k_groups
     }
 
     /// Token rows of one cube's tile.
@@ -235,12 +277,12 @@ impl MmaShrinkConfig {
 }
 
 /// Whether the device has a 16×16×16 MMA on `F` with f32 accumulation.
-pub(crate) fn cmma_supported<R: Runtime, F: CubePrimitive>(client: &ComputeClient<R>) -> bool {
+pub(crate) fn cmma_supported<F: CubePrimitive>(device: &DeviceProperties) -> bool {
     let (Some(elem), Some(f32_ty)) = (F::as_type_native(), f32::as_type_native()) else {
         return false;
     };
     let (elem, f32_ty) = (elem.storage_type(), f32_ty.storage_type());
-    client.features().matmul.cmma.contains(&MmaConfig { a_type: elem, b_type: elem, cd_type: f32_ty, m: TILE, n: TILE, k: TILE })
+    device.features.matmul.cmma.contains(&MmaConfig { a_type: elem, b_type: elem, cd_type: f32_ty, m: TILE, n: TILE, k: TILE })
 }
 
 #[cube(launch_unchecked)]
@@ -256,15 +298,8 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     k: u32,
     #[comptime] cfg: MmaShrinkConfig,
 ) {
-    let tile = comptime!(TILE as usize);
     let tm = comptime!((cfg.m_frags * TILE) as usize);
     let tn = comptime!((cfg.n_frags * TILE) as usize);
-    let n_frags = comptime!(cfg.n_frags as usize);
-    let fragments = comptime!((cfg.m_frags * cfg.n_frags) as usize);
-    // 16-wide K steps per chunk that each warp of a fragment takes.
-    let group_steps = comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize);
-    let max_rank = comptime!(cfg.max_rank as usize);
-    let warps = comptime!(cfg.warps() as usize);
     let threads = comptime!(cfg.warps() as usize * 32);
     let kc = comptime!(cfg.k_chunk as usize);
     let nv = comptime!(cfg.vector as usize);
@@ -274,16 +309,8 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     let stride = comptime!(kc + 8);
 
     let cube = cube_tile(seg_indptr, weight_indices, ranks, cfg);
-    let (rank, end, p0, row_base) = (cube.rank, cube.end, cube.p0, cube.row_base);
     let tid = UNIT_POS as usize;
-    let warp = UNIT_POS_Y as usize;
-    let fragment = warp % fragments;
-    let group_k = (warp / fragments) * group_steps * tile;
-    let mf = fragment / n_frags;
-    let nf = fragment % n_frags;
-    let row0 = row_base + nf * tile;
-    // Warp-uniform: fragments wholly in a low-rank adapter's padding do nothing.
-    let active = row0 % max_rank < rank;
+    let block = warp_block(cfg);
     let k_vecs = k as usize / nv;
 
     // wmma loads and stores need 256-bit aligned shared-memory tiles.
@@ -293,9 +320,8 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     let sv = comptime!(stride / nv);
     let mut x_tile = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(tm * stride / nv), 128usize);
     let mut a_tile = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(tn * stride / nv), 128usize);
-    let mut c_tile = SharedMemory::<f32>::new_aligned(comptime!(warps * tile * tile), 128usize);
-    let acc =
-        cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0);
+    let mut c_tile = SharedMemory::<f32>::new_aligned(comptime!(accumulator_floats(cfg)), 128usize);
+    let accs = new_accumulators(cfg);
 
     // Each thread stages the same vectors of every chunk: `x_per` of the x tile, `a_per` of
     // the A rows. Their sources are fixed up front; x rows past the segment's end repeat its
@@ -356,30 +382,162 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
                 }
             }
         }
-        if active {
-            #[unroll]
-            for kk in 0..group_steps {
-                let xa = unsafe {
-                    cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::A, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor)
-                };
-                let col = group_k + kk * 16;
-                cmma::load(&xa, &x_tile.slice((mf * tile * stride + col) / nv, comptime!(tm * sv)), comptime!(stride as u32));
-                // B(k, n) = A[row0 + n, k0 + k]: A's rows are B's columns.
-                let wa = unsafe {
-                    cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor)
-                };
-                cmma::load(&wa, &a_tile.slice((nf * tile * stride + col) / nv, comptime!(tn * sv)), comptime!(stride as u32));
-                cmma::execute::<F, F, f32, f32>(&xa, &wa, &acc, &acc);
-            }
-        }
+        multiply_chunk::<F, N>(&x_tile, 0, &a_tile, 0, &block, &cube, &accs, cfg);
         sync_cube();
         k0 = next;
     }
-    if active {
-        cmma::store(&mut c_tile.slice_mut(warp * 256, warp * 256 + 256), &acc, 16, cmma::MatrixLayout::RowMajor);
-    }
+    store_accumulators(&mut c_tile, &block, &cube, &accs, cfg);
     sync_cube();
-    store_tile(out, &c_tile, token_perm, p0, end, row_base, rank, cfg);
+    store_tile(out, &c_tile, token_perm, cube.p0, cube.end, cube.row_base, cube.rank, cfg);
+}
+
+/// A warp's block of the cube tile: its first fragment along the tokens (`mf0`) and along the
+/// A rows (`nf0`), its K group, and where the group's share of every chunk starts.
+#[derive(CubeType)]
+pub(crate) struct WarpBlock {
+    pub mf0: usize,
+    pub nf0: usize,
+    pub group: usize,
+    pub group_k: usize,
+}
+
+/// This warp's block: warp `g·blocks + b` computes block b (row-major over the tile's
+/// `warp_m` × `warp_n` blocks) for K group g.
+#[cube]
+pub(crate) fn warp_block(#[comptime] cfg: MmaShrinkConfig) -> WarpBlock {
+    let blocks = comptime!((cfg.m_frags / cfg.warp_m * (cfg.n_frags / cfg.warp_n)) as usize);
+    let blocks_n = comptime!((cfg.n_frags / cfg.warp_n) as usize);
+    let group_steps = comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize);
+    let warp = UNIT_POS_Y as usize;
+    let b = warp % blocks;
+    let group = warp / blocks;
+    WarpBlock {
+        mf0: (b / blocks_n) * comptime!(cfg.warp_m as usize),
+        nf0: (b % blocks_n) * comptime!(cfg.warp_n as usize),
+        group,
+        group_k: group * group_steps * comptime!(TILE as usize),
+    }
+}
+
+/// Floats of the accumulator tile: one 16×16 f32 fragment per output fragment and K group.
+pub(crate) fn accumulator_floats(cfg: MmaShrinkConfig) -> usize {
+    (cfg.m_frags * cfg.n_frags * cfg.k_groups * TILE * TILE) as usize
+}
+
+/// The warp's `warp_m·warp_n` accumulators (fragment (i, j) of its block at `i·warp_n + j`),
+/// zeroed.
+#[cube]
+pub(crate) fn new_accumulators(#[comptime] cfg: MmaShrinkConfig) -> Sequence<cmma::Matrix<f32>> {
+    let mut accs = Sequence::<cmma::Matrix<f32>>::new();
+    #[unroll]
+    for _ in 0..comptime!((cfg.warp_m * cfg.warp_n) as usize) {
+        accs.push(cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::Undefined,
+            0.0,
+        ));
+    }
+    accs
+}
+
+/// Whether column `j` of the warp's block has A rows below the slot's rank. Warp-uniform: a
+/// fragment wholly in a low-rank adapter's padding is neither loaded nor computed.
+#[cube]
+fn fragment_live(block: &WarpBlock, cube: &CubeTile, #[comptime] j: usize, #[comptime] cfg: MmaShrinkConfig) -> bool {
+    (cube.row_base + (block.nf0 + j) * comptime!(TILE as usize)) % comptime!(cfg.max_rank as usize) < cube.rank
+}
+
+/// Multiplies the warp's share of one staged chunk into its accumulators: the x tile starts
+/// at vector `x_base` of `x_tile`, the A tile at `a_base` of `a_tile` (rows padded to
+/// `k_chunk + 8` elements). Per 16-wide K step the warp loads its `warp_m` x fragments once
+/// and each live A fragment once.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn multiply_chunk<F: Float, N: Size>(
+    x_tile: &SharedMemory<Vector<F, N>>,
+    x_base: usize,
+    a_tile: &SharedMemory<Vector<F, N>>,
+    a_base: usize,
+    block: &WarpBlock,
+    cube: &CubeTile,
+    accs: &Sequence<cmma::Matrix<f32>>,
+    #[comptime] cfg: MmaShrinkConfig,
+) {
+    let tile = comptime!(TILE as usize);
+    let stride = comptime!(cfg.k_chunk as usize + 8);
+    let nv = comptime!(cfg.vector as usize);
+    let x_len = comptime!((cfg.m_frags * TILE) as usize * stride / nv);
+    let a_len = comptime!((cfg.n_frags * TILE) as usize * stride / nv);
+    let warp_m = comptime!(cfg.warp_m as usize);
+    let warp_n = comptime!(cfg.warp_n as usize);
+    let mut any_live = false;
+    #[unroll]
+    for j in 0..warp_n {
+        if fragment_live(block, cube, j, cfg) {
+            any_live = true;
+        }
+    }
+    if any_live {
+        #[unroll]
+        for kk in 0..comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize) {
+            let col = block.group_k + kk * tile;
+            let mut xs = Sequence::<cmma::Matrix<F>>::new();
+            #[unroll]
+            for i in 0..warp_m {
+                let xa = unsafe {
+                    cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::A, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor)
+                };
+                let start = x_base + ((block.mf0 + i) * tile * stride + col) / nv;
+                cmma::load(&xa, &x_tile.slice(start, x_base + x_len), comptime!(stride as u32));
+                xs.push(xa);
+            }
+            #[unroll]
+            for j in 0..warp_n {
+                if fragment_live(block, cube, j, cfg) {
+                    // B(k, n) = A[row0 + n, k0 + k]: A's rows are B's columns.
+                    let wa = unsafe {
+                        cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor)
+                    };
+                    let start = a_base + ((block.nf0 + j) * tile * stride + col) / nv;
+                    cmma::load(&wa, &a_tile.slice(start, a_base + a_len), comptime!(stride as u32));
+                    #[unroll]
+                    for i in 0..warp_m {
+                        let acc = accs.index(i * warp_n + j);
+                        cmma::execute::<F, F, f32, f32>(xs.index(i), &wa, acc, acc);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Stores the warp's live accumulators into the accumulator tile: fragment f of the cube tile
+/// (row-major, `f = mf·n_frags + nf`) for K group g at floats `(g·fragments + f)·256`, the
+/// layout [`store_tile`] sums.
+#[cube]
+pub(crate) fn store_accumulators(
+    c_tile: &mut SharedMemory<f32>,
+    block: &WarpBlock,
+    cube: &CubeTile,
+    accs: &Sequence<cmma::Matrix<f32>>,
+    #[comptime] cfg: MmaShrinkConfig,
+) {
+    let fragments = comptime!((cfg.m_frags * cfg.n_frags) as usize);
+    let n_frags = comptime!(cfg.n_frags as usize);
+    let warp_n = comptime!(cfg.warp_n as usize);
+    #[unroll]
+    for i in 0..comptime!(cfg.warp_m as usize) {
+        #[unroll]
+        for j in 0..warp_n {
+            if fragment_live(block, cube, j, cfg) {
+                let f = block.group * fragments + (block.mf0 + i) * n_frags + block.nf0 + j;
+                cmma::store(&mut c_tile.slice_mut(f * 256, f * 256 + 256), accs.index(i * warp_n + j), 16, cmma::MatrixLayout::RowMajor);
+            }
+        }
+    }
 }
 
 /// A shrink cube's place in the batch: its slot's rank, its segment's end, its first token

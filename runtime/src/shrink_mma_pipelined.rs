@@ -16,7 +16,10 @@
 use cubecl::prelude::barrier::{Barrier, copy_async};
 use cubecl::prelude::*;
 
-use crate::shrink_mma::{MmaShrinkConfig, TILE, cube_tile, stage_sources, store_tile};
+use crate::shrink_mma::{
+    MmaShrinkConfig, TILE, accumulator_floats, cube_tile, multiply_chunk, new_accumulators, stage_sources, store_accumulators, store_tile,
+    warp_block,
+};
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -31,31 +34,17 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     k: u32,
     #[comptime] cfg: MmaShrinkConfig,
 ) {
-    let tile = comptime!(TILE as usize);
     let tm = comptime!((cfg.m_frags * TILE) as usize);
     let tn = comptime!((cfg.n_frags * TILE) as usize);
-    let n_frags = comptime!(cfg.n_frags as usize);
-    let fragments = comptime!((cfg.m_frags * cfg.n_frags) as usize);
-    let group_steps = comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize);
-    let max_rank = comptime!(cfg.max_rank as usize);
-    let warps = comptime!(cfg.warps() as usize);
     let threads = comptime!(cfg.warps() as usize * 32);
     let kc = comptime!(cfg.k_chunk as usize);
     let nv = comptime!(cfg.vector as usize);
     let kc_vecs = comptime!((cfg.k_chunk / cfg.vector) as usize);
-    let stride = comptime!(kc + 8);
-    let sv = comptime!(stride / nv);
+    let sv = comptime!((kc + 8) / nv);
 
     let cube = cube_tile(seg_indptr, weight_indices, ranks, cfg);
-    let (rank, end, p0, row_base) = (cube.rank, cube.end, cube.p0, cube.row_base);
     let tid = UNIT_POS as usize;
-    let warp = UNIT_POS_Y as usize;
-    let fragment = warp % fragments;
-    let group_k = (warp / fragments) * group_steps * tile;
-    let mf = fragment / n_frags;
-    let nf = fragment % n_frags;
-    let row0 = row_base + nf * tile;
-    let active = row0 % max_rank < rank;
+    let block = warp_block(cfg);
     let k_vecs = k as usize / nv;
 
     // Stage s of the x tile starts at vector s·x_stage, of the A tile at s·a_stage.
@@ -63,9 +52,8 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     let a_stage = comptime!(tn * sv);
     let mut x_tiles = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(cfg.stages as usize * tm * sv), 128usize);
     let mut a_tiles = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(cfg.stages as usize * tn * sv), 128usize);
-    let mut c_tile = SharedMemory::<f32>::new_aligned(comptime!(warps * tile * tile), 128usize);
-    let acc =
-        cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0);
+    let mut c_tile = SharedMemory::<f32>::new_aligned(comptime!(accumulator_floats(cfg)), 128usize);
+    let accs = new_accumulators(cfg);
     // Every thread arrives on a stage's barrier once per fill (all threads fill every stage).
     let barrier_0 = Barrier::shared(comptime!(threads as u32), tid == 0);
     let barrier_1 = Barrier::shared(comptime!(threads as u32), tid == 0);
@@ -135,34 +123,16 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
                     );
                 }
                 wait_stage(&barrier_0, &barrier_1, &barrier_2, &barrier_3, s, c, cfg.stages);
-                if active {
-                    let xs = s * x_stage;
-                    let as_ = s * a_stage;
-                    #[unroll]
-                    for kk in 0..group_steps {
-                        let col = group_k + kk * 16;
-                        let xa = unsafe {
-                            cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::A, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor)
-                        };
-                        cmma::load(&xa, &x_tiles.slice(xs + (mf * tile * stride + col) / nv, xs + x_stage), comptime!(stride as u32));
-                        let wa = unsafe {
-                            cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor)
-                        };
-                        cmma::load(&wa, &a_tiles.slice(as_ + (nf * tile * stride + col) / nv, as_ + a_stage), comptime!(stride as u32));
-                        cmma::execute::<F, F, f32, f32>(&xa, &wa, &acc, &acc);
-                    }
-                }
+                multiply_chunk::<F, N>(&x_tiles, s * x_stage, &a_tiles, s * a_stage, &block, &cube, &accs, cfg);
                 // Every warp is done with this stage before it is refilled.
                 sync_cube();
             }
         }
         c0 += stages;
     }
-    if active {
-        cmma::store(&mut c_tile.slice_mut(warp * 256, warp * 256 + 256), &acc, 16, cmma::MatrixLayout::RowMajor);
-    }
+    store_accumulators(&mut c_tile, &block, &cube, &accs, cfg);
     sync_cube();
-    store_tile(out, &c_tile, token_perm, p0, end, row_base, rank, cfg);
+    store_tile(out, &c_tile, token_perm, cube.p0, cube.end, cube.row_base, cube.rank, cfg);
 }
 
 /// Waits until chunk (or tile) `c`, which lives in stage `stage` (`c % stages`), has landed:

@@ -7,6 +7,7 @@
 
 use std::num::NonZeroU32;
 
+use cubecl::ir::DeviceProperties;
 use cubecl::prelude::*;
 use lorac_plan::{ExpertDims, LoraLayout, LoraSlice};
 use lorac_runtime::chunked::ChunkedPlan;
@@ -17,7 +18,7 @@ use lorac_runtime::fused::launch_fused;
 use lorac_runtime::gemm_expand::{gemm_width, launch_gemm_expand, reference_gemm_expand};
 use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT, launch_moe_expand, launch_moe_shrink, reference_moe};
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink, reference_shrink};
-use lorac_runtime::shrink_mma::MmaShrinkConfig;
+use lorac_runtime::shrink_mma::{MmaShrinkConfig, ShrinkTile};
 use lorac_runtime::testing::{Rng, StorageElem, relative_error};
 use lorac_runtime::{AdapterPool, DeviceBuffer, LoraError, NO_SLOT, Segments};
 
@@ -297,17 +298,35 @@ pub fn segmented_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
 }
 
 /// Every tile shape and K-group count of the tensor-core shrink the device has for this
-/// layout, each default tile also with 2–4 asynchronous-copy stages, or the automatic choice
-/// alone where there is none (wgpu: no MMA).
-fn mma_shrink_kernels<R: Runtime, F: StorageElem>(client: &ComputeClient<R>, layout: &LoraLayout) -> Vec<Option<ShrinkKernel>> {
+/// layout, each default tile also with 2–4 asynchronous-copy stages, and warp blocks of 2×1
+/// and 2×2 fragments over the widest row block of up to four fragments, in 32-token tiles
+/// with one K group and 128-token tiles with two, register-staged and with three stages
+/// (none on a device without MMA, such as wgpu).
+fn mma_shrink_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLayout) -> Vec<MmaShrinkConfig> {
     let tiles = || [1, 2, 4].into_iter().flat_map(|m| [1, 2, 3, 4].into_iter().map(move |n| (m, n)));
-    let groups = tiles()
-        .flat_map(|(m, n)| [1, 2, 4].into_iter().filter_map(move |g| MmaShrinkConfig::with_tile_groups::<R, F>(client, layout, m, n, g)));
+    let groups = tiles().flat_map(|(m, n)| {
+        [1, 2, 4].into_iter().filter_map(move |g| MmaShrinkConfig::with_tile_groups::<F>(device, layout, ShrinkTile::new(m, n), g))
+    });
     let pipelined = tiles()
-        .filter_map(|(m, n)| MmaShrinkConfig::with_tile::<R, F>(client, layout, m, n))
-        .flat_map(|config| [2, 3, 4].into_iter().filter_map(move |stages| config.with_stages::<R, F>(client, stages)));
-    let mut kernels: Vec<Option<ShrinkKernel>> =
-        groups.chain(pipelined).map(|config| Some(ShrinkKernel::Mma { config, tiles_per_segment: 0 })).collect();
+        .filter_map(|(m, n)| MmaShrinkConfig::with_tile::<F>(device, layout, m, n))
+        .flat_map(|config| [2, 3, 4].into_iter().filter_map(move |stages| config.with_stages::<F>(device, stages)));
+    let row_frags = layout.groups() * layout.max_rank() / 16;
+    let widest = [4, 2, 1].into_iter().find(|n| row_frags.is_multiple_of(*n)).unwrap_or(1);
+    let blocks = [(2, 1), (8, 2)].into_iter().flat_map(|(m, g)| {
+        [(2, 1), (2, 2)].into_iter().filter_map(move |(wm, wn)| {
+            MmaShrinkConfig::with_tile_groups::<F>(device, layout, ShrinkTile::new(m, widest).with_warps(wm, wn), g)
+        })
+    });
+    let blocks = blocks.flat_map(|config| [1, 3].into_iter().filter_map(move |stages| config.with_stages::<F>(device, stages)));
+    groups.chain(pipelined).chain(blocks).collect()
+}
+
+/// [`mma_shrink_configs`] as kernels, or the automatic choice alone where there is none.
+fn mma_shrink_kernels<R: Runtime, F: StorageElem>(client: &ComputeClient<R>, layout: &LoraLayout) -> Vec<Option<ShrinkKernel>> {
+    let mut kernels: Vec<Option<ShrinkKernel>> = mma_shrink_configs::<F>(client.properties(), layout)
+        .into_iter()
+        .map(|config| Some(ShrinkKernel::Mma { config, tiles_per_segment: 0 }))
+        .collect();
     if kernels.is_empty() {
         kernels.push(None);
     }
@@ -321,14 +340,20 @@ fn prefill_ranks(rng: &mut Rng, layout: &LoraLayout) -> Vec<u32> {
     ranks
 }
 
+/// The prefill shrink tests' layouts: every module family, ranks 16 and 32, inputs of one to
+/// twenty 16-wide steps.
+fn prefill_shrink_layout(rng: &mut Rng) -> (LoraLayout, &'static str) {
+    let (groups, slices, family) = random_slices(rng);
+    let layout = LoraLayout::new(nz(rng.range(1, 4)), nz(rng.pick(&[16, 32])), rng.pick(&[16, 48, 256, 320]), groups, slices, None);
+    (layout.unwrap(), family)
+}
+
 /// Prefill-sized segments through every tile shape of the tensor-core shrink where the device
 /// and storage type have one (CUDA bf16), else through the automatic choice.
 pub fn prefill_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     for seed in 0..CASES / 2 {
         let rng = &mut Rng::new(600 + seed);
-        let (groups, slices, family) = random_slices(rng);
-        let layout =
-            LoraLayout::new(nz(rng.range(1, 4)), nz(rng.pick(&[16, 32])), rng.pick(&[16, 48, 256, 320]), groups, slices, None).unwrap();
+        let (layout, family) = prefill_shrink_layout(rng);
         let ranks = prefill_ranks(rng, &layout);
         let scales = vec![1.0; layout.slots() as usize];
         let adapters = Adapters::<F>::with_ranks(client, rng, &layout, ranks, scales);
@@ -346,6 +371,28 @@ pub fn prefill_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     }
 }
 
+/// The prefill expand tests' layouts: every module family with slice widths rounded up to
+/// multiples of 16 (as the tensor-core expand needs), ranks 16–64.
+fn prefill_expand_layout(rng: &mut Rng) -> (LoraLayout, &'static str) {
+    let (groups, slices, family) = random_slices(rng);
+    let slices = slices.into_iter().map(|s| LoraSlice { width: s.width.div_ceil(16) * 16, ..s }).collect();
+    (LoraLayout::new(nz(rng.range(1, 4)), nz(rng.pick(&[16, 32, 64])), 24, groups, slices, None).unwrap(), family)
+}
+
+/// Every tile shape of the tensor-core expand the device has for this layout, register-staged,
+/// and the corner tiles (up to 32 tokens, 16 or 128 columns) also with 2–4 asynchronous-copy
+/// stages (each configuration compiles its own kernel).
+fn mma_expand_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLayout) -> Vec<MmaExpandConfig> {
+    [1, 2, 4]
+        .into_iter()
+        .flat_map(|m| [1, 2, 4, 8].into_iter().filter_map(move |n| MmaExpandConfig::with_tile::<F>(device, layout, m, n)))
+        .flat_map(|config| {
+            let corner = config.m_frags <= 2 && [1, 8].contains(&config.n_frags);
+            [1, 2, 3, 4].into_iter().filter(move |&s| s == 1 || corner).filter_map(move |stages| config.with_stages::<F>(device, stages))
+        })
+        .collect()
+}
+
 /// Prefill-sized segments through every tile shape of the tensor-core expand, register-staged,
 /// and four of them with 2–4 asynchronous-copy stages (one cube per token tile, and one cube looping over a
 /// segment's tiles) where the device and storage type have one, else through the automatic
@@ -355,9 +402,7 @@ pub fn prefill_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
 pub fn prefill_expand<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     for seed in 0..CASES / 2 {
         let rng = &mut Rng::new(700 + seed);
-        let (groups, slices, family) = random_slices(rng);
-        let slices = slices.into_iter().map(|s| LoraSlice { width: s.width.div_ceil(16) * 16, ..s }).collect();
-        let layout = LoraLayout::new(nz(rng.range(1, 4)), nz(rng.pick(&[16, 32, 64])), 24, groups, slices, None).unwrap();
+        let (layout, family) = prefill_expand_layout(rng);
         let ranks = prefill_ranks(rng, &layout);
         let scales = (0..layout.slots()).map(|_| 0.5 + rng.value().abs() as f32).collect();
         let adapters = Adapters::<F>::with_ranks(client, rng, &layout, ranks, scales);
@@ -366,18 +411,8 @@ pub fn prefill_expand<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let (a, a64) = random_intermediate(rng, &layout, &token_slot_ranks(&segs, &adapters.ranks));
         let delta = adapters.reference_expand(&layout, &segs, &a64, tokens);
         let (y0, y064) = initial_y::<F>(rng, &delta);
-        let layout_ref = &layout;
-        let mut kernels: Vec<Option<ExpandKernel>> = [1, 2, 4]
+        let mut kernels: Vec<Option<ExpandKernel>> = mma_expand_configs::<F>(client.properties(), &layout)
             .into_iter()
-            .flat_map(|m| [1, 2, 4, 8].into_iter().filter_map(move |n| MmaExpandConfig::with_tile::<R, F>(client, layout_ref, m, n)))
-            // Each config compiles its own kernel: stages 2–4 on the corner tiles only.
-            .flat_map(|config| {
-                let corner = config.m_frags <= 2 && [1, 8].contains(&config.n_frags);
-                [1, 2, 3, 4]
-                    .into_iter()
-                    .filter(move |&s| s == 1 || corner)
-                    .filter_map(move |stages| config.with_stages::<R, F>(client, stages))
-            })
             .flat_map(|config| [0, 1].map(|token_splits| Some(ExpandKernel::Mma { config, token_splits })))
             .collect();
         if kernels.is_empty() {
@@ -706,3 +741,42 @@ stamp_kernel_tests!(wgpu_f32, cubecl::wgpu::WgpuRuntime, f32);
 stamp_kernel_tests!(cuda_f32, cubecl::cuda::CudaRuntime, f32);
 #[cfg(feature = "cuda-tests")]
 stamp_kernel_tests!(cuda_bf16, cubecl::cuda::CudaRuntime, half::bf16);
+
+/// The tensor-core kernels run only on NVIDIA GPUs, so the lavapipe tests above never reach
+/// them. Here every configuration the CUDA prefill tests use is derived for a described H100
+/// (as a live client would derive it) and lowered by cubecl's CUDA code generator: a kernel
+/// that fails to expand or lower for some tile, warp block or pipeline depth fails in CI, not
+/// on the GPU. (Compiling the sources takes NVRTC: `lora_bench --cuda-sources` and
+/// `scripts/nvrtc_check.py`.)
+#[test]
+fn tensor_core_kernels_lower_to_cuda_offline() {
+    use lorac_runtime::cuda_source::{expand_source, h100_properties, shrink_source};
+    type F = half::bf16;
+    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+    let device = h100_properties();
+    let (mut shrinks, mut pipelined, mut warp_blocks, mut expands) = (0, 0, 0, 0);
+    for seed in 0..CASES / 2 {
+        let (layout, family) = prefill_shrink_layout(&mut Rng::new(600 + seed));
+        for config in mma_shrink_configs::<F>(&device, &layout) {
+            let source = shrink_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("shrink {family} {config:?}: {e:?}"));
+            assert!(source.contains("mma_sync"), "shrink {family} {config:?}: no MMA in\n{source}");
+            shrinks += 1;
+            pipelined += usize::from(config.stages > 1);
+            warp_blocks += usize::from(config.warp_m * config.warp_n > 1);
+        }
+        let (layout, family) = prefill_expand_layout(&mut Rng::new(700 + seed));
+        for config in mma_expand_configs::<F>(&device, &layout) {
+            let source = expand_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("expand {family} {config:?}: {e:?}"));
+            assert!(source.contains("mma_sync"), "expand {family} {config:?}: no MMA in\n{source}");
+            expands += 1;
+        }
+    }
+    // The described H100 must yield the variants the CUDA tests exercise, not an empty list.
+    assert!(
+        pipelined > 0 && warp_blocks > 0 && expands > 0,
+        "shrinks {shrinks} (pipelined {pipelined}, warp blocks {warp_blocks}), expands {expands}"
+    );
+    eprintln!(
+        "lowered {shrinks} shrink configurations ({pipelined} pipelined, {warp_blocks} with warp blocks) and {expands} expand configurations"
+    );
+}

@@ -7,7 +7,8 @@
 //! its adapters from HBM, not from the 50 MB L2.
 //!
 //! Usage: `lora_bench [--quick] [--prefill-only] [--case NAME-PART] [--variant NAME-PART]
-//! [--csv FILE] [--profile-pass]`.
+//! [--csv FILE] [--profile-pass]`, or `lora_bench --cuda-sources DIR` (no GPU needed: writes
+//! the CUDA C++ of the H100's prefill tensor-core kernels, see `write_cuda_sources`).
 //! `--profile-pass` launches every kernel a few times with no timing loop, for `ncu` to time
 //! the kernels themselves; prefill cases add a sweep over the tensor-core kernels' tile shapes.
 
@@ -16,6 +17,7 @@ use std::num::NonZeroU32;
 use std::time::Instant;
 
 use cubecl::cuda::CudaRuntime;
+use cubecl::ir::DeviceProperties;
 use cubecl::prelude::*;
 use half::bf16;
 use lorac_plan::{ExpertDims, LoraLayout, LoraSlice};
@@ -25,7 +27,7 @@ use lorac_runtime::expand_mma::MmaExpandConfig;
 use lorac_runtime::fused::launch_fused;
 use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, launch_moe_expand, launch_moe_shrink};
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink};
-use lorac_runtime::shrink_mma::MmaShrinkConfig;
+use lorac_runtime::shrink_mma::{MmaShrinkConfig, ShrinkTile};
 use lorac_runtime::testing::{Rng, StorageElem};
 use lorac_runtime::{AdapterPool, DeviceBuffer, DeviceSegments, ExpandConfig, Segments};
 
@@ -384,34 +386,11 @@ fn tile_sweep<R: Runtime, E: StorageElem>(
         shrink_bytes,
         expand_bytes,
     };
-    // Register-staged: the default tile only (the K-group and chunk sweeps of runs 9-11 chose
-    // its defaults). Pipelined: 16-, 32- and 64-token tiles, the default row block and one
-    // covering every A row (x read once), with one or two K groups, at each chunk and depth.
-    let mut shrinks: Vec<(String, MmaShrinkConfig)> = Vec::new();
-    if let ShrinkKernel::Mma { config: default_config, .. } = default_shrink {
-        let (m, nf, kg, kc) = (default_config.m_frags, default_config.n_frags, default_config.k_groups, default_config.k_chunk);
-        if let Some(config) = MmaShrinkConfig::with_tile_chunk::<R, E>(client, layout, m, nf, kc, kg) {
-            shrinks.push((format!("shrink m{m} n{nf} k{kc} g{kg}"), config));
-        }
-        let row_frags = layout.groups() * layout.max_rank() / 16;
-        let mut pipelined = Vec::new();
-        for (m, nf) in [1, 2, 4].into_iter().flat_map(|m| [nf, row_frags].map(|nf| (m, nf))) {
-            for (kg, kc, stages) in
-                [kg, 1, 2].into_iter().flat_map(|kg| [64, 128].into_iter().flat_map(move |kc| [2, 3].map(|st| (kg, kc, st))))
-            {
-                let config = MmaShrinkConfig::with_tile_chunk::<R, E>(client, layout, m, nf, kc, kg)
-                    .and_then(|c| c.with_stages::<R, E>(client, stages));
-                if let Some(config) = config.filter(|c| !pipelined.contains(c)) {
-                    pipelined.push(config);
-                    shrinks.push((format!("shrink m{m} n{nf} k{kc} g{kg} s{stages}"), config));
-                }
-            }
-        }
-        if default_config.stages > 1 && !pipelined.contains(&default_config) {
-            let name = format!("shrink m{m} n{nf} k{kc} g{kg} s{}", default_config.stages);
-            shrinks.push((name, default_config));
-        }
-    }
+    let default_mma = match default_shrink {
+        ShrinkKernel::Mma { config, .. } => Some(config),
+        ShrinkKernel::Scalar(_) => None,
+    };
+    let shrinks = shrink_variants::<E>(client.properties(), layout, default_mma);
     for (name, config) in shrinks.into_iter().filter(|(name, _)| opts.selects_variant(name)) {
         let kernel = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
         let us = time_us(client, opts, iters, |i| {
@@ -421,23 +400,11 @@ fn tile_sweep<R: Runtime, E: StorageElem>(
         let mark = if kernel == default_shrink { " (default)" } else { "" };
         rows.push(row(format!("{name}{mark}"), us, f64::NAN));
     }
-    let mut expands: Vec<(String, ExpandKernel)> =
-        vec![("expand cuda-core".into(), ExpandKernel::Scalar(ExpandConfig::new(client, layout, size_of::<E>(), num_segments, max_len)))];
-    // Register-staged and pipelined 16- and 32-token tiles of 128 columns (the widest; the
-    // sweeps of runs 9 and 14 ruled out narrower ones), at each depth, with the default token
-    // split and with four cubes per segment and column block.
-    for m in [1, 2] {
-        if let Some(config) = MmaExpandConfig::with_tile::<R, E>(client, layout, m, 8) {
-            expands.push((format!("expand m{m} n8"), ExpandKernel::Mma { config, token_splits: 0 }));
-            for stages in [2, 3, 4] {
-                if let Some(config) = config.with_stages::<R, E>(client, stages) {
-                    expands.push((format!("expand m{m} n8 s{stages}"), ExpandKernel::Mma { config, token_splits: 0 }));
-                    expands.push((format!("expand m{m} n8 s{stages} x4"), ExpandKernel::Mma { config, token_splits: 4 }));
-                }
-            }
-        }
-    }
-    for (name, kernel) in expands.into_iter().filter(|(name, _)| opts.selects_variant(name)) {
+    let scalar = ExpandKernel::Scalar(ExpandConfig::new(client, layout, size_of::<E>(), num_segments, max_len));
+    let tensor_core = expand_variants::<E>(client.properties(), layout).into_iter();
+    let expands = std::iter::once(("expand cuda-core".to_string(), scalar))
+        .chain(tensor_core.map(|(name, config, token_splits)| (name, ExpandKernel::Mma { config, token_splits })));
+    for (name, kernel) in expands.filter(|(name, _)| opts.selects_variant(name)) {
         let us = time_us(client, opts, iters, |i| {
             let d = &mut data[i % n];
             launch_expand(client, layout, &d.pool, dev, &d.a, &mut d.y, Some(kernel)).unwrap()
@@ -446,6 +413,109 @@ fn tile_sweep<R: Runtime, E: StorageElem>(
         rows.push(row(format!("{name}{mark}"), f64::NAN, us));
     }
     rows
+}
+
+/// The tensor-core shrink variants of the sweep for this layout on this device.
+/// Register-staged: the default tile only (the K-group and chunk sweeps of runs 9-11 chose
+/// its defaults). Pipelined (three stages, or two where three do not fit): 32-, 64- and
+/// 128-token tiles, the default row block and one covering every A row, warp blocks of up
+/// to 4×4 fragments, 64- and 128-wide chunks, and the K groups that give a cube 4–16 warps
+/// (the sweeps of runs 12 and 15 put depth and chunk within a few percent of each other for
+/// one-fragment warps). Empty where there is no default tensor-core shrink.
+fn shrink_variants<E: StorageElem>(
+    device: &DeviceProperties,
+    layout: &LoraLayout,
+    default_config: Option<MmaShrinkConfig>,
+) -> Vec<(String, MmaShrinkConfig)> {
+    let mut shrinks = Vec::new();
+    let Some(default_config) = default_config else {
+        return shrinks;
+    };
+    let (m, nf, kg, kc) = (default_config.m_frags, default_config.n_frags, default_config.k_groups, default_config.k_chunk);
+    if let Some(config) = MmaShrinkConfig::with_tile_chunk::<E>(device, layout, default_config.tile(), kc, kg) {
+        shrinks.push((format!("shrink m{m} n{nf} w{}x{} k{kc} g{kg}", config.warp_m, config.warp_n), config));
+    }
+    let row_frags = layout.groups() * layout.max_rank() / 16;
+    let blocks = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (4, 2), (2, 4), (4, 4)];
+    let mut pipelined = Vec::new();
+    for (m, nf) in [2, 4, 8].into_iter().flat_map(|m| [nf, row_frags].map(|nf| (m, nf))) {
+        for ((wm, wn), kc, kg) in blocks.into_iter().flat_map(|b| [64, 128].into_iter().flat_map(move |kc| [1, 2, 4].map(|kg| (b, kc, kg))))
+        {
+            let tile = ShrinkTile::new(m, nf).with_warps(wm, wn);
+            let config = MmaShrinkConfig::with_tile_chunk::<E>(device, layout, tile, kc, kg)
+                .filter(|c| (4..=16).contains(&c.warps()))
+                .and_then(|c| c.with_stages::<E>(device, 3).or_else(|| c.with_stages::<E>(device, 2)));
+            if let Some(config) = config.filter(|c| !pipelined.contains(c)) {
+                pipelined.push(config);
+                shrinks.push((format!("shrink m{m} n{nf} w{wm}x{wn} k{kc} g{kg} s{}", config.stages), config));
+            }
+        }
+    }
+    if default_config.stages > 1 && !pipelined.contains(&default_config) {
+        let (wm, wn) = (default_config.warp_m, default_config.warp_n);
+        shrinks.push((format!("shrink m{m} n{nf} w{wm}x{wn} k{kc} g{kg} s{}", default_config.stages), default_config));
+    }
+    shrinks
+}
+
+/// The tensor-core expand variants of the sweep (name, configuration, token splits; 0 = the
+/// default split): register-staged and pipelined 16- and 32-token tiles of 128 columns (the
+/// widest; the sweeps of runs 9 and 14 ruled out narrower ones), at each depth, with the
+/// default token split and with four cubes per segment and column block.
+fn expand_variants<E: StorageElem>(device: &DeviceProperties, layout: &LoraLayout) -> Vec<(String, MmaExpandConfig, u32)> {
+    let mut expands = Vec::new();
+    for m in [1, 2] {
+        if let Some(config) = MmaExpandConfig::with_tile::<E>(device, layout, m, 8) {
+            expands.push((format!("expand m{m} n8"), config, 0));
+            for stages in [2, 3, 4] {
+                if let Some(config) = config.with_stages::<E>(device, stages) {
+                    expands.push((format!("expand m{m} n8 s{stages}"), config, 0));
+                    expands.push((format!("expand m{m} n8 s{stages} x4"), config, 4));
+                }
+            }
+        }
+    }
+    expands
+}
+
+/// `--cuda-sources DIR`: the CUDA C++ of every tensor-core kernel the prefill sweeps and
+/// defaults would launch on an H100 (T = 4096 in 8 segments), lowered without a GPU
+/// (`lorac_runtime::cuda_source`), one file per (case, variant). Compile them with
+/// `scripts/nvrtc_check.py DIR`.
+fn write_cuda_sources(dir: &str) -> std::io::Result<()> {
+    use lorac_runtime::cuda_source::{expand_source, h100_properties, shrink_source};
+    std::fs::create_dir_all(dir)?;
+    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+    let device = h100_properties();
+    let (segments, tokens) = (8, 4096 / 8);
+    let mut written = 0;
+    for m in modules(false) {
+        for rank in [16, 64] {
+            let layout = LoraLayout::new(nz(SLOTS), nz(rank), m.in_features, m.groups, m.slices.clone(), None).unwrap();
+            let case = format!("{}_R{rank}", m.name);
+            let default_shrink = MmaShrinkConfig::for_batch::<bf16>(&device, &layout, segments, tokens);
+            let mut sources = Vec::new();
+            if let Some(config) = default_shrink {
+                sources.push(("shrink default".to_string(), shrink_source::<_, bf16>(&client, config)));
+            }
+            for (name, config) in shrink_variants::<bf16>(&device, &layout, default_shrink) {
+                sources.push((name, shrink_source::<_, bf16>(&client, config)));
+            }
+            if let Some(config) = MmaExpandConfig::for_batch::<bf16>(&device, &layout, segments, tokens) {
+                sources.push(("expand default".to_string(), expand_source::<_, bf16>(&client, config)));
+            }
+            for (name, config, _) in expand_variants::<bf16>(&device, &layout).into_iter().filter(|(_, _, splits)| *splits == 0) {
+                sources.push((name, expand_source::<_, bf16>(&client, config)));
+            }
+            for (name, source) in sources {
+                let source = source.map_err(|e| std::io::Error::other(format!("{case} {name}: {e:?}")))?;
+                std::fs::write(format!("{dir}/{case}__{}.cu", name.replace(' ', "_")), source)?;
+                written += 1;
+            }
+        }
+    }
+    eprintln!("wrote {written} CUDA sources to {dir}");
+    Ok(())
 }
 
 /// OLMoE-style routed experts: hidden 2048, expert intermediate 1024, 64 experts, top-8.
@@ -551,7 +621,12 @@ fn main() {
         variant_filter: value("--variant"),
     };
     let csv_path = value("--csv");
-    if opts.smoke {
+    if let Some(dir) = value("--cuda-sources") {
+        if let Err(e) = write_cuda_sources(&dir) {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    } else if opts.smoke {
         run::<cubecl::wgpu::WgpuRuntime, f32>(&opts, csv_path);
     } else {
         run::<CudaRuntime, bf16>(&opts, csv_path);

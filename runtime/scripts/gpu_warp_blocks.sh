@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Pending GPU check of the warp-block tensor-core shrink (written 2026-11-23, when no device
+# was lent): the CUDA prefill shrink and chunked tests (they run 1×1, 2×1 and 2×2 warp blocks,
+# register-staged and pipelined), then the shrink sweep of the cases where the shrink is the
+# larger half of the prefill pair. Binaries as in gpu_run.sh, in devbin/:
+#   run(command="bash runtime/scripts/gpu_warp_blocks.sh", carry=["devbin"])
+# Each step has its own time limit so the whole stays inside one 600 s call.
+set -uo pipefail
+OUT=${OUT:-/tmp/lora_out}
+mkdir -p "$OUT"
+export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
+export LD_LIBRARY_PATH="$CUDA_PATH/lib64:${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+echo "== CUDA prefill shrink + chunked tests (bf16) =="
+timeout 240 devbin/kernels cuda_bf16::prefill_shrink cuda_bf16::chunked_prefill > "$OUT/cuda_tests.log" 2>&1
+echo "rc=$?"
+grep -E "^test .*(ok|FAILED)$|test result|panicked" "$OUT/cuda_tests.log" | head -8
+i=0
+for c in "qkv R=64 T=4096" "mla_qkv_a R=64 T=4096" "mla_qkv_a R=16 T=4096"; do
+    i=$((i + 1))
+    echo "== shrink sweep: $c (the 8 fastest variants) =="
+    timeout 100 devbin/lora_bench --prefill-only --quick --case "$c" --variant shrink --csv "$OUT/sweep$i.csv" > /dev/null 2> "$OUT/sweep$i.err"
+    echo "rc=$?"
+    grep -v "^#" "$OUT/sweep$i.csv" | grep shrink | cut -d, -f2,3 | sort -t, -k2 -g | head -8
+done

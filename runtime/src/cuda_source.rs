@@ -1,0 +1,182 @@
+//! The CUDA C++ of the tensor-core LoRA kernels for a GPU that is not attached, from cubecl's
+//! own CUDA code generator, so the kernels that only run on NVIDIA hardware can be expanded,
+//! compiled and inspected on a machine without one.
+//!
+//! The tensor-core shrink and expand have no path on wgpu (no MMA there), so CI's lavapipe
+//! tests never run them. Here their configurations are derived for a described device
+//! ([`h100_properties`]) exactly as the runtime derives them from a live client, each kernel is
+//! expanded to cubecl IR and lowered to CUDA C++ with the options cubecl's CUDA runtime uses on
+//! that architecture. The `kernel_sources` binary writes the sources of the prefill cases'
+//! kernels; `scripts/nvrtc_check.py` compiles them with NVRTC and ptxas (from PyPI wheels, no
+//! GPU) and prints registers, spills and PTX instruction counts. Expansion needs a
+//! `ComputeClient` of some runtime because cubecl's kernel types carry one; the kernels here
+//! read nothing from its device properties, so a wgpu client (lavapipe) serves.
+
+use cubecl::cuda::CudaCompiler;
+use cubecl::features::{MmaConfig, Plane, TypeUsage};
+use cubecl::ir::{BarrierLevel, DeviceProperties, ElemType, FloatKind, HardwareProperties, MemoryDeviceProperties, OpaqueType};
+use cubecl::prelude::*;
+use cubecl::server::ExecutionMode;
+use cubecl::{CompilationError, Compiler};
+
+use crate::expand_mma::{MmaExpandConfig, expand_mma_kernel};
+use crate::expand_mma_pipelined::{A_VECTOR, expand_mma_pipelined_kernel};
+use crate::shrink_mma::{MmaShrinkConfig, TILE, shrink_mma_kernel};
+use crate::shrink_mma_pipelined::shrink_mma_pipelined_kernel;
+
+/// The properties cubecl's CUDA runtime (0.10) reports for an H100 SXM (sm_90, 132
+/// multiprocessors, 227 KiB of opt-in shared memory per cube, 32-lane warps), as far as the
+/// kernel configurations read them: MMA shapes, asynchronous copies and block barriers,
+/// shared memory, multiprocessors, plane width and load width.
+pub fn h100_properties() -> DeviceProperties {
+    let hardware = HardwareProperties {
+        load_width: 128,
+        plane_size_min: 32,
+        plane_size_max: 32,
+        max_bindings: 1024,
+        max_shared_memory_size: 232_448,
+        max_cube_count: (u32::MAX >> 1, 65_535, 65_535),
+        max_units_per_cube: 1024,
+        max_cube_dim: (1024, 1024, 64),
+        num_streaming_multiprocessors: Some(132),
+        num_cpu_cores: None,
+        num_tensor_cores: Some(4),
+        min_tensor_cores_dim: Some(8),
+        max_vector_size: usize::MAX,
+    };
+    let memory = MemoryDeviceProperties { max_page_size: 20 << 30, alignment: 256 };
+    let mut props = DeviceProperties::new(Default::default(), memory, hardware, cubecl::profile::TimingMethod::System);
+    props.register_type_usage(OpaqueType::Barrier(BarrierLevel::Cube), TypeUsage::Buffer);
+    props.features.copy_async = true;
+    props.features.plane.insert(Plane::Ops);
+    props.features.plane.insert(Plane::Sync);
+    let f32_ty: StorageType = ElemType::Float(FloatKind::F32).into();
+    for kind in [FloatKind::F16, FloatKind::BF16] {
+        let elem: StorageType = ElemType::Float(kind).into();
+        props.features.matmul.cmma.insert(MmaConfig { a_type: elem, b_type: elem, cd_type: f32_ty, m: TILE, n: TILE, k: TILE });
+    }
+    props
+}
+
+/// The compiler options cubecl's CUDA runtime sets on sm_90 (grid constants, clusters, fast
+/// math, `elect.sync`), so the generated source is the one the device would compile.
+fn sm90_options() -> CudaOptions {
+    let mut options = CudaOptions { warp_size: 32, ..Default::default() };
+    let features = &mut options.supports_features;
+    features.grid_constants = true;
+    features.clusters = true;
+    features.fast_math = true;
+    features.fast_tanh = true;
+    features.elect_sync = true;
+    options
+}
+
+type CudaOptions = <CudaCompiler as Compiler>::CompilationOptions;
+
+fn lower(definition: cubecl::prelude::KernelDefinition) -> Result<String, CompilationError> {
+    let address = u32::as_type_native_unchecked().storage_type();
+    let compiled = CudaCompiler::default().compile(definition, &sm90_options(), ExecutionMode::Unchecked, address)?;
+    Ok(compiled.to_string())
+}
+
+fn settings(cube_dim: CubeDim) -> KernelSettings {
+    KernelSettings::default().cube_dim(cube_dim).address_type(AddressType::U32)
+}
+
+/// CUDA C++ of the tensor-core shrink for `config` (register-staged or pipelined, as its
+/// `stages` says), as the CUDA runtime would launch it.
+pub fn shrink_source<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    config: MmaShrinkConfig,
+) -> Result<String, CompilationError> {
+    let array = || ArrayCompilationArg { inplace: None };
+    let settings = settings(CubeDim::new_2d(32, config.warps()));
+    let n = config.vector as usize;
+    let definition = if config.stages > 1 {
+        shrink_mma_pipelined_kernel::ShrinkMmaPipelinedKernel::<F, R>::new(
+            settings,
+            client.clone(),
+            array(),
+            array(),
+            array(),
+            array(),
+            array(),
+            array(),
+            array(),
+            (),
+            n,
+            config,
+        )
+        .define()
+    } else {
+        shrink_mma_kernel::ShrinkMmaKernel::<F, R>::new(
+            settings,
+            client.clone(),
+            array(),
+            array(),
+            array(),
+            array(),
+            array(),
+            array(),
+            array(),
+            (),
+            n,
+            config,
+        )
+        .define()
+    };
+    lower(definition)
+}
+
+/// CUDA C++ of the tensor-core expand for `config` (register-staged or pipelined).
+pub fn expand_source<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    config: MmaExpandConfig,
+) -> Result<String, CompilationError> {
+    let array = || ArrayCompilationArg { inplace: None };
+    let settings = settings(CubeDim::new_2d(32, config.warps()));
+    let (ny, nb) = (config.out_vector as usize, config.rank_vector as usize);
+    let definition = if config.stages > 1 {
+        expand_mma_pipelined_kernel::ExpandMmaPipelinedKernel::<F, R>::new(
+            settings,
+            client.clone(),
+            array(),
+            array(),
+            array(),
+            array(),
+            array(),
+            array(),
+            array(),
+            array(),
+            array(),
+            (),
+            (),
+            ny,
+            nb,
+            A_VECTOR,
+            config,
+        )
+        .define()
+    } else {
+        expand_mma_kernel::ExpandMmaKernel::<F, R>::new(
+            settings,
+            client.clone(),
+            array(),
+            array(),
+            array(),
+            array(),
+            array(),
+            array(),
+            array(),
+            array(),
+            array(),
+            (),
+            (),
+            ny,
+            nb,
+            config,
+        )
+        .define()
+    };
+    lower(definition)
+}
