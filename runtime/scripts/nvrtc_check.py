@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
-"""Compile CUDA sources written by `kernel_sources` with NVRTC and assemble them with ptxas,
-without a GPU, and print each kernel's registers, spills and shared memory.
+"""Compile the CUDA sources that `lora_bench --cuda-sources DIR` writes with NVRTC and assemble
+them with ptxas, without a GPU, and print each kernel's registers and spills (ptxas), threads
+and shared memory (from the source), the resident cubes per H100 multiprocessor these allow,
+the waves of its grid and the bytes its cubes stage from L2 where the source names them
+(`// lorac:` header), and static PTX instruction counts.
 
 Needs NVRTC, the CUDA headers and ptxas, for example from PyPI:
     python3 -m venv /tmp/cu
@@ -31,6 +34,41 @@ PTX_CLASSES = [
     ("bar", r"\bbar(?:rier)?\.sync"),
     ("local", r"\b(?:ld|st)\.local"),
 ]
+
+
+# Per-multiprocessor limits of the H100 (sm_90) for the occupancy estimate.
+SM_REGISTERS = 65536
+SM_SHARED = 233472  # 228 KiB, of which each resident cube reserves 1 KiB
+SM_THREADS = 2048
+SM_CUBES = 32
+SMS = 132
+
+
+def shared_bytes(source):
+    """Shared memory a cubecl CUDA source declares: the end of its furthest array or barrier
+    in `dynamic_shared_mem` (cubecl lays them out by offset, with a size comment per array)."""
+    end = 0
+    size = None
+    for line in source.splitlines():
+        m = re.match(r"// Shared array size: \d+, (\d+) bytes", line.strip())
+        if m:
+            size = int(m.group(1))
+            continue
+        m = re.search(r"dynamic_shared_mem\[(\d+)\]", line)
+        if m and "extern" not in line:
+            end = max(end, int(m.group(1)) + (size if size is not None else 8))  # barriers: 8 bytes
+        size = None
+    return end
+
+
+def occupancy(regs, threads, shared):
+    """Resident cubes per multiprocessor: the tightest of registers (allocated per warp in units
+    of 256), shared memory, threads and the cube limit."""
+    warps = -(-threads // 32)
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    by_regs = (SM_REGISTERS // regs_per_warp) // warps if regs_per_warp else SM_CUBES
+    by_shared = SM_SHARED // (shared + 1024)
+    return min(by_regs, by_shared, SM_THREADS // threads, SM_CUBES)
 
 
 def nvidia_root():
@@ -71,7 +109,8 @@ def check_one(job):
     path, options, ptxas, arch, ptx_dir = job
     nvrtc = load_nvrtc(nvidia_root())
     name = os.path.basename(path)
-    ptx, err = compile_ptx(nvrtc, open(path).read(), name, options)
+    source = open(path).read()
+    ptx, err = compile_ptx(nvrtc, source, name, options)
     if err is not None:
         return f"{name:<48} NVRTC FAILED\n{err}", False
     if ptx_dir:
@@ -89,7 +128,21 @@ def check_one(job):
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out.stderr)
     counts = " ".join(f"{op}={len(re.findall(pattern, ptx))}" for op, pattern in PTX_CLASSES)
     spills = (spill.group(1) + "/" + spill.group(2)) if spill else "?"
-    return f"{name:<48} {regs.group(1) if regs else '?':>5} {spills:>12}  {counts}", True
+    threads = re.search(r"__launch_bounds__\((\d+)\)", source)
+    cubes = re.search(r"^// lorac: grid cubes (\d+)", source, re.M)
+    staged = re.search(r"^// lorac: grid cubes \d+, staged MB (\d+)", source, re.M)
+    shared = shared_bytes(source)
+    fit, waves = "?", ""
+    if regs and threads:
+        per_sm = occupancy(int(regs.group(1)), int(threads.group(1)), shared)
+        fit = str(per_sm)
+        if cubes and per_sm:
+            waves = f"{int(cubes.group(1)) / (per_sm * SMS):.2f}"
+    line = (
+        f"{name:<48} {regs.group(1) if regs else '?':>5} {spills:>12} {threads.group(1) if threads else '?':>7} "
+        f"{shared // 1024:>6} {fit:>6} {waves:>6} {staged.group(1) if staged else '':>6}  {counts}"
+    )
+    return line, True
 
 
 def main():
@@ -108,7 +161,10 @@ def main():
     jobs = [(path, options, ptxas, args.arch, args.ptx_dir) for path in paths]
     with multiprocessing.Pool(args.jobs or os.cpu_count()) as pool:
         results = pool.map(check_one, jobs)
-    print(f"{'kernel source':<48} {'regs':>5} {'spill st/ld':>12}  PTX instructions (static count)")
+    print(
+        f"{'kernel source':<48} {'regs':>5} {'spill st/ld':>12} {'threads':>7} {'smem K':>6} {'cubes/SM':>6} {'waves':>6} {'L2 MB':>6}"
+        "  PTX instructions (static count)"
+    )
     failed = 0
     for line, ok in results:
         print(line)

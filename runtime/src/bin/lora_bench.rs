@@ -6,7 +6,7 @@
 //! the same run. Inputs rotate over enough independent buffer sets that each launch streams
 //! its adapters from HBM, not from the 50 MB L2.
 //!
-//! Usage: `lora_bench [--quick] [--prefill-only] [--case NAME-PART] [--variant NAME-PART]
+//! Usage: `lora_bench [--quick] [--prefill-only] [--case NAME-PART] [--variant NAME-PART,...]
 //! [--csv FILE] [--profile-pass]`, or `lora_bench --cuda-sources DIR` (no GPU needed: writes
 //! the CUDA C++ of the H100's prefill tensor-core kernels, see `write_cuda_sources`).
 //! `--profile-pass` launches every kernel a few times with no timing loop, for `ncu` to time
@@ -44,7 +44,8 @@ struct Opts {
     /// Only the cases whose name contains this (e.g. `"qkv R=16 T=32 adapters=8"`), so a
     /// profiler can be pointed at one case.
     case_filter: Option<String>,
-    /// Only the tile-sweep variants whose name contains this (e.g. `"expand m1 n8 s3"`).
+    /// Only the tile-sweep variants whose name contains one of these comma-separated parts
+    /// (e.g. `"expand m1 n8 s3"`, or `"w2x2 k64,w1x1"`).
     variant_filter: Option<String>,
 }
 
@@ -54,7 +55,7 @@ impl Opts {
     }
 
     fn selects_variant(&self, variant: &str) -> bool {
-        self.variant_filter.as_deref().is_none_or(|f| variant.contains(f))
+        self.variant_filter.as_deref().is_none_or(|f| f.split(',').any(|part| variant.contains(part)))
     }
 }
 
@@ -494,22 +495,30 @@ fn write_cuda_sources(dir: &str) -> std::io::Result<()> {
             let layout = LoraLayout::new(nz(SLOTS), nz(rank), m.in_features, m.groups, m.slices.clone(), None).unwrap();
             let case = format!("{}_R{rank}", m.name);
             let default_shrink = MmaShrinkConfig::for_batch::<bf16>(&device, &layout, segments, tokens);
+            // (variant, source, header: the shrink's grid size for this batch and the bytes its
+            // cubes stage from L2, x once per row block and A once per cube).
             let mut sources = Vec::new();
-            if let Some(config) = default_shrink {
-                sources.push(("shrink default".to_string(), shrink_source::<_, bf16>(&client, config)));
+            let k_bytes = u64::from(m.in_features) * 2;
+            let shrink_cubes = |c: &MmaShrinkConfig| {
+                let cubes = tokens.div_ceil(c.tile_tokens()) * segments as u32 * c.row_blocks();
+                let staged = 4096 * k_bytes * u64::from(c.row_blocks()) + u64::from(cubes) * u64::from(c.n_frags * 16) * k_bytes;
+                Some(format!("// lorac: grid cubes {cubes}, staged MB {:.0}\n", staged as f64 / 1e6))
+            };
+            let shrinks = default_shrink.map(|c| ("shrink default".to_string(), c)).into_iter();
+            for (name, config) in shrinks.chain(shrink_variants::<bf16>(&device, &layout, default_shrink)) {
+                sources.push((name, shrink_source::<_, bf16>(&client, config), shrink_cubes(&config)));
             }
-            for (name, config) in shrink_variants::<bf16>(&device, &layout, default_shrink) {
-                sources.push((name, shrink_source::<_, bf16>(&client, config)));
+            let default_expand = MmaExpandConfig::for_batch::<bf16>(&device, &layout, segments, tokens);
+            let variants = expand_variants::<bf16>(&device, &layout).into_iter().filter(|(_, _, splits)| *splits == 0);
+            let expands = default_expand.map(|c| ("expand default".to_string(), c)).into_iter().chain(variants.map(|(n, c, _)| (n, c)));
+            for (name, config) in expands {
+                sources.push((name, expand_source::<_, bf16>(&client, config), None));
             }
-            if let Some(config) = MmaExpandConfig::for_batch::<bf16>(&device, &layout, segments, tokens) {
-                sources.push(("expand default".to_string(), expand_source::<_, bf16>(&client, config)));
-            }
-            for (name, config, _) in expand_variants::<bf16>(&device, &layout).into_iter().filter(|(_, _, splits)| *splits == 0) {
-                sources.push((name, expand_source::<_, bf16>(&client, config)));
-            }
-            for (name, source) in sources {
+            for (name, source, cubes) in sources {
                 let source = source.map_err(|e| std::io::Error::other(format!("{case} {name}: {e:?}")))?;
-                std::fs::write(format!("{dir}/{case}__{}.cu", name.replace(' ', "_")), source)?;
+                // nvrtc_check.py reads the grid size from this line to estimate waves.
+                let header = cubes.unwrap_or_default();
+                std::fs::write(format!("{dir}/{case}__{}.cu", name.replace(' ', "_")), header + &source)?;
                 written += 1;
             }
         }
