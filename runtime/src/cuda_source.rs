@@ -19,10 +19,10 @@ use cubecl::prelude::*;
 use cubecl::server::ExecutionMode;
 use cubecl::{CompilationError, Compiler};
 
-use crate::expand_mma::{MmaExpandConfig, expand_mma_kernel};
-use crate::expand_mma_pipelined::{A_VECTOR, expand_mma_pipelined_kernel};
-use crate::shrink_mma::{MmaShrinkConfig, TILE, shrink_mma_kernel};
-use crate::shrink_mma_pipelined::shrink_mma_pipelined_kernel;
+use crate::expand_mma::{MmaExpandConfig, expand_mma_kernel::ExpandMmaKernel};
+use crate::expand_mma_pipelined::{A_VECTOR, expand_mma_pipelined_kernel::ExpandMmaPipelinedKernel};
+use crate::shrink_mma::{MmaShrinkConfig, TILE, shrink_mma_kernel::ShrinkMmaKernel};
+use crate::shrink_mma_pipelined::shrink_mma_pipelined_kernel::ShrinkMmaPipelinedKernel;
 
 /// The properties cubecl's CUDA runtime (0.10) reports for an H100 SXM (sm_90, 132
 /// multiprocessors, 227 KiB of opt-in shared memory per cube, 32-lane warps), as far as the
@@ -89,41 +89,15 @@ pub fn shrink_source<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     config: MmaShrinkConfig,
 ) -> Result<String, CompilationError> {
-    let array = || ArrayCompilationArg { inplace: None };
+    // One compilation argument per array parameter (none is an in-place alias).
+    let a = || ArrayCompilationArg { inplace: None };
     let settings = settings(CubeDim::new_2d(32, config.warps()));
     let n = config.vector as usize;
+    // Arguments in the kernel's order: seven arrays, the scalar `k`, the vector width `N`.
     let definition = if config.stages > 1 {
-        shrink_mma_pipelined_kernel::ShrinkMmaPipelinedKernel::<F, R>::new(
-            settings,
-            client.clone(),
-            array(),
-            array(),
-            array(),
-            array(),
-            array(),
-            array(),
-            array(),
-            (),
-            n,
-            config,
-        )
-        .define()
+        ShrinkMmaPipelinedKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), (), n, config).define()
     } else {
-        shrink_mma_kernel::ShrinkMmaKernel::<F, R>::new(
-            settings,
-            client.clone(),
-            array(),
-            array(),
-            array(),
-            array(),
-            array(),
-            array(),
-            array(),
-            (),
-            n,
-            config,
-        )
-        .define()
+        ShrinkMmaKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), (), n, config).define()
     };
     lower(definition)
 }
@@ -133,22 +107,25 @@ pub fn expand_source<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     config: MmaExpandConfig,
 ) -> Result<String, CompilationError> {
-    let array = || ArrayCompilationArg { inplace: None };
+    // One compilation argument per array parameter (none is an in-place alias).
+    let a = || ArrayCompilationArg { inplace: None };
     let settings = settings(CubeDim::new_2d(32, config.warps()));
     let (ny, nb) = (config.out_vector as usize, config.rank_vector as usize);
+    // Arguments in the kernel's order: nine arrays, the scalars `out_features` and
+    // `token_splits`, the vector widths of y, B (and the staged intermediate).
     let definition = if config.stages > 1 {
-        expand_mma_pipelined_kernel::ExpandMmaPipelinedKernel::<F, R>::new(
+        ExpandMmaPipelinedKernel::<F, R>::new(
             settings,
             client.clone(),
-            array(),
-            array(),
-            array(),
-            array(),
-            array(),
-            array(),
-            array(),
-            array(),
-            array(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
             (),
             (),
             ny,
@@ -158,25 +135,7 @@ pub fn expand_source<R: Runtime, F: Float + CubeElement>(
         )
         .define()
     } else {
-        expand_mma_kernel::ExpandMmaKernel::<F, R>::new(
-            settings,
-            client.clone(),
-            array(),
-            array(),
-            array(),
-            array(),
-            array(),
-            array(),
-            array(),
-            array(),
-            array(),
-            (),
-            (),
-            ny,
-            nb,
-            config,
-        )
-        .define()
+        ExpandMmaKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), a(), a(), (), (), ny, nb, config).define()
     };
     lower(definition)
 }

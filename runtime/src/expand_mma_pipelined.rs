@@ -21,7 +21,7 @@ use cubecl::prelude::barrier::{Barrier, copy_async};
 use cubecl::prelude::*;
 
 use crate::expand_mma::{MmaExpandConfig, expand_cube, stage_b_block};
-use crate::shrink_mma::TILE;
+use crate::shrink_mma::{TILE, zero_accumulator};
 use crate::shrink_mma_pipelined::{arrive_on_stage, wait_stage};
 
 /// Vector width of the staged intermediate (f32): one 16-byte copy.
@@ -169,14 +169,7 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
                     );
                 }
                 if active {
-                    let acc = cmma::Matrix::<f32>::from_value(
-                        cmma::MatrixIdent::Accumulator,
-                        16usize,
-                        16usize,
-                        16usize,
-                        cmma::MatrixLayout::Undefined,
-                        0.0,
-                    );
+                    let acc = zero_accumulator();
                     for kk in 0..rank_steps {
                         let af = cmma::Matrix::<F>::from_slice(
                             cmma::MatrixIdent::A,

@@ -431,16 +431,15 @@ pub(crate) fn new_accumulators(#[comptime] cfg: MmaShrinkConfig) -> Sequence<cmm
     let mut accs = Sequence::<cmma::Matrix<f32>>::new();
     #[unroll]
     for _ in 0..comptime!((cfg.warp_m * cfg.warp_n) as usize) {
-        accs.push(cmma::Matrix::<f32>::from_value(
-            cmma::MatrixIdent::Accumulator,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::Undefined,
-            0.0,
-        ));
+        accs.push(zero_accumulator());
     }
     accs
+}
+
+/// A 16×16 f32 MMA accumulator holding zeros.
+#[cube]
+pub(crate) fn zero_accumulator() -> cmma::Matrix<f32> {
+    cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0)
 }
 
 /// Whether column `j` of the warp's block has A rows below the slot's rank. Warp-uniform: a
