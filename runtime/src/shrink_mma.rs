@@ -70,6 +70,11 @@ pub struct MmaShrinkConfig {
     pub k_chunk: u32,
     /// Vector width of the staging loads of x and A.
     pub vector: u32,
+    /// Whether the fragments are multiplied on tensor cores (cmma). Without (a device with no
+    /// 16×16×16 MMA, such as wgpu) each lane computes its eight elements of a fragment with
+    /// FMAs from the same staged tiles: slow, never chosen by [`Self::supported`], but it runs
+    /// the kernels' tiling, staging and stores where CI can test them (lavapipe).
+    pub tensor_cores: bool,
     /// 1: each chunk's loads go through registers, one chunk ahead ([`shrink_mma_kernel`]).
     /// 2–4: asynchronous copies into that many shared-memory stages, `stages − 1` chunks
     /// ahead ([`crate::shrink_mma_pipelined`]); see [`Self::with_stages`].
@@ -138,9 +143,9 @@ impl MmaShrinkConfig {
     }
 
     /// The configuration for `tile` staging `k_chunk` input columns per round, with `k_groups`
-    /// warps per warp block, or `None` where it does not apply: no 16×16×16 MMA with f32
-    /// accumulation for this storage type on this device, a rank or input width that is not a
-    /// multiple of 16, `n_frags` not dividing the row fragments, a warp block not dividing the
+    /// warps per warp block (on tensor cores where the device has a 16×16×16 MMA with f32
+    /// accumulation for this storage type), or `None` where it does not apply: a rank or input
+    /// width that is not a multiple of 16, `n_frags` not dividing the row fragments, a warp block not dividing the
     /// tile, more than [`MAX_SHRINK_WARPS`] warps, a chunk that does not divide the input width
     /// or whose 16-wide steps `k_groups` does not divide, more than 16 staged vectors per
     /// thread, or more shared memory than the device gives a cube.
@@ -152,7 +157,7 @@ impl MmaShrinkConfig {
         k_groups: u32,
     ) -> Option<Self> {
         let ShrinkTile { m_frags, n_frags, warp_m, warp_n } = tile;
-        if !cmma_supported::<F>(device) || layout.max_rank() % TILE != 0 || layout.in_features() % TILE != 0 {
+        if layout.max_rank() % TILE != 0 || layout.in_features() % TILE != 0 {
             return None;
         }
         let row_frags = layout.groups() * layout.max_rank() / TILE;
@@ -180,6 +185,7 @@ impl MmaShrinkConfig {
             k_groups,
             k_chunk,
             vector,
+            tensor_cores: cmma_supported::<F>(device),
             stages: 1,
         })
     }
@@ -205,12 +211,16 @@ impl MmaShrinkConfig {
     /// unless that leaves fewer cubes than about one per multiprocessor (in the H100 tile sweeps,
     /// runtime/BENCHMARKS.md, 32-token tiles were the best or within 3% of it in every
     /// prefill case of run 9, and within 15% in run 11, where 16-token tiles won one case).
+    /// `None` without tensor cores.
     pub fn supported<F: CubePrimitive>(
         device: &DeviceProperties,
         layout: &LoraLayout,
         num_segments: usize,
         max_segment_len: u32,
     ) -> Option<Self> {
+        if !cmma_supported::<F>(device) {
+            return None;
+        }
         let row_frags = layout.groups() * layout.max_rank() / TILE;
         let n_frags = [4, 3, 2, 1].into_iter().find(|n| row_frags % n == 0).unwrap_or(1);
         let target = u64::from(crate::config::multiprocessors(device)) * 3 / 4;
@@ -321,7 +331,7 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     let mut x_tile = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(tm * stride / nv), 128usize);
     let mut a_tile = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(tn * stride / nv), 128usize);
     let mut c_tile = SharedMemory::<f32>::new_aligned(comptime!(accumulator_floats(cfg)), 128usize);
-    let accs = new_accumulators(cfg);
+    let mut accs = new_accumulators(cfg);
 
     // Each thread stages the same vectors of every chunk: `x_per` of the x tile, `a_per` of
     // the A rows. Their sources are fixed up front; x rows past the segment's end repeat its
@@ -382,7 +392,7 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
                 }
             }
         }
-        multiply_chunk::<F, N>(&x_tile, 0, &a_tile, 0, &block, &cube, &accs, cfg);
+        multiply_chunk::<F, N>(&x_tile, 0, &a_tile, 0, &block, &cube, &mut accs, cfg);
         sync_cube();
         k0 = next;
     }
@@ -424,16 +434,42 @@ pub(crate) fn accumulator_floats(cfg: MmaShrinkConfig) -> usize {
     (cfg.m_frags * cfg.n_frags * cfg.k_groups * TILE * TILE) as usize
 }
 
-/// The warp's `warp_m·warp_n` accumulators (fragment (i, j) of its block at `i·warp_n + j`),
-/// zeroed.
+/// A warp's accumulators for its `warp_m·warp_n` fragments (fragment (i, j) of its block at
+/// `b = i·warp_n + j`): on tensor cores `tiles[b]`; without, lane l holds elements
+/// `l + 32·t` (t < 8, row-major in the 16×16 fragment) at `lanes[8·b + t]`. The other member
+/// is empty (one unused element).
+#[derive(CubeType)]
+pub(crate) struct Accumulators {
+    tiles: Sequence<cmma::Matrix<f32>>,
+    lanes: Array<f32>,
+}
+
+/// Lanes of a warp in the emulated multiply (its cube dimension x).
+const WARP_LANES: usize = 32;
+
+/// Elements of a 16×16 fragment per lane in the emulated multiply.
+const LANE_ELEMS: usize = 256 / WARP_LANES;
+
+/// The warp's accumulators, zeroed.
 #[cube]
-pub(crate) fn new_accumulators(#[comptime] cfg: MmaShrinkConfig) -> Sequence<cmma::Matrix<f32>> {
-    let mut accs = Sequence::<cmma::Matrix<f32>>::new();
-    #[unroll]
-    for _ in 0..comptime!((cfg.warp_m * cfg.warp_n) as usize) {
-        accs.push(zero_accumulator());
+pub(crate) fn new_accumulators(#[comptime] cfg: MmaShrinkConfig) -> Accumulators {
+    let blocks = comptime!((cfg.warp_m * cfg.warp_n) as usize);
+    let mut tiles = Sequence::<cmma::Matrix<f32>>::new();
+    if comptime!(cfg.tensor_cores) {
+        let lanes = Array::<f32>::new(1usize);
+        #[unroll]
+        for _ in 0..blocks {
+            tiles.push(zero_accumulator());
+        }
+        Accumulators { tiles, lanes }
+    } else {
+        let mut lanes = Array::<f32>::new(comptime!(blocks * LANE_ELEMS));
+        #[unroll]
+        for e in 0..comptime!(blocks * LANE_ELEMS) {
+            lanes[e] = 0.0;
+        }
+        Accumulators { tiles, lanes }
     }
-    accs
 }
 
 /// A 16×16 f32 MMA accumulator holding zeros.
@@ -462,7 +498,7 @@ pub(crate) fn multiply_chunk<F: Float, N: Size>(
     a_base: usize,
     block: &WarpBlock,
     cube: &CubeTile,
-    accs: &Sequence<cmma::Matrix<f32>>,
+    accs: &mut Accumulators,
     #[comptime] cfg: MmaShrinkConfig,
 ) {
     let tile = comptime!(TILE as usize);
@@ -479,33 +515,39 @@ pub(crate) fn multiply_chunk<F: Float, N: Size>(
             any_live = true;
         }
     }
-    if any_live {
-        #[unroll]
-        for kk in 0..comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize) {
-            let col = block.group_k + kk * tile;
-            let mut xs = Sequence::<cmma::Matrix<F>>::new();
+    if comptime!(!cfg.tensor_cores) {
+        if any_live {
+            emulate_chunk::<F, N>(x_tile, x_base, a_tile, a_base, block, cube, &mut accs.lanes, cfg);
+        }
+    } else {
+        if any_live {
             #[unroll]
-            for i in 0..warp_m {
-                let xa = unsafe {
-                    cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::A, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor)
-                };
-                let start = x_base + ((block.mf0 + i) * tile * stride + col) / nv;
-                cmma::load(&xa, &x_tile.slice(start, x_base + x_len), comptime!(stride as u32));
-                xs.push(xa);
-            }
-            #[unroll]
-            for j in 0..warp_n {
-                if fragment_live(block, cube, j, cfg) {
-                    // B(k, n) = A[row0 + n, k0 + k]: A's rows are B's columns.
-                    let wa = unsafe {
-                        cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor)
+            for kk in 0..comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize) {
+                let col = block.group_k + kk * tile;
+                let mut xs = Sequence::<cmma::Matrix<F>>::new();
+                #[unroll]
+                for i in 0..warp_m {
+                    let xa = unsafe {
+                        cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::A, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor)
                     };
-                    let start = a_base + ((block.nf0 + j) * tile * stride + col) / nv;
-                    cmma::load(&wa, &a_tile.slice(start, a_base + a_len), comptime!(stride as u32));
-                    #[unroll]
-                    for i in 0..warp_m {
-                        let acc = accs.index(i * warp_n + j);
-                        cmma::execute::<F, F, f32, f32>(xs.index(i), &wa, acc, acc);
+                    let start = x_base + ((block.mf0 + i) * tile * stride + col) / nv;
+                    cmma::load(&xa, &x_tile.slice(start, x_base + x_len), comptime!(stride as u32));
+                    xs.push(xa);
+                }
+                #[unroll]
+                for j in 0..warp_n {
+                    if fragment_live(block, cube, j, cfg) {
+                        // B(k, n) = A[row0 + n, k0 + k]: A's rows are B's columns.
+                        let wa = unsafe {
+                            cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor)
+                        };
+                        let start = a_base + ((block.nf0 + j) * tile * stride + col) / nv;
+                        cmma::load(&wa, &a_tile.slice(start, a_base + a_len), comptime!(stride as u32));
+                        #[unroll]
+                        for i in 0..warp_m {
+                            let acc = accs.tiles.index(i * warp_n + j);
+                            cmma::execute::<F, F, f32, f32>(xs.index(i), &wa, acc, acc);
+                        }
                     }
                 }
             }
@@ -521,7 +563,7 @@ pub(crate) fn store_accumulators(
     c_tile: &mut SharedMemory<f32>,
     block: &WarpBlock,
     cube: &CubeTile,
-    accs: &Sequence<cmma::Matrix<f32>>,
+    accs: &Accumulators,
     #[comptime] cfg: MmaShrinkConfig,
 ) {
     let fragments = comptime!((cfg.m_frags * cfg.n_frags) as usize);
@@ -533,7 +575,60 @@ pub(crate) fn store_accumulators(
         for j in 0..warp_n {
             if fragment_live(block, cube, j, cfg) {
                 let f = block.group * fragments + (block.mf0 + i) * n_frags + block.nf0 + j;
-                cmma::store(&mut c_tile.slice_mut(f * 256, f * 256 + 256), accs.index(i * warp_n + j), 16, cmma::MatrixLayout::RowMajor);
+                let b = i * warp_n + j;
+                if comptime!(cfg.tensor_cores) {
+                    cmma::store(&mut c_tile.slice_mut(f * 256, f * 256 + 256), accs.tiles.index(b), 16, cmma::MatrixLayout::RowMajor);
+                } else {
+                    #[unroll]
+                    for t in 0..LANE_ELEMS {
+                        c_tile[f * 256 + UNIT_POS_X as usize + t * WARP_LANES] = accs.lanes[b * LANE_ELEMS + t];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`multiply_chunk`] without tensor cores: lane l of the warp adds to elements `l + 32·t` of
+/// each live fragment of its block the products of the staged x row and A row over the
+/// group's share of the chunk, reading single elements of the staged vectors.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn emulate_chunk<F: Float, N: Size>(
+    x_tile: &SharedMemory<Vector<F, N>>,
+    x_base: usize,
+    a_tile: &SharedMemory<Vector<F, N>>,
+    a_base: usize,
+    block: &WarpBlock,
+    cube: &CubeTile,
+    lanes: &mut Array<f32>,
+    #[comptime] cfg: MmaShrinkConfig,
+) {
+    let tile = comptime!(TILE as usize);
+    let stride = comptime!(cfg.k_chunk as usize + 8);
+    let nv = comptime!(cfg.vector as usize);
+    let warp_n = comptime!(cfg.warp_n as usize);
+    let span = comptime!((cfg.k_chunk / cfg.k_groups) as usize);
+    #[unroll]
+    for i in 0..comptime!(cfg.warp_m as usize) {
+        #[unroll]
+        for j in 0..warp_n {
+            if fragment_live(block, cube, j, cfg) {
+                // Not unrolled: lavapipe compiles the emulation far faster as a loop.
+                for t in 0..LANE_ELEMS {
+                    let e = UNIT_POS_X as usize + t * WARP_LANES;
+                    let x_row = ((block.mf0 + i) * tile + e / tile) * stride;
+                    let a_row = ((block.nf0 + j) * tile + e % tile) * stride;
+                    let mut sum = 0.0f32;
+                    for kk in 0..span {
+                        let (xo, ao) = (x_row + block.group_k + kk, a_row + block.group_k + kk);
+                        let xv = x_tile[x_base + xo / nv][xo % nv];
+                        let av = a_tile[a_base + ao / nv][ao % nv];
+                        sum += f32::cast_from(xv) * f32::cast_from(av);
+                    }
+                    let b = (i * warp_n + j) * LANE_ELEMS + t;
+                    lanes[b] += sum;
+                }
             }
         }
     }

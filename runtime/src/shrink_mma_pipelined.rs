@@ -53,7 +53,7 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     let mut x_tiles = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(cfg.stages as usize * tm * sv), 128usize);
     let mut a_tiles = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(cfg.stages as usize * tn * sv), 128usize);
     let mut c_tile = SharedMemory::<f32>::new_aligned(comptime!(accumulator_floats(cfg)), 128usize);
-    let accs = new_accumulators(cfg);
+    let mut accs = new_accumulators(cfg);
     // Every thread arrives on a stage's barrier once per fill (all threads fill every stage).
     let barrier_0 = Barrier::shared(comptime!(threads as u32), tid == 0);
     let barrier_1 = Barrier::shared(comptime!(threads as u32), tid == 0);
@@ -123,14 +123,14 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
                     );
                 }
                 wait_stage(&barrier_0, &barrier_1, &barrier_2, &barrier_3, s, c, cfg.stages);
-                multiply_chunk::<F, N>(&x_tiles, s * x_stage, &a_tiles, s * a_stage, &block, &cube, &accs, cfg);
+                multiply_chunk::<F, N>(&x_tiles, s * x_stage, &a_tiles, s * a_stage, &block, &cube, &mut accs, cfg);
                 // Every warp is done with this stage before it is refilled.
                 sync_cube();
             }
         }
         c0 += stages;
     }
-    store_accumulators(&mut c_tile, &block, &cube, &accs, cfg);
+    store_accumulators(&mut c_tile, &block, &cube, &mut accs, cfg);
     sync_cube();
     store_tile(out, &c_tile, token_perm, cube.p0, cube.end, cube.row_base, cube.rank, cfg);
 }

@@ -300,8 +300,9 @@ pub fn segmented_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
 /// Every tile shape and K-group count of the tensor-core shrink the device has for this
 /// layout, each default tile also with 2–4 asynchronous-copy stages, and warp blocks of 2×1
 /// and 2×2 fragments over the widest row block of up to four fragments, in 32-token tiles
-/// with one K group and 128-token tiles with two, register-staged and with three stages
-/// (none on a device without MMA, such as wgpu).
+/// with one K group and 128-token tiles with two, register-staged and with three stages (on a
+/// device without MMA, such as wgpu, the emulated-MMA kernels, register-staged only: wgpu has
+/// no asynchronous copies).
 fn mma_shrink_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLayout) -> Vec<MmaShrinkConfig> {
     let tiles = || [1, 2, 4].into_iter().flat_map(|m| [1, 2, 3, 4].into_iter().map(move |n| (m, n)));
     let groups = tiles().flat_map(|(m, n)| {
@@ -322,6 +323,7 @@ fn mma_shrink_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLa
 }
 
 /// [`mma_shrink_configs`] as kernels, or the automatic choice alone where there is none.
+/// (With emulated MMAs, lavapipe runs the whole list in about two and a half minutes.)
 fn mma_shrink_kernels<R: Runtime, F: StorageElem>(client: &ComputeClient<R>, layout: &LoraLayout) -> Vec<Option<ShrinkKernel>> {
     let mut kernels: Vec<Option<ShrinkKernel>> = mma_shrink_configs::<F>(client.properties(), layout)
         .into_iter()
@@ -348,8 +350,9 @@ fn prefill_shrink_layout(rng: &mut Rng) -> (LoraLayout, &'static str) {
     (layout.unwrap(), family)
 }
 
-/// Prefill-sized segments through every tile shape of the tensor-core shrink where the device
-/// and storage type have one (CUDA bf16), else through the automatic choice.
+/// Prefill-sized segments through every tile shape, warp block and K-group count of the
+/// tensor-core shrink: on tensor cores where the device and storage type have them (CUDA bf16),
+/// else with emulated MMAs (wgpu, CUDA f32), which tests the same tiling, staging and stores.
 pub fn prefill_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     for seed in 0..CASES / 2 {
         let rng = &mut Rng::new(600 + seed);
@@ -754,15 +757,21 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     type F = half::bf16;
     let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
     let device = h100_properties();
-    let (mut shrinks, mut pipelined, mut warp_blocks, mut expands) = (0, 0, 0, 0);
+    let (mut shrinks, mut pipelined, mut warp_blocks, mut emulated, mut expands) = (0, 0, 0, 0, 0);
     for seed in 0..CASES / 2 {
         let (layout, family) = prefill_shrink_layout(&mut Rng::new(600 + seed));
         for config in mma_shrink_configs::<F>(&device, &layout) {
             let source = shrink_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("shrink {family} {config:?}: {e:?}"));
-            assert!(source.contains("mma_sync"), "shrink {family} {config:?}: no MMA in\n{source}");
+            assert!(config.tensor_cores && source.contains("mma_sync"), "shrink {family} {config:?}: no MMA in\n{source}");
             shrinks += 1;
             pipelined += usize::from(config.stages > 1);
             warp_blocks += usize::from(config.warp_m * config.warp_n > 1);
+        }
+        // f32 storage has no 16×16×16 MMA: the CUDA f32 tests run the emulated kernels.
+        for config in mma_shrink_configs::<f32>(&device, &layout) {
+            let source = shrink_source::<_, f32>(&client, config).unwrap_or_else(|e| panic!("shrink f32 {family} {config:?}: {e:?}"));
+            assert!(!config.tensor_cores && !source.contains("mma_sync"), "shrink f32 {family} {config:?}: MMA in\n{source}");
+            emulated += 1;
         }
         let (layout, family) = prefill_expand_layout(&mut Rng::new(700 + seed));
         for config in mma_expand_configs::<F>(&device, &layout) {
@@ -772,11 +781,9 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
         }
     }
     // The described H100 must yield the variants the CUDA tests exercise, not an empty list.
-    assert!(
-        pipelined > 0 && warp_blocks > 0 && expands > 0,
-        "shrinks {shrinks} (pipelined {pipelined}, warp blocks {warp_blocks}), expands {expands}"
+    let counts = format!(
+        "{shrinks} shrink configurations ({pipelined} pipelined, {warp_blocks} with warp blocks), {emulated} emulated f32 shrinks, {expands} expands"
     );
-    eprintln!(
-        "lowered {shrinks} shrink configurations ({pipelined} pipelined, {warp_blocks} with warp blocks) and {expands} expand configurations"
-    );
+    assert!(pipelined > 0 && warp_blocks > 0 && emulated > 0 && expands > 0, "{counts}");
+    eprintln!("lowered {counts}");
 }
