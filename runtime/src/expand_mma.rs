@@ -47,6 +47,11 @@ pub struct MmaExpandConfig {
     pub out_vector: u32,
     /// Vector width of the B loads along the rank (divides `max_rank`).
     pub rank_vector: u32,
+    /// Whether the fragments are multiplied on tensor cores (cmma). Without, each lane
+    /// computes its share of a fragment with FMAs from the same staged tiles (see
+    /// [`emulate_fragment`]): never chosen by [`Self::supported`], it lets CI run the kernels'
+    /// tiling on lavapipe.
+    pub tensor_cores: bool,
     /// 1: the next token tile is loaded into registers while the cube works on the current
     /// one ([`expand_mma_kernel`]). 2–4: asynchronous copies into that many shared-memory
     /// stages, `stages − 1` tiles ahead ([`crate::expand_mma_pipelined`]); see
@@ -55,13 +60,14 @@ pub struct MmaExpandConfig {
 }
 
 impl MmaExpandConfig {
-    /// The configuration for a `16·m_frags`-token × `16·n_frags`-column cube tile, or `None`
-    /// where it does not apply: no 16×16×16 MMA with f32 accumulation for this storage type on
-    /// this device, a rank or slice width that is not a multiple of 16, more than
-    /// [`MAX_WARPS`] warps, or a tile that overruns shared memory.
+    /// The configuration for a `16·m_frags`-token × `16·n_frags`-column cube tile (on tensor
+    /// cores where the device has a 16×16×16 MMA with f32 accumulation for this storage type),
+    /// or `None` where it does not apply: a rank or slice width that is not a multiple of 16,
+    /// more than [`MAX_WARPS`] warps, or a tile that overruns [`SHARED_BUDGET`] or the
+    /// device's shared memory.
     pub fn with_tile<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout, m_frags: u32, n_frags: u32) -> Option<Self> {
         let widths: Vec<u32> = layout.slices().iter().map(|s| s.width).collect();
-        if !cmma_supported::<F>(device) || layout.max_rank() % TILE != 0 || widths.iter().any(|w| w % TILE != 0) {
+        if layout.max_rank() % TILE != 0 || widths.iter().any(|w| w % TILE != 0) {
             return None;
         }
         if m_frags == 0 || n_frags == 0 || m_frags * n_frags > MAX_WARPS {
@@ -75,9 +81,11 @@ impl MmaExpandConfig {
             n_frags,
             out_vector: crate::config::vector_size(device, elem, &widths).min(8) as u32,
             rank_vector: crate::config::vector_size(device, elem, &[layout.max_rank()]) as u32,
+            tensor_cores: cmma_supported::<F>(device),
             stages: 1,
         };
-        (cfg.shared_bytes(elem as u32) <= SHARED_BUDGET).then_some(cfg)
+        let shared_max = SHARED_BUDGET.min(device.hardware.max_shared_memory_size as u32);
+        (cfg.shared_bytes(elem as u32) <= shared_max).then_some(cfg)
     }
 
     /// This tile with its token tiles staged through `stages` shared-memory buffers filled by
@@ -105,7 +113,11 @@ impl MmaExpandConfig {
     /// MLA 54.9 against 44.4), its staged f32 intermediate being as large as its y tile. In
     /// the sweep of run 9 wide column blocks won at rank 64 (B staged once serves more of y)
     /// and 32 × 128 was within 13% of the best register-staged shape in every prefill case.
+    /// `None` without tensor cores.
     pub fn supported<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout, max_segment_len: u32) -> Option<Self> {
+        if !cmma_supported::<F>(device) {
+            return None;
+        }
         let widest =
             |m_frags| Self::with_tile::<F>(device, layout, m_frags, 8).or_else(|| Self::with_tile::<F>(device, layout, m_frags, 4));
         let pipelined = (layout.max_rank() <= PIPELINED_MAX_RANK)
@@ -244,30 +256,48 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
         if p0 + step < end {
             load_tile::<F, NY>(a, y, token_perm, &mut a_next, &mut y_next, p0 + step, end, rank, cols, group, y_vecs, y_col, cfg);
         }
-        if active {
-            let acc = unsafe {
-                cmma::Matrix::<f32>::uninitialized(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined)
-            };
-            let y_frag = (mf * tile * ys + nf * tile) / ny;
-            cmma::load_with_layout(&acc, &y_tile.slice(y_frag, comptime!(tm * ysv)), comptime!(ys as u32), cmma::MatrixLayout::RowMajor);
-            for kk in 0..rank_steps {
-                let af = cmma::Matrix::<F>::from_slice(
-                    cmma::MatrixIdent::A,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::RowMajor,
-                    &a_tile.slice(mf * tile * rs + kk * tile, comptime!(tm * rs)),
-                    comptime!(rs as u32),
-                );
-                // Operand B(j, n) = B[slot, column n, j]: the staged rows are its columns.
-                let bf = unsafe {
-                    cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor)
+        if comptime!(cfg.tensor_cores) {
+            if active {
+                let acc = unsafe {
+                    cmma::Matrix::<f32>::uninitialized(
+                        cmma::MatrixIdent::Accumulator,
+                        16usize,
+                        16usize,
+                        16usize,
+                        cmma::MatrixLayout::Undefined,
+                    )
                 };
-                cmma::load(&bf, &b_tile.slice((nf * tile * rs + kk * tile) / nb, comptime!(bw * rsv)), comptime!(rs as u32));
-                cmma::execute::<F, F, f32, f32>(&af, &bf, &acc, &acc);
+                let y_frag = (mf * tile * ys + nf * tile) / ny;
+                cmma::load_with_layout(
+                    &acc,
+                    &y_tile.slice(y_frag, comptime!(tm * ysv)),
+                    comptime!(ys as u32),
+                    cmma::MatrixLayout::RowMajor,
+                );
+                for kk in 0..rank_steps {
+                    let af = cmma::Matrix::<F>::from_slice(
+                        cmma::MatrixIdent::A,
+                        16usize,
+                        16usize,
+                        16usize,
+                        cmma::MatrixLayout::RowMajor,
+                        &a_tile.slice(mf * tile * rs + kk * tile, comptime!(tm * rs)),
+                        comptime!(rs as u32),
+                    );
+                    // Operand B(j, n) = B[slot, column n, j]: the staged rows are its columns.
+                    let bf = unsafe {
+                        cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor)
+                    };
+                    cmma::load(&bf, &b_tile.slice((nf * tile * rs + kk * tile) / nb, comptime!(bw * rsv)), comptime!(rs as u32));
+                    cmma::execute::<F, F, f32, f32>(&af, &bf, &acc, &acc);
+                }
+                cmma::store(&mut y_tile.slice_mut(y_frag, comptime!(tm * ysv)), &acc, comptime!(ys as u32), cmma::MatrixLayout::RowMajor);
             }
-            cmma::store(&mut y_tile.slice_mut(y_frag, comptime!(tm * ysv)), &acc, comptime!(ys as u32), cmma::MatrixLayout::RowMajor);
+        } else {
+            if active {
+                let (y0, a0, b0) = (mf * tile * ys + nf * tile, mf * tile * rs, nf * tile * rs);
+                emulate_fragment::<F, NY, NB>(&mut y_tile, y0, &a_tile, a0, &b_tile, b0, rank_steps, ys, rs, ny, nb, true);
+            }
         }
         sync_cube();
         let mut w = tid;
@@ -282,6 +312,55 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
         }
         sync_cube();
         p0 += step;
+    }
+}
+
+/// A warp's 16×16 fragment product without tensor cores: `out[r, c] (+)= Σ_j a[r, j]·b[c, j]`
+/// over `steps` 16-wide rank steps, for the fragment whose first element is `out0` of the f32
+/// tile `out` (row stride `os` elements, vectors of `no`), first A row at element `a0` of `a`
+/// and first B row at element `b0` of `b` (vectors of `nb`; both with row stride `rs`);
+/// `accumulate` adds to `out`, else overwrites it. Lane l computes the output vectors
+/// `l + 32·u` of the fragment (row-major, `16/no` per row), so each lane writes whole vectors
+/// of its own.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn emulate_fragment<F: Float, NO: Size, NB: Size>(
+    out: &mut SharedMemory<Vector<f32, NO>>,
+    out0: usize,
+    a: &SharedMemory<F>,
+    a0: usize,
+    b: &SharedMemory<Vector<F, NB>>,
+    b0: usize,
+    steps: usize,
+    #[comptime] os: usize,
+    #[comptime] rs: usize,
+    #[comptime] no: usize,
+    #[comptime] nb: usize,
+    #[comptime] accumulate: bool,
+) {
+    let tile = comptime!(TILE as usize);
+    let row_vecs = comptime!(TILE as usize / no);
+    let depth = steps * tile;
+    let mut u = UNIT_POS_X as usize;
+    while u < comptime!(TILE as usize * TILE as usize / no) {
+        let r = u / row_vecs;
+        let c0 = (u % row_vecs) * no;
+        let at = (out0 + r * os + c0) / no;
+        let mut v = Vector::<f32, NO>::new(0.0);
+        if comptime!(accumulate) {
+            v = out[at];
+        }
+        #[unroll]
+        for l in 0..no {
+            let mut sum = 0.0f32;
+            for j in 0..depth {
+                let bo = b0 + (c0 + l) * rs + j;
+                sum += f32::cast_from(a[a0 + r * rs + j]) * f32::cast_from(b[bo / nb][bo % nb]);
+            }
+            v[l] = v[l] + sum;
+        }
+        out[at] = v;
+        u += 32;
     }
 }
 

@@ -20,7 +20,7 @@
 use cubecl::prelude::barrier::{Barrier, copy_async};
 use cubecl::prelude::*;
 
-use crate::expand_mma::{MmaExpandConfig, expand_cube, stage_b_block};
+use crate::expand_mma::{MmaExpandConfig, emulate_fragment, expand_cube, stage_b_block};
 use crate::shrink_mma::{TILE, zero_accumulator};
 use crate::shrink_mma_pipelined::{arrive_on_stage, wait_stage};
 
@@ -168,27 +168,45 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
                         cfg,
                     );
                 }
-                if active {
-                    let acc = zero_accumulator();
-                    for kk in 0..rank_steps {
-                        let af = cmma::Matrix::<F>::from_slice(
-                            cmma::MatrixIdent::A,
-                            16usize,
-                            16usize,
-                            16usize,
+                if comptime!(cfg.tensor_cores) {
+                    if active {
+                        let acc = zero_accumulator();
+                        for kk in 0..rank_steps {
+                            let af = cmma::Matrix::<F>::from_slice(
+                                cmma::MatrixIdent::A,
+                                16usize,
+                                16usize,
+                                16usize,
+                                cmma::MatrixLayout::RowMajor,
+                                &a_tile.slice(mf * tile * rs + kk * tile, comptime!(tm * rs)),
+                                comptime!(rs as u32),
+                            );
+                            // Operand B(j, n) = B[slot, column n, j]: the staged rows are its columns.
+                            let bf = unsafe {
+                                cmma::Matrix::<F>::uninitialized(
+                                    cmma::MatrixIdent::B,
+                                    16usize,
+                                    16usize,
+                                    16usize,
+                                    cmma::MatrixLayout::ColMajor,
+                                )
+                            };
+                            cmma::load(&bf, &b_tile.slice((nf * tile * rs + kk * tile) / nb, comptime!(bw * rsv)), comptime!(rs as u32));
+                            cmma::execute::<F, F, f32, f32>(&af, &bf, &acc, &acc);
+                        }
+                        let d0 = (mf * tile * ds + nf * tile) / ny;
+                        cmma::store(
+                            &mut delta.slice_mut(d0, comptime!(tm * dsv)),
+                            &acc,
+                            comptime!(ds as u32),
                             cmma::MatrixLayout::RowMajor,
-                            &a_tile.slice(mf * tile * rs + kk * tile, comptime!(tm * rs)),
-                            comptime!(rs as u32),
                         );
-                        // Operand B(j, n) = B[slot, column n, j]: the staged rows are its columns.
-                        let bf = unsafe {
-                            cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor)
-                        };
-                        cmma::load(&bf, &b_tile.slice((nf * tile * rs + kk * tile) / nb, comptime!(bw * rsv)), comptime!(rs as u32));
-                        cmma::execute::<F, F, f32, f32>(&af, &bf, &acc, &acc);
                     }
-                    let d0 = (mf * tile * ds + nf * tile) / ny;
-                    cmma::store(&mut delta.slice_mut(d0, comptime!(tm * dsv)), &acc, comptime!(ds as u32), cmma::MatrixLayout::RowMajor);
+                } else {
+                    if active {
+                        let (d0, a0, b0) = (mf * tile * ds + nf * tile, mf * tile * rs, nf * tile * rs);
+                        emulate_fragment::<F, NY, NB>(&mut delta, d0, &a_tile, a0, &b_tile, b0, rank_steps, ds, rs, ny, nb, false);
+                    }
                 }
                 sync_cube();
                 let mut w = tid;

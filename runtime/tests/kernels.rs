@@ -384,7 +384,8 @@ fn prefill_expand_layout(rng: &mut Rng) -> (LoraLayout, &'static str) {
 
 /// Every tile shape of the tensor-core expand the device has for this layout, register-staged,
 /// and the corner tiles (up to 32 tokens, 16 or 128 columns) also with 2–4 asynchronous-copy
-/// stages (each configuration compiles its own kernel).
+/// stages (each configuration compiles its own kernel); with emulated MMAs on a device without
+/// them.
 fn mma_expand_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLayout) -> Vec<MmaExpandConfig> {
     [1, 2, 4]
         .into_iter()
@@ -397,11 +398,11 @@ fn mma_expand_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLa
 }
 
 /// Prefill-sized segments through every tile shape of the tensor-core expand, register-staged,
-/// and four of them with 2–4 asynchronous-copy stages (one cube per token tile, and one cube looping over a
-/// segment's tiles) where the device and storage type have one, else through the automatic
-/// choice. Slice widths are multiples of 16, as
-/// that kernel needs; the intermediate is NaN past each rank and the pool's padding is not
-/// zero, so reading either would show.
+/// and the corner tiles with 2–4 asynchronous-copy stages where the device has them (each with
+/// one cube per token tile, and one cube looping over a segment's tiles): on tensor cores where
+/// the device and storage type have them (CUDA bf16), else with emulated MMAs (wgpu, CUDA
+/// f32). Slice widths are multiples of 16, as that kernel needs; the intermediate is NaN past
+/// each rank and the pool's padding is not zero, so reading either would show.
 pub fn prefill_expand<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     for seed in 0..CASES / 2 {
         let rng = &mut Rng::new(700 + seed);
@@ -767,7 +768,8 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
             pipelined += usize::from(config.stages > 1);
             warp_blocks += usize::from(config.warp_m * config.warp_n > 1);
         }
-        // f32 storage has no 16×16×16 MMA: the CUDA f32 tests run the emulated kernels.
+        // f32 storage has no 16×16×16 MMA: the CUDA f32 tests run the emulated kernels (here and
+        // for the expand below).
         for config in mma_shrink_configs::<f32>(&device, &layout) {
             let source = shrink_source::<_, f32>(&client, config).unwrap_or_else(|e| panic!("shrink f32 {family} {config:?}: {e:?}"));
             assert!(!config.tensor_cores && !source.contains("mma_sync"), "shrink f32 {family} {config:?}: MMA in\n{source}");
@@ -776,13 +778,18 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
         let (layout, family) = prefill_expand_layout(&mut Rng::new(700 + seed));
         for config in mma_expand_configs::<F>(&device, &layout) {
             let source = expand_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("expand {family} {config:?}: {e:?}"));
-            assert!(source.contains("mma_sync"), "expand {family} {config:?}: no MMA in\n{source}");
+            assert!(config.tensor_cores && source.contains("mma_sync"), "expand {family} {config:?}: no MMA in\n{source}");
             expands += 1;
+        }
+        for config in mma_expand_configs::<f32>(&device, &layout) {
+            let source = expand_source::<_, f32>(&client, config).unwrap_or_else(|e| panic!("expand f32 {family} {config:?}: {e:?}"));
+            assert!(!config.tensor_cores && !source.contains("mma_sync"), "expand f32 {family} {config:?}: MMA in\n{source}");
+            emulated += 1;
         }
     }
     // The described H100 must yield the variants the CUDA tests exercise, not an empty list.
     let counts = format!(
-        "{shrinks} shrink configurations ({pipelined} pipelined, {warp_blocks} with warp blocks), {emulated} emulated f32 shrinks, {expands} expands"
+        "{shrinks} shrink configurations ({pipelined} pipelined, {warp_blocks} with warp blocks), {expands} expands, {emulated} emulated f32 shrinks and expands"
     );
     assert!(pipelined > 0 && warp_blocks > 0 && emulated > 0 && expands > 0, "{counts}");
     eprintln!("lowered {counts}");
