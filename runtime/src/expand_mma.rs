@@ -205,7 +205,6 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
     // y and B tiles hold whole vectors (one shared-memory access per vector, not per element);
     // MMA loads and stores address them in vectors, with strides in elements.
     let ysv = comptime!(ys / ny);
-    let rsv = comptime!(rs / nb);
 
     let cube = expand_cube(slice_info, seg_indptr, weight_indices, ranks, scales, token_splits, cfg);
     let (rank, end, cols, group, scale) = (cube.rank, cube.end, cube.cols, cube.group, cube.scale);
@@ -274,23 +273,7 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
                     comptime!(ys as u32),
                     cmma::MatrixLayout::RowMajor,
                 );
-                for kk in 0..rank_steps {
-                    let af = cmma::Matrix::<F>::from_slice(
-                        cmma::MatrixIdent::A,
-                        16usize,
-                        16usize,
-                        16usize,
-                        cmma::MatrixLayout::RowMajor,
-                        &a_tile.slice(mf * tile * rs + kk * tile, comptime!(tm * rs)),
-                        comptime!(rs as u32),
-                    );
-                    // Operand B(j, n) = B[slot, column n, j]: the staged rows are its columns.
-                    let bf = unsafe {
-                        cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor)
-                    };
-                    cmma::load(&bf, &b_tile.slice((nf * tile * rs + kk * tile) / nb, comptime!(bw * rsv)), comptime!(rs as u32));
-                    cmma::execute::<F, F, f32, f32>(&af, &bf, &acc, &acc);
-                }
+                multiply_rank_steps::<F, NB>(&acc, &a_tile, &b_tile, mf, nf, rank_steps, cfg);
                 cmma::store(&mut y_tile.slice_mut(y_frag, comptime!(tm * ysv)), &acc, comptime!(ys as u32), cmma::MatrixLayout::RowMajor);
             }
         } else {
@@ -312,6 +295,43 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
         }
         sync_cube();
         p0 += step;
+    }
+}
+
+/// Adds to the warp's accumulator its fragment's product `(scale·a)·Bᵀ` over `rank_steps`
+/// 16-wide rank steps, on tensor cores: rows `16·mf..` of the staged intermediate `a_tile`
+/// (storage type, row stride `max_rank + 8`) and rows `16·nf..` of the staged B block.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn multiply_rank_steps<F: Float, NB: Size>(
+    acc: &cmma::Matrix<f32>,
+    a_tile: &SharedMemory<F>,
+    b_tile: &SharedMemory<Vector<F, NB>>,
+    mf: usize,
+    nf: usize,
+    rank_steps: usize,
+    #[comptime] cfg: MmaExpandConfig,
+) {
+    let tile = comptime!(TILE as usize);
+    let tm = comptime!(cfg.tile_tokens() as usize);
+    let bw = comptime!(cfg.block_columns() as usize);
+    let nb = comptime!(cfg.rank_vector as usize);
+    let rs = comptime!(cfg.max_rank as usize + 8);
+    let rsv = comptime!(rs / nb);
+    for kk in 0..rank_steps {
+        let af = cmma::Matrix::<F>::from_slice(
+            cmma::MatrixIdent::A,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::RowMajor,
+            &a_tile.slice(mf * tile * rs + kk * tile, comptime!(tm * rs)),
+            comptime!(rs as u32),
+        );
+        // Operand B(j, n) = B[slot, column n, j]: the staged rows are its columns.
+        let bf = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor) };
+        cmma::load(&bf, &b_tile.slice((nf * tile * rs + kk * tile) / nb, comptime!(bw * rsv)), comptime!(rs as u32));
+        cmma::execute::<F, F, f32, f32>(&af, &bf, acc, acc);
     }
 }
 

@@ -20,7 +20,7 @@
 use cubecl::prelude::barrier::{Barrier, copy_async};
 use cubecl::prelude::*;
 
-use crate::expand_mma::{MmaExpandConfig, emulate_fragment, expand_cube, stage_b_block};
+use crate::expand_mma::{MmaExpandConfig, emulate_fragment, expand_cube, multiply_rank_steps, stage_b_block};
 use crate::shrink_mma::{TILE, zero_accumulator};
 use crate::shrink_mma_pipelined::{arrive_on_stage, wait_stage};
 
@@ -58,7 +58,6 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     let rs = comptime!(max_rank + 8);
     let ds = comptime!(bw + 8);
     let dsv = comptime!(ds / ny);
-    let rsv = comptime!(rs / nb);
 
     let cube = expand_cube(slice_info, seg_indptr, weight_indices, ranks, scales, token_splits, cfg);
     let (rank, end, cols, scale, first, step) = (cube.rank, cube.end, cube.cols, cube.scale, cube.first, cube.step);
@@ -171,29 +170,7 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
                 if comptime!(cfg.tensor_cores) {
                     if active {
                         let acc = zero_accumulator();
-                        for kk in 0..rank_steps {
-                            let af = cmma::Matrix::<F>::from_slice(
-                                cmma::MatrixIdent::A,
-                                16usize,
-                                16usize,
-                                16usize,
-                                cmma::MatrixLayout::RowMajor,
-                                &a_tile.slice(mf * tile * rs + kk * tile, comptime!(tm * rs)),
-                                comptime!(rs as u32),
-                            );
-                            // Operand B(j, n) = B[slot, column n, j]: the staged rows are its columns.
-                            let bf = unsafe {
-                                cmma::Matrix::<F>::uninitialized(
-                                    cmma::MatrixIdent::B,
-                                    16usize,
-                                    16usize,
-                                    16usize,
-                                    cmma::MatrixLayout::ColMajor,
-                                )
-                            };
-                            cmma::load(&bf, &b_tile.slice((nf * tile * rs + kk * tile) / nb, comptime!(bw * rsv)), comptime!(rs as u32));
-                            cmma::execute::<F, F, f32, f32>(&af, &bf, &acc, &acc);
-                        }
+                        multiply_rank_steps::<F, NB>(&acc, &a_tile, &b_tile, mf, nf, rank_steps, cfg);
                         let d0 = (mf * tile * ds + nf * tile) / ny;
                         cmma::store(
                             &mut delta.slice_mut(d0, comptime!(tm * dsv)),
