@@ -453,19 +453,19 @@ const LANE_ELEMS: usize = 256 / WARP_LANES;
 /// The warp's accumulators, zeroed.
 #[cube]
 pub(crate) fn new_accumulators(#[comptime] cfg: MmaShrinkConfig) -> Accumulators {
-    let blocks = comptime!((cfg.warp_m * cfg.warp_n) as usize);
+    let per_warp = comptime!((cfg.warp_m * cfg.warp_n) as usize);
     let mut tiles = Sequence::<cmma::Matrix<f32>>::new();
     if comptime!(cfg.tensor_cores) {
         let lanes = Array::<f32>::new(1usize);
         #[unroll]
-        for _ in 0..blocks {
+        for _ in 0..per_warp {
             tiles.push(zero_accumulator());
         }
         Accumulators { tiles, lanes }
     } else {
-        let mut lanes = Array::<f32>::new(comptime!(blocks * LANE_ELEMS));
+        let mut lanes = Array::<f32>::new(comptime!(per_warp * LANE_ELEMS));
         #[unroll]
-        for e in 0..comptime!(blocks * LANE_ELEMS) {
+        for e in 0..comptime!(per_warp * LANE_ELEMS) {
             lanes[e] = 0.0;
         }
         Accumulators { tiles, lanes }
