@@ -2,15 +2,16 @@
 //! own CUDA code generator, so the kernels that only run on NVIDIA hardware can be expanded,
 //! compiled and inspected on a machine without one.
 //!
-//! The tensor-core shrink and expand have no path on wgpu (no MMA there), so CI's lavapipe
-//! tests never run them. Here their configurations are derived for a described device
-//! ([`h100_properties`]) exactly as the runtime derives them from a live client, each kernel is
-//! expanded to cubecl IR and lowered to CUDA C++ with the options cubecl's CUDA runtime uses on
-//! that architecture. The `kernel_sources` binary writes the sources of the prefill cases'
-//! kernels; `scripts/nvrtc_check.py` compiles them with NVRTC and ptxas (from PyPI wheels, no
-//! GPU) and prints registers, spills and PTX instruction counts. Expansion needs a
-//! `ComputeClient` of some runtime because cubecl's kernel types carry one; the kernels here
-//! read nothing from its device properties, so a wgpu client (lavapipe) serves.
+//! On wgpu (CI's lavapipe) the tensor-core shrink and expand run with an emulated multiply,
+//! which tests their tiling but not their MMA code. Here their configurations are derived for
+//! a described device ([`h100_properties`]) exactly as the runtime derives them from a live
+//! client, and each kernel is expanded to cubecl IR and lowered to CUDA C++ with the options
+//! cubecl's CUDA runtime uses on that architecture. `lora_bench --cuda-sources DIR` writes the
+//! prefill cases' sources; `scripts/nvrtc_check.py` compiles them with NVRTC and ptxas (from
+//! PyPI wheels, no GPU) and prints registers, spills, occupancy and PTX instruction counts.
+//! Expansion needs a `ComputeClient` of some runtime because cubecl's kernel types carry one;
+//! the kernels here read nothing from its device properties, so a wgpu client (lavapipe)
+//! serves.
 
 use cubecl::cuda::CudaCompiler;
 use cubecl::features::{MmaConfig, Plane, TypeUsage};
