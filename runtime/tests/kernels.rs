@@ -322,16 +322,15 @@ fn mma_shrink_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLa
     groups.chain(pipelined).chain(blocks).collect()
 }
 
-/// [`mma_shrink_configs`] as kernels, or the automatic choice alone where there is none.
+/// [`mma_shrink_configs`] as kernels, and the automatic choice.
 /// (With emulated MMAs, lavapipe runs the whole list in about two and a half minutes.)
 fn mma_shrink_kernels<R: Runtime, F: StorageElem>(client: &ComputeClient<R>, layout: &LoraLayout) -> Vec<Option<ShrinkKernel>> {
     let mut kernels: Vec<Option<ShrinkKernel>> = mma_shrink_configs::<F>(client.properties(), layout)
         .into_iter()
         .map(|config| Some(ShrinkKernel::Mma { config, tiles_per_segment: 0 }))
         .collect();
-    if kernels.is_empty() {
-        kernels.push(None);
-    }
+    // The automatic choice too (on wgpu the scalar kernel, on prefill-sized segments).
+    kernels.push(None);
     kernels
 }
 
@@ -401,8 +400,8 @@ fn mma_expand_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLa
 /// and the corner tiles with 2–4 asynchronous-copy stages where the device has them (each with
 /// one cube per token tile, and one cube looping over a segment's tiles): on tensor cores where
 /// the device and storage type have them (CUDA bf16), else with emulated MMAs (wgpu, CUDA
-/// f32). Slice widths are multiples of 16, as that kernel needs; the intermediate is NaN past
-/// each rank and the pool's padding is not zero, so reading either would show.
+/// f32), and the automatic choice. Slice widths are multiples of 16, as that kernel needs; the
+/// intermediate is NaN past each rank and the pool's padding is not zero, so reading either would show.
 pub fn prefill_expand<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     for seed in 0..CASES / 2 {
         let rng = &mut Rng::new(700 + seed);
@@ -419,9 +418,7 @@ pub fn prefill_expand<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             .into_iter()
             .flat_map(|config| [0, 1].map(|token_splits| Some(ExpandKernel::Mma { config, token_splits })))
             .collect();
-        if kernels.is_empty() {
-            kernels.push(None);
-        }
+        kernels.push(None); // the automatic choice too
         for kernel in kernels {
             let what = format!("prefill expand {family} seed {seed} {kernel:?} {layout:?}");
             let mut y = DeviceBuffer::upload(client, &y0);
