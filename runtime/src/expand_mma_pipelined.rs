@@ -17,12 +17,12 @@
 //! to y. Rows past the segment are neither copied nor written. Tile, grid, exits, contract and
 //! reference are [`crate::expand_mma`]'s.
 
-use cubecl::prelude::barrier::{Barrier, copy_async};
+use cubecl::prelude::barrier::copy_async;
 use cubecl::prelude::*;
 
 use crate::expand_mma::{MmaExpandConfig, emulate_fragment, expand_cube, multiply_rank_steps, stage_b_block};
 use crate::shrink_mma::{TILE, zero_accumulator};
-use crate::shrink_mma_pipelined::{arrive_on_stage, wait_stage};
+use crate::shrink_mma_pipelined::{StageBarriers, arrive_on_stage, stage_barriers, wait_stage};
 
 /// Vector width of the staged intermediate (f32): one 16-byte copy.
 pub(crate) const A_VECTOR: usize = 4;
@@ -76,10 +76,7 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     let mut b_tile = SharedMemory::<Vector<F, NB>>::new_aligned(comptime!(bw * rs / nb), 128usize);
     let mut a_tile = SharedMemory::<F>::new_aligned(comptime!(tm * rs), 128usize);
     let mut delta = SharedMemory::<Vector<f32, NY>>::new_aligned(comptime!(tm * ds / ny), 128usize);
-    let barrier_0 = Barrier::shared(comptime!(threads as u32), tid == 0);
-    let barrier_1 = Barrier::shared(comptime!(threads as u32), tid == 0);
-    let barrier_2 = Barrier::shared(comptime!(threads as u32), tid == 0);
-    let barrier_3 = Barrier::shared(comptime!(threads as u32), tid == 0);
+    let barriers = stage_barriers(comptime!(threads as u32));
 
     // The barriers' initialisation is visible to every thread before the first copy.
     sync_cube();
@@ -94,21 +91,7 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     #[unroll]
     for s in 0..comptime!(stages - 1) {
         if s < tiles {
-            fill::<F, NY, NA>(
-                a,
-                y,
-                token_perm,
-                &mut y_tiles,
-                &mut a_tiles,
-                &barrier_0,
-                &barrier_1,
-                &barrier_2,
-                &barrier_3,
-                first + s * step,
-                s,
-                &geometry,
-                cfg,
-            );
+            fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &barriers, first + s * step, s, &geometry, cfg);
         }
     }
 
@@ -124,7 +107,7 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
             let c = c0 + s;
             if c < tiles {
                 let p0 = first + c * step;
-                wait_stage(&barrier_0, &barrier_1, &barrier_2, &barrier_3, s, c, cfg.stages);
+                wait_stage(&barriers, s, c, cfg.stages);
                 // The scaled intermediate in the storage type: zero past the rank and the
                 // segment (the stage holds stale data there). One staged vector per step, its
                 // lanes indexed at compile time (a runtime lane index put the vector in local
@@ -151,21 +134,7 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
                 if ahead < tiles {
                     let free = comptime!((s + stages - 1) % stages);
                     let pa = first + ahead * step;
-                    fill::<F, NY, NA>(
-                        a,
-                        y,
-                        token_perm,
-                        &mut y_tiles,
-                        &mut a_tiles,
-                        &barrier_0,
-                        &barrier_1,
-                        &barrier_2,
-                        &barrier_3,
-                        pa,
-                        free,
-                        &geometry,
-                        cfg,
-                    );
+                    fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &barriers, pa, free, &geometry, cfg);
                 }
                 if comptime!(cfg.tensor_cores) {
                     if active {
@@ -227,10 +196,7 @@ fn fill<F: Float, NY: Size, NA: Size>(
     token_perm: &Array<u32>,
     y_tiles: &mut SharedMemory<Vector<F, NY>>,
     a_tiles: &mut SharedMemory<Vector<f32, NA>>,
-    barrier_0: &Barrier,
-    barrier_1: &Barrier,
-    barrier_2: &Barrier,
-    barrier_3: &Barrier,
+    barriers: &StageBarriers,
     p0: usize,
     #[comptime] stage: usize,
     geometry: &TileGeometry,
@@ -264,5 +230,5 @@ fn fill<F: Float, NY: Size, NA: Size>(
         }
         v += threads;
     }
-    arrive_on_stage(barrier_0, barrier_1, barrier_2, barrier_3, stage);
+    arrive_on_stage(barriers, stage);
 }

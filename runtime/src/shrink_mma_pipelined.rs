@@ -43,7 +43,6 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     let sv = comptime!((kc + 8) / nv);
 
     let cube = cube_tile(seg_indptr, weight_indices, ranks, cfg);
-    let tid = UNIT_POS as usize;
     let block = warp_block(cfg);
     let k_vecs = k as usize / nv;
 
@@ -55,10 +54,7 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     let mut c_tile = SharedMemory::<f32>::new_aligned(comptime!(accumulator_floats(cfg)), 128usize);
     let mut accs = new_accumulators(cfg);
     // Every thread arrives on a stage's barrier once per fill (all threads fill every stage).
-    let barrier_0 = Barrier::shared(comptime!(threads as u32), tid == 0);
-    let barrier_1 = Barrier::shared(comptime!(threads as u32), tid == 0);
-    let barrier_2 = Barrier::shared(comptime!(threads as u32), tid == 0);
-    let barrier_3 = Barrier::shared(comptime!(threads as u32), tid == 0);
+    let barriers = stage_barriers(comptime!(threads as u32));
     sync_cube();
 
     let x_per = comptime!((tm * kc_vecs).div_ceil(threads));
@@ -74,22 +70,7 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     #[unroll]
     for s in 0..comptime!(cfg.stages as usize - 1) {
         if s < chunks {
-            fill::<F, N>(
-                x,
-                a_pool,
-                &mut x_tiles,
-                &mut a_tiles,
-                &barrier_0,
-                &barrier_1,
-                &barrier_2,
-                &barrier_3,
-                &x_src,
-                &a_src,
-                &a_live,
-                s,
-                s * kc_vecs,
-                cfg,
-            );
+            fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &barriers, &x_src, &a_src, &a_live, s, s * kc_vecs, cfg);
         }
     }
 
@@ -105,24 +86,9 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
                 let ahead = c + stages - 1;
                 if ahead < chunks {
                     let free = comptime!((s + stages - 1) % stages);
-                    fill::<F, N>(
-                        x,
-                        a_pool,
-                        &mut x_tiles,
-                        &mut a_tiles,
-                        &barrier_0,
-                        &barrier_1,
-                        &barrier_2,
-                        &barrier_3,
-                        &x_src,
-                        &a_src,
-                        &a_live,
-                        free,
-                        ahead * kc_vecs,
-                        cfg,
-                    );
+                    fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &barriers, &x_src, &a_src, &a_live, free, ahead * kc_vecs, cfg);
                 }
-                wait_stage(&barrier_0, &barrier_1, &barrier_2, &barrier_3, s, c, cfg.stages);
+                wait_stage(&barriers, s, c, cfg.stages);
                 multiply_chunk::<F, N>(&x_tiles, s * x_stage, &a_tiles, s * a_stage, &block, &cube, &mut accs, cfg);
                 // Every warp is done with this stage before it is refilled.
                 sync_cube();
@@ -135,55 +101,62 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     store_tile(out, &c_tile, token_perm, cube.p0, cube.end, cube.row_base, cube.rank, cfg);
 }
 
-/// Waits until chunk (or tile) `c`, which lives in stage `stage` (`c % stages`), has landed:
-/// the stage's barrier completes phase `c / stages` when it does. (cubecl 0.10 has no arrays
-/// of barriers, so the four stage barriers are passed by name, here and in
-/// [`arrive_on_stage`].)
+/// One block barrier per shared-memory stage (up to four; cubecl 0.10 has no arrays of
+/// barriers), each initialised by unit 0 for every unit of the cube to arrive on it once per
+/// fill of its stage.
+#[derive(CubeType)]
+pub(crate) struct StageBarriers {
+    stage_0: Shared<Barrier>,
+    stage_1: Shared<Barrier>,
+    stage_2: Shared<Barrier>,
+    stage_3: Shared<Barrier>,
+}
+
+/// The four stage barriers of a cube of `threads` units. A block sync must follow before the
+/// first copy, so that every unit sees them initialised.
 #[cube]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn wait_stage(
-    barrier_0: &Barrier,
-    barrier_1: &Barrier,
-    barrier_2: &Barrier,
-    barrier_3: &Barrier,
-    #[comptime] stage: usize,
-    c: usize,
-    #[comptime] stages: u32,
-) {
+pub(crate) fn stage_barriers(#[comptime] threads: u32) -> StageBarriers {
+    let leader = UNIT_POS == 0;
+    StageBarriers {
+        stage_0: Barrier::shared(threads, leader),
+        stage_1: Barrier::shared(threads, leader),
+        stage_2: Barrier::shared(threads, leader),
+        stage_3: Barrier::shared(threads, leader),
+    }
+}
+
+/// Waits until chunk (or tile) `c`, which lives in stage `stage` (`c % stages`), has landed:
+/// the stage's barrier completes phase `c / stages` when it does.
+#[cube]
+pub(crate) fn wait_stage(barriers: &StageBarriers, #[comptime] stage: usize, c: usize, #[comptime] stages: u32) {
     let phase = ((c / comptime!(stages as usize)) % 2) as u32;
     if comptime!(stage == 0) {
-        barrier_0.wait_parity(phase);
+        barriers.stage_0.wait_parity(phase);
     } else if comptime!(stage == 1) {
-        barrier_1.wait_parity(phase);
+        barriers.stage_1.wait_parity(phase);
     } else if comptime!(stage == 2) {
-        barrier_2.wait_parity(phase);
+        barriers.stage_2.wait_parity(phase);
     } else {
-        barrier_3.wait_parity(phase);
+        barriers.stage_3.wait_parity(phase);
     }
 }
 
 /// Makes this thread's asynchronous copies into stage `stage` visible on the stage's barrier,
 /// and arrives on it.
 #[cube]
-pub(crate) fn arrive_on_stage(
-    barrier_0: &Barrier,
-    barrier_1: &Barrier,
-    barrier_2: &Barrier,
-    barrier_3: &Barrier,
-    #[comptime] stage: usize,
-) {
+pub(crate) fn arrive_on_stage(barriers: &StageBarriers, #[comptime] stage: usize) {
     if comptime!(stage == 0) {
-        barrier_0.commit_copy_async();
-        barrier_0.arrive();
+        barriers.stage_0.commit_copy_async();
+        barriers.stage_0.arrive();
     } else if comptime!(stage == 1) {
-        barrier_1.commit_copy_async();
-        barrier_1.arrive();
+        barriers.stage_1.commit_copy_async();
+        barriers.stage_1.arrive();
     } else if comptime!(stage == 2) {
-        barrier_2.commit_copy_async();
-        barrier_2.arrive();
+        barriers.stage_2.commit_copy_async();
+        barriers.stage_2.arrive();
     } else {
-        barrier_3.commit_copy_async();
-        barrier_3.arrive();
+        barriers.stage_3.commit_copy_async();
+        barriers.stage_3.arrive();
     }
 }
 
@@ -196,10 +169,7 @@ fn fill<F: Float, N: Size>(
     a_pool: &Array<Vector<F, N>>,
     x_tiles: &mut SharedMemory<Vector<F, N>>,
     a_tiles: &mut SharedMemory<Vector<F, N>>,
-    barrier_0: &Barrier,
-    barrier_1: &Barrier,
-    barrier_2: &Barrier,
-    barrier_3: &Barrier,
+    barriers: &StageBarriers,
     x_src: &Array<usize>,
     a_src: &Array<usize>,
     a_live: &Array<bool>,
@@ -235,5 +205,5 @@ fn fill<F: Float, N: Size>(
             copy_async(&a_pool.slice(src, src + 1), &mut a_tiles.slice_mut(dst, dst + 1), comptime!(cfg.vector));
         }
     }
-    arrive_on_stage(barrier_0, barrier_1, barrier_2, barrier_3, stage);
+    arrive_on_stage(barriers, stage);
 }
