@@ -508,18 +508,18 @@ pub(crate) fn multiply_chunk<F: Float, N: Size>(
     let a_len = comptime!((cfg.n_frags * TILE) as usize * stride / nv);
     let warp_m = comptime!(cfg.warp_m as usize);
     let warp_n = comptime!(cfg.warp_n as usize);
-    let mut any_live = false;
-    #[unroll]
-    for j in 0..warp_n {
-        if fragment_live(block, cube, j, cfg) {
-            any_live = true;
-        }
-    }
     if comptime!(!cfg.tensor_cores) {
-        if any_live {
-            emulate_chunk::<F, N>(x_tile, x_base, a_tile, a_base, block, cube, &mut accs.lanes, cfg);
-        }
+        // Skips the dead columns itself.
+        emulate_chunk::<F, N>(x_tile, x_base, a_tile, a_base, block, cube, &mut accs.lanes, cfg);
     } else {
+        // The x fragments are loaded only if some A fragment is live.
+        let mut any_live = false;
+        #[unroll]
+        for j in 0..warp_n {
+            if fragment_live(block, cube, j, cfg) {
+                any_live = true;
+            }
+        }
         if any_live {
             #[unroll]
             for kk in 0..comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize) {
