@@ -29,7 +29,7 @@ for spec in "qkv R=64 T=4096|m2 n4 w1,m2 n4 w2,m4 n4 w1,m4 n4 w2" \
     v=${spec#*|}
     i=$((i + 1))
     echo "== shrink sweep: $c (the 8 fastest of the shortlist) =="
-    timeout 90 devbin/lora_bench --prefill-only --quick --case "$c" --variant "$v" --csv "$OUT/sweep$i.csv" > /dev/null 2> "$OUT/sweep$i.err"
+    timeout 240 devbin/lora_bench --prefill-only --case "$c" --variant "$v" --csv "$OUT/sweep$i.csv" > /dev/null 2> "$OUT/sweep$i.err"
     echo "rc=$?"
     grep -v "^#" "$OUT/sweep$i.csv" | grep shrink | cut -d, -f2,3 | sort -t, -k2 -g | head -8
 done

@@ -31,6 +31,9 @@ fn mma_shrink_for_chunks<R: Runtime, F: Float>(
         return None;
     }
     let preferred = MmaShrinkConfig::supported::<F>(client.properties(), layout, capacity, chunk)?;
+    if chunk % preferred.tile_tokens() == 0 {
+        return Some(preferred);
+    }
     MmaShrinkConfig::with_tile::<F>(client.properties(), layout, frags_dividing(chunk, preferred.m_frags), preferred.n_frags)
 }
 

@@ -32,8 +32,12 @@ const MAX_WARPS: u32 = 16;
 /// Shared-memory stages of the default pipelined tile (see [`MmaExpandConfig::supported`]).
 const DEFAULT_STAGES: u32 = 3;
 
-/// Largest rank whose default tile is pipelined (see [`MmaExpandConfig::supported`]).
+/// Largest rank whose default tile is the 16-token pipelined one (see
+/// [`MmaExpandConfig::supported`]).
 const PIPELINED_MAX_RANK: u32 = 32;
+
+/// Shared-memory stages of the default tile above [`PIPELINED_MAX_RANK`].
+const HIGH_RANK_STAGES: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MmaExpandConfig {
@@ -102,29 +106,33 @@ impl MmaExpandConfig {
         crate::config::pipeline_fits(device, stages, self.out_vector * elem, staged.pipelined_shared_bytes(elem)).then_some(staged)
     }
 
-    /// The default tile for segments of at most `max_segment_len` tokens. Up to rank
-    /// [`PIPELINED_MAX_RANK`], where the device has asynchronous copies: 16 tokens by 128
-    /// columns (64 where 128 does not fit), [`DEFAULT_STAGES`] stages. Otherwise the
-    /// register-staged kernel with 128 columns by 32 tokens (16 where the longest segment is
-    /// shorter). H100 sweeps (runtime/BENCHMARKS.md, runs 14–16): at rank 16 the pipelined
-    /// 16 × 128 tile took 64.7–69.8 µs for the qkv expand against 73.0–80.2 for the register
-    /// kernel's default, and 227.7–233.3 against 267.3–267.8 for gate_up; at rank 64 it was
-    /// slower than the register kernel in all three modules (gate_up 410.6 against 383.2 µs,
-    /// MLA 54.9 against 44.4), its staged f32 intermediate being as large as its y tile. In
-    /// the sweep of run 9 wide column blocks won at rank 64 (B staged once serves more of y)
-    /// and 32 × 128 was within 13% of the best register-staged shape in every prefill case.
-    /// `None` without tensor cores.
+    /// The default tile for segments of at most `max_segment_len` tokens, where the device
+    /// has asynchronous copies (else the register-staged 32 × 128 tile). Up to rank
+    /// [`PIPELINED_MAX_RANK`]: 16 tokens by 128 columns (64 where 128 does not fit),
+    /// [`DEFAULT_STAGES`] stages. Above it: 32 tokens (16 where the longest segment is
+    /// shorter) by 128 columns, [`HIGH_RANK_STAGES`] stages.
+    ///
+    /// H100 sweeps (runtime/BENCHMARKS.md): at rank 16 the pipelined 16 × 128 tile took
+    /// 64.7–69.8 µs for the qkv expand against 73.0–80.2 for the register kernel (runs
+    /// 14–16), and 227.7–233.3 against 267.3–267.8 for gate_up; in the sweep of 2026-11-23 it
+    /// was still the best or within 1% in all three modules. At rank 64 that sweep put the
+    /// two-stage 32 × 128 tile at 282 µs against the register kernel's 375 for gate_up and
+    /// 79 against 101 for qkv, and MLA at 47 against 45 (runs 14–16 had found three stages
+    /// of the 16-token tile slower than registers at rank 64, its staged f32 intermediate
+    /// being as large as its y tile). `None` without tensor cores.
     pub fn supported<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout, max_segment_len: u32) -> Option<Self> {
         if !cmma_supported::<F>(device) {
             return None;
         }
         let widest =
             |m_frags| Self::with_tile::<F>(device, layout, m_frags, 8).or_else(|| Self::with_tile::<F>(device, layout, m_frags, 4));
-        let pipelined = (layout.max_rank() <= PIPELINED_MAX_RANK)
-            .then(|| widest(1))
-            .flatten()
-            .and_then(|config| config.with_stages::<F>(device, DEFAULT_STAGES));
-        pipelined.or_else(|| widest(if max_segment_len >= 2 * TILE { 2 } else { 1 }))
+        let register_staged = || widest(if max_segment_len >= 2 * TILE { 2 } else { 1 });
+        let pipelined = if layout.max_rank() <= PIPELINED_MAX_RANK {
+            widest(1).and_then(|config| config.with_stages::<F>(device, DEFAULT_STAGES))
+        } else {
+            register_staged().and_then(|config| config.with_stages::<F>(device, HIGH_RANK_STAGES))
+        };
+        pipelined.or_else(register_staged)
     }
 
     /// [`Self::supported`], and only for batches with enough 16-token tiles to fill the GPU

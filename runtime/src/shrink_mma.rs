@@ -206,31 +206,45 @@ impl MmaShrinkConfig {
         (m_frags + n_frags) * TILE * (k_chunk + 8) * elem
     }
 
-    /// [`Self::with_tile`] with the default tile for a batch of `num_segments` segments of at
-    /// most `max_segment_len` tokens: row blocks of up to four fragments, and 32-token tiles
-    /// unless that leaves fewer cubes than about one per multiprocessor (in the H100 tile sweeps,
-    /// runtime/BENCHMARKS.md, 32-token tiles were the best or within 3% of it in every
-    /// prefill case of run 9, and within 15% in run 11, where 16-token tiles won one case).
-    /// `None` without tensor cores.
+    /// [`Self::default_for`] where the device has tensor cores for `F`, else `None`.
     pub fn supported<F: CubePrimitive>(
         device: &DeviceProperties,
         layout: &LoraLayout,
         num_segments: usize,
         max_segment_len: u32,
     ) -> Option<Self> {
-        if !cmma_supported::<F>(device) {
-            return None;
-        }
+        cmma_supported::<F>(device).then(|| Self::default_for::<F>(device, layout, num_segments, max_segment_len)).flatten()
+    }
+
+    /// The default tile for a batch of `num_segments` segments of at most `max_segment_len`
+    /// tokens (on tensor cores where the device has them, else emulated). Row blocks of up to
+    /// four fragments. A block of four (64 rows: rank 64, or rank 32 over two slices) takes
+    /// 64-token tiles of 2×4-fragment warp blocks, 64-wide chunks, two K groups and three
+    /// stages where the grid still fills the GPU (H100 sweep of 2026-11-23,
+    /// runtime/BENCHMARKS.md: rank-64 qkv shrink 89 → 62 µs, MLA 103 → 72 µs). Otherwise
+    /// [`Self::with_tile`] with 32-token tiles unless that leaves fewer cubes than about one
+    /// per multiprocessor (32-token tiles were the best or within 3% of it in every prefill
+    /// case of run 9, and within 15% in run 11, where 16-token tiles won one case).
+    pub fn default_for<F: CubePrimitive>(
+        device: &DeviceProperties,
+        layout: &LoraLayout,
+        num_segments: usize,
+        max_segment_len: u32,
+    ) -> Option<Self> {
         let row_frags = layout.groups() * layout.max_rank() / TILE;
         let n_frags = [4, 3, 2, 1].into_iter().find(|n| row_frags % n == 0).unwrap_or(1);
         let target = u64::from(crate::config::multiprocessors(device)) * 3 / 4;
-        let m_frags = [2, 1]
-            .into_iter()
-            .find(|m| {
-                let tiles = u64::from(max_segment_len.div_ceil(m * TILE));
-                num_segments as u64 * tiles * u64::from(row_frags / n_frags) >= target
-            })
-            .unwrap_or(1);
+        let fills = |m: u32| {
+            let tiles = u64::from(max_segment_len.div_ceil(m * TILE));
+            num_segments as u64 * tiles * u64::from(row_frags / n_frags) >= target
+        };
+        if n_frags == 4 && fills(4) {
+            let blocked = Self::with_tile_chunk::<F>(device, layout, ShrinkTile::new(4, 4).with_warps(2, 4), 64, 2);
+            if let Some(config) = blocked.map(|c| c.with_stages::<F>(device, 3).unwrap_or(c)) {
+                return Some(config);
+            }
+        }
+        let m_frags = [2, 1].into_iter().find(|&m| fills(m)).unwrap_or(1);
         Self::with_tile::<F>(device, layout, m_frags, n_frags)
     }
 

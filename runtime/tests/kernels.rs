@@ -300,7 +300,8 @@ pub fn segmented_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
 /// Every tile shape and K-group count of the tensor-core shrink the device has for this
 /// layout, each default tile also with 2–4 asynchronous-copy stages, and warp blocks of 2×1
 /// and 2×2 fragments over the widest row block of up to four fragments, in 32-token tiles
-/// with one K group and 128-token tiles with two, register-staged and with three stages (on a
+/// with one K group and 128-token tiles with two, register-staged and with three stages, and
+/// the default for a long prefill batch (on a
 /// device without MMA, such as wgpu, the emulated-MMA kernels, register-staged only: wgpu has
 /// no asynchronous copies).
 fn mma_shrink_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLayout) -> Vec<MmaShrinkConfig> {
@@ -319,7 +320,11 @@ fn mma_shrink_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLa
         })
     });
     let blocks = blocks.flat_map(|config| [1, 3].into_iter().filter_map(move |stages| config.with_stages::<F>(device, stages)));
-    groups.chain(pipelined).chain(blocks).collect()
+    // The default for a long prefill batch (for 64-row blocks: 2×4-fragment warp blocks).
+    let large_batch = MmaShrinkConfig::default_for::<F>(device, layout, 8, 4096);
+    let mut configs: Vec<MmaShrinkConfig> = groups.chain(pipelined).chain(blocks).collect();
+    configs.extend(large_batch.filter(|c| !configs.contains(c)));
+    configs
 }
 
 /// [`mma_shrink_configs`] as kernels, and the automatic choice.
