@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Check of the 64-row-block shrink default (64-token tiles of 2×4-fragment warp blocks,
-# 2026-11-23): the CUDA tests that run the automatic choice on prefill and chunked batches,
+# 2026-11-23): the CUDA tests that run the automatic choice on prefill and chunked batches
+# (prefill_shrink's fixed gate_up layout takes that default; run 26 predates that layout),
 # then the prefill cases with the default and the R=16 chunk/depth alternatives. Binaries as
 # in gpu_run.sh, in devbin/:
 #   run(command="bash runtime/scripts/gpu_blocked_default.sh", carry=["devbin"])

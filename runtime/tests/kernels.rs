@@ -298,8 +298,8 @@ pub fn segmented_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
 }
 
 /// Every tile shape and K-group count of the tensor-core shrink the device has for this
-/// layout, each default tile also with 2–4 asynchronous-copy stages, and warp blocks of 2×1
-/// and 2×2 fragments over the widest row block of up to four fragments, in 32-token tiles
+/// layout, each default tile also with 2–4 asynchronous-copy stages, and warp blocks of 2×1,
+/// 2×2 and 2×4 fragments over the widest row block of up to four fragments, in 32-token tiles
 /// with one K group and 128-token tiles with two, register-staged and with three stages, and
 /// the default for a long prefill batch (on a
 /// device without MMA, such as wgpu, the emulated-MMA kernels, register-staged only: wgpu has
@@ -315,7 +315,7 @@ fn mma_shrink_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLa
     let row_frags = layout.groups() * layout.max_rank() / 16;
     let widest = [4, 2, 1].into_iter().find(|n| row_frags.is_multiple_of(*n)).unwrap_or(1);
     let blocks = [(2, 1), (8, 2)].into_iter().flat_map(|(m, g)| {
-        [(2, 1), (2, 2)].into_iter().filter_map(move |(wm, wn)| {
+        [(2, 1), (2, 2), (2, 4)].into_iter().filter_map(move |(wm, wn)| {
             MmaShrinkConfig::with_tile_groups::<F>(device, layout, ShrinkTile::new(m, widest).with_warps(wm, wn), g)
         })
     });
@@ -346,9 +346,17 @@ fn prefill_ranks(rng: &mut Rng, layout: &LoraLayout) -> Vec<u32> {
     ranks
 }
 
+/// Seeds of the prefill shrink tests: [`CASES`]` / 2` random layouts and one fixed one.
+const PREFILL_SHRINK_SEEDS: std::ops::RangeInclusive<u64> = 0..=CASES / 2;
+
 /// The prefill shrink tests' layouts: every module family, ranks 16 and 32, inputs of one to
-/// twenty 16-wide steps.
-fn prefill_shrink_layout(rng: &mut Rng) -> (LoraLayout, &'static str) {
+/// twenty 16-wide steps; the last seed a gate_up layout at rank 32 over 320 inputs, whose row
+/// block of four fragments takes the 2×4 warp-block default of long batches.
+fn prefill_shrink_layout(seed: u64, rng: &mut Rng) -> (LoraLayout, &'static str) {
+    if seed == *PREFILL_SHRINK_SEEDS.end() {
+        let slices = vec![slice("gate", 40, 0), slice("up", 40, 1)];
+        return (LoraLayout::new(nz(3), nz(32), 320, 2, slices, None).unwrap(), "gate_up (64-row blocks)");
+    }
     let (groups, slices, family) = random_slices(rng);
     let layout = LoraLayout::new(nz(rng.range(1, 4)), nz(rng.pick(&[16, 32])), rng.pick(&[16, 48, 256, 320]), groups, slices, None);
     (layout.unwrap(), family)
@@ -358,9 +366,9 @@ fn prefill_shrink_layout(rng: &mut Rng) -> (LoraLayout, &'static str) {
 /// tensor-core shrink: on tensor cores where the device and storage type have them (CUDA bf16),
 /// else with emulated MMAs (wgpu, CUDA f32), which tests the same tiling, staging and stores.
 pub fn prefill_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
-    for seed in 0..CASES / 2 {
+    for seed in PREFILL_SHRINK_SEEDS {
         let rng = &mut Rng::new(600 + seed);
-        let (layout, family) = prefill_shrink_layout(rng);
+        let (layout, family) = prefill_shrink_layout(seed, rng);
         let ranks = prefill_ranks(rng, &layout);
         let scales = vec![1.0; layout.slots() as usize];
         let adapters = Adapters::<F>::with_ranks(client, rng, &layout, ranks, scales);
@@ -761,8 +769,8 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
     let device = h100_properties();
     let (mut shrinks, mut pipelined, mut warp_blocks, mut emulated, mut expands) = (0, 0, 0, 0, 0);
-    for seed in 0..CASES / 2 {
-        let (layout, family) = prefill_shrink_layout(&mut Rng::new(600 + seed));
+    for seed in PREFILL_SHRINK_SEEDS {
+        let (layout, family) = prefill_shrink_layout(seed, &mut Rng::new(600 + seed));
         for config in mma_shrink_configs::<F>(&device, &layout) {
             let source = shrink_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("shrink {family} {config:?}: {e:?}"));
             assert!(config.tensor_cores && source.contains("mma_sync"), "shrink {family} {config:?}: no MMA in\n{source}");
@@ -777,6 +785,8 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
             assert!(!config.tensor_cores && !source.contains("mma_sync"), "shrink f32 {family} {config:?}: MMA in\n{source}");
             emulated += 1;
         }
+    }
+    for seed in 0..CASES / 2 {
         let (layout, family) = prefill_expand_layout(&mut Rng::new(700 + seed));
         for config in mma_expand_configs::<F>(&device, &layout) {
             let source = expand_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("expand {family} {config:?}: {e:?}"));
@@ -789,6 +799,11 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
             emulated += 1;
         }
     }
+    // The fixed layout's long-batch default on the H100 is the warp-block tile, which the
+    // CUDA tests then run (the other layouts keep one-fragment warps).
+    let (blocked, _) = prefill_shrink_layout(*PREFILL_SHRINK_SEEDS.end(), &mut Rng::new(0));
+    let default = MmaShrinkConfig::default_for::<F>(&device, &blocked, 8, 4096).expect("a tensor-core default on the H100");
+    assert_eq!((default.tile(), default.k_chunk, default.k_groups, default.stages), (ShrinkTile::new(4, 4).with_warps(2, 4), 64, 2, 3));
     // The described H100 must yield the variants the CUDA tests exercise, not an empty list.
     let counts = format!(
         "{shrinks} shrink configurations ({pipelined} pipelined, {warp_blocks} with warp blocks), {expands} expands, {emulated} emulated f32 shrinks and expands"
