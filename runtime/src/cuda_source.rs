@@ -94,11 +94,12 @@ pub fn shrink_source<R: Runtime, F: Float + CubeElement>(
     let a = || ArrayCompilationArg { inplace: None };
     let settings = settings(CubeDim::new_2d(32, config.warps()));
     let n = config.vector as usize;
-    // Arguments in the kernel's order: seven arrays, the scalar `k`, the vector width `N`.
+    // Arguments in the kernel's order: seven arrays, the scalars `k` and `x_row_divisor`, the
+    // vector width `N`.
     let definition = if config.stages > 1 {
-        ShrinkMmaPipelinedKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), (), n, config).define()
+        ShrinkMmaPipelinedKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), (), (), n, config).define()
     } else {
-        ShrinkMmaKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), (), n, config).define()
+        ShrinkMmaKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), (), (), n, config).define()
     };
     lower(definition)
 }

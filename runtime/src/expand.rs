@@ -231,10 +231,38 @@ pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
     kernel: Option<ExpandKernel>,
 ) -> Result<()> {
     pool.check_layout(layout)?;
-    segs.check_slots(layout)?;
     if layout.experts().is_some() {
         return Err(LoraError::Layout("expert layouts go through the MoE kernels".into()));
     }
+    let cols = ExpandCols { b_pool: &pool.b, slice_table: &pool.slice_table, ranks: &pool.ranks, scales: &pool.scales };
+    launch_expand_cols(client, layout, cols, segs, a, y, kernel)
+}
+
+/// What the segmented expand reads besides the batch: B as `[slots, out, R]` of `layout`,
+/// its slice table, and `ranks[slot]`, `scales[slot]`. The MoE grouped path passes a pool
+/// viewed per (slot, expert).
+#[derive(Clone, Copy)]
+pub(crate) struct ExpandCols<'a, F> {
+    pub b_pool: &'a DeviceBuffer<F>,
+    pub slice_table: &'a DeviceBuffer<u32>,
+    pub ranks: &'a DeviceBuffer<u32>,
+    pub scales: &'a DeviceBuffer<f32>,
+}
+
+/// [`launch_expand`] on explicit B, ranks and scales (`layout` has no expert dims).
+pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    layout: &LoraLayout,
+    cols: ExpandCols<'_, F>,
+    segs: &DeviceSegments,
+    a: &DeviceBuffer<f32>,
+    y: &mut DeviceBuffer<F>,
+    kernel: Option<ExpandKernel>,
+) -> Result<()> {
+    segs.check_slots(layout)?;
+    cols.b_pool.check_len("B", layout.b_elements() as usize)?;
+    cols.ranks.check_len("ranks", layout.slots() as usize)?;
+    cols.scales.check_len("scales", layout.slots() as usize)?;
     let kernel = kernel.unwrap_or_else(|| ExpandKernel::choose::<R, F>(client, layout, segs.num_segments, segs.max_segment_len));
     match kernel {
         ExpandKernel::Scalar(cfg) => check_expand_config(layout, &cfg)?,
@@ -263,14 +291,14 @@ pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
                     ny,
                     nb,
                     a.arg(1),
-                    pool.b.arg(nb),
+                    cols.b_pool.arg(nb),
                     y.arg(ny),
-                    pool.slice_table.arg(1),
+                    cols.slice_table.arg(1),
                     segs.seg_indptr.arg(1),
                     segs.weight_indices.arg(1),
                     segs.token_perm.arg(1),
-                    pool.ranks.arg(1),
-                    pool.scales.arg(1),
+                    cols.ranks.arg(1),
+                    cols.scales.arg(1),
                     layout.out_features(),
                     cfg,
                 );
@@ -300,14 +328,14 @@ pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
                         ny,
                         nb,
                         a.arg(1),
-                        pool.b.arg(nb),
+                        cols.b_pool.arg(nb),
                         y.arg(ny),
-                        pool.slice_table.arg(1),
+                        cols.slice_table.arg(1),
                         segs.seg_indptr.arg(1),
                         segs.weight_indices.arg(1),
                         segs.token_perm.arg(1),
-                        pool.ranks.arg(1),
-                        pool.scales.arg(1),
+                        cols.ranks.arg(1),
+                        cols.scales.arg(1),
                         layout.out_features(),
                         splits,
                         config,
@@ -323,14 +351,14 @@ pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
                         nb,
                         A_VECTOR,
                         a.arg(A_VECTOR),
-                        pool.b.arg(nb),
+                        cols.b_pool.arg(nb),
                         y.arg(ny),
-                        pool.slice_table.arg(1),
+                        cols.slice_table.arg(1),
                         segs.seg_indptr.arg(1),
                         segs.weight_indices.arg(1),
                         segs.token_perm.arg(1),
-                        pool.ranks.arg(1),
-                        pool.scales.arg(1),
+                        cols.ranks.arg(1),
+                        cols.scales.arg(1),
                         layout.out_features(),
                         splits,
                         config,

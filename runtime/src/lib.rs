@@ -33,6 +33,7 @@ pub mod expand_mma_pipelined;
 pub mod fused;
 pub mod gemm_expand;
 pub mod moe;
+pub mod moe_grouped;
 pub mod ops;
 pub mod pool;
 pub mod shrink;

@@ -11,6 +11,10 @@
 //!   One thread owns one output vector of one token and loops over its k, so the sum over
 //!   experts needs no atomics.
 //!
+//! These kernels give each pair its own cubes, which suits decode; at prefill, where many pairs
+//! share a (slot, expert), [`crate::moe_grouped`] groups them and reads each adapter once per
+//! token tile.
+//!
 //! Experts that are not on this rank are marked `NO_EXPERT` and cost nothing. Nothing is
 //! allocated here: the intermediate is a plan-sized `[tokens·topk, c·R]` buffer.
 

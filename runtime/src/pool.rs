@@ -17,6 +17,7 @@ pub struct AdapterPool<F> {
     /// `[offset, width, group]` per slice, uploaded once so launches allocate nothing.
     pub(crate) slice_table: DeviceBuffer<u32>,
     host_ranks: Vec<u32>,
+    host_scales: Vec<f32>,
 }
 
 impl<F: CubeElement> AdapterPool<F> {
@@ -49,6 +50,7 @@ impl<F: CubeElement> AdapterPool<F> {
             scales: DeviceBuffer::upload(client, scales),
             slice_table: DeviceBuffer::upload(client, &crate::config::slice_table(layout)),
             host_ranks: ranks.to_vec(),
+            host_scales: scales.to_vec(),
         })
     }
 
@@ -57,6 +59,9 @@ impl<F: CubeElement> AdapterPool<F> {
     }
     pub fn ranks(&self) -> &[u32] {
         &self.host_ranks
+    }
+    pub fn scales(&self) -> &[f32] {
+        &self.host_scales
     }
 
     /// Rewrites every slot's rank in the existing device buffer (an adapter load or unload; no

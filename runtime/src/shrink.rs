@@ -124,6 +124,7 @@ fn shrink_kernel<F: Float, N: Size>(
     ranks: &Array<u32>,
     out: &mut Array<f32>,
     k_vecs: u32,
+    x_row_divisor: u32,
     #[comptime] cfg: ShrinkConfig,
 ) {
     let rows = comptime!(cfg.rows_per_cube as usize);
@@ -160,7 +161,7 @@ fn shrink_kernel<F: Float, N: Size>(
         #[unroll]
         for i in 0..tokens {
             let p = min(p0 + i, end - 1);
-            x_off[i] = token_perm[p] as usize * k_vecs;
+            x_off[i] = (token_perm[p] / x_row_divisor) as usize * k_vecs;
         }
         cube_dot_rows::<F, N>(x, &x_off, a_pool, a_base, k_vecs, &mut partials, rows, tokens, threads, plane);
         // A tile may hold more sums than the cube has threads.
@@ -212,14 +213,45 @@ pub fn launch_shrink<R: Runtime, F: Float + CubeElement>(
     kernel: Option<ShrinkKernel>,
 ) -> Result<()> {
     pool.check_layout(layout)?;
-    segs.check_slots(layout)?;
     if layout.experts().is_some() {
         return Err(LoraError::Layout("expert layouts go through the MoE kernels".into()));
+    }
+    let rows = ShrinkRows { a_pool: &pool.a, ranks: &pool.ranks, x_row_divisor: 1 };
+    launch_shrink_rows(client, layout, rows, segs, x, out, kernel)
+}
+
+/// What the segmented shrink reads besides the batch: A as `[slots, groups·R, in]` of
+/// `layout` with `ranks[slot]`, and the x row of a token (`token / x_row_divisor`).
+/// The MoE grouped path passes a pool viewed per (slot, expert) and, for gate_up, one x row
+/// per token shared by its `topk` pairs.
+#[derive(Clone, Copy)]
+pub(crate) struct ShrinkRows<'a, F> {
+    pub a_pool: &'a DeviceBuffer<F>,
+    pub ranks: &'a DeviceBuffer<u32>,
+    pub x_row_divisor: u32,
+}
+
+/// [`launch_shrink`] on explicit A, ranks and x-row mapping (`layout` has no expert dims).
+pub(crate) fn launch_shrink_rows<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    layout: &LoraLayout,
+    rows: ShrinkRows<'_, F>,
+    segs: &DeviceSegments,
+    x: &DeviceBuffer<F>,
+    out: &mut DeviceBuffer<f32>,
+    kernel: Option<ShrinkKernel>,
+) -> Result<()> {
+    segs.check_slots(layout)?;
+    rows.a_pool.check_len("A", layout.a_elements() as usize)?;
+    rows.ranks.check_len("ranks", layout.slots() as usize)?;
+    let divisor = rows.x_row_divisor;
+    if divisor == 0 || !segs.tokens.is_multiple_of(divisor) {
+        return Err(LoraError::Layout(format!("{} token rows do not share x rows in groups of {divisor}", segs.tokens)));
     }
     let kernel = kernel.unwrap_or_else(|| ShrinkKernel::choose::<R, F>(client, layout, segs.num_segments, segs.max_segment_len));
     let tokens = segs.tokens as usize;
     let k = layout.in_features();
-    x.check_len("x", tokens * k as usize)?;
+    x.check_len("x", tokens / divisor as usize * k as usize)?;
     out.check_len("a (shrink output)", tokens * (layout.groups() * layout.max_rank()) as usize)?;
     match kernel {
         ShrinkKernel::Scalar(cfg) => check_shrink_config(layout, &cfg)?,
@@ -243,13 +275,14 @@ pub fn launch_shrink<R: Runtime, F: Float + CubeElement>(
                     CubeDim::new_1d(cfg.threads),
                     n,
                     x.arg(n),
-                    pool.a.arg(n),
+                    rows.a_pool.arg(n),
                     segs.seg_indptr.arg(1),
                     segs.weight_indices.arg(1),
                     segs.token_perm.arg(1),
-                    pool.ranks.arg(1),
+                    rows.ranks.arg(1),
                     out.arg(1),
                     k / n as u32,
+                    divisor,
                     cfg,
                 );
             }
@@ -268,13 +301,14 @@ pub fn launch_shrink<R: Runtime, F: Float + CubeElement>(
                         dim,
                         n,
                         x.arg(n),
-                        pool.a.arg(n),
+                        rows.a_pool.arg(n),
                         seg_indptr,
                         weight_indices,
                         token_perm,
-                        pool.ranks.arg(1),
+                        rows.ranks.arg(1),
                         out.arg(1),
                         k,
+                        divisor,
                         config,
                     );
                 } else {
@@ -284,13 +318,14 @@ pub fn launch_shrink<R: Runtime, F: Float + CubeElement>(
                         dim,
                         n,
                         x.arg(n),
-                        pool.a.arg(n),
+                        rows.a_pool.arg(n),
                         seg_indptr,
                         weight_indices,
                         token_perm,
-                        pool.ranks.arg(1),
+                        rows.ranks.arg(1),
                         out.arg(1),
                         k,
+                        divisor,
                         config,
                     );
                 }

@@ -320,6 +320,7 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     ranks: &Array<u32>,
     out: &mut Array<f32>,
     k: u32,
+    x_row_divisor: u32,
     #[comptime] cfg: MmaShrinkConfig,
 ) {
     let tm = comptime!((cfg.m_frags * TILE) as usize);
@@ -355,7 +356,7 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     let mut x_src = Array::<usize>::new(x_per);
     let mut a_src = Array::<usize>::new(a_per);
     let mut a_live = Array::<bool>::new(a_per);
-    stage_sources(token_perm, &cube, k_vecs, &mut x_src, &mut a_src, &mut a_live, cfg);
+    stage_sources(token_perm, x_row_divisor, &cube, k_vecs, &mut x_src, &mut a_src, &mut a_live, cfg);
     let mut x_staged = Array::<Vector<F, N>>::new(x_per);
     let mut a_staged = Array::<Vector<F, N>>::new(a_per);
     #[unroll]
@@ -697,13 +698,15 @@ pub(crate) fn cube_tile(
 }
 
 /// The global sources of this thread's staged vectors in chunk 0 (add `chunk·k_chunk/vector`
-/// for later chunks): `x_src` its `x_per` vectors of the x tile, whose rows past the segment's
-/// end repeat its last token (their results are dropped); `a_src` its `a_per` vectors of the A
+/// for later chunks): `x_src` its `x_per` vectors of the x tile (token `t` reads x row
+/// `t / x_row_divisor`), whose rows past the segment's end repeat its last token (their
+/// results are dropped); `a_src` its `a_per` vectors of the A
 /// rows, `a_live` false for rows past the slot's rank or the tile (not loaded).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn stage_sources(
     token_perm: &Array<u32>,
+    x_row_divisor: u32,
     cube: &CubeTile,
     k_vecs: usize,
     x_src: &mut Array<usize>,
@@ -723,7 +726,7 @@ pub(crate) fn stage_sources(
         let v = tid + s * threads;
         let i = min(v / kc_vecs, comptime!(tm - 1));
         let p = min(cube.p0 + i, cube.end - 1);
-        x_src[s] = token_perm[p] as usize * k_vecs + v % kc_vecs;
+        x_src[s] = (token_perm[p] / x_row_divisor) as usize * k_vecs + v % kc_vecs;
     }
     #[unroll]
     for s in 0..comptime!((tn * kc_vecs).div_ceil(threads)) {

@@ -32,6 +32,7 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     ranks: &Array<u32>,
     out: &mut Array<f32>,
     k: u32,
+    x_row_divisor: u32,
     #[comptime] cfg: MmaShrinkConfig,
 ) {
     let tm = comptime!((cfg.m_frags * TILE) as usize);
@@ -62,7 +63,7 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     let mut x_src = Array::<usize>::new(x_per);
     let mut a_src = Array::<usize>::new(a_per);
     let mut a_live = Array::<bool>::new(a_per);
-    stage_sources(token_perm, &cube, k_vecs, &mut x_src, &mut a_src, &mut a_live, cfg);
+    stage_sources(token_perm, x_row_divisor, &cube, k_vecs, &mut x_src, &mut a_src, &mut a_live, cfg);
 
     let chunks = k as usize / kc;
     let stages = comptime!(cfg.stages as usize);

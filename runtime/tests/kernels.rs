@@ -17,6 +17,7 @@ use lorac_runtime::expand_mma::MmaExpandConfig;
 use lorac_runtime::fused::launch_fused;
 use lorac_runtime::gemm_expand::{gemm_width, launch_gemm_expand, reference_gemm_expand};
 use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT, launch_moe_expand, launch_moe_shrink, reference_moe};
+use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_moe_grouped_shrink};
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink, reference_shrink};
 use lorac_runtime::shrink_mma::{MmaShrinkConfig, ShrinkTile};
 use lorac_runtime::testing::{Rng, StorageElem, relative_error};
@@ -646,8 +647,22 @@ pub fn moe<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let dev_segs = segs.upload(client);
         let mut a = poisoned_intermediate(client, &layout, pairs);
         let pool = &adapters.pool;
-        launch_moe_shrink(client, &layout, pool, &dev_segs, &routing, input, &DeviceBuffer::upload(client, &x), &mut a).unwrap();
+        let x = DeviceBuffer::upload(client, &x);
+        launch_moe_shrink(client, &layout, pool, &dev_segs, &routing, input, &x, &mut a).unwrap();
         launch_moe_expand(client, &layout, pool, &dev_segs, &routing, output, &a, &mut y).unwrap();
+        // The same batch with the pairs grouped by (slot, expert) through the dense kernels.
+        let groups = MoeGroups::new(client, &layout, pool, &segs, topk, experts, &ids, input, output).unwrap();
+        let mut grouped_a = poisoned_intermediate(client, &layout, pairs);
+        let mut grouped_y = DeviceBuffer::upload(client, &y0);
+        launch_moe_grouped_shrink(client, &layout, pool, &groups, &x, &mut grouped_a, None).unwrap();
+        match output {
+            MoeOutput::PerPair => launch_moe_grouped_expand(client, &layout, pool, &groups, &grouped_a, &mut grouped_y, None).unwrap(),
+            MoeOutput::RouterWeighted => {
+                let err = launch_moe_grouped_expand(client, &layout, pool, &groups, &grouped_a, &mut grouped_y, None).unwrap_err();
+                assert!(matches!(err, LoraError::Layout(_)), "{err:?}");
+                launch_moe_expand(client, &layout, pool, &dev_segs, &routing, output, &grouped_a, &mut grouped_y).unwrap()
+            }
+        }
         let slots = segs.token_slots();
         let touched: Vec<bool> = (0..y_rows)
             .map(|row| {
@@ -658,6 +673,92 @@ pub fn moe<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             .collect();
         // The intermediate is f32 but its inputs were rounded twice: allow twice the tolerance.
         check_y(&what, &y.read(client), &y064, &delta, &touched, out, 2.0 * F::TOLERANCE);
+        check_y(&format!("grouped {what}"), &grouped_y.read(client), &y064, &delta, &touched, out, 2.0 * F::TOLERANCE);
+    }
+}
+
+/// The grouped MoE path on prefill-sized batches through the tensor-core shrink and expand
+/// (emulated where the device has no MMA) as well as the automatic choice: gate_up with
+/// per-expert and shared A (x rows shared by a token's `topk` pairs), down with its
+/// router-weighted expand. Shapes are multiples of 16, as the tensor-core kernels need.
+pub fn moe_grouped<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
+    let device = client.properties();
+    for (seed, down, shared_a) in [(0, false, false), (1, false, true), (2, true, false)] {
+        let rng = &mut Rng::new(900 + seed);
+        let (experts, topk, hidden, inter) = (4, 3, 64, 48);
+        let (in_features, groups, slices, dims) = if down {
+            (inter, 1, vec![slice("down", hidden, 0)], ExpertDims { a: nz(experts), b: nz(experts) })
+        } else {
+            let a_dim = if shared_a { 1 } else { experts };
+            (hidden, 2, vec![slice("gate", inter, 0), slice("up", inter, 1)], ExpertDims { a: nz(a_dim), b: nz(experts) })
+        };
+        let layout = LoraLayout::new(nz(3), nz(16), in_features, groups, slices.clone(), Some(dims)).unwrap();
+        let (input, output) = if down { (MoeInput::PerPair, MoeOutput::RouterWeighted) } else { (MoeInput::PerToken, MoeOutput::PerPair) };
+        let ranks = prefill_ranks(rng, &layout);
+        let scales = (0..layout.slots()).map(|_| 0.5 + rng.value().abs() as f32).collect();
+        let adapters = Adapters::<F>::with_ranks(client, rng, &layout, ranks, scales);
+        let tokens = 90;
+        let segs = random_segments(rng, tokens, layout.slots());
+        let pairs = (tokens * topk) as usize;
+        let ids: Vec<u32> = (0..pairs).map(|_| if rng.range(0, 9) == 0 { NO_EXPERT } else { rng.range(0, experts - 1) }).collect();
+        let weights: Vec<f32> = (0..pairs).map(|_| rng.value().abs() as f32).collect();
+        let routing = MoeRouting::new(client, tokens, topk, experts, &ids, &weights).unwrap();
+        let (x, x64) = random_x::<F>(rng, &layout, if down { pairs } else { tokens as usize });
+        let out = layout.out_features() as usize;
+        let y_rows = if down { tokens as usize } else { pairs };
+        let mut delta = vec![0.0; y_rows * out];
+        let (ranks, data) = (&adapters.ranks, &adapters.data);
+        reference_moe(
+            &layout,
+            ranks,
+            &adapters.scales,
+            &segs,
+            topk as usize,
+            &ids,
+            &weights,
+            input,
+            output,
+            &x64,
+            &data.a64,
+            &data.b64,
+            &mut delta,
+        );
+        let (y0, y064) = initial_y::<F>(rng, &delta);
+        let slots = segs.token_slots();
+        let touched: Vec<bool> = (0..y_rows)
+            .map(|row| {
+                let (t, ks): (usize, Vec<usize>) =
+                    if down { (row, (0..topk as usize).collect()) } else { (row / topk as usize, vec![row % topk as usize]) };
+                slots[t] != NO_SLOT && ranks[slots[t] as usize] > 0 && ks.iter().any(|k| ids[t * topk as usize + k] != NO_EXPERT)
+            })
+            .collect();
+        let pool = &adapters.pool;
+        let groups_of = MoeGroups::new(client, &layout, pool, &segs, topk, experts, &ids, input, output).unwrap();
+        // The tensor-core kernels for the dense views (slot × expert) the grouped path runs on.
+        let view = |dim: u32| LoraLayout::new(nz(3 * dim), nz(16), in_features, groups, slices.clone(), None).unwrap();
+        let shrink_view = view(if down || !shared_a { experts } else { 1 });
+        let shrink_kernels = [
+            None,
+            MmaShrinkConfig::with_tile::<F>(device, &shrink_view, 2, 1).map(|config| ShrinkKernel::Mma { config, tiles_per_segment: 0 }),
+        ];
+        let expand_kernels = [
+            None,
+            MmaExpandConfig::with_tile::<F>(device, &view(experts), 1, 1).map(|config| ExpandKernel::Mma { config, token_splits: 0 }),
+        ];
+        assert!(shrink_kernels[1].is_some() && (down || expand_kernels[1].is_some()), "no tensor-core tile for {layout:?}");
+        let x = DeviceBuffer::upload(client, &x);
+        for (shrink, expand) in shrink_kernels.into_iter().zip(expand_kernels) {
+            let what = format!("grouped moe down={down} shared_a={shared_a} {shrink:?} {expand:?} {layout:?}");
+            let mut a = poisoned_intermediate(client, &layout, pairs);
+            let mut y = DeviceBuffer::upload(client, &y0);
+            launch_moe_grouped_shrink(client, &layout, pool, &groups_of, &x, &mut a, shrink).unwrap();
+            if down {
+                launch_moe_expand(client, &layout, pool, &segs.upload(client), &routing, output, &a, &mut y).unwrap();
+            } else {
+                launch_moe_grouped_expand(client, &layout, pool, &groups_of, &a, &mut y, expand).unwrap();
+            }
+            check_y(&what, &y.read(client), &y064, &delta, &touched, out, 2.0 * F::TOLERANCE);
+        }
     }
 }
 
@@ -695,6 +796,17 @@ pub fn rejects_bad_input<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) 
     let plan = ChunkedPlan::new::<R, F>(client, &layout, 2, 1).unwrap();
     assert!(matches!(plan.prepare(&Segments::from_token_slots(&[Some(0); 8], 2).unwrap()), Err(LoraError::CapacityExceeded { .. })));
     assert_eq!(MoeRouting::new(client, 1, 2, 4, &[1, 4], &[0.5, 0.5]).unwrap_err(), LoraError::ExpertOutOfRange { expert: 4, experts: 4 });
+    // Grouped MoE: routing that does not match the batch or the layout, and a dense layout.
+    let (per_pair, per_token) = (MoeOutput::PerPair, MoeInput::PerToken);
+    let moe_layout = LoraLayout::new(nz(2), nz(4), 16, 1, vec![slice("up", 8, 0)], Some(ExpertDims { a: nz(4), b: nz(4) })).unwrap();
+    let moe = Adapters::<F>::random(client, rng, &moe_layout);
+    let groups = |layout: &LoraLayout, pool: &AdapterPool<F>, experts: u32, ids: &[u32]| {
+        MoeGroups::new(client, layout, pool, &segs, 2, experts, ids, per_token, per_pair).unwrap_err()
+    };
+    assert_eq!(groups(&moe_layout, &moe.pool, 4, &[0; 5]), LoraError::BufferSize { name: "expert_ids", expected: 6, actual: 5 });
+    assert_eq!(groups(&moe_layout, &moe.pool, 4, &[0, 1, 2, 3, 4, 0]), LoraError::ExpertOutOfRange { expert: 4, experts: 4 });
+    assert!(matches!(groups(&moe_layout, &moe.pool, 3, &[0; 6]), LoraError::Layout(_)));
+    assert!(matches!(groups(&layout, &pool, 4, &[0; 6]), LoraError::Layout(_)));
 }
 
 macro_rules! stamp_kernel_tests {
@@ -740,6 +852,10 @@ macro_rules! stamp_kernel_tests {
             #[test]
             fn moe() {
                 super::moe::<Rt, E>(&client());
+            }
+            #[test]
+            fn moe_grouped() {
+                super::moe_grouped::<Rt, E>(&client());
             }
             #[test]
             fn rejects_bad_input() {

@@ -26,6 +26,7 @@ use lorac_runtime::expand::{ExpandKernel, launch_expand};
 use lorac_runtime::expand_mma::MmaExpandConfig;
 use lorac_runtime::fused::launch_fused;
 use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, launch_moe_expand, launch_moe_shrink};
+use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_moe_grouped_shrink};
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink};
 use lorac_runtime::shrink_mma::{MmaShrinkConfig, ShrinkTile};
 use lorac_runtime::testing::{Rng, StorageElem};
@@ -561,7 +562,10 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
         let x_rows = if input == MoeInput::PerToken { tokens as usize } else { pairs };
         let y_rows = if output == MoeOutput::PerPair { pairs } else { tokens as usize };
         let mut distinct = 0.0;
-        let mut data: Vec<(MoeRouting, DeviceBuffer<E>, DeviceBuffer<E>, DeviceBuffer<f32>)> = (0..sets)
+        // Per set: routing, its pairs grouped by (slot, expert) (built outside the timed
+        // region, like the baseline's per-adapter indices), x, y, the intermediate.
+        type MoeSet<E> = (MoeRouting, MoeGroups, DeviceBuffer<E>, DeviceBuffer<E>, DeviceBuffer<f32>);
+        let mut data: Vec<MoeSet<E>> = (0..sets)
             .map(|_| {
                 let mut ids = Vec::with_capacity(pairs);
                 for _ in 0..tokens {
@@ -580,8 +584,10 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
                 distinct += keys.len() as f64 / sets as f64;
                 let weights: Vec<f32> = (0..pairs).map(|_| 1.0 / topk as f32).collect();
                 let routing = MoeRouting::new(client, tokens, topk, experts, &ids, &weights).unwrap();
+                let groups = MoeGroups::new(client, layout, &pool, &segs, topk, experts, &ids, input, output).unwrap();
                 (
                     routing,
+                    groups,
                     random_upload(client, rng, x_rows * k).1,
                     random_upload(client, rng, y_rows * out).1,
                     DeviceBuffer::empty(client, pairs * c_r),
@@ -592,27 +598,40 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
         let expand_bytes = (pairs * c_r) as f64 * 4.0 + distinct * (out * rank as usize) as f64 * elem + 2.0 * (y_rows * out) as f64 * elem;
         let iters = if opts.smoke { 3 } else { 100 };
         let shrink_us = time_us(client, opts, iters, |i| {
-            let (r, x, _, a) = &mut data[i % sets];
+            let (r, _, x, _, a) = &mut data[i % sets];
             launch_moe_shrink(client, layout, &pool, &dev, r, input, x, a).unwrap()
         });
         let expand_us = time_us(client, opts, iters, |i| {
-            let (r, _, y, a) = &mut data[i % sets];
+            let (r, _, _, y, a) = &mut data[i % sets];
             launch_moe_expand(client, layout, &pool, &dev, r, output, a, y).unwrap()
         });
         let pair_us = time_us(client, opts, iters, |i| {
-            let (r, x, y, a) = &mut data[i % sets];
+            let (r, _, x, y, a) = &mut data[i % sets];
             launch_moe_shrink(client, layout, &pool, &dev, r, input, x, a).unwrap();
             launch_moe_expand(client, layout, &pool, &dev, r, output, a, y).unwrap()
         });
-        rows.push(Row {
-            case: format!("{name} R={rank} T={tokens} adapters={adapters}"),
-            variant: "pairs".into(),
-            shrink_us,
-            expand_us,
-            pair_us,
-            shrink_bytes,
-            expand_bytes,
+        let case = format!("{name} R={rank} T={tokens} adapters={adapters}");
+        rows.push(Row { case: case.clone(), variant: "pairs".into(), shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes });
+        // Pairs grouped by (slot, expert) through the dense kernels; the router-weighted expand
+        // (down) has no grouped form and stays per token.
+        let grouped_expand = |r: &MoeRouting, groups: &MoeGroups, a: &DeviceBuffer<f32>, y: &mut DeviceBuffer<E>| match output {
+            MoeOutput::PerPair => launch_moe_grouped_expand(client, layout, &pool, groups, a, y, None).unwrap(),
+            MoeOutput::RouterWeighted => launch_moe_expand(client, layout, &pool, &dev, r, output, a, y).unwrap(),
+        };
+        let shrink_us = time_us(client, opts, iters, |i| {
+            let (_, g, x, _, a) = &mut data[i % sets];
+            launch_moe_grouped_shrink(client, layout, &pool, g, x, a, None).unwrap()
         });
+        let expand_us = time_us(client, opts, iters, |i| {
+            let (r, g, _, y, a) = &mut data[i % sets];
+            grouped_expand(r, g, a, y)
+        });
+        let pair_us = time_us(client, opts, iters, |i| {
+            let (r, g, x, y, a) = &mut data[i % sets];
+            launch_moe_grouped_shrink(client, layout, &pool, g, x, a, None).unwrap();
+            grouped_expand(r, g, a, y)
+        });
+        rows.push(Row { case, variant: "grouped".into(), shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes });
     }
     rows
 }

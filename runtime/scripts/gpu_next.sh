@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The pending GPU run after 2026-11-23 (runs 23-27): the CUDA checks of the code that has not
+# run on tensor cores yet, then the MoE cases with the grouped path beside the per-pair one.
+#  1. cuda_bf16::prefill_shrink: its fixed gate_up layout takes the 2×4 warp-block default
+#     (run 26 predates that layout, so that default was timed but not checked);
+#  2. moe and moe_grouped (bf16 and f32): the grouped MoE path (pairs sorted by slot and
+#     expert through the dense kernels, tensor-core tiles included);
+#  3. lora_bench on every MoE case (decode and T = 1024; rows "pairs" and "grouped").
+# Binaries as in gpu_run.sh, in devbin/:
+#   run(command="bash runtime/scripts/gpu_next.sh", carry=["devbin"])
+set -uo pipefail
+OUT=${OUT:-/tmp/lora_out}
+mkdir -p "$OUT"
+export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
+export LD_LIBRARY_PATH="$CUDA_PATH/lib64:${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+echo "== CUDA tests (one process each) =="
+for t in cuda_bf16::prefill_shrink cuda_bf16::moe cuda_bf16::moe_grouped cuda_f32::moe_grouped cuda_bf16::chunked_prefill; do
+    ( start=$(date +%s); timeout 280 devbin/kernels "$t" --exact > "$OUT/${t//::/_}.log" 2>&1; rc=$?
+      echo "$t rc=$rc $(( $(date +%s) - start ))s" >> "$OUT/summary.txt" ) &
+done
+wait
+cat "$OUT/summary.txt"
+grep -hE "^test .*(ok|FAILED)$|panicked" "$OUT"/cuda_*.log | head -20
+echo "== MoE cases =="
+timeout 280 devbin/lora_bench --case moe --csv "$OUT/moe.csv" > /dev/null 2> "$OUT/moe.err"
+echo "rc=$?"
+grep -v "^#" "$OUT/moe.csv" | cut -d, -f1-5,11
