@@ -679,21 +679,30 @@ pub fn moe<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
 
 /// The grouped MoE path on prefill-sized batches through the tensor-core shrink and expand
 /// (emulated where the device has no MMA) as well as the automatic choice: gate_up with
-/// per-expert and shared A (x rows shared by a token's `topk` pairs), down with its
-/// router-weighted expand. Shapes are multiples of 16, as the tensor-core kernels need.
+/// per-expert and shared A (x rows shared by a token's `topk` pairs); down with its
+/// router-weighted expand (per token, ungrouped), and down into per-pair rows (as an engine
+/// that adds the delta before the router's weighted sum runs it) with a shared-outer B.
+/// Shapes are multiples of 16, as the tensor-core kernels need.
 pub fn moe_grouped<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     let device = client.properties();
-    for (seed, down, shared_a) in [(0, false, false), (1, false, true), (2, true, false)] {
-        let rng = &mut Rng::new(900 + seed);
-        let (experts, topk, hidden, inter) = (4, 3, 64, 48);
-        let (in_features, groups, slices, dims) = if down {
-            (inter, 1, vec![slice("down", hidden, 0)], ExpertDims { a: nz(experts), b: nz(experts) })
+    let (experts, topk, hidden, inter) = (4, 3, 64, 48);
+    // (down, output, A's expert dim, B's expert dim)
+    let cases = [
+        (false, MoeOutput::PerPair, experts, experts),
+        (false, MoeOutput::PerPair, 1, experts),
+        (true, MoeOutput::RouterWeighted, experts, experts),
+        (true, MoeOutput::PerPair, experts, 1),
+    ];
+    for (seed, (down, output, dim_a, dim_b)) in cases.into_iter().enumerate() {
+        let rng = &mut Rng::new(900 + seed as u64);
+        let (in_features, groups, slices) = if down {
+            (inter, 1, vec![slice("down", hidden, 0)])
         } else {
-            let a_dim = if shared_a { 1 } else { experts };
-            (hidden, 2, vec![slice("gate", inter, 0), slice("up", inter, 1)], ExpertDims { a: nz(a_dim), b: nz(experts) })
+            (hidden, 2, vec![slice("gate", inter, 0), slice("up", inter, 1)])
         };
+        let dims = ExpertDims { a: nz(dim_a), b: nz(dim_b) };
         let layout = LoraLayout::new(nz(3), nz(16), in_features, groups, slices.clone(), Some(dims)).unwrap();
-        let (input, output) = if down { (MoeInput::PerPair, MoeOutput::RouterWeighted) } else { (MoeInput::PerToken, MoeOutput::PerPair) };
+        let input = if down { MoeInput::PerPair } else { MoeInput::PerToken };
         let ranks = prefill_ranks(rng, &layout);
         let scales = (0..layout.slots()).map(|_| 0.5 + rng.value().abs() as f32).collect();
         let adapters = Adapters::<F>::with_ranks(client, rng, &layout, ranks, scales);
@@ -705,7 +714,8 @@ pub fn moe_grouped<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let routing = MoeRouting::new(client, tokens, topk, experts, &ids, &weights).unwrap();
         let (x, x64) = random_x::<F>(rng, &layout, if down { pairs } else { tokens as usize });
         let out = layout.out_features() as usize;
-        let y_rows = if down { tokens as usize } else { pairs };
+        let weighted = output == MoeOutput::RouterWeighted;
+        let y_rows = if weighted { tokens as usize } else { pairs };
         let mut delta = vec![0.0; y_rows * out];
         let (ranks, data) = (&adapters.ranks, &adapters.data);
         reference_moe(
@@ -728,7 +738,7 @@ pub fn moe_grouped<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let touched: Vec<bool> = (0..y_rows)
             .map(|row| {
                 let (t, ks): (usize, Vec<usize>) =
-                    if down { (row, (0..topk as usize).collect()) } else { (row / topk as usize, vec![row % topk as usize]) };
+                    if weighted { (row, (0..topk as usize).collect()) } else { (row / topk as usize, vec![row % topk as usize]) };
                 slots[t] != NO_SLOT && ranks[slots[t] as usize] > 0 && ks.iter().any(|k| ids[t * topk as usize + k] != NO_EXPERT)
             })
             .collect();
@@ -736,23 +746,18 @@ pub fn moe_grouped<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let groups_of = MoeGroups::new(client, &layout, pool, &segs, topk, experts, &ids, input, output).unwrap();
         // The tensor-core kernels for the dense views (slot × expert) the grouped path runs on.
         let view = |dim: u32| LoraLayout::new(nz(3 * dim), nz(16), in_features, groups, slices.clone(), None).unwrap();
-        let shrink_view = view(if down || !shared_a { experts } else { 1 });
-        let shrink_kernels = [
-            None,
-            MmaShrinkConfig::with_tile::<F>(device, &shrink_view, 2, 1).map(|config| ShrinkKernel::Mma { config, tiles_per_segment: 0 }),
-        ];
-        let expand_kernels = [
-            None,
-            MmaExpandConfig::with_tile::<F>(device, &view(experts), 1, 1).map(|config| ExpandKernel::Mma { config, token_splits: 0 }),
-        ];
-        assert!(shrink_kernels[1].is_some() && (down || expand_kernels[1].is_some()), "no tensor-core tile for {layout:?}");
+        let tiled_shrink =
+            MmaShrinkConfig::with_tile::<F>(device, &view(dim_a), 2, 1).map(|config| ShrinkKernel::Mma { config, tiles_per_segment: 0 });
+        let tiled_expand =
+            MmaExpandConfig::with_tile::<F>(device, &view(dim_b), 1, 1).map(|config| ExpandKernel::Mma { config, token_splits: 0 });
+        assert!(tiled_shrink.is_some() && tiled_expand.is_some(), "no tensor-core tile for {layout:?}");
         let x = DeviceBuffer::upload(client, &x);
-        for (shrink, expand) in shrink_kernels.into_iter().zip(expand_kernels) {
-            let what = format!("grouped moe down={down} shared_a={shared_a} {shrink:?} {expand:?} {layout:?}");
+        for (shrink, expand) in [(None, None), (tiled_shrink, tiled_expand)] {
+            let what = format!("grouped moe down={down} {output:?} {shrink:?} {expand:?} {layout:?}");
             let mut a = poisoned_intermediate(client, &layout, pairs);
             let mut y = DeviceBuffer::upload(client, &y0);
             launch_moe_grouped_shrink(client, &layout, pool, &groups_of, &x, &mut a, shrink).unwrap();
-            if down {
+            if weighted {
                 launch_moe_expand(client, &layout, pool, &segs.upload(client), &routing, output, &a, &mut y).unwrap();
             } else {
                 launch_moe_grouped_expand(client, &layout, pool, &groups_of, &a, &mut y, expand).unwrap();

@@ -548,6 +548,9 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
     for (name, layout, input, output) in [
         ("moe_gate_up", &gate_up, MoeInput::PerToken, MoeOutput::PerPair),
         ("moe_down", &down, MoeInput::PerPair, MoeOutput::RouterWeighted),
+        // down into per-pair rows, the router's weighted sum left to the base combine (which
+        // the grouped path can run as a dense expand)
+        ("moe_down_per_pair", &down, MoeInput::PerPair, MoeOutput::PerPair),
     ] {
         let pool = AdapterPool::new(
             layout,
@@ -699,7 +702,8 @@ fn run<R: Runtime, E: StorageElem>(opts: &Opts, csv_path: Option<String>) {
     let moe_shapes: &[(u32, u32)] = if opts.smoke { &[(1, 1), (8, 8)] } else { &[(1, 1), (8, 8), (32, 8), (128, 8), (1024, 8)] };
     for &rank in ranks {
         for &(tokens, adapters) in moe_shapes.iter().filter(|_| !opts.prefill_only) {
-            if !["moe_gate_up", "moe_down"].iter().any(|m| opts.selects(&format!("{m} R={rank} T={tokens} adapters={adapters}"))) {
+            let names = ["moe_gate_up", "moe_down", "moe_down_per_pair"];
+            if !names.iter().any(|m| opts.selects(&format!("{m} R={rank} T={tokens} adapters={adapters}"))) {
                 continue;
             }
             rows.extend(moe_case::<R, E>(&client, opts, rank, tokens, adapters));
