@@ -419,10 +419,11 @@ fn tile_sweep<R: Runtime, E: StorageElem>(
 
 /// The tensor-core shrink variants of the sweep for this layout on this device.
 /// Register-staged: the default tile only (the K-group and chunk sweeps of runs 9-11 chose
-/// its defaults). Pipelined (three stages, or two where three do not fit): 32-, 64- and
-/// 128-token tiles, the default row block and one covering every A row, warp blocks of up
-/// to 4×4 fragments, 64- and 128-wide chunks, and the K groups that give a cube 4–16 warps
-/// (the sweeps of runs 12 and 15 put depth and chunk within a few percent of each other for
+/// its defaults). Pipelined (three stages, or two where three do not fit): 16- to 128-token
+/// tiles (16 gives an under-filled grid, such as MLA's 128 cubes at T = 4096, twice the
+/// cubes), the default row block and one covering every A row, warp blocks of up to 4×4
+/// fragments, 64- and 128-wide chunks, and the K groups that give a cube 4–16 warps (the
+/// sweeps of runs 12 and 15 put depth and chunk within a few percent of each other for
 /// one-fragment warps). Empty where there is no default tensor-core shrink.
 fn shrink_variants<E: StorageElem>(
     device: &DeviceProperties,
@@ -440,7 +441,7 @@ fn shrink_variants<E: StorageElem>(
     let row_frags = layout.groups() * layout.max_rank() / 16;
     let blocks = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (4, 2), (2, 4), (4, 4)];
     let mut pipelined = Vec::new();
-    for (m, nf) in [2, 4, 8].into_iter().flat_map(|m| [nf, row_frags].map(|nf| (m, nf))) {
+    for (m, nf) in [1, 2, 4, 8].into_iter().flat_map(|m| [nf, row_frags].map(|nf| (m, nf))) {
         for ((wm, wn), kc, kg) in blocks.into_iter().flat_map(|b| [64, 128].into_iter().flat_map(move |kc| [1, 2, 4].map(|kg| (b, kc, kg))))
         {
             let tile = ShrinkTile::new(m, nf).with_warps(wm, wn);
