@@ -663,18 +663,30 @@ pub fn moe<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
                 launch_moe_expand(client, &layout, pool, &dev_segs, &routing, output, &grouped_a, &mut grouped_y).unwrap()
             }
         }
-        let slots = segs.token_slots();
-        let touched: Vec<bool> = (0..y_rows)
-            .map(|row| {
-                let (t, ks): (usize, Vec<usize>) =
-                    if down { (row, (0..topk as usize).collect()) } else { (row / topk as usize, vec![row % topk as usize]) };
-                slots[t] != NO_SLOT && ranks[slots[t] as usize] > 0 && ks.iter().any(|k| ids[t * topk as usize + k] != NO_EXPERT)
-            })
-            .collect();
+        let touched = moe_touched_rows(&segs, ranks, &ids, topk, output);
         // The intermediate is f32 but its inputs were rounded twice: allow twice the tolerance.
         check_y(&what, &y.read(client), &y064, &delta, &touched, out, 2.0 * F::TOLERANCE);
         check_y(&format!("grouped {what}"), &grouped_y.read(client), &y064, &delta, &touched, out, 2.0 * F::TOLERANCE);
     }
+}
+
+/// Which rows of a MoE output a LoRA delta reaches: a token with an adapter of nonzero rank
+/// and, for a per-pair row, a local expert (for a router-weighted token row, any of its pairs).
+fn moe_touched_rows(segs: &Segments, ranks: &[u32], ids: &[u32], topk: u32, output: MoeOutput) -> Vec<bool> {
+    let (slots, topk) = (segs.token_slots(), topk as usize);
+    let rows = match output {
+        MoeOutput::PerPair => ids.len(),
+        MoeOutput::RouterWeighted => slots.len(),
+    };
+    (0..rows)
+        .map(|row| {
+            let (t, pairs) = match output {
+                MoeOutput::PerPair => (row / topk, row..row + 1),
+                MoeOutput::RouterWeighted => (row, row * topk..(row + 1) * topk),
+            };
+            slots[t] != NO_SLOT && ranks[slots[t] as usize] > 0 && pairs.into_iter().any(|p| ids[p] != NO_EXPERT)
+        })
+        .collect()
 }
 
 /// The grouped MoE path on prefill-sized batches through the tensor-core shrink and expand
@@ -734,14 +746,7 @@ pub fn moe_grouped<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             &mut delta,
         );
         let (y0, y064) = initial_y::<F>(rng, &delta);
-        let slots = segs.token_slots();
-        let touched: Vec<bool> = (0..y_rows)
-            .map(|row| {
-                let (t, ks): (usize, Vec<usize>) =
-                    if weighted { (row, (0..topk as usize).collect()) } else { (row / topk as usize, vec![row % topk as usize]) };
-                slots[t] != NO_SLOT && ranks[slots[t] as usize] > 0 && ks.iter().any(|k| ids[t * topk as usize + k] != NO_EXPERT)
-            })
-            .collect();
+        let touched = moe_touched_rows(&segs, ranks, &ids, topk, output);
         let pool = &adapters.pool;
         let groups_of = MoeGroups::new(client, &layout, pool, &segs, topk, experts, &ids, input, output).unwrap();
         // The tensor-core kernels for the dense views (slot × expert) the grouped path runs on.
