@@ -10,7 +10,8 @@
 //!
 //! * shrink: pairs grouped by (slot, A's expert); a pair reads x row `pair / topk` (gate_up: the
 //!   token's hidden state) or `pair` (down: the pair's activated intermediate);
-//! * expand into per-pair rows (gate_up): pairs grouped by (slot, B's expert);
+//! * expand into per-pair rows (gate_up; down where the engine applies the router weights when
+//!   it combines the experts' outputs): pairs grouped by (slot, B's expert);
 //! * router-weighted expand (down): a token's pairs use different experts and sum into one y
 //!   row, which the dense expand (one cube per segment tile) cannot do without atomics, so that
 //!   expand stays [`crate::moe::launch_moe_expand`].
@@ -173,8 +174,8 @@ pub fn launch_moe_grouped_shrink<R: Runtime, F: Float + CubeElement>(
     launch_shrink_rows(client, &side.view, rows, &side.segs, x, out, kernel)
 }
 
-/// Grouped MoE expand into per-pair rows of `y` (`[tokens·topk, out]`, gate_up). A
-/// router-weighted output is an error: it goes through [`crate::moe::launch_moe_expand`].
+/// Grouped MoE expand into per-pair rows of `y` (`[tokens·topk, out]`). A router-weighted
+/// output is an error: it goes through [`crate::moe::launch_moe_expand`].
 pub fn launch_moe_grouped_expand<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     layout: &LoraLayout,
