@@ -74,6 +74,18 @@ impl MoeRouting {
     pub fn pairs(&self) -> usize {
         (self.tokens * self.topk) as usize
     }
+    pub fn tokens(&self) -> u32 {
+        self.tokens
+    }
+    pub fn topk(&self) -> u32 {
+        self.topk
+    }
+    pub fn experts(&self) -> u32 {
+        self.experts
+    }
+    pub(crate) fn expert_ids(&self) -> &DeviceBuffer<u32> {
+        &self.expert_ids
+    }
 }
 
 /// Which rows the shrink reads.

@@ -16,8 +16,12 @@
 //!   row, which the dense expand (one cube per segment tile) cannot do without atomics, so that
 //!   expand stays [`crate::moe::launch_moe_expand`].
 //!
-//! The grouping is built on the host from the router's choices, as the dense batch metadata is;
-//! nothing here allocates on the device at launch.
+//! Two ways to build the grouping: [`MoeGroups::new`] sorts on the host from the router's
+//! choices (one segment per group; for tests, benchmarks and engines that hold the choices on
+//! the host), and [`MoeGroups::on_device`] with [`MoeGroups::regroup`] sorts on the GPU from the
+//! router's device output into buffers sized once for the largest batch, each group cut into
+//! fixed chunks so the grid depends on the batch size alone: no host copy of the router's
+//! choices, no synchronisation and no allocation per batch.
 
 use std::num::NonZeroU32;
 
@@ -28,7 +32,7 @@ use crate::batch::{DeviceSegments, NO_SLOT, Segments};
 use crate::buffer::DeviceBuffer;
 use crate::error::{LoraError, Result};
 use crate::expand::{ExpandCols, ExpandKernel, launch_expand_cols};
-use crate::moe::{MoeInput, MoeOutput, NO_EXPERT};
+use crate::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT};
 use crate::pool::AdapterPool;
 use crate::shrink::{ShrinkKernel, ShrinkRows, launch_shrink_rows};
 
@@ -37,14 +41,56 @@ use crate::shrink::{ShrinkKernel, ShrinkRows, launch_shrink_rows};
 #[derive(Debug, Clone)]
 struct GroupedSide {
     view: LoraLayout,
+    /// 1 on a shared-outer side, else the local experts.
+    expert_dim: u32,
     segs: DeviceSegments,
     ranks: DeviceBuffer<u32>,
     scales: DeviceBuffer<f32>,
+    /// Full-size buffers [`MoeGroups::regroup`] fills (`segs` views their prefixes).
+    device: Option<SideBuffers>,
+}
+
+/// One side's grouping buffers for the largest batch, and the grouping kernel's scratch.
+#[derive(Debug, Clone)]
+struct SideBuffers {
+    seg_indptr: DeviceBuffer<u32>,
+    weight_indices: DeviceBuffer<u32>,
+    token_perm: DeviceBuffer<u32>,
+    pair_slots: DeviceBuffer<u32>,
+    /// Per dense slot: its pairs, then the scatter's running cursor.
+    counts: DeviceBuffer<u32>,
+    /// Per dense slot: the position of its first pair.
+    starts: DeviceBuffer<u32>,
 }
 
 impl GroupedSide {
+    /// The dense view of `layout` with `expert_dim` dense slots per slot and each dense slot's
+    /// rank and scale, over the batch segments `segs`.
+    fn view<R: Runtime, F: CubeElement>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        pool: &AdapterPool<F>,
+        expert_dim: u32,
+        segs: DeviceSegments,
+    ) -> Result<Self> {
+        let dense_slots = layout.slots().checked_mul(expert_dim).and_then(NonZeroU32::new);
+        let dense_slots = dense_slots.ok_or_else(|| LoraError::Layout(format!("{} slots × {expert_dim} experts", layout.slots())))?;
+        let max_rank = NonZeroU32::new(layout.max_rank()).ok_or_else(|| LoraError::Layout("max rank 0".into()))?;
+        let view = LoraLayout::new(dense_slots, max_rank, layout.in_features(), layout.groups(), layout.slices().to_vec(), None)
+            .map_err(|e| LoraError::Layout(format!("dense view of the expert layout: {e}")))?;
+        Ok(GroupedSide {
+            view,
+            expert_dim,
+            segs,
+            ranks: DeviceBuffer::upload(client, &per_expert(pool.ranks(), expert_dim)),
+            scales: DeviceBuffer::upload(client, &per_expert(pool.scales(), expert_dim)),
+            device: None,
+        })
+    }
+
+    /// Grouped on the host: one segment per nonempty (slot, expert).
     #[allow(clippy::too_many_arguments)]
-    fn new<R: Runtime, F: CubeElement>(
+    fn on_host<R: Runtime, F: CubeElement>(
         client: &ComputeClient<R>,
         layout: &LoraLayout,
         pool: &AdapterPool<F>,
@@ -53,11 +99,6 @@ impl GroupedSide {
         expert_ids: &[u32],
         expert_dim: u32,
     ) -> Result<Self> {
-        let dense_slots = layout.slots().checked_mul(expert_dim).and_then(NonZeroU32::new);
-        let dense_slots = dense_slots.ok_or_else(|| LoraError::Layout(format!("{} slots × {expert_dim} experts", layout.slots())))?;
-        let max_rank = NonZeroU32::new(layout.max_rank()).ok_or_else(|| LoraError::Layout("max rank 0".into()))?;
-        let view = LoraLayout::new(dense_slots, max_rank, layout.in_features(), layout.groups(), layout.slices().to_vec(), None)
-            .map_err(|e| LoraError::Layout(format!("dense view of the expert layout: {e}")))?;
         let pair_slots: Vec<Option<u32>> = expert_ids
             .iter()
             .enumerate()
@@ -67,14 +108,248 @@ impl GroupedSide {
                 (slot != NO_SLOT && expert != NO_EXPERT).then(|| slot * expert_dim + dense_expert)
             })
             .collect();
-        let segs = Segments::from_token_slots(&pair_slots, dense_slots.get())?;
-        Ok(GroupedSide {
-            view,
-            segs: segs.upload(client),
-            ranks: DeviceBuffer::upload(client, &per_expert(pool.ranks(), expert_dim)),
-            scales: DeviceBuffer::upload(client, &per_expert(pool.scales(), expert_dim)),
-        })
+        let segs = Segments::from_token_slots(&pair_slots, layout.slots().saturating_mul(expert_dim))?;
+        Self::view(client, layout, pool, expert_dim, segs.upload(client))
     }
+
+    /// Buffers for up to `max_pairs` pairs in `chunk`-pair segments, grouped on the device.
+    fn on_device<R: Runtime, F: CubeElement>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        pool: &AdapterPool<F>,
+        expert_dim: u32,
+        max_pairs: u32,
+        chunk: u32,
+    ) -> Result<Self> {
+        let dense_slots = layout.slots().saturating_mul(expert_dim);
+        let capacity = Segments::chunk_capacity(max_pairs, dense_slots, chunk);
+        let buffers = SideBuffers {
+            seg_indptr: DeviceBuffer::empty(client, capacity + 1),
+            weight_indices: DeviceBuffer::empty(client, capacity),
+            token_perm: DeviceBuffer::empty(client, max_pairs as usize),
+            pair_slots: DeviceBuffer::empty(client, max_pairs as usize),
+            counts: DeviceBuffer::empty(client, dense_slots as usize),
+            starts: DeviceBuffer::empty(client, dense_slots as usize),
+        };
+        // No batch yet: no segments.
+        let segs = DeviceSegments {
+            tokens: 0,
+            slots: dense_slots,
+            num_segments: 0,
+            max_segment_len: chunk,
+            seg_indptr: buffers.seg_indptr.clone(),
+            weight_indices: buffers.weight_indices.clone(),
+            token_perm: buffers.token_perm.clone(),
+            token_slots: buffers.pair_slots.clone(),
+        };
+        Ok(GroupedSide { device: Some(buffers), ..Self::view(client, layout, pool, expert_dim, segs)? })
+    }
+
+    fn read_segments<R: Runtime>(&self, client: &ComputeClient<R>) -> Result<Segments> {
+        let segs = &self.segs;
+        let seg_indptr = segs.seg_indptr.read(client);
+        let mut token_perm = segs.token_perm.read(client);
+        // Past the last segment the permutation holds nothing of this batch.
+        token_perm.truncate(seg_indptr.last().map_or(0, |&end| end as usize));
+        Segments::new(segs.tokens, seg_indptr, segs.weight_indices.read(client), token_perm, segs.slots)
+    }
+
+    /// Sorts the batch's pairs by dense slot on the device into `chunk`-pair segments.
+    fn regroup<R: Runtime>(&mut self, client: &ComputeClient<R>, token_slots: &DeviceBuffer<u32>, routing: &MoeRouting) -> Result<()> {
+        let Some(buffers) = &self.device else {
+            return Err(LoraError::Layout("MoE groups built on the host: build them with MoeGroups::on_device to regroup".into()));
+        };
+        let chunk = self.segs.max_segment_len;
+        let (pairs, dense_slots) = (routing.pairs() as u32, self.view.slots());
+        let capacity = Segments::chunk_capacity(pairs, dense_slots, chunk);
+        let segs = DeviceSegments {
+            tokens: pairs,
+            slots: dense_slots,
+            num_segments: capacity,
+            max_segment_len: chunk,
+            seg_indptr: buffers.seg_indptr.prefix(capacity + 1)?,
+            weight_indices: buffers.weight_indices.prefix(capacity)?,
+            token_perm: buffers.token_perm.prefix(pairs as usize)?,
+            token_slots: buffers.pair_slots.prefix(pairs as usize)?,
+        };
+        // Safety: the views above hold every index the kernel writes (at most `capacity`
+        // segments and `pairs` pairs, checked by `prefix` against the buffers sized for the
+        // largest batch); dense slots come from slots below the layout's (checked in
+        // `MoeGroups::regroup`) and experts below `experts` (checked by `MoeRouting::new`).
+        unsafe {
+            moe_align_kernel::launch_unchecked::<R>(
+                client,
+                CubeCount::Static(1, 1, 1),
+                CubeDim::new_1d(ALIGN_THREADS),
+                routing.expert_ids().arg(1),
+                token_slots.arg(1),
+                buffers.counts.arg(1),
+                buffers.starts.arg(1),
+                segs.seg_indptr.arg(1),
+                segs.weight_indices.arg(1),
+                segs.token_perm.arg(1),
+                segs.token_slots.arg(1),
+                pairs,
+                routing.topk(),
+                self.expert_dim,
+                dense_slots,
+                capacity as u32,
+                AlignConfig { threads: ALIGN_THREADS, chunk },
+            );
+        }
+        self.segs = segs;
+        Ok(())
+    }
+}
+
+/// Threads of the one cube that groups a batch on the device.
+const ALIGN_THREADS: u32 = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct AlignConfig {
+    threads: u32,
+    chunk: u32,
+}
+
+/// Counting sort of the pairs by dense slot in one cube, then the chunked segments:
+/// 1. count each dense slot's pairs (atomics; a pair without an adapter or a local expert is
+///    `NO_SLOT` in `pair_slots` and counted nowhere);
+/// 2. prefix sums of pairs and chunks over the dense slots (each thread a contiguous block,
+///    then one thread across the blocks);
+/// 3. each dense slot's chunks as segments, the rest of the capacity as empty segments;
+/// 4. each pair scattered to its slot's next position (atomic cursors: the order inside a
+///    group is not fixed, but every output row depends on its own pair alone).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn moe_align_kernel(
+    expert_ids: &Array<u32>,
+    token_slots: &Array<u32>,
+    counts: &mut Array<Atomic<u32>>,
+    starts: &mut Array<u32>,
+    seg_indptr: &mut Array<u32>,
+    weight_indices: &mut Array<u32>,
+    token_perm: &mut Array<u32>,
+    pair_slots: &mut Array<u32>,
+    pairs: u32,
+    topk: u32,
+    expert_dim: u32,
+    dense_slots: u32,
+    capacity: u32,
+    #[comptime] cfg: AlignConfig,
+) {
+    let threads = comptime!(cfg.threads);
+    let chunk = comptime!(cfg.chunk);
+    let tid = UNIT_POS;
+    let mut d = tid;
+    while d < dense_slots {
+        counts[d as usize].store(0u32);
+        d += threads;
+    }
+    sync_cube();
+    let mut p = tid;
+    while p < pairs {
+        let slot = token_slots[(p / topk) as usize];
+        let expert = expert_ids[p as usize];
+        let mut dense_expert = expert;
+        if expert_dim == 1 {
+            dense_expert = 0u32;
+        }
+        // (Wraps for a pair without a slot; replaced just below.)
+        let mut key = slot * expert_dim + dense_expert;
+        if slot != NO_SLOT && expert != NO_EXPERT {
+            counts[key as usize].fetch_add(1u32);
+        } else {
+            key = NO_SLOT;
+        }
+        pair_slots[p as usize] = key;
+        p += threads;
+    }
+    sync_cube();
+    // Each thread's contiguous block of dense slots: its pairs and chunks.
+    let per = dense_slots.div_ceil(threads);
+    let lo = min(tid * per, dense_slots);
+    let hi = min(lo + per, dense_slots);
+    let mut block_pairs = SharedMemory::<u32>::new(comptime!(threads as usize + 1));
+    let mut block_chunks = SharedMemory::<u32>::new(comptime!(threads as usize + 1));
+    let mut n_pairs = 0u32;
+    let mut n_chunks = 0u32;
+    for d in lo..hi {
+        let n = counts[d as usize].load();
+        n_pairs += n;
+        n_chunks += n.div_ceil(chunk);
+    }
+    block_pairs[tid as usize] = n_pairs;
+    block_chunks[tid as usize] = n_chunks;
+    sync_cube();
+    if tid == 0 {
+        // Exclusive prefix sums over the blocks; entry `threads` holds the totals.
+        let mut pairs_before = 0u32;
+        let mut chunks_before = 0u32;
+        for b in 0..threads {
+            let np = block_pairs[b as usize];
+            let nc = block_chunks[b as usize];
+            block_pairs[b as usize] = pairs_before;
+            block_chunks[b as usize] = chunks_before;
+            pairs_before += np;
+            chunks_before += nc;
+        }
+        block_pairs[threads as usize] = pairs_before;
+        block_chunks[threads as usize] = chunks_before;
+    }
+    sync_cube();
+    let mut pos = block_pairs[tid as usize];
+    let mut seg = block_chunks[tid as usize];
+    for d in lo..hi {
+        let n = counts[d as usize].load();
+        let chunks = n.div_ceil(chunk);
+        starts[d as usize] = pos;
+        for j in 0..chunks {
+            seg_indptr[(seg + j) as usize] = pos + j * chunk;
+            weight_indices[(seg + j) as usize] = d;
+        }
+        pos += n;
+        seg += chunks;
+    }
+    let total_pairs = block_pairs[threads as usize];
+    let mut s = block_chunks[threads as usize] + tid;
+    while s < capacity {
+        seg_indptr[s as usize] = total_pairs;
+        weight_indices[s as usize] = NO_SLOT;
+        s += threads;
+    }
+    if tid == 0 {
+        seg_indptr[capacity as usize] = total_pairs;
+    }
+    // Every count is read before any becomes a cursor.
+    sync_cube();
+    for d in lo..hi {
+        counts[d as usize].store(starts[d as usize]);
+    }
+    sync_cube();
+    let mut p = tid;
+    while p < pairs {
+        let key = pair_slots[p as usize];
+        if key != NO_SLOT {
+            let at = counts[key as usize].fetch_add(1u32);
+            token_perm[at as usize] = p;
+        }
+        p += threads;
+    }
+}
+
+/// A and B's expert dims, each 1 (shared) or `experts`, for a routing with `topk` > 0.
+fn expert_dims(layout: &LoraLayout, experts: u32, topk: u32) -> Result<(u32, u32)> {
+    let dims = layout.experts().ok_or_else(|| LoraError::Layout("MoE LoRA needs an expert layout".into()))?;
+    let (dim_a, dim_b) = (dims.a.get(), dims.b.get());
+    for dim in [dim_a, dim_b] {
+        if dim != 1 && dim != experts {
+            return Err(LoraError::Layout(format!("expert dim {dim} is neither 1 (shared) nor the {experts} local experts")));
+        }
+    }
+    if topk == 0 {
+        return Err(LoraError::Layout("MoE routing with topk 0".into()));
+    }
+    Ok((dim_a, dim_b))
 }
 
 /// A per-slot value repeated for each of the slot's `expert_dim` dense slots.
@@ -87,6 +362,9 @@ fn per_expert<T: Copy>(per_slot: &[T], expert_dim: u32) -> Vec<T> {
 pub struct MoeGroups {
     layout: LoraLayout,
     topk: u32,
+    experts: u32,
+    /// Largest batch (tokens) the groups hold.
+    max_tokens: u32,
     input: MoeInput,
     shrink: GroupedSide,
     /// `None` for a router-weighted output (see the module doc).
@@ -111,16 +389,7 @@ impl MoeGroups {
         output: MoeOutput,
     ) -> Result<Self> {
         pool.check_layout(layout)?;
-        let dims = layout.experts().ok_or_else(|| LoraError::Layout("MoE LoRA needs an expert layout".into()))?;
-        let (dim_a, dim_b) = (dims.a.get(), dims.b.get());
-        for dim in [dim_a, dim_b] {
-            if dim != 1 && dim != experts {
-                return Err(LoraError::Layout(format!("expert dim {dim} is neither 1 (shared) nor the {experts} local experts")));
-            }
-        }
-        if topk == 0 {
-            return Err(LoraError::Layout("MoE routing with topk 0".into()));
-        }
+        let (dim_a, dim_b) = expert_dims(layout, experts, topk)?;
         let pairs = segs.tokens() as usize * topk as usize;
         if expert_ids.len() != pairs {
             return Err(LoraError::BufferSize { name: "expert_ids", expected: pairs, actual: expert_ids.len() });
@@ -129,18 +398,80 @@ impl MoeGroups {
             return Err(LoraError::ExpertOutOfRange { expert, experts });
         }
         let token_slots = segs.token_slots();
-        let side = |dim| GroupedSide::new(client, layout, pool, &token_slots, topk, expert_ids, dim);
+        let side = |dim| GroupedSide::on_host(client, layout, pool, &token_slots, topk, expert_ids, dim);
         let expand = match output {
             MoeOutput::PerPair => Some(side(dim_b)?),
             MoeOutput::RouterWeighted => None,
         };
-        Ok(MoeGroups { layout: layout.clone(), topk, input, shrink: side(dim_a)?, expand })
+        Ok(MoeGroups { layout: layout.clone(), topk, experts, max_tokens: segs.tokens(), input, shrink: side(dim_a)?, expand })
+    }
+
+    /// Groups sized once for batches of up to `max_tokens` tokens and filled on the device by
+    /// [`Self::regroup`]: each (slot, expert) group is cut into segments of at most `chunk`
+    /// pairs, so the launch grid depends on the batch size alone. Like [`Self::new`], it copies
+    /// the pool's ranks and scales.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_device<R: Runtime, F: CubeElement>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        pool: &AdapterPool<F>,
+        max_tokens: u32,
+        topk: u32,
+        experts: u32,
+        chunk: u32,
+        input: MoeInput,
+        output: MoeOutput,
+    ) -> Result<Self> {
+        pool.check_layout(layout)?;
+        let (dim_a, dim_b) = expert_dims(layout, experts, topk)?;
+        if chunk == 0 {
+            return Err(LoraError::BadIndptr("chunk size must be positive"));
+        }
+        let max_pairs = max_tokens.checked_mul(topk).ok_or_else(|| LoraError::Layout(format!("{max_tokens} tokens × top-{topk}")))?;
+        let side = |dim| GroupedSide::on_device(client, layout, pool, dim, max_pairs, chunk);
+        let expand = match output {
+            MoeOutput::PerPair => Some(side(dim_b)?),
+            MoeOutput::RouterWeighted => None,
+        };
+        Ok(MoeGroups { layout: layout.clone(), topk, experts, max_tokens, input, shrink: side(dim_a)?, expand })
+    }
+
+    /// Groups this batch's pairs on the device (one single-cube launch per side; no host copy
+    /// of the router's choices): `segs` gives each token's slot, `routing` its experts.
+    pub fn regroup<R: Runtime>(&mut self, client: &ComputeClient<R>, segs: &DeviceSegments, routing: &MoeRouting) -> Result<()> {
+        if routing.topk() != self.topk || routing.experts() != self.experts {
+            let (topk, experts) = (routing.topk(), routing.experts());
+            return Err(LoraError::Layout(format!(
+                "routing of top-{topk} over {experts} experts for groups of top-{} over {}",
+                self.topk, self.experts
+            )));
+        }
+        if routing.tokens() != segs.tokens() || segs.tokens() > self.max_tokens {
+            return Err(LoraError::Layout(format!(
+                "a batch of {} tokens with routing for {} (groups sized for {})",
+                segs.tokens(),
+                routing.tokens(),
+                self.max_tokens
+            )));
+        }
+        segs.check_slots(&self.layout)?;
+        self.shrink.regroup(client, &segs.token_slots, routing)?;
+        if let Some(expand) = &mut self.expand {
+            expand.regroup(client, &segs.token_slots, routing)?;
+        }
+        Ok(())
     }
 
     /// (Slot, expert) groups of the shrink and their longest run of pairs: what the kernel
     /// choice reads.
     pub fn shrink_segments(&self) -> (usize, u32) {
         (self.shrink.segs.num_segments, self.shrink.segs.max_segment_len)
+    }
+
+    /// The segments of the shrink side, then of the expand side (if grouped), read back and
+    /// validated (every pair at most once, every dense slot in range): for tests and debugging.
+    pub fn read_segments<R: Runtime>(&self, client: &ComputeClient<R>) -> Result<Vec<Segments>> {
+        std::iter::once(&self.shrink).chain(&self.expand).map(|side| side.read_segments(client)).collect()
     }
 
     fn check(&self, layout: &LoraLayout) -> Result<()> {

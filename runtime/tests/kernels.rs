@@ -757,18 +757,53 @@ pub fn moe_grouped<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             MmaExpandConfig::with_tile::<F>(device, &view(dim_b), 1, 1).map(|config| ExpandKernel::Mma { config, token_splits: 0 });
         assert!(tiled_shrink.is_some() && tiled_expand.is_some(), "no tensor-core tile for {layout:?}");
         let x = DeviceBuffer::upload(client, &x);
-        for (shrink, expand) in [(None, None), (tiled_shrink, tiled_expand)] {
+        // Grouped on the device into 16-pair chunks, in buffers that first held a larger batch.
+        let mut on_device = MoeGroups::on_device(client, &layout, pool, 2 * tokens, topk, experts, 16, input, output).unwrap();
+        let earlier_segs = random_segments(rng, tokens + 7, layout.slots());
+        let earlier_ids: Vec<u32> = (0..(tokens + 7) * topk).map(|_| rng.range(0, experts - 1)).collect();
+        let earlier_weights = vec![1.0; earlier_ids.len()];
+        let earlier = MoeRouting::new(client, tokens + 7, topk, experts, &earlier_ids, &earlier_weights).unwrap();
+        on_device.regroup(client, &earlier_segs.upload(client), &earlier).unwrap();
+        let dev_segs = segs.upload(client);
+        on_device.regroup(client, &dev_segs, &routing).unwrap();
+        check_device_groups(client, &on_device, &groups_of, &format!("device grouping (down={down}, {output:?})"));
+        for (groups, shrink, expand) in [
+            (&groups_of, None, None),
+            (&groups_of, tiled_shrink, tiled_expand),
+            (&on_device, None, None),
+            (&on_device, tiled_shrink, tiled_expand),
+        ] {
             let what = format!("grouped moe down={down} {output:?} {shrink:?} {expand:?} {layout:?}");
             let mut a = poisoned_intermediate(client, &layout, pairs);
             let mut y = DeviceBuffer::upload(client, &y0);
-            launch_moe_grouped_shrink(client, &layout, pool, &groups_of, &x, &mut a, shrink).unwrap();
+            launch_moe_grouped_shrink(client, &layout, pool, groups, &x, &mut a, shrink).unwrap();
             if weighted {
-                launch_moe_expand(client, &layout, pool, &segs.upload(client), &routing, output, &a, &mut y).unwrap();
+                launch_moe_expand(client, &layout, pool, &dev_segs, &routing, output, &a, &mut y).unwrap();
             } else {
-                launch_moe_grouped_expand(client, &layout, pool, &groups_of, &a, &mut y, expand).unwrap();
+                launch_moe_grouped_expand(client, &layout, pool, groups, &a, &mut y, expand).unwrap();
             }
             check_y(&what, &y.read(client), &y064, &delta, &touched, out, 2.0 * F::TOLERANCE);
         }
+    }
+}
+
+/// The device grouping holds the host grouping's pairs: every segment of at most 16 pairs
+/// inside one (slot, expert) group, the segments of each group covering exactly its pairs.
+fn check_device_groups<R: Runtime>(client: &ComputeClient<R>, on_device: &MoeGroups, on_host: &MoeGroups, what: &str) {
+    for (device, host) in on_device.read_segments(client).unwrap().into_iter().zip(on_host.read_segments(client).unwrap()) {
+        let members = |segs: &Segments| {
+            let mut groups = std::collections::BTreeMap::<u32, Vec<u32>>::new();
+            for s in 0..segs.num_segments() {
+                let (lo, hi) = (segs.seg_indptr()[s] as usize, segs.seg_indptr()[s + 1] as usize);
+                if segs.weight_indices()[s] != NO_SLOT {
+                    groups.entry(segs.weight_indices()[s]).or_default().extend(&segs.token_perm()[lo..hi]);
+                }
+            }
+            groups.values_mut().for_each(|pairs| pairs.sort());
+            groups
+        };
+        assert!(device.max_segment_len() <= 16, "{what}: a segment longer than its chunk");
+        assert_eq!(members(&device), members(&host), "{what}: groups differ");
     }
 }
 

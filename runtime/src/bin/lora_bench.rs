@@ -529,6 +529,9 @@ fn write_cuda_sources(dir: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Pairs per segment when MoE pairs are grouped on the device.
+const MOE_CHUNK: u32 = 32;
+
 /// OLMoE-style routed experts: hidden 2048, expert intermediate 1024, 64 experts, top-8.
 fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, rank: u32, tokens: u32, adapters: u32) -> Vec<Row> {
     let (hidden, inter, experts, topk) = if opts.smoke { (64u32, 32u32, 8u32, 2u32) } else { (2048u32, 1024u32, 64u32, 8u32) };
@@ -568,7 +571,7 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
         let mut distinct = 0.0;
         // Per set: routing, its pairs grouped by (slot, expert) (built outside the timed
         // region, like the baseline's per-adapter indices), x, y, the intermediate.
-        type MoeSet<E> = (MoeRouting, MoeGroups, DeviceBuffer<E>, DeviceBuffer<E>, DeviceBuffer<f32>);
+        type MoeSet<E> = (MoeRouting, MoeGroups, MoeGroups, DeviceBuffer<E>, DeviceBuffer<E>, DeviceBuffer<f32>);
         let mut data: Vec<MoeSet<E>> = (0..sets)
             .map(|_| {
                 let mut ids = Vec::with_capacity(pairs);
@@ -589,9 +592,12 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
                 let weights: Vec<f32> = (0..pairs).map(|_| 1.0 / topk as f32).collect();
                 let routing = MoeRouting::new(client, tokens, topk, experts, &ids, &weights).unwrap();
                 let groups = MoeGroups::new(client, layout, &pool, &segs, topk, experts, &ids, input, output).unwrap();
+                let mut on_device = MoeGroups::on_device(client, layout, &pool, tokens, topk, experts, MOE_CHUNK, input, output).unwrap();
+                on_device.regroup(client, &dev, &routing).unwrap();
                 (
                     routing,
                     groups,
+                    on_device,
                     random_upload(client, rng, x_rows * k).1,
                     random_upload(client, rng, y_rows * out).1,
                     DeviceBuffer::empty(client, pairs * c_r),
@@ -602,15 +608,15 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
         let expand_bytes = (pairs * c_r) as f64 * 4.0 + distinct * (out * rank as usize) as f64 * elem + 2.0 * (y_rows * out) as f64 * elem;
         let iters = if opts.smoke { 3 } else { 100 };
         let shrink_us = time_us(client, opts, iters, |i| {
-            let (r, _, x, _, a) = &mut data[i % sets];
+            let (r, _, _, x, _, a) = &mut data[i % sets];
             launch_moe_shrink(client, layout, &pool, &dev, r, input, x, a).unwrap()
         });
         let expand_us = time_us(client, opts, iters, |i| {
-            let (r, _, _, y, a) = &mut data[i % sets];
+            let (r, _, _, _, y, a) = &mut data[i % sets];
             launch_moe_expand(client, layout, &pool, &dev, r, output, a, y).unwrap()
         });
         let pair_us = time_us(client, opts, iters, |i| {
-            let (r, _, x, y, a) = &mut data[i % sets];
+            let (r, _, _, x, y, a) = &mut data[i % sets];
             launch_moe_shrink(client, layout, &pool, &dev, r, input, x, a).unwrap();
             launch_moe_expand(client, layout, &pool, &dev, r, output, a, y).unwrap()
         });
@@ -623,19 +629,37 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
             MoeOutput::RouterWeighted => launch_moe_expand(client, layout, &pool, &dev, r, output, a, y).unwrap(),
         };
         let shrink_us = time_us(client, opts, iters, |i| {
-            let (_, g, x, _, a) = &mut data[i % sets];
+            let (_, g, _, x, _, a) = &mut data[i % sets];
             launch_moe_grouped_shrink(client, layout, &pool, g, x, a, None).unwrap()
         });
         let expand_us = time_us(client, opts, iters, |i| {
-            let (r, g, _, y, a) = &mut data[i % sets];
+            let (r, g, _, _, y, a) = &mut data[i % sets];
             grouped_expand(r, g, a, y)
         });
         let pair_us = time_us(client, opts, iters, |i| {
-            let (r, g, x, y, a) = &mut data[i % sets];
+            let (r, g, _, x, y, a) = &mut data[i % sets];
             launch_moe_grouped_shrink(client, layout, &pool, g, x, a, None).unwrap();
             grouped_expand(r, g, a, y)
         });
-        rows.push(Row { case, variant: "grouped".into(), shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes });
+        rows.push(Row { case: case.clone(), variant: "grouped".into(), shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes });
+        // Grouped on the device into MOE_CHUNK-pair segments: shrink and expand alone, and the
+        // pair time with the grouping launches (one per side) in front, as a serving step runs it.
+        let shrink_us = time_us(client, opts, iters, |i| {
+            let (_, _, g, x, _, a) = &mut data[i % sets];
+            launch_moe_grouped_shrink(client, layout, &pool, g, x, a, None).unwrap()
+        });
+        let expand_us = time_us(client, opts, iters, |i| {
+            let (r, _, g, _, y, a) = &mut data[i % sets];
+            grouped_expand(r, g, a, y)
+        });
+        let pair_us = time_us(client, opts, iters, |i| {
+            let (r, _, g, x, y, a) = &mut data[i % sets];
+            g.regroup(client, &dev, r).unwrap();
+            launch_moe_grouped_shrink(client, layout, &pool, g, x, a, None).unwrap();
+            grouped_expand(r, g, a, y)
+        });
+        let variant = format!("grouped on device (chunk {MOE_CHUNK}; pair with the grouping)");
+        rows.push(Row { case, variant, shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes });
     }
     rows
 }
