@@ -5,7 +5,8 @@
 #     (run 26 predates that layout, so that default was timed but not checked);
 #  2. moe and moe_grouped (bf16 and f32): the grouped MoE path (pairs sorted by slot and
 #     expert through the dense kernels, tensor-core tiles included);
-#  3. lora_bench on every MoE case (decode and T = 1024; rows "pairs" and "grouped").
+#  3. lora_bench on every MoE case (decode and T = 1024; rows "pairs", "grouped" and "grouped
+#     on device", the last with the grouping launches in its pair time).
 # Binaries as in gpu_run.sh, in devbin/:
 #   run(command="bash runtime/scripts/gpu_next.sh", carry=["devbin"])
 set -uo pipefail
