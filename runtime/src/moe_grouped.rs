@@ -373,8 +373,8 @@ pub struct MoeGroups {
 
 impl MoeGroups {
     /// Groups the pairs of `segs`' tokens (`pair = t·topk + k`, `expert_ids[pair]` a local
-    /// expert or [`NO_EXPERT`]) for `pool`, whose ranks and scales it copies: build it again after
-    /// an adapter load. `input` and `output` are the module's (gate_up: per token, per pair;
+    /// expert or [`NO_EXPERT`]) for `pool`, whose ranks and scales it copies (see
+    /// [`Self::refresh_adapters`]). `input` and `output` are the module's (gate_up: per token, per pair;
     /// down: per pair, router-weighted).
     #[allow(clippy::too_many_arguments)]
     pub fn new<R: Runtime, F: CubeElement>(
@@ -409,7 +409,7 @@ impl MoeGroups {
     /// Groups sized once for batches of up to `max_tokens` tokens and filled on the device by
     /// [`Self::regroup`]: each (slot, expert) group is cut into segments of at most `chunk`
     /// pairs, so the launch grid depends on the batch size alone. Like [`Self::new`], it copies
-    /// the pool's ranks and scales.
+    /// the pool's ranks and scales (see [`Self::refresh_adapters`]).
     #[allow(clippy::too_many_arguments)]
     pub fn on_device<R: Runtime, F: CubeElement>(
         client: &ComputeClient<R>,
@@ -462,10 +462,15 @@ impl MoeGroups {
         Ok(())
     }
 
-    /// (Slot, expert) groups of the shrink and their longest run of pairs: what the kernel
-    /// choice reads.
-    pub fn shrink_segments(&self) -> (usize, u32) {
-        (self.shrink.segs.num_segments, self.shrink.segs.max_segment_len)
+    /// Rewrites each dense slot's rank and scale from `pool` in place, after an adapter load
+    /// or unload (the groups keep their own copy, one entry per (slot, expert)).
+    pub fn refresh_adapters<R: Runtime, F: CubeElement>(&mut self, client: &ComputeClient<R>, pool: &AdapterPool<F>) -> Result<()> {
+        pool.check_layout(&self.layout)?;
+        for side in std::iter::once(&self.shrink).chain(&self.expand) {
+            side.ranks.write_at(client, 0, &per_expert(pool.ranks(), side.expert_dim))?;
+            side.scales.write_at(client, 0, &per_expert(pool.scales(), side.expert_dim))?;
+        }
+        Ok(())
     }
 
     /// The segments of the shrink side, then of the expand side (if grouped), read back and

@@ -717,7 +717,7 @@ pub fn moe_grouped<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let input = if down { MoeInput::PerPair } else { MoeInput::PerToken };
         let ranks = prefill_ranks(rng, &layout);
         let scales = (0..layout.slots()).map(|_| 0.5 + rng.value().abs() as f32).collect();
-        let adapters = Adapters::<F>::with_ranks(client, rng, &layout, ranks, scales);
+        let mut adapters = Adapters::<F>::with_ranks(client, rng, &layout, ranks, scales);
         let tokens = 90;
         let segs = random_segments(rng, tokens, layout.slots());
         let pairs = (tokens * topk) as usize;
@@ -784,6 +784,40 @@ pub fn moe_grouped<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             }
             check_y(&what, &y.read(client), &y064, &delta, &touched, out, 2.0 * F::TOLERANCE);
         }
+        // Slot 0's adapter unloaded (rank 0) and the groups refreshed in place: its rows are
+        // left alone, the others as before.
+        let mut unloaded = adapters.ranks.clone();
+        unloaded[0] = 0;
+        adapters.pool.write_ranks(client, &unloaded).unwrap();
+        on_device.refresh_adapters(client, &adapters.pool).unwrap();
+        let mut delta = vec![0.0; y_rows * out];
+        let (scales, data) = (&adapters.scales, &adapters.data);
+        reference_moe(
+            &layout,
+            &unloaded,
+            scales,
+            &segs,
+            topk as usize,
+            &ids,
+            &weights,
+            input,
+            output,
+            &x64,
+            &data.a64,
+            &data.b64,
+            &mut delta,
+        );
+        let touched = moe_touched_rows(&segs, &unloaded, &ids, topk, output);
+        let mut a = poisoned_intermediate(client, &layout, pairs);
+        let mut y = DeviceBuffer::upload(client, &y0);
+        launch_moe_grouped_shrink(client, &layout, &adapters.pool, &on_device, &x, &mut a, None).unwrap();
+        if weighted {
+            launch_moe_expand(client, &layout, &adapters.pool, &dev_segs, &routing, output, &a, &mut y).unwrap();
+        } else {
+            launch_moe_grouped_expand(client, &layout, &adapters.pool, &on_device, &a, &mut y, None).unwrap();
+        }
+        let what = format!("grouped moe down={down} {output:?} after unloading slot 0 {layout:?}");
+        check_y(&what, &y.read(client), &y064, &delta, &touched, out, 2.0 * F::TOLERANCE);
     }
 }
 
