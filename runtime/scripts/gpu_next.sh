@@ -9,6 +9,9 @@
 #     on device", the last with the grouping launches in its pair time).
 # Binaries as in gpu_run.sh, in devbin/:
 #   run(command="bash runtime/scripts/gpu_next.sh", carry=["devbin"])
+# Then, in a second call, the 16-token shrink tiles the sweep gained (MLA at T = 4096 fills
+# only 128 cubes with 32-token tiles):
+#   devbin/lora_bench --prefill-only --case "mla_qkv_a R=16 T=4096" --variant "m1 n2,m2 n2 w1x1 k128"
 set -uo pipefail
 OUT=${OUT:-/tmp/lora_out}
 mkdir -p "$OUT"
