@@ -728,52 +728,20 @@ pub fn moe_grouped<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let out = layout.out_features() as usize;
         let weighted = output == MoeOutput::RouterWeighted;
         let y_rows = if weighted { tokens as usize } else { pairs };
-        let mut delta = vec![0.0; y_rows * out];
-        let (ranks, data) = (&adapters.ranks, &adapters.data);
-        reference_moe(
-            &layout,
-            ranks,
-            &adapters.scales,
-            &segs,
-            topk as usize,
-            &ids,
-            &weights,
-            input,
-            output,
-            &x64,
-            &data.a64,
-            &data.b64,
-            &mut delta,
-        );
+        let (scales, data) = (&adapters.scales, &adapters.data);
+        let reference = |ranks: &[u32]| {
+            let mut delta = vec![0.0; y_rows * out];
+            let (a64, b64) = (&data.a64, &data.b64);
+            reference_moe(&layout, ranks, scales, &segs, topk as usize, &ids, &weights, input, output, &x64, a64, b64, &mut delta);
+            delta
+        };
+        let delta = reference(&adapters.ranks);
         let (y0, y064) = initial_y::<F>(rng, &delta);
-        let touched = moe_touched_rows(&segs, ranks, &ids, topk, output);
-        let pool = &adapters.pool;
-        let groups_of = MoeGroups::new(client, &layout, pool, &segs, topk, experts, &ids, input, output).unwrap();
-        // The tensor-core kernels for the dense views (slot × expert) the grouped path runs on.
-        let view = |dim: u32| LoraLayout::new(nz(3 * dim), nz(16), in_features, groups, slices.clone(), None).unwrap();
-        let tiled_shrink =
-            MmaShrinkConfig::with_tile::<F>(device, &view(dim_a), 2, 1).map(|config| ShrinkKernel::Mma { config, tiles_per_segment: 0 });
-        let tiled_expand =
-            MmaExpandConfig::with_tile::<F>(device, &view(dim_b), 1, 1).map(|config| ExpandKernel::Mma { config, token_splits: 0 });
-        assert!(tiled_shrink.is_some() && tiled_expand.is_some(), "no tensor-core tile for {layout:?}");
+        let touched = moe_touched_rows(&segs, &adapters.ranks, &ids, topk, output);
         let x = DeviceBuffer::upload(client, &x);
-        // Grouped on the device into 16-pair chunks, in buffers that first held a larger batch.
-        let mut on_device = MoeGroups::on_device(client, &layout, pool, 2 * tokens, topk, experts, 16, input, output).unwrap();
-        let earlier_segs = random_segments(rng, tokens + 7, layout.slots());
-        let earlier_ids: Vec<u32> = (0..(tokens + 7) * topk).map(|_| rng.range(0, experts - 1)).collect();
-        let earlier_weights = vec![1.0; earlier_ids.len()];
-        let earlier = MoeRouting::new(client, tokens + 7, topk, experts, &earlier_ids, &earlier_weights).unwrap();
-        on_device.regroup(client, &earlier_segs.upload(client), &earlier).unwrap();
         let dev_segs = segs.upload(client);
-        on_device.regroup(client, &dev_segs, &routing).unwrap();
-        check_device_groups(client, &on_device, &groups_of, &format!("device grouping (down={down}, {output:?})"));
-        for (groups, shrink, expand) in [
-            (&groups_of, None, None),
-            (&groups_of, tiled_shrink, tiled_expand),
-            (&on_device, None, None),
-            (&on_device, tiled_shrink, tiled_expand),
-        ] {
-            let what = format!("grouped moe down={down} {output:?} {shrink:?} {expand:?} {layout:?}");
+        // y after the grouped shrink and the expand (grouped, or per token where router-weighted).
+        let run = |pool: &AdapterPool<F>, groups: &MoeGroups, shrink: Option<ShrinkKernel>, expand: Option<ExpandKernel>| {
             let mut a = poisoned_intermediate(client, &layout, pairs);
             let mut y = DeviceBuffer::upload(client, &y0);
             launch_moe_grouped_shrink(client, &layout, pool, groups, &x, &mut a, shrink).unwrap();
@@ -782,7 +750,29 @@ pub fn moe_grouped<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             } else {
                 launch_moe_grouped_expand(client, &layout, pool, groups, &a, &mut y, expand).unwrap();
             }
-            check_y(&what, &y.read(client), &y064, &delta, &touched, out, 2.0 * F::TOLERANCE);
+            y.read(client)
+        };
+        let on_host = MoeGroups::new(client, &layout, &adapters.pool, &segs, topk, experts, &ids, input, output).unwrap();
+        // Grouped on the device into 16-pair chunks, in buffers that first held a larger batch.
+        let mut on_device = MoeGroups::on_device(client, &layout, &adapters.pool, 2 * tokens, topk, experts, 16, input, output).unwrap();
+        let earlier_segs = random_segments(rng, tokens + 7, layout.slots());
+        let earlier_ids: Vec<u32> = (0..(tokens + 7) * topk).map(|_| rng.range(0, experts - 1)).collect();
+        let earlier = MoeRouting::new(client, tokens + 7, topk, experts, &earlier_ids, &vec![1.0; earlier_ids.len()]).unwrap();
+        on_device.regroup(client, &earlier_segs.upload(client), &earlier).unwrap();
+        on_device.regroup(client, &dev_segs, &routing).unwrap();
+        check_device_groups(client, &on_device, &on_host, &format!("device grouping (down={down}, {output:?})"));
+        // The tensor-core kernels for the dense views (slot × expert) the grouped path runs on.
+        let view = |dim: u32| LoraLayout::new(nz(3 * dim), nz(16), in_features, groups, slices.clone(), None).unwrap();
+        let tiled_shrink =
+            MmaShrinkConfig::with_tile::<F>(device, &view(dim_a), 2, 1).map(|config| ShrinkKernel::Mma { config, tiles_per_segment: 0 });
+        let tiled_expand =
+            MmaExpandConfig::with_tile::<F>(device, &view(dim_b), 1, 1).map(|config| ExpandKernel::Mma { config, token_splits: 0 });
+        assert!(tiled_shrink.is_some() && tiled_expand.is_some(), "no tensor-core tile for {layout:?}");
+        for (grouping, groups) in [("host", &on_host), ("device", &on_device)] {
+            for (shrink, expand) in [(None, None), (tiled_shrink, tiled_expand)] {
+                let what = format!("moe grouped on the {grouping}, down={down} {output:?} {shrink:?} {expand:?} {layout:?}");
+                check_y(&what, &run(&adapters.pool, groups, shrink, expand), &y064, &delta, &touched, out, 2.0 * F::TOLERANCE);
+            }
         }
         // Slot 0's adapter unloaded (rank 0) and the groups refreshed in place: its rows are
         // left alone, the others as before.
@@ -790,34 +780,10 @@ pub fn moe_grouped<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         unloaded[0] = 0;
         adapters.pool.write_ranks(client, &unloaded).unwrap();
         on_device.refresh_adapters(client, &adapters.pool).unwrap();
-        let mut delta = vec![0.0; y_rows * out];
-        let (scales, data) = (&adapters.scales, &adapters.data);
-        reference_moe(
-            &layout,
-            &unloaded,
-            scales,
-            &segs,
-            topk as usize,
-            &ids,
-            &weights,
-            input,
-            output,
-            &x64,
-            &data.a64,
-            &data.b64,
-            &mut delta,
-        );
         let touched = moe_touched_rows(&segs, &unloaded, &ids, topk, output);
-        let mut a = poisoned_intermediate(client, &layout, pairs);
-        let mut y = DeviceBuffer::upload(client, &y0);
-        launch_moe_grouped_shrink(client, &layout, &adapters.pool, &on_device, &x, &mut a, None).unwrap();
-        if weighted {
-            launch_moe_expand(client, &layout, &adapters.pool, &dev_segs, &routing, output, &a, &mut y).unwrap();
-        } else {
-            launch_moe_grouped_expand(client, &layout, &adapters.pool, &on_device, &a, &mut y, None).unwrap();
-        }
-        let what = format!("grouped moe down={down} {output:?} after unloading slot 0 {layout:?}");
-        check_y(&what, &y.read(client), &y064, &delta, &touched, out, 2.0 * F::TOLERANCE);
+        let what = format!("moe grouped on the device, down={down} {output:?}, after unloading slot 0 {layout:?}");
+        let y = run(&adapters.pool, &on_device, None, None);
+        check_y(&what, &y, &y064, &reference(&unloaded), &touched, out, 2.0 * F::TOLERANCE);
     }
 }
 
