@@ -22,6 +22,7 @@ use cubecl::{CompilationError, Compiler};
 
 use crate::expand_mma::{MmaExpandConfig, expand_mma_kernel::ExpandMmaKernel};
 use crate::expand_mma_pipelined::{A_VECTOR, expand_mma_pipelined_kernel::ExpandMmaPipelinedKernel};
+use crate::moe_grouped::{ALIGN_THREADS, AlignConfig, moe_align_kernel::MoeAlignKernel};
 use crate::shrink_mma::{MmaShrinkConfig, TILE, shrink_mma_kernel::ShrinkMmaKernel};
 use crate::shrink_mma_pipelined::shrink_mma_pipelined_kernel::ShrinkMmaPipelinedKernel;
 
@@ -140,4 +141,16 @@ pub fn expand_source<R: Runtime, F: Float + CubeElement>(
         ExpandMmaKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), a(), a(), (), (), ny, nb, config).define()
     };
     lower(definition)
+}
+
+/// CUDA C++ of the single-cube kernel that groups MoE pairs by (slot, expert) on the device
+/// (`crate::moe_grouped`), for `chunk`-pair segments: its global atomics only run on a GPU
+/// through the CUDA runtime, so this is where they are first compiled.
+pub fn moe_align_source<R: Runtime>(client: &ComputeClient<R>, chunk: u32) -> Result<String, CompilationError> {
+    let a = || ArrayCompilationArg { inplace: None };
+    let settings = settings(CubeDim::new_1d(ALIGN_THREADS));
+    let config = AlignConfig { threads: ALIGN_THREADS, chunk };
+    // Arguments in the kernel's order: eight arrays, five scalars.
+    let kernel = MoeAlignKernel::<R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), a(), (), (), (), (), (), config);
+    lower(kernel.define())
 }

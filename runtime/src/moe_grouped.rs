@@ -203,12 +203,13 @@ impl GroupedSide {
 }
 
 /// Threads of the one cube that groups a batch on the device.
-const ALIGN_THREADS: u32 = 256;
+pub(crate) const ALIGN_THREADS: u32 = 256;
 
+/// The grouping kernel's compile-time shape: its threads and the pairs per segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct AlignConfig {
-    threads: u32,
-    chunk: u32,
+pub(crate) struct AlignConfig {
+    pub threads: u32,
+    pub chunk: u32,
 }
 
 /// Counting sort of the pairs by dense slot in one cube, then the chunked segments:
@@ -221,7 +222,7 @@ struct AlignConfig {
 ///    group is not fixed, but every output row depends on its own pair alone).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn moe_align_kernel(
+pub(crate) fn moe_align_kernel(
     expert_ids: &Array<u32>,
     token_slots: &Array<u32>,
     counts: &mut Array<Atomic<u32>>,

@@ -925,7 +925,7 @@ stamp_kernel_tests!(cuda_bf16, cubecl::cuda::CudaRuntime, half::bf16);
 /// `scripts/nvrtc_check.py`.)
 #[test]
 fn tensor_core_kernels_lower_to_cuda_offline() {
-    use lorac_runtime::cuda_source::{expand_source, h100_properties, shrink_source};
+    use lorac_runtime::cuda_source::{expand_source, h100_properties, moe_align_source, shrink_source};
     type F = half::bf16;
     let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
     let device = h100_properties();
@@ -960,6 +960,9 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
             emulated += 1;
         }
     }
+    // The device-side MoE grouping: its atomic counts and cursors lower to CUDA atomics.
+    let align = moe_align_source(&client, 32).unwrap_or_else(|e| panic!("moe align: {e:?}"));
+    assert!(align.contains("atomicAdd"), "moe align without atomicAdd:\n{align}");
     // The fixed layout's long-batch default on the H100 is the warp-block tile, which the
     // CUDA tests then run (the other layouts keep one-fragment warps).
     let (blocked, _) = prefill_shrink_layout(*PREFILL_SHRINK_SEEDS.end(), &mut Rng::new(0));

@@ -486,12 +486,14 @@ fn expand_variants<E: StorageElem>(device: &DeviceProperties, layout: &LoraLayou
 /// (`lorac_runtime::cuda_source`), one file per (case, variant). Compile them with
 /// `scripts/nvrtc_check.py DIR`.
 fn write_cuda_sources(dir: &str) -> std::io::Result<()> {
-    use lorac_runtime::cuda_source::{expand_source, h100_properties, shrink_source};
+    use lorac_runtime::cuda_source::{expand_source, h100_properties, moe_align_source, shrink_source};
     std::fs::create_dir_all(dir)?;
     let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
     let device = h100_properties();
     let (segments, tokens) = (8, 4096 / 8);
-    let mut written = 0;
+    let align = moe_align_source(&client, MOE_CHUNK).map_err(|e| std::io::Error::other(format!("moe align: {e:?}")))?;
+    std::fs::write(format!("{dir}/moe_align__chunk{MOE_CHUNK}.cu"), align)?;
+    let mut written = 1;
     for m in modules(false) {
         for rank in [16, 64] {
             let layout = LoraLayout::new(nz(SLOTS), nz(rank), m.in_features, m.groups, m.slices.clone(), None).unwrap();
