@@ -5,12 +5,7 @@
 # then the prefill cases with the default and the R=16 chunk/depth alternatives. Binaries as
 # in gpu_run.sh, in devbin/:
 #   run(command="bash runtime/scripts/gpu_blocked_default.sh", carry=["devbin"])
-set -uo pipefail
-OUT=${OUT:-/tmp/lora_out}
-mkdir -p "$OUT"
-export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
-export LD_LIBRARY_PATH="$CUDA_PATH/lib64:${LD_LIBRARY_PATH:-}"
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu_env.sh"
 echo "== CUDA tests =="
 timeout 260 devbin/kernels cuda_bf16::prefill_shrink cuda_bf16::chunked_prefill cuda_bf16::segmented_shrink > "$OUT/cuda_tests.log" 2>&1
 echo "rc=$?"

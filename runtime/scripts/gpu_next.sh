@@ -12,12 +12,7 @@
 # Then, in a second call, the 16-token shrink tiles the sweep gained (MLA at T = 4096 fills
 # only 128 cubes with 32-token tiles):
 #   devbin/lora_bench --prefill-only --case "mla_qkv_a R=16 T=4096" --variant "m1 n2,m2 n2 w1x1 k128"
-set -uo pipefail
-OUT=${OUT:-/tmp/lora_out}
-mkdir -p "$OUT"
-export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
-export LD_LIBRARY_PATH="$CUDA_PATH/lib64:${LD_LIBRARY_PATH:-}"
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu_env.sh"
 echo "== CUDA tests (one process each) =="
 for t in cuda_bf16::prefill_shrink cuda_bf16::moe cuda_bf16::moe_grouped cuda_f32::moe_grouped cuda_bf16::chunked_prefill; do
     ( start=$(date +%s); timeout 280 devbin/kernels "$t" --exact > "$OUT/${t//::/_}.log" 2>&1; rc=$?

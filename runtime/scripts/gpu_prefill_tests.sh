@@ -3,11 +3,7 @@
 # each lowers every tensor-core (bf16) or emulated (f32) configuration for each random layout,
 # one NVRTC compile apiece, so they take minutes. Binaries as in gpu_run.sh, in devbin/:
 #   run(command="bash runtime/scripts/gpu_prefill_tests.sh", carry=["devbin"])
-set -uo pipefail
-OUT=${OUT:-/tmp/lora_out}
-mkdir -p "$OUT"
-export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
-export LD_LIBRARY_PATH="$CUDA_PATH/lib64:${LD_LIBRARY_PATH:-}"
+source "$(dirname "$0")/gpu_env.sh"
 LIMIT=${LIMIT:-570}
 for t in cuda_bf16::prefill_shrink cuda_bf16::prefill_expand cuda_f32::prefill_shrink cuda_f32::prefill_expand; do
     ( start=$(date +%s); timeout "$LIMIT" devbin/kernels "$t" --exact > "$OUT/${t//::/_}.log" 2>&1; rc=$?

@@ -5,12 +5,7 @@
 # is the larger half of the prefill pair. Binaries as in gpu_run.sh, in devbin/:
 #   run(command="bash runtime/scripts/gpu_warp_blocks.sh", carry=["devbin"])
 # Each step has its own time limit so the whole stays inside one 600 s call.
-set -uo pipefail
-OUT=${OUT:-/tmp/lora_out}
-mkdir -p "$OUT"
-export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
-export LD_LIBRARY_PATH="$CUDA_PATH/lib64:${LD_LIBRARY_PATH:-}"
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu_env.sh"
 # bf16 runs the tensor-core kernels; f32 the emulated multiply, pipelined stages included (not
 # run anywhere yet: lavapipe has no cp.async).
 echo "== CUDA prefill shrink, expand and chunked tests (bf16, f32) =="
