@@ -54,14 +54,9 @@ impl MoeRouting {
         weights: &[f32],
     ) -> Result<Self> {
         let pairs = (tokens * topk) as usize;
-        if expert_ids.len() != pairs {
-            return Err(LoraError::BufferSize { name: "expert_ids", expected: pairs, actual: expert_ids.len() });
-        }
+        check_expert_ids(expert_ids, pairs, experts)?;
         if weights.len() != pairs {
             return Err(LoraError::BufferSize { name: "router weights", expected: pairs, actual: weights.len() });
-        }
-        if let Some(&expert) = expert_ids.iter().find(|&&e| e != NO_EXPERT && e >= experts) {
-            return Err(LoraError::ExpertOutOfRange { expert, experts });
         }
         Ok(MoeRouting {
             tokens,
@@ -335,14 +330,30 @@ fn moe_expand_kernel<F: Float, NY: Size, NB: Size>(
     }
 }
 
-fn check_experts(layout: &LoraLayout, routing: &MoeRouting) -> Result<(u32, u32)> {
+/// One expert id per pair, each a local expert or [`NO_EXPERT`].
+pub(crate) fn check_expert_ids(expert_ids: &[u32], pairs: usize, experts: u32) -> Result<()> {
+    if expert_ids.len() != pairs {
+        return Err(LoraError::BufferSize { name: "expert_ids", expected: pairs, actual: expert_ids.len() });
+    }
+    if let Some(&expert) = expert_ids.iter().find(|&&e| e != NO_EXPERT && e >= experts) {
+        return Err(LoraError::ExpertOutOfRange { expert, experts });
+    }
+    Ok(())
+}
+
+/// A's and B's expert dims, each 1 (shared) or the `experts` local experts.
+pub(crate) fn expert_dims(layout: &LoraLayout, experts: u32) -> Result<(u32, u32)> {
     let e = layout.experts().ok_or_else(|| LoraError::Layout("MoE LoRA needs an expert layout".into()))?;
     for dim in [e.a.get(), e.b.get()] {
-        if dim != 1 && dim != routing.experts {
-            return Err(LoraError::Layout(format!("expert dim {dim} is neither 1 (shared) nor the {} local experts", routing.experts)));
+        if dim != 1 && dim != experts {
+            return Err(LoraError::Layout(format!("expert dim {dim} is neither 1 (shared) nor the {experts} local experts")));
         }
     }
     Ok((e.a.get(), e.b.get()))
+}
+
+fn check_experts(layout: &LoraLayout, routing: &MoeRouting) -> Result<(u32, u32)> {
+    expert_dims(layout, routing.experts)
 }
 
 /// MoE shrink into `a` (`[tokens·topk, c·R]`).

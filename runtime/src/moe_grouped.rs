@@ -32,7 +32,7 @@ use crate::batch::{DeviceSegments, NO_SLOT, Segments};
 use crate::buffer::DeviceBuffer;
 use crate::error::{LoraError, Result};
 use crate::expand::{ExpandCols, ExpandKernel, launch_expand_cols};
-use crate::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT};
+use crate::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT, check_expert_ids, expert_dims};
 use crate::pool::AdapterPool;
 use crate::shrink::{ShrinkKernel, ShrinkRows, launch_shrink_rows};
 
@@ -338,19 +338,24 @@ pub(crate) fn moe_align_kernel(
     }
 }
 
-/// A and B's expert dims, each 1 (shared) or `experts`, for a routing with `topk` > 0.
-fn expert_dims(layout: &LoraLayout, experts: u32, topk: u32) -> Result<(u32, u32)> {
-    let dims = layout.experts().ok_or_else(|| LoraError::Layout("MoE LoRA needs an expert layout".into()))?;
-    let (dim_a, dim_b) = (dims.a.get(), dims.b.get());
-    for dim in [dim_a, dim_b] {
-        if dim != 1 && dim != experts {
-            return Err(LoraError::Layout(format!("expert dim {dim} is neither 1 (shared) nor the {experts} local experts")));
-        }
-    }
+/// A's and B's expert dims ([`expert_dims`]) for a routing with `topk` > 0.
+fn grouped_expert_dims(layout: &LoraLayout, experts: u32, topk: u32) -> Result<(u32, u32)> {
     if topk == 0 {
         return Err(LoraError::Layout("MoE routing with topk 0".into()));
     }
-    Ok((dim_a, dim_b))
+    expert_dims(layout, experts)
+}
+
+impl ExpandGrouping {
+    /// The expand's grouping for `output`, building its own (`own`) only where B's expert dim
+    /// differs from A's.
+    fn new(output: MoeOutput, dim_a: u32, dim_b: u32, own: impl FnOnce() -> Result<GroupedSide>) -> Result<Self> {
+        Ok(match output {
+            MoeOutput::RouterWeighted => ExpandGrouping::None,
+            MoeOutput::PerPair if dim_a == dim_b => ExpandGrouping::Shrink,
+            MoeOutput::PerPair => ExpandGrouping::Own(Box::new(own()?)),
+        })
+    }
 }
 
 /// A per-slot value repeated for each of the slot's `expert_dim` dense slots.
@@ -368,8 +373,18 @@ pub struct MoeGroups {
     max_tokens: u32,
     input: MoeInput,
     shrink: GroupedSide,
-    /// `None` for a router-weighted output (see the module doc).
-    expand: Option<GroupedSide>,
+    expand: ExpandGrouping,
+}
+
+/// How the expand's pairs are grouped.
+#[derive(Debug, Clone)]
+enum ExpandGrouping {
+    /// Router-weighted output: no grouped expand (see the module doc).
+    None,
+    /// A and B have the same expert dim: the shrink's grouping serves the expand.
+    Shrink,
+    /// By B's expert dim, which differs from A's (one side shared-outer).
+    Own(Box<GroupedSide>),
 }
 
 impl MoeGroups {
@@ -390,20 +405,11 @@ impl MoeGroups {
         output: MoeOutput,
     ) -> Result<Self> {
         pool.check_layout(layout)?;
-        let (dim_a, dim_b) = expert_dims(layout, experts, topk)?;
-        let pairs = segs.tokens() as usize * topk as usize;
-        if expert_ids.len() != pairs {
-            return Err(LoraError::BufferSize { name: "expert_ids", expected: pairs, actual: expert_ids.len() });
-        }
-        if let Some(&expert) = expert_ids.iter().find(|&&e| e != NO_EXPERT && e >= experts) {
-            return Err(LoraError::ExpertOutOfRange { expert, experts });
-        }
+        let (dim_a, dim_b) = grouped_expert_dims(layout, experts, topk)?;
+        check_expert_ids(expert_ids, segs.tokens() as usize * topk as usize, experts)?;
         let token_slots = segs.token_slots();
         let side = |dim| GroupedSide::on_host(client, layout, pool, &token_slots, topk, expert_ids, dim);
-        let expand = match output {
-            MoeOutput::PerPair => Some(side(dim_b)?),
-            MoeOutput::RouterWeighted => None,
-        };
+        let expand = ExpandGrouping::new(output, dim_a, dim_b, || side(dim_b))?;
         Ok(MoeGroups { layout: layout.clone(), topk, experts, max_tokens: segs.tokens(), input, shrink: side(dim_a)?, expand })
     }
 
@@ -424,21 +430,19 @@ impl MoeGroups {
         output: MoeOutput,
     ) -> Result<Self> {
         pool.check_layout(layout)?;
-        let (dim_a, dim_b) = expert_dims(layout, experts, topk)?;
+        let (dim_a, dim_b) = grouped_expert_dims(layout, experts, topk)?;
         if chunk == 0 {
             return Err(LoraError::BadIndptr("chunk size must be positive"));
         }
         let max_pairs = max_tokens.checked_mul(topk).ok_or_else(|| LoraError::Layout(format!("{max_tokens} tokens × top-{topk}")))?;
         let side = |dim| GroupedSide::on_device(client, layout, pool, dim, max_pairs, chunk);
-        let expand = match output {
-            MoeOutput::PerPair => Some(side(dim_b)?),
-            MoeOutput::RouterWeighted => None,
-        };
+        let expand = ExpandGrouping::new(output, dim_a, dim_b, || side(dim_b))?;
         Ok(MoeGroups { layout: layout.clone(), topk, experts, max_tokens, input, shrink: side(dim_a)?, expand })
     }
 
-    /// Groups this batch's pairs on the device (one single-cube launch per side; no host copy
-    /// of the router's choices): `segs` gives each token's slot, `routing` its experts.
+    /// Groups this batch's pairs on the device (one single-cube launch per distinct grouping;
+    /// no host copy of the router's choices): `segs` gives each token's slot, `routing` its
+    /// experts.
     pub fn regroup<R: Runtime>(&mut self, client: &ComputeClient<R>, segs: &DeviceSegments, routing: &MoeRouting) -> Result<()> {
         if routing.topk() != self.topk || routing.experts() != self.experts {
             let (topk, experts) = (routing.topk(), routing.experts());
@@ -457,7 +461,7 @@ impl MoeGroups {
         }
         segs.check_slots(&self.layout)?;
         self.shrink.regroup(client, &segs.token_slots, routing)?;
-        if let Some(expand) = &mut self.expand {
+        if let ExpandGrouping::Own(expand) = &mut self.expand {
             expand.regroup(client, &segs.token_slots, routing)?;
         }
         Ok(())
@@ -467,17 +471,27 @@ impl MoeGroups {
     /// or unload (the groups keep their own copy, one entry per (slot, expert)).
     pub fn refresh_adapters<R: Runtime, F: CubeElement>(&mut self, client: &ComputeClient<R>, pool: &AdapterPool<F>) -> Result<()> {
         pool.check_layout(&self.layout)?;
-        for side in std::iter::once(&self.shrink).chain(&self.expand) {
+        for side in self.sides() {
             side.ranks.write_at(client, 0, &per_expert(pool.ranks(), side.expert_dim))?;
             side.scales.write_at(client, 0, &per_expert(pool.scales(), side.expert_dim))?;
         }
         Ok(())
     }
 
-    /// The segments of the shrink side, then of the expand side (if grouped), read back and
-    /// validated (every pair at most once, every dense slot in range): for tests and debugging.
+    /// The segments of the shrink's grouping, then of the expand's own (where it has one), read
+    /// back and validated (every pair at most once, every dense slot in range): for tests and
+    /// debugging.
     pub fn read_segments<R: Runtime>(&self, client: &ComputeClient<R>) -> Result<Vec<Segments>> {
-        std::iter::once(&self.shrink).chain(&self.expand).map(|side| side.read_segments(client)).collect()
+        self.sides().map(|side| side.read_segments(client)).collect()
+    }
+
+    /// The distinct groupings: the shrink's, and the expand's where it has its own.
+    fn sides(&self) -> impl Iterator<Item = &GroupedSide> {
+        let own = match &self.expand {
+            ExpandGrouping::Own(side) => Some(side.as_ref()),
+            ExpandGrouping::None | ExpandGrouping::Shrink => None,
+        };
+        std::iter::once(&self.shrink).chain(own)
     }
 
     fn check(&self, layout: &LoraLayout) -> Result<()> {
@@ -524,10 +538,13 @@ pub fn launch_moe_grouped_expand<R: Runtime, F: Float + CubeElement>(
 ) -> Result<()> {
     pool.check_layout(layout)?;
     groups.check(layout)?;
-    let side = groups
-        .expand
-        .as_ref()
-        .ok_or_else(|| LoraError::Layout("a router-weighted MoE expand sums a token's experts: use launch_moe_expand".into()))?;
+    let side = match &groups.expand {
+        ExpandGrouping::None => {
+            return Err(LoraError::Layout("a router-weighted MoE expand sums a token's experts: use launch_moe_expand".into()));
+        }
+        ExpandGrouping::Shrink => &groups.shrink,
+        ExpandGrouping::Own(side) => side,
+    };
     let cols = ExpandCols { b_pool: &pool.b, slice_table: &pool.slice_table, ranks: &side.ranks, scales: &side.scales };
     launch_expand_cols(client, &side.view, cols, &side.segs, a, y, kernel)
 }

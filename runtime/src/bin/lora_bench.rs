@@ -645,7 +645,8 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
         });
         rows.push(Row { case: case.clone(), variant: "grouped".into(), shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes });
         // Grouped on the device into MOE_CHUNK-pair segments: shrink and expand alone, and the
-        // pair time with the grouping launches (one per side) in front, as a serving step runs it.
+        // pair time with the grouping launches (one per distinct grouping) in front, as a serving
+        // step runs it.
         let shrink_us = time_us(client, opts, iters, |i| {
             let (_, _, g, x, _, a) = &mut data[i % sets];
             launch_moe_grouped_shrink(client, layout, &pool, g, x, a, None).unwrap()
