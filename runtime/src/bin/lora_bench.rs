@@ -534,6 +534,28 @@ fn write_cuda_sources(dir: &str) -> std::io::Result<()> {
 /// Pairs per segment when MoE pairs are grouped on the device.
 const MOE_CHUNK: u32 = 32;
 
+/// Which MoE LoRA path a row times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MoeGrouping {
+    /// One set of cubes per (token, expert) pair (`lorac_runtime::moe`).
+    Pairs,
+    /// Pairs grouped by (slot, expert) on the host, through the dense kernels.
+    Host,
+    /// The same, grouped on the device.
+    Device,
+}
+
+/// One of the MoE case's rotating input sets.
+struct MoeSet<E: CubeElement> {
+    routing: MoeRouting,
+    host_groups: MoeGroups,
+    device_groups: MoeGroups,
+    x: DeviceBuffer<E>,
+    y: DeviceBuffer<E>,
+    /// The intermediate.
+    a: DeviceBuffer<f32>,
+}
+
 /// OLMoE-style routed experts: hidden 2048, expert intermediate 1024, 64 experts, top-8.
 fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, rank: u32, tokens: u32, adapters: u32) -> Vec<Row> {
     let (hidden, inter, experts, topk) = if opts.smoke { (64u32, 32u32, 8u32, 2u32) } else { (2048u32, 1024u32, 64u32, 8u32) };
@@ -571,9 +593,8 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
         let x_rows = if input == MoeInput::PerToken { tokens as usize } else { pairs };
         let y_rows = if output == MoeOutput::PerPair { pairs } else { tokens as usize };
         let mut distinct = 0.0;
-        // Per set: routing, its pairs grouped by (slot, expert) (built outside the timed
-        // region, like the baseline's per-adapter indices), x, y, the intermediate.
-        type MoeSet<E> = (MoeRouting, MoeGroups, MoeGroups, DeviceBuffer<E>, DeviceBuffer<E>, DeviceBuffer<f32>);
+        // Routing and pair groupings built outside the timed region, like the baseline's
+        // per-adapter indices.
         let mut data: Vec<MoeSet<E>> = (0..sets)
             .map(|_| {
                 let mut ids = Vec::with_capacity(pairs);
@@ -593,76 +614,62 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
                 distinct += keys.len() as f64 / sets as f64;
                 let weights: Vec<f32> = (0..pairs).map(|_| 1.0 / topk as f32).collect();
                 let routing = MoeRouting::new(client, tokens, topk, experts, &ids, &weights).unwrap();
-                let groups = MoeGroups::new(client, layout, &pool, &segs, topk, experts, &ids, input, output).unwrap();
-                let mut on_device = MoeGroups::on_device(client, layout, &pool, tokens, topk, experts, MOE_CHUNK, input, output).unwrap();
-                on_device.regroup(client, &dev, &routing).unwrap();
-                (
+                let host_groups = MoeGroups::new(client, layout, &pool, &segs, topk, experts, &ids, input, output).unwrap();
+                let mut device_groups =
+                    MoeGroups::on_device(client, layout, &pool, tokens, topk, experts, MOE_CHUNK, input, output).unwrap();
+                device_groups.regroup(client, &dev, &routing).unwrap();
+                MoeSet {
                     routing,
-                    groups,
-                    on_device,
-                    random_upload(client, rng, x_rows * k).1,
-                    random_upload(client, rng, y_rows * out).1,
-                    DeviceBuffer::empty(client, pairs * c_r),
-                )
+                    host_groups,
+                    device_groups,
+                    x: random_upload(client, rng, x_rows * k).1,
+                    y: random_upload(client, rng, y_rows * out).1,
+                    a: DeviceBuffer::empty(client, pairs * c_r),
+                }
             })
             .collect();
         let shrink_bytes = x_rows as f64 * k as f64 * elem + distinct * (c_r * k) as f64 * elem + (pairs * c_r) as f64 * 4.0;
         let expand_bytes = (pairs * c_r) as f64 * 4.0 + distinct * (out * rank as usize) as f64 * elem + 2.0 * (y_rows * out) as f64 * elem;
         let iters = if opts.smoke { 3 } else { 100 };
-        let shrink_us = time_us(client, opts, iters, |i| {
-            let (r, _, _, x, _, a) = &mut data[i % sets];
-            launch_moe_shrink(client, layout, &pool, &dev, r, input, x, a).unwrap()
-        });
-        let expand_us = time_us(client, opts, iters, |i| {
-            let (r, _, _, _, y, a) = &mut data[i % sets];
-            launch_moe_expand(client, layout, &pool, &dev, r, output, a, y).unwrap()
-        });
-        let pair_us = time_us(client, opts, iters, |i| {
-            let (r, _, _, x, y, a) = &mut data[i % sets];
-            launch_moe_shrink(client, layout, &pool, &dev, r, input, x, a).unwrap();
-            launch_moe_expand(client, layout, &pool, &dev, r, output, a, y).unwrap()
-        });
         let case = format!("{name} R={rank} T={tokens} adapters={adapters}");
-        rows.push(Row { case: case.clone(), variant: "pairs".into(), shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes });
-        // Pairs grouped by (slot, expert) through the dense kernels; the router-weighted expand
-        // (down) has no grouped form and stays per token.
-        let grouped_expand = |r: &MoeRouting, groups: &MoeGroups, a: &DeviceBuffer<f32>, y: &mut DeviceBuffer<E>| match output {
-            MoeOutput::PerPair => launch_moe_grouped_expand(client, layout, &pool, groups, a, y, None).unwrap(),
-            MoeOutput::RouterWeighted => launch_moe_expand(client, layout, &pool, &dev, r, output, a, y).unwrap(),
-        };
-        let shrink_us = time_us(client, opts, iters, |i| {
-            let (_, g, _, x, _, a) = &mut data[i % sets];
-            launch_moe_grouped_shrink(client, layout, &pool, g, x, a, None).unwrap()
-        });
-        let expand_us = time_us(client, opts, iters, |i| {
-            let (r, g, _, _, y, a) = &mut data[i % sets];
-            grouped_expand(r, g, a, y)
-        });
-        let pair_us = time_us(client, opts, iters, |i| {
-            let (r, g, _, x, y, a) = &mut data[i % sets];
-            launch_moe_grouped_shrink(client, layout, &pool, g, x, a, None).unwrap();
-            grouped_expand(r, g, a, y)
-        });
-        rows.push(Row { case: case.clone(), variant: "grouped".into(), shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes });
-        // Grouped on the device into MOE_CHUNK-pair segments: shrink and expand alone, and the
-        // pair time with the grouping launches (one per distinct grouping) in front, as a serving
-        // step runs it.
-        let shrink_us = time_us(client, opts, iters, |i| {
-            let (_, _, g, x, _, a) = &mut data[i % sets];
-            launch_moe_grouped_shrink(client, layout, &pool, g, x, a, None).unwrap()
-        });
-        let expand_us = time_us(client, opts, iters, |i| {
-            let (r, _, g, _, y, a) = &mut data[i % sets];
-            grouped_expand(r, g, a, y)
-        });
-        let pair_us = time_us(client, opts, iters, |i| {
-            let (r, _, g, x, y, a) = &mut data[i % sets];
-            g.regroup(client, &dev, r).unwrap();
-            launch_moe_grouped_shrink(client, layout, &pool, g, x, a, None).unwrap();
-            grouped_expand(r, g, a, y)
-        });
-        let variant = format!("grouped on device (chunk {MOE_CHUNK}; pair with the grouping)");
-        rows.push(Row { case, variant, shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes });
+        // Per pair; grouped by (slot, expert) on the host; grouped on the device into
+        // MOE_CHUNK-pair segments, its pair time with the grouping launches in front, as a
+        // serving step runs it. The router-weighted expand (down) has no grouped form and
+        // stays per token.
+        for grouping in [MoeGrouping::Pairs, MoeGrouping::Host, MoeGrouping::Device] {
+            let shrink = |s: &mut MoeSet<E>| match grouping {
+                MoeGrouping::Pairs => launch_moe_shrink(client, layout, &pool, &dev, &s.routing, input, &s.x, &mut s.a).unwrap(),
+                MoeGrouping::Host => launch_moe_grouped_shrink(client, layout, &pool, &s.host_groups, &s.x, &mut s.a, None).unwrap(),
+                MoeGrouping::Device => launch_moe_grouped_shrink(client, layout, &pool, &s.device_groups, &s.x, &mut s.a, None).unwrap(),
+            };
+            let expand = |s: &mut MoeSet<E>| match (grouping, output) {
+                (MoeGrouping::Pairs, _) | (_, MoeOutput::RouterWeighted) => {
+                    launch_moe_expand(client, layout, &pool, &dev, &s.routing, output, &s.a, &mut s.y).unwrap()
+                }
+                (MoeGrouping::Host, MoeOutput::PerPair) => {
+                    launch_moe_grouped_expand(client, layout, &pool, &s.host_groups, &s.a, &mut s.y, None).unwrap()
+                }
+                (MoeGrouping::Device, MoeOutput::PerPair) => {
+                    launch_moe_grouped_expand(client, layout, &pool, &s.device_groups, &s.a, &mut s.y, None).unwrap()
+                }
+            };
+            let shrink_us = time_us(client, opts, iters, |i| shrink(&mut data[i % sets]));
+            let expand_us = time_us(client, opts, iters, |i| expand(&mut data[i % sets]));
+            let pair_us = time_us(client, opts, iters, |i| {
+                let set = &mut data[i % sets];
+                if grouping == MoeGrouping::Device {
+                    set.device_groups.regroup(client, &dev, &set.routing).unwrap();
+                }
+                shrink(set);
+                expand(set)
+            });
+            let variant = match grouping {
+                MoeGrouping::Pairs => "pairs".to_string(),
+                MoeGrouping::Host => "grouped".to_string(),
+                MoeGrouping::Device => format!("grouped on device (chunk {MOE_CHUNK}; pair with the grouping)"),
+            };
+            rows.push(Row { case: case.clone(), variant, shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes });
+        }
     }
     rows
 }
