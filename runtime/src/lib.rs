@@ -14,7 +14,9 @@
 //!   after W, one GEMM for both): base output plus each token's delta in one pass;
 //! * [`chunked`]: the prefill variant, segments cut into fixed chunks under a fixed grid;
 //! * [`embedding`]: embedding LoRA (A is a column lookup, then expand);
-//! * [`moe`]: routed-expert LoRA, gated and non-gated, router-weighted down projection.
+//! * [`moe`]: routed-expert LoRA, gated and non-gated, router-weighted down projection
+//!   ([`moe_grouped`]: pairs grouped by (slot, expert) through the dense kernels, for prefill;
+//!   [`moe_combine`]: the router's weighted sum behind its down expand).
 //!
 //! [`cuda_source`] lowers the tensor-core kernels to CUDA C++ for a described GPU (an H100),
 //! so they are expanded and checked without one (CI has no GPU).
@@ -33,6 +35,7 @@ pub mod expand_mma_pipelined;
 pub mod fused;
 pub mod gemm_expand;
 pub mod moe;
+pub mod moe_combine;
 pub mod moe_grouped;
 pub mod ops;
 pub mod pool;

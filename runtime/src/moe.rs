@@ -81,6 +81,9 @@ impl MoeRouting {
     pub(crate) fn expert_ids(&self) -> &DeviceBuffer<u32> {
         &self.expert_ids
     }
+    pub(crate) fn weights(&self) -> &DeviceBuffer<f32> {
+        &self.weights
+    }
 }
 
 /// Which rows the shrink reads.

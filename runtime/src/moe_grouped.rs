@@ -13,8 +13,9 @@
 //! * expand into per-pair rows (gate_up; down where the engine applies the router weights when
 //!   it combines the experts' outputs): pairs grouped by (slot, B's expert);
 //! * router-weighted expand (down): a token's pairs use different experts and sum into one y
-//!   row, which the dense expand (one cube per segment tile) cannot do without atomics, so that
-//!   expand stays [`crate::moe::launch_moe_expand`].
+//!   row, which the dense expand (one cube per segment tile) cannot do without atomics; the
+//!   grouped expand writes per-pair rows of a [`PairScratch`] instead, and
+//!   [`crate::moe_combine`] sums each token's rows with its router weights (and clears them).
 //!
 //! Two ways to build the grouping: [`MoeGroups::new`] sorts on the host from the router's
 //! choices (one segment per group; for tests, benchmarks and engines that hold the choices on
@@ -33,6 +34,7 @@ use crate::buffer::DeviceBuffer;
 use crate::error::{LoraError, Result};
 use crate::expand::{ExpandCols, ExpandKernel, launch_expand_cols};
 use crate::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT, check_expert_ids, expert_dims};
+use crate::moe_combine::{PairScratch, launch_moe_combine};
 use crate::pool::AdapterPool;
 use crate::shrink::{ShrinkKernel, ShrinkRows, launch_shrink_rows};
 
@@ -347,14 +349,9 @@ fn grouped_expert_dims(layout: &LoraLayout, experts: u32, topk: u32) -> Result<(
 }
 
 impl ExpandGrouping {
-    /// The expand's grouping for `output`, building its own (`own`) only where B's expert dim
-    /// differs from A's.
-    fn new(output: MoeOutput, dim_a: u32, dim_b: u32, own: impl FnOnce() -> Result<GroupedSide>) -> Result<Self> {
-        Ok(match output {
-            MoeOutput::RouterWeighted => ExpandGrouping::None,
-            MoeOutput::PerPair if dim_a == dim_b => ExpandGrouping::Shrink,
-            MoeOutput::PerPair => ExpandGrouping::Own(Box::new(own()?)),
-        })
+    /// The expand's grouping, building its own (`own`) only where B's expert dim differs from A's.
+    fn new(dim_a: u32, dim_b: u32, own: impl FnOnce() -> Result<GroupedSide>) -> Result<Self> {
+        Ok(if dim_a == dim_b { ExpandGrouping::Shrink } else { ExpandGrouping::Own(Box::new(own()?)) })
     }
 }
 
@@ -372,6 +369,7 @@ pub struct MoeGroups {
     /// Largest batch (tokens) the groups hold.
     max_tokens: u32,
     input: MoeInput,
+    output: MoeOutput,
     shrink: GroupedSide,
     expand: ExpandGrouping,
 }
@@ -379,8 +377,6 @@ pub struct MoeGroups {
 /// How the expand's pairs are grouped.
 #[derive(Debug, Clone)]
 enum ExpandGrouping {
-    /// Router-weighted output: no grouped expand (see the module doc).
-    None,
     /// A and B have the same expert dim: the shrink's grouping serves the expand.
     Shrink,
     /// By B's expert dim, which differs from A's (one side shared-outer).
@@ -409,8 +405,8 @@ impl MoeGroups {
         check_expert_ids(expert_ids, segs.tokens() as usize * topk as usize, experts)?;
         let token_slots = segs.token_slots();
         let side = |dim| GroupedSide::on_host(client, layout, pool, &token_slots, topk, expert_ids, dim);
-        let expand = ExpandGrouping::new(output, dim_a, dim_b, || side(dim_b))?;
-        Ok(MoeGroups { layout: layout.clone(), topk, experts, max_tokens: segs.tokens(), input, shrink: side(dim_a)?, expand })
+        let expand = ExpandGrouping::new(dim_a, dim_b, || side(dim_b))?;
+        Ok(MoeGroups { layout: layout.clone(), topk, experts, max_tokens: segs.tokens(), input, output, shrink: side(dim_a)?, expand })
     }
 
     /// Groups sized once for batches of up to `max_tokens` tokens and filled on the device by
@@ -436,8 +432,8 @@ impl MoeGroups {
         }
         let max_pairs = max_tokens.checked_mul(topk).ok_or_else(|| LoraError::Layout(format!("{max_tokens} tokens × top-{topk}")))?;
         let side = |dim| GroupedSide::on_device(client, layout, pool, dim, max_pairs, chunk);
-        let expand = ExpandGrouping::new(output, dim_a, dim_b, || side(dim_b))?;
-        Ok(MoeGroups { layout: layout.clone(), topk, experts, max_tokens, input, shrink: side(dim_a)?, expand })
+        let expand = ExpandGrouping::new(dim_a, dim_b, || side(dim_b))?;
+        Ok(MoeGroups { layout: layout.clone(), topk, experts, max_tokens, input, output, shrink: side(dim_a)?, expand })
     }
 
     /// Groups this batch's pairs on the device (one single-cube launch per distinct grouping;
@@ -485,11 +481,19 @@ impl MoeGroups {
         self.sides().map(|side| side.read_segments(client)).collect()
     }
 
+    /// The expand's grouping.
+    fn expand_side(&self) -> &GroupedSide {
+        match &self.expand {
+            ExpandGrouping::Shrink => &self.shrink,
+            ExpandGrouping::Own(side) => side,
+        }
+    }
+
     /// The distinct groupings: the shrink's, and the expand's where it has its own.
     fn sides(&self) -> impl Iterator<Item = &GroupedSide> {
         let own = match &self.expand {
             ExpandGrouping::Own(side) => Some(side.as_ref()),
-            ExpandGrouping::None | ExpandGrouping::Shrink => None,
+            ExpandGrouping::Shrink => None,
         };
         std::iter::once(&self.shrink).chain(own)
     }
@@ -525,8 +529,8 @@ pub fn launch_moe_grouped_shrink<R: Runtime, F: Float + CubeElement>(
     launch_shrink_rows(client, &side.view, rows, &side.segs, x, out, kernel)
 }
 
-/// Grouped MoE expand into per-pair rows of `y` (`[tokens·topk, out]`). A router-weighted
-/// output is an error: it goes through [`crate::moe::launch_moe_expand`].
+/// Grouped MoE expand into per-pair rows of `y` (`[tokens·topk, out]`). Groups built for a
+/// router-weighted output are an error: they go through [`launch_moe_grouped_expand_weighted`].
 pub fn launch_moe_grouped_expand<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     layout: &LoraLayout,
@@ -538,13 +542,52 @@ pub fn launch_moe_grouped_expand<R: Runtime, F: Float + CubeElement>(
 ) -> Result<()> {
     pool.check_layout(layout)?;
     groups.check(layout)?;
-    let side = match &groups.expand {
-        ExpandGrouping::None => {
-            return Err(LoraError::Layout("a router-weighted MoE expand sums a token's experts: use launch_moe_expand".into()));
-        }
-        ExpandGrouping::Shrink => &groups.shrink,
-        ExpandGrouping::Own(side) => side,
-    };
+    if groups.output != MoeOutput::PerPair {
+        return Err(LoraError::Layout("router-weighted MoE groups: use launch_moe_grouped_expand_weighted".into()));
+    }
+    let side = groups.expand_side();
     let cols = ExpandCols { b_pool: &pool.b, slice_table: &pool.slice_table, ranks: &side.ranks, scales: &side.scales };
     launch_expand_cols(client, &side.view, cols, &side.segs, a, y, kernel)
+}
+
+/// Grouped router-weighted MoE expand (down) into `y` (`[tokens, out]`):
+/// `y[t] += Σ_k w[t,k] · scale · a[t·topk + k] · B[slot, e_k]ᵀ`. The dense expand writes each
+/// pair's delta into `scratch`, then [`crate::moe_combine`] sums a token's pairs with the
+/// router's weights and clears those scratch rows. `segs` and `routing` are the batch the
+/// groups were built (or regrouped) for.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_moe_grouped_expand_weighted<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    layout: &LoraLayout,
+    pool: &AdapterPool<F>,
+    groups: &MoeGroups,
+    segs: &DeviceSegments,
+    routing: &MoeRouting,
+    a: &DeviceBuffer<f32>,
+    scratch: &mut PairScratch<F>,
+    y: &mut DeviceBuffer<F>,
+    kernel: Option<ExpandKernel>,
+) -> Result<()> {
+    pool.check_layout(layout)?;
+    groups.check(layout)?;
+    if groups.output != MoeOutput::RouterWeighted {
+        return Err(LoraError::Layout("per-pair MoE groups: use launch_moe_grouped_expand".into()));
+    }
+    let side = groups.expand_side();
+    if routing.topk() != groups.topk || routing.tokens() != segs.tokens() || routing.pairs() != side.segs.tokens as usize {
+        return Err(LoraError::Layout(format!(
+            "a batch of {} tokens, routing for {} tokens top-{}, groups holding {} pairs of top-{}",
+            segs.tokens(),
+            routing.tokens(),
+            routing.topk(),
+            side.segs.tokens,
+            groups.topk
+        )));
+    }
+    segs.check_slots(layout)?;
+    y.check_len("y", routing.tokens() as usize * layout.out_features() as usize)?;
+    let mut rows = scratch.rows(routing.pairs(), layout.out_features() as usize)?;
+    let cols = ExpandCols { b_pool: &pool.b, slice_table: &pool.slice_table, ranks: &side.ranks, scales: &side.scales };
+    launch_expand_cols(client, &side.view, cols, &side.segs, a, &mut rows, kernel)?;
+    launch_moe_combine(client, routing, &segs.token_slots, &mut rows, y, layout.out_features())
 }

@@ -17,7 +17,8 @@ use lorac_runtime::expand_mma::MmaExpandConfig;
 use lorac_runtime::fused::launch_fused;
 use lorac_runtime::gemm_expand::{gemm_width, launch_gemm_expand, reference_gemm_expand};
 use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT, launch_moe_expand, launch_moe_shrink, reference_moe};
-use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_moe_grouped_shrink};
+use lorac_runtime::moe_combine::PairScratch;
+use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_moe_grouped_expand_weighted, launch_moe_grouped_shrink};
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink, reference_shrink};
 use lorac_runtime::shrink_mma::{MmaShrinkConfig, ShrinkTile};
 use lorac_runtime::testing::{Rng, StorageElem, relative_error};
@@ -660,7 +661,10 @@ pub fn moe<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             MoeOutput::RouterWeighted => {
                 let err = launch_moe_grouped_expand(client, &layout, pool, &groups, &grouped_a, &mut grouped_y, None).unwrap_err();
                 assert!(matches!(err, LoraError::Layout(_)), "{err:?}");
-                launch_moe_expand(client, &layout, pool, &dev_segs, &routing, output, &grouped_a, &mut grouped_y).unwrap()
+                let mut scratch = PairScratch::zeroed(client, pairs, out).unwrap();
+                let (a, y) = (&grouped_a, &mut grouped_y);
+                launch_moe_grouped_expand_weighted(client, &layout, pool, &groups, &dev_segs, &routing, a, &mut scratch, y, None).unwrap();
+                assert!(scratch.read(client).iter().all(|v| v.as_f64() == 0.0), "{what}: pair scratch not cleared");
             }
         }
         let touched = moe_touched_rows(&segs, ranks, &ids, topk, output);
@@ -691,9 +695,10 @@ fn moe_touched_rows(segs: &Segments, ranks: &[u32], ids: &[u32], topk: u32, outp
 
 /// The grouped MoE path on prefill-sized batches through the tensor-core shrink and expand
 /// (emulated where the device has no MMA) as well as the automatic choice: gate_up with
-/// per-expert and shared A (x rows shared by a token's `topk` pairs); down with its
-/// router-weighted expand (per token, ungrouped), and down into per-pair rows (as an engine
-/// that adds the delta before the router's weighted sum runs it) with a shared-outer B.
+/// per-expert and shared A (x rows shared by a token's `topk` pairs); down router-weighted
+/// (grouped expand into a pair scratch, then the weighted combine; the scratch shared by all
+/// runs, so each run relies on the previous one clearing it), and down into per-pair rows (as
+/// an engine that adds the delta before the router's weighted sum runs it) with a shared-outer B.
 /// Shapes are multiples of 16, as the tensor-core kernels need.
 pub fn moe_grouped<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     let device = client.properties();
@@ -740,13 +745,17 @@ pub fn moe_grouped<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let touched = moe_touched_rows(&segs, &adapters.ranks, &ids, topk, output);
         let x = DeviceBuffer::upload(client, &x);
         let dev_segs = segs.upload(client);
-        // y after the grouped shrink and the expand (grouped, or per token where router-weighted).
+        // One pair scratch for every run, sized for a larger batch, as a model shares one.
+        let scratch = std::cell::RefCell::new(PairScratch::<F>::zeroed(client, 2 * pairs, out + 16).unwrap());
+        // y after the grouped shrink and expand (router-weighted: through the scratch).
         let run = |pool: &AdapterPool<F>, groups: &MoeGroups, shrink: Option<ShrinkKernel>, expand: Option<ExpandKernel>| {
             let mut a = poisoned_intermediate(client, &layout, pairs);
             let mut y = DeviceBuffer::upload(client, &y0);
             launch_moe_grouped_shrink(client, &layout, pool, groups, &x, &mut a, shrink).unwrap();
             if weighted {
-                launch_moe_expand(client, &layout, pool, &dev_segs, &routing, output, &a, &mut y).unwrap();
+                let scratch = &mut scratch.borrow_mut();
+                launch_moe_grouped_expand_weighted(client, &layout, pool, groups, &dev_segs, &routing, &a, scratch, &mut y, expand)
+                    .unwrap();
             } else {
                 launch_moe_grouped_expand(client, &layout, pool, groups, &a, &mut y, expand).unwrap();
             }
@@ -784,6 +793,8 @@ pub fn moe_grouped<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let what = format!("moe grouped on the device, down={down} {output:?}, after unloading slot 0 {layout:?}");
         let y = run(&adapters.pool, &on_device, None, None);
         check_y(&what, &y, &y064, &reference(&unloaded), &touched, out, 2.0 * F::TOLERANCE);
+        let left = scratch.borrow().read(client);
+        assert!(left.iter().all(|v| v.as_f64() == 0.0), "pair scratch not cleared after {what}");
     }
 }
 

@@ -26,7 +26,8 @@ use lorac_runtime::expand::{ExpandKernel, launch_expand};
 use lorac_runtime::expand_mma::MmaExpandConfig;
 use lorac_runtime::fused::launch_fused;
 use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, launch_moe_expand, launch_moe_shrink};
-use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_moe_grouped_shrink};
+use lorac_runtime::moe_combine::PairScratch;
+use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_moe_grouped_expand_weighted, launch_moe_grouped_shrink};
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink};
 use lorac_runtime::shrink_mma::{MmaShrinkConfig, ShrinkTile};
 use lorac_runtime::testing::{Rng, StorageElem};
@@ -554,6 +555,8 @@ struct MoeSet<E: CubeElement> {
     y: DeviceBuffer<E>,
     /// The intermediate.
     a: DeviceBuffer<f32>,
+    /// Per-pair rows of the grouped router-weighted expand (down only).
+    scratch: Option<PairScratch<E>>,
 }
 
 /// OLMoE-style routed experts: hidden 2048, expert intermediate 1024, 64 experts, top-8.
@@ -625,6 +628,7 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
                     x: random_upload(client, rng, x_rows * k).1,
                     y: random_upload(client, rng, y_rows * out).1,
                     a: DeviceBuffer::empty(client, pairs * c_r),
+                    scratch: (output == MoeOutput::RouterWeighted).then(|| PairScratch::zeroed(client, pairs, out).unwrap()),
                 }
             })
             .collect();
@@ -634,23 +638,28 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
         let case = format!("{name} R={rank} T={tokens} adapters={adapters}");
         // Per pair; grouped by (slot, expert) on the host; grouped on the device into
         // MOE_CHUNK-pair segments, its pair time with the grouping launches in front, as a
-        // serving step runs it. The router-weighted expand (down) has no grouped form and
-        // stays per token.
+        // serving step runs it. The grouped router-weighted expand (down) includes its combine
+        // (the pair scratch read and cleared), which expand_bytes leaves out.
         for grouping in [MoeGrouping::Pairs, MoeGrouping::Host, MoeGrouping::Device] {
             let shrink = |s: &mut MoeSet<E>| match grouping {
                 MoeGrouping::Pairs => launch_moe_shrink(client, layout, &pool, &dev, &s.routing, input, &s.x, &mut s.a).unwrap(),
                 MoeGrouping::Host => launch_moe_grouped_shrink(client, layout, &pool, &s.host_groups, &s.x, &mut s.a, None).unwrap(),
                 MoeGrouping::Device => launch_moe_grouped_shrink(client, layout, &pool, &s.device_groups, &s.x, &mut s.a, None).unwrap(),
             };
-            let expand = |s: &mut MoeSet<E>| match (grouping, output) {
-                (MoeGrouping::Pairs, _) | (_, MoeOutput::RouterWeighted) => {
-                    launch_moe_expand(client, layout, &pool, &dev, &s.routing, output, &s.a, &mut s.y).unwrap()
-                }
-                (MoeGrouping::Host, MoeOutput::PerPair) => {
-                    launch_moe_grouped_expand(client, layout, &pool, &s.host_groups, &s.a, &mut s.y, None).unwrap()
-                }
-                (MoeGrouping::Device, MoeOutput::PerPair) => {
-                    launch_moe_grouped_expand(client, layout, &pool, &s.device_groups, &s.a, &mut s.y, None).unwrap()
+            let expand = |s: &mut MoeSet<E>| {
+                let groups = match grouping {
+                    MoeGrouping::Pairs => {
+                        return launch_moe_expand(client, layout, &pool, &dev, &s.routing, output, &s.a, &mut s.y).unwrap();
+                    }
+                    MoeGrouping::Host => &s.host_groups,
+                    MoeGrouping::Device => &s.device_groups,
+                };
+                match s.scratch.as_mut() {
+                    None => launch_moe_grouped_expand(client, layout, &pool, groups, &s.a, &mut s.y, None).unwrap(),
+                    Some(scratch) => {
+                        let (routing, a, y) = (&s.routing, &s.a, &mut s.y);
+                        launch_moe_grouped_expand_weighted(client, layout, &pool, groups, &dev, routing, a, scratch, y, None).unwrap()
+                    }
                 }
             };
             let shrink_us = time_us(client, opts, iters, |i| shrink(&mut data[i % sets]));
