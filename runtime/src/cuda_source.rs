@@ -144,12 +144,13 @@ pub fn expand_source<R: Runtime, F: Float + CubeElement>(
 }
 
 /// CUDA C++ of the single-cube kernel that groups MoE pairs by (slot, expert) on the device
-/// (`crate::moe_grouped`), for `chunk`-pair segments: its global atomics only run on a GPU
+/// (`crate::moe_grouped`), for `chunk`-pair segments over `dense_slots` (slot, expert) groups
+/// (few enough: counts in shared memory; else in global memory): its atomics only run on a GPU
 /// through the CUDA runtime, so this is where they are first compiled.
-pub fn moe_align_source<R: Runtime>(client: &ComputeClient<R>, chunk: u32) -> Result<String, CompilationError> {
+pub fn moe_align_source<R: Runtime>(client: &ComputeClient<R>, chunk: u32, dense_slots: u32) -> Result<String, CompilationError> {
     let a = || ArrayCompilationArg { inplace: None };
     let settings = settings(CubeDim::new_1d(ALIGN_THREADS));
-    let config = AlignConfig { threads: ALIGN_THREADS, chunk };
+    let config = AlignConfig::new(chunk, dense_slots);
     // Arguments in the kernel's order: eight arrays, five scalars.
     let kernel = MoeAlignKernel::<R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), a(), (), (), (), (), (), config);
     lower(kernel.define())

@@ -63,6 +63,8 @@ struct SideBuffers {
     counts: DeviceBuffer<u32>,
     /// Per dense slot: the position of its first pair.
     starts: DeviceBuffer<u32>,
+    /// The grouping kernel's shape (where its counts live).
+    align: AlignConfig,
 }
 
 impl GroupedSide {
@@ -132,6 +134,7 @@ impl GroupedSide {
             pair_slots: DeviceBuffer::empty(client, max_pairs as usize),
             counts: DeviceBuffer::empty(client, dense_slots as usize),
             starts: DeviceBuffer::empty(client, dense_slots as usize),
+            align: AlignConfig::new(chunk, dense_slots),
         };
         // No batch yet: no segments.
         let segs = DeviceSegments {
@@ -196,7 +199,7 @@ impl GroupedSide {
                 self.expert_dim,
                 dense_slots,
                 capacity as u32,
-                AlignConfig { threads: ALIGN_THREADS, chunk },
+                buffers.align,
             );
         }
         self.segs = segs;
@@ -205,20 +208,33 @@ impl GroupedSide {
 }
 
 /// Threads of the one cube that groups a batch on the device.
-pub(crate) const ALIGN_THREADS: u32 = 256;
+pub(crate) const ALIGN_THREADS: u32 = 512;
 
-/// The grouping kernel's compile-time shape: its threads and the pairs per segment.
+/// Most (slot, expert) groups whose counts the grouping kernel keeps in shared memory (32 KiB);
+/// more go to global memory, where each atomic is a round trip to L2.
+pub(crate) const MAX_SHARED_COUNTS: u32 = 8192;
+
+/// The grouping kernel's compile-time shape: its threads, the pairs per segment, and the size of
+/// its shared-memory counts (0: counts in global memory).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct AlignConfig {
     pub threads: u32,
     pub chunk: u32,
+    pub shared_counts: u32,
+}
+
+impl AlignConfig {
+    pub(crate) fn new(chunk: u32, dense_slots: u32) -> Self {
+        let shared_counts = if dense_slots <= MAX_SHARED_COUNTS { dense_slots.max(1) } else { 0 };
+        AlignConfig { threads: ALIGN_THREADS, chunk, shared_counts }
+    }
 }
 
 /// Counting sort of the pairs by dense slot in one cube, then the chunked segments:
-/// 1. count each dense slot's pairs (atomics; a pair without an adapter or a local expert is
-///    `NO_SLOT` in `pair_slots` and counted nowhere);
+/// 1. count each dense slot's pairs (atomics, in shared memory where the dense slots fit; a pair
+///    without an adapter or a local expert is `NO_SLOT` in `pair_slots` and counted nowhere);
 /// 2. prefix sums of pairs and chunks over the dense slots (each thread a contiguous block,
-///    then one thread across the blocks);
+///    then a parallel scan across the blocks);
 /// 3. each dense slot's chunks as segments, the rest of the capacity as empty segments;
 /// 4. each pair scattered to its slot's next position (atomic cursors: the order inside a
 ///    group is not fixed, but every output row depends on its own pair alone).
@@ -227,7 +243,7 @@ pub(crate) struct AlignConfig {
 pub(crate) fn moe_align_kernel(
     expert_ids: &Array<u32>,
     token_slots: &Array<u32>,
-    counts: &mut Array<Atomic<u32>>,
+    global_counts: &mut Array<Atomic<u32>>,
     starts: &mut Array<u32>,
     seg_indptr: &mut Array<u32>,
     weight_indices: &mut Array<u32>,
@@ -242,10 +258,17 @@ pub(crate) fn moe_align_kernel(
 ) {
     let threads = comptime!(cfg.threads);
     let chunk = comptime!(cfg.chunk);
+    let shared = comptime!(cfg.shared_counts > 0);
+    // Per dense slot: its pairs, then the scatter's running cursor.
+    let shared_counts = SharedMemory::<Atomic<u32>>::new(comptime!(cfg.shared_counts.max(1) as usize));
     let tid = UNIT_POS;
     let mut d = tid;
     while d < dense_slots {
-        counts[d as usize].store(0u32);
+        if shared {
+            shared_counts[d as usize].store(0u32);
+        } else {
+            global_counts[d as usize].store(0u32);
+        }
         d += threads;
     }
     sync_cube();
@@ -260,7 +283,11 @@ pub(crate) fn moe_align_kernel(
         // (Wraps for a pair without a slot; replaced just below.)
         let mut key = slot * expert_dim + dense_expert;
         if slot != NO_SLOT && expert != NO_EXPERT {
-            counts[key as usize].fetch_add(1u32);
+            if shared {
+                shared_counts[key as usize].fetch_add(1u32);
+            } else {
+                global_counts[key as usize].fetch_add(1u32);
+            }
         } else {
             key = NO_SLOT;
         }
@@ -272,40 +299,49 @@ pub(crate) fn moe_align_kernel(
     let per = dense_slots.div_ceil(threads);
     let lo = min(tid * per, dense_slots);
     let hi = min(lo + per, dense_slots);
-    let mut block_pairs = SharedMemory::<u32>::new(comptime!(threads as usize + 1));
-    let mut block_chunks = SharedMemory::<u32>::new(comptime!(threads as usize + 1));
+    let mut block_pairs = SharedMemory::<u32>::new(comptime!(threads as usize));
+    let mut block_chunks = SharedMemory::<u32>::new(comptime!(threads as usize));
     let mut n_pairs = 0u32;
     let mut n_chunks = 0u32;
     for d in lo..hi {
-        let n = counts[d as usize].load();
+        let n = if shared { shared_counts[d as usize].load() } else { global_counts[d as usize].load() };
+        starts[d as usize] = n;
         n_pairs += n;
         n_chunks += n.div_ceil(chunk);
     }
     block_pairs[tid as usize] = n_pairs;
     block_chunks[tid as usize] = n_chunks;
     sync_cube();
-    if tid == 0 {
-        // Exclusive prefix sums over the blocks; entry `threads` holds the totals.
-        let mut pairs_before = 0u32;
-        let mut chunks_before = 0u32;
-        for b in 0..threads {
-            let np = block_pairs[b as usize];
-            let nc = block_chunks[b as usize];
-            block_pairs[b as usize] = pairs_before;
-            block_chunks[b as usize] = chunks_before;
-            pairs_before += np;
-            chunks_before += nc;
+    // Inclusive prefix sums over the blocks (Hillis–Steele: log2(threads) steps).
+    let mut offset = 1u32;
+    while offset < threads {
+        let mut before_pairs = 0u32;
+        let mut before_chunks = 0u32;
+        if tid >= offset {
+            before_pairs = block_pairs[(tid - offset) as usize];
+            before_chunks = block_chunks[(tid - offset) as usize];
         }
-        block_pairs[threads as usize] = pairs_before;
-        block_chunks[threads as usize] = chunks_before;
+        sync_cube();
+        block_pairs[tid as usize] += before_pairs;
+        block_chunks[tid as usize] += before_chunks;
+        sync_cube();
+        offset *= 2u32;
     }
-    sync_cube();
-    let mut pos = block_pairs[tid as usize];
-    let mut seg = block_chunks[tid as usize];
+    let total_pairs = block_pairs[(threads - 1) as usize];
+    let total_chunks = block_chunks[(threads - 1) as usize];
+    let mut pos = block_pairs[tid as usize] - n_pairs;
+    let mut seg = block_chunks[tid as usize] - n_chunks;
+    // `starts` held the counts; it becomes each dense slot's first position, and the counts
+    // become the scatter's cursors (each thread rewrites only its own block).
     for d in lo..hi {
-        let n = counts[d as usize].load();
+        let n = starts[d as usize];
         let chunks = n.div_ceil(chunk);
         starts[d as usize] = pos;
+        if shared {
+            shared_counts[d as usize].store(pos);
+        } else {
+            global_counts[d as usize].store(pos);
+        }
         for j in 0..chunks {
             seg_indptr[(seg + j) as usize] = pos + j * chunk;
             weight_indices[(seg + j) as usize] = d;
@@ -313,8 +349,7 @@ pub(crate) fn moe_align_kernel(
         pos += n;
         seg += chunks;
     }
-    let total_pairs = block_pairs[threads as usize];
-    let mut s = block_chunks[threads as usize] + tid;
+    let mut s = total_chunks + tid;
     while s < capacity {
         seg_indptr[s as usize] = total_pairs;
         weight_indices[s as usize] = NO_SLOT;
@@ -323,17 +358,12 @@ pub(crate) fn moe_align_kernel(
     if tid == 0 {
         seg_indptr[capacity as usize] = total_pairs;
     }
-    // Every count is read before any becomes a cursor.
-    sync_cube();
-    for d in lo..hi {
-        counts[d as usize].store(starts[d as usize]);
-    }
     sync_cube();
     let mut p = tid;
     while p < pairs {
         let key = pair_slots[p as usize];
         if key != NO_SLOT {
-            let at = counts[key as usize].fetch_add(1u32);
+            let at = if shared { shared_counts[key as usize].fetch_add(1u32) } else { global_counts[key as usize].fetch_add(1u32) };
             token_perm[at as usize] = p;
         }
         p += threads;
@@ -590,4 +620,64 @@ pub fn launch_moe_grouped_expand_weighted<R: Runtime, F: Float + CubeElement>(
     let cols = ExpandCols { b_pool: &pool.b, slice_table: &pool.slice_table, ranks: &side.ranks, scales: &side.scales };
     launch_expand_cols(client, &side.view, cols, &side.segs, a, &mut rows, kernel)?;
     launch_moe_combine(client, routing, &segs.token_slots, &mut rows, y, layout.out_features())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cubecl::wgpu::WgpuRuntime;
+
+    /// The grouping kernel with its counts in global memory (for more groups than shared memory
+    /// holds) finds the same groups as with its counts in shared memory, on a small batch.
+    #[test]
+    fn global_and_shared_counts_group_alike() {
+        let client = WgpuRuntime::client(&Default::default());
+        let nz = |v: u32| NonZeroU32::new(v).unwrap();
+        let (slots, experts, topk, tokens) = (3u32, 5u32, 2u32, 23u32);
+        let dims = Some(lorac_plan::ExpertDims { a: nz(experts), b: nz(experts) });
+        let slice = lorac_plan::LoraSlice { name: "up".into(), width: 8, group: 0 };
+        let layout = LoraLayout::new(nz(slots), nz(4), 16, 1, vec![slice], dims).unwrap();
+        let pool = AdapterPool::new(
+            &layout,
+            DeviceBuffer::<f32>::empty(&client, layout.a_elements() as usize),
+            DeviceBuffer::<f32>::empty(&client, layout.b_elements() as usize),
+            &[4, 2, 4],
+            &[1.0; 3],
+            &client,
+        )
+        .unwrap();
+        let token_slots: Vec<Option<u32>> = (0..tokens).map(|t| (t % 4 != 3).then_some(t % slots)).collect();
+        let ids: Vec<u32> = (0..tokens * topk).map(|p| if p % 7 == 0 { NO_EXPERT } else { (p * 3 + p / 5) % experts }).collect();
+        let segs = Segments::from_token_slots(&token_slots, slots).unwrap();
+        let routing = MoeRouting::new(&client, tokens, topk, experts, &ids, &vec![1.0; ids.len()]).unwrap();
+        let device_segs = segs.upload(&client);
+        let grouped = |shared: bool| {
+            let mut groups =
+                MoeGroups::on_device(&client, &layout, &pool, tokens, topk, experts, 4, MoeInput::PerToken, MoeOutput::PerPair).unwrap();
+            let align = &mut groups.shrink.device.as_mut().unwrap().align;
+            assert_eq!(align.shared_counts, slots * experts, "{slots}×{experts} groups fit in shared memory");
+            if !shared {
+                align.shared_counts = 0;
+            }
+            groups.regroup(&client, &device_segs, &routing).unwrap();
+            let segs = groups.read_segments(&client).unwrap().remove(0);
+            // (dense slot, pairs) per segment, pairs sorted: the order inside a group is free.
+            let mut found: Vec<(u32, Vec<u32>)> = (0..segs.num_segments())
+                .filter(|&s| segs.weight_indices()[s] != NO_SLOT)
+                .map(|s| {
+                    let (lo, hi) = (segs.seg_indptr()[s] as usize, segs.seg_indptr()[s + 1] as usize);
+                    let mut pairs = segs.token_perm()[lo..hi].to_vec();
+                    pairs.sort();
+                    (segs.weight_indices()[s], pairs)
+                })
+                .collect();
+            found.sort();
+            found
+        };
+        let shared = grouped(true);
+        let expected_pairs = (0..tokens * topk).filter(|&p| token_slots[(p / topk) as usize].is_some() && ids[p as usize] != NO_EXPERT);
+        assert_eq!(shared.iter().map(|(_, pairs)| pairs.len()).sum::<usize>(), expected_pairs.count());
+        assert!(shared.iter().all(|(_, pairs)| !pairs.is_empty() && pairs.len() <= 4));
+        assert_eq!(grouped(false), shared);
+    }
 }

@@ -972,8 +972,14 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
         }
     }
     // The device-side MoE grouping: its atomic counts and cursors lower to CUDA atomics.
-    let align = moe_align_source(&client, 32).unwrap_or_else(|e| panic!("moe align: {e:?}"));
-    assert!(align.contains("atomicAdd"), "moe align without atomicAdd:\n{align}");
+    // Counts in shared memory (512 groups), then in global memory (32768 groups).
+    for dense_slots in [512, 32768] {
+        let align = moe_align_source(&client, 32, dense_slots).unwrap_or_else(|e| panic!("moe align: {e:?}"));
+        assert!(align.contains("atomicAdd"), "moe align without atomicAdd:\n{align}");
+        // `buffer_2` is the kernel's third argument, the global counts.
+        let global_atomics = align.matches("= &buffer_2[").count();
+        assert_eq!(global_atomics > 0, dense_slots > 8192, "moe align counts for {dense_slots} groups:\n{align}");
+    }
     // The fixed layout's long-batch default on the H100 is the warp-block tile, which the
     // CUDA tests then run (the other layouts keep one-fragment warps).
     let (blocked, _) = prefill_shrink_layout(*PREFILL_SHRINK_SEEDS.end(), &mut Rng::new(0));

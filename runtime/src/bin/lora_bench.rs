@@ -492,9 +492,12 @@ fn write_cuda_sources(dir: &str) -> std::io::Result<()> {
     let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
     let device = h100_properties();
     let (segments, tokens) = (8, 4096 / 8);
-    let align = moe_align_source(&client, MOE_CHUNK).map_err(|e| std::io::Error::other(format!("moe align: {e:?}")))?;
-    std::fs::write(format!("{dir}/moe_align__chunk{MOE_CHUNK}.cu"), align)?;
-    let mut written = 1;
+    // 8 slots × 64 experts (counts in shared memory) and × 4096 experts (in global memory).
+    for dense_slots in [512, 32768] {
+        let align = moe_align_source(&client, MOE_CHUNK, dense_slots).map_err(|e| std::io::Error::other(format!("moe align: {e:?}")))?;
+        std::fs::write(format!("{dir}/moe_align__chunk{MOE_CHUNK}_dense{dense_slots}.cu"), align)?;
+    }
+    let mut written = 2;
     for m in modules(false) {
         for rank in [16, 64] {
             let layout = LoraLayout::new(nz(SLOTS), nz(rank), m.in_features, m.groups, m.slices.clone(), None).unwrap();
