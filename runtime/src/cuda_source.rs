@@ -22,6 +22,7 @@ use cubecl::{CompilationError, Compiler};
 
 use crate::expand_mma::{MmaExpandConfig, expand_mma_kernel::ExpandMmaKernel};
 use crate::expand_mma_pipelined::{A_VECTOR, expand_mma_pipelined_kernel::ExpandMmaPipelinedKernel};
+use crate::moe_combine::{COMBINE_THREADS, moe_combine_kernel::MoeCombineKernel};
 use crate::moe_grouped::{ALIGN_THREADS, AlignConfig, moe_align_kernel::MoeAlignKernel};
 use crate::shrink_mma::{MmaShrinkConfig, TILE, shrink_mma_kernel::ShrinkMmaKernel};
 use crate::shrink_mma_pipelined::shrink_mma_pipelined_kernel::ShrinkMmaPipelinedKernel;
@@ -153,5 +154,19 @@ pub fn moe_align_source<R: Runtime>(client: &ComputeClient<R>, chunk: u32, dense
     let config = AlignConfig::new(chunk, dense_slots);
     // Arguments in the kernel's order: eight arrays, five scalars.
     let kernel = MoeAlignKernel::<R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), a(), (), (), (), (), (), config);
+    lower(kernel.define())
+}
+
+/// CUDA C++ of the router-weighted combine behind the grouped MoE down expand
+/// (`crate::moe_combine`) for `F` in vectors of `vector` elements and top-`topk` routing.
+pub fn moe_combine_source<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    vector: usize,
+    topk: u32,
+) -> Result<String, CompilationError> {
+    let a = || ArrayCompilationArg { inplace: None };
+    let settings = settings(CubeDim::new_1d(COMBINE_THREADS));
+    // Arguments in the kernel's order: five arrays, two scalars.
+    let kernel = MoeCombineKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), (), vector, topk);
     lower(kernel.define())
 }

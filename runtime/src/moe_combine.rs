@@ -8,9 +8,10 @@
 //! sums and writes it back to zero, so the scratch is zero again for the next batch (the dense
 //! expand accumulates into it) without a separate clear.
 //!
-//! One thread owns one vector of one token's output and loops over the token's `k`: no atomics,
-//! and a fixed summation order. Tokens without an adapter are skipped (their pairs were never
-//! written), as are pairs whose expert is on another rank.
+//! One thread owns one vector of one token's output and sums the token's `topk` rows (a
+//! compile-time count, so all of them are loaded at once): no atomics, and a fixed summation
+//! order. Tokens without an adapter are skipped (their pairs were never written), as are the
+//! weights of pairs whose expert is on another rank.
 
 use cubecl::prelude::*;
 
@@ -20,7 +21,7 @@ use crate::config::vector_size;
 use crate::error::{LoraError, Result};
 use crate::moe::{MoeRouting, NO_EXPERT};
 
-const COMBINE_THREADS: u32 = 128;
+pub(crate) const COMBINE_THREADS: u32 = 128;
 
 /// Per-pair rows `[max_pairs, out]` for a grouped router-weighted expand, zero between
 /// batches: created zeroed, and [`launch_moe_combine`] clears every row it reads. One scratch
@@ -101,8 +102,8 @@ pub(crate) fn launch_moe_combine<R: Runtime, F: Float + CubeElement>(
             routing.expert_ids().arg(1),
             routing.weights().arg(1),
             token_slots.arg(1),
-            routing.topk(),
             out_vectors,
+            routing.topk(),
         );
     }
     Ok(())
@@ -110,14 +111,14 @@ pub(crate) fn launch_moe_combine<R: Runtime, F: Float + CubeElement>(
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn moe_combine_kernel<F: Float, N: Size>(
+pub(crate) fn moe_combine_kernel<F: Float, N: Size>(
     rows: &mut Array<Vector<F, N>>,
     y: &mut Array<Vector<F, N>>,
     expert_ids: &Array<u32>,
     router_weights: &Array<f32>,
     token_slots: &Array<u32>,
-    topk: u32,
     out_vectors: u32,
+    #[comptime] topk: u32,
 ) {
     let t = CUBE_POS_X as usize;
     let col = (CUBE_POS_Y * CUBE_DIM_X + UNIT_POS_X) as usize;
@@ -125,16 +126,22 @@ fn moe_combine_kernel<F: Float, N: Size>(
     if col >= out_vectors || token_slots[t] == NO_SLOT {
         terminate!();
     }
-    let topk = topk as usize;
+    let topk = comptime!(topk as usize);
+    let y_at = t * out_vectors + col;
+    let y_old = y[y_at];
+    // All of the token's rows are loaded before any is cleared: a store between two loads of
+    // the same array would make each load wait for the one before it. A pair off this rank
+    // has a zero row (never written) and its weight, which may be anything, is not read.
     let mut sum = Vector::<f32, N>::new(0.0f32);
+    #[unroll]
     for k in 0..topk {
         let pair = t * topk + k;
-        if expert_ids[pair] != NO_EXPERT {
-            let at = pair * out_vectors + col;
-            sum += Vector::<f32, N>::cast_from(rows[at]) * Vector::<f32, N>::new(router_weights[pair]);
-            rows[at] = Vector::<F, N>::new(F::from_int(0));
-        }
+        let w = select(expert_ids[pair] != NO_EXPERT, router_weights[pair], 0.0f32);
+        sum += Vector::<f32, N>::cast_from(rows[pair * out_vectors + col]) * Vector::<f32, N>::new(w);
     }
-    let at = t * out_vectors + col;
-    y[at] = Vector::<F, N>::cast_from(Vector::<f32, N>::cast_from(y[at]) + sum);
+    #[unroll]
+    for k in 0..topk {
+        rows[(t * topk + k) * out_vectors + col] = Vector::<F, N>::new(F::from_int(0));
+    }
+    y[y_at] = Vector::<F, N>::cast_from(Vector::<f32, N>::cast_from(y_old) + sum);
 }

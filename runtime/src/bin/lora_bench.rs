@@ -53,7 +53,7 @@ struct Opts {
 
 impl Opts {
     fn selects(&self, case: &str) -> bool {
-        self.case_filter.as_deref().is_none_or(|f| case.contains(f))
+        self.case_filter.as_deref().is_none_or(|f| f.split(',').any(|part| case.contains(part)))
     }
 
     fn selects_variant(&self, variant: &str) -> bool {
@@ -487,7 +487,7 @@ fn expand_variants<E: StorageElem>(device: &DeviceProperties, layout: &LoraLayou
 /// (`lorac_runtime::cuda_source`), one file per (case, variant). Compile them with
 /// `scripts/nvrtc_check.py DIR`.
 fn write_cuda_sources(dir: &str) -> std::io::Result<()> {
-    use lorac_runtime::cuda_source::{expand_source, h100_properties, moe_align_source, shrink_source};
+    use lorac_runtime::cuda_source::{expand_source, h100_properties, moe_align_source, moe_combine_source, shrink_source};
     std::fs::create_dir_all(dir)?;
     let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
     let device = h100_properties();
@@ -497,7 +497,9 @@ fn write_cuda_sources(dir: &str) -> std::io::Result<()> {
         let align = moe_align_source(&client, MOE_CHUNK, dense_slots).map_err(|e| std::io::Error::other(format!("moe align: {e:?}")))?;
         std::fs::write(format!("{dir}/moe_align__chunk{MOE_CHUNK}_dense{dense_slots}.cu"), align)?;
     }
-    let mut written = 2;
+    let combine = moe_combine_source::<_, bf16>(&client, 8, 8).map_err(|e| std::io::Error::other(format!("moe combine: {e:?}")))?;
+    std::fs::write(format!("{dir}/moe_combine__bf16_v8_top8.cu"), combine)?;
+    let mut written = 3;
     for m in modules(false) {
         for rank in [16, 64] {
             let layout = LoraLayout::new(nz(SLOTS), nz(rank), m.in_features, m.groups, m.slices.clone(), None).unwrap();
@@ -586,6 +588,10 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
         // the grouped path can run as a dense expand)
         ("moe_down_per_pair", &down, MoeInput::PerPair, MoeOutput::PerPair),
     ] {
+        let case = format!("{name} R={rank} T={tokens} adapters={adapters}");
+        if !opts.selects(&case) {
+            continue;
+        }
         let pool = AdapterPool::new(
             layout,
             random_upload(client, rng, layout.a_elements() as usize).1,
@@ -638,7 +644,6 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
         let shrink_bytes = x_rows as f64 * k as f64 * elem + distinct * (c_r * k) as f64 * elem + (pairs * c_r) as f64 * 4.0;
         let expand_bytes = (pairs * c_r) as f64 * 4.0 + distinct * (out * rank as usize) as f64 * elem + 2.0 * (y_rows * out) as f64 * elem;
         let iters = if opts.smoke { 3 } else { 100 };
-        let case = format!("{name} R={rank} T={tokens} adapters={adapters}");
         // Per pair; grouped by (slot, expert) on the host; grouped on the device into
         // MOE_CHUNK-pair segments, its pair time with the grouping launches in front, as a
         // serving step runs it. The grouped router-weighted expand (down) includes its combine

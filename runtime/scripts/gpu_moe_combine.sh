@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Run 30 (2026-11-23): the grouped router-weighted MoE down expand (pair scratch + weighted
+# combine) and the device grouping with shared-memory counts, on CUDA, then every MoE case.
+#   run(command="bash runtime/scripts/gpu_moe_combine.sh", carry=["devbin"])
+source "$(dirname "$0")/gpu_env.sh"
+echo "== CUDA tests (one process each) =="
+for t in cuda_bf16::moe cuda_f32::moe cuda_bf16::moe_grouped cuda_f32::moe_grouped; do
+    ( start=$(date +%s); timeout 200 devbin/kernels "$t" --exact > "$OUT/${t//::/_}.log" 2>&1; rc=$?
+      echo "$t rc=$rc $(( $(date +%s) - start ))s" >> "$OUT/summary.txt" ) &
+done
+wait
+cat "$OUT/summary.txt"
+grep -hE "^test .*(ok|FAILED)$|panicked" "$OUT"/cuda_*.log | head -20
+echo "== MoE cases =="
+timeout 360 devbin/lora_bench --case moe --csv "$OUT/moe.csv" > /dev/null 2> "$OUT/moe.err"
+echo "rc=$?"
+grep -v "^#" "$OUT/moe.csv" | cut -d, -f1-5,11

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Run 31 (2026-11-23): the combine kernel with its topk rows loaded before any is cleared
+# (run 30's loop made each load wait on the store before it), on CUDA, then the MoE down cases
+# at T = 128 and 1024 (the per-pair down beside them: same expand, no combine).
+#   run(command="bash runtime/scripts/gpu_moe_combine2.sh", carry=["devbin"])
+source "$(dirname "$0")/gpu_env.sh"
+echo "== CUDA tests (one process each) =="
+for t in cuda_bf16::moe cuda_bf16::moe_grouped cuda_f32::moe_grouped; do
+    ( start=$(date +%s); timeout 200 devbin/kernels "$t" --exact > "$OUT/${t//::/_}.log" 2>&1; rc=$?
+      echo "$t rc=$rc $(( $(date +%s) - start ))s" >> "$OUT/summary.txt" ) &
+done
+wait
+cat "$OUT/summary.txt"
+grep -hE "^test .*(ok|FAILED)$|panicked" "$OUT"/cuda_*.log | head -20
+echo "== MoE down cases =="
+cases="moe_down R=16 T=128,moe_down R=64 T=128,moe_down R=16 T=1024,moe_down R=64 T=1024"
+cases="$cases,moe_down_per_pair R=16 T=1024,moe_down_per_pair R=64 T=1024"
+timeout 300 devbin/lora_bench --case "$cases" --csv "$OUT/moe_down.csv" > /dev/null 2> "$OUT/moe_down.err"
+echo "rc=$?"
+grep -v "^#" "$OUT/moe_down.csv" | cut -d, -f1-5,11
