@@ -17,6 +17,9 @@
 //!   grouped expand writes per-pair rows of a [`PairScratch`] instead, and
 //!   [`crate::moe_combine`] sums each token's rows with its router weights (and clears them).
 //!
+//! [`MoePath::choose`] picks between this and the per-pair kernels from the batch's tokens per
+//! slot, the routing and the rank (thresholds measured on an H100).
+//!
 //! Two ways to build the grouping: [`MoeGroups::new`] sorts on the host from the router's
 //! choices (one segment per group; for tests, benchmarks and engines that hold the choices on
 //! the host), and [`MoeGroups::on_device`] with [`MoeGroups::regroup`] sorts on the GPU from the
@@ -536,6 +539,52 @@ impl MoeGroups {
     }
 }
 
+/// Which MoE LoRA kernels a batch runs: one set of cubes per (token, expert) pair
+/// ([`crate::moe`]) or the pairs grouped by (slot, expert) ([`MoeGroups`], grouped on the
+/// device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoePath {
+    Pairs,
+    Grouped,
+}
+
+/// Smallest `rank × pairs per (slot, expert) group` at which grouping pays, for a per-pair
+/// output and for a router-weighted one (which adds the combine's pass over the pair scratch).
+/// Measured on an H100 (runs 28–31: 64 experts, top-8, 8 adapters, ranks 16 and 64, device
+/// grouping against the per-pair kernels): per-pair output, 64 (rank 64, T = 8) ran faster on
+/// pairs and 77 (rank 64, T = 32) grouped; router-weighted, 77 on pairs (rank 64, T = 32) and
+/// 145 grouped (rank 64, T = 128); rank 16 at T = 128 (36) on pairs and at T = 1024 (256)
+/// grouped, for both outputs.
+const MIN_GROUPED_REUSE: [f64; 2] = [72.0, 100.0];
+
+impl MoePath {
+    /// The path for a batch with `tokens_per_slot[s]` tokens on adapter slot `s` (of rank
+    /// `rank`), each routed to `topk` of `experts` local experts. The per-pair kernels re-read
+    /// a pair's adapter rows for every pair, the grouped ones once per group at the price of
+    /// a grouping launch, segment tiles and (router-weighted) a combine; so the choice follows
+    /// the expected pairs per (slot, expert) group times the rank. A slot's `n` tokens reach
+    /// about `E·(1 − (1 − topk/E)^n)` distinct experts (uniform routing).
+    pub fn choose(tokens_per_slot: &[u32], topk: u32, experts: u32, rank: u32, output: MoeOutput) -> MoePath {
+        if experts == 0 || topk == 0 {
+            return MoePath::Pairs;
+        }
+        let (e, chosen) = (f64::from(experts), f64::from(topk.min(experts)));
+        let (mut pairs, mut groups) = (0.0, 0.0);
+        for &n in tokens_per_slot.iter().filter(|&&n| n > 0) {
+            pairs += f64::from(n) * chosen;
+            groups += e * (1.0 - (1.0 - chosen / e).powi(n.min(i32::MAX as u32) as i32));
+        }
+        if groups == 0.0 {
+            return MoePath::Pairs;
+        }
+        let threshold = match output {
+            MoeOutput::PerPair => MIN_GROUPED_REUSE[0],
+            MoeOutput::RouterWeighted => MIN_GROUPED_REUSE[1],
+        };
+        if f64::from(rank) * pairs / groups >= threshold { MoePath::Grouped } else { MoePath::Pairs }
+    }
+}
+
 /// Grouped MoE shrink into `out` (`[tokens·topk, c·R]`, rows `j < rank` of each pair with an
 /// adapter and a local expert written); `x` as [`MoeGroups::new`]'s `input` says. `kernel`:
 /// `None` chooses for the groups' sizes.
@@ -626,6 +675,45 @@ pub fn launch_moe_grouped_expand_weighted<R: Runtime, F: Float + CubeElement>(
 mod tests {
     use super::*;
     use cubecl::wgpu::WgpuRuntime;
+
+    /// The choice reproduces the faster path of the MoE cases timed on the H100 where the two
+    /// differ by more than 10% (runs 28–31; 64 experts, top-8, tokens round-robin over the
+    /// adapters; `Grouped` is the device grouping), with one miss it leaves out: rank-64
+    /// router-weighted at T = 8 ran 15% faster grouped (42 against 50 µs, run 30), while at
+    /// T = 32 pairs ran 1.7× faster; one threshold cannot follow that, and it picks pairs.
+    #[test]
+    fn path_choice_follows_the_h100_timings() {
+        use MoeOutput::{PerPair, RouterWeighted};
+        use MoePath::{Grouped, Pairs};
+        let batch = |tokens: u32, adapters: u32| -> Vec<u32> {
+            (0..8).map(|s| if s < adapters { tokens / adapters + u32::from(s < tokens % adapters) } else { 0 }).collect()
+        };
+        // (tokens, adapters, rank, output, faster path)
+        let measured = [
+            (1, 1, 16, PerPair, Pairs),
+            (1, 1, 64, PerPair, Pairs),
+            (8, 8, 16, PerPair, Pairs),
+            (8, 8, 64, PerPair, Pairs),
+            (32, 8, 16, PerPair, Pairs),
+            (128, 8, 16, PerPair, Pairs),
+            (128, 8, 64, PerPair, Grouped),
+            (1024, 8, 16, PerPair, Grouped),
+            (1024, 8, 64, PerPair, Grouped),
+            (1, 1, 16, RouterWeighted, Pairs),
+            (8, 8, 16, RouterWeighted, Pairs),
+            (32, 8, 64, RouterWeighted, Pairs),
+            (128, 8, 16, RouterWeighted, Pairs),
+            (128, 8, 64, RouterWeighted, Grouped),
+            (1024, 8, 16, RouterWeighted, Grouped),
+            (1024, 8, 64, RouterWeighted, Grouped),
+        ];
+        for (tokens, adapters, rank, output, faster) in measured {
+            let chosen = MoePath::choose(&batch(tokens, adapters), 8, 64, rank, output);
+            assert_eq!(chosen, faster, "T={tokens} adapters={adapters} R={rank} {output:?}");
+        }
+        assert_eq!(MoePath::choose(&[0; 8], 8, 64, 64, PerPair), Pairs, "no tokens with an adapter");
+        assert_eq!(MoePath::choose(&[4096], 0, 64, 64, PerPair), Pairs, "no experts chosen");
+    }
 
     /// The grouping kernel with its counts in global memory (for more groups than shared memory
     /// holds) finds the same groups as with its counts in shared memory, on a small batch.
