@@ -24,7 +24,8 @@ use crate::moe::{MoeRouting, NO_EXPERT};
 pub(crate) const COMBINE_THREADS: u32 = 128;
 
 /// Per-pair rows `[max_pairs, out]` for a grouped router-weighted expand, zero between
-/// batches: created zeroed, and [`launch_moe_combine`] clears every row it reads. One scratch
+/// batches: created zeroed, and the combine after the expand clears every row it reads
+/// ([`crate::moe_grouped::launch_moe_grouped_expand_weighted`] runs both). One scratch
 /// serves every MoE layer of a model (launches on one stream run in order), so it is sized once
 /// for the largest batch and the widest down projection.
 #[derive(Debug)]
