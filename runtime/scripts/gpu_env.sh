@@ -7,3 +7,18 @@ mkdir -p "$OUT"
 export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
 export LD_LIBRARY_PATH="$CUDA_PATH/lib64:${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+
+# run_cuda_tests LIMIT TEST...: each named test of devbin/kernels in its own process, all at
+# once (their NVRTC compiles run in parallel and each log shows whether its test finished),
+# LIMIT seconds each; logs in $OUT/<test>.log, then the summary and each test's result.
+run_cuda_tests() {
+    local limit=$1 t
+    shift
+    for t in "$@"; do
+        ( start=$(date +%s); timeout "$limit" devbin/kernels "$t" --exact > "$OUT/${t//::/_}.log" 2>&1; rc=$?
+          echo "$t rc=$rc $(( $(date +%s) - start ))s" >> "$OUT/summary.txt" ) &
+    done
+    wait
+    cat "$OUT/summary.txt"
+    grep -hE "^test .*(ok|FAILED)$|panicked" "$OUT"/cuda_*.log | head -20
+}

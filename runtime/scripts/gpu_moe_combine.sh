@@ -4,13 +4,7 @@
 #   run(command="bash runtime/scripts/gpu_moe_combine.sh", carry=["devbin"])
 source "$(dirname "$0")/gpu_env.sh"
 echo "== CUDA tests (one process each) =="
-for t in cuda_bf16::moe cuda_f32::moe cuda_bf16::moe_grouped cuda_f32::moe_grouped; do
-    ( start=$(date +%s); timeout 200 devbin/kernels "$t" --exact > "$OUT/${t//::/_}.log" 2>&1; rc=$?
-      echo "$t rc=$rc $(( $(date +%s) - start ))s" >> "$OUT/summary.txt" ) &
-done
-wait
-cat "$OUT/summary.txt"
-grep -hE "^test .*(ok|FAILED)$|panicked" "$OUT"/cuda_*.log | head -20
+run_cuda_tests 200 cuda_bf16::moe cuda_f32::moe cuda_bf16::moe_grouped cuda_f32::moe_grouped
 echo "== MoE cases =="
 timeout 360 devbin/lora_bench --case moe --csv "$OUT/moe.csv" > /dev/null 2> "$OUT/moe.err"
 echo "rc=$?"

@@ -5,13 +5,7 @@
 #   run(command="bash runtime/scripts/gpu_moe_combine2.sh", carry=["devbin"])
 source "$(dirname "$0")/gpu_env.sh"
 echo "== CUDA tests (one process each) =="
-for t in cuda_bf16::moe cuda_bf16::moe_grouped cuda_f32::moe_grouped; do
-    ( start=$(date +%s); timeout 200 devbin/kernels "$t" --exact > "$OUT/${t//::/_}.log" 2>&1; rc=$?
-      echo "$t rc=$rc $(( $(date +%s) - start ))s" >> "$OUT/summary.txt" ) &
-done
-wait
-cat "$OUT/summary.txt"
-grep -hE "^test .*(ok|FAILED)$|panicked" "$OUT"/cuda_*.log | head -20
+run_cuda_tests 200 cuda_bf16::moe cuda_bf16::moe_grouped cuda_f32::moe_grouped
 echo "== MoE down cases =="
 cases="moe_down R=16 T=128,moe_down R=64 T=128,moe_down R=16 T=1024,moe_down R=64 T=1024"
 cases="$cases,moe_down_per_pair R=16 T=1024,moe_down_per_pair R=64 T=1024"

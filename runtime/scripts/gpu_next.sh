@@ -14,13 +14,7 @@
 #   devbin/lora_bench --prefill-only --case "mla_qkv_a R=16 T=4096" --variant "m1 n2,m2 n2 w1x1 k128"
 source "$(dirname "$0")/gpu_env.sh"
 echo "== CUDA tests (one process each) =="
-for t in cuda_bf16::prefill_shrink cuda_bf16::moe cuda_bf16::moe_grouped cuda_f32::moe_grouped cuda_bf16::chunked_prefill; do
-    ( start=$(date +%s); timeout 280 devbin/kernels "$t" --exact > "$OUT/${t//::/_}.log" 2>&1; rc=$?
-      echo "$t rc=$rc $(( $(date +%s) - start ))s" >> "$OUT/summary.txt" ) &
-done
-wait
-cat "$OUT/summary.txt"
-grep -hE "^test .*(ok|FAILED)$|panicked" "$OUT"/cuda_*.log | head -20
+run_cuda_tests 280 cuda_bf16::prefill_shrink cuda_bf16::moe cuda_bf16::moe_grouped cuda_f32::moe_grouped cuda_bf16::chunked_prefill
 echo "== MoE cases =="
 timeout 280 devbin/lora_bench --case moe --csv "$OUT/moe.csv" > /dev/null 2> "$OUT/moe.err"
 echo "rc=$?"

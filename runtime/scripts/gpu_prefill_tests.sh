@@ -5,10 +5,4 @@
 #   run(command="bash runtime/scripts/gpu_prefill_tests.sh", carry=["devbin"])
 source "$(dirname "$0")/gpu_env.sh"
 LIMIT=${LIMIT:-570}
-for t in cuda_bf16::prefill_shrink cuda_bf16::prefill_expand cuda_f32::prefill_shrink cuda_f32::prefill_expand; do
-    ( start=$(date +%s); timeout "$LIMIT" devbin/kernels "$t" --exact > "$OUT/${t//::/_}.log" 2>&1; rc=$?
-      echo "$t rc=$rc $(( $(date +%s) - start ))s" >> "$OUT/summary.txt" ) &
-done
-wait
-cat "$OUT/summary.txt"
-grep -hE "^test .*(ok|FAILED)$|panicked" "$OUT"/cuda_*.log | head -20
+run_cuda_tests "$LIMIT" cuda_bf16::prefill_shrink cuda_bf16::prefill_expand cuda_f32::prefill_shrink cuda_f32::prefill_expand
