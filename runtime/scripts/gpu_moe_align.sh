@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Run 32 (2026-11-23): the device grouping with each thread's router reads batched ahead of
+# its atomics, on CUDA, then MoE cases whose "grouped" and "grouped on device" rows differ by
+# the grouping launch (run 30: 7.6 µs at T = 1, 21 µs at T = 1024).
+#   run(command="bash runtime/scripts/gpu_moe_align.sh", carry=["devbin"])
+source "$(dirname "$0")/gpu_env.sh"
+echo "== CUDA tests (one process each) =="
+run_cuda_tests 200 cuda_bf16::moe_grouped cuda_f32::moe_grouped
+echo "== MoE cases =="
+cases="moe_gate_up R=16 T=1 adapters=1,moe_gate_up R=16 T=128,moe_gate_up R=16 T=1024,moe_gate_up R=64 T=1024"
+cases="$cases,moe_down R=64 T=1024,moe_down_per_pair R=64 T=1024"
+timeout 300 devbin/lora_bench --case "$cases" --csv "$OUT/moe_align.csv" > /dev/null 2> "$OUT/moe_align.err"
+echo "rc=$?"
+grep -v "^#" "$OUT/moe_align.csv" | cut -d, -f1-5,11
