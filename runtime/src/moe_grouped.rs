@@ -275,29 +275,27 @@ pub(crate) fn moe_align_kernel(
         d += threads;
     }
     sync_cube();
-    // Each thread takes pairs `tid + i·threads` in batches of ALIGN_BATCH whose router reads
-    // are all issued before the first atomic: one cube alone cannot hide a memory round trip
-    // per pair.
-    let mut keys = Array::<u32>::new(ALIGN_BATCH);
-    let mut base = tid;
-    while base < pairs {
-        pair_keys(expert_ids, token_slots, &mut keys, base, pairs, topk, expert_dim, threads);
-        #[unroll]
-        for i in 0..ALIGN_BATCH {
-            let p = base + i as u32 * threads;
-            let key = keys[i];
-            if key != NO_SLOT {
-                if shared {
-                    shared_counts[key as usize].fetch_add(1u32);
-                } else {
-                    global_counts[key as usize].fetch_add(1u32);
-                }
-            }
-            if p < pairs {
-                pair_slots[p as usize] = key;
-            }
+    let mut p = tid;
+    while p < pairs {
+        let slot = token_slots[(p / topk) as usize];
+        let expert = expert_ids[p as usize];
+        let mut dense_expert = expert;
+        if expert_dim == 1 {
+            dense_expert = 0u32;
         }
-        base += comptime!(ALIGN_BATCH as u32) * threads;
+        // (Wraps for a pair without a slot; replaced just below.)
+        let mut key = slot * expert_dim + dense_expert;
+        if slot != NO_SLOT && expert != NO_EXPERT {
+            if shared {
+                shared_counts[key as usize].fetch_add(1u32);
+            } else {
+                global_counts[key as usize].fetch_add(1u32);
+            }
+        } else {
+            key = NO_SLOT;
+        }
+        pair_slots[p as usize] = key;
+        p += threads;
     }
     sync_cube();
     // Each thread's contiguous block of dense slots: its pairs and chunks.
@@ -364,56 +362,14 @@ pub(crate) fn moe_align_kernel(
         seg_indptr[capacity as usize] = total_pairs;
     }
     sync_cube();
-    // The keys again from the router's (read-only) arrays, batched as above: reading them back
-    // from `pair_slots` would wait on each store to `token_perm`, which may alias it.
-    let mut base = tid;
-    while base < pairs {
-        pair_keys(expert_ids, token_slots, &mut keys, base, pairs, topk, expert_dim, threads);
-        #[unroll]
-        for i in 0..ALIGN_BATCH {
-            let key = keys[i];
-            if key != NO_SLOT {
-                let at = if shared { shared_counts[key as usize].fetch_add(1u32) } else { global_counts[key as usize].fetch_add(1u32) };
-                token_perm[at as usize] = base + i as u32 * threads;
-            }
+    let mut p = tid;
+    while p < pairs {
+        let key = pair_slots[p as usize];
+        if key != NO_SLOT {
+            let at = if shared { shared_counts[key as usize].fetch_add(1u32) } else { global_counts[key as usize].fetch_add(1u32) };
+            token_perm[at as usize] = p;
         }
-        base += comptime!(ALIGN_BATCH as u32) * threads;
-    }
-}
-
-/// Pairs a grouping thread takes at once.
-const ALIGN_BATCH: usize = 8;
-
-/// The dense slot (`slot · expert_dim + expert`) of pairs `base + i·threads`, `i <
-/// ALIGN_BATCH`, into `keys`; `NO_SLOT` past the batch's pairs or for a pair without an adapter
-/// or a local expert.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn pair_keys(
-    expert_ids: &Array<u32>,
-    token_slots: &Array<u32>,
-    keys: &mut Array<u32>,
-    base: u32,
-    pairs: u32,
-    topk: u32,
-    expert_dim: u32,
-    threads: u32,
-) {
-    #[unroll]
-    for i in 0..ALIGN_BATCH {
-        let p = base + i as u32 * threads;
-        keys[i] = NO_SLOT;
-        if p < pairs {
-            let slot = token_slots[(p / topk) as usize];
-            let expert = expert_ids[p as usize];
-            let mut dense_expert = expert;
-            if expert_dim == 1 {
-                dense_expert = 0u32;
-            }
-            if slot != NO_SLOT && expert != NO_EXPERT {
-                keys[i] = slot * expert_dim + dense_expert;
-            }
-        }
+        p += threads;
     }
 }
 
