@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Run 32 (2026-11-23): the device grouping with each thread's router reads batched ahead of
-# its atomics, on CUDA, then MoE cases whose "grouped" and "grouped on device" rows differ by
-# the grouping launch (run 30: 7.6 µs at T = 1, 21 µs at T = 1024).
+# The grouping launch's cost on CUDA: MoE cases whose "grouped" and "grouped on device" rows
+# differ by it (run 30: 7.6 µs at T = 1, 21 µs at T = 1024), after the grouped tests. Run 32
+# used it on a kernel change that did not lower that cost and was reverted.
 #   run(command="bash runtime/scripts/gpu_moe_align.sh", carry=["devbin"])
 source "$(dirname "$0")/gpu_env.sh"
 echo "== CUDA tests (one process each) =="
