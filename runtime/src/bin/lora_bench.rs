@@ -6,7 +6,7 @@
 //! the same run. Inputs rotate over enough independent buffer sets that each launch streams
 //! its adapters from HBM, not from the 50 MB L2.
 //!
-//! Usage: `lora_bench [--quick] [--prefill-only] [--case NAME-PART] [--variant NAME-PART,...]
+//! Usage: `lora_bench [--quick] [--prefill-only] [--case NAME-PART,...] [--variant NAME-PART,...]
 //! [--csv FILE] [--profile-pass]`, or `lora_bench --cuda-sources DIR` (no GPU needed: writes
 //! the CUDA C++ of the H100's prefill tensor-core kernels, see `write_cuda_sources`).
 //! `--profile-pass` launches every kernel a few times with no timing loop, for `ncu` to time
