@@ -355,10 +355,6 @@ pub(crate) fn expert_dims(layout: &LoraLayout, experts: u32) -> Result<(u32, u32
     Ok((e.a.get(), e.b.get()))
 }
 
-fn check_experts(layout: &LoraLayout, routing: &MoeRouting) -> Result<(u32, u32)> {
-    expert_dims(layout, routing.experts)
-}
-
 /// MoE shrink into `a` (`[tokens·topk, c·R]`).
 #[allow(clippy::too_many_arguments)]
 pub fn launch_moe_shrink<R: Runtime, F: Float + CubeElement>(
@@ -373,7 +369,7 @@ pub fn launch_moe_shrink<R: Runtime, F: Float + CubeElement>(
 ) -> Result<()> {
     pool.check_layout(layout)?;
     segs.check_slots(layout)?;
-    let (experts_a, _) = check_experts(layout, routing)?;
+    let (experts_a, _) = expert_dims(layout, routing.experts)?;
     let cfg = MoeConfig::new(client, layout, size_of::<F>(), input, MoeOutput::PerPair)?;
     if segs.tokens != routing.tokens {
         return Err(LoraError::BufferSize { name: "routing tokens", expected: segs.tokens as usize, actual: routing.tokens as usize });
@@ -424,7 +420,7 @@ pub fn launch_moe_expand<R: Runtime, F: Float + CubeElement>(
 ) -> Result<()> {
     pool.check_layout(layout)?;
     segs.check_slots(layout)?;
-    let (_, experts_b) = check_experts(layout, routing)?;
+    let (_, experts_b) = expert_dims(layout, routing.experts)?;
     let mut cfg = MoeConfig::new(client, layout, size_of::<F>(), MoeInput::PerToken, output)?;
     cfg.threads = MOE_EXPAND_THREADS;
     if segs.tokens != routing.tokens {

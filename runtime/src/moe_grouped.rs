@@ -153,6 +153,19 @@ impl GroupedSide {
         Ok(GroupedSide { device: Some(buffers), ..Self::view(client, layout, pool, expert_dim, segs)? })
     }
 
+    /// The dense expand over this grouping's segments into `y` (`[pairs, out]`).
+    fn launch_expand<R: Runtime, F: Float + CubeElement>(
+        &self,
+        client: &ComputeClient<R>,
+        pool: &AdapterPool<F>,
+        a: &DeviceBuffer<f32>,
+        y: &mut DeviceBuffer<F>,
+        kernel: Option<ExpandKernel>,
+    ) -> Result<()> {
+        let cols = ExpandCols { b_pool: &pool.b, slice_table: &pool.slice_table, ranks: &self.ranks, scales: &self.scales };
+        launch_expand_cols(client, &self.view, cols, &self.segs, a, y, kernel)
+    }
+
     fn read_segments<R: Runtime>(&self, client: &ComputeClient<R>) -> Result<Segments> {
         let segs = &self.segs;
         let seg_indptr = segs.seg_indptr.read(client);
@@ -548,14 +561,16 @@ pub enum MoePath {
     Grouped,
 }
 
-/// Smallest `rank × pairs per (slot, expert) group` at which grouping pays, for a per-pair
-/// output and for a router-weighted one (which adds the combine's pass over the pair scratch).
-/// Measured on an H100 (runs 28–31: 64 experts, top-8, 8 adapters, ranks 16 and 64, device
-/// grouping against the per-pair kernels): per-pair output, 64 (rank 64, T = 8) ran faster on
-/// pairs and 77 (rank 64, T = 32) grouped; router-weighted, 77 on pairs (rank 64, T = 32) and
-/// 145 grouped (rank 64, T = 128); rank 16 at T = 128 (36) on pairs and at T = 1024 (256)
-/// grouped, for both outputs.
-const MIN_GROUPED_REUSE: [f64; 2] = [72.0, 100.0];
+// Smallest `rank × pairs per (slot, expert) group` at which grouping pays, measured on an
+// H100 (runs 28–31: 64 experts, top-8, 8 adapters, ranks 16 and 64, device grouping against
+// the per-pair kernels). Rank 16 at T = 128 (36) ran faster on pairs and at T = 1024 (256)
+// grouped, for both outputs.
+
+/// Per-pair output: 64 (rank 64, T = 8) ran faster on pairs, 77 (rank 64, T = 32) grouped.
+const MIN_GROUPED_REUSE_PER_PAIR: f64 = 72.0;
+/// Router-weighted output, which adds the combine's pass over the pair scratch: 77 (rank 64,
+/// T = 32) ran faster on pairs, 145 (rank 64, T = 128) grouped.
+const MIN_GROUPED_REUSE_ROUTER_WEIGHTED: f64 = 100.0;
 
 impl MoePath {
     /// The path for a batch with `tokens_per_slot[s]` tokens on adapter slot `s` (of rank
@@ -578,8 +593,8 @@ impl MoePath {
             return MoePath::Pairs;
         }
         let threshold = match output {
-            MoeOutput::PerPair => MIN_GROUPED_REUSE[0],
-            MoeOutput::RouterWeighted => MIN_GROUPED_REUSE[1],
+            MoeOutput::PerPair => MIN_GROUPED_REUSE_PER_PAIR,
+            MoeOutput::RouterWeighted => MIN_GROUPED_REUSE_ROUTER_WEIGHTED,
         };
         if f64::from(rank) * pairs / groups >= threshold { MoePath::Grouped } else { MoePath::Pairs }
     }
@@ -624,9 +639,7 @@ pub fn launch_moe_grouped_expand<R: Runtime, F: Float + CubeElement>(
     if groups.output != MoeOutput::PerPair {
         return Err(LoraError::Layout("router-weighted MoE groups: use launch_moe_grouped_expand_weighted".into()));
     }
-    let side = groups.expand_side();
-    let cols = ExpandCols { b_pool: &pool.b, slice_table: &pool.slice_table, ranks: &side.ranks, scales: &side.scales };
-    launch_expand_cols(client, &side.view, cols, &side.segs, a, y, kernel)
+    groups.expand_side().launch_expand(client, pool, a, y, kernel)
 }
 
 /// Grouped router-weighted MoE expand (down) into `y` (`[tokens, out]`):
@@ -664,10 +677,11 @@ pub fn launch_moe_grouped_expand_weighted<R: Runtime, F: Float + CubeElement>(
         )));
     }
     segs.check_slots(layout)?;
+    // y is checked before the expand writes the scratch: a combine that failed after it would
+    // leave the scratch unclear for the next batch.
     y.check_len("y", routing.tokens() as usize * layout.out_features() as usize)?;
     let mut rows = scratch.rows(routing.pairs(), layout.out_features() as usize)?;
-    let cols = ExpandCols { b_pool: &pool.b, slice_table: &pool.slice_table, ranks: &side.ranks, scales: &side.scales };
-    launch_expand_cols(client, &side.view, cols, &side.segs, a, &mut rows, kernel)?;
+    side.launch_expand(client, pool, a, &mut rows, kernel)?;
     launch_moe_combine(client, routing, &segs.token_slots, &mut rows, y, layout.out_features())
 }
 
