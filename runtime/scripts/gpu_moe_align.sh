@@ -9,6 +9,4 @@ run_cuda_tests 200 cuda_bf16::moe_grouped cuda_f32::moe_grouped
 echo "== MoE cases =="
 cases="moe_gate_up R=16 T=1 adapters=1,moe_gate_up R=16 T=128,moe_gate_up R=16 T=1024,moe_gate_up R=64 T=1024"
 cases="$cases,moe_down R=64 T=1024,moe_down_per_pair R=64 T=1024"
-timeout 300 devbin/lora_bench --case "$cases" --csv "$OUT/moe_align.csv" > /dev/null 2> "$OUT/moe_align.err"
-echo "rc=$?"
-grep -v "^#" "$OUT/moe_align.csv" | cut -d, -f1-5,11
+run_bench 300 moe_align "$cases"

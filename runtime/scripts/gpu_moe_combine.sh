@@ -6,6 +6,4 @@ source "$(dirname "$0")/gpu_env.sh"
 echo "== CUDA tests (one process each) =="
 run_cuda_tests 200 cuda_bf16::moe cuda_f32::moe cuda_bf16::moe_grouped cuda_f32::moe_grouped
 echo "== MoE cases =="
-timeout 360 devbin/lora_bench --case moe --csv "$OUT/moe.csv" > /dev/null 2> "$OUT/moe.err"
-echo "rc=$?"
-grep -v "^#" "$OUT/moe.csv" | cut -d, -f1-5,11
+run_bench 360 moe moe

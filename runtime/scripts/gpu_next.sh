@@ -16,6 +16,4 @@ source "$(dirname "$0")/gpu_env.sh"
 echo "== CUDA tests (one process each) =="
 run_cuda_tests 280 cuda_bf16::prefill_shrink cuda_bf16::moe cuda_bf16::moe_grouped cuda_f32::moe_grouped cuda_bf16::chunked_prefill
 echo "== MoE cases =="
-timeout 280 devbin/lora_bench --case moe --csv "$OUT/moe.csv" > /dev/null 2> "$OUT/moe.err"
-echo "rc=$?"
-grep -v "^#" "$OUT/moe.csv" | cut -d, -f1-5,11
+run_bench 280 moe moe
