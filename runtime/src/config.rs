@@ -81,7 +81,11 @@ pub(crate) fn multiprocessors(device: &DeviceProperties) -> u32 {
 /// How many ways to split work laid out as `cubes` cubes so the grid has about eight cubes per
 /// multiprocessor (streaming kernels want many loads in flight), between 1 and `max_splits`.
 pub(crate) fn splits_to_fill<R: Runtime>(client: &ComputeClient<R>, cubes: u32, max_splits: u32) -> u32 {
-    (8 * multiprocessors(client.properties())).div_ceil(cubes.max(1)).clamp(1, max_splits.max(1))
+    splits_to_fill_on(client.properties(), cubes, max_splits)
+}
+
+fn splits_to_fill_on(device: &DeviceProperties, cubes: u32, max_splits: u32) -> u32 {
+    (8 * multiprocessors(device)).div_ceil(cubes.max(1)).clamp(1, max_splits.max(1))
 }
 
 /// Threads splitting a K of `k_vecs` vectors (about two loads each, so the whole adapter is in
@@ -110,12 +114,21 @@ pub(crate) fn plane_size<R: Runtime>(client: &ComputeClient<R>, threads: u32) ->
 /// Threads per cube of the expand kernels (one output vector per thread).
 pub(crate) const EXPAND_THREADS: u32 = 128;
 
+/// B vectors each thread of the CUDA-core expand stages: few enough to be in flight at once
+/// from registers, so a cube's whole block of B is one round trip to memory.
+const EXPAND_STAGED_VECTORS: u32 = 8;
+
+/// Shared memory the CUDA-core expand may use for its B block and intermediate tile: small
+/// enough for many resident cubes (a decode expand is a latency-bound read of B).
+const EXPAND_SHARED_BUDGET: u32 = 32 * 1024;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ExpandConfig {
     pub groups: u32,
     pub max_rank: u32,
     pub tokens_per_tile: u32,
     pub token_splits: u32,
+    /// Threads per cube; a cube covers `threads · out_vector` columns of a slice.
     pub threads: u32,
     /// Output columns per thread (the y vector width, divides every slice width).
     pub out_vector: u32,
@@ -131,30 +144,56 @@ impl ExpandConfig {
         num_segments: usize,
         max_segment_len: u32,
     ) -> Self {
+        Self::for_device(client.properties(), layout, elem_size, num_segments, max_segment_len)
+    }
+
+    /// [`ExpandConfig::new`] for a device described by its properties.
+    pub fn for_device(props: &DeviceProperties, layout: &LoraLayout, elem_size: usize, num_segments: usize, max_segment_len: u32) -> Self {
         let widths: Vec<u32> = layout.slices().iter().map(|s| s.width).collect();
-        let out_vector = vector_size(client.properties(), elem_size, &widths) as u32;
-        let rank_vector = vector_size(client.properties(), elem_size, &[layout.max_rank()]) as u32;
+        let rank_vector = vector_size(props, elem_size, &[layout.max_rank()]) as u32;
+        // Up to EXPAND_STAGED_VECTORS B vectors per thread: columns per thread shrink as the
+        // rank grows (both are powers of two, so the smaller divides every slice width).
+        let rank_vecs = layout.max_rank() / rank_vector;
+        let per_thread = (EXPAND_STAGED_VECTORS / rank_vecs).max(1);
+        let out_vector = (vector_size(props, elem_size, &widths) as u32).min(1 << per_thread.ilog2());
         let tokens_per_tile = match max_segment_len {
             0 | 1 => 1,
             2..=4 => max_segment_len.next_power_of_two(),
             _ => 8,
         };
-        let threads = EXPAND_THREADS;
-        let blocks: u32 = widths.iter().map(|w| w.div_ceil(threads * out_vector)).sum();
-        let tiles = max_segment_len.div_ceil(tokens_per_tile).max(1);
-        // Split a segment's tiles over cubes until the grid has eight cubes per multiprocessor:
-        // the expand streams y, so it wants many loads in flight.
-        let token_splits =
-            splits_to_fill(client, blocks * num_segments.max(1) as u32, tiles).min(65535 / num_segments.max(1) as u32).max(1);
-        ExpandConfig {
+        let mut cfg = ExpandConfig {
             groups: layout.groups(),
             max_rank: layout.max_rank(),
             tokens_per_tile,
-            token_splits,
-            threads,
+            token_splits: 1,
+            threads: EXPAND_THREADS,
             out_vector,
             rank_vector,
+        };
+        let budget = EXPAND_SHARED_BUDGET.min(props.hardware.max_shared_memory_size as u32);
+        while cfg.threads > 32 && cfg.shared_bytes(elem_size) > budget {
+            cfg.threads /= 2;
         }
+        let blocks: u32 = widths.iter().map(|w| w.div_ceil(cfg.threads * out_vector)).sum();
+        let tiles = max_segment_len.div_ceil(tokens_per_tile).max(1);
+        // Split a segment's tiles over cubes until the grid has eight cubes per multiprocessor:
+        // the expand streams y, so it wants many loads in flight.
+        cfg.token_splits =
+            splits_to_fill_on(props, blocks * num_segments.max(1) as u32, tiles).min(65535 / num_segments.max(1) as u32).max(1);
+        cfg
+    }
+
+    /// Row stride (in rank vectors) of the B block in shared memory: odd, so the threads of a
+    /// warp, one row each, read distinct banks.
+    pub(crate) fn b_row_stride(&self) -> u32 {
+        let rank_vecs = self.max_rank / self.rank_vector;
+        rank_vecs | 1
+    }
+
+    /// Shared memory of one cube: the B block in the storage type, the intermediate tile in f32.
+    pub fn shared_bytes(&self, elem_size: usize) -> u32 {
+        let b_block = self.threads * self.out_vector * self.b_row_stride() * self.rank_vector * elem_size as u32;
+        b_block + self.tokens_per_tile * self.max_rank * 4
     }
 }
 

@@ -20,6 +20,8 @@ use cubecl::prelude::*;
 use cubecl::server::ExecutionMode;
 use cubecl::{CompilationError, Compiler};
 
+use crate::config::ExpandConfig;
+use crate::expand::expand_kernel::ExpandKernel as ScalarExpandKernel;
 use crate::expand_mma::{MmaExpandConfig, expand_mma_kernel::ExpandMmaKernel};
 use crate::expand_mma_pipelined::{A_VECTOR, expand_mma_pipelined_kernel::ExpandMmaPipelinedKernel};
 use crate::moe_combine::{COMBINE_THREADS, moe_combine_kernel::MoeCombineKernel};
@@ -142,6 +144,21 @@ pub fn expand_source<R: Runtime, F: Float + CubeElement>(
         ExpandMmaKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), a(), a(), (), (), ny, nb, config).define()
     };
     lower(definition)
+}
+
+/// CUDA C++ of the CUDA-core (decode) expand for `config` (`crate::expand`), whose B staging
+/// and reduction only meet NVRTC on a GPU otherwise.
+pub fn scalar_expand_source<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    config: ExpandConfig,
+) -> Result<String, CompilationError> {
+    let a = || ArrayCompilationArg { inplace: None };
+    let settings = settings(CubeDim::new_1d(config.threads));
+    let (ny, nb) = (config.out_vector as usize, config.rank_vector as usize);
+    // Arguments in the kernel's order: nine arrays, the scalar `out_features`, the vector
+    // widths of y and B.
+    let kernel = ScalarExpandKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), a(), a(), (), ny, nb, config);
+    lower(kernel.define())
 }
 
 /// CUDA C++ of the single-cube kernel that groups MoE pairs by (slot, expert) on the device

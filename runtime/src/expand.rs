@@ -1,10 +1,15 @@
 //! Segmented expand: `y[t, slice i] += scale[slot] · a[t, group(i)·R .. +rank] · B[slot, slice i, :rank]ᵀ`.
 //!
 //! Grid: x = column blocks of a slice, y = slice (slices have unequal widths, so cubes past a
-//! narrow slice's end exit at once), z = segment × token split. A cube stages its token tile's
-//! rank-r intermediate in shared memory, then every thread owns `NY` consecutive output columns:
-//! it reads its B rows once per tile and does one read-modify-write of y per token, so y is
-//! touched exactly once (the prefill expand is bound by that pass over y).
+//! narrow slice's end exit at once), z = segment × token split. A cube first stages its
+//! block's B rows (`threads · NY` rows, contiguous in the pool) in shared memory with
+//! coalesced loads, all issued at once, then its token tiles' rank-r intermediates; every
+//! thread owns `NY` consecutive output columns and does one read-modify-write of y per token,
+//! so y is touched exactly once (the prefill expand is bound by that pass over y).
+//!
+//! At decode the kernel is a read of B: the earlier version had each thread read its own rows
+//! in rank order, one dependent round of loads per rank vector, which left the kernel waiting
+//! on memory latency (H100: 0.4–1.2 TB/s, runtime/BENCHMARKS.md).
 
 use cubecl::prelude::*;
 use lorac_plan::LoraLayout;
@@ -37,6 +42,10 @@ pub(crate) struct ExpandBlock {
     pub active: bool,
     /// Index (in rank vectors) of the thread's first B row.
     pub b_row0: usize,
+    /// Index (in rank vectors) of the cube's first B row, and the slice's columns from the
+    /// cube's first on (more than the block holds, except in the slice's last block).
+    pub block_b0: usize,
+    pub cols_left: usize,
     /// Rank vectors covering `rank`.
     pub rank_vecs: usize,
     /// y's row length and the thread's first column, in output vectors.
@@ -80,11 +89,13 @@ pub(crate) fn expand_block(
     let tid = UNIT_POS as usize;
     let col = block0 + tid * ny;
     let active = col < width;
-    let b_row0 = (slot as usize * out_features + offset + col) * rank_vecs_max;
+    let block_b0 = (slot as usize * out_features + offset + block0) * rank_vecs_max;
+    let b_row0 = block_b0 + tid * ny * rank_vecs_max;
+    let cols_left = width - block0;
     let rank_vecs = rank.div_ceil(nb);
     let y_vecs = out_features / ny;
     let y_col = (offset + col) / ny;
-    ExpandBlock { group, start, end, slot: slot as usize, rank, scale, tid, active, b_row0, rank_vecs, y_vecs, y_col }
+    ExpandBlock { group, start, end, slot: slot as usize, rank, scale, tid, active, b_row0, block_b0, cols_left, rank_vecs, y_vecs, y_col }
 }
 
 /// Adds `scale · acc[i, ..ny]` into y at the thread's columns for each token `i` of the tile
@@ -116,7 +127,7 @@ pub(crate) fn add_tile_to_y<F: Float, NY: Size>(
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn expand_kernel<F: Float, NY: Size, NB: Size>(
+pub(crate) fn expand_kernel<F: Float, NY: Size, NB: Size>(
     a: &Array<f32>,
     b_pool: &Array<Vector<F, NB>>,
     y: &mut Array<Vector<F, NY>>,
@@ -138,14 +149,30 @@ fn expand_kernel<F: Float, NY: Size, NB: Size>(
     let ny = comptime!(cfg.out_vector as usize);
     let nb = comptime!(cfg.rank_vector as usize);
     let rank_vecs_max = comptime!(max_rank / nb);
+    let rs = comptime!(cfg.b_row_stride() as usize);
 
     let seg = CUBE_POS_Z as usize / splits;
     let split = CUBE_POS_Z as usize % splits;
     let blk =
         expand_block(seg, slice_info, seg_indptr, weight_indices, ranks, scales, out_features as usize, threads, ny, nb, rank_vecs_max);
 
+    // The block's B rows, once per cube: consecutive threads read consecutive vectors, and
+    // every load is issued before the first is needed. Column `c` of the block is thread
+    // `c / ny`'s `(c % ny)`-th: it lands in row `(c % ny) · threads + c / ny`, so the threads
+    // of a warp read rows `rs` vectors apart (an odd stride: distinct banks) below.
+    let mut b_tile = SharedMemory::<Vector<F, NB>>::new(comptime!(threads * ny * rs));
+    #[unroll]
+    for k in 0..comptime!(ny * rank_vecs_max) {
+        let idx = k * threads + blk.tid;
+        let c = idx / rank_vecs_max;
+        let jv = idx % rank_vecs_max;
+        if c < blk.cols_left && jv < blk.rank_vecs {
+            b_tile[((c % ny) * threads + c / ny) * rs + jv] = b_pool[blk.block_b0 + idx];
+        }
+    }
+
     // The tile's intermediate as rank vectors: one shared-memory read feeds NB FMAs.
-    let mut a_tile = SharedMemory::<Vector<f32, NB>>::new(comptime!(tokens * max_rank / nb));
+    let mut a_tile = SharedMemory::<Vector<f32, NB>>::new(comptime!(tokens * rank_vecs_max));
     let mut acc = Array::<f32>::new(comptime!(tokens * ny));
 
     let mut p0 = blk.start + split * tokens;
@@ -171,6 +198,7 @@ fn expand_kernel<F: Float, NY: Size, NB: Size>(
             a_tile[idx] = v;
             idx += threads;
         }
+        // Publishes the intermediate tile (and, the first time, the B rows).
         sync_cube();
         if blk.active {
             #[unroll]
@@ -180,7 +208,7 @@ fn expand_kernel<F: Float, NY: Size, NB: Size>(
             for jv in 0..blk.rank_vecs {
                 #[unroll]
                 for v in 0..ny {
-                    let bv = Vector::<f32, NB>::cast_from(b_pool[blk.b_row0 + v * rank_vecs_max + jv]);
+                    let bv = Vector::<f32, NB>::cast_from(b_tile[(v * threads + blk.tid) * rs + jv]);
                     #[unroll]
                     for i in 0..tokens {
                         let prod = a_tile[i * rank_vecs_max + jv] * bv;
@@ -265,7 +293,16 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
     cols.scales.check_len("scales", layout.slots() as usize)?;
     let kernel = kernel.unwrap_or_else(|| ExpandKernel::choose::<R, F>(client, layout, segs.num_segments, segs.max_segment_len));
     match kernel {
-        ExpandKernel::Scalar(cfg) => check_expand_config(layout, &cfg)?,
+        ExpandKernel::Scalar(cfg) => {
+            check_expand_config(layout, &cfg)?;
+            let max_shared = client.properties().hardware.max_shared_memory_size;
+            if cfg.shared_bytes(size_of::<F>()) as usize > max_shared {
+                return Err(LoraError::Layout(format!(
+                    "expand config {cfg:?} needs {} bytes of shared memory, the device has {max_shared}",
+                    cfg.shared_bytes(size_of::<F>())
+                )));
+            }
+        }
         ExpandKernel::Mma { config, .. } => {
             if !config.fits::<F>(client.properties(), layout) {
                 return Err(LoraError::Layout(format!("tensor-core expand config {config:?} does not fit the layout or device")));

@@ -42,28 +42,58 @@ pub(crate) fn cube_dot_rows<F: Float, N: Size>(
     for v in 0..values {
         acc[v] = 0.0f32;
     }
-    let mut xs = Array::<Vector<f32, N>>::new(tokens);
-    let mut k = tid;
-    while k < k_vecs {
-        #[unroll]
-        for i in 0..tokens {
-            xs[i] = Vector::<f32, N>::cast_from(x[x_off[i] + k]);
-        }
-        #[unroll]
-        for r in 0..rows {
-            let av = Vector::<f32, N>::cast_from(a_pool[a_base + r * k_vecs + k]);
+    if comptime!(values <= PAIRED_STEP_VALUES) {
+        // Two K steps per pass, every load of both issued before the first FMA: with about
+        // two steps per thread (`shrink_threads`) a decode cube has all its x and A loads in
+        // flight at once, instead of two dependent rounds of memory latency. The second step
+        // past the end reloads the first (in bounds) and is not summed.
+        let mut xs = Array::<Vector<F, N>>::new(comptime!(2 * tokens));
+        let mut avs = Array::<Vector<F, N>>::new(comptime!(2 * rows));
+        let mut k = tid;
+        while k < k_vecs {
+            let k2 = k + threads;
+            let second = k2 < k_vecs;
+            let k2 = select(second, k2, k);
             #[unroll]
             for i in 0..tokens {
-                let prod = av * xs[i];
-                let mut s = 0.0f32;
-                #[unroll]
-                for l in 0..N::value() {
-                    s += prod[l];
-                }
-                acc[r * tokens + i] = acc[r * tokens + i] + s;
+                xs[i] = x[x_off[i] + k];
+                xs[tokens + i] = x[x_off[i] + k2];
             }
+            #[unroll]
+            for r in 0..rows {
+                avs[r] = a_pool[a_base + r * k_vecs + k];
+                avs[rows + r] = a_pool[a_base + r * k_vecs + k2];
+            }
+            accumulate_step::<F, N>(&mut acc, &xs, &avs, 0usize, rows, tokens);
+            if second {
+                accumulate_step::<F, N>(&mut acc, &xs, &avs, 1usize, rows, tokens);
+            }
+            k += comptime!(2 * threads);
         }
-        k += threads;
+    } else {
+        let mut xs = Array::<Vector<f32, N>>::new(tokens);
+        let mut k = tid;
+        while k < k_vecs {
+            #[unroll]
+            for i in 0..tokens {
+                xs[i] = Vector::<f32, N>::cast_from(x[x_off[i] + k]);
+            }
+            #[unroll]
+            for r in 0..rows {
+                let av = Vector::<f32, N>::cast_from(a_pool[a_base + r * k_vecs + k]);
+                #[unroll]
+                for i in 0..tokens {
+                    let prod = av * xs[i];
+                    let mut s = 0.0f32;
+                    #[unroll]
+                    for l in 0..N::value() {
+                        s += prod[l];
+                    }
+                    acc[r * tokens + i] = acc[r * tokens + i] + s;
+                }
+            }
+            k += threads;
+        }
     }
     if comptime!(plane > 0) {
         // Warp shuffles inside each plane, then one shared-memory pass across planes.
@@ -105,6 +135,37 @@ pub(crate) fn cube_dot_rows<F: Float, N: Size>(
             }
             sync_cube();
             stride /= 2;
+        }
+    }
+}
+
+/// Most sums (rows × tokens) for which [`cube_dot_rows`] holds two K steps' loads in registers
+/// at once (decode tiles); larger tiles would spill.
+const PAIRED_STEP_VALUES: usize = 16;
+
+/// Adds K step `half` (0 or 1) of the staged loads `xs` (`[2, tokens]`) and `avs`
+/// (`[2, rows]`) into `acc[r · tokens + i]`.
+#[cube]
+fn accumulate_step<F: Float, N: Size>(
+    acc: &mut Array<f32>,
+    xs: &Array<Vector<F, N>>,
+    avs: &Array<Vector<F, N>>,
+    #[comptime] half: usize,
+    #[comptime] rows: usize,
+    #[comptime] tokens: usize,
+) {
+    #[unroll]
+    for r in 0..rows {
+        let av = Vector::<f32, N>::cast_from(avs[half * rows + r]);
+        #[unroll]
+        for i in 0..tokens {
+            let prod = av * Vector::<f32, N>::cast_from(xs[half * tokens + i]);
+            let mut s = 0.0f32;
+            #[unroll]
+            for l in 0..N::value() {
+                s += prod[l];
+            }
+            acc[r * tokens + i] += s;
         }
     }
 }

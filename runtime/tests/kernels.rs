@@ -466,18 +466,37 @@ pub fn segmented_expand<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     for seed in 0..CASES {
         let rng = &mut Rng::new(200 + seed);
         let (layout, family) = random_layout(rng, None);
-        let what = format!("expand {family} seed {seed} {layout:?}");
-        let adapters = Adapters::<F>::random(client, rng, &layout);
         let tokens = rng.pick(&[1, 3, 8, 33, 70]);
-        let segs = random_segments(rng, tokens, layout.slots());
-        let (a, a64) = random_intermediate(rng, &layout, &token_slot_ranks(&segs, &adapters.ranks));
-        let delta = adapters.reference_expand(&layout, &segs, &a64, tokens);
-        let (y0, y064) = initial_y::<F>(rng, &delta);
-        let mut y = DeviceBuffer::upload(client, &y0);
-        launch_expand(client, &layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &a), &mut y, None).unwrap();
-        let out = layout.out_features() as usize;
-        check_y(&what, &y.read(client), &y064, &delta, &adapters.touched(&segs), out, F::TOLERANCE);
+        expand_case::<R, F>(client, rng, &layout, tokens, &format!("expand {family} seed {seed} {layout:?}"));
     }
+    // Decode-shaped layouts: ranks whose B rows take several staged vectors per thread, slices
+    // spanning several column blocks with a partial last block, adapters below the max rank.
+    let layouts = [
+        (64, 3, vec![slice("q", 264, 0), slice("k", 72, 1), slice("v", 72, 2)]),
+        (32, 2, vec![slice("gate", 200, 0), slice("up", 200, 1)]),
+        (16, 2, vec![slice("q_a", 520, 0), slice("kv_a", 36, 1)]),
+    ];
+    for (i, (max_rank, groups, slices)) in layouts.into_iter().enumerate() {
+        let layout = LoraLayout::new(nz(4), nz(max_rank), 64, groups, slices, None).unwrap();
+        for (j, tokens) in [1, 8, 33].into_iter().enumerate() {
+            let seed = 100 * i as u64 + j as u64;
+            let rng = &mut Rng::new(250 + seed);
+            expand_case::<R, F>(client, rng, &layout, tokens, &format!("expand decode-shaped seed {seed} {layout:?}"));
+        }
+    }
+}
+
+/// One segmented expand on random adapters, segments and intermediate, against the reference.
+fn expand_case<R: Runtime, F: StorageElem>(client: &ComputeClient<R>, rng: &mut Rng, layout: &LoraLayout, tokens: u32, what: &str) {
+    let adapters = Adapters::<F>::random(client, rng, layout);
+    let segs = random_segments(rng, tokens, layout.slots());
+    let (a, a64) = random_intermediate(rng, layout, &token_slot_ranks(&segs, &adapters.ranks));
+    let delta = adapters.reference_expand(layout, &segs, &a64, tokens);
+    let (y0, y064) = initial_y::<F>(rng, &delta);
+    let mut y = DeviceBuffer::upload(client, &y0);
+    launch_expand(client, layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &a), &mut y, None).unwrap();
+    let out = layout.out_features() as usize;
+    check_y(what, &y.read(client), &y064, &delta, &adapters.touched(&segs), out, F::TOLERANCE);
 }
 
 /// Shrink and expand fused in one launch, against the two references composed.

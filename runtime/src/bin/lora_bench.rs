@@ -459,6 +459,12 @@ fn shrink_variants<E: StorageElem>(
         let (wm, wn) = (default_config.warp_m, default_config.warp_n);
         shrinks.push((format!("shrink m{m} n{nf} w{wm}x{wn} k{kc} g{kg} s{}", default_config.stages), default_config));
     }
+    // The default tile one stage deeper: the prefill shrink waits on memory with two to three
+    // stages of 16 KiB in flight per cube, about one wave of cubes.
+    if let Some(deeper) = default_config.with_stages::<E>(device, default_config.stages + 1).filter(|_| default_config.stages > 1) {
+        let (wm, wn) = (deeper.warp_m, deeper.warp_n);
+        shrinks.push((format!("shrink m{m} n{nf} w{wm}x{wn} k{kc} g{kg} s{} deeper", deeper.stages), deeper));
+    }
     shrinks
 }
 
@@ -487,7 +493,9 @@ fn expand_variants<E: StorageElem>(device: &DeviceProperties, layout: &LoraLayou
 /// (`lorac_runtime::cuda_source`), one file per (case, variant). Compile them with
 /// `scripts/nvrtc_check.py DIR`.
 fn write_cuda_sources(dir: &str) -> std::io::Result<()> {
-    use lorac_runtime::cuda_source::{expand_source, h100_properties, moe_align_source, moe_combine_source, shrink_source};
+    use lorac_runtime::cuda_source::{
+        expand_source, h100_properties, moe_align_source, moe_combine_source, scalar_expand_source, shrink_source,
+    };
     std::fs::create_dir_all(dir)?;
     let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
     let device = h100_properties();
@@ -524,6 +532,9 @@ fn write_cuda_sources(dir: &str) -> std::io::Result<()> {
             for (name, config) in expands {
                 sources.push((name, expand_source::<_, bf16>(&client, config), None));
             }
+            // The decode expand of T = 32 tokens over the 8 adapters.
+            let decode = ExpandConfig::for_device(&device, &layout, 2, segments, 32 / segments as u32);
+            sources.push(("expand scalar decode T32".into(), scalar_expand_source::<_, bf16>(&client, decode), None));
             for (name, source, cubes) in sources {
                 let source = source.map_err(|e| std::io::Error::other(format!("{case} {name}: {e:?}")))?;
                 // nvrtc_check.py reads the grid size from this line to estimate waves.
