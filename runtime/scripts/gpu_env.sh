@@ -23,12 +23,14 @@ run_cuda_tests() {
     grep -hE "^test .*(ok|FAILED)$|panicked" "$OUT"/cuda_*.log | head -20
 }
 
-# run_bench LIMIT NAME CASES: lora_bench on the comma-separated CASES within LIMIT seconds,
-# its CSV in $OUT/NAME.csv and stderr in $OUT/NAME.err, then the exit status and each row's
-# case, variant, shrink/expand/pair µs and fraction of copy bandwidth.
+# run_bench LIMIT NAME CASES [ARGS...]: lora_bench ($LORA_BENCH, default devbin/lora_bench)
+# on the comma-separated CASES within LIMIT seconds, its CSV in $OUT/NAME.csv and stderr in
+# $OUT/NAME.err, then the exit status and each row's case, variant, shrink/expand/pair µs and
+# fraction of copy bandwidth.
 run_bench() {
     local limit=$1 name=$2 cases=$3
-    timeout "$limit" devbin/lora_bench --case "$cases" --csv "$OUT/$name.csv" > /dev/null 2> "$OUT/$name.err"
+    shift 3
+    timeout "$limit" "${LORA_BENCH:-devbin/lora_bench}" --case "$cases" --csv "$OUT/$name.csv" "$@" > /dev/null 2> "$OUT/$name.err"
     echo "rc=$?"
     grep -v "^#" "$OUT/$name.csv" | cut -d, -f1-5,11
 }

@@ -98,8 +98,60 @@ pub(crate) fn expand_block(
     ExpandBlock { group, start, end, slot: slot as usize, rank, scale, tid, active, b_row0, block_b0, cols_left, rank_vecs, y_vecs, y_col }
 }
 
+/// Loads the thread's y vectors for each token `i` of the tile starting at `p0` in the segment
+/// (their indices into `y_at`, their values into `y_old`), every load issued before any is
+/// used: [`store_tile_to_y`] writes y afterwards, and a load placed after a store to y would
+/// wait for it (y is not `restrict`), one memory round trip per token.
+#[cube]
+pub(crate) fn load_tile_of_y<F: Float, NY: Size>(
+    y: &Array<Vector<F, NY>>,
+    token_perm: &Array<u32>,
+    blk: &ExpandBlock,
+    p0: usize,
+    y_at: &mut Array<usize>,
+    y_old: &mut Array<Vector<F, NY>>,
+    #[comptime] tokens: usize,
+) {
+    #[unroll]
+    for i in 0..tokens {
+        if p0 + i < blk.end {
+            let yi = token_perm[p0 + i] as usize * blk.y_vecs + blk.y_col;
+            y_at[i] = yi;
+            y_old[i] = y[yi];
+        }
+    }
+}
+
+/// Writes `y_old + scale · acc[i, ..ny]` (in f32) to the thread's y vectors loaded by
+/// [`load_tile_of_y`]: one read-modify-write of y per token.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn store_tile_to_y<F: Float, NY: Size>(
+    y: &mut Array<Vector<F, NY>>,
+    acc: &Array<f32>,
+    blk: &ExpandBlock,
+    p0: usize,
+    y_at: &Array<usize>,
+    y_old: &Array<Vector<F, NY>>,
+    #[comptime] tokens: usize,
+    #[comptime] ny: usize,
+) {
+    #[unroll]
+    for i in 0..tokens {
+        if p0 + i < blk.end {
+            let mut yv = Vector::<f32, NY>::cast_from(y_old[i]);
+            #[unroll]
+            for v in 0..ny {
+                yv[v] += blk.scale * acc[i * ny + v];
+            }
+            let yi = y_at[i];
+            y[yi] = Vector::<F, NY>::cast_from(yv);
+        }
+    }
+}
+
 /// Adds `scale · acc[i, ..ny]` into y at the thread's columns for each token `i` of the tile
-/// starting at `p0` in the segment: one read-modify-write of y per token, in f32.
+/// starting at `p0` in the segment: [`load_tile_of_y`], then [`store_tile_to_y`].
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn add_tile_to_y<F: Float, NY: Size>(
@@ -111,18 +163,10 @@ pub(crate) fn add_tile_to_y<F: Float, NY: Size>(
     #[comptime] tokens: usize,
     #[comptime] ny: usize,
 ) {
-    #[unroll]
-    for i in 0..tokens {
-        if p0 + i < blk.end {
-            let yi = token_perm[p0 + i] as usize * blk.y_vecs + blk.y_col;
-            let mut yv = Vector::<f32, NY>::cast_from(y[yi]);
-            #[unroll]
-            for v in 0..ny {
-                yv[v] += blk.scale * acc[i * ny + v];
-            }
-            y[yi] = Vector::<F, NY>::cast_from(yv);
-        }
-    }
+    let mut y_at = Array::<usize>::new(tokens);
+    let mut y_old = Array::<Vector<F, NY>>::new(tokens);
+    load_tile_of_y::<F, NY>(y, token_perm, blk, p0, &mut y_at, &mut y_old, tokens);
+    store_tile_to_y::<F, NY>(y, acc, blk, p0, &y_at, &y_old, tokens, ny);
 }
 
 #[cube(launch_unchecked)]
@@ -174,6 +218,8 @@ pub(crate) fn expand_kernel<F: Float, NY: Size, NB: Size>(
     // The tile's intermediate as rank vectors: one shared-memory read feeds NB FMAs.
     let mut a_tile = SharedMemory::<Vector<f32, NB>>::new(comptime!(tokens * rank_vecs_max));
     let mut acc = Array::<f32>::new(comptime!(tokens * ny));
+    let mut y_at = Array::<usize>::new(tokens);
+    let mut y_old = Array::<Vector<F, NY>>::new(tokens);
 
     let mut p0 = blk.start + split * tokens;
     while p0 < blk.end {
@@ -201,6 +247,8 @@ pub(crate) fn expand_kernel<F: Float, NY: Size, NB: Size>(
         // Publishes the intermediate tile (and, the first time, the B rows).
         sync_cube();
         if blk.active {
+            // y's loads go out before the multiply, which hides their latency.
+            load_tile_of_y::<F, NY>(y, token_perm, &blk, p0, &mut y_at, &mut y_old, tokens);
             #[unroll]
             for i in 0..comptime!(tokens * ny) {
                 acc[i] = 0.0f32;
@@ -221,7 +269,7 @@ pub(crate) fn expand_kernel<F: Float, NY: Size, NB: Size>(
                     }
                 }
             }
-            add_tile_to_y::<F, NY>(y, token_perm, &acc, &blk, p0, tokens, ny);
+            store_tile_to_y::<F, NY>(y, &acc, &blk, p0, &y_at, &y_old, tokens, ny);
         }
         sync_cube();
         p0 += splits * tokens;

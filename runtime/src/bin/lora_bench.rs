@@ -7,6 +7,7 @@
 //! its adapters from HBM, not from the 50 MB L2.
 //!
 //! Usage: `lora_bench [--quick] [--prefill-only] [--case NAME-PART,...] [--variant NAME-PART,...]
+//! (a case part starting with `^` matches the start of the name)
 //! [--csv FILE] [--profile-pass]`, or `lora_bench --cuda-sources DIR` (no GPU needed: writes
 //! the CUDA C++ of the H100's prefill tensor-core kernels, see `write_cuda_sources`).
 //! `--profile-pass` launches every kernel a few times with no timing loop, for `ncu` to time
@@ -52,8 +53,15 @@ struct Opts {
 }
 
 impl Opts {
+    /// A part starting with `^` matches the start of the case name ("^gate_up" leaves out
+    /// "moe_gate_up"); any other part matches anywhere in it.
     fn selects(&self, case: &str) -> bool {
-        self.case_filter.as_deref().is_none_or(|f| f.split(',').any(|part| case.contains(part)))
+        self.case_filter.as_deref().is_none_or(|f| {
+            f.split(',').any(|part| match part.strip_prefix('^') {
+                Some(prefix) => case.starts_with(prefix),
+                None => case.contains(part),
+            })
+        })
     }
 
     fn selects_variant(&self, variant: &str) -> bool {
