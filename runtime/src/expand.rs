@@ -11,6 +11,7 @@
 //! in rank order, one dependent round of loads per rank vector, which left the kernel waiting
 //! on memory latency (H100: 0.4–1.2 TB/s, runtime/BENCHMARKS.md).
 
+use cubecl::ir::DeviceProperties;
 use cubecl::prelude::*;
 use lorac_plan::LoraLayout;
 
@@ -341,16 +342,7 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
     cols.scales.check_len("scales", layout.slots() as usize)?;
     let kernel = kernel.unwrap_or_else(|| ExpandKernel::choose::<R, F>(client, layout, segs.num_segments, segs.max_segment_len));
     match kernel {
-        ExpandKernel::Scalar(cfg) => {
-            check_expand_config(layout, &cfg)?;
-            let max_shared = client.properties().hardware.max_shared_memory_size;
-            if cfg.shared_bytes(size_of::<F>()) as usize > max_shared {
-                return Err(LoraError::Layout(format!(
-                    "expand config {cfg:?} needs {} bytes of shared memory, the device has {max_shared}",
-                    cfg.shared_bytes(size_of::<F>())
-                )));
-            }
-        }
+        ExpandKernel::Scalar(cfg) => check_expand_config(client.properties(), layout, &cfg, size_of::<F>())?,
         ExpandKernel::Mma { config, .. } => {
             if !config.fits::<F>(client.properties(), layout) {
                 return Err(LoraError::Layout(format!("tensor-core expand config {config:?} does not fit the layout or device")));
@@ -470,7 +462,9 @@ pub(crate) fn expand_geometry<R: Runtime>(
     (ny, nb, widest.div_ceil(threads * ny as u32))
 }
 
-pub(crate) fn check_expand_config(layout: &LoraLayout, cfg: &ExpandConfig) -> Result<()> {
+/// Whether a CUDA-core expand config fits the layout and, for `elem_size`-byte storage, the
+/// device's shared memory.
+fn check_expand_config(device: &DeviceProperties, layout: &LoraLayout, cfg: &ExpandConfig, elem_size: usize) -> Result<()> {
     let ok = cfg.groups == layout.groups()
         && cfg.max_rank == layout.max_rank()
         && cfg.out_vector > 0
@@ -482,6 +476,10 @@ pub(crate) fn check_expand_config(layout: &LoraLayout, cfg: &ExpandConfig) -> Re
         && cfg.threads > 0;
     if !ok {
         return Err(LoraError::Layout(format!("expand config {cfg:?} does not fit the layout")));
+    }
+    let (needed, max_shared) = (cfg.shared_bytes(elem_size) as usize, device.hardware.max_shared_memory_size);
+    if needed > max_shared {
+        return Err(LoraError::Layout(format!("expand config {cfg:?} needs {needed} bytes of shared memory, the device has {max_shared}")));
     }
     Ok(())
 }
