@@ -66,17 +66,24 @@ pub fn h100_properties() -> DeviceProperties {
 /// The compiler options cubecl's CUDA runtime sets on sm_90 (grid constants, clusters, fast
 /// math, `elect.sync`), so the generated source is the one the device would compile.
 fn sm90_options() -> CudaOptions {
+    cuda_options(90)
+}
+
+/// The compiler options cubecl's CUDA runtime (0.10) sets for compute capability
+/// `arch_version` (major·10 + minor): fast math always, grid constants from sm_70, fast `tanh`
+/// from sm_75, clusters and `elect.sync` from sm_90.
+pub fn cuda_options(arch_version: u32) -> CudaOptions {
     let mut options = CudaOptions { warp_size: 32, ..Default::default() };
     let features = &mut options.supports_features;
-    features.grid_constants = true;
-    features.clusters = true;
     features.fast_math = true;
-    features.fast_tanh = true;
-    features.elect_sync = true;
+    features.grid_constants = arch_version >= 70;
+    features.fast_tanh = arch_version >= 75;
+    features.clusters = arch_version >= 90;
+    features.elect_sync = arch_version >= 90;
     options
 }
 
-type CudaOptions = <CudaCompiler as Compiler>::CompilationOptions;
+pub type CudaOptions = <CudaCompiler as Compiler>::CompilationOptions;
 
 fn lower(definition: cubecl::prelude::KernelDefinition) -> Result<String, CompilationError> {
     let address = u32::as_type_native_unchecked().storage_type();

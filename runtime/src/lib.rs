@@ -18,13 +18,15 @@
 //!   ([`moe_grouped`]: pairs grouped by (slot, expert) through the dense kernels, for prefill;
 //!   [`moe_combine`]: the router's weighted sum behind its down expand).
 //!
-//! [`cuda_source`] lowers the tensor-core kernels to CUDA C++ for a described GPU (an H100),
+//! [`cuda_graph`] replays recorded launches of these kernels as CUDA graphs (decode without
+//! cubecl's per-launch host cost); [`cuda_source`] lowers the tensor-core kernels to CUDA C++ for a described GPU (an H100),
 //! so they are expanded and checked without one (CI has no GPU).
 
 pub mod batch;
 pub mod buffer;
 pub mod chunked;
 pub mod config;
+pub mod cuda_graph;
 pub mod cuda_source;
 pub mod embedding;
 pub mod error;

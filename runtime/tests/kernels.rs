@@ -1011,3 +1011,137 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     assert!(pipelined > 0 && warp_blocks > 0 && emulated > 0 && expands > 0, "{counts}");
     eprintln!("lowered {counts}");
 }
+
+/// The CUDA-graph path (`lorac_runtime::cuda_graph`) launches cubecl's kernels itself, from what
+/// a recording client received: every recorded launch must lower to a CUDA entry point whose
+/// parameters are exactly the recorded buffers and `info` block. Checked here without a GPU
+/// (the buffers come from the wgpu client; the recording client only refers to them) on the
+/// decode kernels the graphs hold, as derived for an H100.
+#[test]
+fn recorded_launches_lower_to_matching_cuda_entry_points() {
+    use lorac_runtime::cuda_graph::{lower_recorded, record_launches};
+    use lorac_runtime::cuda_source::h100_properties;
+    type F = half::bf16;
+    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+    let device = h100_properties();
+    let mut checked = 0;
+    for seed in 0..CASES {
+        let rng = &mut Rng::new(1900 + seed);
+        let (layout, family) = random_layout(rng, None);
+        let adapters = Adapters::<F>::random(&client, rng, &layout);
+        let tokens = rng.pick(&[1, 3, 8, 33]);
+        let segs = random_segments(rng, tokens, layout.slots()).upload(&client);
+        let x = DeviceBuffer::<F>::upload(&client, &random_x::<F>(rng, &layout, tokens as usize).0);
+        let mut a = poisoned_intermediate(&client, &layout, tokens as usize);
+        let mut y = DeviceBuffer::<F>::empty(&client, tokens as usize * layout.out_features() as usize);
+        let (launched, launches) = record_launches(&device, |rec| {
+            launch_shrink(rec, &layout, &adapters.pool, &segs, &x, &mut a, None)?;
+            launch_expand(rec, &layout, &adapters.pool, &segs, &a, &mut y, None)?;
+            launch_fused(rec, &layout, &adapters.pool, &segs, &x, &mut y, None)
+        });
+        launched.unwrap();
+        let what = format!("{family} seed {seed} T={tokens} {layout:?}");
+        assert_eq!(launches.len(), 3, "{what}: one launch per call: {launches:?}");
+        let names: Vec<&str> = launches.iter().map(|l| l.kernel.name()).collect();
+        for (name, family) in names.iter().zip(["shrink", "expand", "fused"]) {
+            assert!(name.contains(family), "{what}: recorded {names:?}");
+        }
+        for launch in &launches {
+            let lowered = lower_recorded(launch, 90).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let (buffers, info_bytes) = entry_point_parameters(&lowered.source, &lowered.entrypoint);
+            assert_eq!(buffers, launch.args.buffers.len(), "{what}: {} buffer parameters", lowered.entrypoint);
+            // cubecl packs the block in 8-byte words.
+            assert_eq!(info_bytes.div_ceil(8), launch.args.info.data.len(), "{what}: {} info block", lowered.entrypoint);
+            assert!(launch.args.tensor_maps.is_empty() && launch.args.info.dynamic_metadata_offset == launch.args.info.data.len());
+            checked += 1;
+        }
+        // The expand's first scalar is the layout's output width (its `info` block is what
+        // the graph passes the kernel by value).
+        let expand_info = &launches[1].args.info.data;
+        assert_eq!(expand_info[0] as u32, layout.out_features(), "{what}: expand scalars {expand_info:?}");
+    }
+    assert_eq!(checked, 3 * CASES);
+}
+
+/// The number of buffer parameters of `entry` in `source`, and the size in bytes of its
+/// `info_st` grid-constant parameter (0 when it takes none), from the struct's fields.
+fn entry_point_parameters(source: &str, entry: &str) -> (usize, usize) {
+    let start = source.find(&format!("{entry} (")).unwrap_or_else(|| panic!("no entry point {entry} in\n{source}"));
+    let params = &source[start + entry.len() + 2..];
+    let params = &params[..params.find(')').expect("parameter list")];
+    let buffers = params.split(',').filter(|p| p.contains("buffer_")).count();
+    if !params.contains("info_st info") {
+        return (buffers, 0);
+    }
+    let body = &source[source.find("struct info_st {").expect("info_st") + "struct info_st {".len()..];
+    let body = &body[..body.find("};").expect("end of info_st")];
+    let info_bytes = body
+        .split(';')
+        .filter(|field| !field.trim().is_empty())
+        .map(|field| {
+            let field = field.trim();
+            let width = match field.split_whitespace().next() {
+                Some("uint32" | "int32" | "float") => 4,
+                Some("uint64" | "int64" | "double") => 8,
+                other => panic!("info_st field type {other:?} in {field}"),
+            };
+            let count = field.split('[').nth(1).map_or(1, |n| n.trim_end_matches(']').parse::<usize>().expect("array length"));
+            width * count
+        })
+        .sum();
+    (buffers, info_bytes)
+}
+
+/// Shrink and expand (and the fused kernel) recorded, captured into one CUDA graph and replayed
+/// twice: y must hold y0 plus twice the reference delta. The graph runs the kernels on its own
+/// stream, with the addresses and `info` blocks it resolved at capture.
+#[cfg(feature = "cuda-tests")]
+fn cuda_graph_decode<F: StorageElem>() {
+    use cubecl::cuda::CudaRuntime;
+    use lorac_runtime::cuda_graph::{GraphBuilder, record_launches};
+    let device = Default::default();
+    let client = CudaRuntime::client(&device);
+    let mut builder = GraphBuilder::new(&device).unwrap();
+    for seed in 0..CASES {
+        let rng = &mut Rng::new(2000 + seed);
+        let (layout, family) = random_layout(rng, None);
+        let what = format!("graph {family} seed {seed} {layout:?}");
+        let adapters = Adapters::<F>::random(&client, rng, &layout);
+        let tokens = rng.pick(&[1, 3, 8, 33]);
+        let segs = random_segments(rng, tokens, layout.slots());
+        let (x, x64) = random_x::<F>(rng, &layout, tokens as usize);
+        let a64 = adapters.reference_shrink(&layout, &segs, &x64, tokens);
+        let delta = adapters.reference_expand(&layout, &segs, &a64, tokens);
+        let twice: Vec<f64> = delta.iter().map(|d| 2.0 * d).collect();
+        let (y0, y064) = initial_y::<F>(rng, &delta);
+        let (dev_segs, x) = (segs.upload(&client), DeviceBuffer::upload(&client, &x));
+        let mut a = poisoned_intermediate(&client, &layout, tokens as usize);
+        let (mut y_pair, mut y_fused) = (DeviceBuffer::upload(&client, &y0), DeviceBuffer::upload(&client, &y0));
+        let (launched, launches) = record_launches(client.properties(), |rec| {
+            launch_shrink(rec, &layout, &adapters.pool, &dev_segs, &x, &mut a, None)?;
+            launch_expand(rec, &layout, &adapters.pool, &dev_segs, &a, &mut y_pair, None)?;
+            launch_fused(rec, &layout, &adapters.pool, &dev_segs, &x, &mut y_fused, None)
+        });
+        launched.unwrap();
+        let graph = builder.capture(&client, &launches).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(graph.kernels(), 3, "{what}");
+        graph.replay().unwrap();
+        graph.replay().unwrap();
+        builder.synchronize().unwrap();
+        let (out, touched) = (layout.out_features() as usize, adapters.touched(&segs));
+        check_y(&format!("{what} shrink+expand"), &y_pair.read(&client), &y064, &twice, &touched, out, 2.0 * F::TOLERANCE);
+        check_y(&format!("{what} fused"), &y_fused.read(&client), &y064, &twice, &touched, out, 4.0 * F::TOLERANCE);
+    }
+}
+
+#[cfg(feature = "cuda-tests")]
+#[test]
+fn cuda_graph_decode_f32() {
+    cuda_graph_decode::<f32>();
+}
+
+#[cfg(feature = "cuda-tests")]
+#[test]
+fn cuda_graph_decode_bf16() {
+    cuda_graph_decode::<half::bf16>();
+}

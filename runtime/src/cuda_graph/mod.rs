@@ -1,0 +1,280 @@
+//! CUDA graphs of the LoRA kernels: a decode step's launches replayed with one host call.
+//!
+//! Decode LoRA is launch-bound under cubecl 0.10: every launch crosses a channel to the
+//! device's thread (5–7 µs of host time on the H100, against 2–5 µs of kernel), and cubecl
+//! exposes no graph capture. Serving engines capture the decode step once and replay it;
+//! this module does the same for cubecl kernels without changing them:
+//!
+//! 1. [`record_launches`] runs this crate's ordinary launch functions against a recording
+//!    client ([`RecordingRuntime`]) that reports the real device's properties, so it receives
+//!    the kernels, grids and packed arguments cubecl's CUDA runtime would have launched.
+//! 2. [`GraphBuilder::capture`] compiles each distinct kernel with NVRTC under the options
+//!    cubecl uses for the device's architecture, resolves each buffer binding to its device
+//!    address through the CUDA client, and captures the launches on its own stream into a
+//!    CUDA graph.
+//! 3. [`LaunchGraph::replay`] launches the whole graph; its buffers stay allocated (held by
+//!    the graph) for as long as it can replay.
+//!
+//! The graph runs on the builder's stream, not cubecl's: work cubecl queues that writes the
+//! graph's inputs must be synchronised (`client.sync()`) before a replay, and the graph
+//! ([`GraphBuilder::synchronize`]) before cubecl reads its outputs.
+
+mod record;
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cubecl::client::ComputeClient;
+use cubecl::cuda::{CudaCompiler, CudaDevice, CudaRuntime};
+use cubecl::device::Device;
+use cubecl::device_handle::DeviceHandle;
+use cubecl::prelude::*;
+use cubecl::server::ComputeServer;
+use cubecl_runtime::id::KernelId;
+use cubecl_runtime::storage::{ComputeStorage, ManagedResource};
+use cudarc::driver::sys::{CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, DriverError};
+use cudarc::nvrtc::CompileOptions;
+
+pub use record::{RecordedLaunch, RecordingDevice, RecordingRuntime, RecordingServer, record_launches};
+
+use crate::cuda_source::{CudaOptions, cuda_options};
+
+type CudaServer = <CudaRuntime as Runtime>::Server;
+type GpuResource = <<CudaServer as ComputeServer>::Storage as ComputeStorage>::Resource;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GraphError {
+    #[error("CUDA driver: {call} failed: {error}")]
+    Driver { call: &'static str, error: DriverError },
+    #[error("kernel `{kernel}` did not compile: {reason}")]
+    Compile { kernel: &'static str, reason: String },
+    #[error("kernel `{kernel}` cannot be captured: {reason}")]
+    Unsupported { kernel: &'static str, reason: String },
+    #[error("buffer {index} of kernel `{kernel}` is not a live buffer of the CUDA client: {reason}")]
+    Buffer { kernel: &'static str, index: usize, reason: String },
+    #[error(
+        "the device (compute capability {major}.{minor}) is older than sm_70: cubecl passes kernel arguments as grid constants only from sm_70"
+    )]
+    Architecture { major: i32, minor: i32 },
+}
+
+fn driver(call: &'static str) -> impl FnOnce(DriverError) -> GraphError {
+    move |error| GraphError::Driver { call, error }
+}
+
+/// One compiled kernel, loaded in the builder's context.
+struct LoadedKernel {
+    function: CudaFunction,
+    block: (u32, u32, u32),
+    shared_bytes: u32,
+    /// Keeps the function's module loaded.
+    _module: Arc<CudaModule>,
+}
+
+/// A recorded launch's kernel as CUDA C++, with what its launch needs.
+#[derive(Debug, Clone)]
+pub struct LoweredKernel {
+    pub source: String,
+    pub entrypoint: String,
+    /// Threads per cube (x, y, z).
+    pub block: (u32, u32, u32),
+    /// Dynamic shared memory per cube.
+    pub shared_bytes: u32,
+}
+
+/// Lowers a recorded launch's kernel to CUDA C++ as cubecl's CUDA runtime would on a device of
+/// compute capability `arch_version` (major·10 + minor). Needs no GPU.
+pub fn lower_recorded(launch: &RecordedLaunch, arch_version: u32) -> Result<LoweredKernel, GraphError> {
+    lower_with(launch, &cuda_options(arch_version))
+}
+
+fn lower_with(launch: &RecordedLaunch, options: &CudaOptions) -> Result<LoweredKernel, GraphError> {
+    let kernel = launch.kernel.name();
+    let compile_error = |reason: String| GraphError::Compile { kernel, reason };
+    let compiled = launch
+        .kernel
+        .compile(&mut CudaCompiler::default(), options, launch.mode, launch.kernel.address_type())
+        .map_err(|e| compile_error(e.to_string()))?;
+    let shared_bytes = compiled.repr.as_ref().map_or(0, |repr| repr.shared_memory_size());
+    let shared_bytes = u32::try_from(shared_bytes).map_err(|_| compile_error(format!("{shared_bytes} bytes of shared memory")))?;
+    let dim = compiled.cube_dim;
+    Ok(LoweredKernel { source: compiled.source, entrypoint: compiled.entrypoint_name, block: (dim.x, dim.y, dim.z), shared_bytes })
+}
+
+/// Captures recorded launches into CUDA graphs on one stream, compiling each distinct kernel
+/// once.
+pub struct GraphBuilder {
+    device: CudaDevice,
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    options: CudaOptions,
+    arch_flag: String,
+    kernels: HashMap<KernelId, Arc<LoadedKernel>>,
+}
+
+impl GraphBuilder {
+    /// A builder on `device`, in the primary context cubecl's CUDA runtime also uses (so both
+    /// see the same device addresses).
+    pub fn new(device: &CudaDevice) -> Result<Self, GraphError> {
+        let context = CudaContext::new(device.index).map_err(driver("cuDevicePrimaryCtxRetain"))?;
+        let (major, minor) = context.compute_capability().map_err(driver("cuDeviceGetAttribute"))?;
+        if major < 7 {
+            return Err(GraphError::Architecture { major, minor });
+        }
+        let version = (major * 10 + minor) as u32;
+        // The flags cubecl's CUDA runtime passes NVRTC (`a` targets from sm_90 on).
+        let arch_flag = format!("--gpu-architecture=sm_{version}{}", if version >= 90 { "a" } else { "" });
+        let stream = context.new_stream().map_err(driver("cuStreamCreate"))?;
+        Ok(Self { device: device.clone(), context, stream, options: cuda_options(version), arch_flag, kernels: HashMap::new() })
+    }
+
+    /// How many distinct kernels have been compiled so far.
+    pub fn compiled_kernels(&self) -> usize {
+        self.kernels.len()
+    }
+
+    fn load(&mut self, launch: &RecordedLaunch) -> Result<Arc<LoadedKernel>, GraphError> {
+        let mut id = launch.kernel.id();
+        id.mode(launch.mode);
+        if let Some(kernel) = self.kernels.get(&id) {
+            return Ok(kernel.clone());
+        }
+        let name = launch.kernel.name();
+        let compile_error = |reason: String| GraphError::Compile { kernel: name, reason };
+        let lowered = lower_with(launch, &self.options)?;
+        let mut options = vec![self.arch_flag.clone(), "-lineinfo".to_string()];
+        for include in [cubecl::cuda::install::include_path(), cubecl::cuda::install::cccl_include_path()] {
+            if include.exists() {
+                options.push(format!("--include-path={}", include.display()));
+            }
+        }
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(&lowered.source, CompileOptions { options, ..Default::default() })
+            .map_err(|e| compile_error(format!("NVRTC: {e}")))?;
+        let module = self.context.load_module(ptx).map_err(driver("cuModuleLoadData"))?;
+        let function = module.load_function(&lowered.entrypoint).map_err(driver("cuModuleGetFunction"))?;
+        function
+            .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, lowered.shared_bytes as i32)
+            .map_err(driver("cuFuncSetAttribute"))?;
+        let kernel = Arc::new(LoadedKernel { function, block: lowered.block, shared_bytes: lowered.shared_bytes, _module: module });
+        self.kernels.insert(id, kernel.clone());
+        Ok(kernel)
+    }
+
+    /// The device address of each of `launch`'s buffers, and the resources that keep them
+    /// allocated.
+    fn resolve(&self, launch: &RecordedLaunch) -> Result<Vec<ManagedResource<GpuResource>>, GraphError> {
+        let server = DeviceHandle::<CudaServer>::new(self.device.to_id());
+        let stream = cubecl::stream_id::StreamId::current();
+        let name = launch.kernel.name();
+        launch
+            .args
+            .buffers
+            .iter()
+            .enumerate()
+            .map(|(index, binding)| {
+                let binding = binding.clone();
+                server
+                    .submit_blocking(move |server| server.get_resource(binding, stream))
+                    .map_err(|e| GraphError::Buffer { kernel: name, index, reason: format!("{e:?}") })?
+                    .map_err(|e| GraphError::Buffer { kernel: name, index, reason: e.to_string() })
+            })
+            .collect()
+    }
+
+    /// Captures `launches`, in order, into a graph. Everything cubecl has queued is finished
+    /// first, so the graph's inputs written through the CUDA client are in place.
+    pub fn capture(&mut self, cuda: &ComputeClient<CudaRuntime>, launches: &[RecordedLaunch]) -> Result<LaunchGraph, GraphError> {
+        struct Prepared {
+            kernel: Arc<LoadedKernel>,
+            grid: (u32, u32, u32),
+            addresses: Vec<u64>,
+            info: Vec<u64>,
+        }
+        let mut resources = Vec::new();
+        let mut prepared = Vec::with_capacity(launches.len());
+        for launch in launches {
+            let name = launch.kernel.name();
+            let unsupported = |reason: &str| GraphError::Unsupported { kernel: name, reason: reason.to_string() };
+            let grid = match launch.count {
+                CubeCount::Static(x, y, z) => (x, y, z),
+                CubeCount::Dynamic(_) => return Err(unsupported("its cube count is read from a device buffer")),
+            };
+            if !launch.args.tensor_maps.is_empty() {
+                return Err(unsupported("it takes TMA tensor maps"));
+            }
+            if launch.args.info.dynamic_metadata_offset < launch.args.info.data.len() {
+                return Err(unsupported("it takes dynamic metadata (a separate device buffer in cubecl)"));
+            }
+            if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+                continue; // An empty grid does nothing (and CUDA refuses to launch it).
+            }
+            let kernel = self.load(launch)?;
+            let buffers = self.resolve(launch)?;
+            let addresses = buffers.iter().map(|b| b.resource().ptr).collect();
+            resources.extend(buffers);
+            prepared.push(Prepared { kernel, grid, addresses, info: launch.args.info.data.clone() });
+        }
+        cubecl::future::block_on(cuda.sync())
+            .map_err(|e| GraphError::Unsupported { kernel: "(cubecl queue before capture)", reason: e.to_string() })?;
+
+        self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(driver("cuStreamBeginCapture"))?;
+        let mut launched: Result<(), GraphError> = Ok(());
+        for p in &mut prepared {
+            // Parameters as cubecl passes them: one pointer to each buffer's address, then the
+            // `info` block by value (a grid constant).
+            let mut params: Vec<*mut c_void> = p.addresses.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect();
+            params.push(p.info.as_mut_ptr() as *mut c_void);
+            // SAFETY: the function was compiled from this launch's kernel, whose parameters are
+            // exactly these buffers and this info block; the addresses are live allocations held
+            // by `resources`; `params` outlives the call, which copies them into the graph node.
+            let result = unsafe {
+                cudarc::driver::result::launch_kernel(
+                    p.kernel.function.cu_function(),
+                    p.grid,
+                    p.kernel.block,
+                    p.kernel.shared_bytes,
+                    self.stream.cu_stream(),
+                    &mut params,
+                )
+            };
+            if let Err(error) = result {
+                launched = Err(GraphError::Driver { call: "cuLaunchKernel (capturing)", error });
+                break;
+            }
+        }
+        // End the capture even after a failed launch, so the stream is usable again.
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0)).map_err(driver("cuStreamEndCapture / cuGraphInstantiate"));
+        launched?;
+        let graph = graph?.ok_or(GraphError::Unsupported { kernel: "(graph)", reason: "the capture recorded nothing".into() })?;
+        graph.upload().map_err(driver("cuGraphUpload"))?;
+        Ok(LaunchGraph { graph, kernels: prepared.len(), _resources: resources, _loaded: prepared.into_iter().map(|p| p.kernel).collect() })
+    }
+
+    /// Waits for every graph replayed so far.
+    pub fn synchronize(&self) -> Result<(), GraphError> {
+        self.stream.synchronize().map_err(driver("cuStreamSynchronize"))
+    }
+}
+
+/// A captured sequence of kernel launches.
+pub struct LaunchGraph {
+    graph: CudaGraph,
+    kernels: usize,
+    /// The buffers the kernels address: held so cubecl cannot free or reuse them.
+    _resources: Vec<ManagedResource<GpuResource>>,
+    _loaded: Vec<Arc<LoadedKernel>>,
+}
+
+impl LaunchGraph {
+    /// Launches every captured kernel, in order, on the builder's stream (asynchronously).
+    pub fn replay(&self) -> Result<(), GraphError> {
+        self.graph.launch().map_err(driver("cuGraphLaunch"))
+    }
+
+    /// How many kernel launches the graph holds.
+    pub fn kernels(&self) -> usize {
+        self.kernels
+    }
+}
