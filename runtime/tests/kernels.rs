@@ -1038,7 +1038,8 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
             launch_shrink(rec, &layout, &adapters.pool, &segs, &x, &mut a, None)?;
             launch_expand(rec, &layout, &adapters.pool, &segs, &a, &mut y, None)?;
             launch_fused(rec, &layout, &adapters.pool, &segs, &x, &mut y, None)
-        });
+        })
+        .unwrap();
         launched.unwrap();
         let what = format!("{family} seed {seed} T={tokens} {layout:?}");
         assert_eq!(launches.len(), 3, "{what}: one launch per call: {launches:?}");
@@ -1061,6 +1062,11 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
         assert_eq!(expand_info[0] as u32, layout.out_features(), "{what}: expand scalars {expand_info:?}");
     }
     assert_eq!(checked, 3 * CASES);
+    // A write cannot be replayed by a graph of launches: recording one is an error, not a
+    // silently missing write.
+    let refused = record_launches(&device, |rec| DeviceBuffer::<f32>::upload(rec, &[1.0, 2.0]));
+    let err = refused.err().expect("an upload through the recording client must be refused");
+    assert!(err.to_string().contains("only kernel launches"), "{err}");
 }
 
 /// The number of buffer parameters of `entry` in `source`, and the size in bytes of its
@@ -1121,7 +1127,8 @@ fn cuda_graph_decode<F: StorageElem>() {
             launch_shrink(rec, &layout, &adapters.pool, &dev_segs, &x, &mut a, None)?;
             launch_expand(rec, &layout, &adapters.pool, &dev_segs, &a, &mut y_pair, None)?;
             launch_fused(rec, &layout, &adapters.pool, &dev_segs, &x, &mut y_fused, None)
-        });
+        })
+        .unwrap();
         launched.unwrap();
         let graph = builder.capture(&client, &launches).unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(graph.kernels(), 3, "{what}");

@@ -6,7 +6,10 @@
 //! the same run. Inputs rotate over enough independent buffer sets that each launch streams
 //! its adapters from HBM, not from the 50 MB L2.
 //!
-//! Usage: `lora_bench [--quick] [--prefill-only] [--case NAME-PART,...] [--variant NAME-PART,...]
+//! Decode cases (T ≤ 128) are also timed replayed from CUDA graphs (see `graph_rows`;
+//! `--no-graphs` leaves them out).
+//!
+//! Usage: `lora_bench [--quick] [--prefill-only] [--no-graphs] [--case NAME-PART,...] [--variant NAME-PART,...]
 //! (a case part starting with `^` matches the start of the name)
 //! [--csv FILE] [--profile-pass]`, or `lora_bench --cuda-sources DIR` (no GPU needed: writes
 //! the CUDA C++ of the H100's prefill tensor-core kernels, see `write_cuda_sources`).
@@ -23,6 +26,7 @@ use cubecl::prelude::*;
 use half::bf16;
 use lorac_plan::{ExpertDims, LoraLayout, LoraSlice};
 use lorac_runtime::chunked::ChunkedPlan;
+use lorac_runtime::cuda_graph::{GraphBuilder, LaunchGraph, RecordingRuntime, record_launches};
 use lorac_runtime::expand::{ExpandKernel, launch_expand};
 use lorac_runtime::expand_mma::MmaExpandConfig;
 use lorac_runtime::fused::launch_fused;
@@ -50,6 +54,8 @@ struct Opts {
     /// Only the tile-sweep variants whose name contains one of these comma-separated parts
     /// (e.g. `"expand m1 n8 s3"`, or `"w2x2 k64,w1x1"`).
     variant_filter: Option<String>,
+    /// Also time decode cases replayed from CUDA graphs (CUDA runs only).
+    graphs: bool,
 }
 
 impl Opts {
@@ -322,12 +328,118 @@ fn dense_case<R: Runtime, E: StorageElem>(
             expand_bytes: expand_bytes - inter,
         });
     }
+    if opts.graphs && tokens <= 128 {
+        rows.extend(graph_rows(opts, &layout, &dev, &mut data, iters, &case, shrink_bytes, expand_bytes));
+    }
     if tokens >= 256 {
         let plan = ChunkedPlan::new::<R, E>(client, &layout, tokens, 64).unwrap();
         let chunks = plan.prepare(&segs).unwrap().upload(client);
         rows.push(time_dense(client, opts, &layout, &chunks, &mut data, iters, case, "chunked64", Some(&plan), shrink_bytes, expand_bytes));
     }
     rows
+}
+
+/// Decode cases replayed from CUDA graphs (`lorac_runtime::cuda_graph`), the way a serving
+/// loop replays its decode step, with no cubecl launch in the timed loop:
+/// * "graph": one graph holding the shrink and expand of every rotation set, back to back (as
+///   a decode step's graph holds every layer's), replayed; the time is per pair;
+/// * "graph per pair": one graph per rotation set holding one shrink and one expand, the
+///   graphs replayed in turn: each pair pays a graph launch;
+/// * "fused graph" (T ≤ 8): the fused kernel of every set in one graph.
+///
+/// Host clock around `replays` replays after a stream synchronise, median of 15 batches.
+#[allow(clippy::too_many_arguments)]
+fn graph_rows<E: StorageElem>(
+    opts: &Opts,
+    layout: &LoraLayout,
+    segs: &DeviceSegments,
+    data: &mut [DenseSet<E>],
+    iters: usize,
+    case: &str,
+    shrink_bytes: f64,
+    expand_bytes: f64,
+) -> Vec<Row> {
+    let cuda = CudaRuntime::client(&Default::default());
+    let mut builder = match GraphBuilder::new(&Default::default()) {
+        Ok(builder) => builder,
+        Err(e) => {
+            eprintln!("{case}: no CUDA graphs: {e}");
+            return Vec::new();
+        }
+    };
+    let props = cuda.properties().clone();
+    let sets = data.len();
+    let record_pairs = |data: &mut [DenseSet<E>]| {
+        let (done, launches) = record_launches(&props, |rec| {
+            data.iter_mut().try_for_each(|d| {
+                launch_shrink(rec, layout, &d.pool, segs, &d.x, &mut d.a, None)?;
+                launch_expand(rec, layout, &d.pool, segs, &d.a, &mut d.y, None)
+            })
+        })
+        .unwrap();
+        done.unwrap();
+        launches
+    };
+    let row = |variant: &str, pair_us: f64, saved: f64| Row {
+        case: case.to_string(),
+        variant: variant.into(),
+        shrink_us: f64::NAN,
+        expand_us: f64::NAN,
+        pair_us,
+        shrink_bytes: shrink_bytes - saved,
+        expand_bytes: expand_bytes - saved,
+    };
+    let mut rows = Vec::new();
+
+    let launches = record_pairs(data);
+    let all = builder.capture(&cuda, &launches).unwrap();
+    drop(launches);
+    let pair_us = time_graphs(opts, &builder, std::slice::from_ref(&all), sets, iters);
+    rows.push(row("graph", pair_us, 0.0));
+    drop(all);
+
+    let launches = record_pairs(data);
+    let per_pair: Vec<LaunchGraph> = launches.chunks(launches.len() / sets).map(|pair| builder.capture(&cuda, pair).unwrap()).collect();
+    drop(launches);
+    let pair_us = time_graphs(opts, &builder, &per_pair, 1, iters);
+    rows.push(row("graph per pair", pair_us, 0.0));
+    drop(per_pair);
+
+    let tokens = segs.tokens();
+    if tokens <= 8 {
+        let (done, launches) =
+            record_launches(&props, |rec| data.iter_mut().try_for_each(|d| launch_fused(rec, layout, &d.pool, segs, &d.x, &mut d.y, None)))
+                .unwrap();
+        done.unwrap();
+        let fused = builder.capture(&cuda, &launches).unwrap();
+        let inter = f64::from(tokens) * f64::from(layout.groups() * layout.max_rank()) * 4.0;
+        let pair_us = time_graphs(opts, &builder, std::slice::from_ref(&fused), sets, iters);
+        rows.push(row("fused graph", pair_us, inter));
+    }
+    rows
+}
+
+/// Median over batches of the time per pair of `graphs` replayed in turn (about `iters` pairs
+/// per batch), each replay holding `pairs_per_replay` pairs, in µs.
+fn time_graphs(opts: &Opts, builder: &GraphBuilder, graphs: &[LaunchGraph], pairs_per_replay: usize, iters: usize) -> f64 {
+    let replays = iters.div_ceil(pairs_per_replay).max(graphs.len());
+    let run = |n: usize| {
+        for i in 0..n {
+            graphs[i % graphs.len()].replay().unwrap();
+        }
+        builder.synchronize().unwrap();
+    };
+    run(graphs.len() * 2);
+    let reps = if opts.quick { 5 } else { 15 };
+    let mut samples: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            run(replays);
+            t0.elapsed().as_secs_f64() * 1e6 / (replays * pairs_per_replay) as f64
+        })
+        .collect();
+    samples.sort_by(|a, b| a.total_cmp(b));
+    samples[samples.len() / 2]
 }
 
 fn dense_case_name(m: &Module, rank: u32, tokens: u32, adapters: u32) -> String {
@@ -706,8 +818,69 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
             };
             rows.push(Row { case: case.clone(), variant, shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes });
         }
+        if opts.graphs && tokens <= 128 {
+            // The per-pair kernels and the device grouping (grouping, shrink, expand) of every
+            // set in one CUDA graph, replayed (see `graph_rows`).
+            for grouping in [MoeGrouping::Pairs, MoeGrouping::Device] {
+                let pair_us = graph_pair_us(opts, iters, sets, &case, |rec| {
+                    data.iter_mut().try_for_each(|s| {
+                        if grouping == MoeGrouping::Pairs {
+                            launch_moe_shrink(rec, layout, &pool, &dev, &s.routing, input, &s.x, &mut s.a)?;
+                            return launch_moe_expand(rec, layout, &pool, &dev, &s.routing, output, &s.a, &mut s.y);
+                        }
+                        s.device_groups.regroup(rec, &dev, &s.routing)?;
+                        launch_moe_grouped_shrink(rec, layout, &pool, &s.device_groups, &s.x, &mut s.a, None)?;
+                        match s.scratch.as_mut() {
+                            None => launch_moe_grouped_expand(rec, layout, &pool, &s.device_groups, &s.a, &mut s.y, None),
+                            Some(scratch) => {
+                                let (groups, routing) = (&s.device_groups, &s.routing);
+                                launch_moe_grouped_expand_weighted(rec, layout, &pool, groups, &dev, routing, &s.a, scratch, &mut s.y, None)
+                            }
+                        }
+                    })
+                });
+                let variant = if grouping == MoeGrouping::Pairs { "pairs graph" } else { "grouped on device graph" };
+                if let Some(pair_us) = pair_us {
+                    let (shrink_us, expand_us) = (f64::NAN, f64::NAN);
+                    rows.push(Row {
+                        case: case.clone(),
+                        variant: variant.into(),
+                        shrink_us,
+                        expand_us,
+                        pair_us,
+                        shrink_bytes,
+                        expand_bytes,
+                    });
+                }
+            }
+        }
     }
     rows
+}
+
+/// The time per set of the launches `record` makes for `sets` rotation sets, captured into one
+/// CUDA graph and replayed (None, with the reason on stderr, when the graph cannot be built).
+fn graph_pair_us(
+    opts: &Opts,
+    iters: usize,
+    sets: usize,
+    case: &str,
+    record: impl FnOnce(&ComputeClient<RecordingRuntime>) -> lorac_runtime::Result<()>,
+) -> Option<f64> {
+    let cuda = CudaRuntime::client(&Default::default());
+    let graph = record_launches(cuda.properties(), record).map_err(|e| e.to_string()).and_then(|(done, launches)| {
+        done.map_err(|e| e.to_string())?;
+        let mut builder = GraphBuilder::new(&Default::default()).map_err(|e| e.to_string())?;
+        let graph = builder.capture(&cuda, &launches).map_err(|e| e.to_string())?;
+        Ok((builder, graph))
+    });
+    match graph {
+        Ok((builder, graph)) => Some(time_graphs(opts, &builder, std::slice::from_ref(&graph), sets, iters)),
+        Err(e) => {
+            eprintln!("{case}: no CUDA graph: {e}");
+            None
+        }
+    }
 }
 
 fn main() {
@@ -721,6 +894,7 @@ fn main() {
         prefill_only: flag("--prefill-only"),
         case_filter: value("--case"),
         variant_filter: value("--variant"),
+        graphs: !flag("--no-graphs") && !flag("--smoke") && !flag("--profile-pass"),
     };
     let csv_path = value("--csv");
     if let Some(dir) = value("--cuda-sources") {

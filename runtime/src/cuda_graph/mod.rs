@@ -54,6 +54,8 @@ pub enum GraphError {
     Unsupported { kernel: &'static str, reason: String },
     #[error("buffer {index} of kernel `{kernel}` is not a live buffer of the CUDA client: {reason}")]
     Buffer { kernel: &'static str, index: usize, reason: String },
+    #[error("a launch sequence to record asked the recording client to {operation}: only kernel launches can be captured")]
+    NotRecordable { operation: &'static str },
     #[error(
         "the device (compute capability {major}.{minor}) is older than sm_70: cubecl passes kernel arguments as grid constants only from sm_70"
     )]

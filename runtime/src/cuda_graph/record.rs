@@ -33,6 +33,8 @@ use cubecl_runtime::logging::ServerLogger;
 use cubecl_runtime::memory_management::{ManagedMemoryHandle, MemoryAllocationMode, MemoryUsage};
 use cubecl_runtime::storage::{BytesStorage, ManagedResource};
 
+use super::GraphError;
+
 /// `DeviceId::type_id` of recording devices, apart from every real runtime's.
 const RECORDING_TYPE_ID: u16 = 0x4c52;
 
@@ -55,7 +57,19 @@ impl std::fmt::Debug for RecordedLaunch {
     }
 }
 
-type Log = Arc<Mutex<Vec<RecordedLaunch>>>;
+/// What a recording session received: its launches, and any other request (a write, an
+/// allocation), which a graph of launches cannot replay.
+#[derive(Default)]
+struct Recording {
+    launches: Vec<RecordedLaunch>,
+    refused: Vec<&'static str>,
+}
+
+type Log = Arc<Mutex<Recording>>;
+
+fn lock(log: &Log) -> MutexGuard<'_, Recording> {
+    log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// A device that stands in for one real device's properties; one per distinct set of
 /// properties in a process (see [`record_launches`]).
@@ -149,13 +163,21 @@ impl ServerCommunication for RecordingServer {
     const SERVER_COMM_ENABLED: bool = false;
 }
 
+impl RecordingServer {
+    fn refuse(&self, operation: &'static str) {
+        lock(&self.log).refused.push(operation);
+    }
+}
+
 impl ComputeServer for RecordingServer {
     type Kernel = Box<dyn CubeTask<CudaCompiler>>;
     type Info = ();
     type MemoryLayoutPolicy = PitchedMemoryLayoutPolicy;
     type Storage = BytesStorage;
 
-    fn initialize_memory(&mut self, _memory: ManagedMemoryHandle, _size: u64, _stream_id: StreamId) {}
+    fn initialize_memory(&mut self, _memory: ManagedMemoryHandle, _size: u64, _stream_id: StreamId) {
+        self.refuse("allocate memory");
+    }
 
     fn logger(&self) -> Arc<ServerLogger> {
         self.utilities.logger.clone()
@@ -166,10 +188,13 @@ impl ComputeServer for RecordingServer {
     }
 
     fn read(&mut self, _descriptors: Vec<CopyDescriptor>, _stream_id: StreamId) -> DynFut<Result<Vec<Bytes>, ServerError>> {
+        self.refuse("read buffers");
         Box::pin(async { Err(refused("read buffers")) })
     }
 
-    fn write(&mut self, _descriptors: Vec<(CopyDescriptor, Bytes)>, _stream_id: StreamId) {}
+    fn write(&mut self, _descriptors: Vec<(CopyDescriptor, Bytes)>, _stream_id: StreamId) {
+        self.refuse("write buffers");
+    }
 
     fn sync(&mut self, _stream_id: StreamId) -> DynFut<Result<(), ServerError>> {
         Box::pin(async { Ok(()) })
@@ -180,11 +205,12 @@ impl ComputeServer for RecordingServer {
         _binding: Binding,
         _stream_id: StreamId,
     ) -> Result<ManagedResource<<Self::Storage as cubecl_runtime::storage::ComputeStorage>::Resource>, ServerError> {
+        self.refuse("resolve buffers");
         Err(refused("own buffers"))
     }
 
     unsafe fn launch(&mut self, kernel: Self::Kernel, count: CubeCount, args: KernelArguments, mode: ExecutionMode, _stream_id: StreamId) {
-        self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(RecordedLaunch { kernel, count, args, mode });
+        lock(&self.log).launches.push(RecordedLaunch { kernel, count, args, mode });
     }
 
     fn flush(&mut self, _stream_id: StreamId) -> Result<(), ServerError> {
@@ -237,16 +263,21 @@ fn recorder(properties: &DeviceProperties) -> &'static Recorder {
 
 /// Runs `launches` against a client that stands in for a device with `properties` and returns
 /// what it launched, in order. Buffers passed to the launch functions must come from the real
-/// device's client (the recording client allocates nothing).
+/// device's client: the recording client allocates, reads and writes nothing, and a session
+/// that asked it to is an error (its launches would replay without those writes).
 pub fn record_launches<T>(
     properties: &DeviceProperties,
     launches: impl FnOnce(&ComputeClient<RecordingRuntime>) -> T,
-) -> (T, Vec<RecordedLaunch>) {
+) -> Result<(T, Vec<RecordedLaunch>), GraphError> {
     let recorder = recorder(properties);
     let _session: MutexGuard<'_, ()> = recorder.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let out = launches(&recorder.client);
     // Launches reach the server through a channel: a blocking call drains it.
-    recorder.client.flush().expect("the recording server's flush cannot fail");
-    let recorded = std::mem::take(&mut *recorder.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
-    (out, recorded)
+    let flushed = recorder.client.flush();
+    let recording = std::mem::take(&mut *lock(&recorder.log));
+    if let Some(operation) = recording.refused.first() {
+        return Err(GraphError::NotRecordable { operation });
+    }
+    flushed.map_err(|_| GraphError::NotRecordable { operation: "flush the launch queue" })?;
+    Ok((out, recording.launches))
 }
