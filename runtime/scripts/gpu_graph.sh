@@ -4,11 +4,11 @@
 # dense decode case (T = 1 to 128) timed through cubecl launches and replayed from graphs.
 #   run(command="bash runtime/scripts/gpu_graph.sh", carry=["devbin"])
 source "$(dirname "$0")/gpu_env.sh"
-run_cuda_tests 240 cuda_graph_decode_f32 cuda_graph_decode_bf16
+run_cuda_tests 150 cuda_graph_decode_f32 cuda_graph_decode_bf16
 cases=""
 for m in qkv gate_up mla_qkv_a; do
     for r in 16 64; do
         for t in 1 8 32 128; do cases="$cases,^$m R=$r T=$t "; done
     done
 done
-run_bench 420 graph "${cases#,}"
+run_bench 400 graph "${cases#,}"

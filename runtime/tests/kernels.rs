@@ -1054,6 +1054,11 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
             // cubecl packs the block in 8-byte words.
             assert_eq!(info_bytes.div_ceil(8), launch.args.info.data.len(), "{what}: {} info block", lowered.entrypoint);
             assert!(launch.args.tensor_maps.is_empty() && launch.args.info.dynamic_metadata_offset == launch.args.info.data.len());
+            // As a programmatic dependent (Hopper): the wait comes before anything else.
+            let dependent = lowered.clone().with_grid_dependency().unwrap_or_else(|e| panic!("{what}: {e}"));
+            let body = dependent.source.find(&format!("{} (", lowered.entrypoint)).expect("entry point");
+            let first = dependent.source[body..].split('{').nth(1).expect("body").trim_start();
+            assert!(first.starts_with("asm volatile(\"griddepcontrol.wait;\""), "{what}: body starts {:?}", &first[..60.min(first.len())]);
             checked += 1;
         }
         // The expand's first scalar is the layout's output width (its `info` block is what
@@ -1130,6 +1135,10 @@ fn cuda_graph_decode<F: StorageElem>() {
         })
         .unwrap();
         launched.unwrap();
+        // Odd seeds: every kernel a programmatic dependent of the one before (sm_90+).
+        let programmatic = seed % 2 == 1 && builder.set_programmatic_launch(true).is_ok();
+        builder.set_programmatic_launch(programmatic).unwrap();
+        let what = format!("{what} programmatic {programmatic}");
         let graph = builder.capture(&client, &launches).unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(graph.kernels(), 3, "{what}");
         graph.replay().unwrap();

@@ -144,6 +144,39 @@ fn copy_bandwidth<R: Runtime>(client: &ComputeClient<R>, opts: &Opts) -> f64 {
     2.0 * (words * 4) as f64 / (t * 1e-6) / 1e9
 }
 
+/// Time per kernel of empty kernels replayed from one CUDA graph: the device's floor per
+/// kernel once no host launch is in the way (None, with the reason, without CUDA graphs).
+fn graph_kernel_floor(opts: &Opts) -> Option<f64> {
+    let cuda = CudaRuntime::client(&Default::default());
+    let out = cuda.empty(4);
+    let kernels = 64;
+    let recorded = record_launches(cuda.properties(), |rec| {
+        for _ in 0..kernels {
+            unsafe {
+                empty_kernel::launch_unchecked::<RecordingRuntime>(
+                    rec,
+                    CubeCount::Static(1, 1, 1),
+                    CubeDim::new_1d(32),
+                    ArrayArg::from_raw_parts(out.clone(), 1),
+                    u32::MAX,
+                )
+            }
+        }
+    });
+    let graph = recorded.and_then(|((), launches)| {
+        let mut builder = GraphBuilder::new(&Default::default())?;
+        let graph = builder.capture(&cuda, &launches)?;
+        Ok((builder, graph))
+    });
+    match graph {
+        Ok((builder, graph)) => Some(time_graphs(opts, &builder, std::slice::from_ref(&graph), kernels, 1000)),
+        Err(e) => {
+            eprintln!("no CUDA graph of empty kernels: {e}");
+            None
+        }
+    }
+}
+
 /// Per-launch cost of a kernel that does nothing: back-to-back throughput and launch+sync latency.
 fn launch_overhead<R: Runtime>(client: &ComputeClient<R>, opts: &Opts) -> (f64, f64) {
     let out = client.empty(4);
@@ -342,9 +375,12 @@ fn dense_case<R: Runtime, E: StorageElem>(
 /// Decode cases replayed from CUDA graphs (`lorac_runtime::cuda_graph`), the way a serving
 /// loop replays its decode step, with no cubecl launch in the timed loop:
 /// * "graph": one graph holding the shrink and expand of every rotation set, back to back (as
-///   a decode step's graph holds every layer's), replayed; the time is per pair;
+///   a decode step's graph holds every layer's), replayed; the time is per pair (the shrink
+///   and expand columns: graphs of only the shrinks, only the expands);
 /// * "graph per pair": one graph per rotation set holding one shrink and one expand, the
 ///   graphs replayed in turn: each pair pays a graph launch;
+/// * "graph pdl": "graph" with programmatic dependent launches (sm_90+): each kernel launches
+///   while the one before it runs and waits for it on the device;
 /// * "fused graph" (T ≤ 8): the fused kernel of every set in one graph.
 ///
 /// Host clock around `replays` replays after a stream synchronise, median of 15 batches.
@@ -369,16 +405,26 @@ fn graph_rows<E: StorageElem>(
     };
     let props = cuda.properties().clone();
     let sets = data.len();
-    let record_pairs = |data: &mut [DenseSet<E>]| {
+    // Which halves of each set's pair to record: (shrink, expand).
+    let record = |data: &mut [DenseSet<E>], (shrink, expand): (bool, bool)| {
         let (done, launches) = record_launches(&props, |rec| {
             data.iter_mut().try_for_each(|d| {
-                launch_shrink(rec, layout, &d.pool, segs, &d.x, &mut d.a, None)?;
-                launch_expand(rec, layout, &d.pool, segs, &d.a, &mut d.y, None)
+                if shrink {
+                    launch_shrink(rec, layout, &d.pool, segs, &d.x, &mut d.a, None)?;
+                }
+                if expand {
+                    launch_expand(rec, layout, &d.pool, segs, &d.a, &mut d.y, None)?;
+                }
+                Ok::<(), lorac_runtime::LoraError>(())
             })
         })
         .unwrap();
         done.unwrap();
         launches
+    };
+    let mut time_one_graph = |data: &mut [DenseSet<E>], halves: (bool, bool)| {
+        let graph = builder.capture(&cuda, &record(data, halves)).unwrap();
+        time_graphs(opts, &builder, std::slice::from_ref(&graph), sets, iters)
     };
     let row = |variant: &str, pair_us: f64, saved: f64| Row {
         case: case.to_string(),
@@ -391,19 +437,25 @@ fn graph_rows<E: StorageElem>(
     };
     let mut rows = Vec::new();
 
-    let launches = record_pairs(data);
-    let all = builder.capture(&cuda, &launches).unwrap();
-    drop(launches);
-    let pair_us = time_graphs(opts, &builder, std::slice::from_ref(&all), sets, iters);
-    rows.push(row("graph", pair_us, 0.0));
-    drop(all);
+    let shrink_us = time_one_graph(data, (true, false));
+    let expand_us = time_one_graph(data, (false, true));
+    let pair_us = time_one_graph(data, (true, true));
+    rows.push(Row { shrink_us, expand_us, ..row("graph", pair_us, 0.0) });
 
-    let launches = record_pairs(data);
+    let launches = record(data, (true, true));
     let per_pair: Vec<LaunchGraph> = launches.chunks(launches.len() / sets).map(|pair| builder.capture(&cuda, pair).unwrap()).collect();
     drop(launches);
     let pair_us = time_graphs(opts, &builder, &per_pair, 1, iters);
     rows.push(row("graph per pair", pair_us, 0.0));
     drop(per_pair);
+
+    // The same graph as "graph", each kernel a programmatic dependent of the one before it.
+    if builder.set_programmatic_launch(true).is_ok() {
+        let graph = builder.capture(&cuda, &record(data, (true, true))).unwrap();
+        let pair_us = time_graphs(opts, &builder, std::slice::from_ref(&graph), sets, iters);
+        rows.push(row("graph pdl", pair_us, 0.0));
+        builder.set_programmatic_launch(false).unwrap();
+    }
 
     let tokens = segs.tokens();
     if tokens <= 8 {
@@ -924,6 +976,11 @@ fn run<R: Runtime, E: StorageElem>(opts: &Opts, csv_path: Option<String>) {
     let (launch_us, launch_latency_us) = launch_overhead(&client, opts);
     println!("# copy bandwidth (cubecl copy kernel, read+write): {copy_bw:.0} GB/s");
     println!("# empty cubecl kernel: {launch_us:.2} us per launch back-to-back, {launch_latency_us:.2} us launch+sync");
+    if opts.graphs {
+        let floor = graph_kernel_floor(opts).unwrap_or(f64::NAN);
+        println!("# empty kernel replayed from a CUDA graph: {floor:.2} us per kernel");
+        eprintln!("empty kernel replayed from a CUDA graph: {floor:.2} us per kernel");
+    }
 
     let mut rows = Vec::new();
     let ranks: &[u32] = if opts.quick || opts.smoke { &[16] } else { &[16, 64] };

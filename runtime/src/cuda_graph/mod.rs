@@ -33,7 +33,9 @@ use cubecl::prelude::*;
 use cubecl::server::ComputeServer;
 use cubecl_runtime::id::KernelId;
 use cubecl_runtime::storage::{ComputeStorage, ManagedResource};
-use cudarc::driver::sys::{CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{
+    CUfunction_attribute, CUgraphInstantiate_flags, CUlaunchAttribute, CUlaunchAttributeID, CUlaunchConfig, CUstream, CUstreamCaptureMode,
+};
 use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, DriverError};
 use cudarc::nvrtc::CompileOptions;
 
@@ -86,6 +88,29 @@ pub struct LoweredKernel {
     pub shared_bytes: u32,
 }
 
+impl LoweredKernel {
+    /// The kernel as the dependent of a programmatic launch (sm_90+): its first statements
+    /// wait until the kernel before it in the stream has finished and its writes are visible
+    /// (`griddepcontrol.wait`), then let the kernel after it launch
+    /// (`griddepcontrol.launch_dependents`). Waiting before anything else keeps the order of a
+    /// plain launch exactly; what overlaps is the next kernel's launch and cube scheduling
+    /// with this kernel's run.
+    pub fn with_grid_dependency(mut self) -> Result<Self, GraphError> {
+        let kernel_start = self.source.find(&format!("{} (", self.entrypoint)).and_then(|at| {
+            let params_end = at + self.source[at..].find(')')?;
+            Some(params_end + self.source[params_end..].find('{')? + 1)
+        });
+        let Some(body) = kernel_start else {
+            return Err(GraphError::Compile { kernel: "(lowered source)", reason: format!("no body for entry point {}", self.entrypoint) });
+        };
+        self.source.insert_str(
+            body,
+            "\nasm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\nasm volatile(\"griddepcontrol.launch_dependents;\");\n",
+        );
+        Ok(self)
+    }
+}
+
 /// Lowers a recorded launch's kernel to CUDA C++ as cubecl's CUDA runtime would on a device of
 /// compute capability `arch_version` (major·10 + minor). Needs no GPU.
 pub fn lower_recorded(launch: &RecordedLaunch, arch_version: u32) -> Result<LoweredKernel, GraphError> {
@@ -113,7 +138,11 @@ pub struct GraphBuilder {
     stream: Arc<CudaStream>,
     options: CudaOptions,
     arch_flag: String,
-    kernels: HashMap<KernelId, Arc<LoadedKernel>>,
+    /// Kernels compiled so far, by id and whether they were compiled for programmatic launch.
+    kernels: HashMap<(KernelId, bool), Arc<LoadedKernel>>,
+    /// Capture launches as programmatic dependents of the launch before them (sm_90+).
+    programmatic: bool,
+    arch_version: u32,
 }
 
 impl GraphBuilder {
@@ -129,7 +158,30 @@ impl GraphBuilder {
         // The flags cubecl's CUDA runtime passes NVRTC (`a` targets from sm_90 on).
         let arch_flag = format!("--gpu-architecture=sm_{version}{}", if version >= 90 { "a" } else { "" });
         let stream = context.new_stream().map_err(driver("cuStreamCreate"))?;
-        Ok(Self { device: device.clone(), context, stream, options: cuda_options(version), arch_flag, kernels: HashMap::new() })
+        Ok(Self {
+            device: device.clone(),
+            context,
+            stream,
+            options: cuda_options(version),
+            arch_flag,
+            kernels: HashMap::new(),
+            programmatic: false,
+            arch_version: version,
+        })
+    }
+
+    /// Captures later graphs with programmatic dependent launches (Hopper's PDL): each kernel
+    /// launches while the one before it runs and waits for it on the device (see
+    /// [`LoweredKernel::with_grid_dependency`]). Needs sm_90 or newer.
+    pub fn set_programmatic_launch(&mut self, on: bool) -> Result<(), GraphError> {
+        if on && self.arch_version < 90 {
+            return Err(GraphError::Unsupported {
+                kernel: "(graph)",
+                reason: format!("programmatic dependent launch needs sm_90, the device is sm_{}", self.arch_version),
+            });
+        }
+        self.programmatic = on;
+        Ok(())
     }
 
     /// How many distinct kernels have been compiled so far.
@@ -140,12 +192,14 @@ impl GraphBuilder {
     fn load(&mut self, launch: &RecordedLaunch) -> Result<Arc<LoadedKernel>, GraphError> {
         let mut id = launch.kernel.id();
         id.mode(launch.mode);
+        let id = (id, self.programmatic);
         if let Some(kernel) = self.kernels.get(&id) {
             return Ok(kernel.clone());
         }
         let name = launch.kernel.name();
         let compile_error = |reason: String| GraphError::Compile { kernel: name, reason };
         let lowered = lower_with(launch, &self.options)?;
+        let lowered = if self.programmatic { lowered.with_grid_dependency()? } else { lowered };
         let mut options = vec![self.arch_flag.clone(), "-lineinfo".to_string()];
         for include in [cubecl::cuda::install::include_path(), cubecl::cuda::install::cccl_include_path()] {
             if include.exists() {
@@ -231,16 +285,7 @@ impl GraphBuilder {
             // SAFETY: the function was compiled from this launch's kernel, whose parameters are
             // exactly these buffers and this info block; the addresses are live allocations held
             // by `resources`; `params` outlives the call, which copies them into the graph node.
-            let result = unsafe {
-                cudarc::driver::result::launch_kernel(
-                    p.kernel.function.cu_function(),
-                    p.grid,
-                    p.kernel.block,
-                    p.kernel.shared_bytes,
-                    self.stream.cu_stream(),
-                    &mut params,
-                )
-            };
+            let result = unsafe { launch(&p.kernel, p.grid, self.stream.cu_stream(), &mut params, self.programmatic) };
             if let Err(error) = result {
                 launched = Err(GraphError::Driver { call: "cuLaunchKernel (capturing)", error });
                 break;
@@ -257,6 +302,43 @@ impl GraphBuilder {
     /// Waits for every graph replayed so far.
     pub fn synchronize(&self) -> Result<(), GraphError> {
         self.stream.synchronize().map_err(driver("cuStreamSynchronize"))
+    }
+}
+
+/// Launches `kernel` on `stream`, as a programmatic dependent of the previous launch when
+/// `programmatic` (its source then waits for that launch itself).
+///
+/// # Safety
+/// `params` must match the kernel's parameters and point at live values.
+unsafe fn launch(
+    kernel: &LoadedKernel,
+    grid: (u32, u32, u32),
+    stream: CUstream,
+    params: &mut [*mut c_void],
+    programmatic: bool,
+) -> Result<(), DriverError> {
+    if !programmatic {
+        return unsafe {
+            cudarc::driver::result::launch_kernel(kernel.function.cu_function(), grid, kernel.block, kernel.shared_bytes, stream, params)
+        };
+    }
+    let mut attribute: CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attribute.id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attribute.value.programmaticStreamSerializationAllowed = 1;
+    let config = CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: kernel.block.0,
+        blockDimY: kernel.block.1,
+        blockDimZ: kernel.block.2,
+        sharedMemBytes: kernel.shared_bytes,
+        hStream: stream,
+        attrs: &mut attribute,
+        numAttrs: 1,
+    };
+    unsafe {
+        cudarc::driver::sys::cuLaunchKernelEx(&config, kernel.function.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()
     }
 }
 
