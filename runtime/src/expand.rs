@@ -224,12 +224,6 @@ pub(crate) fn expand_kernel<F: Float, NY: Size, NB: Size>(
 
     let mut p0 = blk.start + split * tokens;
     while p0 < blk.end {
-        // y's loads go out first: the first tile's overlap the B block's loads instead of
-        // waiting for them (a second round trip to memory), later tiles' the staging below.
-        // No token appears in two tiles, so no load here follows a store to the same row.
-        if blk.active {
-            load_tile_of_y::<F, NY>(y, token_perm, &blk, p0, &mut y_at, &mut y_old, tokens);
-        }
         // Entries past the rank (and past the segment) are staged as zeros so the vectorised
         // loop below may run over the padding columns of the last B vector.
         let mut idx = blk.tid;
@@ -254,6 +248,8 @@ pub(crate) fn expand_kernel<F: Float, NY: Size, NB: Size>(
         // Publishes the intermediate tile (and, the first time, the B rows).
         sync_cube();
         if blk.active {
+            // y's loads go out before the multiply, which hides their latency.
+            load_tile_of_y::<F, NY>(y, token_perm, &blk, p0, &mut y_at, &mut y_old, tokens);
             #[unroll]
             for i in 0..comptime!(tokens * ny) {
                 acc[i] = 0.0f32;

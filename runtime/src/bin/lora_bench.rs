@@ -7,7 +7,8 @@
 //! its adapters from HBM, not from the 50 MB L2.
 //!
 //! Decode cases (T ≤ 128) are also timed replayed from CUDA graphs (see `graph_rows`;
-//! `--no-graphs` leaves them out).
+//! `--no-graphs` leaves them out; `--decode-sweep` adds the CUDA-core kernels' tilings, see
+//! `decode_sweep`).
 //!
 //! Usage: `lora_bench [--quick] [--prefill-only] [--no-graphs] [--case NAME-PART,...] [--variant NAME-PART,...]
 //! (a case part starting with `^` matches the start of the name)
@@ -36,7 +37,7 @@ use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_mo
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink};
 use lorac_runtime::shrink_mma::{MmaShrinkConfig, ShrinkTile};
 use lorac_runtime::testing::{Rng, StorageElem};
-use lorac_runtime::{AdapterPool, DeviceBuffer, DeviceSegments, ExpandConfig, Segments};
+use lorac_runtime::{AdapterPool, DeviceBuffer, DeviceSegments, ExpandConfig, Segments, ShrinkConfig};
 
 const SLOTS: u32 = 8;
 const L2_BYTES: f64 = 50e6;
@@ -56,6 +57,9 @@ struct Opts {
     variant_filter: Option<String>,
     /// Also time decode cases replayed from CUDA graphs (CUDA runs only).
     graphs: bool,
+    /// Decode cases: sweep the CUDA-core shrink's and expand's tilings, each timed from a
+    /// CUDA graph (where the kernel, not the launch, is what the time measures).
+    decode_sweep: bool,
 }
 
 impl Opts {
@@ -363,6 +367,9 @@ fn dense_case<R: Runtime, E: StorageElem>(
     }
     if opts.graphs && tokens <= 128 {
         rows.extend(graph_rows(opts, &layout, &dev, &mut data, iters, &case, shrink_bytes, expand_bytes));
+        if opts.decode_sweep {
+            rows.extend(decode_sweep(opts, &layout, &segs, &dev, &mut data, iters, &case, shrink_bytes, expand_bytes));
+        }
     }
     if tokens >= 256 {
         let plan = ChunkedPlan::new::<R, E>(client, &layout, tokens, 64).unwrap();
@@ -467,6 +474,88 @@ fn graph_rows<E: StorageElem>(
         let inter = f64::from(tokens) * f64::from(layout.groups() * layout.max_rank()) * 4.0;
         let pair_us = time_graphs(opts, &builder, std::slice::from_ref(&fused), sets, iters);
         rows.push(row("fused graph", pair_us, inter));
+    }
+    rows
+}
+
+/// Decode only: the CUDA-core shrink over rows per cube × tokens per tile × threads, and the
+/// CUDA-core expand over tokens per tile × threads, each kernel alone in a graph of every
+/// rotation set (see `graph_rows`); rows carry one kernel's time.
+#[allow(clippy::too_many_arguments)]
+fn decode_sweep<E: StorageElem>(
+    opts: &Opts,
+    layout: &LoraLayout,
+    host_segs: &Segments,
+    segs: &DeviceSegments,
+    data: &mut [DenseSet<E>],
+    iters: usize,
+    case: &str,
+    shrink_bytes: f64,
+    expand_bytes: f64,
+) -> Vec<Row> {
+    let cuda = CudaRuntime::client(&Default::default());
+    let Ok(mut builder) = GraphBuilder::new(&Default::default()) else { return Vec::new() };
+    let (num_segments, max_len) = (host_segs.num_segments(), host_segs.max_segment_len());
+    let elem = size_of::<E>();
+    let sets = data.len();
+    let default_shrink = ShrinkConfig::new(&cuda, layout, elem, num_segments, max_len);
+    let default_expand = ExpandConfig::new(&cuda, layout, elem, num_segments, max_len);
+    let mut shrinks = Vec::new();
+    for rows in [2, 4, 8].into_iter().filter(|r| layout.max_rank() % r == 0) {
+        for tokens in [1, 2, 4].into_iter().filter(|&t| t <= max_len.next_power_of_two()) {
+            for threads in [128, 256] {
+                let config = ShrinkConfig {
+                    rows_per_cube: rows,
+                    tokens_per_tile: tokens,
+                    token_splits: max_len.div_ceil(tokens),
+                    threads,
+                    plane_size: default_shrink.plane_size,
+                    ..default_shrink
+                };
+                let mark = if config == default_shrink { " (default)" } else { "" };
+                shrinks.push((format!("sweep shrink r{rows} t{tokens} th{threads}{mark}"), config));
+            }
+        }
+    }
+    let mut expands = Vec::new();
+    for tokens in [1, 2, 4, 8].into_iter().filter(|&t| t <= max_len.next_power_of_two()) {
+        for threads in [64, 128, 256] {
+            let tiles = max_len.div_ceil(tokens);
+            let config =
+                ExpandConfig { tokens_per_tile: tokens, threads, token_splits: tiles.min(default_expand.token_splits), ..default_expand };
+            let mark = if config == default_expand { " (default)" } else { "" };
+            expands.push((format!("sweep expand t{tokens} th{threads} s{}{mark}", config.token_splits), config));
+        }
+    }
+    let mut rows = Vec::new();
+    let mut time = |name: String, data: &mut [DenseSet<E>], shrink: Option<ShrinkKernel>, expand: Option<ExpandKernel>| {
+        let recorded = record_launches(cuda.properties(), |rec| {
+            data.iter_mut().try_for_each(|d| match (shrink, expand) {
+                (Some(kernel), _) => launch_shrink(rec, layout, &d.pool, segs, &d.x, &mut d.a, Some(kernel)),
+                (None, Some(kernel)) => launch_expand(rec, layout, &d.pool, segs, &d.a, &mut d.y, Some(kernel)),
+                (None, None) => Ok(()),
+            })
+        });
+        let graph = recorded.map_err(|e| e.to_string()).and_then(|(done, launches)| {
+            done.map_err(|e| e.to_string())?;
+            builder.capture(&cuda, &launches).map_err(|e| e.to_string())
+        });
+        let us = match graph {
+            Ok(graph) => time_graphs(opts, &builder, std::slice::from_ref(&graph), sets, iters),
+            Err(e) => {
+                eprintln!("{case} {name}: {e}");
+                return;
+            }
+        };
+        let (shrink_us, expand_us) = if shrink.is_some() { (us, f64::NAN) } else { (f64::NAN, us) };
+        eprintln!("{case} {name}: {us:.2} us");
+        rows.push(Row { case: case.to_string(), variant: name, shrink_us, expand_us, pair_us: f64::NAN, shrink_bytes, expand_bytes });
+    };
+    for (name, config) in shrinks {
+        time(name, data, Some(ShrinkKernel::Scalar(config)), None);
+    }
+    for (name, config) in expands {
+        time(name, data, None, Some(ExpandKernel::Scalar(config)));
     }
     rows
 }
@@ -947,6 +1036,7 @@ fn main() {
         case_filter: value("--case"),
         variant_filter: value("--variant"),
         graphs: !flag("--no-graphs") && !flag("--smoke") && !flag("--profile-pass"),
+        decode_sweep: flag("--decode-sweep"),
     };
     let csv_path = value("--csv");
     if let Some(dir) = value("--cuda-sources") {

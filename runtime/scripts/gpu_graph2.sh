@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Run 39 (2026-11-23): CUDA graphs with programmatic dependent launch, the decode expand with
+# y's loads ahead of the B staging. CUDA tests (graphs plain and programmatic, f32 and bf16;
+# the expand paths), every dense decode case with the new binaries, MoE decode graphs, then
+# an A/B of four decode cases against the run-38 binaries (devbin/prev/), alternating.
+#   run(command="bash runtime/scripts/gpu_graph2.sh", carry=["devbin"])
+source "$(dirname "$0")/gpu_env.sh"
+run_cuda_tests 150 cuda_graph_decode_f32 cuda_graph_decode_bf16 cuda_bf16::segmented_expand cuda_f32::segmented_expand \
+    cuda_bf16::chunked_prefill cuda_bf16::embedding cuda_bf16::fused_decode
+cases=""
+for m in qkv gate_up mla_qkv_a; do
+    for r in 16 64; do
+        for t in 1 8 32 128; do cases="$cases,^$m R=$r T=$t "; done
+    done
+done
+run_bench 300 graph "${cases#,}"
+run_bench 100 moe "^moe_gate_up R=64 T=8 ,^moe_down R=64 T=32 ,^moe_down R=16 T=8 "
+ab="qkv R=16 T=32 adapters=8,qkv R=64 T=8 adapters=8,gate_up R=64 T=32 adapters=8,mla_qkv_a R=64 T=32 adapters=8"
+for round in 1 2; do
+    LORA_BENCH=devbin/prev/lora_bench run_bench 60 "ab_prev$round" "$ab" | grep -v "fused\|per pair"
+    run_bench 60 "ab_new$round" "$ab" | grep -v "fused\|per pair"
+done
+# The device tool returns only a few files: fold the logs together.
+cd "$OUT" && {
+    for f in cuda_*.log; do echo "== $f"; cat "$f"; done > tests.txt
+    for f in ab_*.csv moe.csv; do echo "== $f"; cat "$f"; done > ab_moe.csv
+    for f in *.err; do echo "== $f"; cat "$f"; done > bench_err.txt
+    rm -f cuda_*.log ab_*.csv moe.csv ./*.err
+}
