@@ -20,10 +20,11 @@ for round in 1 2; do
     LORA_BENCH=devbin/prev/lora_bench run_bench 60 "ab_prev$round" "$ab" | grep -v "fused\|per pair"
     run_bench 60 "ab_new$round" "$ab" | grep -v "fused\|per pair"
 done
-# The device tool returns only a few files: fold the logs together.
+# The device tool returns only a few files: fold the logs together. (Run 39 wrote ab_moe.csv,
+# which the rm below then deleted; its tables are in run39_ab_moe_stdout.txt.)
 cd "$OUT" && {
     for f in cuda_*.log; do echo "== $f"; cat "$f"; done > tests.txt
-    for f in ab_*.csv moe.csv; do echo "== $f"; cat "$f"; done > ab_moe.csv
+    for f in ab_*.csv moe.csv; do echo "== $f"; cat "$f"; done > ab_moe.txt
     for f in *.err; do echo "== $f"; cat "$f"; done > bench_err.txt
     rm -f cuda_*.log ab_*.csv moe.csv ./*.err
 }
