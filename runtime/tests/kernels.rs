@@ -287,25 +287,32 @@ pub fn segmented_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     for seed in 0..CASES {
         let rng = &mut Rng::new(100 + seed);
         let (layout, family) = random_layout(rng, None);
-        let what = format!("shrink {family} seed {seed} {layout:?}");
-        let adapters = Adapters::<F>::random(client, rng, &layout);
         let tokens = rng.pick(&[1, 2, 5, 17, 40]);
-        let segs = random_segments(rng, tokens, layout.slots());
-        let (x, x64) = random_x::<F>(rng, &layout, tokens as usize);
-        let mut out = poisoned_intermediate(client, &layout, tokens as usize);
-        launch_shrink(client, &layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut out, None).unwrap();
-        let reference = adapters.reference_shrink(&layout, &segs, &x64, tokens);
-        check_intermediate(&what, &out.read(client), &reference, F::TOLERANCE);
+        shrink_case::<R, F>(client, rng, &layout, tokens, &format!("shrink {family} seed {seed} {layout:?}"));
+    }
+    // A K as long as MLA's (7168): the shrink splits it over 512 threads where the device
+    // allows them.
+    let rng = &mut Rng::new(199);
+    for tokens in [1, 8] {
+        shrink_case::<R, F>(client, rng, &long_k_layout(), tokens, &format!("shrink long K, {tokens} tokens"));
     }
 }
 
-/// Every tile shape and K-group count of the tensor-core shrink the device has for this
-/// layout, each default tile also with 2–4 asynchronous-copy stages, and warp blocks of 2×1,
-/// 2×2 and 2×4 fragments over the widest row block of up to four fragments, in 32-token tiles
-/// with one K group and 128-token tiles with two, register-staged and with three stages, and
-/// the default for a long prefill batch (on a
-/// device without MMA, such as wgpu, the emulated-MMA kernels, register-staged only: wgpu has
-/// no asynchronous copies).
+/// MLA's fused q_a / kv_a at full K (7168), scaled-down widths.
+fn long_k_layout() -> LoraLayout {
+    LoraLayout::new(nz(3), nz(16), 7168, 2, vec![slice("q_a", 48, 0), slice("kv_a", 18, 1)], None).unwrap()
+}
+
+fn shrink_case<R: Runtime, F: StorageElem>(client: &ComputeClient<R>, rng: &mut Rng, layout: &LoraLayout, tokens: u32, what: &str) {
+    let adapters = Adapters::<F>::random(client, rng, layout);
+    let segs = random_segments(rng, tokens, layout.slots());
+    let (x, x64) = random_x::<F>(rng, layout, tokens as usize);
+    let mut out = poisoned_intermediate(client, layout, tokens as usize);
+    launch_shrink(client, layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut out, None).unwrap();
+    let reference = adapters.reference_shrink(layout, &segs, &x64, tokens);
+    check_intermediate(what, &out.read(client), &reference, F::TOLERANCE);
+}
+
 fn mma_shrink_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLayout) -> Vec<MmaShrinkConfig> {
     let tiles = || [1, 2, 4].into_iter().flat_map(|m| [1, 2, 3, 4].into_iter().map(move |n| (m, n)));
     let groups = tiles().flat_map(|(m, n)| {
@@ -504,20 +511,24 @@ pub fn fused_decode<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     for seed in 0..CASES {
         let rng = &mut Rng::new(700 + seed);
         let (layout, family) = random_layout(rng, None);
-        let what = format!("fused {family} seed {seed} {layout:?}");
-        let adapters = Adapters::<F>::random(client, rng, &layout);
         let tokens = rng.pick(&[1, 3, 8, 33]);
-        let segs = random_segments(rng, tokens, layout.slots());
-        let (x, x64) = random_x::<F>(rng, &layout, tokens as usize);
-        let a64 = adapters.reference_shrink(&layout, &segs, &x64, tokens);
-        let delta = adapters.reference_expand(&layout, &segs, &a64, tokens);
-        let (y0, y064) = initial_y::<F>(rng, &delta);
-        let mut y = DeviceBuffer::upload(client, &y0);
-        launch_fused(client, &layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut y, None).unwrap();
-        // The intermediate stays f32 in shared memory; its inputs were rounded twice.
-        let out = layout.out_features() as usize;
-        check_y(&what, &y.read(client), &y064, &delta, &adapters.touched(&segs), out, 2.0 * F::TOLERANCE);
+        fused_case::<R, F>(client, rng, &layout, tokens, &format!("fused {family} seed {seed} {layout:?}"));
     }
+    fused_case::<R, F>(client, &mut Rng::new(799), &long_k_layout(), 8, "fused long K");
+}
+
+fn fused_case<R: Runtime, F: StorageElem>(client: &ComputeClient<R>, rng: &mut Rng, layout: &LoraLayout, tokens: u32, what: &str) {
+    let adapters = Adapters::<F>::random(client, rng, layout);
+    let segs = random_segments(rng, tokens, layout.slots());
+    let (x, x64) = random_x::<F>(rng, layout, tokens as usize);
+    let a64 = adapters.reference_shrink(layout, &segs, &x64, tokens);
+    let delta = adapters.reference_expand(layout, &segs, &a64, tokens);
+    let (y0, y064) = initial_y::<F>(rng, &delta);
+    let mut y = DeviceBuffer::upload(client, &y0);
+    launch_fused(client, layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut y, None).unwrap();
+    // The intermediate stays f32 in shared memory; its inputs were rounded twice.
+    let out = layout.out_features() as usize;
+    check_y(what, &y.read(client), &y064, &delta, &adapters.touched(&segs), out, 2.0 * F::TOLERANCE);
 }
 
 /// The expand after a shrink folded into the base GEMM: y (NaN-poisoned) is written in full
