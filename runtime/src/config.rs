@@ -98,11 +98,9 @@ fn splits_to_fill_on(device: &DeviceProperties, cubes: u32, max_splits: u32) -> 
 /// flight at once) and the plane width for their reduction of `values` sums. Without plane
 /// reductions the shared-memory tree needs `values · threads` floats: keep that within 16 KiB.
 pub(crate) fn shrink_threads<R: Runtime>(client: &ComputeClient<R>, k_vecs: u32, values: u32) -> (u32, u32) {
-    // About two K steps per thread, so a decode cube has its loads in flight at once (one
-    // paired round, see `cube_dot_rows`); up to 512 threads, so K = 7168 (MLA) still takes
-    // one round where 256 threads took two.
-    let max_threads = 1 << client.properties().hardware.max_units_per_cube.clamp(64, 512).ilog2();
-    let threads = k_vecs.div_ceil(2).next_power_of_two().clamp(64, max_threads);
+    // 256 threads at most: 512 (one paired round of loads for MLA's K = 7168 instead of two)
+    // ran 1.2–1.6× slower on 2- to 16-token tiles on the H100 (run 41).
+    let threads = k_vecs.div_ceil(2).next_power_of_two().clamp(64, 256);
     match plane_size(client, threads) {
         0 => (threads.min((4096 / values.max(1)).next_power_of_two() / 2).max(1), 0),
         plane => (threads, plane),

@@ -290,8 +290,7 @@ pub fn segmented_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let tokens = rng.pick(&[1, 2, 5, 17, 40]);
         shrink_case::<R, F>(client, rng, &layout, tokens, &format!("shrink {family} seed {seed} {layout:?}"));
     }
-    // A K as long as MLA's (7168): the shrink splits it over 512 threads where the device
-    // allows them.
+    // A K as long as MLA's (7168): several paired rounds of loads per thread.
     let rng = &mut Rng::new(199);
     for tokens in [1, 8] {
         shrink_case::<R, F>(client, rng, &long_k_layout(), tokens, &format!("shrink long K, {tokens} tokens"));
