@@ -1080,7 +1080,7 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
     // A write cannot be replayed by a graph of launches: recording one is an error, not a
     // silently missing write.
     let refused = record_launches(&device, |rec| DeviceBuffer::<f32>::upload(rec, &[1.0, 2.0]));
-    let err = refused.err().expect("an upload through the recording client must be refused");
+    let Err(err) = refused else { panic!("an upload through the recording client must be refused") };
     assert!(err.to_string().contains("only kernel launches"), "{err}");
 }
 

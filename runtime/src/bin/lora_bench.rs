@@ -501,7 +501,7 @@ fn decode_sweep<E: StorageElem>(
     let default_shrink = ShrinkConfig::new(&cuda, layout, elem, num_segments, max_len);
     let default_expand = ExpandConfig::new(&cuda, layout, elem, num_segments, max_len);
     let mut shrinks = Vec::new();
-    for rows in [2, 4, 8].into_iter().filter(|r| layout.max_rank() % r == 0) {
+    for rows in [2, 4, 8].into_iter().filter(|r| layout.max_rank().is_multiple_of(*r)) {
         for tokens in [1, 2, 4].into_iter().filter(|&t| t <= max_len.next_power_of_two()) {
             for threads in [128, 256] {
                 let config = ShrinkConfig {

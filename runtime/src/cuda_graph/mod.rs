@@ -15,6 +15,10 @@
 //! 3. [`LaunchGraph::replay`] launches the whole graph; its buffers stay allocated (held by
 //!    the graph) for as long as it can replay.
 //!
+//! [`GraphBuilder::set_programmatic_launch`] captures with Hopper's programmatic dependent
+//! launch instead; correct, but slower on the decode LoRA kernels (BENCHMARKS.md, run 39), so
+//! it is off by default.
+//!
 //! The graph runs on the builder's stream, not cubecl's: work cubecl queues that writes the
 //! graph's inputs must be synchronised (`client.sync()`) before a replay, and the graph
 //! ([`GraphBuilder::synchronize`]) before cubecl reads its outputs.
@@ -56,6 +60,8 @@ pub enum GraphError {
     Unsupported { kernel: &'static str, reason: String },
     #[error("buffer {index} of kernel `{kernel}` is not a live buffer of the CUDA client: {reason}")]
     Buffer { kernel: &'static str, index: usize, reason: String },
+    #[error("cubecl's queued work failed before the capture: {0}")]
+    CubeclQueue(String),
     #[error("a launch sequence to record asked the recording client to {operation}: only kernel launches can be captured")]
     NotRecordable { operation: &'static str },
     #[error(
@@ -272,8 +278,7 @@ impl GraphBuilder {
             resources.extend(buffers);
             prepared.push(Prepared { kernel, grid, addresses, info: launch.args.info.data.clone() });
         }
-        cubecl::future::block_on(cuda.sync())
-            .map_err(|e| GraphError::Unsupported { kernel: "(cubecl queue before capture)", reason: e.to_string() })?;
+        cubecl::future::block_on(cuda.sync()).map_err(|e| GraphError::CubeclQueue(e.to_string()))?;
 
         self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(driver("cuStreamBeginCapture"))?;
         let mut launched: Result<(), GraphError> = Ok(());
