@@ -34,3 +34,15 @@ run_bench() {
     echo "rc=$?"
     grep -v "^#" "$OUT/$name.csv" | cut -d, -f1-5,11
 }
+
+# dense_decode_cases: lora_bench --case parts for every dense decode case (qkv, gate_up,
+# MLA; R = 16, 64; T = 1 to 128; both adapter counts).
+dense_decode_cases() {
+    local cases="" m r t
+    for m in qkv gate_up mla_qkv_a; do
+        for r in 16 64; do
+            for t in 1 8 32 128; do cases="$cases,^$m R=$r T=$t "; done
+        done
+    done
+    echo "${cases#,}"
+}

@@ -5,10 +5,4 @@
 #   run(command="bash runtime/scripts/gpu_graph.sh", carry=["devbin"])
 source "$(dirname "$0")/gpu_env.sh"
 run_cuda_tests 150 cuda_graph_decode_f32 cuda_graph_decode_bf16
-cases=""
-for m in qkv gate_up mla_qkv_a; do
-    for r in 16 64; do
-        for t in 1 8 32 128; do cases="$cases,^$m R=$r T=$t "; done
-    done
-done
-run_bench 400 graph "${cases#,}"
+run_bench 400 graph "$(dense_decode_cases)"

@@ -7,13 +7,7 @@
 source "$(dirname "$0")/gpu_env.sh"
 run_cuda_tests 150 cuda_graph_decode_f32 cuda_graph_decode_bf16 cuda_bf16::segmented_expand cuda_f32::segmented_expand \
     cuda_bf16::chunked_prefill cuda_bf16::embedding cuda_bf16::fused_decode
-cases=""
-for m in qkv gate_up mla_qkv_a; do
-    for r in 16 64; do
-        for t in 1 8 32 128; do cases="$cases,^$m R=$r T=$t "; done
-    done
-done
-run_bench 300 graph "${cases#,}"
+run_bench 300 graph "$(dense_decode_cases)"
 run_bench 100 moe "^moe_gate_up R=64 T=8 ,^moe_down R=64 T=32 ,^moe_down R=16 T=8 "
 ab="qkv R=16 T=32 adapters=8,qkv R=64 T=8 adapters=8,gate_up R=64 T=32 adapters=8,mla_qkv_a R=64 T=32 adapters=8"
 for round in 1 2; do
