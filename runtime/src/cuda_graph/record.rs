@@ -271,6 +271,9 @@ pub fn record_launches<T>(
 ) -> Result<(T, Vec<RecordedLaunch>), GraphError> {
     let recorder = recorder(properties);
     let _session: MutexGuard<'_, ()> = recorder.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    // A session that panicked part-way may have left launches behind, some still queued.
+    recorder.client.flush().map_err(|_| GraphError::NotRecordable { operation: "flush the launch queue" })?;
+    *lock(&recorder.log) = Recording::default();
     let out = launches(&recorder.client);
     // Launches reach the server through a channel: a blocking call drains it.
     let flushed = recorder.client.flush();
