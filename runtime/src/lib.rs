@@ -19,8 +19,8 @@
 //!   [`moe_combine`]: the router's weighted sum behind its down expand).
 //!
 //! [`cuda_graph`] replays recorded launches of these kernels as CUDA graphs (decode without
-//! cubecl's per-launch host cost); [`cuda_source`] lowers the tensor-core kernels to CUDA C++ for a described GPU (an H100),
-//! so they are expanded and checked without one (CI has no GPU).
+//! cubecl's per-launch host cost); [`cuda_source`] lowers the tensor-core kernels to CUDA C++
+//! for a described GPU (an H100), so they are expanded and checked without one (CI has no GPU).
 
 pub mod batch;
 pub mod buffer;
