@@ -57,7 +57,14 @@ impl ShrinkConfig {
             .unwrap_or((fits(4), 1));
         let vector = vector_size(client.properties(), elem_size, &[layout.in_features()]) as u32;
         let k_vecs = layout.in_features() / vector;
-        let (threads, plane) = shrink_threads(client, k_vecs, rows_per_cube * tokens);
+        let cubes =
+            u64::from(layout.groups() * max_rank / rows_per_cube) * num_segments as u64 * u64::from(max_segment_len.div_ceil(tokens));
+        // A decode grid of six or more cubes per multiprocessor runs faster on half the threads
+        // (twice the cubes resident): T = 128 on the H100 (runs 40 and 43), qkv R=64 25–27 →
+        // 18–19.4 µs, gate_up and MLA R=64 8–13% faster; grids of up to four cubes per
+        // multiprocessor (qkv R=16 T=128, the T ≤ 32 cases) were faster on 256.
+        let max_threads = if max_segment_len <= DECODE_SEGMENT_TOKENS && cubes >= 3 * target { 128 } else { 256 };
+        let (threads, plane) = shrink_threads(client, k_vecs, rows_per_cube * tokens, max_threads);
         ShrinkConfig {
             groups: layout.groups(),
             max_rank,
@@ -97,10 +104,11 @@ fn splits_to_fill_on(device: &DeviceProperties, cubes: u32, max_splits: u32) -> 
 /// Threads splitting a K of `k_vecs` vectors (about two loads each, so the whole adapter is in
 /// flight at once) and the plane width for their reduction of `values` sums. Without plane
 /// reductions the shared-memory tree needs `values · threads` floats: keep that within 16 KiB.
-pub(crate) fn shrink_threads<R: Runtime>(client: &ComputeClient<R>, k_vecs: u32, values: u32) -> (u32, u32) {
+/// At most `max_threads` (64 to 256).
+pub(crate) fn shrink_threads<R: Runtime>(client: &ComputeClient<R>, k_vecs: u32, values: u32, max_threads: u32) -> (u32, u32) {
     // 256 threads at most: 512 (one paired round of loads for MLA's K = 7168 instead of two)
     // ran 1.2–1.6× slower on 2- to 16-token tiles on the H100 (run 41).
-    let threads = k_vecs.div_ceil(2).next_power_of_two().clamp(64, 256);
+    let threads = k_vecs.div_ceil(2).next_power_of_two().clamp(64, max_threads.clamp(64, 256));
     match plane_size(client, threads) {
         0 => (threads.min((4096 / values.max(1)).next_power_of_two() / 2).max(1), 0),
         plane => (threads, plane),

@@ -42,7 +42,7 @@ impl FusedConfig {
         let tokens_per_tile = max_segment_len.clamp(1, 4).next_power_of_two();
         let rows_per_pass = [16, 8, 4, 2, 1].into_iter().find(|r| max_rank % r == 0 && r * tokens_per_tile <= 64).unwrap_or(1);
         let vector = vector_size(client.properties(), elem_size, &[layout.in_features()]) as u32;
-        let (threads, plane_size) = shrink_threads(client, layout.in_features() / vector, rows_per_pass * tokens_per_tile);
+        let (threads, plane_size) = shrink_threads(client, layout.in_features() / vector, rows_per_pass * tokens_per_tile, 256);
         let widths: Vec<u32> = layout.slices().iter().map(|s| s.width).collect();
         FusedConfig {
             groups: layout.groups(),

@@ -135,7 +135,7 @@ impl MoeConfig {
         let max_rank = layout.max_rank();
         let rows_per_cube = [4, 2, 1].into_iter().find(|r| max_rank % r == 0).unwrap_or(1);
         let vector = vector_size(client.properties(), elem_size, &[layout.in_features()]) as u32;
-        let (threads, plane_size) = shrink_threads(client, layout.in_features() / vector, rows_per_cube);
+        let (threads, plane_size) = shrink_threads(client, layout.in_features() / vector, rows_per_cube, 256);
         Ok(MoeConfig {
             groups: layout.groups(),
             max_rank,
