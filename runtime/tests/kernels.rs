@@ -22,7 +22,7 @@ use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_mo
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink, reference_shrink};
 use lorac_runtime::shrink_mma::{MmaShrinkConfig, ShrinkTile};
 use lorac_runtime::testing::{Rng, StorageElem, relative_error};
-use lorac_runtime::{AdapterPool, DeviceBuffer, LoraError, NO_SLOT, Segments};
+use lorac_runtime::{AdapterPool, DeviceBuffer, LoraError, NO_SLOT, Segments, ShrinkConfig};
 
 const CASES: u64 = 12;
 /// Value written into the padding rows/columns of low-rank adapters: the contract says zero,
@@ -294,6 +294,27 @@ pub fn segmented_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     let rng = &mut Rng::new(199);
     for tokens in [1, 8] {
         shrink_case::<R, F>(client, rng, &long_k_layout(), tokens, &format!("shrink long K, {tokens} tokens"));
+    }
+    // Each decode tiling on 128 and 256 threads (the default picks 128 for grids of six or
+    // more cubes per multiprocessor, too large for the random cases above), long K.
+    let layout = long_k_layout();
+    for (rows, tokens, threads) in [(4, 4, 128), (4, 4, 256), (4, 1, 128), (2, 2, 128)] {
+        let segs = random_segments(rng, 40, layout.slots());
+        let default = ShrinkConfig::new(client, &layout, size_of::<F>(), segs.num_segments(), segs.max_segment_len());
+        let config = ShrinkConfig {
+            rows_per_cube: rows,
+            tokens_per_tile: tokens,
+            token_splits: segs.max_segment_len().div_ceil(tokens),
+            threads: if default.plane_size > 0 { threads } else { default.threads.min(threads) },
+            ..default
+        };
+        let what = format!("shrink long K, {config:?}");
+        let adapters = Adapters::<F>::random(client, rng, &layout);
+        let (x, x64) = random_x::<F>(rng, &layout, 40);
+        let mut out = poisoned_intermediate(client, &layout, 40);
+        let kernel = Some(ShrinkKernel::Scalar(config));
+        launch_shrink(client, &layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut out, kernel).unwrap();
+        check_intermediate(&what, &out.read(client), &adapters.reference_shrink(&layout, &segs, &x64, 40), F::TOLERANCE);
     }
 }
 
