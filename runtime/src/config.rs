@@ -43,6 +43,10 @@ impl ShrinkConfig {
         let target = 2 * u64::from(multiprocessors(client.properties()));
         let fits = |r: u32| [r, 4, 2, 1].into_iter().find(|d| max_rank % d == 0).unwrap_or(1);
         let longest = max_segment_len.max(1).next_power_of_two();
+        // Cubes of a grid of `rows`-row, `tokens`-token tiles.
+        let cubes = |rows: u32, tokens: u32| {
+            u64::from(layout.groups() * max_rank / rows) * num_segments as u64 * u64::from(max_segment_len.div_ceil(tokens))
+        };
         let options = [(8, 8), (4, 4), (4, 2), (4, 1)];
         let (rows_per_cube, tokens) = options
             .iter()
@@ -51,19 +55,15 @@ impl ShrinkConfig {
             // adapters (qkv R=64, H100, run 40) 4×4 tiles took 19.5–27 µs against 39.7.
             .filter(|(r, t)| r * t < 64 || max_segment_len > DECODE_SEGMENT_TOKENS)
             .map(|&(r, t)| (fits(r), t))
-            .find(|&(r, t)| {
-                u64::from(layout.groups() * max_rank / r) * num_segments as u64 * u64::from(max_segment_len.div_ceil(t)) >= target
-            })
+            .find(|&(r, t)| cubes(r, t) >= target)
             .unwrap_or((fits(4), 1));
         let vector = vector_size(client.properties(), elem_size, &[layout.in_features()]) as u32;
         let k_vecs = layout.in_features() / vector;
-        let cubes =
-            u64::from(layout.groups() * max_rank / rows_per_cube) * num_segments as u64 * u64::from(max_segment_len.div_ceil(tokens));
         // A decode grid of six or more cubes per multiprocessor runs faster on half the threads
         // (twice the cubes resident): T = 128 on the H100 (runs 40 and 43), qkv R=64 25–27 →
         // 18–19.4 µs, gate_up and MLA R=64 8–13% faster; grids of up to four cubes per
         // multiprocessor (qkv R=16 T=128, the T ≤ 32 cases) were faster on 256.
-        let max_threads = if max_segment_len <= DECODE_SEGMENT_TOKENS && cubes >= 3 * target { 128 } else { 256 };
+        let max_threads = if max_segment_len <= DECODE_SEGMENT_TOKENS && cubes(rows_per_cube, tokens) >= 3 * target { 128 } else { 256 };
         let (threads, plane) = shrink_threads(client, k_vecs, rows_per_cube * tokens, max_threads);
         ShrinkConfig {
             groups: layout.groups(),

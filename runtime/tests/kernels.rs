@@ -288,33 +288,28 @@ pub fn segmented_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let rng = &mut Rng::new(100 + seed);
         let (layout, family) = random_layout(rng, None);
         let tokens = rng.pick(&[1, 2, 5, 17, 40]);
-        shrink_case::<R, F>(client, rng, &layout, tokens, &format!("shrink {family} seed {seed} {layout:?}"));
+        shrink_case::<R, F>(client, rng, &layout, tokens, &format!("shrink {family} seed {seed} {layout:?}"), |_| None);
     }
     // A K as long as MLA's (7168): several paired rounds of loads per thread.
     let rng = &mut Rng::new(199);
     for tokens in [1, 8] {
-        shrink_case::<R, F>(client, rng, &long_k_layout(), tokens, &format!("shrink long K, {tokens} tokens"));
+        shrink_case::<R, F>(client, rng, &long_k_layout(), tokens, &format!("shrink long K, {tokens} tokens"), |_| None);
     }
     // Each decode tiling on 128 and 256 threads (the default picks 128 for grids of six or
     // more cubes per multiprocessor, too large for the random cases above), long K.
     let layout = long_k_layout();
     for (rows, tokens, threads) in [(4, 4, 128), (4, 4, 256), (4, 1, 128), (2, 2, 128)] {
-        let segs = random_segments(rng, 40, layout.slots());
-        let default = ShrinkConfig::new(client, &layout, size_of::<F>(), segs.num_segments(), segs.max_segment_len());
-        let config = ShrinkConfig {
-            rows_per_cube: rows,
-            tokens_per_tile: tokens,
-            token_splits: segs.max_segment_len().div_ceil(tokens),
-            threads: if default.plane_size > 0 { threads } else { default.threads.min(threads) },
-            ..default
+        let tiling = |segs: &Segments| {
+            let default = ShrinkConfig::new(client, &layout, size_of::<F>(), segs.num_segments(), segs.max_segment_len());
+            Some(ShrinkKernel::Scalar(ShrinkConfig {
+                rows_per_cube: rows,
+                tokens_per_tile: tokens,
+                token_splits: segs.max_segment_len().div_ceil(tokens),
+                threads: if default.plane_size > 0 { threads } else { default.threads.min(threads) },
+                ..default
+            }))
         };
-        let what = format!("shrink long K, {config:?}");
-        let adapters = Adapters::<F>::random(client, rng, &layout);
-        let (x, x64) = random_x::<F>(rng, &layout, 40);
-        let mut out = poisoned_intermediate(client, &layout, 40);
-        let kernel = Some(ShrinkKernel::Scalar(config));
-        launch_shrink(client, &layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut out, kernel).unwrap();
-        check_intermediate(&what, &out.read(client), &adapters.reference_shrink(&layout, &segs, &x64, 40), F::TOLERANCE);
+        shrink_case::<R, F>(client, rng, &layout, 40, &format!("shrink long K, {rows}x{tokens} tiles on {threads} threads"), tiling);
     }
 }
 
@@ -323,16 +318,33 @@ fn long_k_layout() -> LoraLayout {
     LoraLayout::new(nz(3), nz(16), 7168, 2, vec![slice("q_a", 48, 0), slice("kv_a", 18, 1)], None).unwrap()
 }
 
-fn shrink_case<R: Runtime, F: StorageElem>(client: &ComputeClient<R>, rng: &mut Rng, layout: &LoraLayout, tokens: u32, what: &str) {
+/// One segmented shrink on random adapters, segments and x, against the reference, with the
+/// kernel `kernel` picks for the segments (None: the launch's own choice).
+fn shrink_case<R: Runtime, F: StorageElem>(
+    client: &ComputeClient<R>,
+    rng: &mut Rng,
+    layout: &LoraLayout,
+    tokens: u32,
+    what: &str,
+    kernel: impl FnOnce(&Segments) -> Option<ShrinkKernel>,
+) {
     let adapters = Adapters::<F>::random(client, rng, layout);
     let segs = random_segments(rng, tokens, layout.slots());
     let (x, x64) = random_x::<F>(rng, layout, tokens as usize);
     let mut out = poisoned_intermediate(client, layout, tokens as usize);
-    launch_shrink(client, layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut out, None).unwrap();
+    let kernel = kernel(&segs);
+    launch_shrink(client, layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &x), &mut out, kernel).unwrap();
     let reference = adapters.reference_shrink(layout, &segs, &x64, tokens);
     check_intermediate(what, &out.read(client), &reference, F::TOLERANCE);
 }
 
+/// Every tile shape and K-group count of the tensor-core shrink the device has for this
+/// layout, each default tile also with 2–4 asynchronous-copy stages, and warp blocks of 2×1,
+/// 2×2 and 2×4 fragments over the widest row block of up to four fragments, in 32-token tiles
+/// with one K group and 128-token tiles with two, register-staged and with three stages, and
+/// the default for a long prefill batch (on a
+/// device without MMA, such as wgpu, the emulated-MMA kernels, register-staged only: wgpu has
+/// no asynchronous copies).
 fn mma_shrink_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLayout) -> Vec<MmaShrinkConfig> {
     let tiles = || [1, 2, 4].into_iter().flat_map(|m| [1, 2, 3, 4].into_iter().map(move |n| (m, n)));
     let groups = tiles().flat_map(|(m, n)| {

@@ -151,10 +151,9 @@ fn copy_bandwidth<R: Runtime>(client: &ComputeClient<R>, opts: &Opts) -> f64 {
 /// Time per kernel of empty kernels replayed from one CUDA graph: the device's floor per
 /// kernel once no host launch is in the way (None, with the reason, without CUDA graphs).
 fn graph_kernel_floor(opts: &Opts) -> Option<f64> {
-    let cuda = CudaRuntime::client(&Default::default());
-    let out = cuda.empty(4);
+    let out = CudaRuntime::client(&Default::default()).empty(4);
     let kernels = 64;
-    let recorded = record_launches(cuda.properties(), |rec| {
+    graph_pair_us(opts, 1000, kernels, "empty kernels", |rec| {
         for _ in 0..kernels {
             unsafe {
                 empty_kernel::launch_unchecked::<RecordingRuntime>(
@@ -166,19 +165,8 @@ fn graph_kernel_floor(opts: &Opts) -> Option<f64> {
                 )
             }
         }
-    });
-    let graph = recorded.and_then(|((), launches)| {
-        let mut builder = GraphBuilder::new(&Default::default())?;
-        let graph = builder.capture(&cuda, &launches)?;
-        Ok((builder, graph))
-    });
-    match graph {
-        Ok((builder, graph)) => Some(time_graphs(opts, &builder, std::slice::from_ref(&graph), kernels, 1000)),
-        Err(e) => {
-            eprintln!("no CUDA graph of empty kernels: {e}");
-            None
-        }
-    }
+        Ok(())
+    })
 }
 
 /// Per-launch cost of a kernel that does nothing: back-to-back throughput and launch+sync latency.
@@ -410,28 +398,21 @@ fn graph_rows<E: StorageElem>(
             return Vec::new();
         }
     };
-    let props = cuda.properties().clone();
     let sets = data.len();
-    // Which halves of each set's pair to record: (shrink, expand).
-    let record = |data: &mut [DenseSet<E>], (shrink, expand): (bool, bool)| {
-        let (done, launches) = record_launches(&props, |rec| {
-            data.iter_mut().try_for_each(|d| {
-                if shrink {
-                    launch_shrink(rec, layout, &d.pool, segs, &d.x, &mut d.a, None)?;
-                }
-                if expand {
-                    launch_expand(rec, layout, &d.pool, segs, &d.a, &mut d.y, None)?;
-                }
-                Ok::<(), lorac_runtime::LoraError>(())
-            })
+    let launch_pairs = |rec: &ComputeClient<RecordingRuntime>, data: &mut [DenseSet<E>], (shrink, expand): (bool, bool)| {
+        data.iter_mut().try_for_each(|d| {
+            if shrink {
+                launch_shrink(rec, layout, &d.pool, segs, &d.x, &mut d.a, None)?;
+            }
+            if expand {
+                launch_expand(rec, layout, &d.pool, segs, &d.a, &mut d.y, None)?;
+            }
+            Ok(())
         })
-        .unwrap();
-        done.unwrap();
-        launches
     };
-    let mut time_one_graph = |data: &mut [DenseSet<E>], halves: (bool, bool)| {
-        let graph = builder.capture(&cuda, &record(data, halves)).unwrap();
-        time_graphs(opts, &builder, std::slice::from_ref(&graph), sets, iters)
+    // Which halves of each set's pair to time: (shrink, expand).
+    let time_one_graph = |builder: &mut GraphBuilder, data: &mut [DenseSet<E>], halves: (bool, bool)| {
+        time_recorded(opts, builder, &cuda, sets, iters, |rec| launch_pairs(rec, data, halves)).unwrap()
     };
     let row = |variant: &str, pair_us: f64, saved: f64| Row {
         case: case.to_string(),
@@ -444,12 +425,13 @@ fn graph_rows<E: StorageElem>(
     };
     let mut rows = Vec::new();
 
-    let shrink_us = time_one_graph(data, (true, false));
-    let expand_us = time_one_graph(data, (false, true));
-    let pair_us = time_one_graph(data, (true, true));
+    let shrink_us = time_one_graph(&mut builder, data, (true, false));
+    let expand_us = time_one_graph(&mut builder, data, (false, true));
+    let pair_us = time_one_graph(&mut builder, data, (true, true));
     rows.push(Row { shrink_us, expand_us, ..row("graph", pair_us, 0.0) });
 
-    let launches = record(data, (true, true));
+    let (done, launches) = record_launches(cuda.properties(), |rec| launch_pairs(rec, data, (true, true))).unwrap();
+    done.unwrap();
     let per_pair: Vec<LaunchGraph> = launches.chunks(launches.len() / sets).map(|pair| builder.capture(&cuda, pair).unwrap()).collect();
     drop(launches);
     let pair_us = time_graphs(opts, &builder, &per_pair, 1, iters);
@@ -458,21 +440,18 @@ fn graph_rows<E: StorageElem>(
 
     // The same graph as "graph", each kernel a programmatic dependent of the one before it.
     if builder.set_programmatic_launch(true).is_ok() {
-        let graph = builder.capture(&cuda, &record(data, (true, true))).unwrap();
-        let pair_us = time_graphs(opts, &builder, std::slice::from_ref(&graph), sets, iters);
+        let pair_us = time_one_graph(&mut builder, data, (true, true));
         rows.push(row("graph pdl", pair_us, 0.0));
         builder.set_programmatic_launch(false).unwrap();
     }
 
     let tokens = segs.tokens();
     if tokens <= 8 {
-        let (done, launches) =
-            record_launches(&props, |rec| data.iter_mut().try_for_each(|d| launch_fused(rec, layout, &d.pool, segs, &d.x, &mut d.y, None)))
-                .unwrap();
-        done.unwrap();
-        let fused = builder.capture(&cuda, &launches).unwrap();
+        let fused = |rec: &ComputeClient<RecordingRuntime>| {
+            data.iter_mut().try_for_each(|d| launch_fused(rec, layout, &d.pool, segs, &d.x, &mut d.y, None))
+        };
+        let pair_us = time_recorded(opts, &mut builder, &cuda, sets, iters, fused).unwrap();
         let inter = f64::from(tokens) * f64::from(layout.groups() * layout.max_rank()) * 4.0;
-        let pair_us = time_graphs(opts, &builder, std::slice::from_ref(&fused), sets, iters);
         rows.push(row("fused graph", pair_us, inter));
     }
     rows
@@ -529,19 +508,15 @@ fn decode_sweep<E: StorageElem>(
     }
     let mut rows = Vec::new();
     let mut time = |name: String, data: &mut [DenseSet<E>], shrink: Option<ShrinkKernel>, expand: Option<ExpandKernel>| {
-        let recorded = record_launches(cuda.properties(), |rec| {
+        let launch = |rec: &ComputeClient<RecordingRuntime>| {
             data.iter_mut().try_for_each(|d| match (shrink, expand) {
                 (Some(kernel), _) => launch_shrink(rec, layout, &d.pool, segs, &d.x, &mut d.a, Some(kernel)),
                 (None, Some(kernel)) => launch_expand(rec, layout, &d.pool, segs, &d.a, &mut d.y, Some(kernel)),
                 (None, None) => Ok(()),
             })
-        });
-        let graph = recorded.map_err(|e| e.to_string()).and_then(|(done, launches)| {
-            done.map_err(|e| e.to_string())?;
-            builder.capture(&cuda, &launches).map_err(|e| e.to_string())
-        });
-        let us = match graph {
-            Ok(graph) => time_graphs(opts, &builder, std::slice::from_ref(&graph), sets, iters),
+        };
+        let us = match time_recorded(opts, &mut builder, &cuda, sets, iters, launch) {
+            Ok(us) => us,
             Err(e) => {
                 eprintln!("{case} {name}: {e}");
                 return;
@@ -1009,19 +984,26 @@ fn graph_pair_us(
     record: impl FnOnce(&ComputeClient<RecordingRuntime>) -> lorac_runtime::Result<()>,
 ) -> Option<f64> {
     let cuda = CudaRuntime::client(&Default::default());
-    let graph = record_launches(cuda.properties(), record).map_err(|e| e.to_string()).and_then(|(done, launches)| {
-        done.map_err(|e| e.to_string())?;
-        let mut builder = GraphBuilder::new(&Default::default()).map_err(|e| e.to_string())?;
-        let graph = builder.capture(&cuda, &launches).map_err(|e| e.to_string())?;
-        Ok((builder, graph))
-    });
-    match graph {
-        Ok((builder, graph)) => Some(time_graphs(opts, &builder, std::slice::from_ref(&graph), sets, iters)),
-        Err(e) => {
-            eprintln!("{case}: no CUDA graph: {e}");
-            None
-        }
-    }
+    let timed = GraphBuilder::new(&Default::default())
+        .map_err(|e| e.to_string())
+        .and_then(|mut builder| time_recorded(opts, &mut builder, &cuda, sets, iters, record));
+    timed.map_err(|e| eprintln!("{case}: no CUDA graph: {e}")).ok()
+}
+
+/// The launches `record` makes for `sets` rotation sets, captured into one graph on `builder`
+/// and replayed (`time_graphs`): µs per set, or why the graph could not be built.
+fn time_recorded(
+    opts: &Opts,
+    builder: &mut GraphBuilder,
+    cuda: &ComputeClient<CudaRuntime>,
+    sets: usize,
+    iters: usize,
+    record: impl FnOnce(&ComputeClient<RecordingRuntime>) -> lorac_runtime::Result<()>,
+) -> Result<f64, String> {
+    let (done, launches) = record_launches(cuda.properties(), record).map_err(|e| e.to_string())?;
+    done.map_err(|e| e.to_string())?;
+    let graph = builder.capture(cuda, &launches).map_err(|e| e.to_string())?;
+    Ok(time_graphs(opts, builder, std::slice::from_ref(&graph), sets, iters))
 }
 
 fn main() {

@@ -190,11 +190,6 @@ impl GraphBuilder {
         Ok(())
     }
 
-    /// How many distinct kernels have been compiled so far.
-    pub fn compiled_kernels(&self) -> usize {
-        self.kernels.len()
-    }
-
     fn load(&mut self, launch: &RecordedLaunch) -> Result<Arc<LoadedKernel>, GraphError> {
         let mut id = launch.kernel.id();
         id.mode(launch.mode);
@@ -225,23 +220,18 @@ impl GraphBuilder {
     }
 
     /// The device address of each of `launch`'s buffers, and the resources that keep them
-    /// allocated.
-    fn resolve(&self, launch: &RecordedLaunch) -> Result<Vec<ManagedResource<GpuResource>>, GraphError> {
-        let server = DeviceHandle::<CudaServer>::new(self.device.to_id());
+    /// allocated, in one call to the CUDA server's thread.
+    fn resolve(&self, server: &DeviceHandle<CudaServer>, launch: &RecordedLaunch) -> Result<Vec<ManagedResource<GpuResource>>, GraphError> {
         let stream = cubecl::stream_id::StreamId::current();
-        let name = launch.kernel.name();
-        launch
-            .args
-            .buffers
-            .iter()
+        let kernel = launch.kernel.name();
+        let bindings = launch.args.buffers.clone();
+        let resolved = server
+            .submit_blocking(move |server| bindings.into_iter().map(|binding| server.get_resource(binding, stream)).collect::<Vec<_>>())
+            .map_err(|e| GraphError::Buffer { kernel, index: 0, reason: format!("the CUDA server did not answer: {e:?}") })?;
+        resolved
+            .into_iter()
             .enumerate()
-            .map(|(index, binding)| {
-                let binding = binding.clone();
-                server
-                    .submit_blocking(move |server| server.get_resource(binding, stream))
-                    .map_err(|e| GraphError::Buffer { kernel: name, index, reason: format!("{e:?}") })?
-                    .map_err(|e| GraphError::Buffer { kernel: name, index, reason: e.to_string() })
-            })
+            .map(|(index, resource)| resource.map_err(|e| GraphError::Buffer { kernel, index, reason: e.to_string() }))
             .collect()
     }
 
@@ -254,6 +244,7 @@ impl GraphBuilder {
             addresses: Vec<u64>,
             info: Vec<u64>,
         }
+        let server = DeviceHandle::<CudaServer>::new(self.device.to_id());
         let mut resources = Vec::new();
         let mut prepared = Vec::with_capacity(launches.len());
         for launch in launches {
@@ -273,7 +264,7 @@ impl GraphBuilder {
                 continue; // An empty grid does nothing (and CUDA refuses to launch it).
             }
             let kernel = self.load(launch)?;
-            let buffers = self.resolve(launch)?;
+            let buffers = self.resolve(&server, launch)?;
             let addresses = buffers.iter().map(|b| b.resource().ptr).collect();
             resources.extend(buffers);
             prepared.push(Prepared { kernel, grid, addresses, info: launch.args.info.data.clone() });
