@@ -6,13 +6,8 @@
 # to b9a6db2 (GraphBuilder::set_shared_memory_carveout and the two lora_bench rows; dropped).
 #   run(command="bash runtime/scripts/gpu_carveout.sh", carry=["devbin"])
 source "$(dirname "$0")/gpu_env.sh"
-cases=""
-for m in qkv gate_up mla_qkv_a; do
-    for r in 16 64; do
-        for t in 1 8 32 128; do cases="$cases,^$m R=$r T=$t adapters=8"; done
-    done
-done
+cases=$(dense_decode_cases_8 1 8 32 128)
 for round in 1 2; do
-    run_bench 200 "carveout$round" "${cases#,}" | grep -E ",graph( pdl)?( carveout)?,"
+    run_bench 200 "carveout$round" "$cases" | grep -E ",graph( pdl)?( carveout)?,"
 done
 cd "$OUT" && { for f in carveout1 carveout2; do echo "== $f"; cat "$f.csv"; done > carveout.txt; cat ./*.err > bench_err.txt; rm -f carveout?.csv ./*.err; }

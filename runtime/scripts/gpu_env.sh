@@ -46,3 +46,15 @@ dense_decode_cases() {
     done
     echo "${cases#,}"
 }
+
+# dense_decode_cases_8 T...: lora_bench --case parts for every dense decode case with 8
+# adapters at the given token counts.
+dense_decode_cases_8() {
+    local cases="" m r t
+    for m in qkv gate_up mla_qkv_a; do
+        for r in 16 64; do
+            for t in "$@"; do cases="$cases,^$m R=$r T=$t adapters=8"; done
+        done
+    done
+    echo "${cases#,}"
+}

@@ -16,14 +16,9 @@ if [ "${PART:-bench}" = tests ]; then
     cd "$OUT" && { for f in cuda_*.log; do echo "== $f"; cat "$f"; done > tests.txt; rm -f cuda_*.log; }
     exit 0
 fi
-cases=""
-for m in qkv gate_up mla_qkv_a; do
-    for r in 16 64; do
-        for t in 8 32 128; do cases="$cases,^$m R=$r T=$t adapters=8"; done
-    done
-done
+cases=$(dense_decode_cases_8 8 32 128)
 for round in 1 2; do
-    LORA_BENCH=devbin/prev/lora_bench run_bench 140 "prev$round" "${cases#,}" | grep -E ",graph,"
-    run_bench 140 "new$round" "${cases#,}" | grep -E ",graph,"
+    LORA_BENCH=devbin/prev/lora_bench run_bench 140 "prev$round" "$cases" | grep -E ",graph,"
+    run_bench 140 "new$round" "$cases" | grep -E ",graph,"
 done
 cd "$OUT" && { for f in prev1 new1 prev2 new2; do echo "== $f"; cat "$f.csv"; done > ab.txt; cat ./*.err > bench_err.txt; rm -f prev?.csv new?.csv ./*.err; }

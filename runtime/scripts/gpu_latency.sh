@@ -7,13 +7,7 @@
 # shrink.rs, expand.rs and fused.rs, described in runtime/BENCHMARKS.md (runs 47-50).
 #   run(command="PART=1 bash runtime/scripts/gpu_latency.sh", carry=["devbin"])
 source "$(dirname "$0")/gpu_env.sh"
-cases=""
-for m in qkv gate_up mla_qkv_a; do
-    for r in 16 64; do
-        for t in 1 8 32 128; do cases="$cases,^$m R=$r T=$t adapters=8"; done
-    done
-done
-cases=${cases#,}
+cases=$(dense_decode_cases_8 1 8 32 128)
 if [ "${PART:-1}" = 1 ]; then
     tests=(cuda_graph_decode_f32 cuda_graph_decode_bf16)
     for d in f32 bf16; do
