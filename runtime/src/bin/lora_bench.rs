@@ -354,9 +354,26 @@ fn dense_case<R: Runtime, E: StorageElem>(
         });
     }
     if opts.graphs && tokens <= 128 {
-        rows.extend(graph_rows(opts, &layout, &dev, &mut data, iters, &case, shrink_bytes, expand_bytes));
-        if opts.decode_sweep {
-            rows.extend(decode_sweep(opts, &layout, &segs, &dev, &mut data, iters, &case, shrink_bytes, expand_bytes));
+        // One builder for both: the sweep reuses the kernels the graph rows compiled.
+        match GraphBuilder::new(&Default::default()) {
+            Ok(mut builder) => {
+                rows.extend(graph_rows(opts, &mut builder, &layout, &dev, &mut data, iters, &case, shrink_bytes, expand_bytes));
+                if opts.decode_sweep {
+                    rows.extend(decode_sweep(
+                        opts,
+                        &mut builder,
+                        &layout,
+                        &segs,
+                        &dev,
+                        &mut data,
+                        iters,
+                        &case,
+                        shrink_bytes,
+                        expand_bytes,
+                    ));
+                }
+            }
+            Err(e) => eprintln!("{case}: no CUDA graphs: {e}"),
         }
     }
     if tokens >= 256 {
@@ -382,6 +399,7 @@ fn dense_case<R: Runtime, E: StorageElem>(
 #[allow(clippy::too_many_arguments)]
 fn graph_rows<E: StorageElem>(
     opts: &Opts,
+    builder: &mut GraphBuilder,
     layout: &LoraLayout,
     segs: &DeviceSegments,
     data: &mut [DenseSet<E>],
@@ -391,13 +409,6 @@ fn graph_rows<E: StorageElem>(
     expand_bytes: f64,
 ) -> Vec<Row> {
     let cuda = CudaRuntime::client(&Default::default());
-    let mut builder = match GraphBuilder::new(&Default::default()) {
-        Ok(builder) => builder,
-        Err(e) => {
-            eprintln!("{case}: no CUDA graphs: {e}");
-            return Vec::new();
-        }
-    };
     let sets = data.len();
     let launch_pairs = |rec: &ComputeClient<RecordingRuntime>, data: &mut [DenseSet<E>], (shrink, expand): (bool, bool)| {
         data.iter_mut().try_for_each(|d| {
@@ -425,22 +436,22 @@ fn graph_rows<E: StorageElem>(
     };
     let mut rows = Vec::new();
 
-    let shrink_us = time_one_graph(&mut builder, data, (true, false));
-    let expand_us = time_one_graph(&mut builder, data, (false, true));
-    let pair_us = time_one_graph(&mut builder, data, (true, true));
+    let shrink_us = time_one_graph(builder, data, (true, false));
+    let expand_us = time_one_graph(builder, data, (false, true));
+    let pair_us = time_one_graph(builder, data, (true, true));
     rows.push(Row { shrink_us, expand_us, ..row("graph", pair_us, 0.0) });
 
     let (done, launches) = record_launches(cuda.properties(), |rec| launch_pairs(rec, data, (true, true))).unwrap();
     done.unwrap();
     let per_pair: Vec<LaunchGraph> = launches.chunks(launches.len() / sets).map(|pair| builder.capture(&cuda, pair).unwrap()).collect();
     drop(launches);
-    let pair_us = time_graphs(opts, &builder, &per_pair, 1, iters);
+    let pair_us = time_graphs(opts, builder, &per_pair, 1, iters);
     rows.push(row("graph per pair", pair_us, 0.0));
     drop(per_pair);
 
     // The same graph as "graph", each kernel a programmatic dependent of the one before it.
     if builder.set_programmatic_launch(true).is_ok() {
-        let pair_us = time_one_graph(&mut builder, data, (true, true));
+        let pair_us = time_one_graph(builder, data, (true, true));
         rows.push(row("graph pdl", pair_us, 0.0));
         builder.set_programmatic_launch(false).unwrap();
     }
@@ -450,7 +461,7 @@ fn graph_rows<E: StorageElem>(
         let fused = |rec: &ComputeClient<RecordingRuntime>| {
             data.iter_mut().try_for_each(|d| launch_fused(rec, layout, &d.pool, segs, &d.x, &mut d.y, None))
         };
-        let pair_us = time_recorded(opts, &mut builder, &cuda, sets, iters, fused).unwrap();
+        let pair_us = time_recorded(opts, builder, &cuda, sets, iters, fused).unwrap();
         let inter = f64::from(tokens) * f64::from(layout.groups() * layout.max_rank()) * 4.0;
         rows.push(row("fused graph", pair_us, inter));
     }
@@ -463,6 +474,7 @@ fn graph_rows<E: StorageElem>(
 #[allow(clippy::too_many_arguments)]
 fn decode_sweep<E: StorageElem>(
     opts: &Opts,
+    builder: &mut GraphBuilder,
     layout: &LoraLayout,
     host_segs: &Segments,
     segs: &DeviceSegments,
@@ -473,7 +485,6 @@ fn decode_sweep<E: StorageElem>(
     expand_bytes: f64,
 ) -> Vec<Row> {
     let cuda = CudaRuntime::client(&Default::default());
-    let Ok(mut builder) = GraphBuilder::new(&Default::default()) else { return Vec::new() };
     let (num_segments, max_len) = (host_segs.num_segments(), host_segs.max_segment_len());
     let elem = size_of::<E>();
     let sets = data.len();
@@ -515,7 +526,7 @@ fn decode_sweep<E: StorageElem>(
                 (None, None) => Ok(()),
             })
         };
-        let us = match time_recorded(opts, &mut builder, &cuda, sets, iters, launch) {
+        let us = match time_recorded(opts, builder, &cuda, sets, iters, launch) {
             Ok(us) => us,
             Err(e) => {
                 eprintln!("{case} {name}: {e}");
