@@ -35,6 +35,18 @@ run_bench() {
     grep -v "^#" "$OUT/$name.csv" | cut -d, -f1-5,11
 }
 
+# run_ab LIMIT PREFIX CASES ROUND...: for each ROUND, run_bench on CASES with the previous
+# binaries (devbin/prev/lora_bench, $OUT/PREFIXprevROUND.csv), then with the new ones
+# ($OUT/PREFIXnewROUND.csv): alternating, so drift between rounds reaches both alike.
+run_ab() {
+    local limit=$1 prefix=$2 cases=$3 round
+    shift 3
+    for round in "$@"; do
+        LORA_BENCH=devbin/prev/lora_bench run_bench "$limit" "${prefix}prev$round" "$cases"
+        run_bench "$limit" "${prefix}new$round" "$cases"
+    done
+}
+
 # dense_decode_cases: lora_bench --case parts for every dense decode case (qkv, gate_up,
 # MLA; R = 16, 64; T = 1 to 128; both adapter counts).
 dense_decode_cases() {

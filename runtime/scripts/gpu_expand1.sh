@@ -17,8 +17,5 @@ if [ "${PART:-bench}" = tests ]; then
     exit 0
 fi
 cases=$(dense_decode_cases_8 8 32 128)
-for round in 1 2; do
-    LORA_BENCH=devbin/prev/lora_bench run_bench 140 "prev$round" "$cases" | grep -E ",graph,"
-    run_bench 140 "new$round" "$cases" | grep -E ",graph,"
-done
+run_ab 140 "" "$cases" 1 2 | grep -E ",graph,"
 cd "$OUT" && { for f in prev1 new1 prev2 new2; do echo "== $f"; cat "$f.csv"; done > ab.txt; cat ./*.err > bench_err.txt; rm -f prev?.csv new?.csv ./*.err; }

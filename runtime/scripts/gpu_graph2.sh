@@ -10,10 +10,7 @@ run_cuda_tests 150 cuda_graph_decode_f32 cuda_graph_decode_bf16 cuda_bf16::segme
 run_bench 300 graph "$(dense_decode_cases)"
 run_bench 100 moe "^moe_gate_up R=64 T=8 ,^moe_down R=64 T=32 ,^moe_down R=16 T=8 "
 ab="qkv R=16 T=32 adapters=8,qkv R=64 T=8 adapters=8,gate_up R=64 T=32 adapters=8,mla_qkv_a R=64 T=32 adapters=8"
-for round in 1 2; do
-    LORA_BENCH=devbin/prev/lora_bench run_bench 60 "ab_prev$round" "$ab" | grep -v "fused\|per pair"
-    run_bench 60 "ab_new$round" "$ab" | grep -v "fused\|per pair"
-done
+run_ab 60 ab_ "$ab" 1 2 | grep -v "fused\|per pair"
 # The device tool returns only a few files: fold the logs together. (Run 39 wrote ab_moe.csv,
 # which the rm below then deleted; its tables are in run39_ab_moe_stdout.txt.)
 cd "$OUT" && {

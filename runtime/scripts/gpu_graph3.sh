@@ -8,10 +8,8 @@ source "$(dirname "$0")/gpu_env.sh"
 run_cuda_tests 150 cuda_bf16::segmented_shrink cuda_f32::segmented_shrink cuda_bf16::fused_decode cuda_f32::fused_decode \
     cuda_graph_decode_bf16 cuda_bf16::moe
 cases="^qkv R=16 T=128 ,^qkv R=64 T=128 ,^gate_up R=64 T=128 ,^mla_qkv_a R=16 T=128 ,^mla_qkv_a R=64 ,^mla_qkv_a R=16 T=32 "
-for round in 1 2; do
-    LORA_BENCH=devbin/prev/lora_bench run_bench 120 "prev$round" "$cases" | grep -v "fused\|per pair"
-    run_bench 120 "new$round" "$cases" | grep -v "fused\|per pair\|pdl"
-done
+# (The previous binaries have no "pdl" rows.)
+run_ab 120 "" "$cases" 1 2 | grep -v "fused\|per pair\|pdl"
 # The device tool returns only a few files: fold the logs together.
 cd "$OUT" && {
     for f in cuda_*.log; do echo "== $f"; cat "$f"; done > tests.txt

@@ -18,10 +18,7 @@ if [ "${PART:-1}" = 1 ]; then
 else
     rounds=2
 fi
-for round in $rounds; do
-    LORA_BENCH=devbin/prev/lora_bench run_bench 140 "prev$round" "$cases" | grep -E ",graph,"
-    run_bench 140 "new$round" "$cases" | grep -E ",graph,"
-done
+run_ab 140 "" "$cases" "$rounds" | grep -E ",graph,"
 cd "$OUT" && {
     for f in prev$rounds new$rounds; do echo "== $f"; cat "$f.csv"; done > "ab$rounds.txt"
     cat ./*.err > "bench_err$rounds.txt"

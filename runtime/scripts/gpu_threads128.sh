@@ -6,8 +6,5 @@
 source "$(dirname "$0")/gpu_env.sh"
 cases="^qkv R=16 T=128 ,^qkv R=64 T=128 ,^gate_up R=16 T=128 ,^gate_up R=64 T=128 ,^mla_qkv_a R=16 T=128 ,^mla_qkv_a R=64 T=128 "
 cases="$cases,^qkv R=16 T=32 adapters=8,^gate_up R=64 T=32 adapters=8,^mla_qkv_a R=64 T=32 adapters=8"
-for round in 1 2; do
-    LORA_BENCH=devbin/prev/lora_bench run_bench 100 "prev$round" "$cases" | grep -E ",segmented,|,graph,"
-    run_bench 100 "new$round" "$cases" | grep -E ",segmented,|,graph,"
-done
+run_ab 100 "" "$cases" 1 2 | grep -E ",segmented,|,graph,"
 cd "$OUT" && { for f in prev1 new1 prev2 new2; do echo "== $f"; cat "$f.csv"; done > ab.txt; cat ./*.err > bench_err.txt; rm -f prev?.csv new?.csv ./*.err; }
