@@ -150,6 +150,10 @@ pub struct ExpandConfig {
     pub out_vector: u32,
     /// Vector width of the B loads along the rank (divides `max_rank`).
     pub rank_vector: u32,
+    /// Copies of the intermediate to add up (`[a_splits, tokens, c·R]`): the partial sums of
+    /// a tensor-core shrink with K splits (`ShrinkKernel::intermediate_copies`); 1 for every
+    /// other shrink. See [`Self::summing`].
+    pub a_splits: u32,
 }
 
 impl ExpandConfig {
@@ -185,6 +189,7 @@ impl ExpandConfig {
             threads: EXPAND_THREADS,
             out_vector,
             rank_vector,
+            a_splits: 1,
         };
         let budget = EXPAND_SHARED_BUDGET.min(props.hardware.max_shared_memory_size as u32);
         while cfg.threads > 32 && cfg.shared_bytes(elem_size) > budget {
@@ -197,6 +202,12 @@ impl ExpandConfig {
         cfg.token_splits =
             splits_to_fill_on(props, blocks * num_segments.max(1) as u32, tiles).min(65535 / num_segments.max(1) as u32).max(1);
         cfg
+    }
+
+    /// This configuration reading the `a_splits` copies of partial sums a shrink with that
+    /// many K splits writes.
+    pub fn summing(self, a_splits: u32) -> Self {
+        ExpandConfig { a_splits, ..self }
     }
 
     /// Row stride (in rank vectors) of the B block in shared memory: odd, so the threads of a

@@ -196,6 +196,8 @@ pub(crate) fn expand_kernel<F: Float, NY: Size, NB: Size>(
     let rank_vecs_max = comptime!(max_rank / nb);
     let rs = comptime!(cfg.b_row_stride() as usize);
 
+    let a_splits = comptime!(cfg.a_splits as usize);
+    let a_copy = a.len() / a_splits;
     let seg = CUBE_POS_Z as usize / splits;
     let split = CUBE_POS_Z as usize % splits;
     let blk =
@@ -238,7 +240,11 @@ pub(crate) fn expand_kernel<F: Float, NY: Size, NB: Size>(
                 for l in 0..nb {
                     let j = jv * nb + l;
                     if j < blk.rank {
-                        v[l] = a[row + j];
+                        // The sum of the shrink's partial copies (one without K splits).
+                        #[unroll]
+                        for s in 0..a_splits {
+                            v[l] += a[s * a_copy + row + j];
+                        }
                     }
                 }
             }
@@ -350,7 +356,11 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
         }
     }
     let tokens = segs.tokens as usize;
-    a.check_len("a (expand input)", tokens * (layout.groups() * layout.max_rank()) as usize)?;
+    let copies = match kernel {
+        ExpandKernel::Scalar(cfg) => cfg.a_splits as usize,
+        ExpandKernel::Mma { .. } => 1,
+    };
+    a.check_len("a (expand input)", copies * tokens * (layout.groups() * layout.max_rank()) as usize)?;
     y.check_len("y", tokens * layout.out_features() as usize)?;
     if segs.num_segments == 0 || tokens == 0 {
         return Ok(());
@@ -473,6 +483,7 @@ fn check_expand_config(device: &DeviceProperties, layout: &LoraLayout, cfg: &Exp
         && cfg.max_rank % cfg.rank_vector == 0
         && cfg.tokens_per_tile > 0
         && cfg.token_splits > 0
+        && cfg.a_splits > 0
         && cfg.threads > 0;
     if !ok {
         return Err(LoraError::Layout(format!("expand config {cfg:?} does not fit the layout")));

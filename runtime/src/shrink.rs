@@ -261,10 +261,22 @@ impl ShrinkKernel {
             None => ShrinkKernel::Scalar(ShrinkConfig::new(client, layout, size_of::<F>(), num_segments, max_segment_len)),
         }
     }
+
+    /// Copies of the intermediate the kernel writes (`[copies, tokens, groups·R]`): one per K
+    /// split of the tensor-core kernel, each holding partial sums that the expand adds up
+    /// (`ExpandConfig::a_splits` must match), else 1.
+    pub fn intermediate_copies(&self) -> u32 {
+        match self {
+            ShrinkKernel::Scalar(_) => 1,
+            ShrinkKernel::Mma { config, .. } => config.k_splits,
+        }
+    }
 }
 
 /// Launches the segmented shrink: `x` is `[tokens, in]`, `out` is the f32 intermediate
-/// `[tokens, groups·R]` (only `j < rank` entries of tokens with an adapter are written).
+/// `[tokens, groups·R]` (only `j < rank` entries of tokens with an adapter are written), or
+/// `[k_splits, tokens, groups·R]` of partial sums for a tensor-core kernel with K splits
+/// ([`ShrinkKernel::intermediate_copies`]).
 pub fn launch_shrink<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     layout: &LoraLayout,
@@ -314,7 +326,7 @@ pub(crate) fn launch_shrink_rows<R: Runtime, F: Float + CubeElement>(
     let tokens = segs.tokens as usize;
     let k = layout.in_features();
     x.check_len("x", tokens / divisor as usize * k as usize)?;
-    out.check_len("a (shrink output)", tokens * (layout.groups() * layout.max_rank()) as usize)?;
+    out.check_len("a (shrink output)", kernel.intermediate_copies() as usize * tokens * (layout.groups() * layout.max_rank()) as usize)?;
     match kernel {
         ShrinkKernel::Scalar(cfg) => check_shrink_config(layout, &cfg)?,
         ShrinkKernel::Mma { config, .. } => {
@@ -352,7 +364,7 @@ pub(crate) fn launch_shrink_rows<R: Runtime, F: Float + CubeElement>(
         ShrinkKernel::Mma { config, tiles_per_segment } => {
             let tiles = if tiles_per_segment > 0 { tiles_per_segment } else { segs.max_segment_len.div_ceil(config.tile_tokens()) };
             let n = config.vector as usize;
-            let count = CubeCount::Static(tiles.max(1), segs.num_segments as u32, config.row_blocks());
+            let count = CubeCount::Static(tiles.max(1), segs.num_segments as u32, config.row_blocks() * config.k_splits);
             let dim = CubeDim::new_2d(32, config.warps());
             let (seg_indptr, weight_indices, token_perm) = (segs.seg_indptr.arg(1), segs.weight_indices.arg(1), segs.token_perm.arg(1));
             unsafe {

@@ -79,6 +79,13 @@ pub struct MmaShrinkConfig {
     /// 2–4: asynchronous copies into that many shared-memory stages, `stages − 1` chunks
     /// ahead ([`crate::shrink_mma_pipelined`]); see [`Self::with_stages`].
     pub stages: u32,
+    /// Cubes along K (grid z, times the row blocks): each sums `1/k_splits` of the inputs and
+    /// writes its partial sums to its own copy of the intermediate, which is then
+    /// `[k_splits, tokens, c·R]` and which the expand adds up (`ExpandConfig::a_splits`).
+    /// 1: one copy holding the full sums. A decode batch has a 16-token tile or two per
+    /// segment: without K splits its grid would hold a few dozen cubes; see
+    /// [`Self::with_k_splits`].
+    pub k_splits: u32,
 }
 
 /// A cube's tile of 16×16 output fragments (`m_frags` along the tokens, `n_frags` along the
@@ -187,6 +194,7 @@ impl MmaShrinkConfig {
             vector,
             tensor_cores: cmma_supported::<F>(device),
             stages: 1,
+            k_splits: 1,
         })
     }
 
@@ -267,6 +275,7 @@ impl MmaShrinkConfig {
     pub fn fits<F: CubePrimitive>(&self, device: &DeviceProperties, layout: &LoraLayout) -> bool {
         Self::with_tile_chunk::<F>(device, layout, self.tile(), self.k_chunk, self.k_groups)
             .and_then(|base| base.with_stages::<F>(device, self.stages))
+            .and_then(|base| base.with_k_splits(layout, self.k_splits))
             == Some(*self)
     }
 
@@ -282,6 +291,13 @@ impl MmaShrinkConfig {
         let shared = stages * Self::staged_bytes(self.m_frags, self.n_frags, self.k_chunk, elem)
             + self.m_frags * self.n_frags * self.k_groups * TILE * TILE * 4;
         crate::config::pipeline_fits(device, stages, self.vector * elem, shared).then_some(MmaShrinkConfig { stages, ..self })
+    }
+
+    /// This tile with K split across `k_splits` cubes (see [`Self::k_splits`]), or `None`
+    /// where `k_splits` is 0 or its share of the inputs is not a whole number of K chunks.
+    pub fn with_k_splits(self, layout: &LoraLayout, k_splits: u32) -> Option<Self> {
+        let share = self.k_chunk.checked_mul(k_splits)?;
+        (k_splits > 0 && layout.in_features().is_multiple_of(share)).then_some(MmaShrinkConfig { k_splits, ..self })
     }
 
     /// `k_groups` warps per warp block.
@@ -373,7 +389,8 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
         }
     }
 
-    let k_elems = k as usize;
+    // This cube's share of K: its sources already start there (`stage_sources`).
+    let k_elems = k as usize / comptime!(cfg.k_splits as usize);
     let mut k0 = 0usize.runtime();
     while k0 < k_elems {
         #[unroll]
@@ -413,7 +430,7 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     }
     store_accumulators(&mut c_tile, &block, &cube, &accs, cfg);
     sync_cube();
-    store_tile(out, &c_tile, token_perm, cube.p0, cube.end, cube.row_base, cube.rank, cfg);
+    store_tile(out, &c_tile, token_perm, &cube, cfg);
 }
 
 /// A warp's block of the cube tile: its first fragment along the tokens (`mf0`) and along the
@@ -650,7 +667,7 @@ fn emulate_chunk<F: Float, N: Size>(
 }
 
 /// A shrink cube's place in the batch: its slot's rank, its segment's end, its first token
-/// (position in the permuted batch) and its first A row.
+/// (position in the permuted batch), its first A row and its share of K.
 #[derive(CubeType)]
 pub(crate) struct CubeTile {
     pub slot: usize,
@@ -658,10 +675,12 @@ pub(crate) struct CubeTile {
     pub end: usize,
     pub p0: usize,
     pub row_base: usize,
+    /// Which `1/k_splits` of the inputs the cube sums (0 without K splits).
+    pub split: usize,
 }
 
 /// Reads the cube's tile from the batch metadata (segment on grid y, token tile on x, row
-/// block on z) and exits the cube where it has nothing to compute: a segment with no adapter
+/// block and K split on z, the row block fastest) and exits the cube where it has nothing to compute: a segment with no adapter
 /// or of rank 0, a tile past the segment's end, or a row block wholly in the padding past a
 /// low-rank adapter's rows.
 #[cube]
@@ -683,7 +702,9 @@ pub(crate) fn cube_tile(
     let rank = ranks[slot as usize] as usize;
     let end = seg_indptr[seg + 1] as usize;
     let p0 = seg_indptr[seg] as usize + CUBE_POS_X as usize * tm;
-    let row_base = CUBE_POS_Z as usize * tn;
+    let row_blocks = comptime!(cfg.row_blocks() as usize);
+    let row_base = (CUBE_POS_Z as usize % row_blocks) * tn;
+    let split = CUBE_POS_Z as usize / row_blocks;
     let mut any_active = false;
     #[unroll]
     for f in 0..comptime!(cfg.n_frags as usize) {
@@ -694,11 +715,12 @@ pub(crate) fn cube_tile(
     if rank == 0 || p0 >= end || !any_active {
         terminate!();
     }
-    CubeTile { slot: slot as usize, rank, end, p0, row_base }
+    CubeTile { slot: slot as usize, rank, end, p0, row_base, split }
 }
 
-/// The global sources of this thread's staged vectors in chunk 0 (add `chunk·k_chunk/vector`
-/// for later chunks): `x_src` its `x_per` vectors of the x tile (token `t` reads x row
+/// The global sources of this thread's staged vectors in the cube's first chunk (add
+/// `chunk·k_chunk/vector` for later chunks; with K splits, chunk 0 of the cube's share):
+/// `x_src` its `x_per` vectors of the x tile (token `t` reads x row
 /// `t / x_row_divisor`), whose rows past the segment's end repeat its last token (their
 /// results are dropped); `a_src` its `a_per` vectors of the A
 /// rows, `a_live` false for rows past the slot's rank or the tile (not loaded).
@@ -721,37 +743,37 @@ pub(crate) fn stage_sources(
     let threads = comptime!(cfg.warps() as usize * 32);
     let kc_vecs = comptime!((cfg.k_chunk / cfg.vector) as usize);
     let tid = UNIT_POS as usize;
+    let k_first = cube.split * (k_vecs / comptime!(cfg.k_splits as usize));
     #[unroll]
     for s in 0..comptime!((tm * kc_vecs).div_ceil(threads)) {
         let v = tid + s * threads;
         let i = min(v / kc_vecs, comptime!(tm - 1));
         let p = min(cube.p0 + i, cube.end - 1);
-        x_src[s] = (token_perm[p] / x_row_divisor) as usize * k_vecs + v % kc_vecs;
+        x_src[s] = (token_perm[p] / x_row_divisor) as usize * k_vecs + k_first + v % kc_vecs;
     }
     #[unroll]
     for s in 0..comptime!((tn * kc_vecs).div_ceil(threads)) {
         let v = tid + s * threads;
         let r = v / kc_vecs;
-        a_src[s] = (cube.slot * c_r + cube.row_base + r) * k_vecs + v % kc_vecs;
+        a_src[s] = (cube.slot * c_r + cube.row_base + r) * k_vecs + k_first + v % kc_vecs;
         a_live[s] = v < comptime!(tn * kc_vecs) && (cube.row_base + r) % max_rank < cube.rank;
     }
 }
 
 /// Writes the cube's output tile from the per-warp accumulators in `c_tile`: each fragment's
 /// sum over its K groups (warp `g·fragments + f` holds group g of fragment f), for the tile's
-/// tokens inside the segment and rows below the slot's rank.
+/// tokens inside the segment and rows below the slot's rank, into the copy of the
+/// intermediate of the cube's K split (`out` holds `k_splits` equal copies).
 #[cube]
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn store_tile(
     out: &mut Array<f32>,
     c_tile: &SharedMemory<f32>,
     token_perm: &Array<u32>,
-    p0: usize,
-    end: usize,
-    row_base: usize,
-    rank: usize,
+    cube: &CubeTile,
     #[comptime] cfg: MmaShrinkConfig,
 ) {
+    let (p0, end, row_base, rank) = (cube.p0, cube.end, cube.row_base, cube.rank);
+    let copy = cube.split * (out.len() / comptime!(cfg.k_splits as usize));
     let tile = comptime!(TILE as usize);
     let n_frags = comptime!(cfg.n_frags as usize);
     let fragments = comptime!((cfg.m_frags * cfg.n_frags) as usize);
@@ -771,7 +793,7 @@ pub(crate) fn store_tile(
                 sum += c_tile[g * comptime!(fragments * 256) + e];
             }
             let t = token_perm[p] as usize;
-            out[t * c_r + row] = sum;
+            out[copy + t * c_r + row] = sum;
         }
         e += threads;
     }

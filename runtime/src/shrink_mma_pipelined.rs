@@ -65,7 +65,8 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     let mut a_live = Array::<bool>::new(a_per);
     stage_sources(token_perm, x_row_divisor, &cube, k_vecs, &mut x_src, &mut a_src, &mut a_live, cfg);
 
-    let chunks = k as usize / kc;
+    // This cube's share of K: its sources already start there (`stage_sources`).
+    let chunks = k as usize / kc / comptime!(cfg.k_splits as usize);
     let stages = comptime!(cfg.stages as usize);
     // Fill every stage but the last before the first multiply.
     #[unroll]
@@ -99,7 +100,7 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     }
     store_accumulators(&mut c_tile, &block, &cube, &mut accs, cfg);
     sync_cube();
-    store_tile(out, &c_tile, token_perm, cube.p0, cube.end, cube.row_base, cube.rank, cfg);
+    store_tile(out, &c_tile, token_perm, &cube, cfg);
 }
 
 /// One block barrier per shared-memory stage (up to four; cubecl 0.10 has no arrays of

@@ -22,7 +22,7 @@ use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_mo
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink, reference_shrink};
 use lorac_runtime::shrink_mma::{MmaShrinkConfig, ShrinkTile};
 use lorac_runtime::testing::{Rng, StorageElem, relative_error};
-use lorac_runtime::{AdapterPool, DeviceBuffer, LoraError, NO_SLOT, Segments, ShrinkConfig};
+use lorac_runtime::{AdapterPool, DeviceBuffer, ExpandConfig, LoraError, NO_SLOT, Segments, ShrinkConfig};
 
 const CASES: u64 = 12;
 /// Value written into the padding rows/columns of low-rank adapters: the contract says zero,
@@ -425,6 +425,81 @@ pub fn prefill_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             check_intermediate(&what, &out.read(client), &reference, F::TOLERANCE);
         }
     }
+}
+
+/// Decode-sized batches through the tensor-core shrink with K split across cubes, whose
+/// partial sums (`[k_splits, tokens, c·R]`) the expand adds up: tiles of one 16-token
+/// fragment row by one fragment and by the widest row block of up to four, one or two K groups, 2–8 splits (register-staged, and with
+/// two asynchronous-copy stages where the device has them), on segments of one token to past
+/// one 16-token tile. Each copy must stay unwritten where the reference is NaN, the summed
+/// copies match the reference shrink, and the expand of the copies the reference pair.
+pub fn split_k_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
+    let device = client.properties();
+    for seed in 0..CASES / 3 {
+        let rng = &mut Rng::new(900 + seed);
+        let (groups, slices, family) = random_slices(rng);
+        let layout =
+            LoraLayout::new(nz(rng.range(2, 4)), nz(rng.pick(&[16, 32])), rng.pick(&[64, 192, 256]), groups, slices, None).unwrap();
+        let ranks = prefill_ranks(rng, &layout);
+        let scales = (0..layout.slots()).map(|_| 0.5 + rng.value().abs() as f32).collect();
+        let adapters = Adapters::<F>::with_ranks(client, rng, &layout, ranks, scales);
+        let tokens = rng.pick(&[1, 6, 21]);
+        let segs = random_segments(rng, tokens, layout.slots());
+        let dev_segs = segs.upload(client);
+        let (x, x64) = random_x::<F>(rng, &layout, tokens as usize);
+        let x = DeviceBuffer::upload(client, &x);
+        let reference = adapters.reference_shrink(&layout, &segs, &x64, tokens);
+        let delta = adapters.reference_expand(
+            &layout,
+            &segs,
+            &reference.iter().map(|v| if v.is_nan() { 0.0 } else { *v }).collect::<Vec<_>>(),
+            tokens,
+        );
+        let (y0, y064) = initial_y::<F>(rng, &delta);
+        let width = tokens as usize * intermediate_width(&layout);
+        for config in split_k_configs::<F>(device, &layout) {
+            let what = format!("split-K shrink {family} seed {seed} {tokens} tokens {config:?} {layout:?}");
+            let kernel = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
+            let mut partials = poisoned_intermediate(client, &layout, config.k_splits as usize * tokens as usize);
+            launch_shrink(client, &layout, &adapters.pool, &dev_segs, &x, &mut partials, Some(kernel)).unwrap();
+            let copies = partials.read(client);
+            for (c, copy) in copies.chunks(width).enumerate() {
+                let stray = copy.iter().zip(&reference).position(|(g, r)| r.is_nan() && !g.is_nan());
+                assert!(stray.is_none(), "{what}: copy {c} wrote entry {stray:?} (no adapter / past the rank)");
+            }
+            let summed: Vec<f32> = (0..width).map(|i| (0..config.k_splits as usize).map(|c| copies[c * width + i]).sum()).collect();
+            check_intermediate(&what, &summed, &reference, F::TOLERANCE);
+            let expand =
+                ExpandConfig::new(client, &layout, size_of::<F>(), segs.num_segments(), segs.max_segment_len()).summing(config.k_splits);
+            let mut y = DeviceBuffer::upload(client, &y0);
+            launch_expand(client, &layout, &adapters.pool, &dev_segs, &partials, &mut y, Some(ExpandKernel::Scalar(expand))).unwrap();
+            let out = layout.out_features() as usize;
+            check_y(&format!("{what}, expand"), &y.read(client), &y064, &delta, &adapters.touched(&segs), out, F::TOLERANCE);
+        }
+    }
+}
+
+/// The split-K shrink configurations [`split_k_shrink`] runs on this layout.
+fn split_k_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLayout) -> Vec<MmaShrinkConfig> {
+    let row_frags = layout.groups() * layout.max_rank() / 16;
+    let widest = [4, 3, 2].into_iter().find(|n| row_frags.is_multiple_of(*n)).unwrap_or(1);
+    let mut configs = Vec::new();
+    for n_frags in [1, widest].into_iter().take(if widest > 1 { 2 } else { 1 }) {
+        for (k_groups, k_splits) in [(1, 2), (2, 4), (1, 8)] {
+            let Some(share) = layout.in_features().checked_div(k_splits).filter(|s| s * k_splits == layout.in_features()) else {
+                continue;
+            };
+            let chunk = [64, 32, 16].into_iter().find(|c| share.is_multiple_of(*c) && (c / 16).is_multiple_of(k_groups));
+            let tile = ShrinkTile::new(1, n_frags);
+            let Some(config) = chunk.and_then(|c| MmaShrinkConfig::with_tile_chunk::<F>(device, layout, tile, c, k_groups)) else {
+                continue;
+            };
+            configs.extend(config.with_k_splits(layout, k_splits));
+            configs.extend(config.with_stages::<F>(device, 2).and_then(|c| c.with_k_splits(layout, k_splits)));
+        }
+    }
+    assert!(!configs.is_empty(), "no split-K shrink configuration for {layout:?}");
+    configs
 }
 
 /// The prefill expand tests' layouts: every module family with slice widths rounded up to
@@ -944,6 +1019,10 @@ macro_rules! stamp_kernel_tests {
                 super::prefill_shrink::<Rt, E>(&client());
             }
             #[test]
+            fn split_k_shrink() {
+                super::split_k_shrink::<Rt, E>(&client());
+            }
+            #[test]
             fn prefill_expand() {
                 super::prefill_expand::<Rt, E>(&client());
             }
@@ -1002,7 +1081,7 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     type F = half::bf16;
     let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
     let device = h100_properties();
-    let (mut shrinks, mut pipelined, mut warp_blocks, mut emulated, mut expands) = (0, 0, 0, 0, 0);
+    let (mut shrinks, mut pipelined, mut warp_blocks, mut emulated, mut expands, mut split_k) = (0, 0, 0, 0, 0, 0);
     for seed in PREFILL_SHRINK_SEEDS {
         let (layout, family) = prefill_shrink_layout(seed, &mut Rng::new(600 + seed));
         for config in mma_shrink_configs::<F>(&device, &layout) {
@@ -1019,6 +1098,13 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
             assert!(!config.tensor_cores && !source.contains("mma_sync"), "shrink f32 {family} {config:?}: MMA in\n{source}");
             emulated += 1;
         }
+    }
+    // The decode shrink with K splits, on a qkv-shaped layout (rank 16, three slices).
+    let qkv = LoraLayout::new(nz(4), nz(16), 256, 3, vec![slice("q", 64, 0), slice("k", 16, 1), slice("v", 16, 2)], None).unwrap();
+    for config in split_k_configs::<F>(&device, &qkv) {
+        let source = shrink_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("split-K shrink {config:?}: {e:?}"));
+        assert!(config.tensor_cores && source.contains("mma_sync"), "split-K shrink {config:?}: no MMA in\n{source}");
+        split_k += 1;
     }
     for seed in 0..CASES / 2 {
         let (layout, family) = prefill_expand_layout(&mut Rng::new(700 + seed));
@@ -1049,9 +1135,9 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     assert_eq!((default.tile(), default.k_chunk, default.k_groups, default.stages), (ShrinkTile::new(4, 4).with_warps(2, 4), 64, 2, 3));
     // The described H100 must yield the variants the CUDA tests exercise, not an empty list.
     let counts = format!(
-        "{shrinks} shrink configurations ({pipelined} pipelined, {warp_blocks} with warp blocks), {expands} expands, {emulated} emulated f32 shrinks and expands"
+        "{shrinks} shrink configurations ({pipelined} pipelined, {warp_blocks} with warp blocks), {split_k} split-K shrinks, {expands} expands, {emulated} emulated f32 shrinks and expands"
     );
-    assert!(pipelined > 0 && warp_blocks > 0 && emulated > 0 && expands > 0, "{counts}");
+    assert!(pipelined > 0 && warp_blocks > 0 && split_k > 0 && emulated > 0 && expands > 0, "{counts}");
     eprintln!("lowered {counts}");
 }
 

@@ -8,7 +8,7 @@
 //!
 //! Decode cases (T ≤ 128) are also timed replayed from CUDA graphs (see `graph_rows`;
 //! `--no-graphs` leaves them out; `--decode-sweep` adds the CUDA-core kernels' tilings, see
-//! `decode_sweep`).
+//! `decode_sweep`; `--split-k` the tensor-core shrink with K splits, see `split_k_sweep`).
 //!
 //! Usage: `lora_bench [--quick] [--prefill-only] [--no-graphs] [--case NAME-PART,...] [--variant NAME-PART,...]
 //! (a case part starting with `^` matches the start of the name)
@@ -60,6 +60,9 @@ struct Opts {
     /// Decode cases: sweep the CUDA-core shrink's and expand's tilings, each timed from a
     /// CUDA graph (where the kernel, not the launch, is what the time measures).
     decode_sweep: bool,
+    /// Decode cases: sweep the tensor-core shrink with K split across cubes, and time the
+    /// best one's pair with the expand that sums its partial copies (see `split_k_sweep`).
+    split_k: bool,
 }
 
 impl Opts {
@@ -358,6 +361,20 @@ fn dense_case<R: Runtime, E: StorageElem>(
         match GraphBuilder::new(&Default::default()) {
             Ok(mut builder) => {
                 rows.extend(graph_rows(opts, &mut builder, &layout, &dev, &mut data, iters, &case, shrink_bytes, expand_bytes));
+                if opts.split_k {
+                    rows.extend(split_k_sweep(
+                        opts,
+                        &mut builder,
+                        &layout,
+                        &segs,
+                        &dev,
+                        &mut data,
+                        iters,
+                        &case,
+                        shrink_bytes,
+                        expand_bytes,
+                    ));
+                }
                 if opts.decode_sweep {
                     rows.extend(decode_sweep(
                         opts,
@@ -542,6 +559,110 @@ fn decode_sweep<E: StorageElem>(
     }
     for (name, config) in expands {
         time(name, data, None, Some(ExpandKernel::Scalar(config)));
+    }
+    rows
+}
+
+/// Decode only: the tensor-core shrink with K split across cubes (one 16-token fragment row
+/// per cube; 1 or the widest row block of up to four fragments; 1, 2 or 4 K groups; 4–32
+/// splits, each split's share in chunks of up to 128 inputs), each alone in a graph of every
+/// rotation set (see `graph_rows`); then the fastest one's pair with the CUDA-core expand
+/// summing its copies, from one graph ("splitk pair"), and that expand alone. The bytes count
+/// the intermediate once, as for the other kernels (the copies add `k_splits − 1` more).
+#[allow(clippy::too_many_arguments)]
+fn split_k_sweep<E: StorageElem>(
+    opts: &Opts,
+    builder: &mut GraphBuilder,
+    layout: &LoraLayout,
+    host_segs: &Segments,
+    segs: &DeviceSegments,
+    data: &mut [DenseSet<E>],
+    iters: usize,
+    case: &str,
+    shrink_bytes: f64,
+    expand_bytes: f64,
+) -> Vec<Row> {
+    let cuda = CudaRuntime::client(&Default::default());
+    let device = cuda.properties();
+    let sets = data.len();
+    let row_frags = layout.groups() * layout.max_rank() / 16;
+    let widest = [4, 3, 2].into_iter().find(|n| row_frags.is_multiple_of(*n)).unwrap_or(1);
+    let intermediate = segs.tokens() as usize * (layout.groups() * layout.max_rank()) as usize;
+    let row = |variant: String, shrink_us: f64, expand_us: f64, pair_us: f64| Row {
+        case: case.to_string(),
+        variant,
+        shrink_us,
+        expand_us,
+        pair_us,
+        shrink_bytes,
+        expand_bytes,
+    };
+    let mut rows = Vec::new();
+    let mut best: Option<(f64, MmaShrinkConfig)> = None;
+    for k_splits in [4, 8, 16, 32] {
+        let share = layout.in_features() / k_splits;
+        let mut partials: Vec<DeviceBuffer<f32>> =
+            (0..sets).map(|_| DeviceBuffer::empty(&cuda, k_splits as usize * intermediate)).collect();
+        for n_frags in [1, widest].into_iter().take(if widest > 1 { 2 } else { 1 }) {
+            for k_groups in [1, 2, 4] {
+                let chunk = [128, 64, 32, 16].into_iter().find(|c| share.is_multiple_of(*c) && (c / 16).is_multiple_of(k_groups));
+                let tile = ShrinkTile::new(1, n_frags);
+                let Some(config) = chunk
+                    .and_then(|c| MmaShrinkConfig::with_tile_chunk::<E>(device, layout, tile, c, k_groups))
+                    .and_then(|c| c.with_k_splits(layout, k_splits))
+                else {
+                    continue;
+                };
+                let name = format!("splitk n{n_frags} g{k_groups} k{} s{k_splits}", config.k_chunk);
+                if !opts.selects_variant(&name) {
+                    continue;
+                }
+                let kernel = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
+                let launch = |rec: &ComputeClient<RecordingRuntime>| {
+                    data.iter().zip(&mut partials).try_for_each(|(d, p)| launch_shrink(rec, layout, &d.pool, segs, &d.x, p, Some(kernel)))
+                };
+                match time_recorded(opts, builder, &cuda, sets, iters, launch) {
+                    Ok(us) => {
+                        eprintln!("{case} {name}: {us:.2} us");
+                        if best.is_none_or(|(b, _)| us < b) {
+                            best = Some((us, config));
+                        }
+                        rows.push(row(name, us, f64::NAN, f64::NAN));
+                    }
+                    Err(e) => eprintln!("{case} {name}: {e}"),
+                }
+            }
+        }
+    }
+    let Some((shrink_us, config)) = best else {
+        return rows;
+    };
+    let k_splits = config.k_splits;
+    let mut partials: Vec<DeviceBuffer<f32>> = (0..sets).map(|_| DeviceBuffer::empty(&cuda, k_splits as usize * intermediate)).collect();
+    let shrink = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
+    let expand_config = ExpandConfig::new(&cuda, layout, size_of::<E>(), host_segs.num_segments(), host_segs.max_segment_len());
+    let expand = ExpandKernel::Scalar(expand_config.summing(k_splits));
+    let mut time_halves = |builder: &mut GraphBuilder, (with_shrink, with_expand): (bool, bool)| {
+        let launch = |rec: &ComputeClient<RecordingRuntime>| {
+            data.iter_mut().zip(&mut partials).try_for_each(|(d, p)| {
+                if with_shrink {
+                    launch_shrink(rec, layout, &d.pool, segs, &d.x, p, Some(shrink))?;
+                }
+                if with_expand {
+                    launch_expand(rec, layout, &d.pool, segs, p, &mut d.y, Some(expand))?;
+                }
+                Ok(())
+            })
+        };
+        time_recorded(opts, builder, &cuda, sets, iters, launch)
+    };
+    match (time_halves(builder, (false, true)), time_halves(builder, (true, true))) {
+        (Ok(expand_us), Ok(pair_us)) => {
+            let name = format!("splitk pair n{} g{} k{} s{k_splits}", config.n_frags, config.k_groups, config.k_chunk);
+            eprintln!("{case} {name}: shrink {shrink_us:.2} expand {expand_us:.2} pair {pair_us:.2} us");
+            rows.push(row(name, shrink_us, expand_us, pair_us));
+        }
+        (Err(e), _) | (_, Err(e)) => eprintln!("{case} splitk pair: {e}"),
     }
     rows
 }
@@ -1030,6 +1151,7 @@ fn main() {
         variant_filter: value("--variant"),
         graphs: !flag("--no-graphs") && !flag("--smoke") && !flag("--profile-pass"),
         decode_sweep: flag("--decode-sweep"),
+        split_k: flag("--split-k"),
     };
     let csv_path = value("--csv");
     if let Some(dir) = value("--cuda-sources") {
