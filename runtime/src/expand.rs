@@ -304,6 +304,9 @@ impl ExpandKernel {
 }
 
 /// Launches the segmented expand, accumulating into `y` (`[tokens, out_features]`) in place.
+/// `a` is the shrink's intermediate, `[tokens, groups·R]`, or the `[copies, tokens, groups·R]`
+/// partial sums of a shrink with K splits: without an explicit kernel, the CUDA-core expand
+/// adds up as many copies as `a` holds (an explicit one reads `ExpandConfig::a_splits`).
 pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     layout: &LoraLayout,
@@ -346,7 +349,18 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
     cols.b_pool.check_len("B", layout.b_elements() as usize)?;
     cols.ranks.check_len("ranks", layout.slots() as usize)?;
     cols.scales.check_len("scales", layout.slots() as usize)?;
-    let kernel = kernel.unwrap_or_else(|| ExpandKernel::choose::<R, F>(client, layout, segs.num_segments, segs.max_segment_len));
+    let tokens = segs.tokens as usize;
+    let width = (layout.groups() * layout.max_rank()) as usize;
+    let kernel = kernel.unwrap_or_else(|| {
+        // An intermediate of several whole copies holds a split-K shrink's partial sums.
+        let copies = a.len().checked_div(tokens * width).filter(|c| *c > 1 && c * tokens * width == a.len());
+        match copies {
+            Some(copies) => ExpandKernel::Scalar(
+                ExpandConfig::new(client, layout, size_of::<F>(), segs.num_segments, segs.max_segment_len).summing(copies as u32),
+            ),
+            None => ExpandKernel::choose::<R, F>(client, layout, segs.num_segments, segs.max_segment_len),
+        }
+    });
     match kernel {
         ExpandKernel::Scalar(cfg) => check_expand_config(client.properties(), layout, &cfg, size_of::<F>())?,
         ExpandKernel::Mma { config, .. } => {
@@ -355,12 +369,11 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
             }
         }
     }
-    let tokens = segs.tokens as usize;
     let copies = match kernel {
         ExpandKernel::Scalar(cfg) => cfg.a_splits as usize,
         ExpandKernel::Mma { .. } => 1,
     };
-    a.check_len("a (expand input)", copies * tokens * (layout.groups() * layout.max_rank()) as usize)?;
+    a.check_len("a (expand input)", copies * tokens * width)?;
     y.check_len("y", tokens * layout.out_features() as usize)?;
     if segs.num_segments == 0 || tokens == 0 {
         return Ok(());

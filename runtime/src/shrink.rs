@@ -254,9 +254,26 @@ pub enum ShrinkKernel {
 }
 
 impl ShrinkKernel {
-    /// The tensor-core kernel where it applies and the batch fills the GPU, else the scalar one.
+    /// The tensor-core kernel where it applies and the batch fills the GPU, else the scalar one;
+    /// never K splits (it writes one copy of the intermediate).
     pub fn choose<R: Runtime, F: Float>(client: &ComputeClient<R>, layout: &LoraLayout, num_segments: usize, max_segment_len: u32) -> Self {
-        match MmaShrinkConfig::for_batch::<F>(client.properties(), layout, num_segments, max_segment_len) {
+        Self::choose_within::<R, F>(client, layout, num_segments, max_segment_len, 1)
+    }
+
+    /// [`Self::choose`] for a caller whose intermediate can hold up to `max_copies` copies:
+    /// with room for [`crate::shrink_mma::SPLIT_K_COPIES`], the tensor-core kernel with K splits where
+    /// [`MmaShrinkConfig::split_k_for`] applies. Size the intermediate by
+    /// [`Self::intermediate_copies`]; the default expand reads every copy.
+    pub fn choose_within<R: Runtime, F: Float>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        num_segments: usize,
+        max_segment_len: u32,
+        max_copies: u32,
+    ) -> Self {
+        let props = client.properties();
+        let split = || MmaShrinkConfig::split_k_for::<F>(props, layout, num_segments, max_segment_len).filter(|c| c.k_splits <= max_copies);
+        match MmaShrinkConfig::for_batch::<F>(props, layout, num_segments, max_segment_len).or_else(split) {
             Some(config) => ShrinkKernel::Mma { config, tiles_per_segment: 0 },
             None => ShrinkKernel::Scalar(ShrinkConfig::new(client, layout, size_of::<F>(), num_segments, max_segment_len)),
         }

@@ -39,6 +39,11 @@ pub(crate) const TILE: u32 = 16;
 /// static limit; `with_tile_chunk` checks the device's maximum.)
 const STAGED_BUDGET: u32 = 48 * 1024;
 
+/// K splits of the default decode tile with K splits ([`MmaShrinkConfig::split_k_for`]): each
+/// split is one more copy of the intermediate for every expand cube to read, and more than
+/// four cost the wide expands (gate_up) more than the shrink saved (H100, run 52).
+pub const SPLIT_K_COPIES: u32 = 4;
+
 /// Most warps in one shrink cube (fragments × K groups): 1024 threads.
 const MAX_SHRINK_WARPS: u32 = 32;
 
@@ -254,6 +259,33 @@ impl MmaShrinkConfig {
         }
         let m_frags = [2, 1].into_iter().find(|&m| fills(m)).unwrap_or(1);
         Self::with_tile::<F>(device, layout, m_frags, n_frags)
+    }
+
+    /// The decode tile with K splits ([`Self::k_splits`]) for a batch whose segments do not
+    /// fill the GPU with 16-token tiles (where [`Self::for_batch`] declines), or `None` where
+    /// the device has no tensor cores for `F`, the batch's longest segment is shorter than one
+    /// 16-token fragment, the intermediate is narrower than 128 (`c·R`: rank 64 over two or
+    /// more slices), or K does not split into four 256-wide shares. The tile: one fragment of
+    /// A rows, 16 K groups over 256-wide chunks, K in [`SPLIT_K_COPIES`] shares.
+    ///
+    /// H100, 8 adapters, pairs from CUDA graphs (runtime/BENCHMARKS.md, run 52): at 16 tokens
+    /// per segment (T = 128) and rank 64 the pair with the summing expand took qkv 31.0 → 22.5
+    /// µs, MLA 31.0 → 18.4 µs, gate_up 54.8 → 53.1 µs; at rank 16, or four tokens per segment,
+    /// the expand's reading of the copies cost more than the shrink saved in most cases.
+    pub fn split_k_for<F: CubePrimitive>(
+        device: &DeviceProperties,
+        layout: &LoraLayout,
+        num_segments: usize,
+        max_segment_len: u32,
+    ) -> Option<Self> {
+        let narrow = layout.groups() * layout.max_rank() < 128;
+        if !cmma_supported::<F>(device) || max_segment_len < TILE || narrow {
+            return None;
+        }
+        if Self::for_batch::<F>(device, layout, num_segments, max_segment_len).is_some() {
+            return None;
+        }
+        Self::with_tile_chunk::<F>(device, layout, ShrinkTile::new(1, 1), 256, 16)?.with_k_splits(layout, SPLIT_K_COPIES)
     }
 
     /// [`Self::supported`], and only for batches with enough 16-token tiles to fill the GPU

@@ -20,7 +20,7 @@ use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT, launch_moe_
 use lorac_runtime::moe_combine::PairScratch;
 use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_moe_grouped_expand_weighted, launch_moe_grouped_shrink};
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink, reference_shrink};
-use lorac_runtime::shrink_mma::{MmaShrinkConfig, ShrinkTile};
+use lorac_runtime::shrink_mma::{MmaShrinkConfig, SPLIT_K_COPIES, ShrinkTile};
 use lorac_runtime::testing::{Rng, StorageElem, relative_error};
 use lorac_runtime::{AdapterPool, DeviceBuffer, ExpandConfig, LoraError, NO_SLOT, Segments, ShrinkConfig};
 
@@ -475,8 +475,32 @@ pub fn split_k_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             launch_expand(client, &layout, &adapters.pool, &dev_segs, &partials, &mut y, Some(ExpandKernel::Scalar(expand))).unwrap();
             let out = layout.out_features() as usize;
             check_y(&format!("{what}, expand"), &y.read(client), &y064, &delta, &adapters.touched(&segs), out, F::TOLERANCE);
+            // The default expand reads as many copies as the intermediate holds.
+            let mut y = DeviceBuffer::upload(client, &y0);
+            launch_expand(client, &layout, &adapters.pool, &dev_segs, &partials, &mut y, None).unwrap();
+            check_y(&format!("{what}, default expand"), &y.read(client), &y064, &delta, &adapters.touched(&segs), out, F::TOLERANCE);
         }
     }
+    // The automatic choice with room for the default split count, on a batch it applies to
+    // where the device has tensor cores (rank 64 over two slices, two 20-token segments, K in
+    // four 256-wide shares); elsewhere the one-copy kernels.
+    let rng = &mut Rng::new(990);
+    let layout = LoraLayout::new(nz(2), nz(64), 1024, 2, vec![slice("gate", 48, 0), slice("up", 48, 1)], None).unwrap();
+    let adapters = Adapters::<F>::random(client, rng, &layout);
+    let segs = Segments::from_token_slots(&(0..40).map(|t| Some(t % 2)).collect::<Vec<_>>(), layout.slots()).unwrap();
+    let kernel = ShrinkKernel::choose_within::<R, F>(client, &layout, segs.num_segments(), segs.max_segment_len(), SPLIT_K_COPIES);
+    let split = MmaShrinkConfig::split_k_for::<F>(device, &layout, segs.num_segments(), segs.max_segment_len());
+    assert_eq!(kernel.intermediate_copies(), split.map_or(1, |c| c.k_splits), "{kernel:?}");
+    let (x, x64) = random_x::<F>(rng, &layout, 40);
+    let dev_segs = segs.upload(client);
+    let mut a = poisoned_intermediate(client, &layout, kernel.intermediate_copies() as usize * 40);
+    launch_shrink(client, &layout, &adapters.pool, &dev_segs, &DeviceBuffer::upload(client, &x), &mut a, Some(kernel)).unwrap();
+    let delta = adapters.reference_expand(&layout, &segs, &adapters.reference_shrink(&layout, &segs, &x64, 40), 40);
+    let (y0, y064) = initial_y::<F>(rng, &delta);
+    let mut y = DeviceBuffer::upload(client, &y0);
+    launch_expand(client, &layout, &adapters.pool, &dev_segs, &a, &mut y, None).unwrap();
+    let what = format!("automatic split-K pair {kernel:?}");
+    check_y(&what, &y.read(client), &y064, &delta, &adapters.touched(&segs), layout.out_features() as usize, F::TOLERANCE);
 }
 
 /// The split-K shrink configurations [`split_k_shrink`] runs on this layout.

@@ -7,7 +7,8 @@
 //! its adapters from HBM, not from the 50 MB L2.
 //!
 //! Decode cases (T ≤ 128) are also timed replayed from CUDA graphs (see `graph_rows`;
-//! `--no-graphs` leaves them out; `--decode-sweep` adds the CUDA-core kernels' tilings, see
+//! `--no-graphs` leaves them out; where `ShrinkKernel::choose_within` picks the shrink with K
+//! splits for a caller with room for their copies, that pair too, "graph splitk default"; `--decode-sweep` adds the CUDA-core kernels' tilings, see
 //! `decode_sweep`; `--split-k` the tensor-core shrink with K splits, see `split_k_sweep`).
 //!
 //! Usage: `lora_bench [--quick] [--prefill-only] [--no-graphs] [--case NAME-PART,...] [--variant NAME-PART,...]
@@ -35,7 +36,7 @@ use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, launch_moe_expand, lau
 use lorac_runtime::moe_combine::PairScratch;
 use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_moe_grouped_expand_weighted, launch_moe_grouped_shrink};
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink};
-use lorac_runtime::shrink_mma::{MmaShrinkConfig, ShrinkTile};
+use lorac_runtime::shrink_mma::{MmaShrinkConfig, SPLIT_K_COPIES, ShrinkTile};
 use lorac_runtime::testing::{Rng, StorageElem};
 use lorac_runtime::{AdapterPool, DeviceBuffer, DeviceSegments, ExpandConfig, Segments, ShrinkConfig};
 
@@ -361,6 +362,31 @@ fn dense_case<R: Runtime, E: StorageElem>(
         match GraphBuilder::new(&Default::default()) {
             Ok(mut builder) => {
                 rows.extend(graph_rows(opts, &mut builder, &layout, &dev, &mut data, iters, &case, shrink_bytes, expand_bytes));
+                // The automatic choice for a caller with room for split-K copies.
+                let (num_segments, max_len) = (segs.num_segments(), segs.max_segment_len());
+                let within = ShrinkKernel::choose_within::<R, E>(client, &layout, num_segments, max_len, SPLIT_K_COPIES);
+                if let ShrinkKernel::Mma { config, .. } = within {
+                    if config.k_splits > 1 {
+                        let variant = "graph splitk default";
+                        let pair = split_k_pair(
+                            opts,
+                            &mut builder,
+                            &layout,
+                            &segs,
+                            &dev,
+                            &mut data,
+                            iters,
+                            &case,
+                            variant,
+                            None,
+                            config,
+                            shrink_bytes,
+                            expand_bytes,
+                        );
+                        rows.extend(pair);
+                    }
+                }
+
                 if opts.split_k {
                     rows.extend(split_k_sweep(
                         opts,
@@ -564,11 +590,12 @@ fn decode_sweep<E: StorageElem>(
 }
 
 /// Decode only: the tensor-core shrink with K split across cubes (one 16-token fragment row
-/// per cube; 1 or the widest row block of up to four fragments; 1, 2 or 4 K groups; 4–32
-/// splits, each split's share in chunks of up to 128 inputs), each alone in a graph of every
-/// rotation set (see `graph_rows`); then the fastest one's pair with the CUDA-core expand
-/// summing its copies, from one graph ("splitk pair"), and that expand alone. The bytes count
-/// the intermediate once, as for the other kernels (the copies add `k_splits − 1` more).
+/// per cube; 1 or the widest row block of up to four fragments; 1–16 K groups; 4–32 splits,
+/// each split's share in chunks of 128 inputs, or 256 for 16 K groups), each alone in a graph
+/// of every rotation set (see `graph_rows`); then, for each split count, the fastest shrink's
+/// pair with the CUDA-core expand summing its copies ("splitk pair", see `split_k_pair`).
+/// The bytes count the intermediate once, as for the other kernels (the copies add
+/// `k_splits − 1` more).
 #[allow(clippy::too_many_arguments)]
 fn split_k_sweep<E: StorageElem>(
     opts: &Opts,
@@ -598,14 +625,17 @@ fn split_k_sweep<E: StorageElem>(
         expand_bytes,
     };
     let mut rows = Vec::new();
-    let mut best: Option<(f64, MmaShrinkConfig)> = None;
+    // The fastest shrink of each split count: the expand reads every copy, so fewer splits
+    // may make the faster pair.
+    let mut best: Vec<(f64, MmaShrinkConfig)> = Vec::new();
     for k_splits in [4, 8, 16, 32] {
+        let mut best_here: Option<(f64, MmaShrinkConfig)> = None;
         let share = layout.in_features() / k_splits;
         let mut partials: Vec<DeviceBuffer<f32>> =
             (0..sets).map(|_| DeviceBuffer::empty(&cuda, k_splits as usize * intermediate)).collect();
         for n_frags in [1, widest].into_iter().take(if widest > 1 { 2 } else { 1 }) {
-            for k_groups in [1, 2, 4] {
-                let chunk = [128, 64, 32, 16].into_iter().find(|c| share.is_multiple_of(*c) && (c / 16).is_multiple_of(k_groups));
+            for k_groups in [1, 2, 4, 8, 16] {
+                let chunk = [128, 256, 64, 32, 16].into_iter().find(|c| share.is_multiple_of(*c) && (c / 16).is_multiple_of(k_groups));
                 let tile = ShrinkTile::new(1, n_frags);
                 let Some(config) = chunk
                     .and_then(|c| MmaShrinkConfig::with_tile_chunk::<E>(device, layout, tile, c, k_groups))
@@ -624,8 +654,8 @@ fn split_k_sweep<E: StorageElem>(
                 match time_recorded(opts, builder, &cuda, sets, iters, launch) {
                     Ok(us) => {
                         eprintln!("{case} {name}: {us:.2} us");
-                        if best.is_none_or(|(b, _)| us < b) {
-                            best = Some((us, config));
+                        if best_here.is_none_or(|(b, _)| us < b) {
+                            best_here = Some((us, config));
                         }
                         rows.push(row(name, us, f64::NAN, f64::NAN));
                     }
@@ -633,10 +663,51 @@ fn split_k_sweep<E: StorageElem>(
                 }
             }
         }
+        best.extend(best_here);
     }
-    let Some((shrink_us, config)) = best else {
-        return rows;
-    };
+    for (shrink_us, config) in best {
+        let pair = split_k_pair(
+            opts,
+            builder,
+            layout,
+            host_segs,
+            segs,
+            data,
+            iters,
+            case,
+            "splitk pair",
+            Some(shrink_us),
+            config,
+            shrink_bytes,
+            expand_bytes,
+        );
+        rows.extend(pair);
+    }
+    rows
+}
+
+/// The pair of the split-K shrink `config` and the CUDA-core expand summing its copies, from
+/// one graph of every rotation set, that expand alone, and the shrink alone unless it was
+/// timed already (`shrink_us`); the row's variant is `variant` and the tile.
+#[allow(clippy::too_many_arguments)]
+fn split_k_pair<E: StorageElem>(
+    opts: &Opts,
+    builder: &mut GraphBuilder,
+    layout: &LoraLayout,
+    host_segs: &Segments,
+    segs: &DeviceSegments,
+    data: &mut [DenseSet<E>],
+    iters: usize,
+    case: &str,
+    variant: &str,
+    shrink_us: Option<f64>,
+    config: MmaShrinkConfig,
+    shrink_bytes: f64,
+    expand_bytes: f64,
+) -> Option<Row> {
+    let cuda = CudaRuntime::client(&Default::default());
+    let sets = data.len();
+    let intermediate = segs.tokens() as usize * (layout.groups() * layout.max_rank()) as usize;
     let k_splits = config.k_splits;
     let mut partials: Vec<DeviceBuffer<f32>> = (0..sets).map(|_| DeviceBuffer::empty(&cuda, k_splits as usize * intermediate)).collect();
     let shrink = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
@@ -656,15 +727,21 @@ fn split_k_sweep<E: StorageElem>(
         };
         time_recorded(opts, builder, &cuda, sets, iters, launch)
     };
-    match (time_halves(builder, (false, true)), time_halves(builder, (true, true))) {
-        (Ok(expand_us), Ok(pair_us)) => {
-            let name = format!("splitk pair n{} g{} k{} s{k_splits}", config.n_frags, config.k_groups, config.k_chunk);
+    let name = format!("{variant} n{} g{} k{} s{k_splits}", config.n_frags, config.k_groups, config.k_chunk);
+    let shrink_us = match shrink_us {
+        Some(us) => Ok(us),
+        None => time_halves(builder, (true, false)),
+    };
+    match (shrink_us, time_halves(builder, (false, true)), time_halves(builder, (true, true))) {
+        (Ok(shrink_us), Ok(expand_us), Ok(pair_us)) => {
             eprintln!("{case} {name}: shrink {shrink_us:.2} expand {expand_us:.2} pair {pair_us:.2} us");
-            rows.push(row(name, shrink_us, expand_us, pair_us));
+            Some(Row { case: case.to_string(), variant: name, shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes })
         }
-        (Err(e), _) | (_, Err(e)) => eprintln!("{case} splitk pair: {e}"),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            eprintln!("{case} {name}: {e}");
+            None
+        }
     }
-    rows
 }
 
 /// Median over batches of the time per pair of `graphs` replayed in turn (about `iters` pairs
