@@ -264,14 +264,17 @@ impl MmaShrinkConfig {
     /// The decode tile with K splits ([`Self::k_splits`]) for a batch whose segments do not
     /// fill the GPU with 16-token tiles (where [`Self::for_batch`] declines), or `None` where
     /// the device has no tensor cores for `F`, the batch's longest segment is shorter than one
-    /// 16-token fragment, the intermediate is narrower than 128 (`c·R`: rank 64 over two or
-    /// more slices), or K does not split into four 256-wide shares. The tile: one fragment of
-    /// A rows, 16 K groups over 256-wide chunks, K in [`SPLIT_K_COPIES`] shares.
+    /// 16-token fragment, its segments hold fewer than 64 tokens at most (segments × longest),
+    /// the intermediate is narrower than 128 (`c·R`: rank 64 over two or more slices), or K
+    /// does not split into four 256-wide shares. The tile: one fragment of A rows, 16 K groups
+    /// over 256-wide chunks, K in [`SPLIT_K_COPIES`] shares.
     ///
-    /// H100, 8 adapters, pairs from CUDA graphs (runtime/BENCHMARKS.md, run 52): at 16 tokens
-    /// per segment (T = 128) and rank 64 the pair with the summing expand took qkv 31.0 → 22.5
-    /// µs, MLA 31.0 → 18.4 µs, gate_up 54.8 → 53.1 µs; at rank 16, or four tokens per segment,
-    /// the expand's reading of the copies cost more than the shrink saved in most cases.
+    /// H100, pairs from CUDA graphs (runtime/BENCHMARKS.md, runs 52–53): at rank 64 and 128
+    /// tokens (8 segments of 16, or one of 128) the pair with the summing expand took qkv
+    /// 31.2 → 22.5 and 28.4 → 19.4 µs, MLA 31.0 → 18.4 and 26.4 → 15.8 µs, gate_up 54.5 →
+    /// 53.3 and 49.0 → 47.0 µs; at 32 tokens in one segment, gate_up lost 5% and MLA 1% (qkv
+    /// gained 8%); at rank 16, or four tokens per segment, the expand's reading of the copies
+    /// cost more than the shrink saved in most cases.
     pub fn split_k_for<F: CubePrimitive>(
         device: &DeviceProperties,
         layout: &LoraLayout,
@@ -279,7 +282,8 @@ impl MmaShrinkConfig {
         max_segment_len: u32,
     ) -> Option<Self> {
         let narrow = layout.groups() * layout.max_rank() < 128;
-        if !cmma_supported::<F>(device) || max_segment_len < TILE || narrow {
+        let few_tokens = num_segments as u64 * u64::from(max_segment_len) < 64;
+        if !cmma_supported::<F>(device) || max_segment_len < TILE || few_tokens || narrow {
             return None;
         }
         if Self::for_batch::<F>(device, layout, num_segments, max_segment_len).is_some() {

@@ -482,20 +482,21 @@ pub fn split_k_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         }
     }
     // The automatic choice with room for the default split count, on a batch it applies to
-    // where the device has tensor cores (rank 64 over two slices, two 20-token segments, K in
+    // where the device has tensor cores (rank 64 over two slices, two 40-token segments, K in
     // four 256-wide shares); elsewhere the one-copy kernels.
     let rng = &mut Rng::new(990);
     let layout = LoraLayout::new(nz(2), nz(64), 1024, 2, vec![slice("gate", 48, 0), slice("up", 48, 1)], None).unwrap();
     let adapters = Adapters::<F>::random(client, rng, &layout);
-    let segs = Segments::from_token_slots(&(0..40).map(|t| Some(t % 2)).collect::<Vec<_>>(), layout.slots()).unwrap();
+    let tokens = 80;
+    let segs = Segments::from_token_slots(&(0..tokens).map(|t| Some(t % 2)).collect::<Vec<_>>(), layout.slots()).unwrap();
     let kernel = ShrinkKernel::choose_within::<R, F>(client, &layout, segs.num_segments(), segs.max_segment_len(), SPLIT_K_COPIES);
     let split = MmaShrinkConfig::split_k_for::<F>(device, &layout, segs.num_segments(), segs.max_segment_len());
     assert_eq!(kernel.intermediate_copies(), split.map_or(1, |c| c.k_splits), "{kernel:?}");
-    let (x, x64) = random_x::<F>(rng, &layout, 40);
+    let (x, x64) = random_x::<F>(rng, &layout, tokens as usize);
     let dev_segs = segs.upload(client);
-    let mut a = poisoned_intermediate(client, &layout, kernel.intermediate_copies() as usize * 40);
+    let mut a = poisoned_intermediate(client, &layout, kernel.intermediate_copies() as usize * tokens as usize);
     launch_shrink(client, &layout, &adapters.pool, &dev_segs, &DeviceBuffer::upload(client, &x), &mut a, Some(kernel)).unwrap();
-    let delta = adapters.reference_expand(&layout, &segs, &adapters.reference_shrink(&layout, &segs, &x64, 40), 40);
+    let delta = adapters.reference_expand(&layout, &segs, &adapters.reference_shrink(&layout, &segs, &x64, tokens), tokens);
     let (y0, y064) = initial_y::<F>(rng, &delta);
     let mut y = DeviceBuffer::upload(client, &y0);
     launch_expand(client, &layout, &adapters.pool, &dev_segs, &a, &mut y, None).unwrap();
@@ -1123,7 +1124,16 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
             emulated += 1;
         }
     }
-    // The decode shrink with K splits, on a qkv-shaped layout (rank 16, three slices).
+    // The decode shrink with K splits: chosen on the H100 for rank-64 qkv at 8 segments of 16
+    // tokens, not at 8 of 4 (the expand's reading of the copies costs more than it saves) nor
+    // at rank 16; then lowered for every configuration the CUDA tests run.
+    let qkv64 = LoraLayout::new(nz(8), nz(64), 4096, 3, vec![slice("q", 4096, 0), slice("k", 1024, 1), slice("v", 1024, 2)], None).unwrap();
+    let chosen = MmaShrinkConfig::split_k_for::<F>(&device, &qkv64, 8, 16).expect("split-K shrink for rank-64 qkv at T = 128");
+    assert_eq!((chosen.tile(), chosen.k_chunk, chosen.k_groups, chosen.k_splits), (ShrinkTile::new(1, 1), 256, 16, SPLIT_K_COPIES));
+    assert!(shrink_source::<_, F>(&client, chosen).is_ok_and(|source| source.contains("mma_sync")));
+    assert_eq!(MmaShrinkConfig::split_k_for::<F>(&device, &qkv64, 8, 4), None);
+    let qkv16 = LoraLayout::new(nz(8), nz(16), 4096, 3, vec![slice("q", 4096, 0), slice("k", 1024, 1), slice("v", 1024, 2)], None).unwrap();
+    assert_eq!(MmaShrinkConfig::split_k_for::<F>(&device, &qkv16, 8, 16), None);
     let qkv = LoraLayout::new(nz(4), nz(16), 256, 3, vec![slice("q", 64, 0), slice("k", 16, 1), slice("v", 16, 2)], None).unwrap();
     for config in split_k_configs::<F>(&device, &qkv) {
         let source = shrink_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("split-K shrink {config:?}: {e:?}"));
