@@ -19,7 +19,10 @@
 //! read from memory once per row block, A once per token tile (the L2 serves the repeats).
 //! Rows past the slot's rank are neither loaded nor computed where a whole fragment lies past
 //! it; partial fragments compute their padding columns and drop them when stored. Same
-//! contract and reference as [`crate::shrink`].
+//! contract and reference as [`crate::shrink`], except with K splits
+//! ([`MmaShrinkConfig::k_splits`], for decode batches too small to fill the GPU with token
+//! tiles): the intermediate then holds one copy of partial sums per split, which the expand
+//! adds up.
 
 use cubecl::features::MmaConfig;
 use cubecl::ir::DeviceProperties;

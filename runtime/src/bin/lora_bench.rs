@@ -361,59 +361,21 @@ fn dense_case<R: Runtime, E: StorageElem>(
         // One builder for both: the sweep reuses the kernels the graph rows compiled.
         match GraphBuilder::new(&Default::default()) {
             Ok(mut builder) => {
-                rows.extend(graph_rows(opts, &mut builder, &layout, &dev, &mut data, iters, &case, shrink_bytes, expand_bytes));
+                let decode = DecodeCase { layout: &layout, host_segs: &segs, segs: &dev, iters, case: &case, shrink_bytes, expand_bytes };
+                rows.extend(graph_rows(opts, &mut builder, &decode, &mut data));
                 // The automatic choice for a caller with room for split-K copies.
                 let (num_segments, max_len) = (segs.num_segments(), segs.max_segment_len());
                 let within = ShrinkKernel::choose_within::<R, E>(client, &layout, num_segments, max_len, SPLIT_K_COPIES);
                 if let ShrinkKernel::Mma { config, .. } = within {
                     if config.k_splits > 1 {
-                        let variant = "graph splitk default";
-                        let pair = split_k_pair(
-                            opts,
-                            &mut builder,
-                            &layout,
-                            &segs,
-                            &dev,
-                            &mut data,
-                            iters,
-                            &case,
-                            variant,
-                            None,
-                            config,
-                            shrink_bytes,
-                            expand_bytes,
-                        );
-                        rows.extend(pair);
+                        rows.extend(split_k_pair(opts, &mut builder, &decode, &mut data, "graph splitk default", None, config));
                     }
                 }
-
                 if opts.split_k {
-                    rows.extend(split_k_sweep(
-                        opts,
-                        &mut builder,
-                        &layout,
-                        &segs,
-                        &dev,
-                        &mut data,
-                        iters,
-                        &case,
-                        shrink_bytes,
-                        expand_bytes,
-                    ));
+                    rows.extend(split_k_sweep(opts, &mut builder, &decode, &mut data));
                 }
                 if opts.decode_sweep {
-                    rows.extend(decode_sweep(
-                        opts,
-                        &mut builder,
-                        &layout,
-                        &segs,
-                        &dev,
-                        &mut data,
-                        iters,
-                        &case,
-                        shrink_bytes,
-                        expand_bytes,
-                    ));
+                    rows.extend(decode_sweep(opts, &mut builder, &decode, &mut data));
                 }
             }
             Err(e) => eprintln!("{case}: no CUDA graphs: {e}"),
@@ -425,6 +387,27 @@ fn dense_case<R: Runtime, E: StorageElem>(
         rows.push(time_dense(client, opts, &layout, &chunks, &mut data, iters, case, "chunked64", Some(&plan), shrink_bytes, expand_bytes));
     }
     rows
+}
+
+/// One decode case for the graph-timed functions: its layout, batch (on the host and the
+/// device), iterations per timing batch, name and the minimum bytes each kernel moves.
+#[derive(Clone, Copy)]
+struct DecodeCase<'a> {
+    layout: &'a LoraLayout,
+    host_segs: &'a Segments,
+    segs: &'a DeviceSegments,
+    iters: usize,
+    case: &'a str,
+    shrink_bytes: f64,
+    expand_bytes: f64,
+}
+
+impl DecodeCase<'_> {
+    /// A row of this case with the given times (NaN where not timed).
+    fn row(&self, variant: String, shrink_us: f64, expand_us: f64, pair_us: f64) -> Row {
+        let (shrink_bytes, expand_bytes) = (self.shrink_bytes, self.expand_bytes);
+        Row { case: self.case.to_string(), variant, shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes }
+    }
 }
 
 /// Decode cases replayed from CUDA graphs (`lorac_runtime::cuda_graph`), the way a serving
@@ -439,18 +422,8 @@ fn dense_case<R: Runtime, E: StorageElem>(
 /// * "fused graph" (T ≤ 8): the fused kernel of every set in one graph.
 ///
 /// Host clock around `replays` replays after a stream synchronise, median of 15 batches.
-#[allow(clippy::too_many_arguments)]
-fn graph_rows<E: StorageElem>(
-    opts: &Opts,
-    builder: &mut GraphBuilder,
-    layout: &LoraLayout,
-    segs: &DeviceSegments,
-    data: &mut [DenseSet<E>],
-    iters: usize,
-    case: &str,
-    shrink_bytes: f64,
-    expand_bytes: f64,
-) -> Vec<Row> {
+fn graph_rows<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &DecodeCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
+    let DecodeCase { layout, segs, iters, case, shrink_bytes, expand_bytes, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let sets = data.len();
     let launch_pairs = |rec: &ComputeClient<RecordingRuntime>, data: &mut [DenseSet<E>], (shrink, expand): (bool, bool)| {
@@ -514,19 +487,8 @@ fn graph_rows<E: StorageElem>(
 /// Decode only: the CUDA-core shrink over rows per cube × tokens per tile × threads, and the
 /// CUDA-core expand over tokens per tile × threads, each kernel alone in a graph of every
 /// rotation set (see `graph_rows`); rows carry one kernel's time.
-#[allow(clippy::too_many_arguments)]
-fn decode_sweep<E: StorageElem>(
-    opts: &Opts,
-    builder: &mut GraphBuilder,
-    layout: &LoraLayout,
-    host_segs: &Segments,
-    segs: &DeviceSegments,
-    data: &mut [DenseSet<E>],
-    iters: usize,
-    case: &str,
-    shrink_bytes: f64,
-    expand_bytes: f64,
-) -> Vec<Row> {
+fn decode_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &DecodeCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
+    let DecodeCase { layout, host_segs, segs, iters, case, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let (num_segments, max_len) = (host_segs.num_segments(), host_segs.max_segment_len());
     let elem = size_of::<E>();
@@ -578,7 +540,7 @@ fn decode_sweep<E: StorageElem>(
         };
         let (shrink_us, expand_us) = if shrink.is_some() { (us, f64::NAN) } else { (f64::NAN, us) };
         eprintln!("{case} {name}: {us:.2} us");
-        rows.push(Row { case: case.to_string(), variant: name, shrink_us, expand_us, pair_us: f64::NAN, shrink_bytes, expand_bytes });
+        rows.push(decode.row(name, shrink_us, expand_us, f64::NAN));
     };
     for (name, config) in shrinks {
         time(name, data, Some(ShrinkKernel::Scalar(config)), None);
@@ -596,34 +558,14 @@ fn decode_sweep<E: StorageElem>(
 /// pair with the CUDA-core expand summing its copies ("splitk pair", see `split_k_pair`).
 /// The bytes count the intermediate once, as for the other kernels (the copies add
 /// `k_splits − 1` more).
-#[allow(clippy::too_many_arguments)]
-fn split_k_sweep<E: StorageElem>(
-    opts: &Opts,
-    builder: &mut GraphBuilder,
-    layout: &LoraLayout,
-    host_segs: &Segments,
-    segs: &DeviceSegments,
-    data: &mut [DenseSet<E>],
-    iters: usize,
-    case: &str,
-    shrink_bytes: f64,
-    expand_bytes: f64,
-) -> Vec<Row> {
+fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &DecodeCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
+    let DecodeCase { layout, segs, iters, case, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let device = cuda.properties();
     let sets = data.len();
     let row_frags = layout.groups() * layout.max_rank() / 16;
     let widest = [4, 3, 2].into_iter().find(|n| row_frags.is_multiple_of(*n)).unwrap_or(1);
     let intermediate = segs.tokens() as usize * (layout.groups() * layout.max_rank()) as usize;
-    let row = |variant: String, shrink_us: f64, expand_us: f64, pair_us: f64| Row {
-        case: case.to_string(),
-        variant,
-        shrink_us,
-        expand_us,
-        pair_us,
-        shrink_bytes,
-        expand_bytes,
-    };
     let mut rows = Vec::new();
     // The fastest shrink of each split count: the expand reads every copy, so fewer splits
     // may make the faster pair.
@@ -657,7 +599,7 @@ fn split_k_sweep<E: StorageElem>(
                         if best_here.is_none_or(|(b, _)| us < b) {
                             best_here = Some((us, config));
                         }
-                        rows.push(row(name, us, f64::NAN, f64::NAN));
+                        rows.push(decode.row(name, us, f64::NAN, f64::NAN));
                     }
                     Err(e) => eprintln!("{case} {name}: {e}"),
                 }
@@ -666,22 +608,7 @@ fn split_k_sweep<E: StorageElem>(
         best.extend(best_here);
     }
     for (shrink_us, config) in best {
-        let pair = split_k_pair(
-            opts,
-            builder,
-            layout,
-            host_segs,
-            segs,
-            data,
-            iters,
-            case,
-            "splitk pair",
-            Some(shrink_us),
-            config,
-            shrink_bytes,
-            expand_bytes,
-        );
-        rows.extend(pair);
+        rows.extend(split_k_pair(opts, builder, decode, data, "splitk pair", Some(shrink_us), config));
     }
     rows
 }
@@ -689,22 +616,16 @@ fn split_k_sweep<E: StorageElem>(
 /// The pair of the split-K shrink `config` and the CUDA-core expand summing its copies, from
 /// one graph of every rotation set, that expand alone, and the shrink alone unless it was
 /// timed already (`shrink_us`); the row's variant is `variant` and the tile.
-#[allow(clippy::too_many_arguments)]
 fn split_k_pair<E: StorageElem>(
     opts: &Opts,
     builder: &mut GraphBuilder,
-    layout: &LoraLayout,
-    host_segs: &Segments,
-    segs: &DeviceSegments,
+    decode: &DecodeCase,
     data: &mut [DenseSet<E>],
-    iters: usize,
-    case: &str,
     variant: &str,
     shrink_us: Option<f64>,
     config: MmaShrinkConfig,
-    shrink_bytes: f64,
-    expand_bytes: f64,
 ) -> Option<Row> {
+    let DecodeCase { layout, host_segs, segs, iters, case, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let sets = data.len();
     let intermediate = segs.tokens() as usize * (layout.groups() * layout.max_rank()) as usize;
@@ -735,7 +656,7 @@ fn split_k_pair<E: StorageElem>(
     match (shrink_us, time_halves(builder, (false, true)), time_halves(builder, (true, true))) {
         (Ok(shrink_us), Ok(expand_us), Ok(pair_us)) => {
             eprintln!("{case} {name}: shrink {shrink_us:.2} expand {expand_us:.2} pair {pair_us:.2} us");
-            Some(Row { case: case.to_string(), variant: name, shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes })
+            Some(decode.row(name, shrink_us, expand_us, pair_us))
         }
         (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             eprintln!("{case} {name}: {e}");
