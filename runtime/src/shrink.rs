@@ -261,8 +261,8 @@ impl ShrinkKernel {
     }
 
     /// [`Self::choose`] for a caller whose intermediate can hold up to `max_copies` copies:
-    /// with room for [`crate::shrink_mma::SPLIT_K_COPIES`], the tensor-core kernel with K splits where
-    /// [`MmaShrinkConfig::split_k_for`] applies. Size the intermediate by
+    /// with room for [`crate::shrink_mma::SPLIT_K_COPIES`], the tensor-core kernel with K
+    /// splits where [`MmaShrinkConfig::split_k_for`] applies. Size the intermediate by
     /// [`Self::intermediate_copies`]; the default expand reads every copy.
     pub fn choose_within<R: Runtime, F: Float>(
         client: &ComputeClient<R>,

@@ -719,9 +719,9 @@ pub(crate) struct CubeTile {
 }
 
 /// Reads the cube's tile from the batch metadata (segment on grid y, token tile on x, row
-/// block and K split on z, the row block fastest) and exits the cube where it has nothing to compute: a segment with no adapter
-/// or of rank 0, a tile past the segment's end, or a row block wholly in the padding past a
-/// low-rank adapter's rows.
+/// block and K split on z, the row block fastest) and exits the cube where it has nothing to
+/// compute: a segment with no adapter or of rank 0, a tile past the segment's end, or a row
+/// block wholly in the padding past a low-rank adapter's rows.
 #[cube]
 pub(crate) fn cube_tile(
     seg_indptr: &Array<u32>,

@@ -427,11 +427,11 @@ pub fn prefill_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     }
 }
 
-/// Decode-sized batches through the tensor-core shrink with K split across cubes, whose
-/// partial sums (`[k_splits, tokens, c·R]`) the expand adds up: tiles of one 16-token
-/// fragment row by one fragment and by the widest row block of up to four, one or two K groups, 2–8 splits (register-staged, and with
-/// two asynchronous-copy stages where the device has them), on segments of one token to past
-/// one 16-token tile. Each copy must stay unwritten where the reference is NaN, the summed
+/// Decode-sized batches (1, 6 or 21 tokens) through the tensor-core shrink with K split across
+/// cubes, whose partial sums (`[k_splits, tokens, c·R]`) the expand adds up: tiles of one
+/// 16-token fragment row by one fragment and by the widest row block of up to four, one or
+/// two K groups, 2–8 splits (register-staged, and with two asynchronous-copy stages where the
+/// device has them). Each copy must stay unwritten where the reference is NaN, the summed
 /// copies match the reference shrink, and the expand of the copies the reference pair.
 pub fn split_k_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     let device = client.properties();
@@ -456,18 +456,18 @@ pub fn split_k_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             tokens,
         );
         let (y0, y064) = initial_y::<F>(rng, &delta);
-        let width = tokens as usize * intermediate_width(&layout);
+        let copy_len = tokens as usize * intermediate_width(&layout);
         for config in split_k_configs::<F>(device, &layout) {
             let what = format!("split-K shrink {family} seed {seed} {tokens} tokens {config:?} {layout:?}");
             let kernel = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
             let mut partials = poisoned_intermediate(client, &layout, config.k_splits as usize * tokens as usize);
             launch_shrink(client, &layout, &adapters.pool, &dev_segs, &x, &mut partials, Some(kernel)).unwrap();
             let copies = partials.read(client);
-            for (c, copy) in copies.chunks(width).enumerate() {
+            for (c, copy) in copies.chunks(copy_len).enumerate() {
                 let stray = copy.iter().zip(&reference).position(|(g, r)| r.is_nan() && !g.is_nan());
                 assert!(stray.is_none(), "{what}: copy {c} wrote entry {stray:?} (no adapter / past the rank)");
             }
-            let summed: Vec<f32> = (0..width).map(|i| (0..config.k_splits as usize).map(|c| copies[c * width + i]).sum()).collect();
+            let summed: Vec<f32> = (0..copy_len).map(|i| (0..config.k_splits as usize).map(|c| copies[c * copy_len + i]).sum()).collect();
             check_intermediate(&what, &summed, &reference, F::TOLERANCE);
             let expand =
                 ExpandConfig::new(client, &layout, size_of::<F>(), segs.num_segments(), segs.max_segment_len()).summing(config.k_splits);
