@@ -248,7 +248,7 @@ impl MmaShrinkConfig {
         max_segment_len: u32,
     ) -> Option<Self> {
         let row_frags = layout.groups() * layout.max_rank() / TILE;
-        let n_frags = [4, 3, 2, 1].into_iter().find(|n| row_frags % n == 0).unwrap_or(1);
+        let n_frags = Self::widest_row_block(layout);
         let target = u64::from(crate::config::multiprocessors(device)) * 3 / 4;
         let fills = |m: u32| {
             let tiles = u64::from(max_segment_len.div_ceil(m * TILE));
@@ -292,7 +292,32 @@ impl MmaShrinkConfig {
         if Self::for_batch::<F>(device, layout, num_segments, max_segment_len).is_some() {
             return None;
         }
-        Self::with_tile_chunk::<F>(device, layout, ShrinkTile::new(1, 1), 256, 16)?.with_k_splits(layout, SPLIT_K_COPIES)
+        Self::split_k_tile::<F>(device, layout, 1, 16, SPLIT_K_COPIES, &[256])
+    }
+
+    /// A tile of one 16-token fragment row by `n_frags` fragments of A rows, with `k_groups`
+    /// K groups and K split across `k_splits` cubes, staging the first of `chunks` that divides
+    /// a split's share of K into 16-wide steps `k_groups` divides; `None` where K does not
+    /// split evenly, no chunk fits or the tile does not apply ([`Self::with_tile_chunk`]).
+    pub fn split_k_tile<F: CubePrimitive>(
+        device: &DeviceProperties,
+        layout: &LoraLayout,
+        n_frags: u32,
+        k_groups: u32,
+        k_splits: u32,
+        chunks: &[u32],
+    ) -> Option<Self> {
+        let k = layout.in_features();
+        let share = k.checked_div(k_splits).filter(|share| share * k_splits == k)?;
+        let chunk = chunks.iter().copied().find(|c| share.is_multiple_of(*c) && (c / TILE).is_multiple_of(k_groups))?;
+        Self::with_tile_chunk::<F>(device, layout, ShrinkTile::new(1, n_frags), chunk, k_groups)?.with_k_splits(layout, k_splits)
+    }
+
+    /// Fragments in the widest row block of up to four that divides the layout's `c·R / 16`
+    /// fragments of A rows.
+    pub fn widest_row_block(layout: &LoraLayout) -> u32 {
+        let row_frags = layout.groups() * layout.max_rank() / TILE;
+        [4, 3, 2, 1].into_iter().find(|n| row_frags.is_multiple_of(*n)).unwrap_or(1)
     }
 
     /// [`Self::supported`], and only for batches with enough 16-token tiles to fill the GPU

@@ -506,21 +506,15 @@ pub fn split_k_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
 
 /// The split-K shrink configurations [`split_k_shrink`] runs on this layout.
 fn split_k_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLayout) -> Vec<MmaShrinkConfig> {
-    let row_frags = layout.groups() * layout.max_rank() / 16;
-    let widest = [4, 3, 2].into_iter().find(|n| row_frags.is_multiple_of(*n)).unwrap_or(1);
+    let widest = MmaShrinkConfig::widest_row_block(layout);
     let mut configs = Vec::new();
     for n_frags in [1, widest].into_iter().take(if widest > 1 { 2 } else { 1 }) {
         for (k_groups, k_splits) in [(1, 2), (2, 4), (1, 8)] {
-            let Some(share) = layout.in_features().checked_div(k_splits).filter(|s| s * k_splits == layout.in_features()) else {
+            let Some(config) = MmaShrinkConfig::split_k_tile::<F>(device, layout, n_frags, k_groups, k_splits, &[64, 32, 16]) else {
                 continue;
             };
-            let chunk = [64, 32, 16].into_iter().find(|c| share.is_multiple_of(*c) && (c / 16).is_multiple_of(k_groups));
-            let tile = ShrinkTile::new(1, n_frags);
-            let Some(config) = chunk.and_then(|c| MmaShrinkConfig::with_tile_chunk::<F>(device, layout, tile, c, k_groups)) else {
-                continue;
-            };
-            configs.extend(config.with_k_splits(layout, k_splits));
-            configs.extend(config.with_stages::<F>(device, 2).and_then(|c| c.with_k_splits(layout, k_splits)));
+            configs.push(config);
+            configs.extend(config.with_stages::<F>(device, 2));
         }
     }
     assert!(!configs.is_empty(), "no split-K shrink configuration for {layout:?}");

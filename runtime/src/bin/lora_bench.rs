@@ -8,8 +8,9 @@
 //!
 //! Decode cases (T ≤ 128) are also timed replayed from CUDA graphs (see `graph_rows`;
 //! `--no-graphs` leaves them out; where `ShrinkKernel::choose_within` picks the shrink with K
-//! splits for a caller with room for their copies, that pair too, "graph splitk default"; `--decode-sweep` adds the CUDA-core kernels' tilings, see
-//! `decode_sweep`; `--split-k` the tensor-core shrink with K splits, see `split_k_sweep`).
+//! splits for a caller with room for their copies, that pair too, "graph splitk default";
+//! `--decode-sweep` adds the CUDA-core kernels' tilings, see `decode_sweep`; `--split-k` the
+//! tensor-core shrink with K splits, see `split_k_sweep`).
 //!
 //! Usage: `lora_bench [--quick] [--prefill-only] [--no-graphs] [--case NAME-PART,...] [--variant NAME-PART,...]
 //! (a case part starting with `^` matches the start of the name)
@@ -408,6 +409,12 @@ impl DecodeCase<'_> {
         let (shrink_bytes, expand_bytes) = (self.shrink_bytes, self.expand_bytes);
         Row { case: self.case.to_string(), variant, shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes }
     }
+
+    /// One intermediate of `copies` copies (a split-K shrink's partial sums) per rotation set.
+    fn partial_copies(&self, cuda: &ComputeClient<CudaRuntime>, sets: usize, copies: u32) -> Vec<DeviceBuffer<f32>> {
+        let intermediate = self.segs.tokens() as usize * (self.layout.groups() * self.layout.max_rank()) as usize;
+        (0..sets).map(|_| DeviceBuffer::empty(cuda, copies as usize * intermediate)).collect()
+    }
 }
 
 /// Decode cases replayed from CUDA graphs (`lorac_runtime::cuda_graph`), the way a serving
@@ -563,26 +570,18 @@ fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode
     let cuda = CudaRuntime::client(&Default::default());
     let device = cuda.properties();
     let sets = data.len();
-    let row_frags = layout.groups() * layout.max_rank() / 16;
-    let widest = [4, 3, 2].into_iter().find(|n| row_frags.is_multiple_of(*n)).unwrap_or(1);
-    let intermediate = segs.tokens() as usize * (layout.groups() * layout.max_rank()) as usize;
+    let widest = MmaShrinkConfig::widest_row_block(layout);
     let mut rows = Vec::new();
     // The fastest shrink of each split count: the expand reads every copy, so fewer splits
     // may make the faster pair.
     let mut best: Vec<(f64, MmaShrinkConfig)> = Vec::new();
     for k_splits in [4, 8, 16, 32] {
         let mut best_here: Option<(f64, MmaShrinkConfig)> = None;
-        let share = layout.in_features() / k_splits;
-        let mut partials: Vec<DeviceBuffer<f32>> =
-            (0..sets).map(|_| DeviceBuffer::empty(&cuda, k_splits as usize * intermediate)).collect();
+        let mut partials = decode.partial_copies(&cuda, sets, k_splits);
         for n_frags in [1, widest].into_iter().take(if widest > 1 { 2 } else { 1 }) {
             for k_groups in [1, 2, 4, 8, 16] {
-                let chunk = [128, 256, 64, 32, 16].into_iter().find(|c| share.is_multiple_of(*c) && (c / 16).is_multiple_of(k_groups));
-                let tile = ShrinkTile::new(1, n_frags);
-                let Some(config) = chunk
-                    .and_then(|c| MmaShrinkConfig::with_tile_chunk::<E>(device, layout, tile, c, k_groups))
-                    .and_then(|c| c.with_k_splits(layout, k_splits))
-                else {
+                let chunks = [128, 256, 64, 32, 16];
+                let Some(config) = MmaShrinkConfig::split_k_tile::<E>(device, layout, n_frags, k_groups, k_splits, &chunks) else {
                     continue;
                 };
                 let name = format!("splitk n{n_frags} g{k_groups} k{} s{k_splits}", config.k_chunk);
@@ -628,9 +627,8 @@ fn split_k_pair<E: StorageElem>(
     let DecodeCase { layout, host_segs, segs, iters, case, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let sets = data.len();
-    let intermediate = segs.tokens() as usize * (layout.groups() * layout.max_rank()) as usize;
     let k_splits = config.k_splits;
-    let mut partials: Vec<DeviceBuffer<f32>> = (0..sets).map(|_| DeviceBuffer::empty(&cuda, k_splits as usize * intermediate)).collect();
+    let mut partials = decode.partial_copies(&cuda, sets, k_splits);
     let shrink = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
     let expand_config = ExpandConfig::new(&cuda, layout, size_of::<E>(), host_segs.num_segments(), host_segs.max_segment_len());
     let expand = ExpandKernel::Scalar(expand_config.summing(k_splits));
