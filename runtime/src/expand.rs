@@ -296,17 +296,41 @@ pub enum ExpandKernel {
 impl ExpandKernel {
     /// The tensor-core kernel where it applies and the batch fills the GPU, else the scalar one.
     pub fn choose<R: Runtime, F: Float>(client: &ComputeClient<R>, layout: &LoraLayout, num_segments: usize, max_segment_len: u32) -> Self {
-        match MmaExpandConfig::for_batch::<F>(client.properties(), layout, num_segments, max_segment_len) {
+        Self::choose_summing::<R, F>(client, layout, num_segments, max_segment_len, 1)
+    }
+
+    /// [`Self::choose`] for an intermediate of `copies` copies of partial sums (a shrink with
+    /// that many K splits, [`crate::shrink::ShrinkKernel::intermediate_copies`]): the kernel
+    /// adds them up as it stages them. The scalar kernel where the tensor-core tile's staged
+    /// copies would not fit.
+    pub fn choose_summing<R: Runtime, F: Float>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        num_segments: usize,
+        max_segment_len: u32,
+        copies: u32,
+    ) -> Self {
+        let props = client.properties();
+        match MmaExpandConfig::for_batch::<F>(props, layout, num_segments, max_segment_len).and_then(|c| c.summing::<F>(props, copies)) {
             Some(config) => ExpandKernel::Mma { config, token_splits: 0 },
-            None => ExpandKernel::Scalar(ExpandConfig::new(client, layout, size_of::<F>(), num_segments, max_segment_len)),
+            None => ExpandKernel::Scalar(ExpandConfig::new(client, layout, size_of::<F>(), num_segments, max_segment_len).summing(copies)),
+        }
+    }
+
+    /// Copies of the intermediate the kernel adds up.
+    pub fn intermediate_copies(&self) -> u32 {
+        match self {
+            ExpandKernel::Scalar(cfg) => cfg.a_splits,
+            ExpandKernel::Mma { config, .. } => config.a_splits,
         }
     }
 }
 
 /// Launches the segmented expand, accumulating into `y` (`[tokens, out_features]`) in place.
 /// `a` is the shrink's intermediate, `[tokens, groups·R]`, or the `[copies, tokens, groups·R]`
-/// partial sums of a shrink with K splits: without an explicit kernel, the CUDA-core expand
-/// adds up as many copies as `a` holds (an explicit one reads `ExpandConfig::a_splits`).
+/// partial sums of a shrink with K splits: without an explicit kernel, the chosen one adds up
+/// as many copies as `a` holds ([`ExpandKernel::choose_summing`]); an explicit one reads
+/// [`ExpandKernel::intermediate_copies`].
 pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     layout: &LoraLayout,
@@ -353,13 +377,8 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
     let width = (layout.groups() * layout.max_rank()) as usize;
     let kernel = kernel.unwrap_or_else(|| {
         // An intermediate of several whole copies holds a split-K shrink's partial sums.
-        let copies = a.len().checked_div(tokens * width).filter(|c| *c > 1 && c * tokens * width == a.len());
-        match copies {
-            Some(copies) => ExpandKernel::Scalar(
-                ExpandConfig::new(client, layout, size_of::<F>(), segs.num_segments, segs.max_segment_len).summing(copies as u32),
-            ),
-            None => ExpandKernel::choose::<R, F>(client, layout, segs.num_segments, segs.max_segment_len),
-        }
+        let copies = a.len().checked_div(tokens * width).filter(|c| *c > 1 && c * tokens * width == a.len()).unwrap_or(1);
+        ExpandKernel::choose_summing::<R, F>(client, layout, segs.num_segments, segs.max_segment_len, copies as u32)
     });
     match kernel {
         ExpandKernel::Scalar(cfg) => check_expand_config(client.properties(), layout, &cfg, size_of::<F>())?,
@@ -369,11 +388,7 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
             }
         }
     }
-    let copies = match kernel {
-        ExpandKernel::Scalar(cfg) => cfg.a_splits as usize,
-        ExpandKernel::Mma { .. } => 1,
-    };
-    a.check_len("a (expand input)", copies * tokens * width)?;
+    a.check_len("a (expand input)", kernel.intermediate_copies() as usize * tokens * width)?;
     y.check_len("y", tokens * layout.out_features() as usize)?;
     if segs.num_segments == 0 || tokens == 0 {
         return Ok(());

@@ -61,6 +61,10 @@ pub struct MmaExpandConfig {
     /// stages, `stages − 1` tiles ahead ([`crate::expand_mma_pipelined`]); see
     /// [`Self::with_stages`].
     pub stages: u32,
+    /// Copies of the intermediate to add up while staging it (`[a_splits, tokens, c·R]`):
+    /// the partial sums of a tensor-core shrink with `k_splits` = `a_splits`. 1: one copy of
+    /// full sums. See [`Self::summing`].
+    pub a_splits: u32,
 }
 
 impl MmaExpandConfig {
@@ -87,6 +91,7 @@ impl MmaExpandConfig {
             rank_vector: crate::config::vector_size(device, elem, &[layout.max_rank()]) as u32,
             tensor_cores: cmma_supported::<F>(device),
             stages: 1,
+            a_splits: 1,
         };
         let shared_max = SHARED_BUDGET.min(device.hardware.max_shared_memory_size as u32);
         (cfg.shared_bytes(elem as u32) <= shared_max).then_some(cfg)
@@ -98,11 +103,12 @@ impl MmaExpandConfig {
     /// 16 bytes (the copy size), or the stages overrun the device's shared memory.
     pub fn with_stages<F: CubePrimitive>(self, device: &DeviceProperties, stages: u32) -> Option<Self> {
         let base = MmaExpandConfig { stages: 1, ..self };
+        let elem = size_of::<F>() as u32;
+        let shared_max = SHARED_BUDGET.min(device.hardware.max_shared_memory_size as u32);
         if stages == 1 {
-            return Some(base);
+            return (base.shared_bytes(elem) <= shared_max).then_some(base);
         }
         let staged = MmaExpandConfig { stages, ..base };
-        let elem = size_of::<F>() as u32;
         crate::config::pipeline_fits(device, stages, self.out_vector * elem, staged.pipelined_shared_bytes(elem)).then_some(staged)
     }
 
@@ -149,10 +155,22 @@ impl MmaExpandConfig {
             .flatten()
     }
 
-    /// Whether this is the configuration [`Self::with_tile`] and [`Self::with_stages`] derive
-    /// for its tile and depth on this layout and device.
+    /// This configuration adding up `a_splits` copies of partial sums as it stages the
+    /// intermediate (see [`Self::a_splits`]), or `None` where `a_splits` is 0 or the larger
+    /// intermediate stages no longer fit (the pipelined kernel stages every copy).
+    pub fn summing<F: CubePrimitive>(self, device: &DeviceProperties, a_splits: u32) -> Option<Self> {
+        if a_splits == 0 {
+            return None;
+        }
+        MmaExpandConfig { a_splits, ..self }.with_stages::<F>(device, self.stages)
+    }
+
+    /// Whether this is the configuration [`Self::with_tile`], [`Self::summing`] and
+    /// [`Self::with_stages`] derive for its tile, copies and depth on this layout and device.
     pub fn fits<F: CubePrimitive>(&self, device: &DeviceProperties, layout: &LoraLayout) -> bool {
-        Self::with_tile::<F>(device, layout, self.m_frags, self.n_frags).and_then(|base| base.with_stages::<F>(device, self.stages))
+        Self::with_tile::<F>(device, layout, self.m_frags, self.n_frags)
+            .and_then(|base| base.summing::<F>(device, self.a_splits))
+            .and_then(|base| base.with_stages::<F>(device, self.stages))
             == Some(*self)
     }
 
@@ -175,9 +193,9 @@ impl MmaExpandConfig {
     }
 
     /// The pipelined kernel's: the same B block, operand and f32 (delta) tiles, and per stage a
-    /// y tile in the storage type and an f32 intermediate tile.
+    /// y tile in the storage type and an f32 intermediate tile per copy.
     fn pipelined_shared_bytes(&self, elem: u32) -> u32 {
-        self.shared_bytes(elem) + self.stages * self.tile_tokens() * (self.block_columns() * elem + self.max_rank * 4)
+        self.shared_bytes(elem) + self.stages * self.tile_tokens() * (self.block_columns() * elem + self.a_splits * self.max_rank * 4)
     }
 }
 
@@ -519,6 +537,8 @@ fn load_tile<F: Float, NY: Size>(
     let bw_vecs = comptime!((cfg.block_columns() / cfg.out_vector) as usize);
     let a_per = comptime!((tm * max_rank).div_ceil(threads));
     let y_per = comptime!((tm * bw_vecs).div_ceil(threads));
+    let a_splits = comptime!(cfg.a_splits as usize);
+    let a_copy = a.len() / a_splits;
     let tid = UNIT_POS as usize;
     #[unroll]
     for s in 0..a_per {
@@ -527,7 +547,12 @@ fn load_tile<F: Float, NY: Size>(
         let j = idx % max_rank;
         let mut e = 0.0f32;
         if p0 + i < end && j < rank && idx < comptime!(tm * max_rank) {
-            e = a[token_perm[p0 + i] as usize * c_r + group * max_rank + j];
+            let at = token_perm[p0 + i] as usize * c_r + group * max_rank + j;
+            // A split-K shrink's partial sums: one copy per K split.
+            #[unroll]
+            for copy in 0..a_splits {
+                e += a[copy * a_copy + at];
+            }
         }
         a_next[s] = e;
     }

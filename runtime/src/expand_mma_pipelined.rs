@@ -54,6 +54,7 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     let bw_vecs = comptime!((cfg.block_columns() / cfg.out_vector) as usize);
     let a_vecs = comptime!(max_rank / A_VECTOR);
     let stages = comptime!(cfg.stages as usize);
+    let a_splits = comptime!(cfg.a_splits as usize);
     // Padded strides keep the MMA operands' rows out of the same shared-memory banks.
     let rs = comptime!(max_rank + 8);
     let ds = comptime!(bw + 8);
@@ -70,9 +71,10 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     let tiles = (end - first).div_ceil(step);
 
     let y_stage = comptime!(tm * bw_vecs);
-    let a_stage = comptime!(tm * a_vecs);
+    // A stage holds every copy of the tile's intermediate (one per K split of the shrink).
+    let a_stage = comptime!(a_splits * tm * a_vecs);
     let mut y_tiles = SharedMemory::<Vector<F, NY>>::new_aligned(comptime!(stages * tm * bw_vecs), 128usize);
-    let mut a_tiles = SharedMemory::<Vector<f32, NA>>::new_aligned(comptime!(stages * tm * a_vecs), 128usize);
+    let mut a_tiles = SharedMemory::<Vector<f32, NA>>::new_aligned(comptime!(stages * a_splits * tm * a_vecs), 128usize);
     let mut b_tile = SharedMemory::<Vector<F, NB>>::new_aligned(comptime!(bw * rs / nb), 128usize);
     let mut a_tile = SharedMemory::<F>::new_aligned(comptime!(tm * rs), 128usize);
     let mut delta = SharedMemory::<Vector<f32, NY>>::new_aligned(comptime!(tm * ds / ny), 128usize);
@@ -85,7 +87,8 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     let y_col = (cube.offset + cube.block0) / ny;
     let a_row = comptime!((cfg.groups * cfg.max_rank) as usize / A_VECTOR);
     let a_col = cube.group * a_vecs;
-    let geometry = TileGeometry { end, rank, cols, y_vecs, y_col, a_row, a_col };
+    let a_copy = a.len() / a_splits;
+    let geometry = TileGeometry { end, rank, cols, y_vecs, y_col, a_row, a_col, a_copy };
 
     // Fill every stage but the last before the first tile.
     #[unroll]
@@ -108,15 +111,19 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
             if c < tiles {
                 let p0 = first + c * step;
                 wait_stage(&barriers, s, c, cfg.stages);
-                // The scaled intermediate in the storage type: zero past the rank and the
-                // segment (the stage holds stale data there). One staged vector per step, its
-                // lanes indexed at compile time (a runtime lane index put the vector in local
-                // memory: ncu, run 18).
+                // The scaled intermediate in the storage type (its copies added up): zero past
+                // the rank and the segment (the stage holds stale data there). One staged
+                // vector per step, its lanes indexed at compile time (a runtime lane index put
+                // the vector in local memory: ncu, run 18).
                 let mut v = tid;
                 while v < comptime!(tm * a_vecs) {
                     let i = v / a_vecs;
                     let j0 = (v % a_vecs) * A_VECTOR;
-                    let staged = a_tiles[s * a_stage + v];
+                    let mut staged = a_tiles[s * a_stage + v];
+                    #[unroll]
+                    for copy in 1..a_splits {
+                        staged = staged + a_tiles[s * a_stage + copy * comptime!(tm * a_vecs) + v];
+                    }
                     let live = p0 + i < end;
                     #[unroll]
                     for l in 0..A_VECTOR {
@@ -173,7 +180,8 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
 }
 
 /// Where a cube's tiles live: the segment's end, the slot's rank, the columns of the block in
-/// its slice, and the y and intermediate row strides and column offsets (in vectors).
+/// its slice, the y and intermediate row strides and column offsets, and the length of one
+/// copy of the intermediate (all in vectors).
 #[derive(CubeType, Clone, Copy)]
 pub(crate) struct TileGeometry {
     end: usize,
@@ -183,11 +191,12 @@ pub(crate) struct TileGeometry {
     y_col: usize,
     a_row: usize,
     a_col: usize,
+    a_copy: usize,
 }
 
 /// Issues this thread's asynchronous copies of the token tile at `p0` (its y vectors and its
-/// intermediate vectors, none past the segment, the slice's end or the rank) into `stage`,
-/// and arrives on the stage's barrier once they land.
+/// intermediate vectors of every copy, none past the segment, the slice's end or the rank)
+/// into `stage`, and arrives on the stage's barrier once they land.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn fill<F: Float, NY: Size, NA: Size>(
@@ -207,8 +216,9 @@ fn fill<F: Float, NY: Size, NA: Size>(
     let ny = comptime!(cfg.out_vector as usize);
     let bw_vecs = comptime!((cfg.block_columns() / cfg.out_vector) as usize);
     let a_vecs = comptime!(cfg.max_rank as usize / A_VECTOR);
+    let a_splits = comptime!(cfg.a_splits as usize);
     let y_base = comptime!(stage * tm * bw_vecs);
-    let a_base = comptime!(stage * tm * cfg.max_rank as usize / A_VECTOR);
+    let a_base = comptime!(stage * a_splits * tm * a_vecs);
     let tid = UNIT_POS as usize;
     let mut w = tid;
     while w < comptime!(tm * bw_vecs) {
@@ -226,7 +236,11 @@ fn fill<F: Float, NY: Size, NA: Size>(
         let j0 = (v % a_vecs) * A_VECTOR;
         if p0 + i < geometry.end && j0 < geometry.rank {
             let src = token_perm[p0 + i] as usize * geometry.a_row + geometry.a_col + j0 / A_VECTOR;
-            copy_async(&a.slice(src, src + 1), &mut a_tiles.slice_mut(a_base + v, a_base + v + 1), comptime!(A_VECTOR as u32));
+            #[unroll]
+            for copy in 0..a_splits {
+                let (from, to) = (copy * geometry.a_copy + src, a_base + copy * comptime!(tm * a_vecs) + v);
+                copy_async(&a.slice(from, from + 1), &mut a_tiles.slice_mut(to, to + 1), comptime!(A_VECTOR as u32));
+            }
         }
         v += threads;
     }

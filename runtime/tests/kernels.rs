@@ -504,6 +504,92 @@ pub fn split_k_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     check_y(&what, &y.read(client), &y064, &delta, &adapters.touched(&segs), layout.out_features() as usize, F::TOLERANCE);
 }
 
+/// Prefill-sized segments (40 or 130 tokens) through tensor-core shrink tiles of 32 and 64
+/// tokens (one fragment per warp, and 2×2 warp blocks; register-staged, and with three
+/// asynchronous-copy stages where the device has them) with K split two and three ways, each
+/// copy's partial sums then added up by the tensor-core expand (register-staged, and with two
+/// stages where the device has them) and by the automatic expand for an
+/// intermediate of that many copies. Copies stay unwritten where the reference is NaN; the
+/// summed copies match the reference shrink and each expand the reference pair.
+pub fn split_k_prefill<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
+    let device = client.properties();
+    let (mut shrinks, mut tensor_core_expands) = (0, 0);
+    for seed in 0..2 {
+        let rng = &mut Rng::new(950 + seed);
+        let (layout, family) = prefill_expand_layout(rng);
+        // K of six 64-wide chunks: whole chunks per split for two and three splits.
+        let layout =
+            LoraLayout::new(nz(layout.slots()), nz(layout.max_rank().min(32)), 384, layout.groups(), layout.slices().to_vec(), None)
+                .unwrap();
+        let ranks = prefill_ranks(rng, &layout);
+        let scales = (0..layout.slots()).map(|_| 0.5 + rng.value().abs() as f32).collect();
+        let adapters = Adapters::<F>::with_ranks(client, rng, &layout, ranks, scales);
+        let tokens = rng.pick(&[40, 130]);
+        let segs = random_segments(rng, tokens, layout.slots());
+        let dev_segs = segs.upload(client);
+        let (x, x64) = random_x::<F>(rng, &layout, tokens as usize);
+        let x = DeviceBuffer::upload(client, &x);
+        let reference = adapters.reference_shrink(&layout, &segs, &x64, tokens);
+        let zeroed: Vec<f64> = reference.iter().map(|v| if v.is_nan() { 0.0 } else { *v }).collect();
+        let delta = adapters.reference_expand(&layout, &segs, &zeroed, tokens);
+        let (y0, y064) = initial_y::<F>(rng, &delta);
+        let out = layout.out_features() as usize;
+        let copy_len = tokens as usize * intermediate_width(&layout);
+        let widest = MmaShrinkConfig::widest_row_block(&layout);
+        let tiles = [ShrinkTile::new(2, widest), ShrinkTile::new(4, widest).with_warps(2, widest.min(2))];
+        for tile in tiles {
+            // The widest chunk that fits the device (lavapipe's shared memory is small).
+            let Some(base) =
+                [64, 32, 16].into_iter().find_map(|chunk| MmaShrinkConfig::with_tile_chunk::<F>(device, &layout, tile, chunk, 1))
+            else {
+                continue;
+            };
+            let staged = [base].into_iter().chain(base.with_stages::<F>(device, 3));
+            for config in staged.flat_map(|c| [2, 3].map(|s| c.with_k_splits(&layout, s).expect("K = 384 splits into 64-wide chunks"))) {
+                let what = format!("split-K prefill {family} seed {seed} {tokens} tokens {config:?} {layout:?}");
+                let mut partials = poisoned_intermediate(client, &layout, config.k_splits as usize * tokens as usize);
+                launch_shrink(
+                    client,
+                    &layout,
+                    &adapters.pool,
+                    &dev_segs,
+                    &x,
+                    &mut partials,
+                    Some(ShrinkKernel::Mma { config, tiles_per_segment: 0 }),
+                )
+                .unwrap();
+                let copies = partials.read(client);
+                for (c, copy) in copies.chunks(copy_len).enumerate() {
+                    let stray = copy.iter().zip(&reference).position(|(g, r)| r.is_nan() && !g.is_nan());
+                    assert!(stray.is_none(), "{what}: copy {c} wrote entry {stray:?} (no adapter / past the rank)");
+                }
+                let summed: Vec<f32> =
+                    (0..copy_len).map(|i| (0..config.k_splits as usize).map(|c| copies[c * copy_len + i]).sum()).collect();
+                check_intermediate(&what, &summed, &reference, F::TOLERANCE);
+                // A 32 × 128 tile (the rank-64 default), or 32 × 32 where it does not fit.
+                let expand_tile = MmaExpandConfig::with_tile::<F>(device, &layout, 2, 8)
+                    .or_else(|| MmaExpandConfig::with_tile::<F>(device, &layout, 2, 2));
+                let expands = [1, 2].into_iter().filter_map(|stages| {
+                    expand_tile
+                        .and_then(|c| c.with_stages::<F>(device, stages))
+                        .and_then(|c| c.summing::<F>(device, config.k_splits))
+                        .map(|config| Some(ExpandKernel::Mma { config, token_splits: 0 }))
+                });
+                shrinks += 1;
+                for expand in expands.chain([None]) {
+                    tensor_core_expands += usize::from(expand.is_some());
+                    let mut y = DeviceBuffer::upload(client, &y0);
+                    launch_expand(client, &layout, &adapters.pool, &dev_segs, &partials, &mut y, expand).unwrap();
+                    let what = format!("{what}, expand {expand:?}");
+                    check_y(&what, &y.read(client), &y064, &delta, &adapters.touched(&segs), out, F::TOLERANCE);
+                }
+            }
+        }
+    }
+    assert!(shrinks >= 4 && tensor_core_expands >= shrinks, "{shrinks} split-K shrinks, {tensor_core_expands} tensor-core expands");
+    eprintln!("split-K prefill: {shrinks} shrinks, {tensor_core_expands} tensor-core expands");
+}
+
 /// The split-K shrink configurations [`split_k_shrink`] runs on this layout.
 fn split_k_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLayout) -> Vec<MmaShrinkConfig> {
     let widest = MmaShrinkConfig::widest_row_block(layout);
@@ -1042,6 +1128,10 @@ macro_rules! stamp_kernel_tests {
                 super::split_k_shrink::<Rt, E>(&client());
             }
             #[test]
+            fn split_k_prefill() {
+                super::split_k_prefill::<Rt, E>(&client());
+            }
+            #[test]
             fn prefill_expand() {
                 super::prefill_expand::<Rt, E>(&client());
             }
@@ -1101,6 +1191,7 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
     let device = h100_properties();
     let (mut shrinks, mut pipelined, mut warp_blocks, mut emulated, mut expands, mut split_k) = (0, 0, 0, 0, 0, 0);
+    let mut summing_expands = 0;
     for seed in PREFILL_SHRINK_SEEDS {
         let (layout, family) = prefill_shrink_layout(seed, &mut Rng::new(600 + seed));
         for config in mma_shrink_configs::<F>(&device, &layout) {
@@ -1134,12 +1225,28 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
         assert!(config.tensor_cores && source.contains("mma_sync"), "split-K shrink {config:?}: no MMA in\n{source}");
         split_k += 1;
     }
+    // Prefill with K splits: the H100's long-batch defaults split two and four ways.
+    for layout in [&qkv64, &qkv16] {
+        let default = MmaShrinkConfig::default_for::<F>(&device, layout, 8, 4096).expect("a tensor-core default on the H100");
+        for config in [2, 4].map(|s| default.with_k_splits(layout, s).expect("K = 4096 splits into whole chunks")) {
+            let source = shrink_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("split-K prefill shrink {config:?}: {e:?}"));
+            assert!(source.contains("mma_sync"), "split-K prefill shrink {config:?}: no MMA in\n{source}");
+            split_k += 1;
+        }
+    }
     for seed in 0..CASES / 2 {
         let (layout, family) = prefill_expand_layout(&mut Rng::new(700 + seed));
         for config in mma_expand_configs::<F>(&device, &layout) {
             let source = expand_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("expand {family} {config:?}: {e:?}"));
             assert!(config.tensor_cores && source.contains("mma_sync"), "expand {family} {config:?}: no MMA in\n{source}");
             expands += 1;
+            // Summing the copies of a shrink with K splits (register-staged and pipelined).
+            for summing in [2, 4].into_iter().filter_map(|copies| config.summing::<F>(&device, copies)) {
+                let source = expand_source::<_, F>(&client, summing).unwrap_or_else(|e| panic!("expand {family} {summing:?}: {e:?}"));
+                assert!(source.contains("mma_sync"), "expand {family} {summing:?}: no MMA in\n{source}");
+                expands += 1;
+                summing_expands += 1;
+            }
         }
         for config in mma_expand_configs::<f32>(&device, &layout) {
             let source = expand_source::<_, f32>(&client, config).unwrap_or_else(|e| panic!("expand f32 {family} {config:?}: {e:?}"));
@@ -1163,9 +1270,9 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     assert_eq!((default.tile(), default.k_chunk, default.k_groups, default.stages), (ShrinkTile::new(4, 4).with_warps(2, 4), 64, 2, 3));
     // The described H100 must yield the variants the CUDA tests exercise, not an empty list.
     let counts = format!(
-        "{shrinks} shrink configurations ({pipelined} pipelined, {warp_blocks} with warp blocks), {split_k} split-K shrinks, {expands} expands, {emulated} emulated f32 shrinks and expands"
+        "{shrinks} shrink configurations ({pipelined} pipelined, {warp_blocks} with warp blocks), {split_k} split-K shrinks, {expands} expands ({summing_expands} summing copies), {emulated} emulated f32 shrinks and expands"
     );
-    assert!(pipelined > 0 && warp_blocks > 0 && split_k > 0 && emulated > 0 && expands > 0, "{counts}");
+    assert!(pipelined > 0 && warp_blocks > 0 && split_k > 0 && emulated > 0 && expands > 0 && summing_expands > 0, "{counts}");
     eprintln!("lowered {counts}");
 }
 

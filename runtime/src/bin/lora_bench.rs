@@ -10,9 +10,10 @@
 //! `--no-graphs` leaves them out; where `ShrinkKernel::choose_within` picks the shrink with K
 //! splits for a caller with room for their copies, that pair too, "graph splitk default";
 //! `--decode-sweep` adds the CUDA-core kernels' tilings, see `decode_sweep`; `--split-k` the
-//! tensor-core shrink with K splits, see `split_k_sweep`).
+//! tensor-core shrink with K splits, see `split_k_sweep`). `--prefill-split-k` times prefill
+//! pairs with K split across the shrink's cubes (see `prefill_split_k`).
 //!
-//! Usage: `lora_bench [--quick] [--prefill-only] [--no-graphs] [--case NAME-PART,...] [--variant NAME-PART,...]
+//! Usage: `lora_bench [--quick] [--prefill-only] [--prefill-split-k] [--no-graphs] [--case NAME-PART,...] [--variant NAME-PART,...]
 //! (a case part starting with `^` matches the start of the name)
 //! [--csv FILE] [--profile-pass]`, or `lora_bench --cuda-sources DIR` (no GPU needed: writes
 //! the CUDA C++ of the H100's prefill tensor-core kernels, see `write_cuda_sources`).
@@ -65,6 +66,9 @@ struct Opts {
     /// Decode cases: sweep the tensor-core shrink with K split across cubes, and time the
     /// best one's pair with the expand that sums its partial copies (see `split_k_sweep`).
     split_k: bool,
+    /// Prefill cases: the default tensor-core shrink tile with K split 1–8 ways, each paired
+    /// with the default expand summing its copies (see `prefill_split_k`).
+    prefill_split_k: bool,
 }
 
 impl Opts {
@@ -339,6 +343,10 @@ fn dense_case<R: Runtime, E: StorageElem>(
         vec![time_dense(client, opts, &layout, &dev, &mut data, iters, case.clone(), "segmented", None, shrink_bytes, expand_bytes)];
     if tokens >= 1024 {
         rows.extend(tile_sweep(client, opts, &layout, &segs, &dev, &mut data, iters, &case, shrink_bytes, expand_bytes));
+        if opts.prefill_split_k {
+            let prefill = PrefillCase { layout: &layout, segs: &segs, dev: &dev, iters, case: &case, shrink_bytes, expand_bytes };
+            rows.extend(prefill_split_k(client, opts, &prefill, &mut data));
+        }
     }
     if tokens <= 8 {
         // One launch for both halves; it never writes or reads the intermediate.
@@ -782,6 +790,70 @@ fn tile_sweep<R: Runtime, E: StorageElem>(
     rows
 }
 
+/// A prefill case for [`prefill_split_k`]: its layout, batch (on the host and the device),
+/// launches per timing batch, name and the minimum bytes each kernel moves.
+struct PrefillCase<'a> {
+    layout: &'a LoraLayout,
+    segs: &'a Segments,
+    dev: &'a DeviceSegments,
+    iters: usize,
+    case: &'a str,
+    shrink_bytes: f64,
+    expand_bytes: f64,
+}
+
+/// Prefill with K split across the shrink's cubes: the default tensor-core shrink tile with
+/// 1, 2, 4 and 8 splits (where a split's share of K is whole chunks), each with the default
+/// expand for the batch summing that many copies ([`ExpandKernel::choose_summing`]); shrink,
+/// expand and pair timed from back-to-back launches. The minimum bytes are the case's: the
+/// extra copies are the cost being measured.
+fn prefill_split_k<R: Runtime, E: StorageElem>(
+    client: &ComputeClient<R>,
+    opts: &Opts,
+    prefill: &PrefillCase,
+    data: &mut [DenseSet<E>],
+) -> Vec<Row> {
+    let PrefillCase { layout, segs, dev, iters, case, shrink_bytes, expand_bytes } = *prefill;
+    let (num_segments, max_len) = (segs.num_segments(), segs.max_segment_len());
+    let ShrinkKernel::Mma { config: base, .. } = ShrinkKernel::choose::<R, E>(client, layout, num_segments, max_len) else {
+        return Vec::new();
+    };
+    let intermediate = dev.tokens() as usize * (layout.groups() * layout.max_rank()) as usize;
+    let n = data.len();
+    let mut rows = Vec::new();
+    for k_splits in [1, 2, 4, 8] {
+        let Some(config) = base.with_k_splits(layout, k_splits) else {
+            continue;
+        };
+        let shrink = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
+        let expand = ExpandKernel::choose_summing::<R, E>(client, layout, num_segments, max_len, k_splits);
+        let expand_name = match expand {
+            ExpandKernel::Mma { config, .. } => format!("expand m{} n{} s{}", config.m_frags, config.n_frags, config.stages),
+            ExpandKernel::Scalar(_) => "expand cuda-core".to_string(),
+        };
+        let (m, nf, kc, kg) = (config.m_frags, config.n_frags, config.k_chunk, config.k_groups);
+        let variant = format!("splitk s{k_splits} shrink m{m} n{nf} k{kc} g{kg} s{}, {expand_name}", config.stages);
+        if !opts.selects_variant(&variant) {
+            continue;
+        }
+        let mut partials: Vec<DeviceBuffer<f32>> = (0..n).map(|_| DeviceBuffer::empty(client, k_splits as usize * intermediate)).collect();
+        let mut launch = |i: usize, (with_shrink, with_expand): (bool, bool)| {
+            let (d, p) = (&mut data[i % n], &mut partials[i % n]);
+            if with_shrink {
+                launch_shrink(client, layout, &d.pool, dev, &d.x, p, Some(shrink)).unwrap();
+            }
+            if with_expand {
+                launch_expand(client, layout, &d.pool, dev, p, &mut d.y, Some(expand)).unwrap();
+            }
+        };
+        let shrink_us = time_us(client, opts, iters, |i| launch(i, (true, false)));
+        let expand_us = time_us(client, opts, iters, |i| launch(i, (false, true)));
+        let pair_us = time_us(client, opts, iters, |i| launch(i, (true, true)));
+        rows.push(Row { case: case.to_string(), variant, shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes });
+    }
+    rows
+}
+
 /// The tensor-core shrink variants of the sweep for this layout on this device.
 /// Register-staged: the default tile only (the K-group and chunk sweeps of runs 9-11 chose
 /// its defaults). Pipelined (three stages, or two where three do not fit): 16- to 128-token
@@ -1148,6 +1220,7 @@ fn main() {
         graphs: !flag("--no-graphs") && !flag("--smoke") && !flag("--profile-pass"),
         decode_sweep: flag("--decode-sweep"),
         split_k: flag("--split-k"),
+        prefill_split_k: flag("--prefill-split-k"),
     };
     let csv_path = value("--csv");
     if let Some(dir) = value("--cuda-sources") {

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs 54-55 (2026-11-24): prefill with K split across the tensor-core shrink's cubes, the
+# tensor-core expand adding up the copies. PART=1: the CUDA tests of the split-K prefill pair and
+# of the changed tensor-core expand (run 54), then the qkv prefill cases with 1-8 splits;
+# PART=2: the gate_up and MLA prefill cases with 1-8 splits.
+#   run(command="PART=1 bash runtime/scripts/gpu_prefill_splitk.sh", carry=["devbin"])
+source "$(dirname "$0")/gpu_env.sh"
+if [ "${PART:-1}" = 1 ]; then
+    run_cuda_tests 300 cuda_bf16::split_k_prefill cuda_f32::split_k_prefill cuda_bf16::prefill_expand cuda_f32::prefill_expand \
+        cuda_bf16::split_k_shrink cuda_bf16::chunked_prefill
+    run_bench 250 prefill_qkv "^qkv R=16 T=4096,^qkv R=64 T=4096" --prefill-only --prefill-split-k --variant splitk
+else
+    run_bench 560 prefill_rest "^gate_up R=16 T=4096,^gate_up R=64 T=4096,^mla_qkv_a R=16 T=4096,^mla_qkv_a R=64 T=4096" \
+        --prefill-only --prefill-split-k --variant splitk
+fi
+cd "$OUT" && {
+    cat ./*.err > "bench_err${PART:-1}.txt"
+    for f in cuda_*.log; do [ -e "$f" ] && { echo "== $f"; cat "$f"; }; done > tests.txt
+    rm -f ./*.err cuda_*.log
+    [ -s tests.txt ] || rm -f tests.txt
+}
