@@ -141,9 +141,11 @@ impl<E: CubeElement> DeviceBuffer<E> {
     }
 
     /// Array argument viewed as vectors of `vector_size` elements; the caller has checked the
-    /// length against the layout, which is what makes the unchecked launch sound.
+    /// length against the layout, which is what makes the unchecked launch sound. The length
+    /// given is in elements: cubecl divides it by the vector width, so that `len()` in the
+    /// kernel counts vectors (the split-K expands find a copy's length from it).
     pub(crate) fn arg<R: Runtime>(&self, vector_size: usize) -> ArrayArg<R> {
-        unsafe { ArrayArg::from_raw_parts(self.handle.clone(), (self.len / vector_size).max(1)) }
+        unsafe { ArrayArg::from_raw_parts(self.handle.clone(), self.len.max(vector_size)) }
     }
 }
 

@@ -832,7 +832,7 @@ fn prefill_split_k<R: Runtime, E: StorageElem>(
             ExpandKernel::Scalar(_) => "expand cuda-core".to_string(),
         };
         let (m, nf, kc, kg) = (config.m_frags, config.n_frags, config.k_chunk, config.k_groups);
-        let variant = format!("splitk s{k_splits} shrink m{m} n{nf} k{kc} g{kg} s{}, {expand_name}", config.stages);
+        let variant = format!("splitk s{k_splits} shrink m{m} n{nf} k{kc} g{kg} s{} + {expand_name}", config.stages);
         if !opts.selects_variant(&variant) {
             continue;
         }
