@@ -66,8 +66,9 @@ struct Opts {
     /// Decode cases: sweep the tensor-core shrink with K split across cubes, and time the
     /// best one's pair with the expand that sums its partial copies (see `split_k_sweep`).
     split_k: bool,
-    /// Prefill cases: the default tensor-core shrink tile with K split 1–8 ways, each paired
-    /// with the default expand summing its copies (see `prefill_split_k`).
+    /// Prefill cases: tensor-core shrink tiles of 32–128 tokens with K split 1–8 ways, and
+    /// the fastest of each split count paired with the expand summing its copies (see
+    /// `prefill_split_k`).
     prefill_split_k: bool,
 }
 
@@ -802,11 +803,14 @@ struct PrefillCase<'a> {
     expand_bytes: f64,
 }
 
-/// Prefill with K split across the shrink's cubes: the default tensor-core shrink tile with
-/// 1, 2, 4 and 8 splits (where a split's share of K is whole chunks), each with the default
-/// expand for the batch summing that many copies ([`ExpandKernel::choose_summing`]); shrink,
-/// expand and pair timed from back-to-back launches. The minimum bytes are the case's: the
-/// extra copies are the cost being measured.
+/// Prefill with K split across the shrink's cubes. A split keeps the grid's cube count while
+/// the token tiles grow, and a cube re-reads its slot's A rows once per token tile: so the
+/// sweep times 32-, 64- and 128-token tiles of the default row block (one-fragment warps and
+/// 2×1 warp blocks; K groups for at least 8 warps, the widest chunk that fits, three stages or
+/// two) with 1, 2, 4 and 8 splits, each shrink on its own. Then the fastest shrink of each
+/// split count is paired with the default expand for the batch summing that many copies
+/// ([`ExpandKernel::choose_summing`]); shrink, expand and pair timed from back-to-back
+/// launches. The minimum bytes are the case's: the extra copies are part of what is measured.
 fn prefill_split_k<R: Runtime, E: StorageElem>(
     client: &ComputeClient<R>,
     opts: &Opts,
@@ -818,13 +822,56 @@ fn prefill_split_k<R: Runtime, E: StorageElem>(
     let ShrinkKernel::Mma { config: base, .. } = ShrinkKernel::choose::<R, E>(client, layout, num_segments, max_len) else {
         return Vec::new();
     };
+    let device = client.properties();
     let intermediate = dev.tokens() as usize * (layout.groups() * layout.max_rank()) as usize;
     let n = data.len();
+    let row = |variant: String, shrink_us: f64, expand_us: f64, pair_us: f64| Row {
+        case: case.to_string(),
+        variant,
+        shrink_us,
+        expand_us,
+        pair_us,
+        shrink_bytes,
+        expand_bytes,
+    };
     let mut rows = Vec::new();
+    let mut best: Vec<(f64, MmaShrinkConfig)> = Vec::new();
     for k_splits in [1, 2, 4, 8] {
-        let Some(config) = base.with_k_splits(layout, k_splits) else {
-            continue;
-        };
+        let mut partials: Vec<DeviceBuffer<f32>> = (0..n).map(|_| DeviceBuffer::empty(client, k_splits as usize * intermediate)).collect();
+        let mut best_here: Option<(f64, MmaShrinkConfig)> = None;
+        let mut tried = Vec::new();
+        for (m, (wm, wn)) in [2, 4, 8].into_iter().flat_map(|m| [(1, 1), (2, 1)].map(|w| (m, w))) {
+            let tile = ShrinkTile::new(m, base.n_frags).with_warps(wm, wn);
+            let config = [1, 2, 4]
+                .into_iter()
+                .filter_map(|g| MmaShrinkConfig::with_tile_groups::<E>(device, layout, tile, g))
+                .find(|c| c.warps() >= 8)
+                .and_then(|c| c.with_stages::<E>(device, 3).or_else(|| c.with_stages::<E>(device, 2)))
+                .and_then(|c| c.with_k_splits(layout, k_splits));
+            let Some(config) = config.filter(|c| !tried.contains(c)) else {
+                continue;
+            };
+            tried.push(config);
+            let (kc, kg, st) = (config.k_chunk, config.k_groups, config.stages);
+            let variant = format!("splitk shrink m{m} n{} w{wm}x{wn} k{kc} g{kg} s{st} x{k_splits}", base.n_frags);
+            if !opts.selects_variant(&variant) {
+                continue;
+            }
+            let kernel = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
+            let us = time_us(client, opts, iters, |i| {
+                let d = &data[i % n];
+                launch_shrink(client, layout, &d.pool, dev, &d.x, &mut partials[i % n], Some(kernel)).unwrap()
+            });
+            if best_here.is_none_or(|(b, _)| us < b) {
+                best_here = Some((us, config));
+            }
+            rows.push(row(variant, us, f64::NAN, f64::NAN));
+        }
+        best.extend(best_here);
+    }
+    for (_, config) in best {
+        let k_splits = config.k_splits;
+        let mut partials: Vec<DeviceBuffer<f32>> = (0..n).map(|_| DeviceBuffer::empty(client, k_splits as usize * intermediate)).collect();
         let shrink = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
         let expand = ExpandKernel::choose_summing::<R, E>(client, layout, num_segments, max_len, k_splits);
         let expand_name = match expand {
@@ -832,11 +879,8 @@ fn prefill_split_k<R: Runtime, E: StorageElem>(
             ExpandKernel::Scalar(_) => "expand cuda-core".to_string(),
         };
         let (m, nf, kc, kg) = (config.m_frags, config.n_frags, config.k_chunk, config.k_groups);
-        let variant = format!("splitk s{k_splits} shrink m{m} n{nf} k{kc} g{kg} s{} + {expand_name}", config.stages);
-        if !opts.selects_variant(&variant) {
-            continue;
-        }
-        let mut partials: Vec<DeviceBuffer<f32>> = (0..n).map(|_| DeviceBuffer::empty(client, k_splits as usize * intermediate)).collect();
+        let (wm, wn, st) = (config.warp_m, config.warp_n, config.stages);
+        let variant = format!("splitk pair m{m} n{nf} w{wm}x{wn} k{kc} g{kg} s{st} x{k_splits} + {expand_name}");
         let mut launch = |i: usize, (with_shrink, with_expand): (bool, bool)| {
             let (d, p) = (&mut data[i % n], &mut partials[i % n]);
             if with_shrink {
@@ -849,7 +893,7 @@ fn prefill_split_k<R: Runtime, E: StorageElem>(
         let shrink_us = time_us(client, opts, iters, |i| launch(i, (true, false)));
         let expand_us = time_us(client, opts, iters, |i| launch(i, (false, true)));
         let pair_us = time_us(client, opts, iters, |i| launch(i, (true, true)));
-        rows.push(Row { case: case.to_string(), variant, shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes });
+        rows.push(row(variant, shrink_us, expand_us, pair_us));
     }
     rows
 }
