@@ -5,14 +5,16 @@
 # PART=2 (run 55, after fixing the array lengths cubecl sees, which run 54's pipelined summing
 # expand read wrongly): those tests again and the CUDA tests of every kernel family (all take
 # their arrays through the changed argument), then the gate_up and MLA prefill cases. PART=3
-# (run 56): qkv and MLA prefill, shrink tiles of 32-128 tokens with 1-8 splits.
+# (run 56, lora_bench at 866a002): qkv and MLA prefill, shrink tiles of 32-128 tokens with 1-8
+# splits. PART=4 (run 58): the same cases, the default tile and compact tiles (at most 56 KiB of
+# shared memory) with 1-8 splits.
 #   run(command="PART=1 bash runtime/scripts/gpu_prefill_splitk.sh", carry=["devbin"])
 source "$(dirname "$0")/gpu_env.sh"
 if [ "${PART:-1}" = 1 ]; then
     run_cuda_tests 300 cuda_bf16::split_k_prefill cuda_f32::split_k_prefill cuda_bf16::prefill_expand cuda_f32::prefill_expand \
         cuda_bf16::split_k_shrink cuda_bf16::chunked_prefill
     run_bench 250 prefill_qkv "^qkv R=16 T=4096,^qkv R=64 T=4096" --prefill-only --prefill-split-k --variant splitk
-elif [ "$PART" = 3 ]; then
+elif [ "$PART" = 3 ] || [ "$PART" = 4 ]; then
     run_bench 560 prefill_tiles "^qkv R=16 T=4096,^qkv R=64 T=4096,^mla_qkv_a R=16 T=4096,^mla_qkv_a R=64 T=4096" \
         --prefill-only --prefill-split-k --variant splitk
 else

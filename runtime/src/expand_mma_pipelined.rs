@@ -9,7 +9,9 @@
 //! not pass through the accumulator: each thread copies its 16-byte y vectors and intermediate
 //! vectors of tile `c + stages − 1` straight into a free stage while the cube works on tile
 //! `c`, and adds the delta to the staged y on the way out. `stages − 1` tiles are in flight
-//! per cube, no register holds them, and each y element is still read and written once.
+//! per cube, no register holds them, and each y element is still read and written once. An
+//! intermediate of several copies (a split-K shrink's partial sums, `MmaExpandConfig::a_splits`)
+//! has every copy staged, and the copies are added up where the operand is built.
 //!
 //! Per tile: wait for its stage's barrier; scale the staged intermediate into the MMA operand
 //! (zero past the slot's rank and the segment); block sync (after which the stage the previous

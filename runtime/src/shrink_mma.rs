@@ -351,10 +351,18 @@ impl MmaShrinkConfig {
         if stages == 1 {
             return Some(MmaShrinkConfig { stages, ..self });
         }
+        let staged = MmaShrinkConfig { stages, ..self };
         let elem = size_of::<F>() as u32;
-        let shared = stages * Self::staged_bytes(self.m_frags, self.n_frags, self.k_chunk, elem)
-            + self.m_frags * self.n_frags * self.k_groups * TILE * TILE * 4;
-        crate::config::pipeline_fits(device, stages, self.vector * elem, shared).then_some(MmaShrinkConfig { stages, ..self })
+        crate::config::pipeline_fits(device, stages, self.vector * elem, staged.shared_bytes_per_cube::<F>()).then_some(staged)
+    }
+
+    /// Shared memory one cube uses: the staged x and A tiles (one set per stage, one for the
+    /// register-staged kernel) and one f32 accumulator tile per fragment and K group. It
+    /// bounds how many cubes a multiprocessor holds at once.
+    pub fn shared_bytes_per_cube<F: CubePrimitive>(&self) -> u32 {
+        let elem = size_of::<F>() as u32;
+        self.stages.max(1) * Self::staged_bytes(self.m_frags, self.n_frags, self.k_chunk, elem)
+            + self.m_frags * self.n_frags * self.k_groups * TILE * TILE * 4
     }
 
     /// This tile with K split across `k_splits` cubes (see [`Self::k_splits`]), or `None`

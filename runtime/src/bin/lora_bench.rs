@@ -44,6 +44,9 @@ use lorac_runtime::{AdapterPool, DeviceBuffer, DeviceSegments, ExpandConfig, Seg
 
 const SLOTS: u32 = 8;
 const L2_BYTES: f64 = 50e6;
+/// Shared memory of the compact prefill shrink tiles `prefill_split_k` sweeps: four cubes per
+/// H100 multiprocessor (227 KiB).
+const COMPACT_SHARED: u32 = 56 * 1024;
 
 struct Opts {
     quick: bool,
@@ -66,9 +69,9 @@ struct Opts {
     /// Decode cases: sweep the tensor-core shrink with K split across cubes, and time the
     /// best one's pair with the expand that sums its partial copies (see `split_k_sweep`).
     split_k: bool,
-    /// Prefill cases: tensor-core shrink tiles of 32–128 tokens with K split 1–8 ways, and
-    /// the fastest of each split count paired with the expand summing its copies (see
-    /// `prefill_split_k`).
+    /// Prefill cases: the default and compact tensor-core shrink tiles with K split 1–8
+    /// ways, and the fastest of each split count paired with the expand summing its copies
+    /// (see `prefill_split_k`).
     prefill_split_k: bool,
 }
 
@@ -803,14 +806,17 @@ struct PrefillCase<'a> {
     expand_bytes: f64,
 }
 
-/// Prefill with K split across the shrink's cubes. A split keeps the grid's cube count while
-/// the token tiles grow, and a cube re-reads its slot's A rows once per token tile: so the
-/// sweep times 32-, 64- and 128-token tiles of the default row block (one-fragment warps and
-/// 2×1 warp blocks; K groups for at least 8 warps, the widest chunk that fits, three stages or
-/// two) with 1, 2, 4 and 8 splits, each shrink on its own. Then the fastest shrink of each
-/// split count is paired with the default expand for the batch summing that many copies
+/// Prefill with K split across the shrink's cubes. The default tiles use 88–109 KiB of
+/// shared memory, so a multiprocessor holds one or two of their cubes and more cubes only
+/// queue (runs 54–56, and run 57's ncu: the MLA R=64 shrink ran one warp per scheduler). So
+/// the sweep times, with 1, 2, 4 and 8 splits, the default tile and compact tiles of the
+/// default row block that fit [`COMPACT_SHARED`] (32- and 64-token tiles, one-fragment warps
+/// and 2×1 to 2×4 warp blocks, one K group, 64-wide chunks in two or three stages or
+/// 128-wide ones in two), each shrink on its own. Then the fastest shrink of each split count is paired with
+/// the default expand for the batch summing that many copies
 /// ([`ExpandKernel::choose_summing`]); shrink, expand and pair timed from back-to-back
 /// launches. The minimum bytes are the case's: the extra copies are part of what is measured.
+/// (Run 56's sweep of 32–128-token tiles with the default chunk and depth is `866a002`.)
 fn prefill_split_k<R: Runtime, E: StorageElem>(
     client: &ComputeClient<R>,
     opts: &Opts,
@@ -840,20 +846,24 @@ fn prefill_split_k<R: Runtime, E: StorageElem>(
         let mut partials: Vec<DeviceBuffer<f32>> = (0..n).map(|_| DeviceBuffer::empty(client, k_splits as usize * intermediate)).collect();
         let mut best_here: Option<(f64, MmaShrinkConfig)> = None;
         let mut tried = Vec::new();
-        for (m, (wm, wn)) in [2, 4, 8].into_iter().flat_map(|m| [(1, 1), (2, 1)].map(|w| (m, w))) {
+        let compact = [(2, 1, 1), (2, 2, 1), (4, 2, 1), (4, 2, 2), (4, 2, 4)].into_iter().flat_map(|(m, wm, wn)| {
             let tile = ShrinkTile::new(m, base.n_frags).with_warps(wm, wn);
-            let config = [1, 2, 4]
-                .into_iter()
-                .filter_map(|g| MmaShrinkConfig::with_tile_groups::<E>(device, layout, tile, g))
-                .find(|c| c.warps() >= 8)
-                .and_then(|c| c.with_stages::<E>(device, 3).or_else(|| c.with_stages::<E>(device, 2)))
-                .and_then(|c| c.with_k_splits(layout, k_splits));
-            let Some(config) = config.filter(|c| !tried.contains(c)) else {
+            [(64, 3), (64, 2), (128, 2)].into_iter().filter_map(move |(kc, stages)| {
+                MmaShrinkConfig::with_tile_chunk::<E>(device, layout, tile, kc, 1)
+                    .and_then(|c| c.with_stages::<E>(device, stages))
+                    .filter(|c| c.shared_bytes_per_cube::<E>() <= COMPACT_SHARED)
+            })
+        });
+        for config in std::iter::once(base).chain(compact).filter_map(|c| c.with_k_splits(layout, k_splits)) {
+            if tried.contains(&config) {
                 continue;
-            };
+            }
             tried.push(config);
+            let (m, nf, wm, wn) = (config.m_frags, config.n_frags, config.warp_m, config.warp_n);
             let (kc, kg, st) = (config.k_chunk, config.k_groups, config.stages);
-            let variant = format!("splitk shrink m{m} n{} w{wm}x{wn} k{kc} g{kg} s{st} x{k_splits}", base.n_frags);
+            let kib = config.shared_bytes_per_cube::<E>() / 1024;
+            let mark = if config.with_k_splits(layout, 1) == Some(base) { " default tile" } else { "" };
+            let variant = format!("splitk shrink m{m} n{nf} w{wm}x{wn} k{kc} g{kg} s{st} {kib}KiB x{k_splits}{mark}");
             if !opts.selects_variant(&variant) {
                 continue;
             }
