@@ -6,11 +6,12 @@
 //! the same run. Inputs rotate over enough independent buffer sets that each launch streams
 //! its adapters from HBM, not from the 50 MB L2.
 //!
-//! Decode cases (T ≤ 128) are also timed replayed from CUDA graphs (see `graph_rows`;
-//! `--no-graphs` leaves them out; where `ShrinkKernel::choose_within` picks the shrink with K
-//! splits for a caller with room for their copies, that pair too, "graph splitk default";
-//! `--decode-sweep` adds the CUDA-core kernels' tilings, see `decode_sweep`; `--split-k` the
-//! tensor-core shrink with K splits, see `split_k_sweep`). `--prefill-split-k` times prefill
+//! Decode (T ≤ 128) and prefill (T ≥ 1024) cases are also timed replayed from CUDA graphs
+//! (see `graph_rows`; `--no-graphs` leaves them out). For decode, where
+//! `ShrinkKernel::choose_within` picks the shrink with K splits for a caller with room for
+//! their copies, that pair too, "graph splitk default"; `--decode-sweep` adds the CUDA-core
+//! kernels' tilings, see `decode_sweep`; `--split-k` the tensor-core shrink with K splits, see
+//! `split_k_sweep`. `--prefill-split-k` times prefill
 //! pairs with K split across the shrink's cubes (see `prefill_split_k`).
 //!
 //! Usage: `lora_bench [--quick] [--prefill-only] [--prefill-split-k] [--no-graphs] [--case NAME-PART,...] [--variant NAME-PART,...]
@@ -370,25 +371,16 @@ fn dense_case<R: Runtime, E: StorageElem>(
             expand_bytes: expand_bytes - inter,
         });
     }
-    if opts.graphs && tokens <= 128 {
+    // Decode and prefill (not the chunked prefill of 256 to 1023 tokens) from CUDA graphs too.
+    let decode_batch = tokens <= 128;
+    if opts.graphs && (decode_batch || tokens >= 1024) {
         // One builder for both: the sweep reuses the kernels the graph rows compiled.
         match GraphBuilder::new(&Default::default()) {
             Ok(mut builder) => {
-                let decode = DecodeCase { layout: &layout, host_segs: &segs, segs: &dev, iters, case: &case, shrink_bytes, expand_bytes };
+                let decode = GraphCase { layout: &layout, host_segs: &segs, segs: &dev, iters, case: &case, shrink_bytes, expand_bytes };
                 rows.extend(graph_rows(opts, &mut builder, &decode, &mut data));
-                // The automatic choice for a caller with room for split-K copies.
-                let (num_segments, max_len) = (segs.num_segments(), segs.max_segment_len());
-                let within = ShrinkKernel::choose_within::<R, E>(client, &layout, num_segments, max_len, SPLIT_K_COPIES);
-                if let ShrinkKernel::Mma { config, .. } = within {
-                    if config.k_splits > 1 {
-                        rows.extend(split_k_pair(opts, &mut builder, &decode, &mut data, "graph splitk default", None, config));
-                    }
-                }
-                if opts.split_k {
-                    rows.extend(split_k_sweep(opts, &mut builder, &decode, &mut data));
-                }
-                if opts.decode_sweep {
-                    rows.extend(decode_sweep(opts, &mut builder, &decode, &mut data));
+                if decode_batch {
+                    rows.extend(decode_graph_rows::<R, E>(client, opts, &mut builder, &decode, &mut data));
                 }
             }
             Err(e) => eprintln!("{case}: no CUDA graphs: {e}"),
@@ -402,10 +394,37 @@ fn dense_case<R: Runtime, E: StorageElem>(
     rows
 }
 
-/// One decode case for the graph-timed functions: its layout, batch (on the host and the
+/// The decode-only graph rows: the automatic choice for a caller with room for split-K
+/// copies ("graph splitk default", where it splits), and the `--split-k` and
+/// `--decode-sweep` sweeps.
+fn decode_graph_rows<R: Runtime, E: StorageElem>(
+    client: &ComputeClient<R>,
+    opts: &Opts,
+    builder: &mut GraphBuilder,
+    decode: &GraphCase,
+    data: &mut [DenseSet<E>],
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let (num_segments, max_len) = (decode.host_segs.num_segments(), decode.host_segs.max_segment_len());
+    let within = ShrinkKernel::choose_within::<R, E>(client, decode.layout, num_segments, max_len, SPLIT_K_COPIES);
+    if let ShrinkKernel::Mma { config, .. } = within {
+        if config.k_splits > 1 {
+            rows.extend(split_k_pair(opts, builder, decode, data, "graph splitk default", None, config));
+        }
+    }
+    if opts.split_k {
+        rows.extend(split_k_sweep(opts, builder, decode, data));
+    }
+    if opts.decode_sweep {
+        rows.extend(decode_sweep(opts, builder, decode, data));
+    }
+    rows
+}
+
+/// One case (decode, or prefill for `graph_rows`) for the graph-timed functions: its layout, batch (on the host and the
 /// device), iterations per timing batch, name and the minimum bytes each kernel moves.
 #[derive(Clone, Copy)]
-struct DecodeCase<'a> {
+struct GraphCase<'a> {
     layout: &'a LoraLayout,
     host_segs: &'a Segments,
     segs: &'a DeviceSegments,
@@ -415,7 +434,7 @@ struct DecodeCase<'a> {
     expand_bytes: f64,
 }
 
-impl DecodeCase<'_> {
+impl GraphCase<'_> {
     /// A row of this case with the given times (NaN where not timed).
     fn row(&self, variant: String, shrink_us: f64, expand_us: f64, pair_us: f64) -> Row {
         let (shrink_bytes, expand_bytes) = (self.shrink_bytes, self.expand_bytes);
@@ -429,8 +448,9 @@ impl DecodeCase<'_> {
     }
 }
 
-/// Decode cases replayed from CUDA graphs (`lorac_runtime::cuda_graph`), the way a serving
-/// loop replays its decode step, with no cubecl launch in the timed loop:
+/// Decode and prefill cases replayed from CUDA graphs (`lorac_runtime::cuda_graph`), the way a
+/// serving loop replays its decode step, with no cubecl launch in the timed loop (for prefill,
+/// whose kernels outlast a launch, this shows what the host's launches still cost):
 /// * "graph": one graph holding the shrink and expand of every rotation set, back to back (as
 ///   a decode step's graph holds every layer's), replayed; the time is per pair (the shrink
 ///   and expand columns: graphs of only the shrinks, only the expands);
@@ -441,8 +461,8 @@ impl DecodeCase<'_> {
 /// * "fused graph" (T ≤ 8): the fused kernel of every set in one graph.
 ///
 /// Host clock around `replays` replays after a stream synchronise, median of 15 batches.
-fn graph_rows<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &DecodeCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
-    let DecodeCase { layout, segs, iters, case, shrink_bytes, expand_bytes, .. } = *decode;
+fn graph_rows<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &GraphCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
+    let GraphCase { layout, segs, iters, case, shrink_bytes, expand_bytes, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let sets = data.len();
     let launch_pairs = |rec: &ComputeClient<RecordingRuntime>, data: &mut [DenseSet<E>], (shrink, expand): (bool, bool)| {
@@ -506,8 +526,8 @@ fn graph_rows<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &
 /// Decode only: the CUDA-core shrink over rows per cube × tokens per tile × threads, and the
 /// CUDA-core expand over tokens per tile × threads, each kernel alone in a graph of every
 /// rotation set (see `graph_rows`); rows carry one kernel's time.
-fn decode_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &DecodeCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
-    let DecodeCase { layout, host_segs, segs, iters, case, .. } = *decode;
+fn decode_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &GraphCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
+    let GraphCase { layout, host_segs, segs, iters, case, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let (num_segments, max_len) = (host_segs.num_segments(), host_segs.max_segment_len());
     let elem = size_of::<E>();
@@ -577,8 +597,8 @@ fn decode_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode:
 /// pair with the CUDA-core expand summing its copies ("splitk pair", see `split_k_pair`).
 /// The bytes count the intermediate once, as for the other kernels (the copies add
 /// `k_splits − 1` more).
-fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &DecodeCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
-    let DecodeCase { layout, segs, iters, case, .. } = *decode;
+fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &GraphCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
+    let GraphCase { layout, segs, iters, case, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let device = cuda.properties();
     let sets = data.len();
@@ -630,13 +650,13 @@ fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode
 fn split_k_pair<E: StorageElem>(
     opts: &Opts,
     builder: &mut GraphBuilder,
-    decode: &DecodeCase,
+    decode: &GraphCase,
     data: &mut [DenseSet<E>],
     variant: &str,
     shrink_us: Option<f64>,
     config: MmaShrinkConfig,
 ) -> Option<Row> {
-    let DecodeCase { layout, host_segs, segs, iters, case, .. } = *decode;
+    let GraphCase { layout, host_segs, segs, iters, case, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let sets = data.len();
     let k_splits = config.k_splits;
