@@ -1208,28 +1208,39 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
             };
             rows.push(Row { case: case.clone(), variant, shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes });
         }
-        if opts.graphs && tokens <= 128 {
-            // The per-pair kernels and the device grouping (grouping, shrink, expand) of every
-            // set in one CUDA graph, replayed (see `graph_rows`).
-            for grouping in [MoeGrouping::Pairs, MoeGrouping::Device] {
+        if opts.graphs {
+            // Each grouping's kernels of every set in one CUDA graph, replayed (see
+            // `graph_rows`): per pair; grouped on the host (shrink, expand); grouped on the
+            // device (grouping, shrink, expand).
+            for grouping in [MoeGrouping::Pairs, MoeGrouping::Host, MoeGrouping::Device] {
                 let pair_us = graph_pair_us(opts, iters, sets, &case, |rec| {
                     data.iter_mut().try_for_each(|s| {
-                        if grouping == MoeGrouping::Pairs {
-                            launch_moe_shrink(rec, layout, &pool, &dev, &s.routing, input, &s.x, &mut s.a)?;
-                            return launch_moe_expand(rec, layout, &pool, &dev, &s.routing, output, &s.a, &mut s.y);
-                        }
-                        s.device_groups.regroup(rec, &dev, &s.routing)?;
-                        launch_moe_grouped_shrink(rec, layout, &pool, &s.device_groups, &s.x, &mut s.a, None)?;
+                        let groups = match grouping {
+                            MoeGrouping::Pairs => {
+                                launch_moe_shrink(rec, layout, &pool, &dev, &s.routing, input, &s.x, &mut s.a)?;
+                                return launch_moe_expand(rec, layout, &pool, &dev, &s.routing, output, &s.a, &mut s.y);
+                            }
+                            MoeGrouping::Host => &s.host_groups,
+                            MoeGrouping::Device => {
+                                s.device_groups.regroup(rec, &dev, &s.routing)?;
+                                &s.device_groups
+                            }
+                        };
+                        launch_moe_grouped_shrink(rec, layout, &pool, groups, &s.x, &mut s.a, None)?;
                         match s.scratch.as_mut() {
-                            None => launch_moe_grouped_expand(rec, layout, &pool, &s.device_groups, &s.a, &mut s.y, None),
+                            None => launch_moe_grouped_expand(rec, layout, &pool, groups, &s.a, &mut s.y, None),
                             Some(scratch) => {
-                                let (groups, routing) = (&s.device_groups, &s.routing);
+                                let routing = &s.routing;
                                 launch_moe_grouped_expand_weighted(rec, layout, &pool, groups, &dev, routing, &s.a, scratch, &mut s.y, None)
                             }
                         }
                     })
                 });
-                let variant = if grouping == MoeGrouping::Pairs { "pairs graph" } else { "grouped on device graph" };
+                let variant = match grouping {
+                    MoeGrouping::Pairs => "pairs graph",
+                    MoeGrouping::Host => "grouped graph",
+                    MoeGrouping::Device => "grouped on device graph",
+                };
                 if let Some(pair_us) = pair_us {
                     let (shrink_us, expand_us) = (f64::NAN, f64::NAN);
                     rows.push(Row {
