@@ -407,10 +407,10 @@ fn decode_graph_rows<R: Runtime, E: StorageElem>(
     let mut rows = Vec::new();
     let (num_segments, max_len) = (decode.host_segs.num_segments(), decode.host_segs.max_segment_len());
     let within = ShrinkKernel::choose_within::<R, E>(client, decode.layout, num_segments, max_len, SPLIT_K_COPIES);
-    if let ShrinkKernel::Mma { config, .. } = within {
-        if config.k_splits > 1 {
-            rows.extend(split_k_pair(opts, builder, decode, data, "graph splitk default", None, config));
-        }
+    if let ShrinkKernel::Mma { config, .. } = within
+        && config.k_splits > 1
+    {
+        rows.extend(split_k_pair(opts, builder, decode, data, "graph splitk default", None, config));
     }
     if opts.split_k {
         rows.extend(split_k_sweep(opts, builder, decode, data));
