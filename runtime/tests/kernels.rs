@@ -508,9 +508,9 @@ pub fn split_k_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
 /// tokens (one fragment per warp, and 2×2 warp blocks; register-staged, and with three
 /// asynchronous-copy stages where the device has them) with K split two and three ways, each
 /// copy's partial sums then added up by the tensor-core expand (register-staged, and with two
-/// stages where the device has them) and by the automatic expand for an
-/// intermediate of that many copies. Copies stay unwritten where the reference is NaN; the
-/// summed copies match the reference shrink and each expand the reference pair.
+/// stages where the device has them) and by the automatic expand for an intermediate of that
+/// many copies. Copies stay unwritten where the reference is NaN; the summed copies match the
+/// reference shrink and each expand the reference pair.
 pub fn split_k_prefill<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     let device = client.properties();
     let (mut shrinks, mut tensor_core_expands) = (0, 0);
