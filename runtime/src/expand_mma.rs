@@ -93,12 +93,11 @@ impl MmaExpandConfig {
             stages: 1,
             a_splits: 1,
         };
-        let shared_max = SHARED_BUDGET.min(device.hardware.max_shared_memory_size as u32);
-        (cfg.shared_bytes(elem as u32) <= shared_max).then_some(cfg)
+        cfg.with_stages::<F>(device, 1)
     }
 
     /// This tile with its token tiles staged through `stages` shared-memory buffers filled by
-    /// asynchronous copies (`stages` = 1: through registers), or `None` where the device has
+    /// asynchronous copies (`stages` = 1: through registers, within [`SHARED_BUDGET`]), or `None` where the device has
     /// no asynchronous copies or block barriers, `stages` is not 1–4, the y vectors are not
     /// 16 bytes (the copy size), or the stages overrun the device's shared memory.
     pub fn with_stages<F: CubePrimitive>(self, device: &DeviceProperties, stages: u32) -> Option<Self> {

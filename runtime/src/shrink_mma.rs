@@ -186,11 +186,10 @@ impl MmaShrinkConfig {
         let elem = size_of::<F>() as u32;
         let vector = crate::config::vector_size(device, elem as usize, &[k_chunk]) as u32;
         let staged = ((m_frags + n_frags) * TILE * k_chunk / vector).div_ceil(warps * 32);
-        let shared_max = device.hardware.max_shared_memory_size as u32;
-        if staged > 16 || Self::shared_bytes(m_frags, n_frags, k_groups, k_chunk, elem) > shared_max {
+        if staged > 16 {
             return None;
         }
-        Some(MmaShrinkConfig {
+        let config = MmaShrinkConfig {
             groups: layout.groups(),
             max_rank: layout.max_rank(),
             m_frags,
@@ -203,7 +202,8 @@ impl MmaShrinkConfig {
             tensor_cores: cmma_supported::<F>(device),
             stages: 1,
             k_splits: 1,
-        })
+        };
+        (config.shared_bytes_per_cube::<F>() <= device.hardware.max_shared_memory_size as u32).then_some(config)
     }
 
     /// The cube's tile and warp blocks.
@@ -211,13 +211,7 @@ impl MmaShrinkConfig {
         ShrinkTile { m_frags: self.m_frags, n_frags: self.n_frags, warp_m: self.warp_m, warp_n: self.warp_n }
     }
 
-    /// Staged x and A tiles (rows padded by 8 elements) and one f32 accumulator tile per
-    /// fragment and K group.
-    fn shared_bytes(m_frags: u32, n_frags: u32, k_groups: u32, k_chunk: u32, elem: u32) -> u32 {
-        Self::staged_bytes(m_frags, n_frags, k_chunk, elem) + m_frags * n_frags * k_groups * TILE * TILE * 4
-    }
-
-    /// The staged x and A tiles alone.
+    /// The staged x and A tiles of one K chunk (rows padded by 8 elements).
     fn staged_bytes(m_frags: u32, n_frags: u32, k_chunk: u32, elem: u32) -> u32 {
         (m_frags + n_frags) * TILE * (k_chunk + 8) * elem
     }
