@@ -11,8 +11,8 @@
 //! `ShrinkKernel::choose_within` picks the shrink with K splits for a caller with room for
 //! their copies, that pair too, "graph splitk default"; `--decode-sweep` adds the CUDA-core
 //! kernels' tilings, see `decode_sweep`; `--split-k` the tensor-core shrink with K splits, see
-//! `split_k_sweep`. `--prefill-split-k` times prefill
-//! pairs with K split across the shrink's cubes (see `prefill_split_k`).
+//! `split_k_sweep`. `--prefill-split-k` times prefill pairs with K split across the
+//! shrink's cubes (see `prefill_split_k`).
 //!
 //! Usage: `lora_bench [--quick] [--prefill-only] [--prefill-split-k] [--no-graphs] [--case NAME-PART,...] [--variant NAME-PART,...]
 //! (a case part starting with `^` matches the start of the name)
@@ -346,11 +346,11 @@ fn dense_case<R: Runtime, E: StorageElem>(
     let case = dense_case_name(m, rank, tokens, adapters);
     let mut rows =
         vec![time_dense(client, opts, &layout, &dev, &mut data, iters, case.clone(), "segmented", None, shrink_bytes, expand_bytes)];
+    let dense = DenseCase { layout: &layout, host_segs: &segs, segs: &dev, iters, case: &case, shrink_bytes, expand_bytes };
     if tokens >= 1024 {
         rows.extend(tile_sweep(client, opts, &layout, &segs, &dev, &mut data, iters, &case, shrink_bytes, expand_bytes));
         if opts.prefill_split_k {
-            let prefill = PrefillCase { layout: &layout, segs: &segs, dev: &dev, iters, case: &case, shrink_bytes, expand_bytes };
-            rows.extend(prefill_split_k(client, opts, &prefill, &mut data));
+            rows.extend(prefill_split_k(client, opts, &dense, &mut data));
         }
     }
     if tokens <= 8 {
@@ -377,10 +377,9 @@ fn dense_case<R: Runtime, E: StorageElem>(
         // One builder for both: the sweep reuses the kernels the graph rows compiled.
         match GraphBuilder::new(&Default::default()) {
             Ok(mut builder) => {
-                let decode = GraphCase { layout: &layout, host_segs: &segs, segs: &dev, iters, case: &case, shrink_bytes, expand_bytes };
-                rows.extend(graph_rows(opts, &mut builder, &decode, &mut data));
+                rows.extend(graph_rows(opts, &mut builder, &dense, &mut data));
                 if decode_batch {
-                    rows.extend(decode_graph_rows::<R, E>(client, opts, &mut builder, &decode, &mut data));
+                    rows.extend(decode_graph_rows::<R, E>(client, opts, &mut builder, &dense, &mut data));
                 }
             }
             Err(e) => eprintln!("{case}: no CUDA graphs: {e}"),
@@ -401,7 +400,7 @@ fn decode_graph_rows<R: Runtime, E: StorageElem>(
     client: &ComputeClient<R>,
     opts: &Opts,
     builder: &mut GraphBuilder,
-    decode: &GraphCase,
+    decode: &DenseCase,
     data: &mut [DenseSet<E>],
 ) -> Vec<Row> {
     let mut rows = Vec::new();
@@ -421,10 +420,11 @@ fn decode_graph_rows<R: Runtime, E: StorageElem>(
     rows
 }
 
-/// One case (decode, or prefill for `graph_rows`) for the graph-timed functions: its layout, batch (on the host and the
-/// device), iterations per timing batch, name and the minimum bytes each kernel moves.
+/// One dense case for the functions that time its variants (from CUDA graphs, or the
+/// prefill split-K sweep): its layout, batch (on the host and the device), iterations per
+/// timing batch, name and the minimum bytes each kernel moves.
 #[derive(Clone, Copy)]
-struct GraphCase<'a> {
+struct DenseCase<'a> {
     layout: &'a LoraLayout,
     host_segs: &'a Segments,
     segs: &'a DeviceSegments,
@@ -434,7 +434,7 @@ struct GraphCase<'a> {
     expand_bytes: f64,
 }
 
-impl GraphCase<'_> {
+impl DenseCase<'_> {
     /// A row of this case with the given times (NaN where not timed).
     fn row(&self, variant: String, shrink_us: f64, expand_us: f64, pair_us: f64) -> Row {
         let (shrink_bytes, expand_bytes) = (self.shrink_bytes, self.expand_bytes);
@@ -442,9 +442,9 @@ impl GraphCase<'_> {
     }
 
     /// One intermediate of `copies` copies (a split-K shrink's partial sums) per rotation set.
-    fn partial_copies(&self, cuda: &ComputeClient<CudaRuntime>, sets: usize, copies: u32) -> Vec<DeviceBuffer<f32>> {
+    fn partial_copies<R: Runtime>(&self, client: &ComputeClient<R>, sets: usize, copies: u32) -> Vec<DeviceBuffer<f32>> {
         let intermediate = self.segs.tokens() as usize * (self.layout.groups() * self.layout.max_rank()) as usize;
-        (0..sets).map(|_| DeviceBuffer::empty(cuda, copies as usize * intermediate)).collect()
+        (0..sets).map(|_| DeviceBuffer::empty(client, copies as usize * intermediate)).collect()
     }
 }
 
@@ -461,8 +461,8 @@ impl GraphCase<'_> {
 /// * "fused graph" (T ≤ 8): the fused kernel of every set in one graph.
 ///
 /// Host clock around `replays` replays after a stream synchronise, median of 15 batches.
-fn graph_rows<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &GraphCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
-    let GraphCase { layout, segs, iters, case, shrink_bytes, expand_bytes, .. } = *decode;
+fn graph_rows<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &DenseCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
+    let DenseCase { layout, segs, iters, case, shrink_bytes, expand_bytes, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let sets = data.len();
     let launch_pairs = |rec: &ComputeClient<RecordingRuntime>, data: &mut [DenseSet<E>], (shrink, expand): (bool, bool)| {
@@ -526,8 +526,8 @@ fn graph_rows<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &
 /// Decode only: the CUDA-core shrink over rows per cube × tokens per tile × threads, and the
 /// CUDA-core expand over tokens per tile × threads, each kernel alone in a graph of every
 /// rotation set (see `graph_rows`); rows carry one kernel's time.
-fn decode_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &GraphCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
-    let GraphCase { layout, host_segs, segs, iters, case, .. } = *decode;
+fn decode_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &DenseCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
+    let DenseCase { layout, host_segs, segs, iters, case, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let (num_segments, max_len) = (host_segs.num_segments(), host_segs.max_segment_len());
     let elem = size_of::<E>();
@@ -597,8 +597,8 @@ fn decode_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode:
 /// pair with the CUDA-core expand summing its copies ("splitk pair", see `split_k_pair`).
 /// The bytes count the intermediate once, as for the other kernels (the copies add
 /// `k_splits − 1` more).
-fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &GraphCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
-    let GraphCase { layout, segs, iters, case, .. } = *decode;
+fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &DenseCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
+    let DenseCase { layout, segs, iters, case, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let device = cuda.properties();
     let sets = data.len();
@@ -650,13 +650,13 @@ fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode
 fn split_k_pair<E: StorageElem>(
     opts: &Opts,
     builder: &mut GraphBuilder,
-    decode: &GraphCase,
+    decode: &DenseCase,
     data: &mut [DenseSet<E>],
     variant: &str,
     shrink_us: Option<f64>,
     config: MmaShrinkConfig,
 ) -> Option<Row> {
-    let GraphCase { layout, host_segs, segs, iters, case, .. } = *decode;
+    let DenseCase { layout, host_segs, segs, iters, case, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let sets = data.len();
     let k_splits = config.k_splits;
@@ -814,56 +814,34 @@ fn tile_sweep<R: Runtime, E: StorageElem>(
     rows
 }
 
-/// A prefill case for [`prefill_split_k`]: its layout, batch (on the host and the device),
-/// launches per timing batch, name and the minimum bytes each kernel moves.
-struct PrefillCase<'a> {
-    layout: &'a LoraLayout,
-    segs: &'a Segments,
-    dev: &'a DeviceSegments,
-    iters: usize,
-    case: &'a str,
-    shrink_bytes: f64,
-    expand_bytes: f64,
-}
-
 /// Prefill with K split across the shrink's cubes. The default tiles use 88–109 KiB of
 /// shared memory, so a multiprocessor holds one or two of their cubes and more cubes only
 /// queue (runs 54–56, and run 57's ncu: the MLA R=64 shrink ran one warp per scheduler). So
 /// the sweep times, with 1, 2, 4 and 8 splits, the default tile and compact tiles of the
 /// default row block that fit [`COMPACT_SHARED`] (32- and 64-token tiles, one-fragment warps
 /// and 2×1 to 2×4 warp blocks, one K group, 64-wide chunks in two or three stages or
-/// 128-wide ones in two), each shrink on its own. Then the fastest shrink of each split count is paired with
-/// the default expand for the batch summing that many copies
+/// 128-wide ones in two), each shrink on its own. Then the fastest shrink of each split
+/// count is paired with the default expand for the batch summing that many copies
 /// ([`ExpandKernel::choose_summing`]); shrink, expand and pair timed from back-to-back
 /// launches. The minimum bytes are the case's: the extra copies are part of what is measured.
 /// (Run 56's sweep of 32–128-token tiles with the default chunk and depth is `866a002`.)
 fn prefill_split_k<R: Runtime, E: StorageElem>(
     client: &ComputeClient<R>,
     opts: &Opts,
-    prefill: &PrefillCase,
+    prefill: &DenseCase,
     data: &mut [DenseSet<E>],
 ) -> Vec<Row> {
-    let PrefillCase { layout, segs, dev, iters, case, shrink_bytes, expand_bytes } = *prefill;
-    let (num_segments, max_len) = (segs.num_segments(), segs.max_segment_len());
+    let DenseCase { layout, host_segs, segs: dev, iters, .. } = *prefill;
+    let (num_segments, max_len) = (host_segs.num_segments(), host_segs.max_segment_len());
     let ShrinkKernel::Mma { config: base, .. } = ShrinkKernel::choose::<R, E>(client, layout, num_segments, max_len) else {
         return Vec::new();
     };
     let device = client.properties();
-    let intermediate = dev.tokens() as usize * (layout.groups() * layout.max_rank()) as usize;
     let n = data.len();
-    let row = |variant: String, shrink_us: f64, expand_us: f64, pair_us: f64| Row {
-        case: case.to_string(),
-        variant,
-        shrink_us,
-        expand_us,
-        pair_us,
-        shrink_bytes,
-        expand_bytes,
-    };
     let mut rows = Vec::new();
     let mut best: Vec<(f64, MmaShrinkConfig)> = Vec::new();
     for k_splits in [1, 2, 4, 8] {
-        let mut partials: Vec<DeviceBuffer<f32>> = (0..n).map(|_| DeviceBuffer::empty(client, k_splits as usize * intermediate)).collect();
+        let mut partials = prefill.partial_copies(client, n, k_splits);
         let mut best_here: Option<(f64, MmaShrinkConfig)> = None;
         let mut tried = Vec::new();
         let compact = [(2, 1, 1), (2, 2, 1), (4, 2, 1), (4, 2, 2), (4, 2, 4)].into_iter().flat_map(|(m, wm, wn)| {
@@ -895,13 +873,13 @@ fn prefill_split_k<R: Runtime, E: StorageElem>(
             if best_here.is_none_or(|(b, _)| us < b) {
                 best_here = Some((us, config));
             }
-            rows.push(row(variant, us, f64::NAN, f64::NAN));
+            rows.push(prefill.row(variant, us, f64::NAN, f64::NAN));
         }
         best.extend(best_here);
     }
     for (_, config) in best {
         let k_splits = config.k_splits;
-        let mut partials: Vec<DeviceBuffer<f32>> = (0..n).map(|_| DeviceBuffer::empty(client, k_splits as usize * intermediate)).collect();
+        let mut partials = prefill.partial_copies(client, n, k_splits);
         let shrink = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
         let expand = ExpandKernel::choose_summing::<R, E>(client, layout, num_segments, max_len, k_splits);
         let expand_name = match expand {
@@ -923,7 +901,7 @@ fn prefill_split_k<R: Runtime, E: StorageElem>(
         let shrink_us = time_us(client, opts, iters, |i| launch(i, (true, false)));
         let expand_us = time_us(client, opts, iters, |i| launch(i, (false, true)));
         let pair_us = time_us(client, opts, iters, |i| launch(i, (true, true)));
-        rows.push(row(variant, shrink_us, expand_us, pair_us));
+        rows.push(prefill.row(variant, shrink_us, expand_us, pair_us));
     }
     rows
 }
@@ -1072,6 +1050,66 @@ enum MoeGrouping {
     Device,
 }
 
+/// What one MoE timing launches for a set: the device grouping (its own launches, only for
+/// [`MoeGrouping::Device`]), the shrink, the expand.
+#[derive(Clone, Copy)]
+struct MoeSteps {
+    regroup: bool,
+    shrink: bool,
+    expand: bool,
+}
+
+impl MoeSteps {
+    const SHRINK: MoeSteps = MoeSteps { regroup: false, shrink: true, expand: false };
+    const EXPAND: MoeSteps = MoeSteps { regroup: false, shrink: false, expand: true };
+    /// A serving step: the grouping launches in front of the pair.
+    const STEP: MoeSteps = MoeSteps { regroup: true, shrink: true, expand: true };
+}
+
+/// One MoE module's LoRA launches on a path (`grouping`), for the timed rows and the graphs
+/// alike. The grouped router-weighted expand (down) includes its combine (the pair scratch
+/// read and cleared).
+#[derive(Clone, Copy)]
+struct MoeLaunch<'a, E: CubeElement> {
+    layout: &'a LoraLayout,
+    pool: &'a AdapterPool<E>,
+    segs: &'a DeviceSegments,
+    input: MoeInput,
+    output: MoeOutput,
+    grouping: MoeGrouping,
+}
+
+impl<E: StorageElem> MoeLaunch<'_, E> {
+    fn launch<R: Runtime>(&self, client: &ComputeClient<R>, s: &mut MoeSet<E>, steps: MoeSteps) -> lorac_runtime::Result<()> {
+        let MoeLaunch { layout, pool, segs, input, output, grouping } = *self;
+        if grouping == MoeGrouping::Pairs {
+            if steps.shrink {
+                launch_moe_shrink(client, layout, pool, segs, &s.routing, input, &s.x, &mut s.a)?;
+            }
+            if steps.expand {
+                launch_moe_expand(client, layout, pool, segs, &s.routing, output, &s.a, &mut s.y)?;
+            }
+            return Ok(());
+        }
+        if grouping == MoeGrouping::Device && steps.regroup {
+            s.device_groups.regroup(client, segs, &s.routing)?;
+        }
+        let groups = if grouping == MoeGrouping::Host { &s.host_groups } else { &s.device_groups };
+        if steps.shrink {
+            launch_moe_grouped_shrink(client, layout, pool, groups, &s.x, &mut s.a, None)?;
+        }
+        if steps.expand {
+            match s.scratch.as_mut() {
+                None => launch_moe_grouped_expand(client, layout, pool, groups, &s.a, &mut s.y, None)?,
+                Some(scratch) => {
+                    launch_moe_grouped_expand_weighted(client, layout, pool, groups, segs, &s.routing, &s.a, scratch, &mut s.y, None)?
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One of the MoE case's rotating input sets.
 struct MoeSet<E: CubeElement> {
     routing: MoeRouting,
@@ -1170,37 +1208,10 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
         // serving step runs it. The grouped router-weighted expand (down) includes its combine
         // (the pair scratch read and cleared), which expand_bytes leaves out.
         for grouping in [MoeGrouping::Pairs, MoeGrouping::Host, MoeGrouping::Device] {
-            let shrink = |s: &mut MoeSet<E>| match grouping {
-                MoeGrouping::Pairs => launch_moe_shrink(client, layout, &pool, &dev, &s.routing, input, &s.x, &mut s.a).unwrap(),
-                MoeGrouping::Host => launch_moe_grouped_shrink(client, layout, &pool, &s.host_groups, &s.x, &mut s.a, None).unwrap(),
-                MoeGrouping::Device => launch_moe_grouped_shrink(client, layout, &pool, &s.device_groups, &s.x, &mut s.a, None).unwrap(),
-            };
-            let expand = |s: &mut MoeSet<E>| {
-                let groups = match grouping {
-                    MoeGrouping::Pairs => {
-                        return launch_moe_expand(client, layout, &pool, &dev, &s.routing, output, &s.a, &mut s.y).unwrap();
-                    }
-                    MoeGrouping::Host => &s.host_groups,
-                    MoeGrouping::Device => &s.device_groups,
-                };
-                match s.scratch.as_mut() {
-                    None => launch_moe_grouped_expand(client, layout, &pool, groups, &s.a, &mut s.y, None).unwrap(),
-                    Some(scratch) => {
-                        let (routing, a, y) = (&s.routing, &s.a, &mut s.y);
-                        launch_moe_grouped_expand_weighted(client, layout, &pool, groups, &dev, routing, a, scratch, y, None).unwrap()
-                    }
-                }
-            };
-            let shrink_us = time_us(client, opts, iters, |i| shrink(&mut data[i % sets]));
-            let expand_us = time_us(client, opts, iters, |i| expand(&mut data[i % sets]));
-            let pair_us = time_us(client, opts, iters, |i| {
-                let set = &mut data[i % sets];
-                if grouping == MoeGrouping::Device {
-                    set.device_groups.regroup(client, &dev, &set.routing).unwrap();
-                }
-                shrink(set);
-                expand(set)
-            });
+            let moe = MoeLaunch { layout, pool: &pool, segs: &dev, input, output, grouping };
+            let shrink_us = time_us(client, opts, iters, |i| moe.launch(client, &mut data[i % sets], MoeSteps::SHRINK).unwrap());
+            let expand_us = time_us(client, opts, iters, |i| moe.launch(client, &mut data[i % sets], MoeSteps::EXPAND).unwrap());
+            let pair_us = time_us(client, opts, iters, |i| moe.launch(client, &mut data[i % sets], MoeSteps::STEP).unwrap());
             let variant = match grouping {
                 MoeGrouping::Pairs => "pairs".to_string(),
                 MoeGrouping::Host => "grouped".to_string(),
@@ -1213,29 +1224,9 @@ fn moe_case<R: Runtime, E: StorageElem>(client: &ComputeClient<R>, opts: &Opts, 
             // `graph_rows`): per pair; grouped on the host (shrink, expand); grouped on the
             // device (grouping, shrink, expand).
             for grouping in [MoeGrouping::Pairs, MoeGrouping::Host, MoeGrouping::Device] {
-                let pair_us = graph_pair_us(opts, iters, sets, &case, |rec| {
-                    data.iter_mut().try_for_each(|s| {
-                        let groups = match grouping {
-                            MoeGrouping::Pairs => {
-                                launch_moe_shrink(rec, layout, &pool, &dev, &s.routing, input, &s.x, &mut s.a)?;
-                                return launch_moe_expand(rec, layout, &pool, &dev, &s.routing, output, &s.a, &mut s.y);
-                            }
-                            MoeGrouping::Host => &s.host_groups,
-                            MoeGrouping::Device => {
-                                s.device_groups.regroup(rec, &dev, &s.routing)?;
-                                &s.device_groups
-                            }
-                        };
-                        launch_moe_grouped_shrink(rec, layout, &pool, groups, &s.x, &mut s.a, None)?;
-                        match s.scratch.as_mut() {
-                            None => launch_moe_grouped_expand(rec, layout, &pool, groups, &s.a, &mut s.y, None),
-                            Some(scratch) => {
-                                let routing = &s.routing;
-                                launch_moe_grouped_expand_weighted(rec, layout, &pool, groups, &dev, routing, &s.a, scratch, &mut s.y, None)
-                            }
-                        }
-                    })
-                });
+                let moe = MoeLaunch { layout, pool: &pool, segs: &dev, input, output, grouping };
+                let pair_us =
+                    graph_pair_us(opts, iters, sets, &case, |rec| data.iter_mut().try_for_each(|s| moe.launch(rec, s, MoeSteps::STEP)));
                 let variant = match grouping {
                     MoeGrouping::Pairs => "pairs graph",
                     MoeGrouping::Host => "grouped graph",
