@@ -145,6 +145,7 @@ impl Segments {
             weight_indices: DeviceBuffer::upload(client, &self.weight_indices),
             token_perm: DeviceBuffer::upload(client, &self.token_perm),
             token_slots: DeviceBuffer::upload(client, &self.token_slots()),
+            written_by_kernels: false,
         }
     }
 }
@@ -160,6 +161,10 @@ pub struct DeviceSegments {
     pub(crate) weight_indices: DeviceBuffer<u32>,
     pub(crate) token_perm: DeviceBuffer<u32>,
     pub(crate) token_slots: DeviceBuffer<u32>,
+    /// Whether kernels write these buffers (the MoE grouping on the device) rather than the
+    /// host: the dense LoRA kernels then read them only after a programmatic launch's wait,
+    /// not before it with the adapter weights (see `cuda_graph::GRID_DEPENDENCY_POINT`).
+    pub(crate) written_by_kernels: bool,
 }
 
 impl DeviceSegments {

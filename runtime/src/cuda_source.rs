@@ -163,8 +163,9 @@ pub fn scalar_expand_source<R: Runtime, F: Float + CubeElement>(
     let settings = settings(CubeDim::new_1d(config.threads));
     let (ny, nb) = (config.out_vector as usize, config.rank_vector as usize);
     // Arguments in the kernel's order: nine arrays, the scalar `out_features`, the vector
-    // widths of y and B.
-    let kernel = ScalarExpandKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), a(), a(), (), ny, nb, config);
+    // widths of y and B, the config and the grid dependency point (host-written segments).
+    let kernel =
+        ScalarExpandKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), a(), a(), (), ny, nb, config, true);
     lower(kernel.define())
 }
 

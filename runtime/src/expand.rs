@@ -184,6 +184,7 @@ pub(crate) fn expand_kernel<F: Float, NY: Size, NB: Size>(
     scales: &Array<f32>,
     out_features: u32,
     #[comptime] cfg: ExpandConfig,
+    #[comptime] grid_dependency: bool,
 ) {
     let tokens = comptime!(cfg.tokens_per_tile as usize);
     let threads = comptime!(cfg.threads as usize);
@@ -216,6 +217,12 @@ pub(crate) fn expand_kernel<F: Float, NY: Size, NB: Size>(
         if c < blk.cols_left && jv < blk.rank_vecs {
             b_tile[((c % ny) * threads + c / ny) * rs + jv] = b_pool[blk.block_b0 + idx];
         }
+    }
+    // The intermediate and y may be the previous kernels' outputs; B and the batch metadata
+    // read above are not (without `grid_dependency` the metadata may be: a programmatic launch
+    // then waits at the start). Under a programmatic launch B streams in while those finish.
+    if comptime!(grid_dependency) {
+        comment!("lorac: grid dependency point");
     }
 
     // The tile's intermediate as rank vectors: one shared-memory read feeds NB FMAs.
@@ -416,6 +423,8 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
                     cols.scales.arg(1),
                     layout.out_features(),
                     cfg,
+                    // Segments a kernel wrote are read only after the wait.
+                    !segs.written_by_kernels,
                 );
             }
         }

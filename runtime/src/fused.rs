@@ -139,7 +139,21 @@ fn fused_kernel<F: Float, N: Size, NY: Size, NB: Size>(
         // Shrink: the group's first `rank` rows, `rows` at a time.
         let mut r0 = 0usize.runtime();
         while r0 < blk.rank {
-            cube_dot_rows::<F, N>(x, &x_off, a_pool, a_group + r0 * k_vecs, k_vecs, &mut partials, rows, tokens, threads, plane);
+            // No grid dependency point (a programmatic launch waits at the kernel's start).
+            cube_dot_rows::<F, N>(
+                x,
+                &x_off,
+                a_pool,
+                a_group + r0 * k_vecs,
+                k_vecs,
+                &mut partials,
+                rows,
+                tokens,
+                threads,
+                plane,
+                false,
+                false,
+            );
             let mut v = blk.tid;
             while v < comptime!(rows * tokens) {
                 let j = r0 + v / tokens;

@@ -200,7 +200,8 @@ fn moe_shrink_kernel<F: Float, N: Size>(
     let plane = comptime!(cfg.plane_size as usize);
     let stride = comptime!(result_stride(cfg.threads, cfg.plane_size));
     let mut partials = SharedMemory::<f32>::new(comptime!(rows * stride));
-    cube_dot_rows::<F, N>(x, &x_off, a_pool, a_base, k_vecs, &mut partials, rows, 1usize, threads, plane);
+    // No grid dependency point: expert_ids come from the router, a kernel before this one.
+    cube_dot_rows::<F, N>(x, &x_off, a_pool, a_base, k_vecs, &mut partials, rows, 1usize, threads, plane, false, false);
     let mut r = UNIT_POS as usize;
     while r < rows {
         if j0 + r < rank {

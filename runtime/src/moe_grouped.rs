@@ -149,6 +149,7 @@ impl GroupedSide {
             weight_indices: buffers.weight_indices.clone(),
             token_perm: buffers.token_perm.clone(),
             token_slots: buffers.pair_slots.clone(),
+            written_by_kernels: true,
         };
         Ok(GroupedSide { device: Some(buffers), ..Self::view(client, layout, pool, expert_dim, segs)? })
     }
@@ -192,6 +193,7 @@ impl GroupedSide {
             weight_indices: buffers.weight_indices.prefix(capacity)?,
             token_perm: buffers.token_perm.prefix(pairs as usize)?,
             token_slots: buffers.pair_slots.prefix(pairs as usize)?,
+            written_by_kernels: true,
         };
         // Safety: the views above hold every index the kernel writes (at most `capacity`
         // segments and `pairs` pairs, checked by `prefix` against the buffers sized for the
@@ -781,5 +783,27 @@ mod tests {
         assert_eq!(shared.iter().map(|(_, pairs)| pairs.len()).sum::<usize>(), expected_pairs.count());
         assert!(shared.iter().all(|(_, pairs)| !pairs.is_empty() && pairs.len() <= 4));
         assert_eq!(grouped(false), shared);
+
+        // Segments the grouping kernel wrote: the dense kernels over them have no grid
+        // dependency point (a programmatic launch waits before they read anything).
+        let mut groups =
+            MoeGroups::on_device(&client, &layout, &pool, tokens, topk, experts, 4, MoeInput::PerToken, MoeOutput::PerPair).unwrap();
+        groups.regroup(&client, &device_segs, &routing).unwrap();
+        let pairs = (tokens * topk) as usize;
+        let x = DeviceBuffer::<f32>::empty(&client, tokens as usize * 16);
+        let mut a = DeviceBuffer::<f32>::empty(&client, pairs * 4);
+        let mut y = DeviceBuffer::<f32>::empty(&client, pairs * 8);
+        let (done, launches) = crate::cuda_graph::record_launches(&crate::cuda_source::h100_properties(), |rec| {
+            launch_moe_grouped_shrink(rec, &layout, &pool, &groups, &x, &mut a, None)?;
+            launch_moe_grouped_expand(rec, &layout, &pool, &groups, &a, &mut y, None)
+        })
+        .unwrap();
+        done.unwrap();
+        let names: Vec<&str> = launches.iter().map(|l| l.kernel.name()).collect();
+        assert!(names.len() == 2 && names[0].contains("shrink_kernel") && names[1].contains("expand_kernel"), "{names:?}");
+        for launch in &launches {
+            let source = crate::cuda_graph::lower_recorded(launch, 90).unwrap().source;
+            assert!(!source.contains(crate::cuda_graph::GRID_DEPENDENCY_POINT), "{}: a grid dependency point", launch.kernel.name());
+        }
     }
 }

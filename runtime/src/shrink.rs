@@ -20,6 +20,13 @@ use crate::shrink_mma_pipelined::shrink_mma_pipelined_kernel;
 /// `k_vecs`) with `tokens` x rows (vector offsets `x_off`), reduced over the cube's threads.
 /// On return `partials[v · result_stride(threads, plane)]` holds the full sum of value
 /// `v = r·tokens + i` (row `r`, token `i`).
+///
+/// With `grid_dependency`, the first A loads go out before a
+/// [`GRID_DEPENDENCY_POINT`](crate::cuda_graph::GRID_DEPENDENCY_POINT) and x is read after it:
+/// under a programmatic launch the A rows stream in while the kernel before this one finishes.
+/// Only a call with `first_call` passes the point (once per thread, before it returns); the
+/// caller must have read only adapter weights and batch metadata before that call, and
+/// written nothing to global memory.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn cube_dot_rows<F: Float, N: Size>(
@@ -33,6 +40,8 @@ pub(crate) fn cube_dot_rows<F: Float, N: Size>(
     #[comptime] tokens: usize,
     #[comptime] threads: usize,
     #[comptime] plane: usize,
+    #[comptime] grid_dependency: bool,
+    first_call: bool,
 ) {
     let tid = UNIT_POS as usize;
     let values = comptime!(rows * tokens);
@@ -55,14 +64,21 @@ pub(crate) fn cube_dot_rows<F: Float, N: Size>(
             let second = k2 < k_vecs;
             let k2 = select(second, k2, k);
             #[unroll]
-            for i in 0..tokens {
-                xs[i] = x[x_off[i] + k];
-                xs[tokens + i] = x[x_off[i] + k2];
-            }
-            #[unroll]
             for r in 0..rows {
                 avs[r] = a_pool[a_base + r * k_vecs + k];
                 avs[rows + r] = a_pool[a_base + r * k_vecs + k2];
+            }
+            if comptime!(grid_dependency) {
+                // x may be the previous kernel's output; A is not. At decode (two K steps per
+                // thread) this first pass loads the thread's whole share of A.
+                if first_call && k == tid {
+                    comment!("lorac: grid dependency point");
+                }
+            }
+            #[unroll]
+            for i in 0..tokens {
+                xs[i] = x[x_off[i] + k];
+                xs[tokens + i] = x[x_off[i] + k2];
             }
             accumulate_step::<F, N>(&mut acc, &xs, &avs, 0usize, rows, tokens);
             if second {
@@ -71,6 +87,11 @@ pub(crate) fn cube_dot_rows<F: Float, N: Size>(
             k += comptime!(2 * threads);
         }
     } else {
+        if comptime!(grid_dependency) {
+            if first_call {
+                comment!("lorac: grid dependency point");
+            }
+        }
         let mut xs = Array::<Vector<f32, N>>::new(tokens);
         let mut k = tid;
         while k < k_vecs {
@@ -93,6 +114,12 @@ pub(crate) fn cube_dot_rows<F: Float, N: Size>(
                 }
             }
             k += threads;
+        }
+    }
+    if comptime!(grid_dependency && values <= PAIRED_STEP_VALUES) {
+        // Threads that had no K step above.
+        if first_call && tid >= k_vecs {
+            comment!("lorac: grid dependency point");
         }
     }
     if comptime!(plane > 0) {
@@ -188,6 +215,7 @@ fn shrink_kernel<F: Float, N: Size>(
     k_vecs: u32,
     x_row_divisor: u32,
     #[comptime] cfg: ShrinkConfig,
+    #[comptime] grid_dependency: bool,
 ) {
     let rows = comptime!(cfg.rows_per_cube as usize);
     let tokens = comptime!(cfg.tokens_per_tile as usize);
@@ -217,7 +245,8 @@ fn shrink_kernel<F: Float, N: Size>(
     let mut partials = SharedMemory::<f32>::new(comptime!(rows * tokens * result_stride(cfg.threads, cfg.plane_size)));
     let mut x_off = Array::<usize>::new(tokens);
 
-    let mut p0 = start + CUBE_POS_Z as usize * tokens;
+    let first_p0 = start + CUBE_POS_Z as usize * tokens;
+    let mut p0 = first_p0;
     while p0 < end {
         // Tail tokens of a tile repeat the last valid row: loads stay in bounds, sums are dropped.
         #[unroll]
@@ -225,7 +254,20 @@ fn shrink_kernel<F: Float, N: Size>(
             let p = min(p0 + i, end - 1);
             x_off[i] = (token_perm[p] / x_row_divisor) as usize * k_vecs;
         }
-        cube_dot_rows::<F, N>(x, &x_off, a_pool, a_base, k_vecs, &mut partials, rows, tokens, threads, plane);
+        cube_dot_rows::<F, N>(
+            x,
+            &x_off,
+            a_pool,
+            a_base,
+            k_vecs,
+            &mut partials,
+            rows,
+            tokens,
+            threads,
+            plane,
+            grid_dependency,
+            p0 == first_p0,
+        );
         // A tile may hold more sums than the cube has threads.
         let mut v = UNIT_POS as usize;
         while v < rows * tokens {
@@ -375,6 +417,8 @@ pub(crate) fn launch_shrink_rows<R: Runtime, F: Float + CubeElement>(
                     k / n as u32,
                     divisor,
                     cfg,
+                    // Segments a kernel wrote are read only after the wait.
+                    !segs.written_by_kernels,
                 );
             }
         }

@@ -1283,7 +1283,7 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
 /// decode kernels the graphs hold, as derived for an H100.
 #[test]
 fn recorded_launches_lower_to_matching_cuda_entry_points() {
-    use lorac_runtime::cuda_graph::{lower_recorded, record_launches};
+    use lorac_runtime::cuda_graph::{GRID_DEPENDENCY_POINT, lower_recorded, record_launches};
     use lorac_runtime::cuda_source::h100_properties;
     type F = half::bf16;
     let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
@@ -1318,11 +1318,45 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
             // cubecl packs the block in 8-byte words.
             assert_eq!(info_bytes.div_ceil(8), launch.args.info.data.len(), "{what}: {} info block", lowered.entrypoint);
             assert!(launch.args.tensor_maps.is_empty() && launch.args.info.dynamic_metadata_offset == launch.args.info.data.len());
-            // As a programmatic dependent (Hopper): the wait comes before anything else.
+            // As a programmatic dependent (Hopper): the decode shrink and expand wait at their
+            // grid dependency points (after loading A, after staging B), any other kernel
+            // before anything else.
+            let marker = format!("// {GRID_DEPENDENCY_POINT}");
+            let points = lowered.source.matches(&marker).count();
             let dependent = lowered.clone().with_grid_dependency().unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(!dependent.source.contains("__restrict__"), "{what}: a restrict pointer may be read before the wait");
+            let waits = dependent.source.matches("griddepcontrol.wait;").count();
             let body = dependent.source.find(&format!("{} (", lowered.entrypoint)).expect("entry point");
             let first = dependent.source[body..].split('{').nth(1).expect("body").trim_start();
-            assert!(first.starts_with("asm volatile(\"griddepcontrol.wait;\""), "{what}: body starts {:?}", &first[..60.min(first.len())]);
+            let starts_waiting = first.starts_with("asm volatile(\"griddepcontrol.wait;\"");
+            let name = launch.kernel.name();
+            // Buffers (by parameter index) read before the wait, and those the kernel may only
+            // touch after it: x and the intermediate it writes (shrink), the intermediate and
+            // y (expand).
+            let (prefetched, dependent_buffers): (&[usize], &[usize]) = match name {
+                name if name.contains("fused") || name.contains("mma") => (&[], &[]),
+                name if name.contains("shrink") => (&[1], &[0, 6]),
+                _ => (&[1], &[0, 2]),
+            };
+            if !prefetched.is_empty() {
+                assert!(
+                    points >= 1 && waits == points && !starts_waiting,
+                    "{what}: {}: {points} points, {waits} waits",
+                    lowered.entrypoint
+                );
+                assert!(!dependent.source.contains(&marker), "{what}: a point left unreplaced");
+                let wait_at = dependent.source.find("griddepcontrol.wait;").expect("a wait");
+                let before = &dependent.source[body..wait_at];
+                let touched = |i: &usize| before.contains(&format!("buffer_{i}["));
+                assert!(prefetched.iter().all(touched), "{what}: {} loads none of {prefetched:?} before its wait", lowered.entrypoint);
+                assert!(
+                    !dependent_buffers.iter().any(touched),
+                    "{what}: {} touches {dependent_buffers:?} before its wait",
+                    lowered.entrypoint
+                );
+            } else {
+                assert!(points == 0 && waits == 1 && starts_waiting, "{what}: body starts {:?}", &first[..60.min(first.len())]);
+            }
             checked += 1;
         }
         // The expand's first scalar is the layout's output width (its `info` block is what
@@ -1412,6 +1446,70 @@ fn cuda_graph_decode<F: StorageElem>() {
         check_y(&format!("{what} shrink+expand"), &y_pair.read(&client), &y064, &twice, &touched, out, 2.0 * F::TOLERANCE);
         check_y(&format!("{what} fused"), &y_fused.read(&client), &y064, &twice, &touched, out, 4.0 * F::TOLERANCE);
     }
+}
+
+/// Two layers chained through y in one graph of programmatic launches: shrink(x) → expand into
+/// y1 → shrink(y1) → expand into y2. The second shrink loads its A before its grid dependency
+/// point and x (here y1, the expand's output) after it: read any earlier and y2 would be the
+/// delta of y1's old values.
+#[cfg(feature = "cuda-tests")]
+fn cuda_graph_decode_chain<F: StorageElem>() {
+    use cubecl::cuda::CudaRuntime;
+    use lorac_runtime::cuda_graph::{GraphBuilder, record_launches};
+    let device = Default::default();
+    let client = CudaRuntime::client(&device);
+    let mut builder = GraphBuilder::new(&device).unwrap();
+    if builder.set_programmatic_launch(true).is_err() {
+        eprintln!("programmatic dependent launch needs sm_90: chain test skipped");
+        return;
+    }
+    for seed in 0..CASES {
+        let rng = &mut Rng::new(2100 + seed);
+        let width = rng.pick(&[256, 1024, 4096]);
+        let layout = LoraLayout::new(nz(rng.range(1, 8)), nz(rng.pick(&[8, 16, 64])), width, 1, vec![slice("o", width, 0)], None).unwrap();
+        let tokens = rng.pick(&[1, 8, 33]);
+        let what = format!("chain seed {seed} T={tokens} {layout:?}");
+        let adapters = Adapters::<F>::random(&client, rng, &layout);
+        let segs = random_segments(rng, tokens, layout.slots());
+        let (x, x64) = random_x::<F>(rng, &layout, tokens as usize);
+        let delta1 = adapters.reference_expand(&layout, &segs, &adapters.reference_shrink(&layout, &segs, &x64, tokens), tokens);
+        let (y1_0, y1_064) = initial_y::<F>(rng, &delta1);
+        let (y2_0, y2_064) = initial_y::<F>(rng, &delta1);
+        let (dev_segs, x) = (segs.upload(&client), DeviceBuffer::upload(&client, &x));
+        let (mut a1, mut a2) =
+            (poisoned_intermediate(&client, &layout, tokens as usize), poisoned_intermediate(&client, &layout, tokens as usize));
+        let (mut y1, mut y2) = (DeviceBuffer::upload(&client, &y1_0), DeviceBuffer::upload(&client, &y2_0));
+        let (launched, launches) = record_launches(client.properties(), |rec| {
+            launch_shrink(rec, &layout, &adapters.pool, &dev_segs, &x, &mut a1, None)?;
+            launch_expand(rec, &layout, &adapters.pool, &dev_segs, &a1, &mut y1, None)?;
+            launch_shrink(rec, &layout, &adapters.pool, &dev_segs, &y1, &mut a2, None)?;
+            launch_expand(rec, &layout, &adapters.pool, &dev_segs, &a2, &mut y2, None)
+        })
+        .unwrap();
+        launched.unwrap();
+        let graph = builder.capture(&client, &launches).unwrap_or_else(|e| panic!("{what}: {e}"));
+        graph.replay().unwrap();
+        builder.synchronize().unwrap();
+        let touched = adapters.touched(&segs);
+        let y1_out = y1.read(&client);
+        check_y(&format!("{what} layer 1"), &y1_out, &y1_064, &delta1, &touched, width as usize, F::TOLERANCE);
+        // Layer 2's reference reads layer 1's output as the device stored it.
+        let y1_64: Vec<f64> = y1_out.iter().map(|v| v.as_f64()).collect();
+        let delta2 = adapters.reference_expand(&layout, &segs, &adapters.reference_shrink(&layout, &segs, &y1_64, tokens), tokens);
+        check_y(&format!("{what} layer 2"), &y2.read(&client), &y2_064, &delta2, &touched, width as usize, F::TOLERANCE);
+    }
+}
+
+#[cfg(feature = "cuda-tests")]
+#[test]
+fn cuda_graph_decode_chain_f32() {
+    cuda_graph_decode_chain::<f32>();
+}
+
+#[cfg(feature = "cuda-tests")]
+#[test]
+fn cuda_graph_decode_chain_bf16() {
+    cuda_graph_decode_chain::<half::bf16>();
 }
 
 #[cfg(feature = "cuda-tests")]

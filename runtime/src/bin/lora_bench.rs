@@ -457,7 +457,9 @@ impl DenseCase<'_> {
 /// * "graph per pair": one graph per rotation set holding one shrink and one expand, the
 ///   graphs replayed in turn: each pair pays a graph launch;
 /// * "graph pdl": "graph" with programmatic dependent launches (sm_90+): each kernel launches
-///   while the one before it runs and waits for it on the device;
+///   while the one before it runs, loads its adapter weights and waits for it on the device;
+/// * "graph pdl carveout": "graph pdl" with every kernel preferring the largest shared-memory
+///   carveout (`GraphBuilder::set_shared_memory_carveout`);
 /// * "fused graph" (T ≤ 8): the fused kernel of every set in one graph.
 ///
 /// Host clock around `replays` replays after a stream synchronise, median of 15 batches.
@@ -500,6 +502,9 @@ fn graph_rows<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &
     done.unwrap();
     let per_pair: Vec<LaunchGraph> = launches.chunks(launches.len() / sets).map(|pair| builder.capture(&cuda, pair).unwrap()).collect();
     drop(launches);
+    for kernel in per_pair[0].summaries() {
+        eprintln!("{case}: {kernel}");
+    }
     let pair_us = time_graphs(opts, builder, &per_pair, 1, iters);
     rows.push(row("graph per pair", pair_us, 0.0));
     drop(per_pair);
@@ -508,6 +513,12 @@ fn graph_rows<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &
     if builder.set_programmatic_launch(true).is_ok() {
         let pair_us = time_one_graph(builder, data, (true, true));
         rows.push(row("graph pdl", pair_us, 0.0));
+        // And with every kernel on the largest shared-memory split: an SM changes its split
+        // only when idle, which it rarely is between programmatic launches.
+        builder.set_shared_memory_carveout(Some(100)).unwrap();
+        let pair_us = time_one_graph(builder, data, (true, true));
+        rows.push(row("graph pdl carveout", pair_us, 0.0));
+        builder.set_shared_memory_carveout(None).unwrap();
         builder.set_programmatic_launch(false).unwrap();
     }
 

@@ -16,8 +16,12 @@
 //!    the graph) for as long as it can replay.
 //!
 //! [`GraphBuilder::set_programmatic_launch`] captures with Hopper's programmatic dependent
-//! launch instead; correct, but slower on the decode LoRA kernels (BENCHMARKS.md, run 39), so
-//! it is off by default.
+//! launch instead: each kernel launches while the one before it runs, and the decode shrink
+//! and expand load their adapter weights before they wait for it ([`GRID_DEPENDENCY_POINT`]).
+//! On the H100 (BENCHMARKS.md, runs 62–65) that takes 35–45% off every single-token pair,
+//! 20–38% off rank-16 pairs of 8 and 32 tokens, between 22% less and 5% more elsewhere, but
+//! makes the MLA pairs of 32 and more tokens 5–22% slower: it stays a choice of the caller,
+//! off by default.
 //!
 //! The graph runs on the builder's stream, not cubecl's: work cubecl queues that writes the
 //! graph's inputs must be synchronised (`client.sync()`) before a replay, and the graph
@@ -77,8 +81,12 @@ fn driver(call: &'static str) -> impl FnOnce(DriverError) -> GraphError {
 /// One compiled kernel, loaded in the builder's context.
 struct LoadedKernel {
     function: CudaFunction,
+    entrypoint: String,
     block: (u32, u32, u32),
     shared_bytes: u32,
+    registers: u32,
+    /// Cubes one SM holds at once (the driver's occupancy calculation).
+    cubes_per_sm: u32,
     /// Keeps the function's module loaded.
     _module: Arc<CudaModule>,
 }
@@ -94,14 +102,39 @@ pub struct LoweredKernel {
     pub shared_bytes: u32,
 }
 
+/// The comment (`comment!` in a `#[cube]` kernel) that marks a kernel's grid dependency
+/// point: before it, each thread reads only what no kernel of a graph writes (adapter weights,
+/// batch metadata) and writes nothing to global memory; every thread passes it before any
+/// other read or write. Under a programmatic launch the point becomes the wait for the kernel
+/// before, so the loads above it overlap that kernel's run. A point passed twice waits once.
+pub const GRID_DEPENDENCY_POINT: &str = "lorac: grid dependency point";
+
+/// What a grid dependency point becomes: wait until the kernel before this one in the stream
+/// has finished and its writes are visible (`griddepcontrol.wait`), then let the kernel after
+/// this one launch (`griddepcontrol.launch_dependents`). Triggering only after the wait keeps
+/// at most two kernels resident: the running one and the next one's prologue.
+const GRID_DEPENDENCY_WAIT: &str =
+    "asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\nasm volatile(\"griddepcontrol.launch_dependents;\" ::: \"memory\");\n";
+
 impl LoweredKernel {
-    /// The kernel as the dependent of a programmatic launch (sm_90+): its first statements
-    /// wait until the kernel before it in the stream has finished and its writes are visible
-    /// (`griddepcontrol.wait`), then let the kernel after it launch
-    /// (`griddepcontrol.launch_dependents`). Waiting before anything else keeps the order of a
-    /// plain launch exactly; what overlaps is the next kernel's launch and cube scheduling
-    /// with this kernel's run.
+    /// The kernel as the dependent of a programmatic launch (sm_90+): each of its
+    /// [`GRID_DEPENDENCY_POINT`] comments becomes the wait for the kernel before it, or, in a
+    /// kernel without one, its first statements wait. Either way it reads that kernel's
+    /// output and writes only after the wait, as under a plain launch; what overlaps is this
+    /// kernel's launch, cube scheduling and the loads above its point with the run before.
+    ///
+    /// Its pointers lose `__restrict__`: cubecl marks read-only buffers `const __restrict__`,
+    /// a promise that nothing writes them while the kernel runs, so the compiler may read them
+    /// through the non-coherent path and schedule those loads freely. Under a programmatic
+    /// launch the kernel before still writes them: with the qualifier kept, the two-layer
+    /// chain test (`cuda_graph_decode_chain_*`) read stale x on the H100 (run 64).
     pub fn with_grid_dependency(mut self) -> Result<Self, GraphError> {
+        self.source = self.source.replace("__restrict__", "");
+        let marker = format!("// {GRID_DEPENDENCY_POINT}\n");
+        if self.source.contains(&marker) {
+            self.source = self.source.replace(&marker, GRID_DEPENDENCY_WAIT);
+            return Ok(self);
+        }
         let kernel_start = self.source.find(&format!("{} (", self.entrypoint)).and_then(|at| {
             let params_end = at + self.source[at..].find(')')?;
             Some(params_end + self.source[params_end..].find('{')? + 1)
@@ -109,10 +142,7 @@ impl LoweredKernel {
         let Some(body) = kernel_start else {
             return Err(GraphError::Compile { kernel: "(lowered source)", reason: format!("no body for entry point {}", self.entrypoint) });
         };
-        self.source.insert_str(
-            body,
-            "\nasm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\nasm volatile(\"griddepcontrol.launch_dependents;\");\n",
-        );
+        self.source.insert_str(body, &format!("\n{GRID_DEPENDENCY_WAIT}"));
         Ok(self)
     }
 }
@@ -144,10 +174,14 @@ pub struct GraphBuilder {
     stream: Arc<CudaStream>,
     options: CudaOptions,
     arch_flag: String,
-    /// Kernels compiled so far, by id and whether they were compiled for programmatic launch.
-    kernels: HashMap<(KernelId, bool), Arc<LoadedKernel>>,
+    /// Kernels compiled so far, by id, whether they were compiled for programmatic launch and
+    /// the shared-memory carveout they prefer.
+    kernels: HashMap<(KernelId, bool, Option<u8>), Arc<LoadedKernel>>,
     /// Capture launches as programmatic dependents of the launch before them (sm_90+).
     programmatic: bool,
+    /// Preferred shared-memory carveout of every kernel, in percent of the most shared memory
+    /// an SM offers; `None` leaves the driver's choice per kernel.
+    carveout: Option<u8>,
     arch_version: u32,
 }
 
@@ -172,6 +206,7 @@ impl GraphBuilder {
             arch_flag,
             kernels: HashMap::new(),
             programmatic: false,
+            carveout: None,
             arch_version: version,
         })
     }
@@ -190,10 +225,24 @@ impl GraphBuilder {
         Ok(())
     }
 
+    /// Captures later graphs with every kernel preferring the same split of each SM's L1 and
+    /// shared memory: `percent` of the most shared memory an SM offers (`None`: the driver's
+    /// choice per kernel). The driver otherwise sizes the split per kernel (on the H100 the
+    /// decode shrink gets 16 KiB of shared memory, the expand 135 KiB), and an SM changes its
+    /// split only once it is idle: between kernels that differ it drains, and under a
+    /// programmatic launch, where it is rarely idle, the next kernel's cubes may not fit.
+    pub fn set_shared_memory_carveout(&mut self, percent: Option<u8>) -> Result<(), GraphError> {
+        if percent.is_some_and(|p| p > 100) {
+            return Err(GraphError::Unsupported { kernel: "(graph)", reason: format!("a carveout of {percent:?} percent") });
+        }
+        self.carveout = percent;
+        Ok(())
+    }
+
     fn load(&mut self, launch: &RecordedLaunch) -> Result<Arc<LoadedKernel>, GraphError> {
         let mut id = launch.kernel.id();
         id.mode(launch.mode);
-        let id = (id, self.programmatic);
+        let id = (id, self.programmatic, self.carveout);
         if let Some(kernel) = self.kernels.get(&id) {
             return Ok(kernel.clone());
         }
@@ -214,7 +263,25 @@ impl GraphBuilder {
         function
             .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, lowered.shared_bytes as i32)
             .map_err(driver("cuFuncSetAttribute"))?;
-        let kernel = Arc::new(LoadedKernel { function, block: lowered.block, shared_bytes: lowered.shared_bytes, _module: module });
+        if let Some(percent) = self.carveout {
+            function
+                .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, i32::from(percent))
+                .map_err(driver("cuFuncSetAttribute"))?;
+        }
+        let registers = function.num_regs().map_err(driver("cuFuncGetAttribute"))? as u32;
+        let (x, y, z) = lowered.block;
+        let cubes_per_sm = function
+            .occupancy_max_active_blocks_per_multiprocessor(x * y * z, lowered.shared_bytes as usize, None)
+            .map_err(driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
+        let kernel = Arc::new(LoadedKernel {
+            function,
+            entrypoint: lowered.entrypoint,
+            block: lowered.block,
+            shared_bytes: lowered.shared_bytes,
+            registers,
+            cubes_per_sm,
+            _module: module,
+        });
         self.kernels.insert(id, kernel.clone());
         Ok(kernel)
     }
@@ -292,7 +359,22 @@ impl GraphBuilder {
         launched?;
         let graph = graph?.ok_or(GraphError::Unsupported { kernel: "(graph)", reason: "the capture recorded nothing".into() })?;
         graph.upload().map_err(driver("cuGraphUpload"))?;
-        Ok(LaunchGraph { graph, kernels: prepared.len(), _resources: resources, _loaded: prepared.into_iter().map(|p| p.kernel).collect() })
+        let launches = prepared
+            .into_iter()
+            .map(|p| {
+                let k = &p.kernel;
+                let summary = KernelSummary {
+                    entrypoint: k.entrypoint.clone(),
+                    grid: p.grid,
+                    block: k.block,
+                    shared_bytes: k.shared_bytes,
+                    registers: k.registers,
+                    cubes_per_sm: k.cubes_per_sm,
+                };
+                (summary, p.kernel)
+            })
+            .collect();
+        Ok(LaunchGraph { graph, launches, _resources: resources })
     }
 
     /// Waits for every graph replayed so far.
@@ -338,13 +420,48 @@ unsafe fn launch(
     }
 }
 
+/// One launch of a graph as the device runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelSummary {
+    pub entrypoint: String,
+    pub grid: (u32, u32, u32),
+    /// Threads per cube (x, y, z).
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+    /// Registers per thread.
+    pub registers: u32,
+    /// Cubes one SM holds at once.
+    pub cubes_per_sm: u32,
+}
+
+impl KernelSummary {
+    pub fn cubes(&self) -> u64 {
+        u64::from(self.grid.0) * u64::from(self.grid.1) * u64::from(self.grid.2)
+    }
+}
+
+impl std::fmt::Display for KernelSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ((gx, gy, gz), (bx, by, bz)) = (self.grid, self.block);
+        write!(
+            f,
+            "{}: {} cubes ({gx}×{gy}×{gz}) of {bx}×{by}×{bz} threads, {} registers, {} B shared, {} cubes per SM",
+            self.entrypoint,
+            self.cubes(),
+            self.registers,
+            self.shared_bytes,
+            self.cubes_per_sm
+        )
+    }
+}
+
 /// A captured sequence of kernel launches.
 pub struct LaunchGraph {
     graph: CudaGraph,
-    kernels: usize,
+    /// Each launch, in order, with its kernel (held so its module stays loaded).
+    launches: Vec<(KernelSummary, Arc<LoadedKernel>)>,
     /// The buffers the kernels address: held so cubecl cannot free or reuse them.
     _resources: Vec<ManagedResource<GpuResource>>,
-    _loaded: Vec<Arc<LoadedKernel>>,
 }
 
 impl LaunchGraph {
@@ -355,6 +472,11 @@ impl LaunchGraph {
 
     /// How many kernel launches the graph holds.
     pub fn kernels(&self) -> usize {
-        self.kernels
+        self.launches.len()
+    }
+
+    /// Each launch, in order: kernel, grid, block and what limits its occupancy.
+    pub fn summaries(&self) -> impl Iterator<Item = &KernelSummary> {
+        self.launches.iter().map(|(summary, _)| summary)
     }
 }

@@ -907,6 +907,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
             weight_indices: m.view(weights, segs.weight_indices().len())?,
             token_perm: m.view(perm, segs.token_perm().len())?,
             token_slots: m.view(slots, segs.tokens() as usize)?,
+            written_by_kernels: false,
         })
     }
 
