@@ -104,9 +104,9 @@ pub struct LoweredKernel {
 
 /// The comment (`comment!` in a `#[cube]` kernel) that marks a kernel's grid dependency
 /// point: before it, each thread reads only what no kernel of a graph writes (adapter weights,
-/// batch metadata) and writes nothing to global memory; every thread passes it before any
-/// other read or write. Under a programmatic launch the point becomes the wait for the kernel
-/// before, so the loads above it overlap that kernel's run. A point passed twice waits once.
+/// batch metadata the host wrote) and writes nothing to global memory; every thread passes it
+/// before any other read or write. Under a programmatic launch the point becomes the wait for
+/// the kernel before, so the loads above it overlap that kernel's run.
 pub const GRID_DEPENDENCY_POINT: &str = "lorac: grid dependency point";
 
 /// What a grid dependency point becomes: wait until the kernel before this one in the stream
