@@ -18,6 +18,7 @@ use lorac_plan::LoraLayout;
 use crate::batch::{DeviceSegments, NO_SLOT};
 use crate::buffer::DeviceBuffer;
 use crate::config::{ExpandConfig, vector_size};
+use crate::cuda_graph::grid_dependency_point;
 use crate::error::{LoraError, Result};
 use crate::expand_mma::{MmaExpandConfig, expand_mma_kernel};
 use crate::expand_mma_pipelined::{A_VECTOR, expand_mma_pipelined_kernel};
@@ -221,9 +222,7 @@ pub(crate) fn expand_kernel<F: Float, NY: Size, NB: Size>(
     // The intermediate and y may be the previous kernels' outputs; B and the batch metadata
     // read above are not (without `grid_dependency` the metadata may be: a programmatic launch
     // then waits at the start). Under a programmatic launch B streams in while those finish.
-    if comptime!(grid_dependency) {
-        comment!("lorac: grid dependency point");
-    }
+    grid_dependency_point(grid_dependency, true);
 
     // The tile's intermediate as rank vectors: one shared-memory read feeds NB FMAs.
     let mut a_tile = SharedMemory::<Vector<f32, NB>>::new(comptime!(tokens * rank_vecs_max));

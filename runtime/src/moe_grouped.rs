@@ -790,9 +790,9 @@ mod tests {
             MoeGroups::on_device(&client, &layout, &pool, tokens, topk, experts, 4, MoeInput::PerToken, MoeOutput::PerPair).unwrap();
         groups.regroup(&client, &device_segs, &routing).unwrap();
         let pairs = (tokens * topk) as usize;
-        let x = DeviceBuffer::<f32>::empty(&client, tokens as usize * 16);
-        let mut a = DeviceBuffer::<f32>::empty(&client, pairs * 4);
-        let mut y = DeviceBuffer::<f32>::empty(&client, pairs * 8);
+        let x = DeviceBuffer::<f32>::empty(&client, tokens as usize * layout.in_features() as usize);
+        let mut a = DeviceBuffer::<f32>::empty(&client, pairs * (layout.groups() * layout.max_rank()) as usize);
+        let mut y = DeviceBuffer::<f32>::empty(&client, pairs * layout.out_features() as usize);
         let (done, launches) = crate::cuda_graph::record_launches(&crate::cuda_source::h100_properties(), |rec| {
             launch_moe_grouped_shrink(rec, &layout, &pool, &groups, &x, &mut a, None)?;
             launch_moe_grouped_expand(rec, &layout, &pool, &groups, &a, &mut y, None)

@@ -11,6 +11,7 @@ use lorac_plan::LoraLayout;
 use crate::batch::{DeviceSegments, NO_SLOT};
 use crate::buffer::DeviceBuffer;
 use crate::config::ShrinkConfig;
+use crate::cuda_graph::grid_dependency_point;
 use crate::error::{LoraError, Result};
 use crate::pool::AdapterPool;
 use crate::shrink_mma::{MmaShrinkConfig, shrink_mma_kernel};
@@ -68,13 +69,9 @@ pub(crate) fn cube_dot_rows<F: Float, N: Size>(
                 avs[r] = a_pool[a_base + r * k_vecs + k];
                 avs[rows + r] = a_pool[a_base + r * k_vecs + k2];
             }
-            if comptime!(grid_dependency) {
-                // x may be the previous kernel's output; A is not. At decode (two K steps per
-                // thread) this first pass loads the thread's whole share of A.
-                if first_call && k == tid {
-                    comment!("lorac: grid dependency point");
-                }
-            }
+            // x may be the previous kernel's output; A is not. At decode (two K steps per
+            // thread) this first pass loads the thread's whole share of A.
+            grid_dependency_point(grid_dependency, first_call && k == tid);
             #[unroll]
             for i in 0..tokens {
                 xs[i] = x[x_off[i] + k];
@@ -87,11 +84,7 @@ pub(crate) fn cube_dot_rows<F: Float, N: Size>(
             k += comptime!(2 * threads);
         }
     } else {
-        if comptime!(grid_dependency) {
-            if first_call {
-                comment!("lorac: grid dependency point");
-            }
-        }
+        grid_dependency_point(grid_dependency, first_call);
         let mut xs = Array::<Vector<f32, N>>::new(tokens);
         let mut k = tid;
         while k < k_vecs {
@@ -116,12 +109,8 @@ pub(crate) fn cube_dot_rows<F: Float, N: Size>(
             k += threads;
         }
     }
-    if comptime!(grid_dependency && values <= PAIRED_STEP_VALUES) {
-        // Threads that had no K step above.
-        if first_call && tid >= k_vecs {
-            comment!("lorac: grid dependency point");
-        }
-    }
+    // Threads that had no K step above.
+    grid_dependency_point(comptime!(grid_dependency && values <= PAIRED_STEP_VALUES), first_call && tid >= k_vecs);
     if comptime!(plane > 0) {
         // Warp shuffles inside each plane, then one shared-memory pass across planes.
         let planes = comptime!(threads / plane);

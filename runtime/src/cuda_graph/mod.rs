@@ -109,6 +109,18 @@ pub struct LoweredKernel {
 /// the kernel before, so the loads above it overlap that kernel's run.
 pub const GRID_DEPENDENCY_POINT: &str = "lorac: grid dependency point";
 
+/// Marks a [`GRID_DEPENDENCY_POINT`] in a kernel where `enabled` (comptime) and, at run time,
+/// where the thread reaches it with `here` set. The one place that spells the comment
+/// (`comment!` takes only a literal; the lowering test finds it by the constant).
+#[cube]
+pub(crate) fn grid_dependency_point(#[comptime] enabled: bool, here: bool) {
+    if comptime!(enabled) {
+        if here {
+            comment!("lorac: grid dependency point");
+        }
+    }
+}
+
 /// What a grid dependency point becomes: wait until the kernel before this one in the stream
 /// has finished and its writes are visible (`griddepcontrol.wait`), then let the kernel after
 /// this one launch (`griddepcontrol.launch_dependents`). Triggering only after the wait keeps
@@ -359,21 +371,7 @@ impl GraphBuilder {
         launched?;
         let graph = graph?.ok_or(GraphError::Unsupported { kernel: "(graph)", reason: "the capture recorded nothing".into() })?;
         graph.upload().map_err(driver("cuGraphUpload"))?;
-        let launches = prepared
-            .into_iter()
-            .map(|p| {
-                let k = &p.kernel;
-                let summary = KernelSummary {
-                    entrypoint: k.entrypoint.clone(),
-                    grid: p.grid,
-                    block: k.block,
-                    shared_bytes: k.shared_bytes,
-                    registers: k.registers,
-                    cubes_per_sm: k.cubes_per_sm,
-                };
-                (summary, p.kernel)
-            })
-            .collect();
+        let launches = prepared.into_iter().map(|p| (p.grid, p.kernel)).collect();
         Ok(LaunchGraph { graph, launches, _resources: resources })
     }
 
@@ -458,8 +456,8 @@ impl std::fmt::Display for KernelSummary {
 /// A captured sequence of kernel launches.
 pub struct LaunchGraph {
     graph: CudaGraph,
-    /// Each launch, in order, with its kernel (held so its module stays loaded).
-    launches: Vec<(KernelSummary, Arc<LoadedKernel>)>,
+    /// Each launch's grid and kernel, in order (held so its module stays loaded).
+    launches: Vec<((u32, u32, u32), Arc<LoadedKernel>)>,
     /// The buffers the kernels address: held so cubecl cannot free or reuse them.
     _resources: Vec<ManagedResource<GpuResource>>,
 }
@@ -476,7 +474,14 @@ impl LaunchGraph {
     }
 
     /// Each launch, in order: kernel, grid, block and what limits its occupancy.
-    pub fn summaries(&self) -> impl Iterator<Item = &KernelSummary> {
-        self.launches.iter().map(|(summary, _)| summary)
+    pub fn summaries(&self) -> impl Iterator<Item = KernelSummary> + '_ {
+        self.launches.iter().map(|(grid, k)| KernelSummary {
+            entrypoint: k.entrypoint.clone(),
+            grid: *grid,
+            block: k.block,
+            shared_bytes: k.shared_bytes,
+            registers: k.registers,
+            cubes_per_sm: k.cubes_per_sm,
+        })
     }
 }
