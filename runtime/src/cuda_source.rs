@@ -148,7 +148,8 @@ pub fn expand_source<R: Runtime, F: Float + CubeElement>(
         )
         .define()
     } else {
-        ExpandMmaKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), a(), a(), (), (), ny, nb, config).define()
+        ExpandMmaKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), a(), a(), (), (), ny, nb, config, true)
+            .define()
     };
     lower(definition)
 }

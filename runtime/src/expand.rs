@@ -462,6 +462,7 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
                         layout.out_features(),
                         splits,
                         config,
+                        !segs.written_by_kernels,
                     );
                 }
             } else {

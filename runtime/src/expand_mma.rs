@@ -21,6 +21,7 @@ use cubecl::prelude::*;
 use lorac_plan::LoraLayout;
 
 use crate::batch::NO_SLOT;
+use crate::cuda_graph::grid_dependency_point;
 use crate::shrink_mma::{TILE, cmma_supported};
 
 /// Shared memory the tiles may use: small enough for several cubes per multiprocessor.
@@ -213,6 +214,7 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
     out_features: u32,
     token_splits: u32,
     #[comptime] cfg: MmaExpandConfig,
+    #[comptime] grid_dependency: bool,
 ) {
     let tile = comptime!(TILE as usize);
     let tm = comptime!(cfg.tile_tokens() as usize);
@@ -246,6 +248,9 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
     let mut y_tile = SharedMemory::<Vector<f32, NY>>::new_aligned(comptime!(tm * ys / ny), 128usize);
 
     stage_b_block(b_pool, &mut b_tile, &cube, out_features, cfg);
+    // The intermediate and y may be the previous kernels' outputs; B and the batch metadata
+    // are not (as in the scalar expand): under a programmatic launch B streams in first.
+    grid_dependency_point(grid_dependency, true);
 
     let y_vecs = out_features as usize / ny;
     let y_col = (cube.offset + cube.block0) / ny;

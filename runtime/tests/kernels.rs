@@ -1298,7 +1298,7 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
         let x = DeviceBuffer::<F>::upload(&client, &random_x::<F>(rng, &layout, tokens as usize).0);
         let mut a = poisoned_intermediate(&client, &layout, tokens as usize);
         let mut y = DeviceBuffer::<F>::empty(&client, tokens as usize * layout.out_features() as usize);
-        let (launched, launches) = record_launches(&device, |rec| {
+        let (launched, mut launches) = record_launches(&device, |rec| {
             launch_shrink(rec, &layout, &adapters.pool, &segs, &x, &mut a, None)?;
             launch_expand(rec, &layout, &adapters.pool, &segs, &a, &mut y, None)?;
             launch_fused(rec, &layout, &adapters.pool, &segs, &x, &mut y, None)
@@ -1306,9 +1306,23 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
         .unwrap();
         launched.unwrap();
         let what = format!("{family} seed {seed} T={tokens} {layout:?}");
-        assert_eq!(launches.len(), 3, "{what}: one launch per call: {launches:?}");
+        // The register-staged tensor-core expand too (decode batches do not choose it by
+        // default), on a layout whose widths are multiples of 16.
+        let (mma_layout, _) = prefill_expand_layout(rng);
+        let mma_adapters = Adapters::<F>::random(&client, rng, &mma_layout);
+        let mma_segs = random_segments(rng, tokens, mma_layout.slots()).upload(&client);
+        let mma_a = poisoned_intermediate(&client, &mma_layout, tokens as usize);
+        let mut mma_y = DeviceBuffer::<F>::empty(&client, tokens as usize * mma_layout.out_features() as usize);
+        let config = MmaExpandConfig::with_tile::<F>(&device, &mma_layout, 1, 4).expect("a 16 x 64 tile");
+        let mma_expand = Some(ExpandKernel::Mma { config, token_splits: 0 });
+        let (launched, mma_launches) =
+            record_launches(&device, |rec| launch_expand(rec, &mma_layout, &mma_adapters.pool, &mma_segs, &mma_a, &mut mma_y, mma_expand))
+                .unwrap();
+        launched.unwrap();
+        launches.extend(mma_launches);
+        assert_eq!(launches.len(), 4, "{what}: one launch per call: {launches:?}");
         let names: Vec<&str> = launches.iter().map(|l| l.kernel.name()).collect();
-        for (name, family) in names.iter().zip(["shrink", "expand", "fused"]) {
+        for (name, family) in names.iter().zip(["shrink", "expand", "fused", "expand_mma"]) {
             assert!(name.contains(family), "{what}: recorded {names:?}");
         }
         for launch in &launches {
@@ -1334,7 +1348,7 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
             // touch after it: x and the intermediate it writes (shrink), the intermediate and
             // y (expand).
             let (prefetched, dependent_buffers): (&[usize], &[usize]) = match name {
-                name if name.contains("fused") || name.contains("mma") => (&[], &[]),
+                name if name.contains("fused") || name.contains("pipelined") || name.contains("shrink_mma") => (&[], &[]),
                 name if name.contains("shrink") => (&[1], &[0, 6]),
                 _ => (&[1], &[0, 2]),
             };
@@ -1364,7 +1378,7 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
         let expand_info = &launches[1].args.info.data;
         assert_eq!(expand_info[0] as u32, layout.out_features(), "{what}: expand scalars {expand_info:?}");
     }
-    assert_eq!(checked, 3 * CASES);
+    assert_eq!(checked, 4 * CASES);
     // A write cannot be replayed by a graph of launches: recording one is an error, not a
     // silently missing write.
     let refused = record_launches(&device, |rec| DeviceBuffer::<f32>::upload(rec, &[1.0, 2.0]));
@@ -1451,7 +1465,7 @@ fn cuda_graph_decode<F: StorageElem>() {
 /// Two layers chained through y in one graph of programmatic launches: shrink(x) → expand into
 /// y1 → shrink(y1) → expand into y2. The second shrink loads its A before its grid dependency
 /// point and x (here y1, the expand's output) after it: read any earlier and y2 would be the
-/// delta of y1's old values.
+/// delta of y1's old values. Half the seeds expand on tensor cores.
 #[cfg(feature = "cuda-tests")]
 fn cuda_graph_decode_chain<F: StorageElem>() {
     use cubecl::cuda::CudaRuntime;
@@ -1468,7 +1482,13 @@ fn cuda_graph_decode_chain<F: StorageElem>() {
         let width = rng.pick(&[256, 1024, 4096]);
         let layout = LoraLayout::new(nz(rng.range(1, 8)), nz(rng.pick(&[8, 16, 64])), width, 1, vec![slice("o", width, 0)], None).unwrap();
         let tokens = rng.pick(&[1, 8, 33]);
-        let what = format!("chain seed {seed} T={tokens} {layout:?}");
+        // Odd seeds expand with the register-staged tensor-core kernel where the rank allows
+        // (it stages B before its own grid dependency point).
+        let expand = (seed % 2 == 1)
+            .then(|| MmaExpandConfig::with_tile::<F>(client.properties(), &layout, 1, 4))
+            .flatten()
+            .map(|config| ExpandKernel::Mma { config, token_splits: 0 });
+        let what = format!("chain seed {seed} T={tokens} {layout:?} {expand:?}");
         let adapters = Adapters::<F>::random(&client, rng, &layout);
         let segs = random_segments(rng, tokens, layout.slots());
         let (x, x64) = random_x::<F>(rng, &layout, tokens as usize);
@@ -1481,9 +1501,9 @@ fn cuda_graph_decode_chain<F: StorageElem>() {
         let (mut y1, mut y2) = (DeviceBuffer::upload(&client, &y1_0), DeviceBuffer::upload(&client, &y2_0));
         let (launched, launches) = record_launches(client.properties(), |rec| {
             launch_shrink(rec, &layout, &adapters.pool, &dev_segs, &x, &mut a1, None)?;
-            launch_expand(rec, &layout, &adapters.pool, &dev_segs, &a1, &mut y1, None)?;
+            launch_expand(rec, &layout, &adapters.pool, &dev_segs, &a1, &mut y1, expand)?;
             launch_shrink(rec, &layout, &adapters.pool, &dev_segs, &y1, &mut a2, None)?;
-            launch_expand(rec, &layout, &adapters.pool, &dev_segs, &a2, &mut y2, None)
+            launch_expand(rec, &layout, &adapters.pool, &dev_segs, &a2, &mut y2, expand)
         })
         .unwrap();
         launched.unwrap();

@@ -11,7 +11,8 @@
 //! `ShrinkKernel::choose_within` picks the shrink with K splits for a caller with room for
 //! their copies, that pair too, "graph splitk default"; `--decode-sweep` adds the CUDA-core
 //! kernels' tilings, see `decode_sweep`; `--split-k` the tensor-core shrink with K splits, see
-//! `split_k_sweep`. `--prefill-split-k` times prefill pairs with K split across the
+//! `split_k_sweep`; `--decode-mma-expand` the tensor-core expand in decode pairs, see
+//! `decode_mma_expand`. `--prefill-split-k` times prefill pairs with K split across the
 //! shrink's cubes (see `prefill_split_k`).
 //!
 //! Usage: `lora_bench [--quick] [--prefill-only] [--prefill-split-k] [--no-graphs] [--case NAME-PART,...] [--variant NAME-PART,...]
@@ -67,6 +68,9 @@ struct Opts {
     /// Decode cases: sweep the CUDA-core shrink's and expand's tilings, each timed from a
     /// CUDA graph (where the kernel, not the launch, is what the time measures).
     decode_sweep: bool,
+    /// Decode cases: the register-staged tensor-core expand in place of the CUDA-core one
+    /// (see `decode_mma_expand`).
+    decode_mma_expand: bool,
     /// Decode cases: sweep the tensor-core shrink with K split across cubes, and time the
     /// best one's pair with the expand that sums its partial copies (see `split_k_sweep`).
     split_k: bool,
@@ -416,6 +420,58 @@ fn decode_graph_rows<R: Runtime, E: StorageElem>(
     }
     if opts.decode_sweep {
         rows.extend(decode_sweep(opts, builder, decode, data));
+    }
+    if opts.decode_mma_expand {
+        rows.extend(decode_mma_expand(opts, builder, decode, data));
+    }
+    rows
+}
+
+/// Decode only: the register-staged tensor-core expand (one 16-token fragment row by 2, 4 or
+/// 8 column fragments per cube), which decode batches do not choose by default, in place of
+/// the CUDA-core one. "mma expand nN": alone in a graph of every rotation set (expand column)
+/// and paired with the default shrink (pair column); "... pdl" and "... pdl carveout": the
+/// pair as "graph pdl" and "graph pdl carveout" in `graph_rows`.
+fn decode_mma_expand<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &DenseCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
+    let DenseCase { layout, segs, iters, case, .. } = *decode;
+    let cuda = CudaRuntime::client(&Default::default());
+    let sets = data.len();
+    let mut rows = Vec::new();
+    for n_frags in [2, 4, 8] {
+        let name = format!("mma expand n{n_frags}");
+        let Some(config) = MmaExpandConfig::with_tile::<E>(cuda.properties(), layout, 1, n_frags) else { continue };
+        if !config.tensor_cores || !opts.selects_variant(&name) {
+            continue;
+        }
+        let expand = Some(ExpandKernel::Mma { config, token_splits: 0 });
+        let mut time = |builder: &mut GraphBuilder, with_shrink: bool| {
+            let launch = |rec: &ComputeClient<RecordingRuntime>| {
+                data.iter_mut().try_for_each(|d| {
+                    if with_shrink {
+                        launch_shrink(rec, layout, &d.pool, segs, &d.x, &mut d.a, None)?;
+                    }
+                    launch_expand(rec, layout, &d.pool, segs, &d.a, &mut d.y, expand)
+                })
+            };
+            time_recorded(opts, builder, &cuda, sets, iters, launch).unwrap_or_else(|e| {
+                eprintln!("{case} {name}: {e}");
+                f64::NAN
+            })
+        };
+        let expand_us = time(builder, false);
+        let pair_us = time(builder, true);
+        eprintln!("{case} {name}: expand {expand_us:.2} pair {pair_us:.2} us");
+        rows.push(decode.row(name.clone(), f64::NAN, expand_us, pair_us));
+        if builder.set_programmatic_launch(true).is_ok() {
+            let pdl_us = time(builder, true);
+            builder.set_shared_memory_carveout(Some(100)).unwrap();
+            let carveout_us = time(builder, true);
+            builder.set_shared_memory_carveout(None).unwrap();
+            builder.set_programmatic_launch(false).unwrap();
+            eprintln!("{case} {name}: pair pdl {pdl_us:.2} pdl carveout {carveout_us:.2} us");
+            rows.push(decode.row(format!("{name} pdl"), f64::NAN, f64::NAN, pdl_us));
+            rows.push(decode.row(format!("{name} pdl carveout"), f64::NAN, f64::NAN, carveout_us));
+        }
     }
     rows
 }
@@ -1306,6 +1362,7 @@ fn main() {
         variant_filter: value("--variant"),
         graphs: !flag("--no-graphs") && !flag("--smoke") && !flag("--profile-pass"),
         decode_sweep: flag("--decode-sweep"),
+        decode_mma_expand: flag("--decode-mma-expand"),
         split_k: flag("--split-k"),
         prefill_split_k: flag("--prefill-split-k"),
     };
