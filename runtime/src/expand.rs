@@ -292,15 +292,17 @@ pub(crate) fn expand_kernel<F: Float, NY: Size, NB: Size>(
 /// Which expand kernel a launch uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpandKernel {
-    /// CUDA-core kernel: any dtype, any shape; best for decode.
+    /// CUDA-core kernel: any dtype, any shape; best for segments of a few tokens.
     Scalar(ExpandConfig),
-    /// Tensor-core kernel for long segments. `token_splits` cubes share each segment's token
+    /// Tensor-core kernel for segments of 8 tokens or more. `token_splits` cubes share each segment's token
     /// tiles (each loops over its share); 0 chooses a split that fills the GPU.
     Mma { config: MmaExpandConfig, token_splits: u32 },
 }
 
 impl ExpandKernel {
-    /// The tensor-core kernel where it applies and the batch fills the GPU, else the scalar one.
+    /// The tensor-core kernel where it applies and the batch fills the GPU with 16-token
+    /// tiles, or its longest segment has [`crate::expand_mma::DECODE_MIN_SEGMENT`] tokens
+    /// (the register-staged decode tile, [`MmaExpandConfig::for_decode`]); else the scalar one.
     pub fn choose<R: Runtime, F: Float>(client: &ComputeClient<R>, layout: &LoraLayout, num_segments: usize, max_segment_len: u32) -> Self {
         Self::choose_summing::<R, F>(client, layout, num_segments, max_segment_len, 1)
     }
@@ -317,7 +319,9 @@ impl ExpandKernel {
         copies: u32,
     ) -> Self {
         let props = client.properties();
-        match MmaExpandConfig::for_batch::<F>(props, layout, num_segments, max_segment_len).and_then(|c| c.summing::<F>(props, copies)) {
+        let tile = MmaExpandConfig::for_batch::<F>(props, layout, num_segments, max_segment_len)
+            .or_else(|| MmaExpandConfig::for_decode::<F>(props, layout, max_segment_len));
+        match tile.and_then(|c| c.summing::<F>(props, copies)) {
             Some(config) => ExpandKernel::Mma { config, token_splits: 0 },
             None => ExpandKernel::Scalar(ExpandConfig::new(client, layout, size_of::<F>(), num_segments, max_segment_len).summing(copies)),
         }

@@ -40,6 +40,10 @@ const PIPELINED_MAX_RANK: u32 = 32;
 /// Shared-memory stages of the default tile above [`PIPELINED_MAX_RANK`].
 const HIGH_RANK_STAGES: u32 = 2;
 
+/// Fewest tokens in a batch's longest segment for which a batch too small to fill the GPU
+/// with 16-token tiles still takes the tensor-core expand ([`MmaExpandConfig::for_decode`]).
+pub const DECODE_MIN_SEGMENT: u32 = 8;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MmaExpandConfig {
     pub groups: u32,
@@ -142,7 +146,7 @@ impl MmaExpandConfig {
     }
 
     /// [`Self::supported`], and only for batches with enough 16-token tiles to fill the GPU
-    /// (decode batches stay on the scalar kernel, whose tiles are one to eight tokens).
+    /// (smaller batches: [`Self::for_decode`]).
     pub fn for_batch<F: CubePrimitive>(
         device: &DeviceProperties,
         layout: &LoraLayout,
@@ -153,6 +157,24 @@ impl MmaExpandConfig {
         (tiles >= u64::from(crate::config::multiprocessors(device)))
             .then(|| Self::supported::<F>(device, layout, max_segment_len))
             .flatten()
+    }
+
+    /// The tile for a batch whose longest segment holds `max_segment_len` tokens, where
+    /// [`Self::for_batch`] declines (too few 16-token tiles to fill the GPU): the
+    /// register-staged tile of one 16-token fragment row by the widest column block (8
+    /// fragments, else 4), on tensor cores, from [`DECODE_MIN_SEGMENT`] tokens per segment
+    /// on. `None` below that, or without tensor cores.
+    ///
+    /// H100, decode pairs from CUDA graphs (run 67, runtime/BENCHMARKS.md): with segments of
+    /// 8 to 128 tokens this tile made all 24 pairs faster than the CUDA-core expand did, by
+    /// 1–30% (gate_up R=64 T=128, 8 adapters: 54.7 → 41.5 µs), and under programmatic launch
+    /// 21 of them (up to 34%; the other three within 5%). With segments of 1 to 4 tokens it
+    /// lost up to 59% (gate_up R=16 T=8, 8 adapters, PDL: 7.7 → 12.3 µs).
+    pub fn for_decode<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout, max_segment_len: u32) -> Option<Self> {
+        if max_segment_len < DECODE_MIN_SEGMENT || !cmma_supported::<F>(device) {
+            return None;
+        }
+        Self::with_tile::<F>(device, layout, 1, 8).or_else(|| Self::with_tile::<F>(device, layout, 1, 4))
     }
 
     /// This configuration adding up `a_splits` copies of partial sums as it stages the

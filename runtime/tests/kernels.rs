@@ -1465,7 +1465,7 @@ fn cuda_graph_decode<F: StorageElem>() {
 /// Two layers chained through y in one graph of programmatic launches: shrink(x) → expand into
 /// y1 → shrink(y1) → expand into y2. The second shrink loads its A before its grid dependency
 /// point and x (here y1, the expand's output) after it: read any earlier and y2 would be the
-/// delta of y1's old values. Half the seeds expand on tensor cores.
+/// delta of y1's old values.
 #[cfg(feature = "cuda-tests")]
 fn cuda_graph_decode_chain<F: StorageElem>() {
     use cubecl::cuda::CudaRuntime;
@@ -1482,28 +1482,38 @@ fn cuda_graph_decode_chain<F: StorageElem>() {
         let width = rng.pick(&[256, 1024, 4096]);
         let layout = LoraLayout::new(nz(rng.range(1, 8)), nz(rng.pick(&[8, 16, 64])), width, 1, vec![slice("o", width, 0)], None).unwrap();
         let tokens = rng.pick(&[1, 8, 33]);
-        // Odd seeds expand with the register-staged tensor-core kernel where the rank allows
-        // (it stages B before its own grid dependency point).
-        let expand = (seed % 2 == 1)
-            .then(|| MmaExpandConfig::with_tile::<F>(client.properties(), &layout, 1, 4))
-            .flatten()
-            .map(|config| ExpandKernel::Mma { config, token_splits: 0 });
-        let what = format!("chain seed {seed} T={tokens} {layout:?} {expand:?}");
         let adapters = Adapters::<F>::random(&client, rng, &layout);
         let segs = random_segments(rng, tokens, layout.slots());
+        // A third of the seeds each: the default expand, the register-staged tensor-core one
+        // (where the rank allows) and the CUDA-core one; both stage B before their grid
+        // dependency points.
+        let chosen = ExpandKernel::choose::<CudaRuntime, F>(&client, &layout, segs.num_segments(), segs.max_segment_len());
+        let expand = match seed % 3 {
+            1 => MmaExpandConfig::with_tile::<F>(client.properties(), &layout, 1, 4)
+                .map(|config| ExpandKernel::Mma { config, token_splits: 0 }),
+            2 => {
+                Some(ExpandKernel::Scalar(ExpandConfig::new(&client, &layout, size_of::<F>(), segs.num_segments(), segs.max_segment_len())))
+            }
+            _ => None,
+        }
+        .unwrap_or(chosen);
+        let what = format!("chain seed {seed} T={tokens} {layout:?} {expand:?}");
         let (x, x64) = random_x::<F>(rng, &layout, tokens as usize);
         let delta1 = adapters.reference_expand(&layout, &segs, &adapters.reference_shrink(&layout, &segs, &x64, tokens), tokens);
         let (y1_0, y1_064) = initial_y::<F>(rng, &delta1);
-        let (y2_0, y2_064) = initial_y::<F>(rng, &delta1);
+        // y2 starts at the size of layer 2's delta (from y1 in f64), which dwarfs layer 1's.
+        let y1_exact: Vec<f64> = y1_064.iter().zip(&delta1).map(|(y, d)| y + d).collect();
+        let delta2_size = adapters.reference_expand(&layout, &segs, &adapters.reference_shrink(&layout, &segs, &y1_exact, tokens), tokens);
+        let (y2_0, y2_064) = initial_y::<F>(rng, &delta2_size);
         let (dev_segs, x) = (segs.upload(&client), DeviceBuffer::upload(&client, &x));
         let (mut a1, mut a2) =
             (poisoned_intermediate(&client, &layout, tokens as usize), poisoned_intermediate(&client, &layout, tokens as usize));
         let (mut y1, mut y2) = (DeviceBuffer::upload(&client, &y1_0), DeviceBuffer::upload(&client, &y2_0));
         let (launched, launches) = record_launches(client.properties(), |rec| {
             launch_shrink(rec, &layout, &adapters.pool, &dev_segs, &x, &mut a1, None)?;
-            launch_expand(rec, &layout, &adapters.pool, &dev_segs, &a1, &mut y1, expand)?;
+            launch_expand(rec, &layout, &adapters.pool, &dev_segs, &a1, &mut y1, Some(expand))?;
             launch_shrink(rec, &layout, &adapters.pool, &dev_segs, &y1, &mut a2, None)?;
-            launch_expand(rec, &layout, &adapters.pool, &dev_segs, &a2, &mut y2, expand)
+            launch_expand(rec, &layout, &adapters.pool, &dev_segs, &a2, &mut y2, Some(expand))
         })
         .unwrap();
         launched.unwrap();
@@ -1512,11 +1522,16 @@ fn cuda_graph_decode_chain<F: StorageElem>() {
         builder.synchronize().unwrap();
         let touched = adapters.touched(&segs);
         let y1_out = y1.read(&client);
-        check_y(&format!("{what} layer 1"), &y1_out, &y1_064, &delta1, &touched, width as usize, F::TOLERANCE);
+        // The tensor-core expand rounds scale·a to the storage type before its MMAs (as PEFT's
+        // bf16 forward does): one more rounding per term, which the element-wise bound at one
+        // tolerance does not always cover (runs 67–68: seeds 0 and 11 crossed it by 3–4%,
+        // exactly where the f64 reference with that rounding lands).
+        let tol = if matches!(expand, ExpandKernel::Mma { .. }) { 2.0 * F::TOLERANCE } else { F::TOLERANCE };
+        check_y(&format!("{what} layer 1"), &y1_out, &y1_064, &delta1, &touched, width as usize, tol);
         // Layer 2's reference reads layer 1's output as the device stored it.
         let y1_64: Vec<f64> = y1_out.iter().map(|v| v.as_f64()).collect();
         let delta2 = adapters.reference_expand(&layout, &segs, &adapters.reference_shrink(&layout, &segs, &y1_64, tokens), tokens);
-        check_y(&format!("{what} layer 2"), &y2.read(&client), &y2_064, &delta2, &touched, width as usize, F::TOLERANCE);
+        check_y(&format!("{what} layer 2"), &y2.read(&client), &y2_064, &delta2, &touched, width as usize, tol);
     }
 }
 
