@@ -413,7 +413,7 @@ fn decode_graph_rows<R: Runtime, E: StorageElem>(
     if let ShrinkKernel::Mma { config, .. } = within
         && config.k_splits > 1
     {
-        rows.extend(split_k_pair(opts, builder, decode, data, "graph splitk default", None, config));
+        rows.extend(split_k_pair(opts, builder, decode, data, "graph splitk default", None, config, SummingExpand::Default));
     }
     if opts.split_k {
         rows.extend(split_k_sweep(opts, builder, decode, data));
@@ -706,14 +706,25 @@ fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode
         best.extend(best_here);
     }
     for (shrink_us, config) in best {
-        rows.extend(split_k_pair(opts, builder, decode, data, "splitk pair", Some(shrink_us), config));
+        rows.extend(split_k_pair(opts, builder, decode, data, "splitk pair", Some(shrink_us), config, SummingExpand::CudaCore));
     }
     rows
 }
 
-/// The pair of the split-K shrink `config` and the CUDA-core expand summing its copies, from
-/// one graph of every rotation set, that expand alone, and the shrink alone unless it was
-/// timed already (`shrink_us`); the row's variant is `variant` and the tile.
+/// Which expand sums a split-K shrink's copies in `split_k_pair`.
+#[derive(Clone, Copy, PartialEq)]
+enum SummingExpand {
+    /// The CUDA-core expand (the split-K sweep's pairs).
+    CudaCore,
+    /// What `launch_expand` chooses for the copies (`ExpandKernel::choose_summing`).
+    Default,
+}
+
+/// The pair of the split-K shrink `config` and the `summing` expand of its copies, from one
+/// graph of every rotation set, that expand alone, and the shrink alone unless it was timed
+/// already (`shrink_us`); the row's variant is `variant` and the tile. With the default
+/// expand, also the pair under programmatic launch (a second row, "... pdl").
+#[allow(clippy::too_many_arguments)]
 fn split_k_pair<E: StorageElem>(
     opts: &Opts,
     builder: &mut GraphBuilder,
@@ -722,15 +733,21 @@ fn split_k_pair<E: StorageElem>(
     variant: &str,
     shrink_us: Option<f64>,
     config: MmaShrinkConfig,
-) -> Option<Row> {
+    summing: SummingExpand,
+) -> Vec<Row> {
     let DenseCase { layout, host_segs, segs, iters, case, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let sets = data.len();
     let k_splits = config.k_splits;
     let mut partials = decode.partial_copies(&cuda, sets, k_splits);
     let shrink = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
-    let expand_config = ExpandConfig::new(&cuda, layout, size_of::<E>(), host_segs.num_segments(), host_segs.max_segment_len());
-    let expand = ExpandKernel::Scalar(expand_config.summing(k_splits));
+    let (num_segments, max_len) = (host_segs.num_segments(), host_segs.max_segment_len());
+    let expand = match summing {
+        SummingExpand::CudaCore => {
+            ExpandKernel::Scalar(ExpandConfig::new(&cuda, layout, size_of::<E>(), num_segments, max_len).summing(k_splits))
+        }
+        SummingExpand::Default => ExpandKernel::choose_summing::<CudaRuntime, E>(&cuda, layout, num_segments, max_len, k_splits),
+    };
     let mut time_halves = |builder: &mut GraphBuilder, (with_shrink, with_expand): (bool, bool)| {
         let launch = |rec: &ComputeClient<RecordingRuntime>| {
             data.iter_mut().zip(&mut partials).try_for_each(|(d, p)| {
@@ -745,21 +762,32 @@ fn split_k_pair<E: StorageElem>(
         };
         time_recorded(opts, builder, &cuda, sets, iters, launch)
     };
-    let name = format!("{variant} n{} g{} k{} s{k_splits}", config.n_frags, config.k_groups, config.k_chunk);
+    let expand_name = match expand {
+        ExpandKernel::Scalar(_) => String::new(),
+        ExpandKernel::Mma { config, .. } => format!(" expand m{} n{}", config.m_frags, config.n_frags),
+    };
+    let name = format!("{variant} n{} g{} k{} s{k_splits}{expand_name}", config.n_frags, config.k_groups, config.k_chunk);
     let shrink_us = match shrink_us {
         Some(us) => Ok(us),
         None => time_halves(builder, (true, false)),
     };
+    let mut rows = Vec::new();
     match (shrink_us, time_halves(builder, (false, true)), time_halves(builder, (true, true))) {
         (Ok(shrink_us), Ok(expand_us), Ok(pair_us)) => {
             eprintln!("{case} {name}: shrink {shrink_us:.2} expand {expand_us:.2} pair {pair_us:.2} us");
-            Some(decode.row(name, shrink_us, expand_us, pair_us))
+            rows.push(decode.row(name.clone(), shrink_us, expand_us, pair_us));
         }
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-            eprintln!("{case} {name}: {e}");
-            None
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => eprintln!("{case} {name}: {e}"),
+    }
+    if summing == SummingExpand::Default && builder.set_programmatic_launch(true).is_ok() {
+        let pdl_us = time_halves(builder, (true, true));
+        builder.set_programmatic_launch(false).unwrap();
+        match pdl_us {
+            Ok(pair_us) => rows.push(decode.row(format!("{name} pdl"), f64::NAN, f64::NAN, pair_us)),
+            Err(e) => eprintln!("{case} {name} pdl: {e}"),
         }
     }
+    rows
 }
 
 /// Median over batches of the time per pair of `graphs` replayed in turn (about `iters` pairs
