@@ -294,8 +294,9 @@ pub(crate) fn expand_kernel<F: Float, NY: Size, NB: Size>(
 pub enum ExpandKernel {
     /// CUDA-core kernel: any dtype, any shape; best for segments of a few tokens.
     Scalar(ExpandConfig),
-    /// Tensor-core kernel for segments of 8 tokens or more. `token_splits` cubes share each segment's token
-    /// tiles (each loops over its share); 0 chooses a split that fills the GPU.
+    /// Tensor-core kernel, chosen for segments of 8 tokens or more. `token_splits` cubes
+    /// share each segment's token tiles (each loops over its share); 0 chooses a split that
+    /// fills the GPU.
     Mma { config: MmaExpandConfig, token_splits: u32 },
 }
 

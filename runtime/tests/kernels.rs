@@ -1306,8 +1306,8 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
         .unwrap();
         launched.unwrap();
         let what = format!("{family} seed {seed} T={tokens} {layout:?}");
-        // The register-staged tensor-core expand too (decode batches do not choose it by
-        // default), on a layout whose widths are multiples of 16.
+        // The register-staged tensor-core expand too, explicitly, on a layout whose widths are
+        // multiples of 16 (the random layouts above rarely allow it).
         let (mma_layout, _) = prefill_expand_layout(rng);
         let mma_adapters = Adapters::<F>::random(&client, rng, &mma_layout);
         let mma_segs = random_segments(rng, tokens, mma_layout.slots()).upload(&client);
