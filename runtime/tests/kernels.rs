@@ -1386,6 +1386,40 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
     assert!(err.to_string().contains("only kernel launches"), "{err}");
 }
 
+/// The expand a bf16 batch gets on an H100 (derived offline): the CUDA-core kernel while the
+/// longest segment is shorter than `DECODE_MIN_SEGMENT` tokens, from there the register-staged
+/// tensor-core tile (runs 67–68), and the pipelined prefill tile once 16-token tiles alone
+/// fill the GPU; f32 has no tensor-core MMA there and stays on the CUDA-core kernel.
+#[test]
+fn expand_choice_follows_the_longest_segment() {
+    use lorac_runtime::cuda_graph::{RecordingRuntime, record_launches};
+    use lorac_runtime::cuda_source::h100_properties;
+    use lorac_runtime::expand_mma::DECODE_MIN_SEGMENT;
+    let qkv = LoraLayout::new(nz(8), nz(16), 4096, 3, vec![slice("q", 4096, 0), slice("k", 1024, 1), slice("v", 1024, 2)], None).unwrap();
+    let batches = [(8, 1), (8, DECODE_MIN_SEGMENT - 1), (1, DECODE_MIN_SEGMENT), (8, 16), (1, 128), (8, 512)];
+    let (chosen, launches) = record_launches(&h100_properties(), |rec| {
+        let bf16 = batches.map(|(segments, longest)| ExpandKernel::choose::<RecordingRuntime, half::bf16>(rec, &qkv, segments, longest));
+        let f32 = batches.map(|(segments, longest)| ExpandKernel::choose::<RecordingRuntime, f32>(rec, &qkv, segments, longest));
+        (bf16, f32)
+    })
+    .unwrap();
+    assert!(launches.is_empty());
+    let (bf16, f32) = chosen;
+    for ((segments, longest), kernel) in batches.iter().zip(bf16) {
+        let what = format!("{segments} segments of up to {longest} tokens: {kernel:?}");
+        match kernel {
+            ExpandKernel::Scalar(_) => assert!(*longest < DECODE_MIN_SEGMENT, "{what}"),
+            ExpandKernel::Mma { config, .. } if *longest < 512 => {
+                assert!(*longest >= DECODE_MIN_SEGMENT && config.tensor_cores, "{what}");
+                assert_eq!((config.m_frags, config.n_frags, config.stages, config.a_splits), (1, 8, 1, 1), "{what}");
+            }
+            // 256 16-token tiles fill the H100's 132 multiprocessors: the prefill tile.
+            ExpandKernel::Mma { config, .. } => assert!(config.tensor_cores && config.stages > 1, "{what}"),
+        }
+    }
+    assert!(f32.iter().all(|k| matches!(k, ExpandKernel::Scalar(_))), "f32: {f32:?}");
+}
+
 /// The number of buffer parameters of `entry` in `source`, and the size in bytes of its
 /// `info_st` grid-constant parameter (0 when it takes none), from the struct's fields.
 fn entry_point_parameters(source: &str, entry: &str) -> (usize, usize) {
