@@ -10,7 +10,7 @@
 #   run(command="PART=2 bash runtime/scripts/gpu_decode_mma_default.sh", carry=["devbin"])   (and PART=3)
 source "$(dirname "$0")/gpu_env.sh"
 for f in devbin/*.xz devbin/prev/*.xz; do [ -e "${f%.xz}" ] || xz -dk "$f"; done
-cases="" 
+cases=""
 for m in qkv gate_up mla_qkv_a; do
     for r in 16 64; do
         cases="$cases,^$m R=$r T=8 adapters=1,^$m R=$r T=32 adapters=1,^$m R=$r T=128 "

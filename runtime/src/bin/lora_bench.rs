@@ -68,7 +68,7 @@ struct Opts {
     /// Decode cases: sweep the CUDA-core shrink's and expand's tilings, each timed from a
     /// CUDA graph (where the kernel, not the launch, is what the time measures).
     decode_sweep: bool,
-    /// Decode cases: the register-staged tensor-core expand in place of the CUDA-core one
+    /// Decode cases: the register-staged tensor-core expand whatever the segment lengths
     /// (see `decode_mma_expand`).
     decode_mma_expand: bool,
     /// Decode cases: sweep the tensor-core shrink with K split across cubes, and time the
@@ -428,8 +428,9 @@ fn decode_graph_rows<R: Runtime, E: StorageElem>(
 }
 
 /// Decode only: the register-staged tensor-core expand (one 16-token fragment row by 2, 4 or
-/// 8 column fragments per cube), which decode batches do not choose by default, in place of
-/// the CUDA-core one. "mma expand nN": alone in a graph of every rotation set (expand column)
+/// 8 column fragments per cube) whatever the batch's segments, where the default takes it
+/// only from 8-token segments on (`MmaExpandConfig::for_decode`, chosen from run 67's
+/// timings of these rows). "mma expand nN": alone in a graph of every rotation set (expand column)
 /// and paired with the default shrink (pair column); "... pdl" and "... pdl carveout": the
 /// pair as "graph pdl" and "graph pdl carveout" in `graph_rows`.
 fn decode_mma_expand<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &DenseCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
