@@ -102,9 +102,10 @@ impl MmaExpandConfig {
     }
 
     /// This tile with its token tiles staged through `stages` shared-memory buffers filled by
-    /// asynchronous copies (`stages` = 1: through registers, within [`SHARED_BUDGET`]), or `None` where the device has
-    /// no asynchronous copies or block barriers, `stages` is not 1–4, the y vectors are not
-    /// 16 bytes (the copy size), or the stages overrun the device's shared memory.
+    /// asynchronous copies (`stages` = 1: through registers, within [`SHARED_BUDGET`]), or
+    /// `None` where the device has no asynchronous copies or block barriers, `stages` is not
+    /// 1–4, the y vectors are not 16 bytes (the copy size), or the stages overrun the device's
+    /// shared memory.
     pub fn with_stages<F: CubePrimitive>(self, device: &DeviceProperties, stages: u32) -> Option<Self> {
         let base = MmaExpandConfig { stages: 1, ..self };
         let elem = size_of::<F>() as u32;
@@ -134,8 +135,7 @@ impl MmaExpandConfig {
         if !cmma_supported::<F>(device) {
             return None;
         }
-        let widest =
-            |m_frags| Self::with_tile::<F>(device, layout, m_frags, 8).or_else(|| Self::with_tile::<F>(device, layout, m_frags, 4));
+        let widest = |m_frags| Self::widest_tile::<F>(device, layout, m_frags);
         let register_staged = || widest(if max_segment_len >= 2 * TILE { 2 } else { 1 });
         let pipelined = if layout.max_rank() <= PIPELINED_MAX_RANK {
             widest(1).and_then(|config| config.with_stages::<F>(device, DEFAULT_STAGES))
@@ -174,7 +174,12 @@ impl MmaExpandConfig {
         if max_segment_len < DECODE_MIN_SEGMENT || !cmma_supported::<F>(device) {
             return None;
         }
-        Self::with_tile::<F>(device, layout, 1, 8).or_else(|| Self::with_tile::<F>(device, layout, 1, 4))
+        Self::widest_tile::<F>(device, layout, 1)
+    }
+
+    /// The `m_frags`-row tile with the widest column block that fits: 8 fragments, else 4.
+    fn widest_tile<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout, m_frags: u32) -> Option<Self> {
+        Self::with_tile::<F>(device, layout, m_frags, 8).or_else(|| Self::with_tile::<F>(device, layout, m_frags, 4))
     }
 
     /// This configuration adding up `a_splits` copies of partial sums as it stages the

@@ -434,7 +434,7 @@ fn decode_graph_rows<R: Runtime, E: StorageElem>(
 /// and paired with the default shrink (pair column); "... pdl" and "... pdl carveout": the
 /// pair as "graph pdl" and "graph pdl carveout" in `graph_rows`.
 fn decode_mma_expand<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &DenseCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
-    let DenseCase { layout, segs, iters, case, .. } = *decode;
+    let DenseCase { layout, iters, case, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let sets = data.len();
     let mut rows = Vec::new();
@@ -446,14 +446,7 @@ fn decode_mma_expand<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, de
         }
         let expand = Some(ExpandKernel::Mma { config, token_splits: 0 });
         let mut time = |builder: &mut GraphBuilder, with_shrink: bool| {
-            let launch = |rec: &ComputeClient<RecordingRuntime>| {
-                data.iter_mut().try_for_each(|d| {
-                    if with_shrink {
-                        launch_shrink(rec, layout, &d.pool, segs, &d.x, &mut d.a, None)?;
-                    }
-                    launch_expand(rec, layout, &d.pool, segs, &d.a, &mut d.y, expand)
-                })
-            };
+            let launch = |rec: &ComputeClient<RecordingRuntime>| launch_sets(rec, decode, data, (with_shrink, true), expand);
             time_recorded(opts, builder, &cuda, sets, iters, launch).unwrap_or_else(|e| {
                 eprintln!("{case} {name}: {e}");
                 f64::NAN
@@ -475,6 +468,28 @@ fn decode_mma_expand<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, de
         }
     }
     rows
+}
+
+/// Launches through `rec`, for every rotation set, the halves of its pair that `halves` says
+/// (shrink, expand): the default shrink into the set's intermediate, and `expand` (`None`: the
+/// default) from it into y.
+fn launch_sets<E: StorageElem>(
+    rec: &ComputeClient<RecordingRuntime>,
+    decode: &DenseCase,
+    data: &mut [DenseSet<E>],
+    (shrink, expand): (bool, bool),
+    expand_kernel: Option<ExpandKernel>,
+) -> lorac_runtime::Result<()> {
+    let DenseCase { layout, segs, .. } = *decode;
+    data.iter_mut().try_for_each(|d| {
+        if shrink {
+            launch_shrink(rec, layout, &d.pool, segs, &d.x, &mut d.a, None)?;
+        }
+        if expand {
+            launch_expand(rec, layout, &d.pool, segs, &d.a, &mut d.y, expand_kernel)?;
+        }
+        Ok(())
+    })
 }
 
 /// One dense case for the functions that time its variants (from CUDA graphs, or the
@@ -524,20 +539,9 @@ fn graph_rows<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &
     let DenseCase { layout, segs, iters, case, shrink_bytes, expand_bytes, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let sets = data.len();
-    let launch_pairs = |rec: &ComputeClient<RecordingRuntime>, data: &mut [DenseSet<E>], (shrink, expand): (bool, bool)| {
-        data.iter_mut().try_for_each(|d| {
-            if shrink {
-                launch_shrink(rec, layout, &d.pool, segs, &d.x, &mut d.a, None)?;
-            }
-            if expand {
-                launch_expand(rec, layout, &d.pool, segs, &d.a, &mut d.y, None)?;
-            }
-            Ok(())
-        })
-    };
     // Which halves of each set's pair to time: (shrink, expand).
     let time_one_graph = |builder: &mut GraphBuilder, data: &mut [DenseSet<E>], halves: (bool, bool)| {
-        time_recorded(opts, builder, &cuda, sets, iters, |rec| launch_pairs(rec, data, halves)).unwrap()
+        time_recorded(opts, builder, &cuda, sets, iters, |rec| launch_sets(rec, decode, data, halves, None)).unwrap()
     };
     let row = |variant: &str, pair_us: f64, saved: f64| Row {
         case: case.to_string(),
@@ -555,7 +559,7 @@ fn graph_rows<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &
     let pair_us = time_one_graph(builder, data, (true, true));
     rows.push(Row { shrink_us, expand_us, ..row("graph", pair_us, 0.0) });
 
-    let (done, launches) = record_launches(cuda.properties(), |rec| launch_pairs(rec, data, (true, true))).unwrap();
+    let (done, launches) = record_launches(cuda.properties(), |rec| launch_sets(rec, decode, data, (true, true), None)).unwrap();
     done.unwrap();
     let per_pair: Vec<LaunchGraph> = launches.chunks(launches.len() / sets).map(|pair| builder.capture(&cuda, pair).unwrap()).collect();
     drop(launches);
