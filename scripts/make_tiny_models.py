@@ -190,6 +190,30 @@ def cfg_llama():
     return c, LlamaForCausalLM, "LlamaForCausalLM: 2 layers, hidden 64, 4 q heads / 2 kv heads, head_dim 16, SwiGLU 128, llama3 rope scaling, untied embeddings"
 
 
+def cfg_llama_wide():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # The smallest Llama whose LoRA sites are wide enough for the runtime's K-split shrink:
+    # K = hidden = 1024 splits into four 256-wide shares, and qkv (3 slices) and gate_up (2) are
+    # 128 or more rows wide at a plan max rank of 64. One layer, two heads and a narrow MLP keep
+    # the bf16 checkpoint near 5 MB.
+    c = LlamaConfig(
+        hidden_size=1024,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=128,
+        hidden_act="silu",
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        **COMMON,
+    )
+    return c, LlamaForCausalLM, ("LlamaForCausalLM: 1 layer, hidden 1024, 2 q heads / 1 kv head, head_dim 128, SwiGLU 128, "
+                                 "untied embeddings, saved in bfloat16")
+
+
 def cfg_qwen3():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -422,8 +446,15 @@ ARCHS = {
     "qwen3_5": cfg_qwen3_5,
     "qwen3_5_moe": cfg_qwen3_5_moe,
     "nemotron_h": cfg_nemotron_h,
+    # Last: each model's seed is its position here.
+    "llama_wide": cfg_llama_wide,
 }
 SEEDS = {name: 1000 + i for i, name in enumerate(ARCHS)}
+# Checkpoints saved in another dtype than float32 (references still run in float32, on the
+# saved weights upcast).
+SAVE_DTYPES = {"llama_wide": torch.bfloat16}
+# Models with adapters and the mixed-batch references (the others: base-model references).
+WITH_ADAPTERS = ("llama", "llama_wide", "qwen3")
 
 # ---------------------------------------------------------------------------
 # Prompts / adapters
@@ -655,7 +686,7 @@ def make_model(name: str, out: Path, tok):
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
-    model.save_pretrained(str(d), safe_serialization=True)
+    model.to(SAVE_DTYPES.get(name, torch.float32)).save_pretrained(str(d), safe_serialization=True)
     # generation_config.json is noise for our purposes but harmless; keep it.
     save_tokenizer(tok, d)
     # Reload from disk so references come from exactly the committed weights.
@@ -973,8 +1004,8 @@ def write_manifest(out: Path, done: dict, skipped: dict):
     L += ["## Notes", "",
           "- Weights were created by transformers' own init with `initializer_range=0.08` (fixed seed per model), then every "
           "tensor that HF initialises to a constant (norm weights, biases, Mamba `D`, `e_score_correction_bias`, ...) got "
-          "N(0, 0.1) noise, then the model was saved with `save_pretrained(safe_serialization=True)` in float32 and reloaded "
-          "from disk to compute the references.",
+          "N(0, 0.1) noise, then the model was saved with `save_pretrained(safe_serialization=True)` in float32 (llama_wide: "
+          "bfloat16) and reloaded from disk in float32 to compute the references.",
           "- transformers 5 keeps MoE experts fused in memory (`mlp.experts.gate_up_proj` / `down_proj` 3-D tensors) but "
           "`save_pretrained` converts back to the hub layout, so every file here stores experts per expert "
           "(`...mlp.experts.{e}.gate_proj.weight` etc.), as real hub checkpoints do.",
@@ -1071,7 +1102,7 @@ def main():
             print(f"   SKIPPED {skipped[name]}", flush=True)
             continue
         cls = type(model)
-        if name in ("llama", "qwen3"):
+        if name in WITH_ADAPTERS:
             make_adapters_and_reference(name, model, tok, d, cls)
             if name == "llama":
                 make_bad_adapters(d, tok, cls)

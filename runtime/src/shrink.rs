@@ -310,6 +310,32 @@ impl ShrinkKernel {
         }
     }
 
+    /// [`Self::choose_within`] for a batch of `tokens` tokens whose intermediate buffer has
+    /// `room` floats: as many copies as it holds of `[tokens, groups·R]`.
+    pub fn choose_for_room<R: Runtime, F: Float>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        num_segments: usize,
+        max_segment_len: u32,
+        tokens: u32,
+        room: usize,
+    ) -> Self {
+        let per_copy = tokens as usize * (layout.groups() * layout.max_rank()) as usize;
+        let copies = room.checked_div(per_copy).unwrap_or(1).min(u32::MAX as usize) as u32;
+        Self::choose_within::<R, F>(client, layout, num_segments, max_segment_len, copies)
+    }
+
+    /// Floats of an intermediate for batches of up to `max_tokens` tokens that leaves
+    /// [`Self::choose_for_room`] the copies a K split wants on this layout: one copy for every
+    /// token, and the extra copies for the tokens up to [`MmaShrinkConfig::split_k_max_tokens`].
+    pub fn intermediate_len<R: Runtime, F: Float>(client: &ComputeClient<R>, layout: &LoraLayout, max_tokens: usize) -> usize {
+        let width = (layout.groups() * layout.max_rank()) as usize;
+        let props = client.properties();
+        let extra = MmaShrinkConfig::split_k_layout::<F>(props, layout).map_or(0, |c| c.k_splits as usize - 1);
+        let split_tokens = max_tokens.min(MmaShrinkConfig::split_k_max_tokens(props) as usize);
+        (max_tokens + extra * split_tokens) * width
+    }
+
     /// Copies of the intermediate the kernel writes (`[copies, tokens, groups·R]`): one per K
     /// split of the tensor-core kernel, each holding partial sums that the expand adds up
     /// (`ExpandConfig::a_splits` must match), else 1.

@@ -278,15 +278,30 @@ impl MmaShrinkConfig {
         num_segments: usize,
         max_segment_len: u32,
     ) -> Option<Self> {
-        let narrow = layout.groups() * layout.max_rank() < 128;
         let few_tokens = num_segments as u64 * u64::from(max_segment_len) < 64;
-        if !cmma_supported::<F>(device) || max_segment_len < TILE || few_tokens || narrow {
+        if max_segment_len < TILE || few_tokens || Self::for_batch::<F>(device, layout, num_segments, max_segment_len).is_some() {
             return None;
         }
-        if Self::for_batch::<F>(device, layout, num_segments, max_segment_len).is_some() {
+        Self::split_k_layout::<F>(device, layout)
+    }
+
+    /// The tile [`Self::split_k_for`] gives the batches it accepts on this layout, or `None`
+    /// where it accepts none: no tensor cores for `F`, an intermediate narrower than 128, or K
+    /// not splitting into four 256-wide shares. A caller sizes its intermediates by this
+    /// tile's `k_splits` copies, for at most [`Self::split_k_max_tokens`] tokens.
+    pub fn split_k_layout<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout) -> Option<Self> {
+        let narrow = layout.groups() * layout.max_rank() < 128;
+        if !cmma_supported::<F>(device) || narrow {
             return None;
         }
         Self::split_k_tile::<F>(device, layout, 1, 16, SPLIT_K_COPIES, &[256])
+    }
+
+    /// Tokens from which [`Self::for_batch`] takes every batch it has a tile for, so that
+    /// [`Self::split_k_for`] declines it: a batch of `n` segments has at least `tokens / 16 / n`
+    /// 16-token tiles in its longest, so at least one per multiprocessor from here on.
+    pub fn split_k_max_tokens(device: &DeviceProperties) -> u32 {
+        TILE * crate::config::multiprocessors(device)
     }
 
     /// A tile of one 16-token fragment row by `n_frags` fragments of A rows, with `k_groups`

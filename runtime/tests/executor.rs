@@ -72,6 +72,12 @@ fn qwen3_mixed_batch_matches_reference() {
     mixed_batch_matches_reference("qwen3", LoraShrink::Kernel);
 }
 
+/// The fixture with hidden 1024 and rank-64 sites (bf16 checkpoint, run in f32 here).
+#[test]
+fn llama_wide_mixed_batch_matches_reference() {
+    mixed_batch_matches_reference(common::WIDE, LoraShrink::Kernel);
+}
+
 #[test]
 fn llama_mixed_batch_matches_reference_shrink_in_gemm() {
     mixed_batch_matches_reference("llama", FOLDED);

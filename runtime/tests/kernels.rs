@@ -1420,6 +1420,51 @@ fn expand_choice_follows_the_longest_segment() {
     assert!(f32.iter().all(|k| matches!(k, ExpandKernel::Scalar(_))), "f32: {f32:?}");
 }
 
+/// Offline, on an H100's properties: the room a caller sizes by `ShrinkKernel::intermediate_len`
+/// holds the copies of a K-split shrink for the batches that take one (at most 16 tokens per
+/// multiprocessor), and `choose_for_room` splits K only where the room holds every copy.
+#[test]
+fn split_k_shrink_follows_the_room() {
+    use lorac_runtime::cuda_graph::{RecordingRuntime, record_launches};
+    use lorac_runtime::cuda_source::h100_properties;
+    let qkv = |rank: u32| {
+        let slices = vec![slice("q", 4096, 0), slice("k", 1024, 1), slice("v", 1024, 2)];
+        LoraLayout::new(nz(8), nz(rank), 4096, 3, slices, None).unwrap()
+    };
+    let (wide, narrow) = (qkv(64), qkv(16));
+    let max_split_tokens = MmaShrinkConfig::split_k_max_tokens(&h100_properties()) as usize;
+    assert_eq!(max_split_tokens, 16 * 132);
+    let ((), launches) = record_launches(&h100_properties(), |rec| {
+        let len = |layout: &LoraLayout, tokens: usize, bf16: bool| {
+            if bf16 {
+                ShrinkKernel::intermediate_len::<RecordingRuntime, half::bf16>(rec, layout, tokens)
+            } else {
+                ShrinkKernel::intermediate_len::<RecordingRuntime, f32>(rec, layout, tokens)
+            }
+        };
+        // (tokens, bf16) → floats: four copies of rank-64 qkv in bf16 up to 2112 tokens, one beyond;
+        // rank 16 (48 rows) and f32 (no tensor cores) never split.
+        assert_eq!(len(&wide, 128, true), 4 * 128 * 192);
+        assert_eq!(len(&wide, 8192, true), (8192 + 3 * max_split_tokens) * 192);
+        assert_eq!(len(&narrow, 128, true), 128 * 48);
+        assert_eq!(len(&wide, 128, false), 128 * 192);
+        let copies = |segments: usize, longest: u32, tokens: u32, room_copies: usize| {
+            let room = room_copies * tokens as usize * 192;
+            ShrinkKernel::choose_for_room::<RecordingRuntime, half::bf16>(rec, &wide, segments, longest, tokens, room).intermediate_copies()
+        };
+        // 8 segments of 16 tokens: split in four where the room holds four copies, else whole.
+        assert_eq!(copies(8, 16, 128, 4), SPLIT_K_COPIES);
+        assert_eq!(copies(8, 16, 128, 100), SPLIT_K_COPIES);
+        assert_eq!(copies(8, 16, 128, 3), 1);
+        assert_eq!(copies(8, 16, 128, 1), 1);
+        // Decode (one token per segment) and prefill (16-token tiles fill the GPU) never split.
+        assert_eq!(copies(8, 1, 8, 4), 1);
+        assert_eq!(copies(8, 512, 4096, 4), 1);
+    })
+    .unwrap();
+    assert!(launches.is_empty());
+}
+
 /// The number of buffer parameters of `entry` in `source`, and the size in bytes of its
 /// `info_st` grid-constant parameter (0 when it takes none), from the struct's fields.
 fn entry_point_parameters(source: &str, entry: &str) -> (usize, usize) {

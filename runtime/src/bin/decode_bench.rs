@@ -14,7 +14,9 @@
 //! same plan and engine serve every case, so the 0-adapter case runs the LoRA-enabled plan
 //! with no adapter rows (a step without adapter rows launches no LoRA kernel). Where the
 //! engine folded LoRA shrinks into the projection GEMMs (`LoraShrink`), every case with
-//! adapters runs twice on the same engine: folded ("gemm") and with the shrink kernel.
+//! adapters runs twice on the same engine: folded ("gemm") and with the shrink kernel. With
+//! `--split-k-ab` every case with adapters runs once more with the K-split shrink turned off
+//! ("kernel-nosplit"); each row says how many shrinks split K.
 //!
 //! Also measured: the read-back the step does ([rows, vocab] logits to the host and to f32),
 //! and with `--ops` each base op of one decode step on its own (the four projections, lm_head
@@ -23,7 +25,7 @@
 //!
 //! Usage: `decode_bench --model DIR --plan PLAN [--adapters DIR...] [--batches 1,8,32]
 //! [--adapter-counts 0,1,8] [--prompt-len 128] [--steps 64] [--warmup 8] [--ops] [--csv FILE]
-//! [--matmul-sweep] [--wgpu-f32]`. `--adapters` takes the adapter directories (slot order);
+//! [--matmul-sweep] [--wgpu-f32] [--split-k-ab]`. `--adapters` takes the adapter directories (slot order);
 //! `--wgpu-f32` runs an f32 engine on wgpu instead (a plumbing check on the tiny fixtures, no
 //! GPU needed). `--matmul-sweep` (with `--ops`) also times every matmul path at the decode
 //! projections: our dispatcher, the tiled kernel and cubek-matmul's strategies.
@@ -62,6 +64,8 @@ struct Args {
     matmul_sweep: bool,
     csv: Option<PathBuf>,
     wgpu_f32: bool,
+    /// Every case with adapters also with the K-split shrink turned off ("kernel-nosplit").
+    split_k_ab: bool,
 }
 
 fn parse_list(name: &str, value: &str) -> Result<Vec<usize>, String> {
@@ -83,6 +87,7 @@ fn parse_args() -> Result<Args, String> {
         matmul_sweep: false,
         csv: None,
         wgpu_f32: false,
+        split_k_ab: false,
     };
     let mut it = std::env::args().skip(1).peekable();
     while let Some(flag) = it.next() {
@@ -106,6 +111,7 @@ fn parse_args() -> Result<Args, String> {
             "--ops-only" => args.ops_only = true,
             "--matmul-sweep" => args.matmul_sweep = true,
             "--wgpu-f32" => args.wgpu_f32 = true,
+            "--split-k-ab" => args.split_k_ab = true,
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
@@ -274,21 +280,27 @@ fn run<R: Runtime, F: EngineElem>(client: ComputeClient<R>, args: &Args) -> Resu
             }
             // With adapters, both places of the LoRA shrink on the same engine (when start-up
             // folded any site): folded into the GEMM, then the separate kernel.
-            let modes: &[(&'static str, u32)] = match (n, folded) {
-                (0, _) => &[("-", 0)],
-                (_, 0) => &[("kernel", 0)],
-                _ => &[("gemm", fold_capacity), ("kernel", 0)],
+            let mut modes: Vec<(&'static str, u32, bool)> = match (n, folded) {
+                (0, _) => vec![("-", 0, true)],
+                (_, 0) => vec![("kernel", 0, true)],
+                _ => vec![("gemm", fold_capacity, true), ("kernel", 0, true)],
             };
-            for &(shrink, fold_tokens) in modes {
+            if args.split_k_ab && n > 0 {
+                modes.push(("kernel-nosplit", 0, false));
+            }
+            for (shrink, fold_tokens, split_k) in modes {
                 engine.set_folded_shrink_max_tokens(fold_tokens).map_err(|e| e.to_string())?;
+                engine.set_lora_split_k(split_k);
+                let splits_before = engine.split_k_shrinks();
                 // Warm-up round: kernels compiled for these shapes, workspaces allocated.
                 run_sequences(&mut engine, &prompts, n, 0, 2)?;
                 let (prefill_ms, step_ms) = run_sequences(&mut engine, &prompts, n, args.warmup, args.steps)?;
+                let split_k_shrinks = engine.split_k_shrinks() - splits_before;
                 let readback_ms = readback_ms::<R, F>(&client, batch, vocab)?;
                 let r = CaseResult { batch, adapters: n, shrink, prefill_ms, step_ms, readback_ms };
                 let median = quantile(&r.step_ms, 0.5);
                 println!(
-                    "batch {batch:>3} adapters {n} shrink {shrink}: step median {median:.3} ms (p10 {:.3}, p90 {:.3}), {:.1} tok/s; prefill {batch}×{} tokens {prefill_ms:.1} ms; logits read-back {readback_ms:.3} ms",
+                    "batch {batch:>3} adapters {n} shrink {shrink}: step median {median:.3} ms (p10 {:.3}, p90 {:.3}), {:.1} tok/s; prefill {batch}×{} tokens {prefill_ms:.1} ms; logits read-back {readback_ms:.3} ms; {split_k_shrinks} shrinks split K",
                     quantile(&r.step_ms, 0.1),
                     quantile(&r.step_ms, 0.9),
                     batch as f64 / median * 1e3,
@@ -297,6 +309,7 @@ fn run<R: Runtime, F: EngineElem>(client: ComputeClient<R>, args: &Args) -> Resu
                 results.push(r);
             }
             engine.set_folded_shrink_max_tokens(fold_capacity).map_err(|e| e.to_string())?;
+            engine.set_lora_split_k(true);
         }
     }
 

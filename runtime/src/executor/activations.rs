@@ -31,7 +31,8 @@ pub(crate) struct TokenViews<F> {
     pub o: DeviceBuffer<F>,
     pub gate_up: DeviceBuffer<F>,
     pub act: DeviceBuffer<F>,
-    /// LoRA intermediates by width (groups · max_rank), f32.
+    /// LoRA intermediates by width (groups · max_rank), f32, each at full capacity: a site
+    /// takes the prefix its shrink writes (one copy of `[t, width]`, or a K split's copies).
     pub lora_a: HashMap<usize, DeviceBuffer<f32>>,
     /// The folded GEMM's output at full capacity (see [`TokenViews::gemm_scratch`]).
     gemm: Option<(usize, DeviceBuffer<F>)>,
@@ -66,6 +67,7 @@ pub(crate) struct HeadViews<F> {
     pub x: DeviceBuffer<F>,
     pub logits: DeviceBuffer<F>,
     pub next: DeviceBuffer<i32>,
+    /// lm_head's LoRA intermediate at full capacity (as [`TokenViews::lora_a`]).
     pub lora_a: Option<DeviceBuffer<f32>>,
 }
 
@@ -74,6 +76,13 @@ pub(crate) struct HeadViews<F> {
 struct Slot {
     offset: u64,
     per_row: usize,
+}
+
+/// A buffer viewed whole at every step (`len` elements).
+#[derive(Debug, Clone, Copy)]
+struct Whole {
+    offset: u64,
+    len: usize,
 }
 
 pub(crate) struct Activations {
@@ -87,12 +96,12 @@ pub(crate) struct Activations {
     o: Slot,
     gate_up: Slot,
     act: Slot,
-    lora_a: Vec<(usize, Slot)>,
+    lora_a: Vec<(usize, Whole)>,
     head_last: Slot,
     head_x: Slot,
     logits: Slot,
     next: Slot,
-    head_lora_a: Option<Slot>,
+    head_lora_a: Option<Whole>,
     /// Rows and slot of the folded GEMM's output.
     gemm: Option<(usize, Slot)>,
     /// Rows and slot of the split-attention partials.
@@ -110,12 +119,16 @@ impl Layout {
         self.bytes = (offset + (rows * per_row * elem) as u64).next_multiple_of(VIEW_ALIGN);
         Slot { offset, per_row }
     }
+
+    fn place_whole(&mut self, len: usize, elem: usize) -> Whole {
+        Whole { offset: self.place(1, len, elem).offset, len }
+    }
 }
 
 impl Activations {
     /// Lays out and allocates the arena for `max_tokens` token rows and `max_head_rows` rows
-    /// per lm_head pass; `lora_widths` are the LoRA intermediate widths of the layers and
-    /// `head_lora_width` that of lm_head; `gemm_scratch` the (rows, width) of the folded GEMM's
+    /// per lm_head pass; `lora_buffers` are the (width, f32 elements) of the layers' LoRA
+    /// intermediates and `head_lora_len` the elements of lm_head's; `gemm_scratch` the (rows, width) of the folded GEMM's
     /// output, where some site folds its shrink into the GEMM; `attn_partial` the (rows, floats
     /// per row) of the split-sequence attention partials.
     pub fn new<R: Runtime, F: CubeElement>(
@@ -123,8 +136,8 @@ impl Activations {
         desc: &ModelDesc,
         max_tokens: usize,
         max_head_rows: usize,
-        lora_widths: &[usize],
-        head_lora_width: Option<usize>,
+        lora_buffers: &[(usize, usize)],
+        head_lora_len: Option<usize>,
         gemm_scratch: Option<(usize, usize)>,
         attn_partial: Option<(usize, usize)>,
     ) -> ExecResult<Self> {
@@ -137,12 +150,12 @@ impl Activations {
         let o = l.place(t, desc.hidden, e);
         let gate_up = l.place(t, 2 * desc.inter, e);
         let act = l.place(t, desc.inter, e);
-        let lora_a = lora_widths.iter().map(|&w| (w, l.place(t, w, 4))).collect();
+        let lora_a = lora_buffers.iter().map(|&(w, len)| (w, l.place_whole(len, 4))).collect();
         let head_last = l.place(r, desc.hidden, e);
         let head_x = l.place(r, desc.hidden, e);
         let logits = l.place(r, desc.vocab, e);
         let next = l.place(r, 1, 4);
-        let head_lora_a = head_lora_width.map(|w| l.place(r, w, 4));
+        let head_lora_a = head_lora_len.map(|len| l.place_whole(len, 4));
         let gemm = gemm_scratch.filter(|&(rows, _)| rows > 0).map(|(rows, w)| (rows, l.place(rows, w, e)));
         let attn_partial = attn_partial.filter(|&(rows, _)| rows > 0).map(|(rows, w)| (rows, l.place(rows, w, 4)));
         if l.bytes / 4 >= u32::MAX as u64 {
@@ -187,6 +200,10 @@ impl Activations {
         self.arena.view(slot.offset, rows * slot.per_row).map_err(|e| ExecutorError::Plan(format!("activation arena: {e}")))
     }
 
+    fn whole<E: CubeElement>(&self, whole: Whole) -> ExecResult<DeviceBuffer<E>> {
+        self.arena.view(whole.offset, whole.len).map_err(|e| ExecutorError::Plan(format!("activation arena: {e}")))
+    }
+
     /// The activations of a `t`-token step.
     pub fn tokens<F: CubeElement>(&self, t: usize) -> ExecResult<TokenViews<F>> {
         if t > self.max_tokens {
@@ -200,7 +217,7 @@ impl Activations {
             o: self.view(self.o, t)?,
             gate_up: self.view(self.gate_up, t)?,
             act: self.view(self.act, t)?,
-            lora_a: self.lora_a.iter().map(|&(w, slot)| Ok((w, self.view(slot, t)?))).collect::<ExecResult<_>>()?,
+            lora_a: self.lora_a.iter().map(|&(w, whole)| Ok((w, self.whole(whole)?))).collect::<ExecResult<_>>()?,
             gemm: self.gemm.map(|(rows, slot)| Ok::<_, ExecutorError>((rows, self.view(slot, rows)?))).transpose()?,
             attn_partial: self.attn_partial.map(|(rows, slot)| Ok::<_, ExecutorError>((rows, self.view(slot, rows)?))).transpose()?,
         })
@@ -216,7 +233,7 @@ impl Activations {
             x: self.view(self.head_x, rows)?,
             logits: self.view(self.logits, rows)?,
             next: self.view(self.next, rows)?,
-            lora_a: self.head_lora_a.map(|slot| self.view(slot, rows)).transpose()?,
+            lora_a: self.head_lora_a.map(|whole| self.whole(whole)).transpose()?,
         })
     }
 }

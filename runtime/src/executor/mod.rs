@@ -63,6 +63,7 @@ mod metadata;
 mod model;
 mod weights;
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -311,6 +312,10 @@ pub struct Engine<R: Runtime, F: EngineElem> {
     /// Longest step whose folded sites run the folded GEMM (`LoraShrink`); at most the rows of
     /// the arena's folded-GEMM buffer.
     fold_tokens: usize,
+    /// Whether LoRA shrinks may split K ([`Engine::set_lora_split_k`]).
+    split_k: bool,
+    /// Shrinks launched with K split across cubes since start-up ([`Engine::split_k_shrinks`]).
+    split_k_shrinks: Cell<u64>,
 }
 
 fn nonzero(v: u32, what: &str) -> ExecResult<u32> {
@@ -406,17 +411,28 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let rope_table = DeviceBuffer::upload(&client, &table);
 
         let host_pool = HostPool::new(&plan)?;
+        let limits = plan.limits;
+        let max_tokens = nonzero(limits.max_batch_tokens, "max_batch_tokens")? as usize;
+        let max_seqs = nonzero(limits.max_seqs, "max_seqs")? as usize;
+        // LoRA intermediates, one buffer per width (groups · max_rank) shared by the sites of
+        // that width, with room for the copies of a K-split shrink where one applies.
         let lora_width = |b: usize| {
             let layout = &plan.ranks[0].lora_buffers[b].layout;
             (layout.groups() * layout.max_rank()) as usize
         };
-        let mut lora_widths: Vec<usize> =
-            desc.layer_lora.iter().flatten().flatten().chain(&desc.embed_lora).map(|&b| lora_width(b)).collect();
-        lora_widths.sort_unstable();
-        lora_widths.dedup();
-        let limits = plan.limits;
-        let max_tokens = nonzero(limits.max_batch_tokens, "max_batch_tokens")? as usize;
-        let max_seqs = nonzero(limits.max_seqs, "max_seqs")? as usize;
+        let lora_len =
+            |b: usize, rows: usize| shrink::ShrinkKernel::intermediate_len::<R, F>(&client, &plan.ranks[0].lora_buffers[b].layout, rows);
+        let mut lora_buffers: Vec<(usize, usize)> = desc
+            .layer_lora
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|&b| (lora_width(b), lora_len(b, max_tokens)))
+            .chain(desc.embed_lora.map(|b| (lora_width(b), lora_width(b) * max_tokens)))
+            .collect();
+        // Longest first, so that dedup keeps each width's longest.
+        lora_buffers.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        lora_buffers.dedup_by_key(|(width, _)| *width);
         // lm_head rows: one per sequence (the plan's `Rows::Seqs`); `LogitsMode::All` runs
         // several head passes of at most this many rows.
         // The folded GEMM's output `[t, N + S·c·R]`, for steps up to the folding threshold.
@@ -438,8 +454,8 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
             &desc,
             max_tokens,
             max_seqs,
-            &lora_widths,
-            desc.lm_head_lora.map(lora_width),
+            &lora_buffers,
+            desc.lm_head_lora.map(|b| lora_len(b, max_seqs)),
             gemm_scratch,
             Some((split_rows, split_floats)),
         )?;
@@ -471,6 +487,8 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
             meta,
             plan,
             fold_tokens: fold_capacity,
+            split_k: true,
+            split_k_shrinks: Cell::new(0),
         };
         // Folded sites: the pool's A lives in the weight allocation, after W.
         let mut a_views: HashMap<usize, DeviceBuffer<F>> = HashMap::new();
@@ -520,6 +538,20 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
     pub fn lora_sites_in_gemm(&self) -> (usize, usize) {
         let sites = self.desc.layer_lora.iter().zip(&self.weights.layers).flat_map(|(lora, w)| lora.iter().zip(&w.linears));
         sites.filter(|(b, _)| b.is_some()).fold((0, 0), |(folded, all), (_, lin)| (folded + usize::from(lin.folded.is_some()), all + 1))
+    }
+
+    /// Whether LoRA shrinks may split K across cubes (on by default; start-up sizes the LoRA
+    /// intermediates for the copies either way): benchmarks compare both on one engine.
+    pub fn set_lora_split_k(&mut self, on: bool) {
+        self.split_k = on;
+    }
+
+    /// LoRA shrinks launched with K split across cubes since start-up: where the device has
+    /// tensor cores for the engine's dtype, a step whose segments are too few 16-token tiles
+    /// to fill it splits K on wide sites (`MmaShrinkConfig::split_k_for`), writing partial sums
+    /// into copies of the intermediate that the expand adds up.
+    pub fn split_k_shrinks(&self) -> u64 {
+        self.split_k_shrinks.get()
     }
 
     pub fn client(&self) -> &ComputeClient<R> {
@@ -920,7 +952,8 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         batch: &DeviceAttentionBatch,
         segs: &DeviceSegments,
     ) -> ExecResult<()> {
-        let Engine { client, desc, weights, caches, lora, rope, rope_table, eps, plan, fold_tokens, .. } = self;
+        let Engine { client, desc, weights, caches, lora, rope, rope_table, eps, plan, fold_tokens, split_k, split_k_shrinks, .. } = self;
+        let split_k = *split_k;
         let buffers = &plan.ranks[0].lora_buffers;
         let (h, eps) = (desc.hidden, *eps);
         // Views are handles: the `mut` copies write the arena's memory.
@@ -935,7 +968,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         };
         gather::launch_embedding_lookup(client, &weights.embed, ids, &mut hs, desc.vocab, h).ctx(|| "embedding lookup".into())?;
         if let Some(b) = desc.embed_lora {
-            let mut a = lora_a(width(b))?;
+            let mut a = lora_a(width(b))?.prefix(t * width(b)).ctx(|| "embedding LoRA".into())?;
             embedding::launch_embedding(client, &buffers[b].layout, &lora[b].pool, segs, ids, &mut a, &mut hs, None)
                 .ctx(|| "embedding LoRA".into())?;
         }
@@ -971,10 +1004,8 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
                 _ => {
                     matmul::launch_matmul(client, x, &lin.base, y, t, n, k, None).ctx(what)?;
                     let Some(b) = lora_b else { return Ok(()) };
-                    let layout = &buffers[b].layout;
-                    let mut a = lora_a(width(b))?;
-                    shrink::launch_shrink(client, layout, &lora[b].pool, segs, x, &mut a, None).ctx(what)?;
-                    expand::launch_expand(client, layout, &lora[b].pool, segs, &a, y, None).ctx(what)
+                    let a_room = lora_a(width(b))?;
+                    lora_pair(client, &buffers[b].layout, &lora[b].pool, segs, x, &a_room, split_k, y, split_k_shrinks).ctx(what)
                 }
             }
         };
@@ -1017,7 +1048,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
     /// One head pass: gathers the `idx` rows of the step's residual stream `h` (`t` rows), then
     /// the final norm, lm_head (+LoRA) and argmax into `hw`.
     fn head(&self, t: usize, h: &DeviceBuffer<F>, idx: &DeviceBuffer<u32>, segs: &DeviceSegments, hw: &HeadViews<F>) -> ExecResult<()> {
-        let Engine { client, desc, weights, lora, eps, plan, .. } = self;
+        let Engine { client, desc, weights, lora, eps, plan, split_k, split_k_shrinks, .. } = self;
         let (width, v, rows) = (desc.hidden, desc.vocab, idx.len());
         let (mut last, mut x, mut logits, mut next) = (hw.last.clone(), hw.x.clone(), hw.logits.clone(), hw.next.clone());
         gather::launch_gather_rows(client, h, idx, &mut last, t, width).ctx(|| "lm_head row gather".into())?;
@@ -1025,12 +1056,35 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         matmul::launch_matmul(client, &x, &weights.lm_head, &mut logits, rows, v, width, None).ctx(|| "lm_head".into())?;
         if let (Some(b), Some(a)) = (desc.lm_head_lora, hw.lora_a.as_ref()) {
             let layout = &plan.ranks[0].lora_buffers[b].layout;
-            let mut a = a.clone();
-            shrink::launch_shrink(client, layout, &lora[b].pool, segs, &x, &mut a, None).ctx(|| "lm_head LoRA".into())?;
-            expand::launch_expand(client, layout, &lora[b].pool, segs, &a, &mut logits, None).ctx(|| "lm_head LoRA".into())?;
+            lora_pair(client, layout, &lora[b].pool, segs, &x, a, *split_k, &mut logits, split_k_shrinks).ctx(|| "lm_head LoRA".into())?;
         }
         argmax::launch_argmax(client, &logits, &mut next, rows, v).ctx(|| "argmax".into())
     }
+}
+
+/// The shrink and expand of one LoRA site. The shrink's kernel is chosen for the room in
+/// `a_room` (the site's intermediate at full capacity): with `split_k`, a K split where it
+/// holds the copies, counted in `split_k_shrinks`. The expand reads the copies the shrink wrote.
+#[allow(clippy::too_many_arguments)]
+fn lora_pair<R: Runtime, F: EngineElem>(
+    client: &ComputeClient<R>,
+    layout: &lorac_plan::LoraLayout,
+    pool: &AdapterPool<F>,
+    segs: &DeviceSegments,
+    x: &DeviceBuffer<F>,
+    a_room: &DeviceBuffer<f32>,
+    split_k: bool,
+    y: &mut DeviceBuffer<F>,
+    split_k_shrinks: &Cell<u64>,
+) -> crate::error::Result<()> {
+    let one_copy = segs.tokens as usize * (layout.groups() * layout.max_rank()) as usize;
+    let room = if split_k { a_room.len() } else { one_copy };
+    let kernel = shrink::ShrinkKernel::choose_for_room::<R, F>(client, layout, segs.num_segments, segs.max_segment_len, segs.tokens, room);
+    let copies = kernel.intermediate_copies();
+    let mut a = a_room.prefix(copies as usize * one_copy)?;
+    shrink::launch_shrink(client, layout, pool, segs, x, &mut a, Some(kernel))?;
+    split_k_shrinks.set(split_k_shrinks.get() + u64::from(copies > 1));
+    expand::launch_expand(client, layout, pool, segs, &a, y, None)
 }
 
 /// Queues a validated [`Segments`] into the four regions of its kind.

@@ -18,14 +18,22 @@ pub fn fixture(model: &str) -> PathBuf {
     root.join(model)
 }
 
-/// The executor tests' plan: rank 16, 4 slots, every target, 256 batch tokens, 8 sequences,
-/// 2048 cached tokens; `dtype` None keeps the fixture's float32.
+/// The fixture whose LoRA sites are wide enough for the K-split shrink (hidden 1024, saved
+/// in bf16); its plan's max rank is [`WIDE_MAX_RANK`].
+pub const WIDE: &str = "llama_wide";
+
+/// The wide fixture's plan rank: qkv (3 slices) and gate_up (2) are then 192 and 128 rows wide.
+pub const WIDE_MAX_RANK: u32 = 64;
+
+/// The executor tests' plan: rank 16 ([`WIDE_MAX_RANK`] for [`WIDE`]), 4 slots, every target,
+/// 256 batch tokens, 8 sequences, 2048 cached tokens; `dtype` None: float32.
 pub fn plan_for(dir: &Path, tp: u32, dtype: Option<DType>) -> lorac_plan::Plan {
-    let mut opts = lorac_compiler::CompileOptions::new(tp, 16, 4, &["all"]).expect("options");
+    let max_rank = if dir.ends_with(WIDE) { WIDE_MAX_RANK } else { 16 };
+    let mut opts = lorac_compiler::CompileOptions::new(tp, max_rank, 4, &["all"]).expect("options");
     opts.max_batch_tokens = std::num::NonZeroU32::new(256).unwrap();
     opts.max_seqs = std::num::NonZeroU32::new(8).unwrap();
     opts.kv_cache_tokens = 2048;
-    opts.dtype = dtype;
+    opts.dtype = Some(dtype.unwrap_or(DType::F32));
     lorac_compiler::compile(dir, &opts).expect("compile")
 }
 
