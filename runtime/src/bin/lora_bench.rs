@@ -728,7 +728,8 @@ enum SummingExpand {
 /// The pair of the split-K shrink `config` and the `summing` expand of its copies, from one
 /// graph of every rotation set, that expand alone, and the shrink alone unless it was timed
 /// already (`shrink_us`); the row's variant is `variant` and the tile. With the default
-/// expand, also the pair under programmatic launch (a second row, "... pdl").
+/// expand, also the pair under programmatic launch ("... pdl"), and so with every kernel
+/// preferring the largest shared-memory carveout ("... pdl carveout").
 #[allow(clippy::too_many_arguments)]
 fn split_k_pair<E: StorageElem>(
     opts: &Opts,
@@ -786,10 +787,15 @@ fn split_k_pair<E: StorageElem>(
     }
     if summing == SummingExpand::Default && builder.set_programmatic_launch(true).is_ok() {
         let pdl_us = time_halves(builder, (true, true));
+        builder.set_shared_memory_carveout(Some(100)).unwrap();
+        let carveout_us = time_halves(builder, (true, true));
+        builder.set_shared_memory_carveout(None).unwrap();
         builder.set_programmatic_launch(false).unwrap();
-        match pdl_us {
-            Ok(pair_us) => rows.push(decode.row(format!("{name} pdl"), f64::NAN, f64::NAN, pair_us)),
-            Err(e) => eprintln!("{case} {name} pdl: {e}"),
+        for (suffix, us) in [("pdl", pdl_us), ("pdl carveout", carveout_us)] {
+            match us {
+                Ok(pair_us) => rows.push(decode.row(format!("{name} {suffix}"), f64::NAN, f64::NAN, pair_us)),
+                Err(e) => eprintln!("{case} {name} {suffix}: {e}"),
+            }
         }
     }
     rows

@@ -128,9 +128,9 @@ impl Layout {
 impl Activations {
     /// Lays out and allocates the arena for `max_tokens` token rows and `max_head_rows` rows
     /// per lm_head pass; `lora_buffers` are the (width, f32 elements) of the layers' LoRA
-    /// intermediates and `head_lora_len` the elements of lm_head's; `gemm_scratch` the (rows, width) of the folded GEMM's
-    /// output, where some site folds its shrink into the GEMM; `attn_partial` the (rows, floats
-    /// per row) of the split-sequence attention partials.
+    /// intermediates and `head_lora_len` the elements of lm_head's; `gemm_scratch` the (rows,
+    /// width) of the folded GEMM's output, where some site folds its shrink into the GEMM;
+    /// `attn_partial` the (rows, floats per row) of the split-sequence attention partials.
     pub fn new<R: Runtime, F: CubeElement>(
         client: &ComputeClient<R>,
         desc: &ModelDesc,
