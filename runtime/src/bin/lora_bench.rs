@@ -663,10 +663,12 @@ fn decode_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode:
 }
 
 /// Decode only: the tensor-core shrink with K split across cubes (one 16-token fragment row
-/// per cube; 1 or the widest row block of up to four fragments; 1–16 K groups; 4–32 splits,
+/// per cube; 1 or the widest row block of up to four fragments; 1–16 K groups; 2–32 splits,
 /// each split's share in chunks of 128 inputs, or 256 for 16 K groups), each alone in a graph
 /// of every rotation set (see `graph_rows`); then, for each split count, the fastest shrink's
-/// pair with the CUDA-core expand summing its copies ("splitk pair", see `split_k_pair`).
+/// pair with the CUDA-core expand summing its copies ("splitk pair", see `split_k_pair`) and
+/// with the default one ("splitk pair default": the tensor-core expand from 8-token segments,
+/// plain and under PDL).
 /// The bytes count the intermediate once, as for the other kernels (the copies add
 /// `k_splits − 1` more).
 fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &DenseCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
@@ -679,7 +681,7 @@ fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode
     // The fastest shrink of each split count: the expand reads every copy, so fewer splits
     // may make the faster pair.
     let mut best: Vec<(f64, MmaShrinkConfig)> = Vec::new();
-    for k_splits in [4, 8, 16, 32] {
+    for k_splits in [2, 4, 8, 16, 32] {
         let mut best_here: Option<(f64, MmaShrinkConfig)> = None;
         let mut partials = decode.partial_copies(&cuda, sets, k_splits);
         for n_frags in [1, widest].into_iter().take(if widest > 1 { 2 } else { 1 }) {
@@ -712,6 +714,7 @@ fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode
     }
     for (shrink_us, config) in best {
         rows.extend(split_k_pair(opts, builder, decode, data, "splitk pair", Some(shrink_us), config, SummingExpand::CudaCore));
+        rows.extend(split_k_pair(opts, builder, decode, data, "splitk pair default", Some(shrink_us), config, SummingExpand::Default));
     }
     rows
 }
