@@ -126,5 +126,5 @@ fn both_config_spellings_agree() {
         assert_eq!(a, b, "{}", dir.display());
         compared += 1;
     }
-    assert_eq!(compared, 6);
+    assert_eq!(compared, 7);
 }
