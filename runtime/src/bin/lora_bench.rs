@@ -664,7 +664,8 @@ fn decode_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode:
 
 /// Decode only: the tensor-core shrink with K split across cubes (one 16-token fragment row
 /// per cube; 1 or the widest row block of up to four fragments; 1–16 K groups; 2–32 splits,
-/// each split's share in chunks of 128 inputs, or 256 for 16 K groups), each alone in a graph
+/// each split's share in chunks of 128 inputs, or 256 for 16 K groups; staged through
+/// registers or 2–4 shared-memory stages, " stN"), each alone in a graph
 /// of every rotation set (see `graph_rows`); then, for each split count, the fastest shrink's
 /// pair with the CUDA-core expand summing its copies ("splitk pair", see `split_k_pair`) and
 /// with the default one ("splitk pair default": the tensor-core expand from 8-token segments,
@@ -685,12 +686,16 @@ fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode
         let mut best_here: Option<(f64, MmaShrinkConfig)> = None;
         let mut partials = decode.partial_copies(&cuda, sets, k_splits);
         for n_frags in [1, widest].into_iter().take(if widest > 1 { 2 } else { 1 }) {
-            for k_groups in [1, 2, 4, 8, 16] {
+            let tiles = [1, 2, 4, 8, 16].into_iter().filter_map(|k_groups| {
                 let chunks = [128, 256, 64, 32, 16];
-                let Some(config) = MmaShrinkConfig::split_k_tile::<E>(device, layout, n_frags, k_groups, k_splits, &chunks) else {
-                    continue;
-                };
-                let name = format!("splitk n{n_frags} g{k_groups} k{} s{k_splits}", config.k_chunk);
+                MmaShrinkConfig::split_k_tile::<E>(device, layout, n_frags, k_groups, k_splits, &chunks)
+            });
+            // Each tile staged through registers (one chunk ahead) and, where the device has
+            // asynchronous copies, through 2–4 shared-memory stages (up to three chunks ahead).
+            let staged = tiles.flat_map(|config| (1..=4).filter_map(move |stages| config.with_stages::<E>(device, stages)));
+            for config in staged {
+                let (k_groups, stages) = (config.k_groups, config.stages);
+                let name = format!("splitk n{n_frags} g{k_groups} k{} s{k_splits}{}", config.k_chunk, stage_suffix(stages));
                 if !opts.selects_variant(&name) {
                     continue;
                 }
@@ -717,6 +722,11 @@ fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode
         rows.extend(split_k_pair(opts, builder, decode, data, "splitk pair default", Some(shrink_us), config, SummingExpand::Default));
     }
     rows
+}
+
+/// " stN" for a shrink staged through N shared-memory stages, nothing for the register-staged one.
+fn stage_suffix(stages: u32) -> String {
+    if stages > 1 { format!(" st{stages}") } else { String::new() }
 }
 
 /// Which expand sums a split-K shrink's copies in `split_k_pair`.
@@ -775,7 +785,13 @@ fn split_k_pair<E: StorageElem>(
         ExpandKernel::Scalar(_) => String::new(),
         ExpandKernel::Mma { config, .. } => format!(" expand m{} n{}", config.m_frags, config.n_frags),
     };
-    let name = format!("{variant} n{} g{} k{} s{k_splits}{expand_name}", config.n_frags, config.k_groups, config.k_chunk);
+    let name = format!(
+        "{variant} n{} g{} k{} s{k_splits}{}{expand_name}",
+        config.n_frags,
+        config.k_groups,
+        config.k_chunk,
+        stage_suffix(config.stages)
+    );
     let shrink_us = match shrink_us {
         Some(us) => Ok(us),
         None => time_halves(builder, (true, false)),
