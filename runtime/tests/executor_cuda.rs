@@ -7,7 +7,10 @@
 //!   per row by decode steps over the paged KV cache, which must agree with the reference
 //!   wherever the reference's top-1/top-2 margin exceeds twice the measured logit error; the
 //!   last-position logits of every prompt under every adapter;
-//! * f32 engines on CUDA at the wgpu tests' tolerance (KL and |Δlogit| < 1e-3).
+//! * f32 engines on CUDA at the wgpu tests' tolerance (KL and |Δlogit| < 1e-3);
+//! * the wide fixture (`llama_wide`, hidden 1024, plan rank 64), whose bf16 prefill splits K
+//!   in the qkv and gate_up shrinks (asserted through `Engine::split_k_shrinks`; the tiny
+//!   models must not split).
 //!
 //! Built only with `--features cuda-tests` (needs an NVIDIA GPU). The device machine has no
 //! source tree: `LORAC_TINY_FIXTURES` overrides the fixture directory (default

@@ -25,8 +25,8 @@
 //!
 //! Usage: `decode_bench --model DIR --plan PLAN [--adapters DIR...] [--batches 1,8,32]
 //! [--adapter-counts 0,1,8] [--prompt-len 128] [--steps 64] [--warmup 8] [--ops] [--csv FILE]
-//! [--matmul-sweep] [--wgpu-f32] [--split-k-ab]`. `--adapters` takes the adapter directories (slot order);
-//! `--wgpu-f32` runs an f32 engine on wgpu instead (a plumbing check on the tiny fixtures, no
+//! [--matmul-sweep] [--wgpu-f32] [--split-k-ab]`. `--adapters` takes the adapter directories
+//! (slot order); `--wgpu-f32` runs an f32 engine on wgpu instead (a plumbing check on the tiny fixtures, no
 //! GPU needed). `--matmul-sweep` (with `--ops`) also times every matmul path at the decode
 //! projections: our dispatcher, the tiled kernel and cubek-matmul's strategies.
 //! `decode_bench --ops-only [--matmul-sweep] [--batches ...]` runs only those op timings, at
