@@ -456,15 +456,9 @@ fn decode_mma_expand<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, de
         let pair_us = time(builder, true);
         eprintln!("{case} {name}: expand {expand_us:.2} pair {pair_us:.2} us");
         rows.push(decode.row(name.clone(), f64::NAN, expand_us, pair_us));
-        if builder.set_programmatic_launch(true).is_ok() {
-            let pdl_us = time(builder, true);
-            builder.set_shared_memory_carveout(Some(100)).unwrap();
-            let carveout_us = time(builder, true);
-            builder.set_shared_memory_carveout(None).unwrap();
-            builder.set_programmatic_launch(false).unwrap();
-            eprintln!("{case} {name}: pair pdl {pdl_us:.2} pdl carveout {carveout_us:.2} us");
-            rows.push(decode.row(format!("{name} pdl"), f64::NAN, f64::NAN, pdl_us));
-            rows.push(decode.row(format!("{name} pdl carveout"), f64::NAN, f64::NAN, carveout_us));
+        for (suffix, pair_us) in pdl_timings(builder, |b| time(b, true)).into_iter().flatten() {
+            eprintln!("{case} {name}: pair {suffix} {pair_us:.2} us");
+            rows.push(decode.row(format!("{name} {suffix}"), f64::NAN, f64::NAN, pair_us));
         }
     }
     rows
@@ -570,17 +564,11 @@ fn graph_rows<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &
     rows.push(row("graph per pair", pair_us, 0.0));
     drop(per_pair);
 
-    // The same graph as "graph", each kernel a programmatic dependent of the one before it.
-    if builder.set_programmatic_launch(true).is_ok() {
-        let pair_us = time_one_graph(builder, data, (true, true));
-        rows.push(row("graph pdl", pair_us, 0.0));
-        // And with every kernel on the largest shared-memory split: an SM changes its split
-        // only when idle, which it rarely is between programmatic launches.
-        builder.set_shared_memory_carveout(Some(100)).unwrap();
-        let pair_us = time_one_graph(builder, data, (true, true));
-        rows.push(row("graph pdl carveout", pair_us, 0.0));
-        builder.set_shared_memory_carveout(None).unwrap();
-        builder.set_programmatic_launch(false).unwrap();
+    // The same graph as "graph", each kernel a programmatic dependent of the one before it,
+    // and so with every kernel on the largest shared-memory split (an SM changes its split
+    // only when idle, which it rarely is between programmatic launches).
+    for (suffix, pair_us) in pdl_timings(builder, |b| time_one_graph(b, data, (true, true))).into_iter().flatten() {
+        rows.push(row(&format!("graph {suffix}"), pair_us, 0.0));
     }
 
     let tokens = segs.tokens();
@@ -804,20 +792,27 @@ fn split_k_pair<E: StorageElem>(
         }
         (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => eprintln!("{case} {name}: {e}"),
     }
-    if summing == SummingExpand::Default && builder.set_programmatic_launch(true).is_ok() {
-        let pdl_us = time_halves(builder, (true, true));
-        builder.set_shared_memory_carveout(Some(100)).unwrap();
-        let carveout_us = time_halves(builder, (true, true));
-        builder.set_shared_memory_carveout(None).unwrap();
-        builder.set_programmatic_launch(false).unwrap();
-        for (suffix, us) in [("pdl", pdl_us), ("pdl carveout", carveout_us)] {
-            match us {
-                Ok(pair_us) => rows.push(decode.row(format!("{name} {suffix}"), f64::NAN, f64::NAN, pair_us)),
-                Err(e) => eprintln!("{case} {name} {suffix}: {e}"),
-            }
+    let timings = if summing == SummingExpand::Default { pdl_timings(builder, |b| time_halves(b, (true, true))) } else { None };
+    for (suffix, us) in timings.into_iter().flatten() {
+        match us {
+            Ok(pair_us) => rows.push(decode.row(format!("{name} {suffix}"), f64::NAN, f64::NAN, pair_us)),
+            Err(e) => eprintln!("{case} {name} {suffix}: {e}"),
         }
     }
     rows
+}
+
+/// `time` under programmatic dependent launch ("pdl"), then so with every kernel preferring the
+/// largest shared-memory carveout ("pdl carveout"); the builder is left as it was. `None`
+/// where the device has no programmatic launch.
+fn pdl_timings<T>(builder: &mut GraphBuilder, mut time: impl FnMut(&mut GraphBuilder) -> T) -> Option<[(&'static str, T); 2]> {
+    builder.set_programmatic_launch(true).ok()?;
+    let pdl = time(builder);
+    builder.set_shared_memory_carveout(Some(100)).unwrap();
+    let carveout = time(builder);
+    builder.set_shared_memory_carveout(None).unwrap();
+    builder.set_programmatic_launch(false).unwrap();
+    Some([("pdl", pdl), ("pdl carveout", carveout)])
 }
 
 /// Median over batches of the time per pair of `graphs` replayed in turn (about `iters` pairs
