@@ -106,11 +106,12 @@ pub fn shrink_source<R: Runtime, F: Float + CubeElement>(
     let settings = settings(CubeDim::new_2d(32, config.warps()));
     let n = config.vector as usize;
     // Arguments in the kernel's order: seven arrays, the scalars `k` and `x_row_divisor`, the
-    // vector width `N`.
+    // vector width `N`, the tile and the grid dependency point (marked: a comment until a
+    // programmatic launch lowers it).
     let definition = if config.stages > 1 {
-        ShrinkMmaPipelinedKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), (), (), n, config).define()
+        ShrinkMmaPipelinedKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), (), (), n, config, true).define()
     } else {
-        ShrinkMmaKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), (), (), n, config).define()
+        ShrinkMmaKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), (), (), n, config, true).define()
     };
     lower(definition)
 }

@@ -460,6 +460,8 @@ pub(crate) fn launch_shrink_rows<R: Runtime, F: Float + CubeElement>(
                         k,
                         divisor,
                         config,
+                        // Segments a kernel wrote are read only after the wait.
+                        !segs.written_by_kernels,
                     );
                 } else {
                     shrink_mma_kernel::launch_unchecked::<F, R>(
@@ -477,6 +479,8 @@ pub(crate) fn launch_shrink_rows<R: Runtime, F: Float + CubeElement>(
                         k,
                         divisor,
                         config,
+                        // Segments a kernel wrote are read only after the wait.
+                        !segs.written_by_kernels,
                     );
                 }
             }

@@ -30,6 +30,7 @@ use cubecl::prelude::*;
 use lorac_plan::LoraLayout;
 
 use crate::batch::NO_SLOT;
+use crate::cuda_graph::grid_dependency_point;
 
 /// M, N and K of one MMA.
 pub(crate) const TILE: u32 = 16;
@@ -419,6 +420,7 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     k: u32,
     x_row_divisor: u32,
     #[comptime] cfg: MmaShrinkConfig,
+    #[comptime] grid_dependency: bool,
 ) {
     let tm = comptime!((cfg.m_frags * TILE) as usize);
     let tn = comptime!((cfg.n_frags * TILE) as usize);
@@ -457,16 +459,20 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
     let mut x_staged = Array::<Vector<F, N>>::new(x_per);
     let mut a_staged = Array::<Vector<F, N>>::new(a_per);
     #[unroll]
-    for s in 0..x_per {
-        if tid + s * threads < comptime!(tm * kc_vecs) {
-            x_staged[s] = x[x_src[s]];
-        }
-    }
-    #[unroll]
     for s in 0..a_per {
         a_staged[s] = Vector::<F, N>::new(F::new(0.0));
         if a_live[s] {
             a_staged[s] = a_pool[a_src[s]];
+        }
+    }
+    // x may be the previous kernel's output; A and the batch metadata read above are not
+    // (without `grid_dependency` the metadata may be): under a programmatic launch the first
+    // chunk of A is in flight while the kernel before finishes.
+    grid_dependency_point(grid_dependency, true);
+    #[unroll]
+    for s in 0..x_per {
+        if tid + s * threads < comptime!(tm * kc_vecs) {
+            x_staged[s] = x[x_src[s]];
         }
     }
 

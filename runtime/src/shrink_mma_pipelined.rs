@@ -16,6 +16,7 @@
 use cubecl::prelude::barrier::{Barrier, copy_async};
 use cubecl::prelude::*;
 
+use crate::cuda_graph::grid_dependency_point;
 use crate::shrink_mma::{
     MmaShrinkConfig, TILE, accumulator_floats, cube_tile, multiply_chunk, new_accumulators, stage_sources, store_accumulators, store_tile,
     warp_block,
@@ -34,6 +35,7 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     k: u32,
     x_row_divisor: u32,
     #[comptime] cfg: MmaShrinkConfig,
+    #[comptime] grid_dependency: bool,
 ) {
     let tm = comptime!((cfg.m_frags * TILE) as usize);
     let tn = comptime!((cfg.n_frags * TILE) as usize);
@@ -68,11 +70,23 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     // This cube's share of K: its sources already start there (`stage_sources`).
     let chunks = k as usize / kc / comptime!(cfg.k_splits as usize);
     let stages = comptime!(cfg.stages as usize);
-    // Fill every stage but the last before the first multiply.
+    // Fill every stage but the last before the first multiply: their A first, then, past the
+    // grid dependency point, their x (x may be the previous kernel's output; A and the batch
+    // metadata read above are not, without `grid_dependency` the metadata may be). Under a
+    // programmatic launch `stages − 1` chunks of A are in flight while the kernel before
+    // finishes.
     #[unroll]
     for s in 0..comptime!(cfg.stages as usize - 1) {
         if s < chunks {
-            fill::<F, N>(x, a_pool, &mut x_tiles, &mut a_tiles, &barriers, &x_src, &a_src, &a_live, s, s * kc_vecs, cfg);
+            copy_a_chunk::<F, N>(a_pool, &mut a_tiles, &a_src, &a_live, s, s * kc_vecs, cfg);
+        }
+    }
+    grid_dependency_point(grid_dependency, true);
+    #[unroll]
+    for s in 0..comptime!(cfg.stages as usize - 1) {
+        if s < chunks {
+            copy_x_chunk::<F, N>(x, &mut x_tiles, &x_src, s, s * kc_vecs, cfg);
+            arrive_on_stage(&barriers, s);
         }
     }
 
@@ -179,18 +193,30 @@ fn fill<F: Float, N: Size>(
     step: usize,
     #[comptime] cfg: MmaShrinkConfig,
 ) {
+    copy_a_chunk::<F, N>(a_pool, a_tiles, a_src, a_live, stage, step, cfg);
+    copy_x_chunk::<F, N>(x, x_tiles, x_src, stage, step, cfg);
+    arrive_on_stage(barriers, stage);
+}
+
+/// Issues this thread's asynchronous copies of one chunk of the x tile into stage `stage`
+/// (tracked by the stage's barrier from the thread's next arrival on it).
+#[cube]
+fn copy_x_chunk<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    x_tiles: &mut SharedMemory<Vector<F, N>>,
+    x_src: &Array<usize>,
+    #[comptime] stage: usize,
+    step: usize,
+    #[comptime] cfg: MmaShrinkConfig,
+) {
     let tm = comptime!((cfg.m_frags * TILE) as usize);
-    let tn = comptime!((cfg.n_frags * TILE) as usize);
     let threads = comptime!(cfg.warps() as usize * 32);
     let kc_vecs = comptime!((cfg.k_chunk / cfg.vector) as usize);
     let sv = comptime!((cfg.k_chunk as usize + 8) / cfg.vector as usize);
-    let x_per = comptime!((tm * kc_vecs).div_ceil(threads));
-    let a_per = comptime!((tn * kc_vecs).div_ceil(threads));
     let x_stage = comptime!(stage * tm * sv);
-    let a_stage = comptime!(stage * tn * sv);
     let tid = UNIT_POS as usize;
     #[unroll]
-    for s in 0..x_per {
+    for s in 0..comptime!((tm * kc_vecs).div_ceil(threads)) {
         let v = tid + s * threads;
         if v < comptime!(tm * kc_vecs) {
             let src = x_src[s] + step;
@@ -198,8 +224,28 @@ fn fill<F: Float, N: Size>(
             copy_async(&x.slice(src, src + 1), &mut x_tiles.slice_mut(dst, dst + 1), comptime!(cfg.vector));
         }
     }
+}
+
+/// Issues this thread's asynchronous copies of one chunk of the live A rows into stage
+/// `stage` (tracked by the stage's barrier from the thread's next arrival on it).
+#[cube]
+fn copy_a_chunk<F: Float, N: Size>(
+    a_pool: &Array<Vector<F, N>>,
+    a_tiles: &mut SharedMemory<Vector<F, N>>,
+    a_src: &Array<usize>,
+    a_live: &Array<bool>,
+    #[comptime] stage: usize,
+    step: usize,
+    #[comptime] cfg: MmaShrinkConfig,
+) {
+    let tn = comptime!((cfg.n_frags * TILE) as usize);
+    let threads = comptime!(cfg.warps() as usize * 32);
+    let kc_vecs = comptime!((cfg.k_chunk / cfg.vector) as usize);
+    let sv = comptime!((cfg.k_chunk as usize + 8) / cfg.vector as usize);
+    let a_stage = comptime!(stage * tn * sv);
+    let tid = UNIT_POS as usize;
     #[unroll]
-    for s in 0..a_per {
+    for s in 0..comptime!((tn * kc_vecs).div_ceil(threads)) {
         let v = tid + s * threads;
         if a_live[s] {
             let src = a_src[s] + step;
@@ -207,5 +253,4 @@ fn fill<F: Float, N: Size>(
             copy_async(&a_pool.slice(src, src + 1), &mut a_tiles.slice_mut(dst, dst + 1), comptime!(cfg.vector));
         }
     }
-    arrive_on_stage(barriers, stage);
 }

@@ -1320,9 +1320,28 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
                 .unwrap();
         launched.unwrap();
         launches.extend(mma_launches);
-        assert_eq!(launches.len(), 4, "{what}: one launch per call: {launches:?}");
+        // The tensor-core shrink, register-staged and through shared-memory stages, on a
+        // layout of whole 16-wide K steps.
+        let (shrink_layout, _) = prefill_shrink_layout(seed, rng);
+        let shrink_adapters = Adapters::<F>::random(&client, rng, &shrink_layout);
+        let shrink_segs = random_segments(rng, tokens, shrink_layout.slots()).upload(&client);
+        let shrink_x = DeviceBuffer::<F>::upload(&client, &random_x::<F>(rng, &shrink_layout, tokens as usize).0);
+        let mut shrink_a = poisoned_intermediate(&client, &shrink_layout, tokens as usize);
+        let staged = MmaShrinkConfig::with_tile::<F>(&device, &shrink_layout, 1, 1).expect("a 16 x 16 shrink tile");
+        let pipelined = staged.with_stages::<F>(&device, 2).expect("two shared-memory stages");
+        let (launched, shrink_launches) = record_launches(&device, |rec| {
+            for config in [staged, pipelined] {
+                let kernel = Some(ShrinkKernel::Mma { config, tiles_per_segment: 0 });
+                launch_shrink(rec, &shrink_layout, &shrink_adapters.pool, &shrink_segs, &shrink_x, &mut shrink_a, kernel)?;
+            }
+            Ok::<_, LoraError>(())
+        })
+        .unwrap();
+        launched.unwrap();
+        launches.extend(shrink_launches);
+        assert_eq!(launches.len(), 6, "{what}: one launch per call: {launches:?}");
         let names: Vec<&str> = launches.iter().map(|l| l.kernel.name()).collect();
-        for (name, family) in names.iter().zip(["shrink", "expand", "fused", "expand_mma"]) {
+        for (name, family) in names.iter().zip(["shrink", "expand", "fused", "expand_mma", "shrink_mma", "shrink_mma_pipelined"]) {
             assert!(name.contains(family), "{what}: recorded {names:?}");
         }
         for launch in &launches {
@@ -1332,9 +1351,9 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
             // cubecl packs the block in 8-byte words.
             assert_eq!(info_bytes.div_ceil(8), launch.args.info.data.len(), "{what}: {} info block", lowered.entrypoint);
             assert!(launch.args.tensor_maps.is_empty() && launch.args.info.dynamic_metadata_offset == launch.args.info.data.len());
-            // As a programmatic dependent (Hopper): the decode shrink and expand wait at their
-            // grid dependency points (after loading A, after staging B), any other kernel
-            // before anything else.
+            // As a programmatic dependent (Hopper): the shrinks and expands wait at their grid
+            // dependency points (after loading or issuing their first A, after staging B), the
+            // fused kernel before anything else.
             let marker = format!("// {GRID_DEPENDENCY_POINT}");
             let points = lowered.source.matches(&marker).count();
             let dependent = lowered.clone().with_grid_dependency().unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -1348,7 +1367,7 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
             // touch after it: x and the intermediate it writes (shrink), the intermediate and
             // y (expand).
             let (prefetched, dependent_buffers): (&[usize], &[usize]) = match name {
-                name if name.contains("fused") || name.contains("pipelined") || name.contains("shrink_mma") => (&[], &[]),
+                name if name.contains("fused") => (&[], &[]),
                 name if name.contains("shrink") => (&[1], &[0, 6]),
                 _ => (&[1], &[0, 2]),
             };
@@ -1361,7 +1380,8 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
                 assert!(!dependent.source.contains(&marker), "{what}: a point left unreplaced");
                 let wait_at = dependent.source.find("griddepcontrol.wait;").expect("a wait");
                 let before = &dependent.source[body..wait_at];
-                let touched = |i: &usize| before.contains(&format!("buffer_{i}["));
+                // An index, or an address for an asynchronous copy.
+                let touched = |i: &usize| before.contains(&format!("buffer_{i}[")) || before.contains(&format!("buffer_{i} + "));
                 assert!(prefetched.iter().all(touched), "{what}: {} loads none of {prefetched:?} before its wait", lowered.entrypoint);
                 assert!(
                     !dependent_buffers.iter().any(touched),
@@ -1378,7 +1398,7 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
         let expand_info = &launches[1].args.info.data;
         assert_eq!(expand_info[0] as u32, layout.out_features(), "{what}: expand scalars {expand_info:?}");
     }
-    assert_eq!(checked, 4 * CASES);
+    assert_eq!(checked, 6 * CASES);
     // A write cannot be replayed by a graph of launches: recording one is an error, not a
     // silently missing write.
     let refused = record_launches(&device, |rec| DeviceBuffer::<f32>::upload(rec, &[1.0, 2.0]));
@@ -1544,7 +1564,7 @@ fn cuda_graph_decode<F: StorageElem>() {
 /// Two layers chained through y in one graph of programmatic launches: shrink(x) → expand into
 /// y1 → shrink(y1) → expand into y2. The second shrink loads its A before its grid dependency
 /// point and x (here y1, the expand's output) after it: read any earlier and y2 would be the
-/// delta of y1's old values.
+/// delta of y1's old values. Runs the CUDA-core and both tensor-core shrinks.
 #[cfg(feature = "cuda-tests")]
 fn cuda_graph_decode_chain<F: StorageElem>() {
     use cubecl::cuda::CudaRuntime;
@@ -1576,7 +1596,17 @@ fn cuda_graph_decode_chain<F: StorageElem>() {
             _ => None,
         }
         .unwrap_or(chosen);
-        let what = format!("chain seed {seed} T={tokens} {layout:?} {expand:?}");
+        // Independently, a third of the seeds each: the default shrink, the register-staged
+        // tensor-core one and the one staged through shared memory (where the rank allows);
+        // each loads (or issues the copies of) its first A before its grid dependency point.
+        let mma_shrink = MmaShrinkConfig::with_tile::<F>(client.properties(), &layout, 1, 1);
+        let shrink = match seed / 3 % 3 {
+            1 => mma_shrink,
+            2 => mma_shrink.and_then(|config| config.with_stages::<F>(client.properties(), 3)),
+            _ => None,
+        }
+        .map(|config| ShrinkKernel::Mma { config, tiles_per_segment: 0 });
+        let what = format!("chain seed {seed} T={tokens} {layout:?} {shrink:?} {expand:?}");
         let (x, x64) = random_x::<F>(rng, &layout, tokens as usize);
         let delta1 = adapters.reference_expand(&layout, &segs, &adapters.reference_shrink(&layout, &segs, &x64, tokens), tokens);
         let (y1_0, y1_064) = initial_y::<F>(rng, &delta1);
@@ -1589,9 +1619,9 @@ fn cuda_graph_decode_chain<F: StorageElem>() {
             (poisoned_intermediate(&client, &layout, tokens as usize), poisoned_intermediate(&client, &layout, tokens as usize));
         let (mut y1, mut y2) = (DeviceBuffer::upload(&client, &y1_0), DeviceBuffer::upload(&client, &y2_0));
         let (launched, launches) = record_launches(client.properties(), |rec| {
-            launch_shrink(rec, &layout, &adapters.pool, &dev_segs, &x, &mut a1, None)?;
+            launch_shrink(rec, &layout, &adapters.pool, &dev_segs, &x, &mut a1, shrink)?;
             launch_expand(rec, &layout, &adapters.pool, &dev_segs, &a1, &mut y1, Some(expand))?;
-            launch_shrink(rec, &layout, &adapters.pool, &dev_segs, &y1, &mut a2, None)?;
+            launch_shrink(rec, &layout, &adapters.pool, &dev_segs, &y1, &mut a2, shrink)?;
             launch_expand(rec, &layout, &adapters.pool, &dev_segs, &a2, &mut y2, Some(expand))
         })
         .unwrap();
