@@ -264,8 +264,8 @@ impl MmaShrinkConfig {
     /// the device has no tensor cores for `F`, the batch's longest segment is shorter than one
     /// 16-token fragment, its segments hold fewer than 64 tokens at most (segments × longest),
     /// the intermediate is narrower than 128 (`c·R`: rank 64 over two or more slices), or K
-    /// does not split into four 256-wide shares. The tile: one fragment of A rows, 16 K groups
-    /// over 256-wide chunks, K in [`SPLIT_K_COPIES`] shares.
+    /// does not split into four 128-wide shares. The tile: [`Self::split_k_layout`]'s, K in
+    /// [`SPLIT_K_COPIES`] shares.
     ///
     /// H100, pairs from CUDA graphs (runtime/BENCHMARKS.md, runs 52–53): at rank 64 and 128
     /// tokens (8 segments of 16, or one of 128) the pair with the summing expand took qkv
@@ -288,14 +288,23 @@ impl MmaShrinkConfig {
 
     /// The tile [`Self::split_k_for`] gives the batches it accepts on this layout, or `None`
     /// where it accepts none: no tensor cores for `F`, an intermediate narrower than 128, or K
-    /// not splitting into four 256-wide shares. A caller sizes its intermediates by this
+    /// not splitting into four 128-wide shares. A caller sizes its intermediates by this
     /// tile's `k_splits` copies, for at most [`Self::split_k_max_tokens`] tokens.
+    ///
+    /// The tile: one fragment of A rows, four K groups over 128-wide chunks staged through
+    /// four shared-memory stages (three chunks in flight, their A issued before the grid
+    /// dependency point). Without asynchronous copies, 16 K groups over 256-wide chunks
+    /// staged through registers. H100, rank 64, 128 tokens in 8 segments, pairs with the
+    /// tensor-core summing expand from CUDA graphs (runtime/BENCHMARKS.md, runs 76–78, three
+    /// rounds): under programmatic launch qkv 15.2–15.5 → 14.6–14.9 µs, gate_up 31.1–31.2 →
+    /// 29.7–29.8, MLA 15.9–16.8 → 13.7–14.5; plainly launched MLA −5%, qkv and gate_up equal.
     pub fn split_k_layout<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout) -> Option<Self> {
         let narrow = layout.groups() * layout.max_rank() < 128;
         if !cmma_supported::<F>(device) || narrow {
             return None;
         }
-        Self::split_k_tile::<F>(device, layout, 1, 16, SPLIT_K_COPIES, &[256])
+        let staged = Self::split_k_tile::<F>(device, layout, 1, 4, SPLIT_K_COPIES, &[128]).and_then(|c| c.with_stages::<F>(device, 4));
+        staged.or_else(|| Self::split_k_tile::<F>(device, layout, 1, 16, SPLIT_K_COPIES, &[256]))
     }
 
     /// Tokens from which [`Self::for_batch`] takes every batch it has a tile for, so that

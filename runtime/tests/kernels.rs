@@ -1214,7 +1214,8 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     // at rank 16; then lowered for every configuration the CUDA tests run.
     let qkv64 = LoraLayout::new(nz(8), nz(64), 4096, 3, vec![slice("q", 4096, 0), slice("k", 1024, 1), slice("v", 1024, 2)], None).unwrap();
     let chosen = MmaShrinkConfig::split_k_for::<F>(&device, &qkv64, 8, 16).expect("split-K shrink for rank-64 qkv at T = 128");
-    assert_eq!((chosen.tile(), chosen.k_chunk, chosen.k_groups, chosen.k_splits), (ShrinkTile::new(1, 1), 256, 16, SPLIT_K_COPIES));
+    let tile = (chosen.tile(), chosen.k_chunk, chosen.k_groups, chosen.k_splits, chosen.stages);
+    assert_eq!(tile, (ShrinkTile::new(1, 1), 128, 4, SPLIT_K_COPIES, 4));
     assert!(shrink_source::<_, F>(&client, chosen).is_ok_and(|source| source.contains("mma_sync")));
     assert_eq!(MmaShrinkConfig::split_k_for::<F>(&device, &qkv64, 8, 4), None);
     let qkv16 = LoraLayout::new(nz(8), nz(16), 4096, 3, vec![slice("q", 4096, 0), slice("k", 1024, 1), slice("v", 1024, 2)], None).unwrap();
