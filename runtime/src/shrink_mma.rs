@@ -261,18 +261,18 @@ impl MmaShrinkConfig {
 
     /// The decode tile with K splits ([`Self::k_splits`]) for a batch whose segments do not
     /// fill the GPU with 16-token tiles (where [`Self::for_batch`] declines), or `None` where
-    /// the device has no tensor cores for `F`, the batch's longest segment is shorter than one
-    /// 16-token fragment, its segments hold fewer than 64 tokens at most (segments × longest),
-    /// the intermediate is narrower than 128 (`c·R`: rank 64 over two or more slices), or K
-    /// does not split into four 128-wide shares. The tile: [`Self::split_k_layout`]'s, K in
-    /// [`SPLIT_K_COPIES`] shares.
+    /// [`Self::split_k_layout`] has no tile for the layout, the batch's longest segment is
+    /// shorter than one 16-token fragment, or its segments hold fewer than 64 tokens at most
+    /// (segments × longest).
     ///
-    /// H100, pairs from CUDA graphs (runtime/BENCHMARKS.md, runs 52–53): at rank 64 and 128
-    /// tokens (8 segments of 16, or one of 128) the pair with the summing expand took qkv
-    /// 31.2 → 22.5 and 28.4 → 19.4 µs, MLA 31.0 → 18.4 and 26.4 → 15.8 µs, gate_up 54.5 →
-    /// 53.3 and 49.0 → 47.0 µs; at 32 tokens in one segment, gate_up lost 5% and MLA 1% (qkv
-    /// gained 8%); at rank 16, or four tokens per segment, the expand's reading of the copies
-    /// cost more than the shrink saved in most cases.
+    /// H100, pairs from CUDA graphs with the tensor-core expand summing the copies
+    /// (runtime/BENCHMARKS.md, runs 76–80): at 128 tokens, in 8 segments of 16 or in one,
+    /// every dense case is faster split, plainly launched and under programmatic launch.
+    /// Rank 64, one segment: qkv 25.0 → 15.7–16.1 µs, gate_up 34.1 → 27.6–28.0, MLA 25.8 →
+    /// 15.3. Rank 16, 8 segments: qkv 12.5 → 10.2, gate_up 18.8–18.9 → 18.4–18.5, MLA 11.6 →
+    /// 10.0–10.1 (under programmatic launch 10.7 → 8.5–8.7, 22.2 → 17.8, 14.6–15.0 → 8.0).
+    /// Four tokens per segment stay on the CUDA-core kernels (runs 52–53: the copies cost
+    /// more than the split saved).
     pub fn split_k_for<F: CubePrimitive>(
         device: &DeviceProperties,
         layout: &LoraLayout,
@@ -299,8 +299,7 @@ impl MmaShrinkConfig {
     /// rounds): under programmatic launch qkv 15.2–15.5 → 14.6–14.9 µs, gate_up 31.1–31.2 →
     /// 29.7–29.8, MLA 15.9–16.8 → 13.7–14.5; plainly launched MLA −5%, qkv and gate_up equal.
     pub fn split_k_layout<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout) -> Option<Self> {
-        let narrow = layout.groups() * layout.max_rank() < 128;
-        if !cmma_supported::<F>(device) || narrow {
+        if !cmma_supported::<F>(device) {
             return None;
         }
         let staged = Self::split_k_tile::<F>(device, layout, 1, 4, SPLIT_K_COPIES, &[128]).and_then(|c| c.with_stages::<F>(device, 4));

@@ -9,7 +9,7 @@
 //!   last-position logits of every prompt under every adapter;
 //! * f32 engines on CUDA at the wgpu tests' tolerance (KL and |Δlogit| < 1e-3);
 //! * the wide fixture (`llama_wide`, hidden 1024, plan rank 64), whose bf16 prefill splits K
-//!   in the qkv and gate_up shrinks (asserted through `Engine::split_k_shrinks`; the tiny
+//!   in the shrinks that read a 1024-wide input (asserted through `Engine::split_k_shrinks`; the tiny
 //!   models must not split).
 //!
 //! Built only with `--features cuda-tests` (needs an NVIDIA GPU). The device machine has no
@@ -166,8 +166,8 @@ fn cuda_bf16_qwen3_last_logits_per_adapter() {
     last_logits_per_adapter::<half::bf16>("qwen3", LoraShrink::DEFAULT, false);
 }
 
-/// The wide fixture's LoRA sites through the shrink kernels: qkv and gate_up split K in the
-/// prefill, the expand adds up the copies, against HF + PEFT. Its bf16 error is the model's,
+/// The wide fixture's LoRA sites through the shrink kernels: those reading a 1024-wide input
+/// split K in the prefill, the expand adds up the copies, against HF + PEFT. Its bf16 error is the model's,
 /// not the split's: the worst row is the base-model one (KL 8.7e-3 on the H100, run 70), and
 /// HF's own bf16 forward of that row is further from the f32 reference (KL 1.4e-2).
 #[test]

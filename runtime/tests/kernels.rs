@@ -483,7 +483,7 @@ pub fn split_k_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     }
     // The automatic choice with room for the default split count, on a batch it applies to
     // where the device has tensor cores (rank 64 over two slices, two 40-token segments, K in
-    // four 256-wide shares); elsewhere the one-copy kernels.
+    // four 256-wide shares of two 128-wide chunks); elsewhere the one-copy kernels.
     let rng = &mut Rng::new(990);
     let layout = LoraLayout::new(nz(2), nz(64), 1024, 2, vec![slice("gate", 48, 0), slice("up", 48, 1)], None).unwrap();
     let adapters = Adapters::<F>::random(client, rng, &layout);
@@ -1209,9 +1209,9 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
             emulated += 1;
         }
     }
-    // The decode shrink with K splits: chosen on the H100 for rank-64 qkv at 8 segments of 16
-    // tokens, not at 8 of 4 (the expand's reading of the copies costs more than it saves) nor
-    // at rank 16; then lowered for every configuration the CUDA tests run.
+    // The decode shrink with K splits: chosen on the H100 for qkv at 8 segments of 16 tokens,
+    // rank 64 and rank 16, not at 8 of 4 (the expand's reading of the copies costs more than
+    // it saves); then lowered for every configuration the CUDA tests run.
     let qkv64 = LoraLayout::new(nz(8), nz(64), 4096, 3, vec![slice("q", 4096, 0), slice("k", 1024, 1), slice("v", 1024, 2)], None).unwrap();
     let chosen = MmaShrinkConfig::split_k_for::<F>(&device, &qkv64, 8, 16).expect("split-K shrink for rank-64 qkv at T = 128");
     let tile = (chosen.tile(), chosen.k_chunk, chosen.k_groups, chosen.k_splits, chosen.stages);
@@ -1219,7 +1219,7 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     assert!(shrink_source::<_, F>(&client, chosen).is_ok_and(|source| source.contains("mma_sync")));
     assert_eq!(MmaShrinkConfig::split_k_for::<F>(&device, &qkv64, 8, 4), None);
     let qkv16 = LoraLayout::new(nz(8), nz(16), 4096, 3, vec![slice("q", 4096, 0), slice("k", 1024, 1), slice("v", 1024, 2)], None).unwrap();
-    assert_eq!(MmaShrinkConfig::split_k_for::<F>(&device, &qkv16, 8, 16), None);
+    assert_eq!(MmaShrinkConfig::split_k_for::<F>(&device, &qkv16, 8, 16), Some(MmaShrinkConfig { max_rank: 16, ..chosen }));
     let qkv = LoraLayout::new(nz(4), nz(16), 256, 3, vec![slice("q", 64, 0), slice("k", 16, 1), slice("v", 16, 2)], None).unwrap();
     for config in split_k_configs::<F>(&device, &qkv) {
         let source = shrink_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("split-K shrink {config:?}: {e:?}"));
@@ -1453,6 +1453,8 @@ fn split_k_shrink_follows_the_room() {
         LoraLayout::new(nz(8), nz(rank), 4096, 3, slices, None).unwrap()
     };
     let (wide, narrow) = (qkv(64), qkv(16));
+    // K = 768: four shares of 192, which 128-wide chunks do not divide.
+    let odd_k = LoraLayout::new(nz(8), nz(64), 768, 3, vec![slice("q", 768, 0), slice("k", 256, 1), slice("v", 256, 2)], None).unwrap();
     let max_split_tokens = MmaShrinkConfig::split_k_max_tokens(&h100_properties()) as usize;
     assert_eq!(max_split_tokens, 16 * 132);
     let ((), launches) = record_launches(&h100_properties(), |rec| {
@@ -1463,11 +1465,13 @@ fn split_k_shrink_follows_the_room() {
                 ShrinkKernel::intermediate_len::<RecordingRuntime, f32>(rec, layout, tokens)
             }
         };
-        // (tokens, bf16) → floats: four copies of rank-64 qkv in bf16 up to 2112 tokens, one beyond;
-        // rank 16 (48 rows) and f32 (no tensor cores) never split.
+        // (tokens, bf16) → floats: four copies of qkv in bf16 up to 2112 tokens, one beyond (rank
+        // 64: 192 rows, rank 16: 48); a K without four 128-wide shares and f32 (no tensor cores)
+        // never split.
         assert_eq!(len(&wide, 128, true), 4 * 128 * 192);
         assert_eq!(len(&wide, 8192, true), (8192 + 3 * max_split_tokens) * 192);
-        assert_eq!(len(&narrow, 128, true), 128 * 48);
+        assert_eq!(len(&narrow, 128, true), 4 * 128 * 48);
+        assert_eq!(len(&odd_k, 128, true), 128 * 192);
         assert_eq!(len(&wide, 128, false), 128 * 192);
         let copies = |segments: usize, longest: u32, tokens: u32, room_copies: usize| {
             let room = room_copies * tokens as usize * 192;

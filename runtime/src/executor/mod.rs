@@ -548,7 +548,8 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
 
     /// LoRA shrinks launched with K split across cubes since start-up: where the device has
     /// tensor cores for the engine's dtype, a step whose segments are too few 16-token tiles
-    /// to fill it splits K on wide sites (`MmaShrinkConfig::split_k_for`), writing partial sums
+    /// to fill it splits K on sites whose K splits into four 128-wide shares
+    /// (`MmaShrinkConfig::split_k_for`), writing partial sums
     /// into copies of the intermediate that the expand adds up.
     pub fn split_k_shrinks(&self) -> u64 {
         self.split_k_shrinks.get()
