@@ -271,8 +271,8 @@ impl MmaShrinkConfig {
     /// Rank 64, one segment: qkv 25.0 → 15.7–16.1 µs, gate_up 34.1 → 27.6–28.0, MLA 25.8 →
     /// 15.3. Rank 16, 8 segments: qkv 12.5 → 10.2, gate_up 18.8–18.9 → 18.4–18.5, MLA 11.6 →
     /// 10.0–10.1 (under programmatic launch 10.7 → 8.5–8.7, 22.2 → 17.8, 14.6–15.0 → 8.0).
-    /// Four tokens per segment stay on the CUDA-core kernels (runs 52–53: the copies cost
-    /// more than the split saved).
+    /// Four tokens per segment stay on the CUDA-core kernels: split, their pairs were 2–13%
+    /// slower plainly launched (run 82; under programmatic launch three of six cases gained).
     pub fn split_k_for<F: CubePrimitive>(
         device: &DeviceProperties,
         layout: &LoraLayout,
@@ -287,9 +287,10 @@ impl MmaShrinkConfig {
     }
 
     /// The tile [`Self::split_k_for`] gives the batches it accepts on this layout, or `None`
-    /// where it accepts none: no tensor cores for `F`, an intermediate narrower than 128, or K
-    /// not splitting into four 128-wide shares. A caller sizes its intermediates by this
-    /// tile's `k_splits` copies, for at most [`Self::split_k_max_tokens`] tokens.
+    /// where it accepts none: no tensor cores for `F`, or K not splitting into four shares of
+    /// whole 128-wide chunks (256-wide without asynchronous copies). A caller sizes its
+    /// intermediates by this tile's `k_splits` copies, for at most
+    /// [`Self::split_k_max_tokens`] tokens.
     ///
     /// The tile: one fragment of A rows, four K groups over 128-wide chunks staged through
     /// four shared-memory stages (three chunks in flight, their A issued before the grid

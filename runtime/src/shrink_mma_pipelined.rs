@@ -74,7 +74,8 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
     // grid dependency point, their x (x may be the previous kernel's output; A and the batch
     // metadata read above are not, without `grid_dependency` the metadata may be). Under a
     // programmatic launch `stages − 1` chunks of A are in flight while the kernel before
-    // finishes.
+    // finishes. An arrival tracks every copy its thread issued before it, so stage 0 also
+    // waits for the A of the stages after it: the first multiply starts a little later.
     #[unroll]
     for s in 0..comptime!(cfg.stages as usize - 1) {
         if s < chunks {

@@ -9,8 +9,8 @@
 //!   last-position logits of every prompt under every adapter;
 //! * f32 engines on CUDA at the wgpu tests' tolerance (KL and |Δlogit| < 1e-3);
 //! * the wide fixture (`llama_wide`, hidden 1024, plan rank 64), whose bf16 prefill splits K
-//!   in the shrinks that read a 1024-wide input (asserted through `Engine::split_k_shrinks`; the tiny
-//!   models must not split).
+//!   in the shrinks that read a 1024-wide input (asserted through `Engine::split_k_shrinks`;
+//!   the tiny models must not split).
 //!
 //! Built only with `--features cuda-tests` (needs an NVIDIA GPU). The device machine has no
 //! source tree: `LORAC_TINY_FIXTURES` overrides the fixture directory (default
@@ -167,8 +167,8 @@ fn cuda_bf16_qwen3_last_logits_per_adapter() {
 }
 
 /// The wide fixture's LoRA sites through the shrink kernels: those reading a 1024-wide input
-/// split K in the prefill, the expand adds up the copies, against HF + PEFT. Its bf16 error is the model's,
-/// not the split's: the worst row is the base-model one (KL 8.7e-3 on the H100, run 70), and
+/// split K in the prefill, the expand adds up the copies, against HF + PEFT. Its bf16 error is
+/// the model's, not the split's: the worst row is the base-model one (KL 8.7e-3 on the H100, run 70), and
 /// HF's own bf16 forward of that row is further from the f32 reference (KL 1.4e-2).
 #[test]
 fn cuda_bf16_llama_wide_mixed_batch_matches_reference() {

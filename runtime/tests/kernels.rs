@@ -1453,7 +1453,7 @@ fn split_k_shrink_follows_the_room() {
         LoraLayout::new(nz(8), nz(rank), 4096, 3, slices, None).unwrap()
     };
     let (wide, narrow) = (qkv(64), qkv(16));
-    // K = 768: four shares of 192, which 128-wide chunks do not divide.
+    // K = 768: four shares of 192, which neither 128- nor 256-wide chunks divide.
     let odd_k = LoraLayout::new(nz(8), nz(64), 768, 3, vec![slice("q", 768, 0), slice("k", 256, 1), slice("v", 256, 2)], None).unwrap();
     let max_split_tokens = MmaShrinkConfig::split_k_max_tokens(&h100_properties()) as usize;
     assert_eq!(max_split_tokens, 16 * 132);
