@@ -385,7 +385,7 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
     cols.ranks.check_len("ranks", layout.slots() as usize)?;
     cols.scales.check_len("scales", layout.slots() as usize)?;
     let tokens = segs.tokens as usize;
-    let width = (layout.groups() * layout.max_rank()) as usize;
+    let width = layout.intermediate_width() as usize;
     let kernel = kernel.unwrap_or_else(|| {
         // An intermediate of several whole copies holds a split-K shrink's partial sums.
         let copies = a.len().checked_div(tokens * width).filter(|c| *c > 1 && c * tokens * width == a.len()).unwrap_or(1);

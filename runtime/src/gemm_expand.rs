@@ -68,7 +68,7 @@ impl GemmExpandConfig {
 
 /// Columns of the extended GEMM's output: the base output, then every slot's intermediate.
 pub fn gemm_width(layout: &LoraLayout) -> u32 {
-    layout.out_features() + layout.slots() * layout.groups() * layout.max_rank()
+    layout.out_features() + layout.slots() * layout.intermediate_width()
 }
 
 #[cube(launch_unchecked)]
@@ -230,7 +230,7 @@ pub fn reference_gemm_expand(
     b_pool: &[f64],
     y: &mut [f64],
 ) {
-    let (big_r, c_r, out) = (layout.max_rank() as usize, (layout.groups() * layout.max_rank()) as usize, layout.out_features() as usize);
+    let (big_r, c_r, out) = (layout.max_rank() as usize, layout.intermediate_width() as usize, layout.out_features() as usize);
     let width = gemm_width(layout) as usize;
     for (t, &slot) in token_slots.iter().enumerate() {
         let g_row = &g[t * width..(t + 1) * width];

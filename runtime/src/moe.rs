@@ -381,7 +381,7 @@ pub fn launch_moe_shrink<R: Runtime, F: Float + CubeElement>(
         MoeInput::PerPair => routing.pairs(),
     };
     x.check_len("x", x_rows * k as usize)?;
-    a.check_len("a (MoE intermediate)", routing.pairs() * (layout.groups() * layout.max_rank()) as usize)?;
+    a.check_len("a (MoE intermediate)", routing.pairs() * layout.intermediate_width() as usize)?;
     if routing.pairs() == 0 {
         return Ok(());
     }
@@ -389,7 +389,7 @@ pub fn launch_moe_shrink<R: Runtime, F: Float + CubeElement>(
     unsafe {
         moe_shrink_kernel::launch_unchecked::<F, R>(
             client,
-            CubeCount::Static(layout.groups() * layout.max_rank() / cfg.rows_per_cube, routing.pairs() as u32, 1),
+            CubeCount::Static(layout.intermediate_width() / cfg.rows_per_cube, routing.pairs() as u32, 1),
             CubeDim::new_1d(cfg.threads),
             n,
             x.arg(n),
@@ -427,7 +427,7 @@ pub fn launch_moe_expand<R: Runtime, F: Float + CubeElement>(
     if segs.tokens != routing.tokens {
         return Err(LoraError::BufferSize { name: "routing tokens", expected: segs.tokens as usize, actual: routing.tokens as usize });
     }
-    a.check_len("a (MoE intermediate)", routing.pairs() * (layout.groups() * layout.max_rank()) as usize)?;
+    a.check_len("a (MoE intermediate)", routing.pairs() * layout.intermediate_width() as usize)?;
     let y_rows = match output {
         MoeOutput::PerPair => routing.pairs(),
         MoeOutput::RouterWeighted => routing.tokens as usize,

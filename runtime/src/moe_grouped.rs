@@ -791,7 +791,7 @@ mod tests {
         groups.regroup(&client, &device_segs, &routing).unwrap();
         let pairs = (tokens * topk) as usize;
         let x = DeviceBuffer::<f32>::empty(&client, tokens as usize * layout.in_features() as usize);
-        let mut a = DeviceBuffer::<f32>::empty(&client, pairs * (layout.groups() * layout.max_rank()) as usize);
+        let mut a = DeviceBuffer::<f32>::empty(&client, pairs * layout.intermediate_width() as usize);
         let mut y = DeviceBuffer::<f32>::empty(&client, pairs * layout.out_features() as usize);
         let (done, launches) = crate::cuda_graph::record_launches(&crate::cuda_source::h100_properties(), |rec| {
             launch_moe_grouped_shrink(rec, &layout, &pool, &groups, &x, &mut a, None)?;

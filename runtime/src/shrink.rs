@@ -320,7 +320,7 @@ impl ShrinkKernel {
         tokens: u32,
         room: usize,
     ) -> Self {
-        let per_copy = tokens as usize * (layout.groups() * layout.max_rank()) as usize;
+        let per_copy = tokens as usize * layout.intermediate_width() as usize;
         let copies = room.checked_div(per_copy).unwrap_or(1).min(u32::MAX as usize) as u32;
         Self::choose_within::<R, F>(client, layout, num_segments, max_segment_len, copies)
     }
@@ -329,7 +329,7 @@ impl ShrinkKernel {
     /// [`Self::choose_for_room`] the copies a K split wants on this layout: one copy for every
     /// token, and the extra copies for the tokens up to [`MmaShrinkConfig::split_k_max_tokens`].
     pub fn intermediate_len<R: Runtime, F: Float>(client: &ComputeClient<R>, layout: &LoraLayout, max_tokens: usize) -> usize {
-        let width = (layout.groups() * layout.max_rank()) as usize;
+        let width = layout.intermediate_width() as usize;
         let props = client.properties();
         let extra = MmaShrinkConfig::split_k_layout::<F>(props, layout).map_or(0, |c| c.k_splits as usize - 1);
         let split_tokens = max_tokens.min(MmaShrinkConfig::split_k_max_tokens(props) as usize);
@@ -400,7 +400,7 @@ pub(crate) fn launch_shrink_rows<R: Runtime, F: Float + CubeElement>(
     let tokens = segs.tokens as usize;
     let k = layout.in_features();
     x.check_len("x", tokens / divisor as usize * k as usize)?;
-    out.check_len("a (shrink output)", kernel.intermediate_copies() as usize * tokens * (layout.groups() * layout.max_rank()) as usize)?;
+    out.check_len("a (shrink output)", kernel.intermediate_copies() as usize * tokens * layout.intermediate_width() as usize)?;
     match kernel {
         ShrinkKernel::Scalar(cfg) => check_shrink_config(layout, &cfg)?,
         ShrinkKernel::Mma { config, .. } => {
@@ -415,7 +415,7 @@ pub(crate) fn launch_shrink_rows<R: Runtime, F: Float + CubeElement>(
     match kernel {
         ShrinkKernel::Scalar(cfg) => {
             let n = cfg.vector as usize;
-            let row_blocks = layout.groups() * layout.max_rank() / cfg.rows_per_cube;
+            let row_blocks = layout.intermediate_width() / cfg.rows_per_cube;
             unsafe {
                 shrink_kernel::launch_unchecked::<F, R>(
                     client,

@@ -176,7 +176,7 @@ impl MmaShrinkConfig {
         if layout.max_rank() % TILE != 0 || layout.in_features() % TILE != 0 {
             return None;
         }
-        let row_frags = layout.groups() * layout.max_rank() / TILE;
+        let row_frags = layout.intermediate_width() / TILE;
         let warps = tile.warp_blocks() * k_groups;
         if m_frags == 0 || n_frags == 0 || row_frags % n_frags != 0 || warps == 0 || warps > MAX_SHRINK_WARPS {
             return None;
@@ -242,7 +242,7 @@ impl MmaShrinkConfig {
         num_segments: usize,
         max_segment_len: u32,
     ) -> Option<Self> {
-        let row_frags = layout.groups() * layout.max_rank() / TILE;
+        let row_frags = layout.intermediate_width() / TILE;
         let n_frags = Self::widest_row_block(layout);
         let target = u64::from(crate::config::multiprocessors(device)) * 3 / 4;
         let fills = |m: u32| {
@@ -335,7 +335,7 @@ impl MmaShrinkConfig {
     /// Fragments in the widest row block of up to four that divides the layout's `c·R / 16`
     /// fragments of A rows.
     pub fn widest_row_block(layout: &LoraLayout) -> u32 {
-        let row_frags = layout.groups() * layout.max_rank() / TILE;
+        let row_frags = layout.intermediate_width() / TILE;
         [4, 3, 2, 1].into_iter().find(|n| row_frags.is_multiple_of(*n)).unwrap_or(1)
     }
 

@@ -255,7 +255,7 @@ impl<F: StorageElem> Adapters<F> {
 
     /// The f64 reference intermediate of `x64` (`tokens` rows), NaN where nothing is written.
     fn reference_shrink(&self, layout: &LoraLayout, segs: &Segments, x64: &[f64], tokens: u32) -> Vec<f64> {
-        let mut a64 = vec![f64::NAN; tokens as usize * intermediate_width(layout)];
+        let mut a64 = vec![f64::NAN; tokens as usize * layout.intermediate_width() as usize];
         reference_shrink(layout, &self.ranks, segs, x64, &self.data.a64, &mut a64);
         a64
     }
@@ -268,14 +268,9 @@ impl<F: StorageElem> Adapters<F> {
     }
 }
 
-/// Groups × max rank: one token's row of the intermediate.
-fn intermediate_width(layout: &LoraLayout) -> usize {
-    (layout.groups() * layout.max_rank()) as usize
-}
-
 /// A NaN-poisoned intermediate of `rows` rows on the device.
 fn poisoned_intermediate<R: Runtime>(client: &ComputeClient<R>, layout: &LoraLayout, rows: usize) -> DeviceBuffer<f32> {
-    DeviceBuffer::upload(client, &vec![f32::NAN; rows * intermediate_width(layout)])
+    DeviceBuffer::upload(client, &vec![f32::NAN; rows * layout.intermediate_width() as usize])
 }
 
 /// Random input rows of the layout's width, rounded to the storage type.
@@ -353,7 +348,7 @@ fn mma_shrink_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLa
     let pipelined = tiles()
         .filter_map(|(m, n)| MmaShrinkConfig::with_tile::<F>(device, layout, m, n))
         .flat_map(|config| [2, 3, 4].into_iter().filter_map(move |stages| config.with_stages::<F>(device, stages)));
-    let row_frags = layout.groups() * layout.max_rank() / 16;
+    let row_frags = layout.intermediate_width() / 16;
     let widest = [4, 2, 1].into_iter().find(|n| row_frags.is_multiple_of(*n)).unwrap_or(1);
     let blocks = [(2, 1), (8, 2)].into_iter().flat_map(|(m, g)| {
         [(2, 1), (2, 2), (2, 4)].into_iter().filter_map(move |(wm, wn)| {
@@ -456,7 +451,7 @@ pub fn split_k_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             tokens,
         );
         let (y0, y064) = initial_y::<F>(rng, &delta);
-        let copy_len = tokens as usize * intermediate_width(&layout);
+        let copy_len = tokens as usize * layout.intermediate_width() as usize;
         for config in split_k_configs::<F>(device, &layout) {
             let what = format!("split-K shrink {family} seed {seed} {tokens} tokens {config:?} {layout:?}");
             let kernel = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
@@ -534,7 +529,7 @@ pub fn split_k_prefill<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let delta = adapters.reference_expand(&layout, &segs, &zeroed, tokens);
         let (y0, y064) = initial_y::<F>(rng, &delta);
         let out = layout.out_features() as usize;
-        let copy_len = tokens as usize * intermediate_width(&layout);
+        let copy_len = tokens as usize * layout.intermediate_width() as usize;
         let widest = MmaShrinkConfig::widest_row_block(&layout);
         let tiles = [ShrinkTile::new(2, widest), ShrinkTile::new(4, widest).with_warps(2, widest.min(2))];
         for tile in tiles {
@@ -756,7 +751,7 @@ pub fn gemm_expand<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let segs = random_segments(rng, tokens, layout.slots());
         let token_slots = segs.token_slots();
         let (width, out) = (gemm_width(&layout) as usize, layout.out_features() as usize);
-        let (big_r, c_r) = (layout.max_rank() as usize, intermediate_width(&layout));
+        let (big_r, c_r) = (layout.max_rank() as usize, layout.intermediate_width() as usize);
         let mut g64 = vec![f64::NAN; tokens as usize * width];
         for (t, &slot) in token_slots.iter().enumerate() {
             let row = &mut g64[t * width..(t + 1) * width];

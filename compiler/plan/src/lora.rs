@@ -140,6 +140,11 @@ impl LoraLayout {
     pub fn groups(&self) -> u32 {
         self.groups
     }
+    /// `c·R`: rows of A per slot (each group's `max_rank` rows), the width of a row of the
+    /// shrink's intermediate.
+    pub fn intermediate_width(&self) -> u32 {
+        self.groups * self.max_rank.get()
+    }
     pub fn slices(&self) -> &[LoraSlice] {
         &self.slices
     }

@@ -106,7 +106,7 @@ pub fn run(g: &mut Graph, opts: &LoraOptions, selection: &Selection) -> Result<(
         let name = g.linears[id].spec.fused_name;
         let layout = layout(&g.linears[id], opts, name)?;
         let a_shared = layout.experts().is_some_and(|e| e.a.get() == 1);
-        let width = layout.groups() * layout.max_rank();
+        let width = layout.intermediate_width();
         let lora = g.loras.push(LoraModule { linear: id, layout });
         g.linears[id].lora = Some(lora);
         insert_nodes(g, id, lora, width, a_shared);

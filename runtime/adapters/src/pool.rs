@@ -159,7 +159,7 @@ impl HostPool {
                 let buf = &buffers[delta.buffer];
                 let l = &buf.layout;
                 let (max_rank, in_l, out_l) = (l.max_rank() as usize, l.in_features() as usize, l.out_features() as usize);
-                let cr = l.groups() as usize * max_rank;
+                let cr = l.intermediate_width() as usize;
                 let size = dtype.size_bytes() as usize;
                 let slot_a = (l.a_elements() / u64::from(l.slots())) as usize;
                 let slot_b = (l.b_elements() / u64::from(l.slots())) as usize;

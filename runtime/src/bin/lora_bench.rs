@@ -509,7 +509,7 @@ impl DenseCase<'_> {
 
     /// One intermediate of `copies` copies (a split-K shrink's partial sums) per rotation set.
     fn partial_copies<R: Runtime>(&self, client: &ComputeClient<R>, sets: usize, copies: u32) -> Vec<DeviceBuffer<f32>> {
-        let intermediate = self.segs.tokens() as usize * (self.layout.groups() * self.layout.max_rank()) as usize;
+        let intermediate = self.segs.tokens() as usize * self.layout.intermediate_width() as usize;
         (0..sets).map(|_| DeviceBuffer::empty(client, copies as usize * intermediate)).collect()
     }
 }
@@ -577,7 +577,7 @@ fn graph_rows<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &
             data.iter_mut().try_for_each(|d| launch_fused(rec, layout, &d.pool, segs, &d.x, &mut d.y, None))
         };
         let pair_us = time_recorded(opts, builder, &cuda, sets, iters, fused).unwrap();
-        let inter = f64::from(tokens) * f64::from(layout.groups() * layout.max_rank()) * 4.0;
+        let inter = f64::from(tokens) * f64::from(layout.intermediate_width()) * 4.0;
         rows.push(row("fused graph", pair_us, inter));
     }
     rows
@@ -682,8 +682,7 @@ fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode
             // asynchronous copies, through 2–4 shared-memory stages (up to three chunks ahead).
             let staged = tiles.flat_map(|config| (1..=4).filter_map(move |stages| config.with_stages::<E>(device, stages)));
             for config in staged {
-                let (k_groups, stages) = (config.k_groups, config.stages);
-                let name = format!("splitk n{n_frags} g{k_groups} k{} s{k_splits}{}", config.k_chunk, stage_suffix(stages));
+                let name = format!("splitk {}", split_k_tile_name(&config));
                 if !opts.selects_variant(&name) {
                     continue;
                 }
@@ -712,9 +711,11 @@ fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode
     rows
 }
 
-/// " stN" for a shrink staged through N shared-memory stages, nothing for the register-staged one.
-fn stage_suffix(stages: u32) -> String {
-    if stages > 1 { format!(" st{stages}") } else { String::new() }
+/// A split-K shrink tile as the sweep's rows name it: "nN gG kK sS", A-row fragments, K
+/// groups, chunk and splits, then " stN" for one staged through N shared-memory stages.
+fn split_k_tile_name(config: &MmaShrinkConfig) -> String {
+    let stages = if config.stages > 1 { format!(" st{}", config.stages) } else { String::new() };
+    format!("n{} g{} k{} s{}{stages}", config.n_frags, config.k_groups, config.k_chunk, config.k_splits)
 }
 
 /// Which expand sums a split-K shrink's copies in `split_k_pair`.
@@ -773,13 +774,7 @@ fn split_k_pair<E: StorageElem>(
         ExpandKernel::Scalar(_) => String::new(),
         ExpandKernel::Mma { config, .. } => format!(" expand m{} n{}", config.m_frags, config.n_frags),
     };
-    let name = format!(
-        "{variant} n{} g{} k{} s{k_splits}{}{expand_name}",
-        config.n_frags,
-        config.k_groups,
-        config.k_chunk,
-        stage_suffix(config.stages)
-    );
+    let name = format!("{variant} {}{expand_name}", split_k_tile_name(&config));
     let shrink_us = match shrink_us {
         Some(us) => Ok(us),
         None => time_halves(builder, (true, false)),
@@ -1047,7 +1042,7 @@ fn shrink_variants<E: StorageElem>(
     if let Some(config) = MmaShrinkConfig::with_tile_chunk::<E>(device, layout, default_config.tile(), kc, kg) {
         shrinks.push((format!("shrink m{m} n{nf} w{}x{} k{kc} g{kg}", config.warp_m, config.warp_n), config));
     }
-    let row_frags = layout.groups() * layout.max_rank() / 16;
+    let row_frags = layout.intermediate_width() / 16;
     let blocks = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (4, 2), (2, 4), (4, 4)];
     let mut pipelined = Vec::new();
     for (m, nf) in [1, 2, 4, 8].into_iter().flat_map(|m| [nf, row_frags].map(|nf| (m, nf))) {

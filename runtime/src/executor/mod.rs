@@ -364,7 +364,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let folded_rows = |l: usize, i: usize| -> usize {
             let Some(layout) = desc.layer_lora[l][i].map(|b| &buffers[b].layout) else { return 0 };
             let (n, k) = desc.linear_shape(i);
-            let pool_rows = (layout.slots() * layout.groups() * layout.max_rank()) as usize;
+            let pool_rows = (layout.slots() * layout.intermediate_width()) as usize;
             // A's view must start at an aligned byte offset of the allocation.
             let aligned = ((n * k * size_of::<F>()) as u64).is_multiple_of(VIEW_ALIGN);
             let fits = layout.experts().is_none() && layout.in_features() as usize == k && layout.out_features() as usize == n;
@@ -416,10 +416,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let max_seqs = nonzero(limits.max_seqs, "max_seqs")? as usize;
         // LoRA intermediates, one buffer per width (groups · max_rank) shared by the sites of
         // that width, with room for the copies of a K-split shrink where one applies.
-        let lora_width = |b: usize| {
-            let layout = &plan.ranks[0].lora_buffers[b].layout;
-            (layout.groups() * layout.max_rank()) as usize
-        };
+        let lora_width = |b: usize| plan.ranks[0].lora_buffers[b].layout.intermediate_width() as usize;
         let lora_len =
             |b: usize, rows: usize| shrink::ShrinkKernel::intermediate_len::<R, F>(&client, &plan.ranks[0].lora_buffers[b].layout, rows);
         let mut lora_buffers: Vec<(usize, usize)> = desc
@@ -963,10 +960,7 @@ impl<R: Runtime, F: EngineElem> Engine<R, F> {
         let lora_a = |width: usize| -> ExecResult<DeviceBuffer<f32>> {
             ws.lora_a.get(&width).cloned().ok_or_else(|| ExecutorError::Plan(format!("no LoRA intermediate of width {width}")))
         };
-        let width = |b: usize| {
-            let layout = &buffers[b].layout;
-            (layout.groups() * layout.max_rank()) as usize
-        };
+        let width = |b: usize| buffers[b].layout.intermediate_width() as usize;
         gather::launch_embedding_lookup(client, &weights.embed, ids, &mut hs, desc.vocab, h).ctx(|| "embedding lookup".into())?;
         if let Some(b) = desc.embed_lora {
             let mut a = lora_a(width(b))?.prefix(t * width(b)).ctx(|| "embedding LoRA".into())?;
@@ -1078,7 +1072,7 @@ fn lora_pair<R: Runtime, F: EngineElem>(
     y: &mut DeviceBuffer<F>,
     split_k_shrinks: &Cell<u64>,
 ) -> crate::error::Result<()> {
-    let one_copy = segs.tokens as usize * (layout.groups() * layout.max_rank()) as usize;
+    let one_copy = segs.tokens as usize * layout.intermediate_width() as usize;
     let room = if split_k { a_room.len() } else { one_copy };
     let kernel = shrink::ShrinkKernel::choose_for_room::<R, F>(client, layout, segs.num_segments, segs.max_segment_len, segs.tokens, room);
     let copies = kernel.intermediate_copies();

@@ -144,7 +144,7 @@ pub fn pool_delta(plan: &Plan, pool: &HostPool, slot: usize, path: &str) -> (Vec
         };
         let values = decode(pool.rank_bytes(k), plan.lora.dtype);
         let (rr, in_l, out_l, cr) =
-            (l.max_rank() as usize, l.in_features() as usize, l.out_features() as usize, (l.groups() * l.max_rank()) as usize);
+            (l.max_rank() as usize, l.in_features() as usize, l.out_features() as usize, l.intermediate_width() as usize);
         let slots = l.slots() as u64;
         let a_base = b.a_offset as usize / size + slot * (l.a_elements() / slots) as usize;
         let b_base = b.b_offset as usize / size + slot * (l.b_elements() / slots) as usize;
@@ -178,7 +178,7 @@ pub fn assert_group_padding_zero(plan: &Plan, pool: &HostPool, slot: usize, i: u
         let l = &b.layout;
         let values = decode(pool.rank_bytes(k), plan.lora.dtype);
         let (rr, in_l, out_l, cr) =
-            (l.max_rank() as usize, l.in_features() as usize, l.out_features() as usize, (l.groups() * l.max_rank()) as usize);
+            (l.max_rank() as usize, l.in_features() as usize, l.out_features() as usize, l.intermediate_width() as usize);
         let (ea, eb) = l.experts().map_or((1, 1), |d| (d.a.get() as usize, d.b.get() as usize));
         let slots = l.slots() as u64;
         let a_base = b.a_offset as usize / size + slot * (l.a_elements() / slots) as usize;
