@@ -149,8 +149,27 @@ pub fn expand_source<R: Runtime, F: Float + CubeElement>(
         )
         .define()
     } else {
-        ExpandMmaKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), a(), a(), (), (), ny, nb, config, true)
-            .define()
+        ExpandMmaKernel::<F, R>::new(
+            settings,
+            client.clone(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            a(),
+            (),
+            (),
+            ny,
+            nb,
+            config,
+            true,
+            true,
+        )
+        .define()
     };
     lower(definition)
 }
@@ -165,9 +184,27 @@ pub fn scalar_expand_source<R: Runtime, F: Float + CubeElement>(
     let settings = settings(CubeDim::new_1d(config.threads));
     let (ny, nb) = (config.out_vector as usize, config.rank_vector as usize);
     // Arguments in the kernel's order: nine arrays, the scalar `out_features`, the vector
-    // widths of y and B, the config and the grid dependency point (host-written segments).
-    let kernel =
-        ScalarExpandKernel::<F, R>::new(settings, client.clone(), a(), a(), a(), a(), a(), a(), a(), a(), a(), (), ny, nb, config, true);
+    // widths of y and B, the config, the grid dependency point (host-written segments) and y
+    // read before it (the expand of a pair).
+    let kernel = ScalarExpandKernel::<F, R>::new(
+        settings,
+        client.clone(),
+        a(),
+        a(),
+        a(),
+        a(),
+        a(),
+        a(),
+        a(),
+        a(),
+        a(),
+        (),
+        ny,
+        nb,
+        config,
+        true,
+        true,
+    );
     lower(kernel.define())
 }
 

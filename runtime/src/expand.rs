@@ -186,6 +186,7 @@ pub(crate) fn expand_kernel<F: Float, NY: Size, NB: Size>(
     out_features: u32,
     #[comptime] cfg: ExpandConfig,
     #[comptime] grid_dependency: bool,
+    #[comptime] y_before_wait: bool,
 ) {
     let tokens = comptime!(cfg.tokens_per_tile as usize);
     let threads = comptime!(cfg.threads as usize);
@@ -204,6 +205,20 @@ pub(crate) fn expand_kernel<F: Float, NY: Size, NB: Size>(
     let split = CUBE_POS_Z as usize % splits;
     let blk =
         expand_block(seg, slice_info, seg_indptr, weight_indices, ranks, scales, out_features as usize, threads, ny, nb, rank_vecs_max);
+
+    let mut y_at = Array::<usize>::new(tokens);
+    let mut y_old = Array::<Vector<F, NY>>::new(tokens);
+    let mut p0 = blk.start + split * tokens;
+    // Whether the current tile's y is already in registers: the first tile's, read before B
+    // (the two chains of loads overlap) where the kernel before this one does not write y
+    // (see `YWrittenBy`).
+    let mut y_loaded = false;
+    if comptime!(grid_dependency && y_before_wait) {
+        y_loaded = blk.active;
+        if y_loaded {
+            load_tile_of_y::<F, NY>(y, token_perm, &blk, p0, &mut y_at, &mut y_old, tokens);
+        }
+    }
 
     // The block's B rows, once per cube: consecutive threads read consecutive vectors, and
     // every load is issued before the first is needed. Column `c` of the block is thread
@@ -227,10 +242,7 @@ pub(crate) fn expand_kernel<F: Float, NY: Size, NB: Size>(
     // The tile's intermediate as rank vectors: one shared-memory read feeds NB FMAs.
     let mut a_tile = SharedMemory::<Vector<f32, NB>>::new(comptime!(tokens * rank_vecs_max));
     let mut acc = Array::<f32>::new(comptime!(tokens * ny));
-    let mut y_at = Array::<usize>::new(tokens);
-    let mut y_old = Array::<Vector<F, NY>>::new(tokens);
 
-    let mut p0 = blk.start + split * tokens;
     while p0 < blk.end {
         // Entries past the rank (and past the segment) are staged as zeros so the vectorised
         // loop below may run over the padding columns of the last B vector.
@@ -261,7 +273,10 @@ pub(crate) fn expand_kernel<F: Float, NY: Size, NB: Size>(
         sync_cube();
         if blk.active {
             // y's loads go out before the multiply, which hides their latency.
-            load_tile_of_y::<F, NY>(y, token_perm, &blk, p0, &mut y_at, &mut y_old, tokens);
+            if !y_loaded {
+                load_tile_of_y::<F, NY>(y, token_perm, &blk, p0, &mut y_at, &mut y_old, tokens);
+            }
+            y_loaded = false;
             #[unroll]
             for i in 0..comptime!(tokens * ny) {
                 acc[i] = 0.0f32;
@@ -337,6 +352,22 @@ impl ExpandKernel {
     }
 }
 
+/// Which kernel last wrote the expand's `y` before it, as a programmatic dependent launch
+/// (`cuda_graph`) sees it. Each kernel there waits for the one before it and only then lets
+/// the next one launch, so when the expand starts, every kernel before the one just before it
+/// has finished and its writes are visible: y written earlier may be read before the wait,
+/// with B. Under a plain launch both mean the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum YWrittenBy {
+    /// Possibly the kernel launched just before the expand: y is read after the wait.
+    #[default]
+    PreviousKernel,
+    /// An earlier kernel, never the one just before (in a shrink/expand pair that is the
+    /// shrink, which writes only the intermediate): the tensor-core expand, and the CUDA-core
+    /// one after a split-K shrink, read their first token tile's y before the wait.
+    EarlierKernel,
+}
+
 /// Launches the segmented expand, accumulating into `y` (`[tokens, out_features]`) in place.
 /// `a` is the shrink's intermediate, `[tokens, groups·R]`, or the `[copies, tokens, groups·R]`
 /// partial sums of a shrink with K splits: without an explicit kernel, the chosen one adds up
@@ -351,12 +382,40 @@ pub fn launch_expand<R: Runtime, F: Float + CubeElement>(
     y: &mut DeviceBuffer<F>,
     kernel: Option<ExpandKernel>,
 ) -> Result<()> {
+    launch_expand_after(client, layout, pool, segs, a, y, kernel, YWrittenBy::PreviousKernel)
+}
+
+/// [`launch_expand`] for the expand of a shrink/expand pair, launched right after its shrink:
+/// y was last written before the shrink ([`YWrittenBy::EarlierKernel`]).
+pub fn launch_pair_expand<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    layout: &LoraLayout,
+    pool: &AdapterPool<F>,
+    segs: &DeviceSegments,
+    a: &DeviceBuffer<f32>,
+    y: &mut DeviceBuffer<F>,
+    kernel: Option<ExpandKernel>,
+) -> Result<()> {
+    launch_expand_after(client, layout, pool, segs, a, y, kernel, YWrittenBy::EarlierKernel)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_expand_after<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    layout: &LoraLayout,
+    pool: &AdapterPool<F>,
+    segs: &DeviceSegments,
+    a: &DeviceBuffer<f32>,
+    y: &mut DeviceBuffer<F>,
+    kernel: Option<ExpandKernel>,
+    y_written_by: YWrittenBy,
+) -> Result<()> {
     pool.check_layout(layout)?;
     if layout.experts().is_some() {
         return Err(LoraError::Layout("expert layouts go through the MoE kernels".into()));
     }
     let cols = ExpandCols { b_pool: &pool.b, slice_table: &pool.slice_table, ranks: &pool.ranks, scales: &pool.scales };
-    launch_expand_cols(client, layout, cols, segs, a, y, kernel)
+    launch_expand_cols(client, layout, cols, segs, a, y, kernel, y_written_by)
 }
 
 /// What the segmented expand reads besides the batch: B as `[slots, out, R]` of `layout`,
@@ -371,6 +430,7 @@ pub(crate) struct ExpandCols<'a, F> {
 }
 
 /// [`launch_expand`] on explicit B, ranks and scales (`layout` has no expert dims).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     layout: &LoraLayout,
@@ -379,6 +439,7 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
     a: &DeviceBuffer<f32>,
     y: &mut DeviceBuffer<F>,
     kernel: Option<ExpandKernel>,
+    y_written_by: YWrittenBy,
 ) -> Result<()> {
     segs.check_slots(layout)?;
     cols.b_pool.check_len("B", layout.b_elements() as usize)?;
@@ -406,8 +467,16 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
     }
     let widest = layout.slices().iter().map(|s| s.width).max().unwrap_or(1);
     let slices = layout.slices().len() as u32;
+    // Segments a kernel wrote are read only after the wait, and so is everything after them.
+    let grid_dependency = !segs.written_by_kernels;
+    let y_after_earlier_kernel = y_written_by == YWrittenBy::EarlierKernel;
     match kernel {
         ExpandKernel::Scalar(cfg) => {
+            // Only after a split-K shrink. H100, pairs under programmatic launch
+            // (runtime/BENCHMARKS.md, runs 84–85): after the CUDA-core shrink, which finishes
+            // soon after its wait, the expand's longer prologue made rank-16 pairs at T = 32
+            // 7–9% slower (qkv, gate_up); after the longer split-K shrink, 1–9% faster.
+            let y_before_wait = y_after_earlier_kernel && cfg.a_splits > 1;
             let (ny, nb) = (cfg.out_vector as usize, cfg.rank_vector as usize);
             unsafe {
                 expand_kernel::launch_unchecked::<F, R>(
@@ -427,8 +496,8 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
                     cols.scales.arg(1),
                     layout.out_features(),
                     cfg,
-                    // Segments a kernel wrote are read only after the wait.
-                    !segs.written_by_kernels,
+                    grid_dependency,
+                    y_before_wait,
                 );
             }
         }
@@ -467,7 +536,8 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
                         layout.out_features(),
                         splits,
                         config,
-                        !segs.written_by_kernels,
+                        grid_dependency,
+                        y_after_earlier_kernel,
                     );
                 }
             } else {

@@ -242,6 +242,7 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
     token_splits: u32,
     #[comptime] cfg: MmaExpandConfig,
     #[comptime] grid_dependency: bool,
+    #[comptime] y_before_wait: bool,
 ) {
     let tile = comptime!(TILE as usize);
     let tm = comptime!(cfg.tile_tokens() as usize);
@@ -274,11 +275,6 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
     let mut a_tile = SharedMemory::<F>::new_aligned(comptime!(tm * rs), 128usize);
     let mut y_tile = SharedMemory::<Vector<f32, NY>>::new_aligned(comptime!(tm * ys / ny), 128usize);
 
-    stage_b_block(b_pool, &mut b_tile, &cube, out_features, cfg);
-    // The intermediate and y may be the previous kernels' outputs; B and the batch metadata
-    // are not (as in the scalar expand): under a programmatic launch B streams in first.
-    grid_dependency_point(grid_dependency, true);
-
     let y_vecs = out_features as usize / ny;
     let y_col = (cube.offset + cube.block0) / ny;
     // Each thread moves the same `a_per` intermediate entries and `y_per` y vectors of every
@@ -290,7 +286,20 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
     let mut y_next = Array::<Vector<F, NY>>::new(y_per);
     let step = cube.step;
     let mut p0 = cube.first;
-    load_tile::<F, NY>(a, y, token_perm, &mut a_next, &mut y_next, p0, end, rank, cols, group, y_vecs, y_col, cfg);
+    // Where the kernel before does not write y (see `YWrittenBy`), the first tile's y loads go
+    // out before B's, so the two overlap.
+    let y_early = comptime!(grid_dependency && y_before_wait);
+    if comptime!(y_early) {
+        load_y_tile::<F, NY>(y, token_perm, &mut y_next, p0, end, cols, y_vecs, y_col, cfg);
+    }
+    stage_b_block(b_pool, &mut b_tile, &cube, out_features, cfg);
+    // The intermediate and y may be the previous kernels' outputs; B and the batch metadata
+    // are not (as in the scalar expand): under a programmatic launch B streams in first.
+    grid_dependency_point(grid_dependency, true);
+    if comptime!(!y_early) {
+        load_y_tile::<F, NY>(y, token_perm, &mut y_next, p0, end, cols, y_vecs, y_col, cfg);
+    }
+    load_a_tile(a, token_perm, &mut a_next, p0, end, rank, group, cfg);
     while p0 < end {
         // The tile's intermediate, scaled, in the storage type, and y in f32; zeros past the
         // rank, the segment and the slice.
@@ -310,7 +319,8 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
         }
         sync_cube();
         if p0 + step < end {
-            load_tile::<F, NY>(a, y, token_perm, &mut a_next, &mut y_next, p0 + step, end, rank, cols, group, y_vecs, y_col, cfg);
+            load_a_tile(a, token_perm, &mut a_next, p0 + step, end, rank, group, cfg);
+            load_y_tile::<F, NY>(y, token_perm, &mut y_next, p0 + step, end, cols, y_vecs, y_col, cfg);
         }
         if comptime!(cfg.tensor_cores) {
             if active {
@@ -540,34 +550,25 @@ pub(crate) fn stage_b_block<F: Float, NB: Size>(
     }
 }
 
-/// Loads this thread's share of the token tile at `p0` into registers: `a_next` the
-/// intermediate entries (0 past the rank or the segment), `y_next` the y vectors (0 past the
-/// segment or the slice's end).
+/// Loads this thread's share of the intermediate of the token tile at `p0` into registers
+/// (the sum of its copies; 0 past the rank or the segment).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn load_tile<F: Float, NY: Size>(
+fn load_a_tile(
     a: &Array<f32>,
-    y: &Array<Vector<F, NY>>,
     token_perm: &Array<u32>,
     a_next: &mut Array<f32>,
-    y_next: &mut Array<Vector<F, NY>>,
     p0: usize,
     end: usize,
     rank: usize,
-    cols: usize,
     group: usize,
-    y_vecs: usize,
-    y_col: usize,
     #[comptime] cfg: MmaExpandConfig,
 ) {
     let tm = comptime!(cfg.tile_tokens() as usize);
     let max_rank = comptime!(cfg.max_rank as usize);
     let c_r = comptime!((cfg.groups * cfg.max_rank) as usize);
     let threads = comptime!(cfg.warps() as usize * 32);
-    let ny = comptime!(cfg.out_vector as usize);
-    let bw_vecs = comptime!((cfg.block_columns() / cfg.out_vector) as usize);
     let a_per = comptime!((tm * max_rank).div_ceil(threads));
-    let y_per = comptime!((tm * bw_vecs).div_ceil(threads));
     let a_splits = comptime!(cfg.a_splits as usize);
     let a_copy = a.len() / a_splits;
     let tid = UNIT_POS as usize;
@@ -587,6 +588,29 @@ fn load_tile<F: Float, NY: Size>(
         }
         a_next[s] = e;
     }
+}
+
+/// Loads this thread's share of y for the token tile at `p0` into registers (0 past the
+/// segment or the slice's end).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_y_tile<F: Float, NY: Size>(
+    y: &Array<Vector<F, NY>>,
+    token_perm: &Array<u32>,
+    y_next: &mut Array<Vector<F, NY>>,
+    p0: usize,
+    end: usize,
+    cols: usize,
+    y_vecs: usize,
+    y_col: usize,
+    #[comptime] cfg: MmaExpandConfig,
+) {
+    let tm = comptime!(cfg.tile_tokens() as usize);
+    let threads = comptime!(cfg.warps() as usize * 32);
+    let ny = comptime!(cfg.out_vector as usize);
+    let bw_vecs = comptime!((cfg.block_columns() / cfg.out_vector) as usize);
+    let y_per = comptime!((tm * bw_vecs).div_ceil(threads));
+    let tid = UNIT_POS as usize;
     #[unroll]
     for s in 0..y_per {
         let w = tid + s * threads;

@@ -35,7 +35,7 @@ use lorac_plan::LoraLayout;
 use crate::batch::{DeviceSegments, NO_SLOT, Segments};
 use crate::buffer::DeviceBuffer;
 use crate::error::{LoraError, Result};
-use crate::expand::{ExpandCols, ExpandKernel, launch_expand_cols};
+use crate::expand::{ExpandCols, ExpandKernel, YWrittenBy, launch_expand_cols};
 use crate::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT, check_expert_ids, expert_dims};
 use crate::moe_combine::{PairScratch, launch_moe_combine};
 use crate::pool::AdapterPool;
@@ -164,7 +164,7 @@ impl GroupedSide {
         kernel: Option<ExpandKernel>,
     ) -> Result<()> {
         let cols = ExpandCols { b_pool: &pool.b, slice_table: &pool.slice_table, ranks: &self.ranks, scales: &self.scales };
-        launch_expand_cols(client, &self.view, cols, &self.segs, a, y, kernel)
+        launch_expand_cols(client, &self.view, cols, &self.segs, a, y, kernel, YWrittenBy::PreviousKernel)
     }
 
     fn read_segments<R: Runtime>(&self, client: &ComputeClient<R>) -> Result<Segments> {

@@ -12,7 +12,7 @@ use cubecl::prelude::*;
 use lorac_plan::{ExpertDims, LoraLayout, LoraSlice};
 use lorac_runtime::chunked::ChunkedPlan;
 use lorac_runtime::embedding::{launch_embedding, reference_embedding};
-use lorac_runtime::expand::{ExpandKernel, launch_expand, reference_expand};
+use lorac_runtime::expand::{ExpandKernel, launch_expand, launch_pair_expand, reference_expand};
 use lorac_runtime::expand_mma::MmaExpandConfig;
 use lorac_runtime::fused::launch_fused;
 use lorac_runtime::gemm_expand::{gemm_width, launch_gemm_expand, reference_gemm_expand};
@@ -470,9 +470,10 @@ pub fn split_k_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             launch_expand(client, &layout, &adapters.pool, &dev_segs, &partials, &mut y, Some(ExpandKernel::Scalar(expand))).unwrap();
             let out = layout.out_features() as usize;
             check_y(&format!("{what}, expand"), &y.read(client), &y064, &delta, &adapters.touched(&segs), out, F::TOLERANCE);
-            // The default expand reads as many copies as the intermediate holds.
+            // The default expand reads as many copies as the intermediate holds; launched as a
+            // pair's expand, it reads its first y tile before the grid dependency point.
             let mut y = DeviceBuffer::upload(client, &y0);
-            launch_expand(client, &layout, &adapters.pool, &dev_segs, &partials, &mut y, None).unwrap();
+            launch_pair_expand(client, &layout, &adapters.pool, &dev_segs, &partials, &mut y, None).unwrap();
             check_y(&format!("{what}, default expand"), &y.read(client), &y064, &delta, &adapters.touched(&segs), out, F::TOLERANCE);
         }
     }
@@ -648,11 +649,14 @@ pub fn prefill_expand<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             .flat_map(|config| [0, 1].map(|token_splits| Some(ExpandKernel::Mma { config, token_splits })))
             .collect();
         kernels.push(None); // the automatic choice too
-        for kernel in kernels {
-            let what = format!("prefill expand {family} seed {seed} {kernel:?} {layout:?}");
+        for (i, kernel) in kernels.into_iter().enumerate() {
+            // Every other launch as a pair's expand (its first y tile read before the grid
+            // dependency point), alternating with the seed.
+            let pair = (i as u64 + seed) % 2 == 1;
+            let what = format!("prefill expand {family} seed {seed} {kernel:?} pair {pair} {layout:?}");
             let mut y = DeviceBuffer::upload(client, &y0);
-            launch_expand(client, &layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &a), &mut y, kernel)
-                .unwrap();
+            let launch = if pair { launch_pair_expand::<R, F> } else { launch_expand::<R, F> };
+            launch(client, &layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &a), &mut y, kernel).unwrap();
             let out = layout.out_features() as usize;
             check_y(&what, &y.read(client), &y064, &delta, &adapters.touched(&segs), out, F::TOLERANCE);
         }
@@ -681,7 +685,7 @@ pub fn segmented_expand<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let rng = &mut Rng::new(200 + seed);
         let (layout, family) = random_layout(rng, None);
         let tokens = rng.pick(&[1, 3, 8, 33, 70]);
-        expand_case::<R, F>(client, rng, &layout, tokens, &format!("expand {family} seed {seed} {layout:?}"));
+        expand_case::<R, F>(client, rng, &layout, tokens, seed % 2 == 1, &format!("expand {family} seed {seed} {layout:?}"));
     }
     // Decode-shaped layouts: ranks whose B rows take several staged vectors per thread, slices
     // spanning several column blocks with a partial last block, adapters below the max rank.
@@ -695,20 +699,30 @@ pub fn segmented_expand<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         for (j, tokens) in [1, 8, 33].into_iter().enumerate() {
             let seed = 100 * i as u64 + j as u64;
             let rng = &mut Rng::new(250 + seed);
-            expand_case::<R, F>(client, rng, &layout, tokens, &format!("expand decode-shaped seed {seed} {layout:?}"));
+            expand_case::<R, F>(client, rng, &layout, tokens, j % 2 == 1, &format!("expand decode-shaped seed {seed} {layout:?}"));
         }
     }
 }
 
-/// One segmented expand on random adapters, segments and intermediate, against the reference.
-fn expand_case<R: Runtime, F: StorageElem>(client: &ComputeClient<R>, rng: &mut Rng, layout: &LoraLayout, tokens: u32, what: &str) {
+/// One segmented expand on random adapters, segments and intermediate, against the reference;
+/// with `pair`, launched as a pair's expand (its first y tile read before the grid dependency
+/// point).
+fn expand_case<R: Runtime, F: StorageElem>(
+    client: &ComputeClient<R>,
+    rng: &mut Rng,
+    layout: &LoraLayout,
+    tokens: u32,
+    pair: bool,
+    what: &str,
+) {
     let adapters = Adapters::<F>::random(client, rng, layout);
     let segs = random_segments(rng, tokens, layout.slots());
     let (a, a64) = random_intermediate(rng, layout, &token_slot_ranks(&segs, &adapters.ranks));
     let delta = adapters.reference_expand(layout, &segs, &a64, tokens);
     let (y0, y064) = initial_y::<F>(rng, &delta);
     let mut y = DeviceBuffer::upload(client, &y0);
-    launch_expand(client, layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &a), &mut y, None).unwrap();
+    let launch = if pair { launch_pair_expand::<R, F> } else { launch_expand::<R, F> };
+    launch(client, layout, &adapters.pool, &segs.upload(client), &DeviceBuffer::upload(client, &a), &mut y, None).unwrap();
     let out = layout.out_features() as usize;
     check_y(what, &y.read(client), &y064, &delta, &adapters.touched(&segs), out, F::TOLERANCE);
 }
@@ -1290,14 +1304,20 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
         let (layout, family) = random_layout(rng, None);
         let adapters = Adapters::<F>::random(&client, rng, &layout);
         let tokens = rng.pick(&[1, 3, 8, 33]);
-        let segs = random_segments(rng, tokens, layout.slots()).upload(&client);
+        let host_segs = random_segments(rng, tokens, layout.slots());
+        let segs = host_segs.upload(&client);
         let x = DeviceBuffer::<F>::upload(&client, &random_x::<F>(rng, &layout, tokens as usize).0);
         let mut a = poisoned_intermediate(&client, &layout, tokens as usize);
+        let copies = poisoned_intermediate(&client, &layout, 2 * tokens as usize);
         let mut y = DeviceBuffer::<F>::empty(&client, tokens as usize * layout.out_features() as usize);
         let (launched, mut launches) = record_launches(&device, |rec| {
             launch_shrink(rec, &layout, &adapters.pool, &segs, &x, &mut a, None)?;
             launch_expand(rec, &layout, &adapters.pool, &segs, &a, &mut y, None)?;
-            launch_fused(rec, &layout, &adapters.pool, &segs, &x, &mut y, None)
+            launch_fused(rec, &layout, &adapters.pool, &segs, &x, &mut y, None)?;
+            // A pair's CUDA-core expand reads y before its wait only after a split-K shrink.
+            launch_pair_expand(rec, &layout, &adapters.pool, &segs, &a, &mut y, None)?;
+            let scalar = ExpandConfig::new(rec, &layout, size_of::<F>(), host_segs.num_segments(), host_segs.max_segment_len());
+            launch_pair_expand(rec, &layout, &adapters.pool, &segs, &copies, &mut y, Some(ExpandKernel::Scalar(scalar.summing(2))))
         })
         .unwrap();
         launched.unwrap();
@@ -1311,9 +1331,11 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
         let mut mma_y = DeviceBuffer::<F>::empty(&client, tokens as usize * mma_layout.out_features() as usize);
         let config = MmaExpandConfig::with_tile::<F>(&device, &mma_layout, 1, 4).expect("a 16 x 64 tile");
         let mma_expand = Some(ExpandKernel::Mma { config, token_splits: 0 });
-        let (launched, mma_launches) =
-            record_launches(&device, |rec| launch_expand(rec, &mma_layout, &mma_adapters.pool, &mma_segs, &mma_a, &mut mma_y, mma_expand))
-                .unwrap();
+        let (launched, mma_launches) = record_launches(&device, |rec| {
+            launch_expand(rec, &mma_layout, &mma_adapters.pool, &mma_segs, &mma_a, &mut mma_y, mma_expand)?;
+            launch_pair_expand(rec, &mma_layout, &mma_adapters.pool, &mma_segs, &mma_a, &mut mma_y, mma_expand)
+        })
+        .unwrap();
         launched.unwrap();
         launches.extend(mma_launches);
         // The tensor-core shrink, register-staged and through shared-memory stages, on a
@@ -1335,12 +1357,16 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
         .unwrap();
         launched.unwrap();
         launches.extend(shrink_launches);
-        assert_eq!(launches.len(), 6, "{what}: one launch per call: {launches:?}");
+        assert_eq!(launches.len(), 9, "{what}: one launch per call: {launches:?}");
         let names: Vec<&str> = launches.iter().map(|l| l.kernel.name()).collect();
-        for (name, family) in names.iter().zip(["shrink", "expand", "fused", "expand_mma", "shrink_mma", "shrink_mma_pipelined"]) {
+        let families = ["shrink", "expand", "fused", "expand", "expand", "expand_mma", "expand_mma", "shrink_mma", "shrink_mma_pipelined"];
+        for (name, family) in names.iter().zip(families) {
             assert!(name.contains(family), "{what}: recorded {names:?}");
         }
-        for launch in &launches {
+        // The expands of pairs (launched right after their shrinks) that also read y before
+        // the wait: the CUDA-core one summing copies, the tensor-core one.
+        let pair_expands = [4, 6];
+        for (index, launch) in launches.iter().enumerate() {
             let lowered = lower_recorded(launch, 90).unwrap_or_else(|e| panic!("{what}: {e}"));
             let (buffers, info_bytes) = entry_point_parameters(&lowered.source, &lowered.entrypoint);
             assert_eq!(buffers, launch.args.buffers.len(), "{what}: {} buffer parameters", lowered.entrypoint);
@@ -1361,10 +1387,11 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
             let name = launch.kernel.name();
             // Buffers (by parameter index) read before the wait, and those the kernel may only
             // touch after it: x and the intermediate it writes (shrink), the intermediate and
-            // y (expand).
+            // y (expand; a pair's expand reads y before the wait but writes it only after).
             let (prefetched, dependent_buffers): (&[usize], &[usize]) = match name {
                 name if name.contains("fused") => (&[], &[]),
                 name if name.contains("shrink") => (&[1], &[0, 6]),
+                _ if pair_expands.contains(&index) => (&[1, 2], &[0]),
                 _ => (&[1], &[0, 2]),
             };
             if !prefetched.is_empty() {
@@ -1384,6 +1411,15 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
                     "{what}: {} touches {dependent_buffers:?} before its wait",
                     lowered.entrypoint
                 );
+                // No buffer is written before the wait (`buffer_N[index] = value`).
+                let written = |i: usize| {
+                    let at = format!("buffer_{i}[");
+                    before.match_indices(&at).any(|(start, _)| {
+                        let rest = before[start..].split_once(']').map_or("", |(_, rest)| rest.trim_start());
+                        rest.starts_with('=') && !rest.starts_with("==")
+                    })
+                };
+                assert!(!(0..launch.args.buffers.len()).any(written), "{what}: {} writes before its wait", lowered.entrypoint);
             } else {
                 assert!(points == 0 && waits == 1 && starts_waiting, "{what}: body starts {:?}", &first[..60.min(first.len())]);
             }
@@ -1394,7 +1430,7 @@ fn recorded_launches_lower_to_matching_cuda_entry_points() {
         let expand_info = &launches[1].args.info.data;
         assert_eq!(expand_info[0] as u32, layout.out_features(), "{what}: expand scalars {expand_info:?}");
     }
-    assert_eq!(checked, 6 * CASES);
+    assert_eq!(checked, 9 * CASES);
     // A write cannot be replayed by a graph of launches: recording one is an error, not a
     // silently missing write.
     let refused = record_launches(&device, |rec| DeviceBuffer::<f32>::upload(rec, &[1.0, 2.0]));
@@ -1615,14 +1651,18 @@ fn cuda_graph_decode_chain<F: StorageElem>() {
         let delta2_size = adapters.reference_expand(&layout, &segs, &adapters.reference_shrink(&layout, &segs, &y1_exact, tokens), tokens);
         let (y2_0, y2_064) = initial_y::<F>(rng, &delta2_size);
         let (dev_segs, x) = (segs.upload(&client), DeviceBuffer::upload(&client, &x));
-        let (mut a1, mut a2) =
-            (poisoned_intermediate(&client, &layout, tokens as usize), poisoned_intermediate(&client, &layout, tokens as usize));
+        let [mut a1, mut a2, mut a3] = [(); 3].map(|_| poisoned_intermediate(&client, &layout, tokens as usize));
         let (mut y1, mut y2) = (DeviceBuffer::upload(&client, &y1_0), DeviceBuffer::upload(&client, &y2_0));
+        // Each expand reads its y before its wait (the kernel just before, its shrink, does
+        // not write y). Layer 3 adds layer 1's delta to y2 once more: its expand's y was
+        // written by the kernel two before it, layer 2's expand, which must have finished.
         let (launched, launches) = record_launches(client.properties(), |rec| {
             launch_shrink(rec, &layout, &adapters.pool, &dev_segs, &x, &mut a1, shrink)?;
-            launch_expand(rec, &layout, &adapters.pool, &dev_segs, &a1, &mut y1, Some(expand))?;
+            launch_pair_expand(rec, &layout, &adapters.pool, &dev_segs, &a1, &mut y1, Some(expand))?;
             launch_shrink(rec, &layout, &adapters.pool, &dev_segs, &y1, &mut a2, shrink)?;
-            launch_expand(rec, &layout, &adapters.pool, &dev_segs, &a2, &mut y2, Some(expand))
+            launch_pair_expand(rec, &layout, &adapters.pool, &dev_segs, &a2, &mut y2, Some(expand))?;
+            launch_shrink(rec, &layout, &adapters.pool, &dev_segs, &x, &mut a3, shrink)?;
+            launch_pair_expand(rec, &layout, &adapters.pool, &dev_segs, &a3, &mut y2, Some(expand))
         })
         .unwrap();
         launched.unwrap();
@@ -1640,7 +1680,8 @@ fn cuda_graph_decode_chain<F: StorageElem>() {
         // Layer 2's reference reads layer 1's output as the device stored it.
         let y1_64: Vec<f64> = y1_out.iter().map(|v| v.as_f64()).collect();
         let delta2 = adapters.reference_expand(&layout, &segs, &adapters.reference_shrink(&layout, &segs, &y1_64, tokens), tokens);
-        check_y(&format!("{what} layer 2"), &y2.read(&client), &y2_064, &delta2, &touched, width as usize, tol);
+        let delta23: Vec<f64> = delta2.iter().zip(&delta1).map(|(d2, d3)| d2 + d3).collect();
+        check_y(&format!("{what} layers 2 and 3"), &y2.read(&client), &y2_064, &delta23, &touched, width as usize, tol);
     }
 }
 

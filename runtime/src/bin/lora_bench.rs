@@ -33,7 +33,7 @@ use half::bf16;
 use lorac_plan::{ExpertDims, LoraLayout, LoraSlice};
 use lorac_runtime::chunked::ChunkedPlan;
 use lorac_runtime::cuda_graph::{GraphBuilder, LaunchGraph, RecordingRuntime, record_launches};
-use lorac_runtime::expand::{ExpandKernel, launch_expand};
+use lorac_runtime::expand::{ExpandKernel, launch_expand, launch_pair_expand};
 use lorac_runtime::expand_mma::MmaExpandConfig;
 use lorac_runtime::fused::launch_fused;
 use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, launch_moe_expand, launch_moe_shrink};
@@ -479,8 +479,11 @@ fn launch_sets<E: StorageElem>(
         if shrink {
             launch_shrink(rec, layout, &d.pool, segs, &d.x, &mut d.a, None)?;
         }
-        if expand {
-            launch_expand(rec, layout, &d.pool, segs, &d.a, &mut d.y, expand_kernel)?;
+        match (shrink, expand) {
+            // Right after its shrink, the expand reads y before its wait (under PDL).
+            (true, true) => launch_pair_expand(rec, layout, &d.pool, segs, &d.a, &mut d.y, expand_kernel)?,
+            (false, true) => launch_expand(rec, layout, &d.pool, segs, &d.a, &mut d.y, expand_kernel)?,
+            (_, false) => {}
         }
         Ok(())
     })
@@ -762,8 +765,10 @@ fn split_k_pair<E: StorageElem>(
                 if with_shrink {
                     launch_shrink(rec, layout, &d.pool, segs, &d.x, p, Some(shrink))?;
                 }
-                if with_expand {
-                    launch_expand(rec, layout, &d.pool, segs, p, &mut d.y, Some(expand))?;
+                match (with_shrink, with_expand) {
+                    (true, true) => launch_pair_expand(rec, layout, &d.pool, segs, p, &mut d.y, Some(expand))?,
+                    (false, true) => launch_expand(rec, layout, &d.pool, segs, p, &mut d.y, Some(expand))?,
+                    (_, false) => {}
                 }
                 Ok(())
             })

@@ -1079,7 +1079,7 @@ fn lora_pair<R: Runtime, F: EngineElem>(
     let mut a = a_room.prefix(copies as usize * one_copy)?;
     shrink::launch_shrink(client, layout, pool, segs, x, &mut a, Some(kernel))?;
     split_k_shrinks.set(split_k_shrinks.get() + u64::from(copies > 1));
-    expand::launch_expand(client, layout, pool, segs, &a, y, None)
+    expand::launch_pair_expand(client, layout, pool, segs, &a, y, None)
 }
 
 /// Queues a validated [`Segments`] into the four regions of its kind.

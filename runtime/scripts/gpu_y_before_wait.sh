@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Runs on the device machine: the expand of a shrink/expand pair reads its first y tile before
+# its grid dependency point (`launch_pair_expand`, `YWrittenBy::EarlierKernel`), with B. Needs
+# devbin/kernels, devbin/executor_cuda and devbin/lora_bench of the change and
+# devbin/prev/lora_bench of the commit before it (same kernels otherwise).
+#   PART=1: the CUDA tests (the programmatic chain now has a third pair whose expand's y was
+#           written by the kernel two before it; the expand tests launch every other case as a
+#           pair's expand; the executor) and A/B round 1 at T = 128 (run 83).
+#   PART=2: A/B at T = 32, two rounds, and at T = 128, round 2 (run 84).
+#   PART=3: after run 84 (a pair's CUDA-core expand was slower at T = 32 under PDL), y read
+#           before B rather than after: prev, devbin/mid/lora_bench (y after B) and new, one
+#           round each at T = 32 and T = 128, after the chain and expand tests; CSVs packed
+#           into one archive (run 85).
+#   PART=4: the final rule (the CUDA-core expand reads y early only when it sums a split-K
+#           shrink's copies): CUDA tests, then prev against new at T = 32 and T = 128, one
+#           round each; CSVs packed into one archive (run 86).
+# A/B cases: every decode case with 8 adapters at that T, the default rows plus the split-K
+# pair with the default 4-stage tile ("splitk pair default ... pdl").
+#   run(command="PART=1 bash runtime/scripts/gpu_y_before_wait.sh", carry=["devbin"])
+source "$(dirname "$0")/gpu_env.sh"
+for f in devbin/*.xz devbin/prev/*.xz devbin/mid/*.xz; do [ -e "${f%.xz}" ] || xz -dk "$f"; done
+ab_round() {
+    local t=$1 round=$2 limit=$3 cases
+    cases=$(dense_decode_cases_8 "$t")
+    LORA_BENCH=devbin/prev/lora_bench run_bench "$limit" "t${t}_prev$round" "$cases" --split-k --variant "splitk n1 g4 k128 s4 st4" > /dev/null
+    run_bench "$limit" "t${t}_new$round" "$cases" --split-k --variant "splitk n1 g4 k128 s4 st4" > /dev/null
+    echo "T=$t round $round done"
+}
+if [ "${PART:-1}" = 1 ]; then
+    ( LORAC_TINY_FIXTURES=tests/fixtures/tiny timeout 300 devbin/executor_cuda --nocapture --test-threads 1 > "$OUT/executor_cuda.txt" 2>&1
+      echo "executor_cuda rc=$?" >> "$OUT/summary.txt" ) &
+    run_cuda_tests 300 cuda_graph_decode_chain_f32 cuda_graph_decode_chain_bf16 cuda_graph_decode_bf16 \
+        cuda_bf16::segmented_expand cuda_f32::segmented_expand cuda_bf16::prefill_expand cuda_bf16::split_k_shrink
+    wait
+    cat "$OUT/summary.txt"
+    grep -E "^test |test result|panicked" "$OUT/executor_cuda.txt" | tail -16
+    (cd "$OUT" && { for f in cuda_*.log; do echo "== $f"; cat "$f"; done > tests.txt; rm -f cuda_*.log; })
+    ab_round 128 1 150
+elif [ "$PART" = 4 ]; then
+    ( LORAC_TINY_FIXTURES=tests/fixtures/tiny timeout 300 devbin/executor_cuda --nocapture --test-threads 1 > "$OUT/executor_cuda.txt" 2>&1
+      echo "executor_cuda rc=$?" >> "$OUT/summary.txt" ) &
+    run_cuda_tests 200 cuda_graph_decode_chain_f32 cuda_graph_decode_chain_bf16 cuda_graph_decode_bf16 \
+        cuda_bf16::segmented_expand cuda_f32::segmented_expand cuda_bf16::split_k_shrink cuda_f32::split_k_shrink
+    wait
+    cat "$OUT/summary.txt"
+    grep -E "test result|panicked" "$OUT/executor_cuda.txt" | tail -4
+    (cd "$OUT" && { for f in cuda_*.log; do echo "== $f"; cat "$f"; done > tests.txt; rm -f cuda_*.log; })
+    ab_round 32 1 130
+    ab_round 128 1 150
+    BUNDLE=1
+elif [ "$PART" = 3 ]; then
+    run_cuda_tests 120 cuda_graph_decode_chain_f32 cuda_graph_decode_chain_bf16 cuda_bf16::segmented_expand cuda_f32::segmented_expand
+    (cd "$OUT" && { for f in cuda_*.log; do echo "== $f"; cat "$f"; done > tests.txt; rm -f cuda_*.log; })
+    for t in 32 128; do
+        cases=$(dense_decode_cases_8 "$t")
+        for bin in prev mid new; do
+            path=devbin/$bin/lora_bench
+            [ "$bin" = new ] && path=devbin/lora_bench
+            LORA_BENCH=$path run_bench 130 "t${t}_$bin" "$cases" --split-k --variant "splitk n1 g4 k128 s4 st4" > /dev/null
+        done
+        echo "T=$t done"
+    done
+    python3 - "$OUT" <<'PY'
+import csv, os, sys
+out = sys.argv[1]
+def load(path):
+    rows = csv.DictReader(l for l in open(path) if not l.startswith("#"))
+    return {(r["case"], r["variant"]): float(r["pair_us"]) for r in rows}
+for t in (32, 128):
+    prev, mid, new = (load(os.path.join(out, f"t{t}_{b}.csv")) for b in ("prev", "mid", "new"))
+    print(f"== T={t}: pair us, prev / y after B / y before B")
+    for key in prev:
+        if key in mid and key in new and ("graph" in key[1] or "pair default" in key[1]) and "per pair" not in key[1]:
+            p, m, n = prev[key], mid[key], new[key]
+            print(f"  {key[0][:24]:24} {key[1][:50]:50} {p:7.2f} / {m:7.2f} ({100 * (m / p - 1):+5.1f}%) / {n:7.2f} ({100 * (n / p - 1):+5.1f}%)")
+PY
+    (cd "$OUT" && tar czf bench.tgz t*.csv t*.err && rm -f t*.csv t*.err)
+    exit 0
+else
+    ab_round 32 1 130
+    ab_round 32 2 130
+    ab_round 128 2 150
+fi
+# Pair µs of every PDL row, old against new, per round.
+python3 - "$OUT" <<'PY'
+import csv, glob, os, sys
+out = sys.argv[1]
+def load(path):
+    rows = csv.DictReader(l for l in open(path) if not l.startswith("#"))
+    return {(r["case"], r["variant"]): float(r["pair_us"]) for r in rows}
+for new in sorted(glob.glob(os.path.join(out, "t*_new*.csv"))):
+    prev = new.replace("_new", "_prev")
+    if not os.path.exists(prev):
+        continue
+    a, b = load(prev), load(new)
+    print(f"== {os.path.basename(prev)} -> {os.path.basename(new)}")
+    for key in a:
+        if key in b and a[key] == a[key] and b[key] == b[key] and ("graph" in key[1] or "pair default" in key[1]):
+            print(f"  {key[0][:24]:24} {key[1][:50]:50} {a[key]:7.2f} -> {b[key]:7.2f} ({100 * (b[key] / a[key] - 1):+.1f}%)")
+PY
+if [ "${BUNDLE:-0}" = 1 ]; then (cd "$OUT" && tar czf bench.tgz t*.csv t*.err && rm -f t*.csv t*.err); fi
