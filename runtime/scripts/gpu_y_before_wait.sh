@@ -14,6 +14,9 @@
 #   PART=4: the final rule (the CUDA-core expand reads y early only when it sums a split-K
 #           shrink's copies): CUDA tests, then prev against new at T = 32 and T = 128, one
 #           round each; CSVs packed into one archive (run 86).
+#   PART=5: the tensor-core expand reads y early only in grids of at most 8 cubes per
+#           multiprocessor (gate_up's 1792 cubes lost its fast mode in runs 83-86): prev
+#           against new at T = 128 (two rounds) and T = 32 (one); CSVs packed (run 87).
 # A/B cases: every decode case with 8 adapters at that T, the default rows plus the split-K
 # pair with the default 4-stage tile ("splitk pair default ... pdl").
 #   run(command="PART=1 bash runtime/scripts/gpu_y_before_wait.sh", carry=["devbin"])
@@ -47,6 +50,11 @@ elif [ "$PART" = 4 ]; then
     (cd "$OUT" && { for f in cuda_*.log; do echo "== $f"; cat "$f"; done > tests.txt; rm -f cuda_*.log; })
     ab_round 32 1 130
     ab_round 128 1 150
+    BUNDLE=1
+elif [ "$PART" = 5 ]; then
+    ab_round 128 1 150
+    ab_round 32 1 130
+    ab_round 128 2 150
     BUNDLE=1
 elif [ "$PART" = 3 ]; then
     run_cuda_tests 120 cuda_graph_decode_chain_f32 cuda_graph_decode_chain_bf16 cuda_bf16::segmented_expand cuda_f32::segmented_expand

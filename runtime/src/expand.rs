@@ -17,7 +17,7 @@ use lorac_plan::LoraLayout;
 
 use crate::batch::{DeviceSegments, NO_SLOT};
 use crate::buffer::DeviceBuffer;
-use crate::config::{ExpandConfig, vector_size};
+use crate::config::{ExpandConfig, multiprocessors, vector_size};
 use crate::cuda_graph::grid_dependency_point;
 use crate::error::{LoraError, Result};
 use crate::expand_mma::{MmaExpandConfig, expand_mma_kernel};
@@ -352,6 +352,10 @@ impl ExpandKernel {
     }
 }
 
+/// Most cubes per multiprocessor in a tensor-core expand's grid for which a pair's expand
+/// reads y before its grid dependency point (see [`YWrittenBy`]).
+const Y_EARLY_MMA_CUBES_PER_SM: u32 = 8;
+
 /// Which kernel last wrote the expand's `y` before it, as a programmatic dependent launch
 /// (`cuda_graph`) sees it. Each kernel there waits for the one before it and only then lets
 /// the next one launch, so when the expand starts, every kernel before the one just before it
@@ -363,8 +367,9 @@ pub enum YWrittenBy {
     #[default]
     PreviousKernel,
     /// An earlier kernel, never the one just before (in a shrink/expand pair that is the
-    /// shrink, which writes only the intermediate): the tensor-core expand, and the CUDA-core
-    /// one after a split-K shrink, read their first token tile's y before the wait.
+    /// shrink, which writes only the intermediate): the tensor-core expand of a grid of at
+    /// most [`Y_EARLY_MMA_CUBES_PER_SM`] cubes per multiprocessor, and the CUDA-core one after
+    /// a split-K shrink, read their first token tile's y before the wait.
     EarlierKernel,
 }
 
@@ -472,16 +477,18 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
     let y_after_earlier_kernel = y_written_by == YWrittenBy::EarlierKernel;
     match kernel {
         ExpandKernel::Scalar(cfg) => {
+            let grid = (widest.div_ceil(cfg.threads * cfg.out_vector), slices, segs.num_segments as u32 * cfg.token_splits);
             // Only after a split-K shrink. H100, pairs under programmatic launch
-            // (runtime/BENCHMARKS.md, runs 84–85): after the CUDA-core shrink, which finishes
+            // (runtime/BENCHMARKS.md, runs 84–86): after the CUDA-core shrink, which finishes
             // soon after its wait, the expand's longer prologue made rank-16 pairs at T = 32
-            // 7–9% slower (qkv, gate_up); after the longer split-K shrink, 1–9% faster.
+            // 7–9% slower (qkv, gate_up); after the longer split-K shrink, up to 8% faster
+            // (one timing in 18, gate_up R=64, 1% slower).
             let y_before_wait = y_after_earlier_kernel && cfg.a_splits > 1;
             let (ny, nb) = (cfg.out_vector as usize, cfg.rank_vector as usize);
             unsafe {
                 expand_kernel::launch_unchecked::<F, R>(
                     client,
-                    CubeCount::Static(widest.div_ceil(cfg.threads * cfg.out_vector), slices, segs.num_segments as u32 * cfg.token_splits),
+                    CubeCount::Static(grid.0, grid.1, grid.2),
                     CubeDim::new_1d(cfg.threads),
                     ny,
                     nb,
@@ -513,7 +520,15 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
             }
             .min((65535 / segments).max(1));
             let (ny, nb) = (config.out_vector as usize, config.rank_vector as usize);
-            let cube_count = CubeCount::Static(widest.div_ceil(config.block_columns()), slices, segments * splits);
+            let grid = (widest.div_ceil(config.block_columns()), slices, segments * splits);
+            // Only the cubes resident at the wait gain, and about four of these fit a
+            // multiprocessor (H100: 256 threads of 56 registers). H100, pairs at T = 128 under
+            // PDL (runtime/BENCHMARKS.md, runs 83–86): grids of up to six cubes per
+            // multiprocessor took 1–11% less (MLA R=64: 192 cubes, −9 to −11%); gate_up's
+            // 1792 (14 per multiprocessor, more than three waves) up to 10% more.
+            let cubes = grid.0 * grid.1 * grid.2;
+            let y_before_wait = y_after_earlier_kernel && cubes <= Y_EARLY_MMA_CUBES_PER_SM * multiprocessors(client.properties());
+            let cube_count = CubeCount::Static(grid.0, grid.1, grid.2);
             let cube_dim = CubeDim::new_2d(32, config.warps());
             // Two kernels (cubecl generates a launch function per kernel), one argument list.
             if config.stages == 1 {
@@ -537,7 +552,7 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
                         splits,
                         config,
                         grid_dependency,
-                        y_after_earlier_kernel,
+                        y_before_wait,
                     );
                 }
             } else {
