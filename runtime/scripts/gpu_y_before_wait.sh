@@ -17,6 +17,10 @@
 #   PART=5: the tensor-core expand reads y early only in grids of at most 8 cubes per
 #           multiprocessor (gate_up's 1792 cubes lost its fast mode in runs 83-86): prev
 #           against new at T = 128 (two rounds) and T = 32 (one); CSVs packed (run 87).
+#   PART=6: gate_up R=64 stayed in its slow mode (33 µs) there. Run 88 timed a build whose
+#           tensor-core expand, where it reads y after the wait, loads the intermediate
+#           first again, as before the change: prev against it at T = 128, two rounds; CSVs
+#           packed. gate_up stayed at 33.4 µs, so that build was not kept.
 # A/B cases: every decode case with 8 adapters at that T, the default rows plus the split-K
 # pair with the default 4-stage tile ("splitk pair default ... pdl").
 #   run(command="PART=1 bash runtime/scripts/gpu_y_before_wait.sh", carry=["devbin"])
@@ -50,6 +54,10 @@ elif [ "$PART" = 4 ]; then
     (cd "$OUT" && { for f in cuda_*.log; do echo "== $f"; cat "$f"; done > tests.txt; rm -f cuda_*.log; })
     ab_round 32 1 130
     ab_round 128 1 150
+    BUNDLE=1
+elif [ "$PART" = 6 ]; then
+    ab_round 128 1 150
+    ab_round 128 2 150
     BUNDLE=1
 elif [ "$PART" = 5 ]; then
     ab_round 128 1 150
