@@ -404,6 +404,7 @@ pub fn launch_pair_expand<R: Runtime, F: Float + CubeElement>(
     launch_expand_after(client, layout, pool, segs, a, y, kernel, YWrittenBy::EarlierKernel)
 }
 
+/// [`launch_expand`] with y last written by `y_written_by`.
 #[allow(clippy::too_many_arguments)]
 fn launch_expand_after<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
@@ -477,7 +478,6 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
     let y_after_earlier_kernel = y_written_by == YWrittenBy::EarlierKernel;
     match kernel {
         ExpandKernel::Scalar(cfg) => {
-            let grid = (widest.div_ceil(cfg.threads * cfg.out_vector), slices, segs.num_segments as u32 * cfg.token_splits);
             // Only after a split-K shrink. H100, pairs under programmatic launch
             // (runtime/BENCHMARKS.md, runs 84–86): after the CUDA-core shrink, which finishes
             // soon after its wait, the expand's longer prologue made rank-16 pairs at T = 32
@@ -488,7 +488,7 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
             unsafe {
                 expand_kernel::launch_unchecked::<F, R>(
                     client,
-                    CubeCount::Static(grid.0, grid.1, grid.2),
+                    CubeCount::Static(widest.div_ceil(cfg.threads * cfg.out_vector), slices, segs.num_segments as u32 * cfg.token_splits),
                     CubeDim::new_1d(cfg.threads),
                     ny,
                     nb,
