@@ -479,11 +479,10 @@ fn launch_sets<E: StorageElem>(
         if shrink {
             launch_shrink(rec, layout, &d.pool, segs, &d.x, &mut d.a, None)?;
         }
-        match (shrink, expand) {
+        if expand {
             // Right after its shrink, the expand reads y before its wait (under PDL).
-            (true, true) => launch_pair_expand(rec, layout, &d.pool, segs, &d.a, &mut d.y, expand_kernel)?,
-            (false, true) => launch_expand(rec, layout, &d.pool, segs, &d.a, &mut d.y, expand_kernel)?,
-            (_, false) => {}
+            let launch = if shrink { launch_pair_expand } else { launch_expand };
+            launch(rec, layout, &d.pool, segs, &d.a, &mut d.y, expand_kernel)?;
         }
         Ok(())
     })
@@ -765,10 +764,9 @@ fn split_k_pair<E: StorageElem>(
                 if with_shrink {
                     launch_shrink(rec, layout, &d.pool, segs, &d.x, p, Some(shrink))?;
                 }
-                match (with_shrink, with_expand) {
-                    (true, true) => launch_pair_expand(rec, layout, &d.pool, segs, p, &mut d.y, Some(expand))?,
-                    (false, true) => launch_expand(rec, layout, &d.pool, segs, p, &mut d.y, Some(expand))?,
-                    (_, false) => {}
+                if with_expand {
+                    let launch = if with_shrink { launch_pair_expand } else { launch_expand };
+                    launch(rec, layout, &d.pool, segs, p, &mut d.y, Some(expand))?;
                 }
                 Ok(())
             })
