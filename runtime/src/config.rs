@@ -45,7 +45,7 @@ impl ShrinkConfig {
         let longest = max_segment_len.max(1).next_power_of_two();
         // Cubes of a grid of `rows`-row, `tokens`-token tiles.
         let cubes = |rows: u32, tokens: u32| {
-            u64::from(layout.groups() * max_rank / rows) * num_segments as u64 * u64::from(max_segment_len.div_ceil(tokens))
+            u64::from(layout.intermediate_width() / rows) * num_segments as u64 * u64::from(max_segment_len.div_ceil(tokens))
         };
         let options = [(8, 8), (4, 4), (4, 2), (4, 1)];
         let (rows_per_cube, tokens) = options
