@@ -70,3 +70,36 @@ dense_decode_cases_8() {
     done
     echo "${cases#,}"
 }
+
+# ab_round T ROUND LIMIT [ARGS...]: every dense decode case with 8 adapters at T tokens, with
+# devbin/prev/lora_bench then devbin/lora_bench ($OUT/tT_prevROUND.csv, $OUT/tT_newROUND.csv),
+# the default rows plus the split-K pair with the default 4-stage tile.
+ab_round() {
+    local t=$1 round=$2 limit=$3 cases
+    shift 3
+    cases=$(dense_decode_cases_8 "$t")
+    LORA_BENCH=devbin/prev/lora_bench run_bench "$limit" "t${t}_prev$round" "$cases" --split-k --variant "splitk n1 g4 k128 s4 st4" "$@" > /dev/null
+    run_bench "$limit" "t${t}_new$round" "$cases" --split-k --variant "splitk n1 g4 k128 s4 st4" "$@" > /dev/null
+    echo "T=$t round $round done"
+}
+
+# compare_ab: for each $OUT/t*_newN.csv with its t*_prevN.csv, the pair µs of every graph and
+# "pair default" row, prev -> new, with the change in percent.
+compare_ab() {
+    python3 - "$OUT" <<'PY'
+import csv, glob, os, sys
+out = sys.argv[1]
+def load(path):
+    rows = csv.DictReader(l for l in open(path) if not l.startswith("#"))
+    return {(r["case"], r["variant"]): float(r["pair_us"]) for r in rows}
+for new in sorted(glob.glob(os.path.join(out, "t*_new*.csv"))):
+    prev = new.replace("_new", "_prev")
+    if not os.path.exists(prev):
+        continue
+    a, b = load(prev), load(new)
+    print(f"== {os.path.basename(prev)} -> {os.path.basename(new)}")
+    for key in a:
+        if key in b and a[key] == a[key] and b[key] == b[key] and ("graph" in key[1] or "pair default" in key[1]) and "per pair" not in key[1]:
+            print(f"  {key[0][:24]:24} {key[1][:56]:56} {a[key]:7.2f} -> {b[key]:7.2f} ({100 * (b[key] / a[key] - 1):+.1f}%)")
+PY
+}
