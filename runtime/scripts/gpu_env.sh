@@ -23,6 +23,19 @@ run_cuda_tests() {
     grep -hE "^test .*(ok|FAILED)$|panicked" "$OUT"/cuda_*.log | head -20
 }
 
+# cuda_tests_with_executor LIMIT TEST...: devbin/executor_cuda (one thread, 300 s, its output in
+# $OUT/executor_cuda.txt) alongside run_cuda_tests LIMIT TEST..., then both summaries; the
+# tests' logs end up together in $OUT/tests.txt.
+cuda_tests_with_executor() {
+    ( LORAC_TINY_FIXTURES=tests/fixtures/tiny timeout 300 devbin/executor_cuda --nocapture --test-threads 1 > "$OUT/executor_cuda.txt" 2>&1
+      echo "executor_cuda rc=$?" >> "$OUT/summary.txt" ) &
+    run_cuda_tests "$@"
+    wait
+    cat "$OUT/summary.txt"
+    grep -E "test result|panicked" "$OUT/executor_cuda.txt" | tail -4
+    (cd "$OUT" && { for f in cuda_*.log; do echo "== $f"; cat "$f"; done > tests.txt; rm -f cuda_*.log; })
+}
+
 # run_bench LIMIT NAME CASES [ARGS...]: lora_bench ($LORA_BENCH, default devbin/lora_bench)
 # on the comma-separated CASES within LIMIT seconds, its CSV in $OUT/NAME.csv and stderr in
 # $OUT/NAME.err, then the exit status and each row's case, variant, shrink/expand/pair µs and

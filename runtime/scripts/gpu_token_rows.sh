@@ -17,14 +17,8 @@
 source "$(dirname "$0")/gpu_env.sh"
 for f in devbin/*.xz devbin/prev/*.xz; do [ -e "${f%.xz}" ] || xz -dk "$f"; done
 if [ "${PART:-1}" = 1 ]; then
-    ( LORAC_TINY_FIXTURES=tests/fixtures/tiny timeout 300 devbin/executor_cuda --nocapture --test-threads 1 > "$OUT/executor_cuda.txt" 2>&1
-      echo "executor_cuda rc=$?" >> "$OUT/summary.txt" ) &
-    run_cuda_tests 240 cuda_graph_decode_chain_f32 cuda_graph_decode_chain_bf16 cuda_graph_decode_bf16 \
+    cuda_tests_with_executor 240 cuda_graph_decode_chain_f32 cuda_graph_decode_chain_bf16 cuda_graph_decode_bf16 \
         cuda_bf16::segmented_expand cuda_f32::segmented_expand cuda_bf16::prefill_expand cuda_bf16::split_k_shrink
-    wait
-    cat "$OUT/summary.txt"
-    grep -E "test result|panicked" "$OUT/executor_cuda.txt" | tail -4
-    (cd "$OUT" && { for f in cuda_*.log; do echo "== $f"; cat "$f"; done > tests.txt; rm -f cuda_*.log; })
     ab_round 128 1 150
     ab_round 32 1 130
 else

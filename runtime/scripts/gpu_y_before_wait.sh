@@ -26,32 +26,13 @@
 #   run(command="PART=1 bash runtime/scripts/gpu_y_before_wait.sh", carry=["devbin"])
 source "$(dirname "$0")/gpu_env.sh"
 for f in devbin/*.xz devbin/prev/*.xz devbin/mid/*.xz; do [ -e "${f%.xz}" ] || xz -dk "$f"; done
-ab_round() {
-    local t=$1 round=$2 limit=$3 cases
-    cases=$(dense_decode_cases_8 "$t")
-    LORA_BENCH=devbin/prev/lora_bench run_bench "$limit" "t${t}_prev$round" "$cases" --split-k --variant "splitk n1 g4 k128 s4 st4" > /dev/null
-    run_bench "$limit" "t${t}_new$round" "$cases" --split-k --variant "splitk n1 g4 k128 s4 st4" > /dev/null
-    echo "T=$t round $round done"
-}
 if [ "${PART:-1}" = 1 ]; then
-    ( LORAC_TINY_FIXTURES=tests/fixtures/tiny timeout 300 devbin/executor_cuda --nocapture --test-threads 1 > "$OUT/executor_cuda.txt" 2>&1
-      echo "executor_cuda rc=$?" >> "$OUT/summary.txt" ) &
-    run_cuda_tests 300 cuda_graph_decode_chain_f32 cuda_graph_decode_chain_bf16 cuda_graph_decode_bf16 \
+    cuda_tests_with_executor 300 cuda_graph_decode_chain_f32 cuda_graph_decode_chain_bf16 cuda_graph_decode_bf16 \
         cuda_bf16::segmented_expand cuda_f32::segmented_expand cuda_bf16::prefill_expand cuda_bf16::split_k_shrink
-    wait
-    cat "$OUT/summary.txt"
-    grep -E "^test |test result|panicked" "$OUT/executor_cuda.txt" | tail -16
-    (cd "$OUT" && { for f in cuda_*.log; do echo "== $f"; cat "$f"; done > tests.txt; rm -f cuda_*.log; })
     ab_round 128 1 150
 elif [ "$PART" = 4 ]; then
-    ( LORAC_TINY_FIXTURES=tests/fixtures/tiny timeout 300 devbin/executor_cuda --nocapture --test-threads 1 > "$OUT/executor_cuda.txt" 2>&1
-      echo "executor_cuda rc=$?" >> "$OUT/summary.txt" ) &
-    run_cuda_tests 200 cuda_graph_decode_chain_f32 cuda_graph_decode_chain_bf16 cuda_graph_decode_bf16 \
+    cuda_tests_with_executor 200 cuda_graph_decode_chain_f32 cuda_graph_decode_chain_bf16 cuda_graph_decode_bf16 \
         cuda_bf16::segmented_expand cuda_f32::segmented_expand cuda_bf16::split_k_shrink cuda_f32::split_k_shrink
-    wait
-    cat "$OUT/summary.txt"
-    grep -E "test result|panicked" "$OUT/executor_cuda.txt" | tail -4
-    (cd "$OUT" && { for f in cuda_*.log; do echo "== $f"; cat "$f"; done > tests.txt; rm -f cuda_*.log; })
     ab_round 32 1 130
     ab_round 128 1 150
     BUNDLE=1
@@ -98,20 +79,5 @@ else
     ab_round 128 2 150
 fi
 # Pair µs of every PDL row, old against new, per round.
-python3 - "$OUT" <<'PY'
-import csv, glob, os, sys
-out = sys.argv[1]
-def load(path):
-    rows = csv.DictReader(l for l in open(path) if not l.startswith("#"))
-    return {(r["case"], r["variant"]): float(r["pair_us"]) for r in rows}
-for new in sorted(glob.glob(os.path.join(out, "t*_new*.csv"))):
-    prev = new.replace("_new", "_prev")
-    if not os.path.exists(prev):
-        continue
-    a, b = load(prev), load(new)
-    print(f"== {os.path.basename(prev)} -> {os.path.basename(new)}")
-    for key in a:
-        if key in b and a[key] == a[key] and b[key] == b[key] and ("graph" in key[1] or "pair default" in key[1]):
-            print(f"  {key[0][:24]:24} {key[1][:50]:50} {a[key]:7.2f} -> {b[key]:7.2f} ({100 * (b[key] / a[key] - 1):+.1f}%)")
-PY
+compare_ab
 if [ "${BUNDLE:-0}" = 1 ]; then (cd "$OUT" && tar czf bench.tgz t*.csv t*.err && rm -f t*.csv t*.err); fi

@@ -61,16 +61,30 @@ def empty_kernel(out):
 
 
 @triton.jit
+def segment_of(seg_ptr, seg_slot, seg):
+    """Segment `seg`'s token range and adapter slot."""
+    start = tl.load(seg_ptr + seg)
+    end = tl.load(seg_ptr + seg + 1)
+    slot = tl.load(seg_slot + seg).to(tl.int64)
+    return start, end, slot
+
+
+@triton.jit
+def wait_for_previous(PDL: tl.constexpr):
+    """Under a programmatic launch: wait for the kernel before, then let the next one launch."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
 def shrink_kernel(x, a, part, seg_ptr, seg_slot, K, CR, T,
                   BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,
                   PDL: tl.constexpr):
     """part[ks, t, r] = sum over K share ks of x[t, :] * A[slot(t), r, :]."""
-    seg = tl.program_id(0)
     rb = tl.program_id(1)
     ks = tl.program_id(2)
-    start = tl.load(seg_ptr + seg)
-    end = tl.load(seg_ptr + seg + 1)
-    slot = tl.load(seg_slot + seg).to(tl.int64)
+    start, end, slot = segment_of(seg_ptr, seg_slot, tl.program_id(0))
     r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     k_per = K // K_SPLIT
     k_lo = ks * k_per
@@ -79,9 +93,7 @@ def shrink_kernel(x, a, part, seg_ptr, seg_slot, K, CR, T,
     # The first A tile needs nothing the kernel before writes: under a programmatic launch it
     # streams in while that kernel finishes.
     a_first = tl.load(a_rows + (k_lo + kk)[None, :])
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous(PDL)
     for t0 in range(start, end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         tmask = t < end
@@ -100,19 +112,14 @@ def expand_kernel(part, b, y, seg_ptr, seg_slot, N, CR, T, S1, S2, scale,
                   R: tl.constexpr, K_SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                   PDL: tl.constexpr):
     """y[t, n] += scale * sum_j a[t, g(n)*R + j] * B[slot(t), n, j], a summed over the K splits."""
-    seg = tl.program_id(0)
     nb = tl.program_id(1)
-    start = tl.load(seg_ptr + seg)
-    end = tl.load(seg_ptr + seg + 1)
-    slot = tl.load(seg_slot + seg).to(tl.int64)
+    start, end, slot = segment_of(seg_ptr, seg_slot, tl.program_id(0))
     n0 = nb * BLOCK_N
     g = (n0 >= S1).to(tl.int32) + (n0 >= S2).to(tl.int32)
     n = n0 + tl.arange(0, BLOCK_N)
     j = tl.arange(0, R)
     bv = tl.load(b + (slot * N + n)[:, None] * R + j[None, :])
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous(PDL)
     for t0 in range(start, end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         tmask = t < end
