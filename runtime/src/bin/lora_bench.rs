@@ -432,14 +432,27 @@ fn decode_graph_rows<R: Runtime, E: StorageElem>(
 /// only from 8-token segments on (`MmaExpandConfig::for_decode`, chosen from run 67's
 /// timings of these rows). "mma expand nN": alone in a graph of every rotation set (expand column)
 /// and paired with the default shrink (pair column); "... pdl" and "... pdl carveout": the
-/// pair as "graph pdl" and "graph pdl carveout" in `graph_rows`.
+/// pair as "graph pdl" and "graph pdl carveout" in `graph_rows`. Where the default for a
+/// caller with room for copies splits K ("graph splitk default"), also that shrink's pair
+/// with each tile summing its copies ("splitk pair mma nN", as `split_k_pair` times it).
 fn decode_mma_expand<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &DenseCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
     let DenseCase { layout, iters, case, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let sets = data.len();
     let mut rows = Vec::new();
+    let (num_segments, max_len) = (decode.host_segs.num_segments(), decode.host_segs.max_segment_len());
+    let split = match ShrinkKernel::choose_within::<CudaRuntime, E>(&cuda, layout, num_segments, max_len, SPLIT_K_COPIES) {
+        ShrinkKernel::Mma { config, .. } if config.k_splits > 1 => Some(config),
+        _ => None,
+    };
     for n_frags in [2, 4, 8] {
         let name = format!("mma expand n{n_frags}");
+        if let (Some(shrink), Some(tile)) = (split, MmaExpandConfig::with_tile::<E>(cuda.properties(), layout, 1, n_frags))
+            && opts.selects_variant(&name)
+        {
+            let variant = format!("splitk pair mma n{n_frags}");
+            rows.extend(split_k_pair(opts, builder, decode, data, &variant, None, shrink, SummingExpand::Tile(tile)));
+        }
         let Some(config) = MmaExpandConfig::with_tile::<E>(cuda.properties(), layout, 1, n_frags) else { continue };
         if !config.tensor_cores || !opts.selects_variant(&name) {
             continue;
@@ -727,6 +740,8 @@ enum SummingExpand {
     CudaCore,
     /// What `launch_expand` chooses for the copies (`ExpandKernel::choose_summing`).
     Default,
+    /// This tensor-core tile, summing the copies (`--decode-mma-expand`).
+    Tile(MmaExpandConfig),
 }
 
 /// The pair of the split-K shrink `config` and the `summing` expand of its copies, from one
@@ -757,6 +772,10 @@ fn split_k_pair<E: StorageElem>(
             ExpandKernel::Scalar(ExpandConfig::new(&cuda, layout, size_of::<E>(), num_segments, max_len).summing(k_splits))
         }
         SummingExpand::Default => ExpandKernel::choose_summing::<CudaRuntime, E>(&cuda, layout, num_segments, max_len, k_splits),
+        SummingExpand::Tile(tile) => match tile.summing::<E>(cuda.properties(), k_splits) {
+            Some(config) => ExpandKernel::Mma { config, token_splits: 0 },
+            None => return Vec::new(),
+        },
     };
     let mut time_halves = |builder: &mut GraphBuilder, (with_shrink, with_expand): (bool, bool)| {
         let launch = |rec: &ComputeClient<RecordingRuntime>| {
@@ -790,7 +809,7 @@ fn split_k_pair<E: StorageElem>(
         }
         (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => eprintln!("{case} {name}: {e}"),
     }
-    let timings = if summing == SummingExpand::Default { pdl_timings(builder, |b| time_halves(b, (true, true))) } else { None };
+    let timings = if summing != SummingExpand::CudaCore { pdl_timings(builder, |b| time_halves(b, (true, true))) } else { None };
     for (suffix, us) in timings.into_iter().flatten() {
         match us {
             Ok(pair_us) => rows.push(decode.row(format!("{name} {suffix}"), f64::NAN, f64::NAN, pair_us)),
