@@ -14,7 +14,7 @@ use crate::config::ShrinkConfig;
 use crate::cuda_graph::grid_dependency_point;
 use crate::error::{LoraError, Result};
 use crate::pool::AdapterPool;
-use crate::shrink_mma::{MmaShrinkConfig, shrink_mma_kernel};
+use crate::shrink_mma::{LaunchMode, MmaShrinkConfig, shrink_mma_kernel};
 use crate::shrink_mma_pipelined::shrink_mma_pipelined_kernel;
 
 /// Dot products of `rows` consecutive A rows (starting at vector index `a_base`, row stride
@@ -302,8 +302,24 @@ impl ShrinkKernel {
         max_segment_len: u32,
         max_copies: u32,
     ) -> Self {
+        Self::choose_within_for::<R, F>(client, layout, num_segments, max_segment_len, max_copies, LaunchMode::Plain)
+    }
+
+    /// [`Self::choose_within`] for a pair launched as `launch` says (a caller capturing CUDA
+    /// graphs with programmatic launch: [`MmaShrinkConfig::split_k_for_launch`]).
+    pub fn choose_within_for<R: Runtime, F: Float>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        num_segments: usize,
+        max_segment_len: u32,
+        max_copies: u32,
+        launch: LaunchMode,
+    ) -> Self {
         let props = client.properties();
-        let split = || MmaShrinkConfig::split_k_for::<F>(props, layout, num_segments, max_segment_len).filter(|c| c.k_splits <= max_copies);
+        let split = || {
+            MmaShrinkConfig::split_k_for_launch::<F>(props, layout, num_segments, max_segment_len, launch)
+                .filter(|c| c.k_splits <= max_copies)
+        };
         match MmaShrinkConfig::for_batch::<F>(props, layout, num_segments, max_segment_len).or_else(split) {
             Some(config) => ShrinkKernel::Mma { config, tiles_per_segment: 0 },
             None => ShrinkKernel::Scalar(ShrinkConfig::new(client, layout, size_of::<F>(), num_segments, max_segment_len)),

@@ -48,6 +48,22 @@ const STAGED_BUDGET: u32 = 48 * 1024;
 /// four cost the wide expands (gate_up) more than the shrink saved (H100, run 52).
 pub const SPLIT_K_COPIES: u32 = 4;
 
+/// Fewest tokens in a batch's longest segment for which a pair launched programmatically
+/// splits K ([`MmaShrinkConfig::split_k_for_launch`]).
+const PROGRAMMATIC_SPLIT_MIN_SEGMENT: u32 = 4;
+
+/// How a shrink/expand pair is launched, where the best kernel depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LaunchMode {
+    /// Each kernel starts after the one before has finished: cubecl launches, or a CUDA
+    /// graph captured plainly.
+    #[default]
+    Plain,
+    /// Programmatic dependent launch (`cuda_graph::GraphBuilder::set_programmatic_launch`):
+    /// each kernel starts while the one before runs and waits at its grid dependency point.
+    Programmatic,
+}
+
 /// Most warps in one shrink cube (fragments × K groups): 1024 threads.
 const MAX_SHRINK_WARPS: u32 = 32;
 
@@ -272,15 +288,39 @@ impl MmaShrinkConfig {
     /// 15.3. Rank 16, 8 segments: qkv 12.5 → 10.2, gate_up 18.8–18.9 → 18.4–18.5, MLA 11.6 →
     /// 10.0–10.1 (under programmatic launch 10.7 → 8.5–8.7, 22.2 → 17.8, 14.6–15.0 → 8.0).
     /// Four tokens per segment stay on the CUDA-core kernels: split, their pairs were 2–13%
-    /// slower plainly launched (run 82; under programmatic launch three of six cases gained).
+    /// slower plainly launched (run 82; see [`Self::split_k_for_launch`] for programmatic
+    /// launches).
     pub fn split_k_for<F: CubePrimitive>(
         device: &DeviceProperties,
         layout: &LoraLayout,
         num_segments: usize,
         max_segment_len: u32,
     ) -> Option<Self> {
-        let few_tokens = num_segments as u64 * u64::from(max_segment_len) < 64;
-        if max_segment_len < TILE || few_tokens || Self::for_batch::<F>(device, layout, num_segments, max_segment_len).is_some() {
+        Self::split_k_for_launch::<F>(device, layout, num_segments, max_segment_len, LaunchMode::Plain)
+    }
+
+    /// [`Self::split_k_for`] for pairs launched as `launch` says. Under programmatic launch
+    /// the tile also takes segments of 4 to 15 tokens when the batch holds at least 32 tokens
+    /// (segments × longest): there the expand summing the copies reads y before its wait
+    /// (`launch_pair_expand`), and the pair gained where plainly launched it lost. H100, T = 32
+    /// in 8 segments of 4 tokens, pairs under PDL from CUDA graphs, this choice against the
+    /// plain one (runtime/BENCHMARKS.md, run 93, two rounds): qkv R=16 7.5 → 6.3 µs, MLA
+    /// R=64 17.3 → 14.0, gate_up R=16 9.3 → 8.6, MLA R=16 7.7 → 7.1, qkv R=64 15.2–15.3 →
+    /// 14.9–15.1; gate_up R=64 loses, 24.0 → 24.9. Segments of 5 to 15 tokens were not timed
+    /// split under PDL; shorter ones (T = 8) stay on the CUDA-core kernels.
+    pub fn split_k_for_launch<F: CubePrimitive>(
+        device: &DeviceProperties,
+        layout: &LoraLayout,
+        num_segments: usize,
+        max_segment_len: u32,
+        launch: LaunchMode,
+    ) -> Option<Self> {
+        let (min_segment, min_tokens) = match launch {
+            LaunchMode::Plain => (TILE, 64),
+            LaunchMode::Programmatic => (PROGRAMMATIC_SPLIT_MIN_SEGMENT, 32),
+        };
+        let few_tokens = (num_segments as u64 * u64::from(max_segment_len)) < min_tokens;
+        if max_segment_len < min_segment || few_tokens || Self::for_batch::<F>(device, layout, num_segments, max_segment_len).is_some() {
             return None;
         }
         Self::split_k_layout::<F>(device, layout)

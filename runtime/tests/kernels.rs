@@ -20,7 +20,7 @@ use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT, launch_moe_
 use lorac_runtime::moe_combine::PairScratch;
 use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_moe_grouped_expand_weighted, launch_moe_grouped_shrink};
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink, reference_shrink};
-use lorac_runtime::shrink_mma::{MmaShrinkConfig, SPLIT_K_COPIES, ShrinkTile};
+use lorac_runtime::shrink_mma::{LaunchMode, MmaShrinkConfig, SPLIT_K_COPIES, ShrinkTile};
 use lorac_runtime::testing::{Rng, StorageElem, relative_error};
 use lorac_runtime::{AdapterPool, DeviceBuffer, ExpandConfig, LoraError, NO_SLOT, Segments, ShrinkConfig};
 
@@ -1227,6 +1227,14 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     assert_eq!(tile, (ShrinkTile::new(1, 1), 128, 4, SPLIT_K_COPIES, 4));
     assert!(shrink_source::<_, F>(&client, chosen).is_ok_and(|source| source.contains("mma_sync")));
     assert_eq!(MmaShrinkConfig::split_k_for::<F>(&device, &qkv64, 8, 4), None);
+    // Under programmatic launch the same tile from 4-token segments of a 32-token batch on
+    // (where its pairs gained on the H100), still not from single-token or 2-token ones.
+    let programmatic =
+        |segments, longest| MmaShrinkConfig::split_k_for_launch::<F>(&device, &qkv64, segments, longest, LaunchMode::Programmatic);
+    assert_eq!(programmatic(8, 4), Some(chosen));
+    assert_eq!(programmatic(8, 16), Some(chosen));
+    assert_eq!((programmatic(8, 2), programmatic(8, 1), programmatic(4, 4)), (None, None, None));
+    assert_eq!(MmaShrinkConfig::split_k_for_launch::<F>(&device, &qkv64, 8, 4, LaunchMode::Plain), None);
     let qkv16 = LoraLayout::new(nz(8), nz(16), 4096, 3, vec![slice("q", 4096, 0), slice("k", 1024, 1), slice("v", 1024, 2)], None).unwrap();
     assert_eq!(MmaShrinkConfig::split_k_for::<F>(&device, &qkv16, 8, 16), Some(MmaShrinkConfig { max_rank: 16, ..chosen }));
     let qkv = LoraLayout::new(nz(4), nz(16), 256, 3, vec![slice("q", 64, 0), slice("k", 16, 1), slice("v", 16, 2)], None).unwrap();
@@ -1516,6 +1524,14 @@ fn split_k_shrink_follows_the_room() {
         // Decode (one token per segment) and prefill (16-token tiles fill the GPU) never split.
         assert_eq!(copies(8, 1, 8, 4), 1);
         assert_eq!(copies(8, 512, 4096, 4), 1);
+        // 8 segments of 4 tokens: split only for a programmatic launch.
+        let splits =
+            |launch| match ShrinkKernel::choose_within_for::<RecordingRuntime, half::bf16>(rec, &wide, 8, 4, SPLIT_K_COPIES, launch) {
+                ShrinkKernel::Mma { config, .. } => config.k_splits,
+                ShrinkKernel::Scalar(_) => 1,
+            };
+        assert_eq!((splits(LaunchMode::Plain), splits(LaunchMode::Programmatic)), (1, SPLIT_K_COPIES));
+        assert_eq!(copies(8, 4, 32, 4), 1);
     })
     .unwrap();
     assert!(launches.is_empty());

@@ -40,7 +40,7 @@ use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, launch_moe_expand, lau
 use lorac_runtime::moe_combine::PairScratch;
 use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_moe_grouped_expand_weighted, launch_moe_grouped_shrink};
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink};
-use lorac_runtime::shrink_mma::{MmaShrinkConfig, SPLIT_K_COPIES, ShrinkTile};
+use lorac_runtime::shrink_mma::{LaunchMode, MmaShrinkConfig, SPLIT_K_COPIES, ShrinkTile};
 use lorac_runtime::testing::{Rng, StorageElem};
 use lorac_runtime::{AdapterPool, DeviceBuffer, DeviceSegments, ExpandConfig, Segments, ShrinkConfig};
 
@@ -415,6 +415,16 @@ fn decode_graph_rows<R: Runtime, E: StorageElem>(
     {
         rows.extend(split_k_pair(opts, builder, decode, data, "graph splitk default", None, config, SummingExpand::Default));
     }
+    // Where a caller capturing graphs with programmatic launch gets a split the plain choice
+    // does not make (segments of 4 to 15 tokens).
+    let programmatic =
+        ShrinkKernel::choose_within_for::<R, E>(client, decode.layout, num_segments, max_len, SPLIT_K_COPIES, LaunchMode::Programmatic);
+    if let ShrinkKernel::Mma { config, .. } = programmatic
+        && config.k_splits > 1
+        && programmatic != within
+    {
+        rows.extend(split_k_pair(opts, builder, decode, data, "graph splitk pdl-choice", None, config, SummingExpand::Default));
+    }
     if opts.split_k {
         rows.extend(split_k_sweep(opts, builder, decode, data));
     }
@@ -447,15 +457,13 @@ fn decode_mma_expand<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, de
     };
     for n_frags in [2, 4, 8] {
         let name = format!("mma expand n{n_frags}");
-        if let (Some(shrink), Some(tile)) = (split, MmaExpandConfig::with_tile::<E>(cuda.properties(), layout, 1, n_frags))
-            && opts.selects_variant(&name)
-        {
-            let variant = format!("splitk pair mma n{n_frags}");
-            rows.extend(split_k_pair(opts, builder, decode, data, &variant, None, shrink, SummingExpand::Tile(tile)));
-        }
         let Some(config) = MmaExpandConfig::with_tile::<E>(cuda.properties(), layout, 1, n_frags) else { continue };
         if !config.tensor_cores || !opts.selects_variant(&name) {
             continue;
+        }
+        if let Some(shrink) = split {
+            let variant = format!("splitk pair mma n{n_frags}");
+            rows.extend(split_k_pair(opts, builder, decode, data, &variant, None, shrink, SummingExpand::Tile(config)));
         }
         let expand = Some(ExpandKernel::Mma { config, token_splits: 0 });
         let mut time = |builder: &mut GraphBuilder, with_shrink: bool| {
