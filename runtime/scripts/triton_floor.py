@@ -329,7 +329,8 @@ def pair_rows(spec, copy_gbps):
     mb_s, mb_e = case.shrink_bytes / 1e6, case.expand_bytes / 1e6
 
     # Correctness of one pair on the GPU before any timing.
-    scfg, ecfg = shrink_configs(case)[0], expand_configs(case)[0]
+    s_configs, e_configs = shrink_configs(case), expand_configs(case)
+    scfg, ecfg = s_configs[0], e_configs[0]
     y0 = case.sets[0]["y"].clone()
     case.shrink(0, scfg)
     case.expand(0, ecfg, scfg["K_SPLIT"])
@@ -340,19 +341,19 @@ def pair_rows(spec, copy_gbps):
     case.sets[0]["y"].copy_(y0)
     print(f"# {case.name}: {sets} sets, relative error of the bf16 pair {err:.2e}", flush=True)
 
-    shrinks = sorted((graph_us([(lambda s: lambda: case.shrink(s, c))(s) for s in order]), i) for i, c in enumerate(shrink_configs(case)))
-    best_s = shrink_configs(case)[shrinks[0][1]]
+    shrinks = sorted((graph_us([(lambda s: lambda: case.shrink(s, c))(s) for s in order]), i) for i, c in enumerate(s_configs))
+    best_s = s_configs[shrinks[0][1]]
     tag = lambda c: f"k{c['BLOCK_K']} split{c['K_SPLIT']}"
     row("triton", case.name, f"shrink {tag(best_s)}", shrinks[0][0], mb_s, copy_gbps)
     best_e, best_e_us = None, None
-    for c in expand_configs(case):
+    for c in e_configs:
         us = graph_us([(lambda s: lambda: case.expand(s, c, best_s["K_SPLIT"]))(s) for s in order])
         if best_e_us is None or us < best_e_us:
             best_e, best_e_us = c, us
     row("triton", case.name, f"expand n{best_e['BLOCK_N']}", best_e_us, mb_e, copy_gbps)
     # Pairs: the three fastest shrinks with the best expand, plain and programmatic.
     for _, i in shrinks[:3]:
-        c = shrink_configs(case)[i]
+        c = s_configs[i]
         for pdl in (False, True) if gdc_wait is not None else (False,):
             fn = lambda s, c=c, pdl=pdl: (case.shrink(s, c, pdl), case.expand(s, best_e, c["K_SPLIT"], pdl))
             try:

@@ -409,19 +409,21 @@ fn decode_graph_rows<R: Runtime, E: StorageElem>(
 ) -> Vec<Row> {
     let mut rows = Vec::new();
     let (num_segments, max_len) = (decode.host_segs.num_segments(), decode.host_segs.max_segment_len());
-    let within = ShrinkKernel::choose_within::<R, E>(client, decode.layout, num_segments, max_len, SPLIT_K_COPIES);
-    if let ShrinkKernel::Mma { config, .. } = within
-        && config.k_splits > 1
-    {
+    let choice = |launch| {
+        let kernel = ShrinkKernel::choose_within_for::<R, E>(client, decode.layout, num_segments, max_len, SPLIT_K_COPIES, launch);
+        match kernel {
+            ShrinkKernel::Mma { config, .. } if config.k_splits > 1 => Some(config),
+            _ => None,
+        }
+    };
+    let split = choice(LaunchMode::Plain);
+    if let Some(config) = split {
         rows.extend(split_k_pair(opts, builder, decode, data, "graph splitk default", None, config, SummingExpand::Default));
     }
     // Where a caller capturing graphs with programmatic launch gets a split the plain choice
     // does not make (segments of 4 to 15 tokens).
-    let programmatic =
-        ShrinkKernel::choose_within_for::<R, E>(client, decode.layout, num_segments, max_len, SPLIT_K_COPIES, LaunchMode::Programmatic);
-    if let ShrinkKernel::Mma { config, .. } = programmatic
-        && config.k_splits > 1
-        && programmatic != within
+    if let Some(config) = choice(LaunchMode::Programmatic)
+        && split != Some(config)
     {
         rows.extend(split_k_pair(opts, builder, decode, data, "graph splitk pdl-choice", None, config, SummingExpand::Default));
     }
@@ -432,7 +434,7 @@ fn decode_graph_rows<R: Runtime, E: StorageElem>(
         rows.extend(decode_sweep(opts, builder, decode, data));
     }
     if opts.decode_mma_expand {
-        rows.extend(decode_mma_expand(opts, builder, decode, data));
+        rows.extend(decode_mma_expand(opts, builder, decode, data, split));
     }
     rows
 }
@@ -443,18 +445,19 @@ fn decode_graph_rows<R: Runtime, E: StorageElem>(
 /// timings of these rows). "mma expand nN": alone in a graph of every rotation set (expand column)
 /// and paired with the default shrink (pair column); "... pdl" and "... pdl carveout": the
 /// pair as "graph pdl" and "graph pdl carveout" in `graph_rows`. Where the default for a
-/// caller with room for copies splits K ("graph splitk default"), also that shrink's pair
-/// with each tile summing its copies ("splitk pair mma nN", as `split_k_pair` times it).
-fn decode_mma_expand<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &DenseCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
+/// caller with room for copies splits K (`split`, "graph splitk default"), also that shrink's
+/// pair with each tile summing its copies ("splitk pair mma nN", as `split_k_pair` times it).
+fn decode_mma_expand<E: StorageElem>(
+    opts: &Opts,
+    builder: &mut GraphBuilder,
+    decode: &DenseCase,
+    data: &mut [DenseSet<E>],
+    split: Option<MmaShrinkConfig>,
+) -> Vec<Row> {
     let DenseCase { layout, iters, case, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let sets = data.len();
     let mut rows = Vec::new();
-    let (num_segments, max_len) = (decode.host_segs.num_segments(), decode.host_segs.max_segment_len());
-    let split = match ShrinkKernel::choose_within::<CudaRuntime, E>(&cuda, layout, num_segments, max_len, SPLIT_K_COPIES) {
-        ShrinkKernel::Mma { config, .. } if config.k_splits > 1 => Some(config),
-        _ => None,
-    };
     for n_frags in [2, 4, 8] {
         let name = format!("mma expand n{n_frags}");
         let Some(config) = MmaExpandConfig::with_tile::<E>(cuda.properties(), layout, 1, n_frags) else { continue };
