@@ -11,6 +11,8 @@ reading the bytes costs, each replayed from a CUDA graph as lora_bench's graph r
   that the expand adds up, B read once per column block), best of a small sweep, timed plainly
   and with programmatic dependent launch (B and the first A tile loaded before the wait).
   Not a copy of any engine's kernel: a strong baseline of the kind an engine ships.
+* `--fused`: an experiment, the shrink and expand in one kernel (`fused_pair_kernel`, the
+  expand programs waiting on per-segment counters); see `fused_rows` for what it showed.
 
 Inputs rotate over enough buffer sets that every launch streams from HBM (4x the 50 MB L2).
 Prints CSV rows to stdout: section,case,variant,us,MB,GBps,frac_copy.
@@ -132,6 +134,111 @@ def expand_kernel(part, b, y, seg_ptr, seg_slot, N, CR, T, S1, S2, scale,
         tl.store(y_ptr, (yv.to(tl.float32) + scale * delta).to(yv.dtype), mask=tmask[:, None])
 
 
+@triton.jit
+def load_around_l1(ptrs, mask, safe_ptr, L2_LOADS: tl.constexpr):
+    """f32 loads that bypass L1 (`ld.global.cg`): another multiprocessor wrote these values
+    during this launch, and a 128-byte line this one cached earlier (lines span the rows of
+    two segments) would be stale. Triton ignores `cache_modifier` and `volatile` on loads its
+    pipeliner turns into asynchronous copies, which cache in L1. Without `L2_LOADS` (the CPU
+    interpreter, which has no inline assembly) a plain load."""
+    if L2_LOADS:
+        v = tl.inline_asm_elementwise("ld.global.cg.f32 $0, [$1];", "=f,l", [tl.where(mask, ptrs, safe_ptr)],
+                                      dtype=tl.float32, is_pure=False, pack=1)
+        return tl.where(mask, v, 0.0)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def fused_pair_kernel(x, a, b, y, part, sync, seg_ptr, seg_slot, K, N, CR, T, S1, S2, scale, n_segments,
+                      R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                      K_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, SYNC_BLOCK: tl.constexpr, PDL: tl.constexpr,
+                      L2_LOADS: tl.constexpr, TICKET: tl.constexpr = True, WAIT: tl.constexpr = True):
+    """The shrink and the expand in one grid. `sync` (int32, zero between launches) holds a
+    ticket, a count of finished programs and one count of finished shrink programs per segment.
+
+    Each program takes a ticket: the first `segments * shrink_per_segment` tickets are shrink
+    programs, the rest expand programs, which spin until their segment's shrink programs have
+    all published their partial sums. A program that holds a ticket is running, and every
+    lower ticket went to a program that was already running, so an expand program only ever
+    waits for programs that are resident: no deadlock, whatever order the hardware schedules
+    the grid in. The last program to finish sets `sync` back to zero for the next launch.
+
+    Timing bounds only (wrong results): without `TICKET` roles follow the program id (no
+    ticket round trip); without `WAIT` expand programs do not wait for the shrink's sums.
+    """
+    if TICKET:
+        ticket = tl.atomic_add(sync, 1)
+    else:
+        ticket = tl.program_id(0)
+    rows_per_seg = CR // BLOCK_R
+    shrink_per_seg = rows_per_seg * K_SPLIT
+    expand_per_seg = N // BLOCK_N
+    n_shrink = n_segments * shrink_per_seg
+    total = n_shrink + n_segments * expand_per_seg
+    if ticket < n_shrink:
+        seg = ticket // shrink_per_seg
+        rb = (ticket % shrink_per_seg) // K_SPLIT
+        ks = ticket % K_SPLIT
+        start, end, slot = segment_of(seg_ptr, seg_slot, seg)
+        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        k_per = K // K_SPLIT
+        k_lo = ks * k_per
+        kk = tl.arange(0, BLOCK_K)
+        a_rows = a + (slot * CR + r)[:, None] * K
+        a_first = tl.load(a_rows + (k_lo + kk)[None, :])
+        wait_for_previous(PDL)
+        for t0 in range(start, end, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            tmask = t < end
+            x_rows = x + t.to(tl.int64)[:, None] * K
+            xv = tl.load(x_rows + (k_lo + kk)[None, :], mask=tmask[:, None], other=0.0)
+            acc = tl.dot(xv, tl.trans(a_first))
+            for k0 in range(k_lo + BLOCK_K, k_lo + k_per, BLOCK_K):
+                xv = tl.load(x_rows + (k0 + kk)[None, :], mask=tmask[:, None], other=0.0)
+                av = tl.load(a_rows + (k0 + kk)[None, :])
+                acc = tl.dot(xv, tl.trans(av), acc)
+            tl.store(part + (ks * T + t)[:, None] * CR + r[None, :], acc, mask=tmask[:, None])
+        # Every thread's partial sums are written before one thread publishes them.
+        tl.debug_barrier()
+        tl.atomic_add(sync + 2 + seg, 1, sem="release", scope="gpu")
+    else:
+        e = ticket - n_shrink
+        seg = e // expand_per_seg
+        nb = e % expand_per_seg
+        start, end, slot = segment_of(seg_ptr, seg_slot, seg)
+        n0 = nb * BLOCK_N
+        g = (n0 >= S1).to(tl.int32) + (n0 >= S2).to(tl.int32)
+        n = n0 + tl.arange(0, BLOCK_N)
+        j = tl.arange(0, R)
+        bv = tl.load(b + (slot * N + n)[:, None] * R + j[None, :])
+        wait_for_previous(PDL)
+        t = start + tl.arange(0, BLOCK_T)
+        tmask = t < end
+        y_ptr = y + t.to(tl.int64)[:, None] * N + n[None, :]
+        yv = tl.load(y_ptr, mask=tmask[:, None], other=0.0)
+        if WAIT:
+            done_shrinks = tl.atomic_add(sync + 2 + seg, 0, sem="acquire", scope="gpu")
+            while done_shrinks < shrink_per_seg:
+                done_shrinks = tl.atomic_add(sync + 2 + seg, 0, sem="acquire", scope="gpu")
+            tl.debug_barrier()
+        for t0 in range(start, end, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            tmask = t < end
+            av = tl.zeros([BLOCK_T, R], dtype=tl.float32)
+            for ks in tl.static_range(K_SPLIT):
+                av += load_around_l1(part + (ks * T + t)[:, None] * CR + (g * R + j)[None, :], tmask[:, None], part, L2_LOADS)
+            y_ptr = y + t.to(tl.int64)[:, None] * N + n[None, :]
+            if t0 != start:
+                yv = tl.load(y_ptr, mask=tmask[:, None], other=0.0)
+            delta = tl.dot(av.to(bv.dtype), tl.trans(bv))
+            tl.store(y_ptr, (yv.to(tl.float32) + scale * delta).to(yv.dtype), mask=tmask[:, None])
+    finished = tl.atomic_add(sync + 1, 1, sem="acq_rel", scope="gpu")
+    if finished == total - 1:
+        offs = tl.arange(0, SYNC_BLOCK)
+        tl.store(sync + offs, tl.zeros([SYNC_BLOCK], dtype=tl.int32), mask=offs < 2 + n_segments)
+
+
 class PairCase:
     """One decode case's buffers (`sets` independent copies) and its Triton launches."""
 
@@ -159,6 +266,7 @@ class PairCase:
                 b=(torch.randn(SLOTS, self.N, rank, device=device) / math.sqrt(rank)).to(dtype),
                 y=torch.randn(tokens, self.N, device=device, dtype=dtype),
                 part=torch.empty(16, tokens, self.CR, device=device, dtype=torch.float32),
+                sync=torch.zeros(2 + adapters, device=device, dtype=torch.int32),
             ))
         self.scale = 0.5
         used = min(adapters, SLOTS)
@@ -183,6 +291,18 @@ class PairCase:
         expand_kernel[grid](d["part"], d["b"], d["y"], self.seg_ptr, self.seg_slot, self.N, self.CR, self.T, self.S1, self.S2,
                             self.scale, R=self.R, K_SPLIT=k_split, BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], PDL=pdl,
                             num_warps=cfg["warps"], num_stages=1, **kwargs)
+
+    def fused(self, s, scfg, ecfg, pdl=False, **bounds):
+        d = self.sets[s]
+        programs = self.segments * (self.CR // scfg["BLOCK_R"] * scfg["K_SPLIT"] + self.N // ecfg["BLOCK_N"])
+        kwargs = {"launch_pdl": True} if pdl else {}
+        fused_pair_kernel[(programs,)](d["x"], d["a"], d["b"], d["y"], d["part"], d["sync"], self.seg_ptr, self.seg_slot,
+                                       self.K, self.N, self.CR, self.T, self.S1, self.S2, self.scale, self.segments,
+                                       R=self.R, BLOCK_T=16, BLOCK_R=scfg["BLOCK_R"], BLOCK_K=scfg["BLOCK_K"],
+                                       K_SPLIT=scfg["K_SPLIT"], BLOCK_N=ecfg["BLOCK_N"],
+                                       SYNC_BLOCK=triton.next_power_of_2(2 + self.segments), PDL=pdl,
+                                       L2_LOADS=os.environ.get("TRITON_INTERPRET") != "1",
+                                       num_warps=4, num_stages=scfg["stages"], **bounds, **kwargs)
 
     def reference_delta(self, s):
         d = self.sets[s]
@@ -228,15 +348,21 @@ def check():
         for k_split in (1, 2, 4):
             scfg = dict(shrink_configs(case)[0], BLOCK_K=64, K_SPLIT=k_split)
             for ecfg in expand_configs(case):
-                y0 = case.sets[0]["y"].clone()
-                case.shrink(0, scfg)
-                case.expand(0, ecfg, scfg["K_SPLIT"])
-                got = case.sets[0]["y"].double() - y0.double()
-                case.sets[0]["y"].copy_(y0)
                 ref = case.reference_delta(0)
-                err = ((got - ref).norm() / ref.norm()).item()
-                worst = max(worst, err)
-                print(f"check,{case.name},{scfg['K_SPLIT']}x{scfg['BLOCK_K']} n{ecfg['BLOCK_N']},rel_err={err:.2e}")
+                # The pair, then the fused kernel twice (its counters must be back at zero).
+                runs = [("pair", lambda: (case.shrink(0, scfg), case.expand(0, ecfg, scfg["K_SPLIT"])))]
+                runs += [(f"fused#{i}", lambda: case.fused(0, scfg, ecfg)) for i in (1, 2)]
+                for label, launch in runs:
+                    y0 = case.sets[0]["y"].clone()
+                    launch()
+                    got = case.sets[0]["y"].double() - y0.double()
+                    case.sets[0]["y"].copy_(y0)
+                    err = ((got - ref).norm() / ref.norm()).item()
+                    worst = max(worst, err)
+                    print(f"check,{case.name},{label} {scfg['K_SPLIT']}x{scfg['BLOCK_K']} n{ecfg['BLOCK_N']},rel_err={err:.2e}")
+                if case.sets[0]["sync"].abs().sum().item() != 0:
+                    print(f"check,{case.name},fused left its counters at {case.sets[0]['sync'].tolist()}")
+                    worst = float("inf")
     print(f"check worst relative error {worst:.2e}")
     return 0 if worst < 1e-4 else 1
 
@@ -317,7 +443,7 @@ def read_floor(copy_gbps, units=200):
     row("floor", "read 3.414 MB then 2.365 MB", "two kernels", 2 * graph_us(pairs), 5.779, copy_gbps)
 
 
-def pair_rows(spec, copy_gbps):
+def pair_rows(spec, copy_gbps, fused):
     module, rank, tokens, adapters = spec
     probe = PairCase(module, rank, tokens, adapters, 1, "cuda")
     per_set = probe.shrink_bytes + probe.expand_bytes + probe.sets[0]["part"].numel() * 4
@@ -362,12 +488,55 @@ def pair_rows(spec, copy_gbps):
                 print(f"# {case.name} pair {tag(c)} pdl={pdl}: {type(e).__name__}: {e}", flush=True)
                 continue
             row("triton", case.name, f"pair {tag(c)} n{best_e['BLOCK_N']}" + (" pdl" if pdl else ""), us, mb_s + mb_e, copy_gbps)
+    if fused:
+        fused_rows(case, order, ref, s_configs, e_configs, shrinks, best_e, mb_s + mb_e, copy_gbps)
+
+
+def fused_rows(case, order, ref, s_configs, e_configs, shrinks, best_e, mb, copy_gbps):
+    """`--fused`: the fused kernel's error on the GPU (twice in a row, so its counters must
+    reset; partial sums poisoned first), then its time with the three fastest shrink tiles and
+    each expand tile, plain and programmatic, and the bounds without ticket and wait.
+
+    H100, 2026-11-24 (BENCHMARKS.md, runs 96-98): slower than the two-kernel pair in every
+    case, and so is its bound without any waiting; its results were wrong on the GPU (not NaN
+    with poisoned partial sums, so not an early read) though right on the interpreter at the
+    same shapes. Kept as the record of that experiment, not as a baseline."""
+    tag = lambda c: f"k{c['BLOCK_K']} split{c['K_SPLIT']}"
+    scfg, ecfg = s_configs[0], e_configs[0]
+    for label in ("fused#1", "fused#2"):
+        # Poisoned partial sums: an expand program that reads them before the shrink wrote them
+        # makes the error NaN.
+        case.sets[0]["part"].fill_(float("nan"))
+        y0 = case.sets[0]["y"].clone()
+        case.fused(0, scfg, ecfg)
+        torch.cuda.synchronize()
+        got = case.sets[0]["y"].double().cpu() - y0.double().cpu()
+        case.sets[0]["y"].copy_(y0)
+        err = ((got - ref).norm() / ref.norm()).item()
+        print(f"# {case.name}: relative error of the bf16 {label} {err:.2e}, counters {case.sets[0]['sync'].tolist()}", flush=True)
+    for _, i in shrinks[:3]:
+        c = s_configs[i]
+        for e in e_configs + [dict(BLOCK_T=16, BLOCK_N=256, warps=4)] * all(w % 256 == 0 for w in case.widths):
+            for pdl in (False, True) if gdc_wait is not None else (False,):
+                try:
+                    us = graph_us([(lambda s: lambda: case.fused(s, c, e, pdl))(s) for s in order])
+                except Exception as ex:  # noqa: BLE001 - report and go on
+                    print(f"# {case.name} fused {tag(c)} pdl={pdl}: {type(ex).__name__}: {ex}", flush=True)
+                    continue
+                row("triton", case.name, f"fused {tag(c)} n{e['BLOCK_N']}" + (" pdl" if pdl else ""), us, mb, copy_gbps)
+    # Bounds on the fused kernel's cost (wrong results): roles by program id, and no waiting.
+    c, e = s_configs[shrinks[0][1]], best_e
+    for label, bounds in [("no-ticket", dict(TICKET=False)), ("no-ticket no-wait", dict(TICKET=False, WAIT=False))]:
+        us = graph_us([(lambda s: lambda: case.fused(s, c, e, True, **bounds))(s) for s in order])
+        row("triton", case.name, f"fused {label} {tag(c)} n{e['BLOCK_N']} pdl", us, mb, copy_gbps)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--skip-floor", action="store_true")
+    parser.add_argument("--fused", action="store_true", help="also the fused one-kernel pair (an experiment; see fused_rows)")
+    parser.add_argument("--cases", help="module:rank:tokens[,...] (8 adapters each); default: the eight below")
     args = parser.parse_args()
     if args.check:
         return check()
@@ -377,10 +546,13 @@ def main():
     print("section,case,variant,us,MB,GBps,frac_copy")
     if not args.skip_floor:
         read_floor(copy_gbps)
-    for spec in [("qkv", 16, 32, 8), ("qkv", 64, 32, 8), ("gate_up", 64, 32, 8), ("mla_qkv_a", 64, 32, 8),
-                 ("qkv", 16, 128, 8), ("qkv", 64, 128, 8), ("gate_up", 64, 128, 8), ("mla_qkv_a", 64, 128, 8)]:
+    specs = [("qkv", 16, 32, 8), ("qkv", 64, 32, 8), ("gate_up", 64, 32, 8), ("mla_qkv_a", 64, 32, 8),
+             ("qkv", 16, 128, 8), ("qkv", 64, 128, 8), ("gate_up", 64, 128, 8), ("mla_qkv_a", 64, 128, 8)]
+    if args.cases:
+        specs = [(m, int(r), int(t), 8) for m, r, t in (c.split(":") for c in args.cases.split(","))]
+    for spec in specs:
         try:
-            pair_rows(spec, copy_gbps)
+            pair_rows(spec, copy_gbps, args.fused)
         except Exception as e:  # noqa: BLE001 - one case failing must not lose the others
             print(f"# {spec}: {type(e).__name__}: {e}", flush=True)
     return 0

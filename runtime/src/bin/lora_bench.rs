@@ -422,9 +422,8 @@ fn decode_graph_rows<R: Runtime, E: StorageElem>(
     }
     // Where a caller capturing graphs with programmatic launch gets a split the plain choice
     // does not make (segments of 4 to 15 tokens).
-    if let Some(config) = choice(LaunchMode::Programmatic)
-        && split != Some(config)
-    {
+    let programmatic_split = choice(LaunchMode::Programmatic).filter(|config| split != Some(*config));
+    if let Some(config) = programmatic_split {
         rows.extend(split_k_pair(opts, builder, decode, data, "graph splitk pdl-choice", None, config, SummingExpand::Default));
     }
     if opts.split_k {
@@ -434,7 +433,7 @@ fn decode_graph_rows<R: Runtime, E: StorageElem>(
         rows.extend(decode_sweep(opts, builder, decode, data));
     }
     if opts.decode_mma_expand {
-        rows.extend(decode_mma_expand(opts, builder, decode, data, split));
+        rows.extend(decode_mma_expand(opts, builder, decode, data, split.or(programmatic_split)));
     }
     rows
 }
@@ -445,8 +444,9 @@ fn decode_graph_rows<R: Runtime, E: StorageElem>(
 /// timings of these rows). "mma expand nN": alone in a graph of every rotation set (expand column)
 /// and paired with the default shrink (pair column); "... pdl" and "... pdl carveout": the
 /// pair as "graph pdl" and "graph pdl carveout" in `graph_rows`. Where the default for a
-/// caller with room for copies splits K (`split`, "graph splitk default"), also that shrink's
-/// pair with each tile summing its copies ("splitk pair mma nN", as `split_k_pair` times it).
+/// caller with room for copies splits K (`split`: "graph splitk default", else the programmatic
+/// choice "graph splitk pdl-choice"), also that shrink's pair with each tile summing its copies
+/// ("splitk pair mma nN", as `split_k_pair` times it).
 fn decode_mma_expand<E: StorageElem>(
     opts: &Opts,
     builder: &mut GraphBuilder,
