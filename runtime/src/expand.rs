@@ -23,6 +23,7 @@ use crate::error::{LoraError, Result};
 use crate::expand_mma::{MmaExpandConfig, expand_mma_kernel};
 use crate::expand_mma_pipelined::{A_VECTOR, expand_mma_pipelined_kernel};
 use crate::pool::AdapterPool;
+use crate::shrink_mma::LaunchMode;
 
 /// Where one expand cube and thread work: the cube's slice (grid y) and segment, the
 /// segment's adapter, and the thread's `ny` output columns. Cubes past their slice's end or on
@@ -334,9 +335,23 @@ impl ExpandKernel {
         max_segment_len: u32,
         copies: u32,
     ) -> Self {
+        Self::choose_summing_for::<R, F>(client, layout, num_segments, max_segment_len, copies, LaunchMode::Plain)
+    }
+
+    /// [`Self::choose_summing`] for a pair launched as `launch` says (a caller capturing CUDA
+    /// graphs with programmatic launch: [`MmaExpandConfig::for_decode_launch`]; its shrink
+    /// from [`crate::shrink::ShrinkKernel::choose_within_for`]).
+    pub fn choose_summing_for<R: Runtime, F: Float>(
+        client: &ComputeClient<R>,
+        layout: &LoraLayout,
+        num_segments: usize,
+        max_segment_len: u32,
+        copies: u32,
+        launch: LaunchMode,
+    ) -> Self {
         let props = client.properties();
         let tile = MmaExpandConfig::for_batch::<F>(props, layout, num_segments, max_segment_len)
-            .or_else(|| MmaExpandConfig::for_decode::<F>(props, layout, max_segment_len));
+            .or_else(|| MmaExpandConfig::for_decode_launch::<F>(props, layout, num_segments, max_segment_len, launch));
         match tile.and_then(|c| c.summing::<F>(props, copies)) {
             Some(config) => ExpandKernel::Mma { config, token_splits: 0 },
             None => ExpandKernel::Scalar(ExpandConfig::new(client, layout, size_of::<F>(), num_segments, max_segment_len).summing(copies)),

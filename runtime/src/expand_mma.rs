@@ -22,7 +22,7 @@ use lorac_plan::LoraLayout;
 
 use crate::batch::NO_SLOT;
 use crate::cuda_graph::grid_dependency_point;
-use crate::shrink_mma::{TILE, cmma_supported};
+use crate::shrink_mma::{LaunchMode, TILE, cmma_supported};
 
 /// Shared memory the tiles may use: small enough for several cubes per multiprocessor.
 const SHARED_BUDGET: u32 = 50 * 1024;
@@ -43,6 +43,13 @@ const HIGH_RANK_STAGES: u32 = 2;
 /// Fewest tokens in a batch's longest segment for which a batch too small to fill the GPU
 /// with 16-token tiles still takes the tensor-core expand ([`MmaExpandConfig::for_decode`]).
 pub const DECODE_MIN_SEGMENT: u32 = 8;
+
+/// The same for a pair launched programmatically, at rank [`PROGRAMMATIC_DECODE_MIN_RANK`] or
+/// more, on a grid of at most [`PROGRAMMATIC_DECODE_MAX_CUBES_PER_SM`] cubes per
+/// multiprocessor ([`MmaExpandConfig::for_decode_launch`]).
+pub const PROGRAMMATIC_DECODE_MIN_SEGMENT: u32 = 4;
+const PROGRAMMATIC_DECODE_MIN_RANK: u32 = 64;
+const PROGRAMMATIC_DECODE_MAX_CUBES_PER_SM: u32 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MmaExpandConfig {
@@ -175,6 +182,45 @@ impl MmaExpandConfig {
             return None;
         }
         Self::widest_tile::<F>(device, layout, 1)
+    }
+
+    /// [`Self::for_decode`] for a pair launched as `launch` says. Under a programmatic launch
+    /// (a CUDA graph, [`crate::cuda_graph::GraphBuilder::set_programmatic_launch`]) also from
+    /// [`PROGRAMMATIC_DECODE_MIN_SEGMENT`] tokens, where the rank is
+    /// [`PROGRAMMATIC_DECODE_MIN_RANK`] or more and the tile's grid (segments × column
+    /// blocks) has at most [`PROGRAMMATIC_DECODE_MAX_CUBES_PER_SM`] cubes per multiprocessor.
+    ///
+    /// H100, 8 segments of 4 tokens after the programmatic split-K shrink, under PDL (run 99,
+    /// runtime/BENCHMARKS.md, two rounds): against the CUDA-core expand the widest tile took
+    /// qkv R=64 from 15.0–15.1 to 13.8 µs and MLA R=64 from 13.8–14.0 to 13.0–13.2 (grids of
+    /// 384 and 136 cubes), but gate_up R=64 (1792 cubes) from 23.6–24.9 to 27.3–27.4, and
+    /// every rank-16 pair 4–70% slower. Plainly launched it was level or slower.
+    pub fn for_decode_launch<F: CubePrimitive>(
+        device: &DeviceProperties,
+        layout: &LoraLayout,
+        num_segments: usize,
+        max_segment_len: u32,
+        launch: LaunchMode,
+    ) -> Option<Self> {
+        let plain = Self::for_decode::<F>(device, layout, max_segment_len);
+        if launch == LaunchMode::Plain || plain.is_some() {
+            return plain;
+        }
+        if max_segment_len < PROGRAMMATIC_DECODE_MIN_SEGMENT
+            || layout.max_rank() < PROGRAMMATIC_DECODE_MIN_RANK
+            || !cmma_supported::<F>(device)
+        {
+            return None;
+        }
+        let tile = Self::widest_tile::<F>(device, layout, 1)?;
+        let cubes = num_segments as u64 * u64::from(tile.column_blocks(layout));
+        let most = u64::from(crate::config::multiprocessors(device)) * u64::from(PROGRAMMATIC_DECODE_MAX_CUBES_PER_SM);
+        (cubes <= most).then_some(tile)
+    }
+
+    /// Column blocks of all slices: cubes per token tile of a segment.
+    pub fn column_blocks(&self, layout: &LoraLayout) -> u32 {
+        layout.slices().iter().map(|s| s.width.div_ceil(self.block_columns())).sum()
     }
 
     /// The `m_frags`-row tile with the widest column block that fits: 8 fragments, else 4.

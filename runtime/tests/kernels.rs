@@ -1480,6 +1480,52 @@ fn expand_choice_follows_the_longest_segment() {
     assert!(f32.iter().all(|k| matches!(k, ExpandKernel::Scalar(_))), "f32: {f32:?}");
 }
 
+/// The expand a programmatically launched bf16 pair gets on an H100 (derived offline): below
+/// `DECODE_MIN_SEGMENT` tokens, from `PROGRAMMATIC_DECODE_MIN_SEGMENT` on, the decode
+/// tensor-core tile summing the split-K copies, at rank 64 and only on a grid of few cubes
+/// (qkv: 8 × 48, MLA: 8 × 17; gate_up's 8 × 224 is too many); rank 16, shorter segments and
+/// a plain launch keep the CUDA-core kernel (run 99).
+#[test]
+fn programmatic_expand_choice_follows_rank_and_grid() {
+    use lorac_runtime::cuda_graph::{RecordingRuntime, record_launches};
+    use lorac_runtime::cuda_source::h100_properties;
+    use lorac_runtime::expand_mma::PROGRAMMATIC_DECODE_MIN_SEGMENT;
+    let layout = |rank: u32, k: u32, widths: &[u32]| {
+        let slices = widths.iter().zip(0..).map(|(w, g)| slice(&format!("s{g}"), *w, g)).collect();
+        LoraLayout::new(nz(8), nz(rank), k, widths.len() as u32, slices, None).unwrap()
+    };
+    let qkv = |rank| layout(rank, 4096, &[4096, 1024, 1024]);
+    let (mla, gate_up) = (layout(64, 7168, &[1536, 576]), layout(64, 4096, &[14336, 14336]));
+    let short = PROGRAMMATIC_DECODE_MIN_SEGMENT;
+    let cases = [
+        (qkv(64), short, LaunchMode::Programmatic, true),
+        (mla.clone(), short, LaunchMode::Programmatic, true),
+        (qkv(64), short, LaunchMode::Plain, false),
+        (qkv(64), short - 1, LaunchMode::Programmatic, false),
+        (qkv(16), short, LaunchMode::Programmatic, false),
+        (gate_up, short, LaunchMode::Programmatic, false),
+    ];
+    let (chosen, launches) = record_launches(&h100_properties(), |rec| {
+        cases.clone().map(|(layout, longest, launch, _)| {
+            ExpandKernel::choose_summing_for::<RecordingRuntime, half::bf16>(rec, &layout, 8, longest, SPLIT_K_COPIES, launch)
+        })
+    })
+    .unwrap();
+    assert!(launches.is_empty());
+    for ((layout, longest, launch, tensor_cores), kernel) in cases.iter().zip(chosen) {
+        let what =
+            format!("rank {}, {} columns, 8 segments of {longest}, {launch:?}: {kernel:?}", layout.max_rank(), layout.out_features());
+        assert_eq!(kernel.intermediate_copies(), SPLIT_K_COPIES, "{what}");
+        match kernel {
+            ExpandKernel::Mma { config, .. } => {
+                assert!(*tensor_cores, "{what}");
+                assert_eq!((config.m_frags, config.n_frags, config.stages), (1, 8, 1), "{what}");
+            }
+            ExpandKernel::Scalar(_) => assert!(!tensor_cores, "{what}"),
+        }
+    }
+}
+
 /// Offline, on an H100's properties: the room a caller sizes by `ShrinkKernel::intermediate_len`
 /// holds the copies of a K-split shrink for the batches that take one (at most 16 tokens per
 /// multiprocessor), and `choose_for_room` splits K only where the room holds every copy.

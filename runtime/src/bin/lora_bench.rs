@@ -418,13 +418,31 @@ fn decode_graph_rows<R: Runtime, E: StorageElem>(
     };
     let split = choice(LaunchMode::Plain);
     if let Some(config) = split {
-        rows.extend(split_k_pair(opts, builder, decode, data, "graph splitk default", None, config, SummingExpand::Default));
+        rows.extend(split_k_pair(
+            opts,
+            builder,
+            decode,
+            data,
+            "graph splitk default",
+            None,
+            config,
+            SummingExpand::Default(LaunchMode::Plain),
+        ));
     }
     // Where a caller capturing graphs with programmatic launch gets a split the plain choice
     // does not make (segments of 4 to 15 tokens).
     let programmatic_split = choice(LaunchMode::Programmatic).filter(|config| split != Some(*config));
     if let Some(config) = programmatic_split {
-        rows.extend(split_k_pair(opts, builder, decode, data, "graph splitk pdl-choice", None, config, SummingExpand::Default));
+        rows.extend(split_k_pair(
+            opts,
+            builder,
+            decode,
+            data,
+            "graph splitk pdl-choice",
+            None,
+            config,
+            SummingExpand::Default(LaunchMode::Programmatic),
+        ));
     }
     if opts.split_k {
         rows.extend(split_k_sweep(opts, builder, decode, data));
@@ -732,7 +750,16 @@ fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode
     }
     for (shrink_us, config) in best {
         rows.extend(split_k_pair(opts, builder, decode, data, "splitk pair", Some(shrink_us), config, SummingExpand::CudaCore));
-        rows.extend(split_k_pair(opts, builder, decode, data, "splitk pair default", Some(shrink_us), config, SummingExpand::Default));
+        rows.extend(split_k_pair(
+            opts,
+            builder,
+            decode,
+            data,
+            "splitk pair default",
+            Some(shrink_us),
+            config,
+            SummingExpand::Default(LaunchMode::Plain),
+        ));
     }
     rows
 }
@@ -749,8 +776,9 @@ fn split_k_tile_name(config: &MmaShrinkConfig) -> String {
 enum SummingExpand {
     /// The CUDA-core expand (the split-K sweep's pairs).
     CudaCore,
-    /// What `launch_expand` chooses for the copies (`ExpandKernel::choose_summing`).
-    Default,
+    /// What a caller launching the pair this way chooses for the copies
+    /// (`ExpandKernel::choose_summing_for`; plainly: what `launch_expand` chooses).
+    Default(LaunchMode),
     /// This tensor-core tile, summing the copies (`--decode-mma-expand`).
     Tile(MmaExpandConfig),
 }
@@ -782,7 +810,9 @@ fn split_k_pair<E: StorageElem>(
         SummingExpand::CudaCore => {
             ExpandKernel::Scalar(ExpandConfig::new(&cuda, layout, size_of::<E>(), num_segments, max_len).summing(k_splits))
         }
-        SummingExpand::Default => ExpandKernel::choose_summing::<CudaRuntime, E>(&cuda, layout, num_segments, max_len, k_splits),
+        SummingExpand::Default(launch) => {
+            ExpandKernel::choose_summing_for::<CudaRuntime, E>(&cuda, layout, num_segments, max_len, k_splits, launch)
+        }
         SummingExpand::Tile(tile) => match tile.summing::<E>(cuda.properties(), k_splits) {
             Some(config) => ExpandKernel::Mma { config, token_splits: 0 },
             None => return Vec::new(),

@@ -227,7 +227,8 @@ impl GraphBuilder {
     /// launches while the one before it runs and waits for it on the device (see
     /// [`LoweredKernel::with_grid_dependency`]). Needs sm_90 or newer. Kernels chosen for such
     /// a graph should be chosen for it too: [`crate::shrink::ShrinkKernel::choose_within_for`]
-    /// with [`crate::shrink_mma::LaunchMode::Programmatic`].
+    /// and [`crate::expand::ExpandKernel::choose_summing_for`] with
+    /// [`crate::shrink_mma::LaunchMode::Programmatic`].
     pub fn set_programmatic_launch(&mut self, on: bool) -> Result<(), GraphError> {
         if on && self.arch_version < 90 {
             return Err(GraphError::Unsupported {
