@@ -84,9 +84,16 @@ def shrink_kernel(x, a, part, seg_ptr, seg_slot, K, CR, T,
                   BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,
                   PDL: tl.constexpr):
     """part[ks, t, r] = sum over K share ks of x[t, :] * A[slot(t), r, :]."""
-    rb = tl.program_id(1)
-    ks = tl.program_id(2)
-    start, end, slot = segment_of(seg_ptr, seg_slot, tl.program_id(0))
+    shrink_tile(x, a, part, seg_ptr, seg_slot, tl.program_id(0), tl.program_id(1), tl.program_id(2), K, CR, T,
+                BLOCK_T, BLOCK_R, BLOCK_K, K_SPLIT, PDL)
+
+
+@triton.jit
+def shrink_tile(x, a, part, seg_ptr, seg_slot, seg, rb, ks, K, CR, T,
+                BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,
+                PDL: tl.constexpr):
+    """Row block `rb` and K share `ks` of segment `seg`'s shrink (see `shrink_kernel`)."""
+    start, end, slot = segment_of(seg_ptr, seg_slot, seg)
     r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     k_per = K // K_SPLIT
     k_lo = ks * k_per
@@ -180,25 +187,7 @@ def fused_pair_kernel(x, a, b, y, part, sync, seg_ptr, seg_slot, K, N, CR, T, S1
         seg = ticket // shrink_per_seg
         rb = (ticket % shrink_per_seg) // K_SPLIT
         ks = ticket % K_SPLIT
-        start, end, slot = segment_of(seg_ptr, seg_slot, seg)
-        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-        k_per = K // K_SPLIT
-        k_lo = ks * k_per
-        kk = tl.arange(0, BLOCK_K)
-        a_rows = a + (slot * CR + r)[:, None] * K
-        a_first = tl.load(a_rows + (k_lo + kk)[None, :])
-        wait_for_previous(PDL)
-        for t0 in range(start, end, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            tmask = t < end
-            x_rows = x + t.to(tl.int64)[:, None] * K
-            xv = tl.load(x_rows + (k_lo + kk)[None, :], mask=tmask[:, None], other=0.0)
-            acc = tl.dot(xv, tl.trans(a_first))
-            for k0 in range(k_lo + BLOCK_K, k_lo + k_per, BLOCK_K):
-                xv = tl.load(x_rows + (k0 + kk)[None, :], mask=tmask[:, None], other=0.0)
-                av = tl.load(a_rows + (k0 + kk)[None, :])
-                acc = tl.dot(xv, tl.trans(av), acc)
-            tl.store(part + (ks * T + t)[:, None] * CR + r[None, :], acc, mask=tmask[:, None])
+        shrink_tile(x, a, part, seg_ptr, seg_slot, seg, rb, ks, K, CR, T, BLOCK_T, BLOCK_R, BLOCK_K, K_SPLIT, PDL)
         # Every thread's partial sums are written before one thread publishes them.
         tl.debug_barrier()
         tl.atomic_add(sync + 2 + seg, 1, sem="release", scope="gpu")
