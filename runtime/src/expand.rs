@@ -526,7 +526,7 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
         ExpandKernel::Mma { config, token_splits } => {
             let segments = segs.num_segments as u32;
             let tiles = segs.max_segment_len.div_ceil(config.tile_tokens()).max(1);
-            let blocks: u32 = layout.slices().iter().map(|s| s.width.div_ceil(config.block_columns())).sum();
+            let blocks = config.column_blocks(layout);
             // By default a segment's tiles are shared out until the grid has about eight cubes
             // per multiprocessor; each cube loops over the rest, prefetching the next tile.
             let splits = match token_splits {

@@ -218,7 +218,8 @@ impl MmaExpandConfig {
         (cubes <= most).then_some(tile)
     }
 
-    /// Column blocks of all slices: cubes per token tile of a segment.
+    /// Column blocks of all slices: the cubes per token tile of a segment that have columns
+    /// to work on (grid x spans the widest slice; cubes past a narrower one exit at once).
     pub fn column_blocks(&self, layout: &LoraLayout) -> u32 {
         layout.slices().iter().map(|s| s.width.div_ceil(self.block_columns())).sum()
     }
