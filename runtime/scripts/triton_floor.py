@@ -117,17 +117,24 @@ def shrink_tile(x, a, part, seg_ptr, seg_slot, seg, rb, ks, K, CR, T,
 
 
 @triton.jit
-def expand_kernel(part, b, y, seg_ptr, seg_slot, N, CR, T, S1, S2, scale,
-                  R: tl.constexpr, K_SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PDL: tl.constexpr):
-    """y[t, n] += scale * sum_j a[t, g(n)*R + j] * B[slot(t), n, j], a summed over the K splits."""
-    nb = tl.program_id(1)
-    start, end, slot = segment_of(seg_ptr, seg_slot, tl.program_id(0))
+def expand_block(b, seg_ptr, seg_slot, seg, nb, N, S1, S2, R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Column block `nb` of segment `seg`'s expand: the segment's token range, the block's
+    intermediate group `g`, its columns `n`, the rank indices `j` and its B rows (loaded)."""
+    start, end, slot = segment_of(seg_ptr, seg_slot, seg)
     n0 = nb * BLOCK_N
     g = (n0 >= S1).to(tl.int32) + (n0 >= S2).to(tl.int32)
     n = n0 + tl.arange(0, BLOCK_N)
     j = tl.arange(0, R)
     bv = tl.load(b + (slot * N + n)[:, None] * R + j[None, :])
+    return start, end, g, n, j, bv
+
+
+@triton.jit
+def expand_kernel(part, b, y, seg_ptr, seg_slot, N, CR, T, S1, S2, scale,
+                  R: tl.constexpr, K_SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PDL: tl.constexpr):
+    """y[t, n] += scale * sum_j a[t, g(n)*R + j] * B[slot(t), n, j], a summed over the K splits."""
+    start, end, g, n, j, bv = expand_block(b, seg_ptr, seg_slot, tl.program_id(0), tl.program_id(1), N, S1, S2, R, BLOCK_N)
     wait_for_previous(PDL)
     for t0 in range(start, end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
@@ -194,13 +201,7 @@ def fused_pair_kernel(x, a, b, y, part, sync, seg_ptr, seg_slot, K, N, CR, T, S1
     else:
         e = ticket - n_shrink
         seg = e // expand_per_seg
-        nb = e % expand_per_seg
-        start, end, slot = segment_of(seg_ptr, seg_slot, seg)
-        n0 = nb * BLOCK_N
-        g = (n0 >= S1).to(tl.int32) + (n0 >= S2).to(tl.int32)
-        n = n0 + tl.arange(0, BLOCK_N)
-        j = tl.arange(0, R)
-        bv = tl.load(b + (slot * N + n)[:, None] * R + j[None, :])
+        start, end, g, n, j, bv = expand_block(b, seg_ptr, seg_slot, seg, e % expand_per_seg, N, S1, S2, R, BLOCK_N)
         wait_for_previous(PDL)
         t = start + tl.arange(0, BLOCK_T)
         tmask = t < end
