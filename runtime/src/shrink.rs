@@ -292,8 +292,10 @@ impl ShrinkKernel {
     }
 
     /// [`Self::choose`] for a caller whose intermediate can hold up to `max_copies` copies:
-    /// with room for [`crate::shrink_mma::SPLIT_K_COPIES`], the tensor-core kernel with K
-    /// splits where [`MmaShrinkConfig::split_k_for`] applies. Size the intermediate by
+    /// with room for [`crate::shrink_mma::WIDE_SPLIT_COPIES`], the wide prefill tile where
+    /// [`MmaShrinkConfig::wide_split_for`] applies; with room for
+    /// [`crate::shrink_mma::SPLIT_K_COPIES`], the tensor-core kernel with K splits where
+    /// [`MmaShrinkConfig::split_k_for`] applies. Size the intermediate by
     /// [`Self::intermediate_copies`]; the default expand reads every copy.
     pub fn choose_within<R: Runtime, F: Float>(
         client: &ComputeClient<R>,
@@ -320,7 +322,8 @@ impl ShrinkKernel {
             MmaShrinkConfig::split_k_for_launch::<F>(props, layout, num_segments, max_segment_len, launch)
                 .filter(|c| c.k_splits <= max_copies)
         };
-        match MmaShrinkConfig::for_batch::<F>(props, layout, num_segments, max_segment_len).or_else(split) {
+        let wide = MmaShrinkConfig::wide_split_for::<F>(props, layout, num_segments, max_segment_len).filter(|c| c.k_splits <= max_copies);
+        match wide.or_else(|| MmaShrinkConfig::for_batch::<F>(props, layout, num_segments, max_segment_len)).or_else(split) {
             Some(config) => ShrinkKernel::Mma { config, tiles_per_segment: 0 },
             None => ShrinkKernel::Scalar(ShrinkConfig::new(client, layout, size_of::<F>(), num_segments, max_segment_len)),
         }
@@ -343,13 +346,19 @@ impl ShrinkKernel {
 
     /// Floats of an intermediate for batches of up to `max_tokens` tokens that leaves
     /// [`Self::choose_for_room`] the copies a K split wants on this layout: one copy for every
-    /// token, and the extra copies for the tokens up to [`MmaShrinkConfig::split_k_max_tokens`].
+    /// token, the extra decode copies for the tokens up to
+    /// [`MmaShrinkConfig::split_k_max_tokens`], and room for the wide prefill tile's copies
+    /// of batches up to [`MmaShrinkConfig::wide_split_max_tokens`].
     pub fn intermediate_len<R: Runtime, F: Float>(client: &ComputeClient<R>, layout: &LoraLayout, max_tokens: usize) -> usize {
         let width = layout.intermediate_width() as usize;
         let props = client.properties();
         let extra = MmaShrinkConfig::split_k_layout::<F>(props, layout).map_or(0, |c| c.k_splits as usize - 1);
         let split_tokens = max_tokens.min(MmaShrinkConfig::split_k_max_tokens(props) as usize);
-        (max_tokens + extra * split_tokens) * width
+        let wide = MmaShrinkConfig::wide_split_layout::<F>(props, layout).map_or(0, |c| {
+            let tokens = max_tokens.min(MmaShrinkConfig::wide_split_max_tokens(props) as usize);
+            c.k_splits as usize * tokens
+        });
+        (max_tokens + extra * split_tokens).max(wide) * width
     }
 
     /// Copies of the intermediate the kernel writes (`[copies, tokens, groups·R]`): one per K

@@ -48,6 +48,17 @@ const STAGED_BUDGET: u32 = 48 * 1024;
 /// four cost the wide expands (gate_up) more than the shrink saved (H100, run 52).
 pub const SPLIT_K_COPIES: u32 = 4;
 
+/// K splits of the wide prefill tile ([`MmaShrinkConfig::wide_split_for`]).
+pub const WIDE_SPLIT_COPIES: u32 = 2;
+
+/// Most A-row fragments in the wide prefill tile's row block.
+const WIDE_MAX_ROW_FRAGS: u32 = 12;
+
+/// How many times the bytes the wide prefill tile's second copy adds to the expand the
+/// staging it saves the shrink must be ([`MmaShrinkConfig::wide_split_for`]): at rank 64 qkv
+/// saved 67 MB for 50 MB of copy reads and its pair was level (H100, runs 103–105).
+const WIDE_SPLIT_MIN_GAIN: u64 = 2;
+
 /// Fewest tokens in a batch's longest segment for which a pair launched programmatically
 /// splits K ([`MmaShrinkConfig::split_k_for_launch`]).
 const PROGRAMMATIC_SPLIT_MIN_SEGMENT: u32 = 4;
@@ -345,6 +356,86 @@ impl MmaShrinkConfig {
         }
         let staged = Self::split_k_tile::<F>(device, layout, 1, 4, SPLIT_K_COPIES, &[128]).and_then(|c| c.with_stages::<F>(device, 4));
         staged.or_else(|| Self::split_k_tile::<F>(device, layout, 1, 16, SPLIT_K_COPIES, &[256]))
+    }
+
+    /// The wide prefill tile for a batch whose default is the blocked rank-64 tile (64 tokens
+    /// by 4 fragments of A rows, see [`Self::default_for`]), where
+    /// * the wide tile's grid fills the GPU only with its K split in two (at least three
+    ///   quarters of a cube per multiprocessor split, fewer unsplit), and
+    /// * the bytes its cubes stage less than the blocked tile's are at least
+    ///   [`WIDE_SPLIT_MIN_GAIN`] times the bytes its second copy of the intermediate adds to
+    ///   the default expand (each column block reads its tokens' rank columns once per copy).
+    ///
+    /// `None` for any other batch, or where the layout has no wide tile
+    /// ([`Self::wide_split_layout`]). A caller needs room for [`WIDE_SPLIT_COPIES`] copies of
+    /// the intermediate (see `ShrinkKernel::intermediate_len`).
+    ///
+    /// Why: the blocked tile re-reads x once per row block and A once per token tile, so at
+    /// rank 64 its cubes stage several times the shrink's inputs from the L2. H100, T = 4096
+    /// in 8 segments of 512 tokens, rank 64, from CUDA graphs (runtime/BENCHMARKS.md, runs
+    /// 101–105): the shrink alone, qkv 56.0 → 45.7 µs (201 → 134 MB staged), MLA 64.2–67.7
+    /// → 54.4–55.5 (235 → 176 MB), gate_up 39.6–40.8 → 34.3–34.7 (134 → 101 MB). Pairs with
+    /// the default expand summing the copies, three rounds each: MLA 95.9–100.5 → 90.2–91.3
+    /// µs, 90.2–91.0 under programmatic launch (was 107.8–116.4; 18 MB more copy reads:
+    /// taken), qkv 121.7–122.7 → 121.3–122.0 (50 MB: level, not taken), gate_up 302.0–303.5
+    /// → 329.9–330.8 (235 MB: slower, not taken). Unsplit wide grids (longer batches) were
+    /// not timed: those keep the blocked tile.
+    pub fn wide_split_for<F: CubePrimitive>(
+        device: &DeviceProperties,
+        layout: &LoraLayout,
+        num_segments: usize,
+        max_segment_len: u32,
+    ) -> Option<Self> {
+        let blocked = Self::for_batch::<F>(device, layout, num_segments, max_segment_len)?;
+        if (blocked.m_frags, blocked.n_frags, blocked.k_splits) != (4, 4, 1) {
+            return None;
+        }
+        let wide = Self::wide_split_layout::<F>(device, layout)?;
+        let unsplit = wide.token_tiles(num_segments, max_segment_len) * u64::from(wide.row_blocks());
+        let target = u64::from(crate::config::multiprocessors(device)) * 3 / 4;
+        if unsplit >= target || unsplit * u64::from(wide.k_splits) < target {
+            return None;
+        }
+        let elem = size_of::<F>() as u64;
+        let staged = |c: &Self| {
+            let rows = u64::from((c.m_frags + c.n_frags) * TILE);
+            c.token_tiles(num_segments, max_segment_len) * u64::from(c.row_blocks()) * rows * u64::from(layout.in_features()) * elem
+        };
+        let saved = staged(&blocked).saturating_sub(staged(&wide));
+        let columns =
+            crate::expand_mma::MmaExpandConfig::supported::<F>(device, layout, max_segment_len).map_or(128, |e| e.block_columns());
+        let column_blocks: u64 = layout.slices().iter().map(|s| u64::from(s.width.div_ceil(columns))).sum();
+        let tokens = num_segments as u64 * u64::from(max_segment_len);
+        let copy_reads = u64::from(wide.k_splits - 1) * column_blocks * tokens * u64::from(layout.max_rank()) * 4;
+        (saved >= WIDE_SPLIT_MIN_GAIN * copy_reads).then_some(wide)
+    }
+
+    /// Token tiles of this tile's grid for a batch: each segment's share of the longest.
+    fn token_tiles(&self, num_segments: usize, max_segment_len: u32) -> u64 {
+        num_segments as u64 * u64::from(max_segment_len.div_ceil(self.tile_tokens()))
+    }
+
+    /// The wide prefill tile of this layout ([`Self::wide_split_for`]): 64 tokens by the
+    /// widest row block of 8 or 12 fragments that divides the A rows (every A row of a
+    /// three-slice rank-64 layout, or of a two-slice one), the blocked tile's 2×4-fragment
+    /// warp blocks and two K groups, 64-wide chunks in three stages, K split
+    /// [`WIDE_SPLIT_COPIES`] ways. `None` where no such row block divides the A rows, or
+    /// without tensor cores or asynchronous copies.
+    pub fn wide_split_layout<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout) -> Option<Self> {
+        if !cmma_supported::<F>(device) {
+            return None;
+        }
+        let row_frags = layout.intermediate_width() / TILE;
+        let n_frags = [WIDE_MAX_ROW_FRAGS, 8].into_iter().find(|n| row_frags.is_multiple_of(*n))?;
+        Self::with_tile_chunk::<F>(device, layout, ShrinkTile::new(4, n_frags).with_warps(2, 4), 64, 2)?
+            .with_stages::<F>(device, 3)?
+            .with_k_splits(layout, WIDE_SPLIT_COPIES)
+    }
+
+    /// Tokens from which no batch takes the wide prefill tile: its unsplit grid then holds at
+    /// least one 64-token tile per three quarters of a multiprocessor ([`Self::wide_split_for`]).
+    pub fn wide_split_max_tokens(device: &DeviceProperties) -> u32 {
+        crate::config::multiprocessors(device) * 3 / 4 * 4 * TILE
     }
 
     /// Tokens from which [`Self::for_batch`] takes every batch it has a tile for, so that

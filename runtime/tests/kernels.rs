@@ -20,7 +20,7 @@ use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT, launch_moe_
 use lorac_runtime::moe_combine::PairScratch;
 use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_moe_grouped_expand_weighted, launch_moe_grouped_shrink};
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink, reference_shrink};
-use lorac_runtime::shrink_mma::{LaunchMode, MmaShrinkConfig, SPLIT_K_COPIES, ShrinkTile};
+use lorac_runtime::shrink_mma::{LaunchMode, MmaShrinkConfig, SPLIT_K_COPIES, ShrinkTile, WIDE_SPLIT_COPIES};
 use lorac_runtime::testing::{Rng, StorageElem, relative_error};
 use lorac_runtime::{AdapterPool, DeviceBuffer, ExpandConfig, LoraError, NO_SLOT, Segments, ShrinkConfig};
 
@@ -510,13 +510,19 @@ pub fn split_k_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
 pub fn split_k_prefill<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     let device = client.properties();
     let (mut shrinks, mut tensor_core_expands) = (0, 0);
-    for seed in 0..2 {
+    // Seeds 0 and 1: random layouts of rank up to 32; seed 2: rank 64 over three slices (192 A
+    // rows), which takes the wide prefill tile where the device has it.
+    for seed in 0..3 {
         let rng = &mut Rng::new(950 + seed);
-        let (layout, family) = prefill_expand_layout(rng);
+        let (layout, family) = if seed < 2 {
+            prefill_expand_layout(rng)
+        } else {
+            let slices = vec![slice("q", 128, 0), slice("k", 64, 1), slice("v", 64, 2)];
+            (LoraLayout::new(nz(4), nz(64), 24, 3, slices, None).unwrap(), "qkv (wide tile)")
+        };
         // K of six 64-wide chunks: whole chunks per split for two and three splits.
-        let layout =
-            LoraLayout::new(nz(layout.slots()), nz(layout.max_rank().min(32)), 384, layout.groups(), layout.slices().to_vec(), None)
-                .unwrap();
+        let max_rank = if seed < 2 { layout.max_rank().min(32) } else { 64 };
+        let layout = LoraLayout::new(nz(layout.slots()), nz(max_rank), 384, layout.groups(), layout.slices().to_vec(), None).unwrap();
         let ranks = prefill_ranks(rng, &layout);
         let scales = (0..layout.slots()).map(|_| 0.5 + rng.value().abs() as f32).collect();
         let adapters = Adapters::<F>::with_ranks(client, rng, &layout, ranks, scales);
@@ -533,52 +539,56 @@ pub fn split_k_prefill<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let copy_len = tokens as usize * layout.intermediate_width() as usize;
         let widest = MmaShrinkConfig::widest_row_block(&layout);
         let tiles = [ShrinkTile::new(2, widest), ShrinkTile::new(4, widest).with_warps(2, widest.min(2))];
-        for tile in tiles {
-            // The widest chunk that fits the device (lavapipe's shared memory is small).
-            let Some(base) =
+        let configs: Vec<MmaShrinkConfig> = if seed < 2 {
+            let bases = tiles.into_iter().filter_map(|tile| {
+                // The widest chunk that fits the device (lavapipe's shared memory is small).
                 [64, 32, 16].into_iter().find_map(|chunk| MmaShrinkConfig::with_tile_chunk::<F>(device, &layout, tile, chunk, 1))
-            else {
-                continue;
-            };
-            let staged = [base].into_iter().chain(base.with_stages::<F>(device, 3));
-            for config in staged.flat_map(|c| [2, 3].map(|s| c.with_k_splits(&layout, s).expect("K = 384 splits into 64-wide chunks"))) {
-                let what = format!("split-K prefill {family} seed {seed} {tokens} tokens {config:?} {layout:?}");
-                let mut partials = poisoned_intermediate(client, &layout, config.k_splits as usize * tokens as usize);
-                launch_shrink(
-                    client,
-                    &layout,
-                    &adapters.pool,
-                    &dev_segs,
-                    &x,
-                    &mut partials,
-                    Some(ShrinkKernel::Mma { config, tiles_per_segment: 0 }),
-                )
-                .unwrap();
-                let copies = partials.read(client);
-                for (c, copy) in copies.chunks(copy_len).enumerate() {
-                    let stray = copy.iter().zip(&reference).position(|(g, r)| r.is_nan() && !g.is_nan());
-                    assert!(stray.is_none(), "{what}: copy {c} wrote entry {stray:?} (no adapter / past the rank)");
-                }
-                let summed: Vec<f32> =
-                    (0..copy_len).map(|i| (0..config.k_splits as usize).map(|c| copies[c * copy_len + i]).sum()).collect();
-                check_intermediate(&what, &summed, &reference, F::TOLERANCE);
-                // A 32 × 128 tile (the rank-64 default), or 32 × 32 where it does not fit.
-                let expand_tile = MmaExpandConfig::with_tile::<F>(device, &layout, 2, 8)
-                    .or_else(|| MmaExpandConfig::with_tile::<F>(device, &layout, 2, 2));
-                let expands = [1, 2].into_iter().filter_map(|stages| {
-                    expand_tile
-                        .and_then(|c| c.with_stages::<F>(device, stages))
-                        .and_then(|c| c.summing::<F>(device, config.k_splits))
-                        .map(|config| Some(ExpandKernel::Mma { config, token_splits: 0 }))
-                });
-                shrinks += 1;
-                for expand in expands.chain([None]) {
-                    tensor_core_expands += usize::from(expand.is_some());
-                    let mut y = DeviceBuffer::upload(client, &y0);
-                    launch_expand(client, &layout, &adapters.pool, &dev_segs, &partials, &mut y, expand).unwrap();
-                    let what = format!("{what}, expand {expand:?}");
-                    check_y(&what, &y.read(client), &y064, &delta, &adapters.touched(&segs), out, F::TOLERANCE);
-                }
+            });
+            let staged = bases.flat_map(|base| [base].into_iter().chain(base.with_stages::<F>(device, 3)));
+            staged.flat_map(|c| [2, 3].map(|s| c.with_k_splits(&layout, s).expect("K = 384 splits into 64-wide chunks"))).collect()
+        } else {
+            let wide = MmaShrinkConfig::wide_split_layout::<F>(device, &layout);
+            if let Some(config) = wide {
+                assert_eq!((config.m_frags, config.n_frags, config.k_splits), (4, 12, WIDE_SPLIT_COPIES), "{config:?}");
+            }
+            wide.into_iter().collect()
+        };
+        for config in configs {
+            let what = format!("split-K prefill {family} seed {seed} {tokens} tokens {config:?} {layout:?}");
+            let mut partials = poisoned_intermediate(client, &layout, config.k_splits as usize * tokens as usize);
+            launch_shrink(
+                client,
+                &layout,
+                &adapters.pool,
+                &dev_segs,
+                &x,
+                &mut partials,
+                Some(ShrinkKernel::Mma { config, tiles_per_segment: 0 }),
+            )
+            .unwrap();
+            let copies = partials.read(client);
+            for (c, copy) in copies.chunks(copy_len).enumerate() {
+                let stray = copy.iter().zip(&reference).position(|(g, r)| r.is_nan() && !g.is_nan());
+                assert!(stray.is_none(), "{what}: copy {c} wrote entry {stray:?} (no adapter / past the rank)");
+            }
+            let summed: Vec<f32> = (0..copy_len).map(|i| (0..config.k_splits as usize).map(|c| copies[c * copy_len + i]).sum()).collect();
+            check_intermediate(&what, &summed, &reference, F::TOLERANCE);
+            // A 32 × 128 tile (the rank-64 default), or 32 × 32 where it does not fit.
+            let expand_tile =
+                MmaExpandConfig::with_tile::<F>(device, &layout, 2, 8).or_else(|| MmaExpandConfig::with_tile::<F>(device, &layout, 2, 2));
+            let expands = [1, 2].into_iter().filter_map(|stages| {
+                expand_tile
+                    .and_then(|c| c.with_stages::<F>(device, stages))
+                    .and_then(|c| c.summing::<F>(device, config.k_splits))
+                    .map(|config| Some(ExpandKernel::Mma { config, token_splits: 0 }))
+            });
+            shrinks += 1;
+            for expand in expands.chain([None]) {
+                tensor_core_expands += usize::from(expand.is_some());
+                let mut y = DeviceBuffer::upload(client, &y0);
+                launch_expand(client, &layout, &adapters.pool, &dev_segs, &partials, &mut y, expand).unwrap();
+                let what = format!("{what}, expand {expand:?}");
+                check_y(&what, &y.read(client), &y064, &delta, &adapters.touched(&segs), out, F::TOLERANCE);
             }
         }
     }
@@ -1527,8 +1537,9 @@ fn programmatic_expand_choice_follows_rank_and_grid() {
 }
 
 /// Offline, on an H100's properties: the room a caller sizes by `ShrinkKernel::intermediate_len`
-/// holds the copies of a K-split shrink for the batches that take one (at most 16 tokens per
-/// multiprocessor), and `choose_for_room` splits K only where the room holds every copy.
+/// holds the copies of a K-split shrink for the batches that take one (decode: at most 16
+/// tokens per multiprocessor; the wide prefill tile: fewer 64-token tiles than three quarters
+/// of the multiprocessors), and `choose_for_room` splits K only where the room holds every copy.
 #[test]
 fn split_k_shrink_follows_the_room() {
     use lorac_runtime::cuda_graph::{RecordingRuntime, record_launches};
@@ -1556,7 +1567,10 @@ fn split_k_shrink_follows_the_room() {
         assert_eq!(len(&wide, 128, true), 4 * 128 * 192);
         assert_eq!(len(&wide, 8192, true), (8192 + 3 * max_split_tokens) * 192);
         assert_eq!(len(&narrow, 128, true), 4 * 128 * 48);
-        assert_eq!(len(&odd_k, 128, true), 128 * 192);
+        // K = 768 has no four 128-wide shares, but two of six 64-wide chunks: room for the
+        // wide prefill tile's two copies.
+        assert_eq!(len(&odd_k, 128, true), WIDE_SPLIT_COPIES as usize * 128 * 192);
+        assert_eq!(len(&odd_k, 8192, true), WIDE_SPLIT_COPIES as usize * 6336 * 192);
         assert_eq!(len(&wide, 128, false), 128 * 192);
         let copies = |segments: usize, longest: u32, tokens: u32, room_copies: usize| {
             let room = room_copies * tokens as usize * 192;
@@ -1567,9 +1581,35 @@ fn split_k_shrink_follows_the_room() {
         assert_eq!(copies(8, 16, 128, 100), SPLIT_K_COPIES);
         assert_eq!(copies(8, 16, 128, 3), 1);
         assert_eq!(copies(8, 16, 128, 1), 1);
-        // Decode (one token per segment) and prefill (16-token tiles fill the GPU) never split.
+        // Decode (one token per segment) never splits.
         assert_eq!(copies(8, 1, 8, 4), 1);
+        // Prefill, rank 64, 8 segments of 512 tokens: the wide tile (64 tokens by every A row,
+        // 64 cubes unsplit, K split in two) would stage 67 MB less than the blocked one for
+        // qkv, less than twice the 50 MB its second copy adds to the expand's reads: one copy.
         assert_eq!(copies(8, 512, 4096, 4), 1);
+        let prefill = |layout: &LoraLayout, segments: usize, longest: u32, room_copies: usize| {
+            let tokens = segments as u32 * longest;
+            let room = room_copies * tokens as usize * layout.intermediate_width() as usize;
+            ShrinkKernel::choose_for_room::<RecordingRuntime, half::bf16>(rec, layout, segments, longest, tokens, room)
+        };
+        // MLA's fused q_a / kv_a projection (128 A rows, 17 expand column blocks): 59 MB
+        // saved for 18 MB, so the wide tile where the room holds both copies.
+        let mla = LoraLayout::new(nz(8), nz(64), 7168, 2, vec![slice("q_a", 1536, 0), slice("kv_a", 576, 1)], None).unwrap();
+        match prefill(&mla, 8, 512, 2) {
+            ShrinkKernel::Mma { config, .. } => {
+                let tile = (config.m_frags, config.n_frags, config.warp_m, config.warp_n, config.k_groups, config.k_chunk, config.stages);
+                assert_eq!((tile, config.k_splits), ((4, 8, 2, 4, 2, 64, 3), WIDE_SPLIT_COPIES));
+            }
+            other => panic!("MLA prefill took {other:?}"),
+        }
+        assert_eq!(prefill(&mla, 8, 512, 1).intermediate_copies(), 1);
+        // 8 segments of 1024 (128 cubes unsplit) keep the blocked tile, and so do gate_up
+        // (224 column blocks: 235 MB of copy reads for 34 MB saved) and rank 16 (no 64-row
+        // blocks).
+        assert_eq!(prefill(&mla, 8, 1024, 2).intermediate_copies(), 1);
+        let gate_up = LoraLayout::new(nz(8), nz(64), 4096, 2, vec![slice("gate", 14336, 0), slice("up", 14336, 1)], None).unwrap();
+        assert_eq!(prefill(&gate_up, 8, 512, 2).intermediate_copies(), 1);
+        assert_eq!(prefill(&narrow, 8, 512, 4).intermediate_copies(), 1);
         // 8 segments of 4 tokens: split only for a programmatic launch.
         let splits =
             |launch| match ShrinkKernel::choose_within_for::<RecordingRuntime, half::bf16>(rec, &wide, 8, 4, SPLIT_K_COPIES, launch) {

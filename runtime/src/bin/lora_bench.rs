@@ -13,9 +13,10 @@
 //! kernels' tilings, see `decode_sweep`; `--split-k` the tensor-core shrink with K splits, see
 //! `split_k_sweep`; `--decode-mma-expand` the tensor-core expand in decode pairs, see
 //! `decode_mma_expand`. `--prefill-split-k` times prefill pairs with K split across the
-//! shrink's cubes (see `prefill_split_k`).
+//! shrink's cubes (see `prefill_split_k`); `--prefill-tiles` larger shrink tiles from CUDA
+//! graphs (see `prefill_tile_sweep`).
 //!
-//! Usage: `lora_bench [--quick] [--prefill-only] [--prefill-split-k] [--no-graphs] [--case NAME-PART,...] [--variant NAME-PART,...]
+//! Usage: `lora_bench [--quick] [--prefill-only] [--prefill-split-k] [--prefill-tiles] [--no-graphs] [--case NAME-PART,...] [--variant NAME-PART,...]
 //! (a case part starting with `^` matches the start of the name)
 //! [--csv FILE] [--profile-pass]`, or `lora_bench --cuda-sources DIR` (no GPU needed: writes
 //! the CUDA C++ of the H100's prefill tensor-core kernels, see `write_cuda_sources`).
@@ -78,6 +79,10 @@ struct Opts {
     /// ways, and the fastest of each split count paired with the expand summing its copies
     /// (see `prefill_split_k`).
     prefill_split_k: bool,
+    /// Prefill cases, from CUDA graphs: tensor-core shrink tiles of 64 and 128 tokens by up
+    /// to every A row, with 1, 2 and 4 K splits (see `prefill_tile_sweep`); leaves out the
+    /// launch-timed tile sweep.
+    prefill_tiles: bool,
 }
 
 impl Opts {
@@ -293,7 +298,11 @@ struct DenseSet<E: StorageElem> {
     pool: AdapterPool<E>,
     x: DeviceBuffer<E>,
     y: DeviceBuffer<E>,
+    /// One copy of the intermediate.
     a: DeviceBuffer<f32>,
+    /// The intermediate of the case's default shrink where it writes several copies (the
+    /// engine's choice at prefill, see `dense_case`).
+    a_copies: Option<DeviceBuffer<f32>>,
 }
 
 fn dense_case<R: Runtime, E: StorageElem>(
@@ -318,6 +327,19 @@ fn dense_case<R: Runtime, E: StorageElem>(
     let sets = rotation_sets(shrink_bytes + expand_bytes, set_bytes);
     let ranks = vec![rank; SLOTS as usize];
     let scales = vec![0.5f32; SLOTS as usize];
+    // Tokens spread round-robin over the adapters, as a decode batch would be.
+    let token_slots: Vec<Option<u32>> = (0..tokens).map(|i| Some(i % adapters)).collect();
+    let segs = Segments::from_token_slots(&token_slots, SLOTS).unwrap();
+    let dev = segs.upload(client);
+    // Prefill: the shrink the serving engine chooses for an intermediate sized by
+    // `ShrinkKernel::intermediate_len` (for the "segmented" and "graph" rows), with its copies.
+    // Decode keeps `launch_shrink`'s one-copy choice there ("graph splitk default" is the
+    // engine's).
+    let default_shrink = (tokens >= 1024).then(|| {
+        let room = ShrinkKernel::intermediate_len::<R, E>(client, &layout, tokens as usize);
+        ShrinkKernel::choose_for_room::<R, E>(client, &layout, segs.num_segments(), segs.max_segment_len(), tokens, room)
+    });
+    let default_copies = default_shrink.map_or(1, |k| k.intermediate_copies());
     let (a_host, _) = rng.tensor::<E>(layout.a_elements() as usize, 0.05);
     let (b_host, _) = rng.tensor::<E>(layout.b_elements() as usize, 0.05);
     let mut data: Vec<DenseSet<E>> = (0..sets)
@@ -334,12 +356,9 @@ fn dense_case<R: Runtime, E: StorageElem>(
             x: random_upload(client, rng, (t * k) as usize).1,
             y: random_upload(client, rng, (t * out) as usize).1,
             a: DeviceBuffer::empty(client, (t * c_r) as usize),
+            a_copies: (default_copies > 1).then(|| DeviceBuffer::empty(client, default_copies as usize * (t * c_r) as usize)),
         })
         .collect();
-    // Tokens spread round-robin over the adapters, as a decode batch would be.
-    let token_slots: Vec<Option<u32>> = (0..tokens).map(|i| Some(i % adapters)).collect();
-    let segs = Segments::from_token_slots(&token_slots, SLOTS).unwrap();
-    let dev = segs.upload(client);
     let iters = if opts.smoke {
         3
     } else if tokens >= 1024 {
@@ -348,10 +367,9 @@ fn dense_case<R: Runtime, E: StorageElem>(
         200
     };
     let case = dense_case_name(m, rank, tokens, adapters);
-    let mut rows =
-        vec![time_dense(client, opts, &layout, &dev, &mut data, iters, case.clone(), "segmented", None, shrink_bytes, expand_bytes)];
-    let dense = DenseCase { layout: &layout, host_segs: &segs, segs: &dev, iters, case: &case, shrink_bytes, expand_bytes };
-    if tokens >= 1024 {
+    let dense = DenseCase { layout: &layout, host_segs: &segs, segs: &dev, iters, case: &case, shrink_bytes, expand_bytes, default_shrink };
+    let mut rows = vec![time_dense(client, opts, &dense, &dev, &mut data, "segmented", None)];
+    if tokens >= 1024 && !opts.prefill_tiles {
         rows.extend(tile_sweep(client, opts, &layout, &segs, &dev, &mut data, iters, &case, shrink_bytes, expand_bytes));
         if opts.prefill_split_k {
             rows.extend(prefill_split_k(client, opts, &dense, &mut data));
@@ -382,6 +400,9 @@ fn dense_case<R: Runtime, E: StorageElem>(
         match GraphBuilder::new(&Default::default()) {
             Ok(mut builder) => {
                 rows.extend(graph_rows(opts, &mut builder, &dense, &mut data));
+                if !decode_batch && opts.prefill_tiles {
+                    rows.extend(prefill_tile_sweep(opts, &mut builder, &dense, &mut data));
+                }
                 if decode_batch {
                     rows.extend(decode_graph_rows::<R, E>(client, opts, &mut builder, &dense, &mut data));
                 }
@@ -392,7 +413,7 @@ fn dense_case<R: Runtime, E: StorageElem>(
     if tokens >= 256 {
         let plan = ChunkedPlan::new::<R, E>(client, &layout, tokens, 64).unwrap();
         let chunks = plan.prepare(&segs).unwrap().upload(client);
-        rows.push(time_dense(client, opts, &layout, &chunks, &mut data, iters, case, "chunked64", Some(&plan), shrink_bytes, expand_bytes));
+        rows.push(time_dense(client, opts, &dense, &chunks, &mut data, "chunked64", Some(&plan)));
     }
     rows
 }
@@ -516,15 +537,17 @@ fn launch_sets<E: StorageElem>(
     (shrink, expand): (bool, bool),
     expand_kernel: Option<ExpandKernel>,
 ) -> lorac_runtime::Result<()> {
-    let DenseCase { layout, segs, .. } = *decode;
+    let DenseCase { layout, segs, default_shrink, .. } = *decode;
     data.iter_mut().try_for_each(|d| {
+        let DenseSet { pool, x, y, a, a_copies } = d;
+        let a = a_copies.as_mut().unwrap_or(a);
         if shrink {
-            launch_shrink(rec, layout, &d.pool, segs, &d.x, &mut d.a, None)?;
+            launch_shrink(rec, layout, pool, segs, x, a, default_shrink)?;
         }
         if expand {
             // Right after its shrink, the expand reads y before its wait (under PDL).
             let launch = if shrink { launch_pair_expand } else { launch_expand };
-            launch(rec, layout, &d.pool, segs, &d.a, &mut d.y, expand_kernel)?;
+            launch(rec, layout, pool, segs, a, y, expand_kernel)?;
         }
         Ok(())
     })
@@ -542,6 +565,9 @@ struct DenseCase<'a> {
     case: &'a str,
     shrink_bytes: f64,
     expand_bytes: f64,
+    /// The shrink of the "segmented" and "graph" rows (`None`: `launch_shrink`'s choice),
+    /// writing into `DenseSet::a_copies` where it writes several copies.
+    default_shrink: Option<ShrinkKernel>,
 }
 
 impl DenseCase<'_> {
@@ -900,28 +926,32 @@ fn dense_case_name(m: &Module, rank: u32, tokens: u32, adapters: u32) -> String 
     format!("{} R={rank} T={tokens} adapters={adapters}", m.name)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The case's pair on `segs` (its batch, or the chunked plan's chunks) through back-to-back
+/// cubecl launches: `plan`'s kernels, else the case's default shrink and the default expand.
 fn time_dense<R: Runtime, E: StorageElem>(
     client: &ComputeClient<R>,
     opts: &Opts,
-    layout: &LoraLayout,
+    dense: &DenseCase,
     segs: &DeviceSegments,
     data: &mut [DenseSet<E>],
-    iters: usize,
-    case: String,
     variant: &'static str,
     plan: Option<&ChunkedPlan>,
-    shrink_bytes: f64,
-    expand_bytes: f64,
 ) -> Row {
+    let DenseCase { layout, iters, default_shrink, .. } = *dense;
     let n = data.len();
-    let shrink = |d: &mut DenseSet<E>| match plan {
-        Some(p) => p.launch_shrink(client, layout, &d.pool, segs, &d.x, &mut d.a).unwrap(),
-        None => launch_shrink(client, layout, &d.pool, segs, &d.x, &mut d.a, None).unwrap(),
+    let shrink = |d: &mut DenseSet<E>| {
+        let DenseSet { pool, x, a, a_copies, .. } = d;
+        match plan {
+            Some(p) => p.launch_shrink(client, layout, pool, segs, x, a).unwrap(),
+            None => launch_shrink(client, layout, pool, segs, x, a_copies.as_mut().unwrap_or(a), default_shrink).unwrap(),
+        }
     };
-    let expand = |d: &mut DenseSet<E>| match plan {
-        Some(p) => p.launch_expand(client, layout, &d.pool, segs, &d.a, &mut d.y).unwrap(),
-        None => launch_expand(client, layout, &d.pool, segs, &d.a, &mut d.y, None).unwrap(),
+    let expand = |d: &mut DenseSet<E>| {
+        let DenseSet { pool, y, a, a_copies, .. } = d;
+        match plan {
+            Some(p) => p.launch_expand(client, layout, pool, segs, a, y).unwrap(),
+            None => launch_expand(client, layout, pool, segs, a_copies.as_ref().unwrap_or(a), y, None).unwrap(),
+        }
     };
     let shrink_us = time_us(client, opts, iters, |i| shrink(&mut data[i % n]));
     let expand_us = time_us(client, opts, iters, |i| expand(&mut data[i % n]));
@@ -930,7 +960,7 @@ fn time_dense<R: Runtime, E: StorageElem>(
         shrink(d);
         expand(d);
     });
-    Row { case, variant: variant.into(), shrink_us, expand_us, pair_us, shrink_bytes, expand_bytes }
+    dense.row(variant.into(), shrink_us, expand_us, pair_us)
 }
 
 /// Prefill only: each tensor-core tile shape of the shrink and of the expand timed on its own
@@ -1080,6 +1110,127 @@ fn prefill_split_k<R: Runtime, E: StorageElem>(
         let expand_us = time_us(client, opts, iters, |i| launch(i, (false, true)));
         let pair_us = time_us(client, opts, iters, |i| launch(i, (true, true)));
         rows.push(prefill.row(variant, shrink_us, expand_us, pair_us));
+    }
+    rows
+}
+
+/// Prefill, from CUDA graphs: does the shrink wait on the L2? Its default tiles (64 tokens ×
+/// 64 A rows at rank 64) re-read x once per row block and A once per token tile, so at rank
+/// 64 a qkv shrink pulls about 200 MB through the L2 for 49 MB of inputs. This times, each
+/// alone in a graph of every rotation set, tiles of 64 and 128 tokens by 4 to 12 row
+/// fragments (up to every A row), warp blocks of 2×2 to 4×4 fragments, one or two K groups,
+/// 64-wide chunks in three stages, with 1, 2 and 4 K splits where the grid holds at least
+/// 96 cubes; then the fastest of each split count in a pair with the default expand summing
+/// its copies (`split_k_pair`, plainly and under PDL). The row names give the tile, its
+/// cubes and the megabytes its cubes stage (x and A over their share of K, summed over the
+/// grid: what the L2 serves). Then expand tiles of 128 to 256 columns on intermediates of as
+/// many copies as those shrinks write, each alone, and each best shrink paired also with
+/// the fastest expand for its copies.
+fn prefill_tile_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, prefill: &DenseCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
+    let DenseCase { layout, host_segs, segs, iters, case, .. } = *prefill;
+    let cuda = CudaRuntime::client(&Default::default());
+    let device = cuda.properties();
+    let sets = data.len();
+    let row_frags = layout.intermediate_width() / 16;
+    let (num_segments, max_len) = (host_segs.num_segments() as u64, u64::from(host_segs.max_segment_len()));
+    let elem = size_of::<E>() as u64;
+    let mut rows = Vec::new();
+    let mut best: Vec<(f64, MmaShrinkConfig)> = Vec::new();
+    for k_splits in [1, 2, 4] {
+        let mut partials = prefill.partial_copies(&cuda, sets, k_splits);
+        let mut best_here: Option<(f64, MmaShrinkConfig)> = None;
+        let mut tried = Vec::new();
+        let row_blocks = [4, 6, 8, 12].into_iter().filter(|n| row_frags.is_multiple_of(*n));
+        let tiles = [4, 8].into_iter().flat_map(|m| row_blocks.clone().map(move |n| (m, n)));
+        let blocks = [(2, 2), (2, 4), (4, 2), (2, 3), (4, 3), (4, 4)];
+        let configs = tiles.flat_map(|(m, n)| blocks.into_iter().flat_map(move |(wm, wn)| [1, 2].map(|kg| (m, n, wm, wn, kg))));
+        for (m, n, wm, wn, kg) in configs {
+            let tile = ShrinkTile::new(m, n).with_warps(wm, wn);
+            let config = MmaShrinkConfig::with_tile_chunk::<E>(device, layout, tile, 64, kg)
+                .filter(|c| (4..=16).contains(&c.warps()))
+                .and_then(|c| c.with_stages::<E>(device, 3).or_else(|| c.with_stages::<E>(device, 2)))
+                .and_then(|c| c.with_k_splits(layout, k_splits));
+            let Some(config) = config.filter(|c| !tried.contains(c)) else { continue };
+            tried.push(config);
+            let cubes = num_segments * max_len.div_ceil(u64::from(m) * 16) * u64::from(row_frags / n) * u64::from(k_splits);
+            if cubes < 96 {
+                continue;
+            }
+            // Each cube stages its token tile's x and its row block's A over its share of K.
+            let l2_mb = (cubes * u64::from((m + n) * 16) * u64::from(layout.in_features() / k_splits) * elem) as f64 / 1e6;
+            let name =
+                format!("tiles shrink m{m} n{n} w{wm}x{wn} g{kg} k64 s{} x{k_splits} {cubes} cubes {l2_mb:.0} MB staged", config.stages);
+            if !opts.selects_variant(&name) {
+                continue;
+            }
+            let kernel = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
+            let launch = |rec: &ComputeClient<RecordingRuntime>| {
+                data.iter().zip(&mut partials).try_for_each(|(d, p)| launch_shrink(rec, layout, &d.pool, segs, &d.x, p, Some(kernel)))
+            };
+            match time_recorded(opts, builder, &cuda, sets, iters, launch) {
+                Ok(us) => {
+                    eprintln!("{case} {name}: {us:.2} us");
+                    if best_here.is_none_or(|(b, _)| us < b) {
+                        best_here = Some((us, config));
+                    }
+                    rows.push(prefill.row(name, us, f64::NAN, f64::NAN));
+                }
+                Err(e) => eprintln!("{case} {name}: {e}"),
+            }
+        }
+        best.extend(best_here);
+    }
+    // The expand tiles, each alone in a graph, reading one intermediate of as many copies as
+    // a best shrink writes: 16- and 32-token tiles of 128 to 256 columns (a wider block
+    // re-reads each token's intermediate row for fewer column blocks), staged through
+    // registers or 2–3 stages.
+    let mut best_expand: Vec<(f64, MmaExpandConfig)> = Vec::new();
+    for copies in [1, 2, 4] {
+        if !best.iter().any(|(_, c)| c.k_splits == copies) {
+            continue;
+        }
+        let partials = prefill.partial_copies(&cuda, sets, copies);
+        let mut best_here: Option<(f64, MmaExpandConfig)> = None;
+        for (m, n) in [(1, 8), (2, 8), (1, 12), (1, 16)] {
+            // (256 columns fit the register-staged budget up to rank 32 only.)
+            let Some(tile) = MmaExpandConfig::with_tile::<E>(device, layout, m, n) else { continue };
+            for stages in [1, 2, 3] {
+                let Some(config) = tile.with_stages::<E>(device, stages).and_then(|c| c.summing::<E>(device, copies)) else {
+                    continue;
+                };
+                let name = format!("tiles expand m{m} n{n} s{stages} x{copies}");
+                if !opts.selects_variant(&name) {
+                    continue;
+                }
+                let kernel = ExpandKernel::Mma { config, token_splits: 0 };
+                let launch = |rec: &ComputeClient<RecordingRuntime>| {
+                    data.iter_mut()
+                        .zip(&partials)
+                        .try_for_each(|(d, p)| launch_expand(rec, layout, &d.pool, segs, p, &mut d.y, Some(kernel)))
+                };
+                match time_recorded(opts, builder, &cuda, sets, iters, launch) {
+                    Ok(us) => {
+                        eprintln!("{case} {name}: {us:.2} us");
+                        if best_here.is_none_or(|(b, _)| us < b) {
+                            best_here = Some((us, config));
+                        }
+                        rows.push(prefill.row(name, f64::NAN, us, f64::NAN));
+                    }
+                    Err(e) => eprintln!("{case} {name}: {e}"),
+                }
+            }
+        }
+        best_expand.extend(best_here);
+    }
+    for (shrink_us, config) in best {
+        let (m, n, wm, wn, kg) = (config.m_frags, config.n_frags, config.warp_m, config.warp_n, config.k_groups);
+        let variant = format!("tiles pair m{m} n{n} w{wm}x{wn} g{kg}");
+        let default = SummingExpand::Default(LaunchMode::Plain);
+        rows.extend(split_k_pair(opts, builder, prefill, data, &variant, Some(shrink_us), config, default));
+        if let Some((_, expand)) = best_expand.iter().find(|(_, e)| e.a_splits == config.k_splits) {
+            let variant = format!("{variant} s{}", expand.stages);
+            rows.extend(split_k_pair(opts, builder, prefill, data, &variant, Some(shrink_us), config, SummingExpand::Tile(*expand)));
+        }
     }
     rows
 }
@@ -1476,6 +1627,7 @@ fn main() {
         decode_mma_expand: flag("--decode-mma-expand"),
         split_k: flag("--split-k"),
         prefill_split_k: flag("--prefill-split-k"),
+        prefill_tiles: flag("--prefill-tiles"),
     };
     let csv_path = value("--csv");
     if let Some(dir) = value("--cuda-sources") {
