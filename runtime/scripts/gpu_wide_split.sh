@@ -7,6 +7,8 @@
 #   PART=2: the same A/B, rounds 2 and 3 (run 104).
 #   PART=3: after the rule that keeps qkv and gate_up on the blocked tile, the final binary
 #           against prev, one round (run 105).
+#   PART=4: the expand summing copies at rank 64 on 16-token tiles (prev: run 105's binary):
+#           the CUDA tests, then MLA R=64 prefill, prev against new, rounds 6-8 (run 106).
 # The "segmented" and "graph" rows of the new binary use the engine's choice for an
 # intermediate sized by `ShrinkKernel::intermediate_len`; the tile sweep is skipped
 # (`--prefill-tiles --variant zzz`).
@@ -25,6 +27,12 @@ if [ "${PART:-1}" = 1 ]; then
 elif [ "$PART" = 2 ]; then
     ab 2
     ab 3
-else
+elif [ "$PART" = 3 ]; then
     ab 5
+else
+    cuda_tests_with_executor 240 cuda_bf16::split_k_prefill cuda_f32::split_k_prefill split_k_shrink_follows_the_room
+    cases="^mla_qkv_a R=64 T=4096"
+    ab 6
+    ab 7
+    ab 8
 fi

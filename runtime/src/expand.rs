@@ -326,8 +326,9 @@ impl ExpandKernel {
 
     /// [`Self::choose`] for an intermediate of `copies` copies of partial sums (a shrink with
     /// that many K splits, [`crate::shrink::ShrinkKernel::intermediate_copies`]): the kernel
-    /// adds them up as it stages them. The scalar kernel where the tensor-core tile's staged
-    /// copies would not fit.
+    /// adds them up as it stages them (for prefill above rank 32, on 16-token tiles:
+    /// [`MmaExpandConfig::for_batch_summing`]). The scalar kernel where the tensor-core tile's
+    /// staged copies would not fit.
     pub fn choose_summing<R: Runtime, F: Float>(
         client: &ComputeClient<R>,
         layout: &LoraLayout,
@@ -350,9 +351,12 @@ impl ExpandKernel {
         launch: LaunchMode,
     ) -> Self {
         let props = client.properties();
-        let tile = MmaExpandConfig::for_batch::<F>(props, layout, num_segments, max_segment_len)
-            .or_else(|| MmaExpandConfig::for_decode_launch::<F>(props, layout, num_segments, max_segment_len, launch));
-        match tile.and_then(|c| c.summing::<F>(props, copies)) {
+        let tile = match MmaExpandConfig::for_batch::<F>(props, layout, num_segments, max_segment_len) {
+            Some(_) => MmaExpandConfig::for_batch_summing::<F>(props, layout, num_segments, max_segment_len, copies),
+            None => MmaExpandConfig::for_decode_launch::<F>(props, layout, num_segments, max_segment_len, launch)
+                .and_then(|c| c.summing::<F>(props, copies)),
+        };
+        match tile {
             Some(config) => ExpandKernel::Mma { config, token_splits: 0 },
             None => ExpandKernel::Scalar(ExpandConfig::new(client, layout, size_of::<F>(), num_segments, max_segment_len).summing(copies)),
         }

@@ -573,11 +573,12 @@ pub fn split_k_prefill<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             }
             let summed: Vec<f32> = (0..copy_len).map(|i| (0..config.k_splits as usize).map(|c| copies[c * copy_len + i]).sum()).collect();
             check_intermediate(&what, &summed, &reference, F::TOLERANCE);
-            // A 32 × 128 tile (the rank-64 default), or 32 × 32 where it does not fit.
-            let expand_tile =
-                MmaExpandConfig::with_tile::<F>(device, &layout, 2, 8).or_else(|| MmaExpandConfig::with_tile::<F>(device, &layout, 2, 2));
-            let expands = [1, 2].into_iter().filter_map(|stages| {
-                expand_tile
+            // A 32 × 128 tile (the rank-64 default), or 32 × 32 where it does not fit, staged
+            // through registers and two stages, and its 16-token variant in two stages (the
+            // rank-64 prefill default summing copies).
+            let columns = if MmaExpandConfig::with_tile::<F>(device, &layout, 2, 8).is_some() { 8 } else { 2 };
+            let expands = [(2, 1), (2, 2), (1, 2)].into_iter().filter_map(|(m_frags, stages)| {
+                MmaExpandConfig::with_tile::<F>(device, &layout, m_frags, columns)
                     .and_then(|c| c.with_stages::<F>(device, stages))
                     .and_then(|c| c.summing::<F>(device, config.k_splits))
                     .map(|config| Some(ExpandKernel::Mma { config, token_splits: 0 }))
@@ -1603,6 +1604,13 @@ fn split_k_shrink_follows_the_room() {
             other => panic!("MLA prefill took {other:?}"),
         }
         assert_eq!(prefill(&mla, 8, 512, 1).intermediate_copies(), 1);
+        // Its expand adds the two copies up on 16-token tiles of two stages; one copy keeps
+        // the 32-token tile.
+        let expand_tile = |copies| match ExpandKernel::choose_summing::<RecordingRuntime, half::bf16>(rec, &mla, 8, 512, copies) {
+            ExpandKernel::Mma { config, .. } => (config.m_frags, config.n_frags, config.stages, config.a_splits),
+            other => panic!("MLA prefill expand took {other:?}"),
+        };
+        assert_eq!((expand_tile(1), expand_tile(2)), ((2, 8, 2, 1), (1, 8, 2, 2)));
         // 8 segments of 1024 (128 cubes unsplit) keep the blocked tile, and so do gate_up
         // (224 column blocks: 235 MB of copy reads for 34 MB saved) and rank 16 (no 64-row
         // blocks).
