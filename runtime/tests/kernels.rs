@@ -213,6 +213,18 @@ fn check_y<F: StorageElem>(what: &str, y_out: &[F], y0: &[f64], delta: &[f64], t
 
 /// Compares a shrink's intermediate: entries the reference leaves NaN (no adapter, past the
 /// rank) must stay unwritten, the others within `tol`.
+/// A split-K shrink's copies of the intermediate (`[copies, tokens, groups·R]`, poisoned
+/// before the launch): no copy wrote where the reference is NaN, and their sum matches it.
+fn check_split_copies(what: &str, copies: &[f32], reference: &[f64], tol: f64) {
+    let copy_len = reference.len();
+    for (c, copy) in copies.chunks(copy_len).enumerate() {
+        let stray = copy.iter().zip(reference).position(|(g, r)| r.is_nan() && !g.is_nan());
+        assert!(stray.is_none(), "{what}: copy {c} wrote entry {stray:?} (no adapter / past the rank)");
+    }
+    let summed: Vec<f32> = (0..copy_len).map(|i| copies.iter().skip(i).step_by(copy_len).sum()).collect();
+    check_intermediate(what, &summed, reference, tol);
+}
+
 fn check_intermediate(what: &str, got: &[f32], reference: &[f64], tol: f64) {
     let (mut outs, mut refs) = (Vec::new(), Vec::new());
     for (i, (&g, &r)) in got.iter().zip(reference).enumerate() {
@@ -451,19 +463,12 @@ pub fn split_k_shrink<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             tokens,
         );
         let (y0, y064) = initial_y::<F>(rng, &delta);
-        let copy_len = tokens as usize * layout.intermediate_width() as usize;
         for config in split_k_configs::<F>(device, &layout) {
             let what = format!("split-K shrink {family} seed {seed} {tokens} tokens {config:?} {layout:?}");
             let kernel = ShrinkKernel::Mma { config, tiles_per_segment: 0 };
             let mut partials = poisoned_intermediate(client, &layout, config.k_splits as usize * tokens as usize);
             launch_shrink(client, &layout, &adapters.pool, &dev_segs, &x, &mut partials, Some(kernel)).unwrap();
-            let copies = partials.read(client);
-            for (c, copy) in copies.chunks(copy_len).enumerate() {
-                let stray = copy.iter().zip(&reference).position(|(g, r)| r.is_nan() && !g.is_nan());
-                assert!(stray.is_none(), "{what}: copy {c} wrote entry {stray:?} (no adapter / past the rank)");
-            }
-            let summed: Vec<f32> = (0..copy_len).map(|i| (0..config.k_splits as usize).map(|c| copies[c * copy_len + i]).sum()).collect();
-            check_intermediate(&what, &summed, &reference, F::TOLERANCE);
+            check_split_copies(&what, &partials.read(client), &reference, F::TOLERANCE);
             let expand =
                 ExpandConfig::new(client, &layout, size_of::<F>(), segs.num_segments(), segs.max_segment_len()).summing(config.k_splits);
             let mut y = DeviceBuffer::upload(client, &y0);
@@ -536,7 +541,6 @@ pub fn split_k_prefill<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
         let delta = adapters.reference_expand(&layout, &segs, &zeroed, tokens);
         let (y0, y064) = initial_y::<F>(rng, &delta);
         let out = layout.out_features() as usize;
-        let copy_len = tokens as usize * layout.intermediate_width() as usize;
         let widest = MmaShrinkConfig::widest_row_block(&layout);
         let tiles = [ShrinkTile::new(2, widest), ShrinkTile::new(4, widest).with_warps(2, widest.min(2))];
         let configs: Vec<MmaShrinkConfig> = if seed < 2 {
@@ -566,13 +570,7 @@ pub fn split_k_prefill<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
                 Some(ShrinkKernel::Mma { config, tiles_per_segment: 0 }),
             )
             .unwrap();
-            let copies = partials.read(client);
-            for (c, copy) in copies.chunks(copy_len).enumerate() {
-                let stray = copy.iter().zip(&reference).position(|(g, r)| r.is_nan() && !g.is_nan());
-                assert!(stray.is_none(), "{what}: copy {c} wrote entry {stray:?} (no adapter / past the rank)");
-            }
-            let summed: Vec<f32> = (0..copy_len).map(|i| (0..config.k_splits as usize).map(|c| copies[c * copy_len + i]).sum()).collect();
-            check_intermediate(&what, &summed, &reference, F::TOLERANCE);
+            check_split_copies(&what, &partials.read(client), &reference, F::TOLERANCE);
             // A 32 × 128 tile (the rank-64 default), or 32 × 32 where it does not fit, staged
             // through registers and two stages, and its 16-token variant in two stages (the
             // rank-64 prefill default summing copies).

@@ -731,7 +731,7 @@ fn decode_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode:
 /// The bytes count the intermediate once, as for the other kernels (the copies add
 /// `k_splits − 1` more).
 fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode: &DenseCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
-    let DenseCase { layout, segs, iters, case, .. } = *decode;
+    let DenseCase { layout, segs, .. } = *decode;
     let cuda = CudaRuntime::client(&Default::default());
     let device = cuda.properties();
     let sets = data.len();
@@ -760,16 +760,7 @@ fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode
                 let launch = |rec: &ComputeClient<RecordingRuntime>| {
                     data.iter().zip(&mut partials).try_for_each(|(d, p)| launch_shrink(rec, layout, &d.pool, segs, &d.x, p, Some(kernel)))
                 };
-                match time_recorded(opts, builder, &cuda, sets, iters, launch) {
-                    Ok(us) => {
-                        eprintln!("{case} {name}: {us:.2} us");
-                        if best_here.is_none_or(|(b, _)| us < b) {
-                            best_here = Some((us, config));
-                        }
-                        rows.push(decode.row(name, us, f64::NAN, f64::NAN));
-                    }
-                    Err(e) => eprintln!("{case} {name}: {e}"),
-                }
+                rows.extend(time_variant(opts, builder, (decode, sets), name, Half::Shrink, config, &mut best_here, launch));
             }
         }
         best.extend(best_here);
@@ -788,6 +779,47 @@ fn split_k_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, decode
         ));
     }
     rows
+}
+
+/// Which column of a row a kernel timed alone fills.
+#[derive(Clone, Copy)]
+enum Half {
+    Shrink,
+    Expand,
+}
+
+/// Times `record` (one kernel of each of the `sets` rotation sets) replayed from a CUDA graph: the row of
+/// variant `name` with that time in `half`'s column (`None`, and a log line, where it fails),
+/// and `config` kept in `best` where it is the fastest so far.
+#[allow(clippy::too_many_arguments)]
+fn time_variant<C: Copy>(
+    opts: &Opts,
+    builder: &mut GraphBuilder,
+    (dense, sets): (&DenseCase, usize),
+    name: String,
+    half: Half,
+    config: C,
+    best: &mut Option<(f64, C)>,
+    record: impl FnOnce(&ComputeClient<RecordingRuntime>) -> lorac_runtime::Result<()>,
+) -> Option<Row> {
+    let cuda = CudaRuntime::client(&Default::default());
+    let case = dense.case;
+    match time_recorded(opts, builder, &cuda, sets, dense.iters, record) {
+        Ok(us) => {
+            eprintln!("{case} {name}: {us:.2} us");
+            if best.is_none_or(|(b, _)| us < b) {
+                *best = Some((us, config));
+            }
+            Some(match half {
+                Half::Shrink => dense.row(name, us, f64::NAN, f64::NAN),
+                Half::Expand => dense.row(name, f64::NAN, us, f64::NAN),
+            })
+        }
+        Err(e) => {
+            eprintln!("{case} {name}: {e}");
+            None
+        }
+    }
 }
 
 /// A split-K shrink tile as the sweep's rows name it: "nN gG kK sS", A-row fragments, K
@@ -1127,7 +1159,7 @@ fn prefill_split_k<R: Runtime, E: StorageElem>(
 /// many copies as those shrinks write, each alone, and each best shrink paired also with
 /// the fastest expand for its copies.
 fn prefill_tile_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, prefill: &DenseCase, data: &mut [DenseSet<E>]) -> Vec<Row> {
-    let DenseCase { layout, host_segs, segs, iters, case, .. } = *prefill;
+    let DenseCase { layout, host_segs, segs, .. } = *prefill;
     let cuda = CudaRuntime::client(&Default::default());
     let device = cuda.properties();
     let sets = data.len();
@@ -1167,16 +1199,7 @@ fn prefill_tile_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, p
             let launch = |rec: &ComputeClient<RecordingRuntime>| {
                 data.iter().zip(&mut partials).try_for_each(|(d, p)| launch_shrink(rec, layout, &d.pool, segs, &d.x, p, Some(kernel)))
             };
-            match time_recorded(opts, builder, &cuda, sets, iters, launch) {
-                Ok(us) => {
-                    eprintln!("{case} {name}: {us:.2} us");
-                    if best_here.is_none_or(|(b, _)| us < b) {
-                        best_here = Some((us, config));
-                    }
-                    rows.push(prefill.row(name, us, f64::NAN, f64::NAN));
-                }
-                Err(e) => eprintln!("{case} {name}: {e}"),
-            }
+            rows.extend(time_variant(opts, builder, (prefill, sets), name, Half::Shrink, config, &mut best_here, launch));
         }
         best.extend(best_here);
     }
@@ -1208,16 +1231,7 @@ fn prefill_tile_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, p
                         .zip(&partials)
                         .try_for_each(|(d, p)| launch_expand(rec, layout, &d.pool, segs, p, &mut d.y, Some(kernel)))
                 };
-                match time_recorded(opts, builder, &cuda, sets, iters, launch) {
-                    Ok(us) => {
-                        eprintln!("{case} {name}: {us:.2} us");
-                        if best_here.is_none_or(|(b, _)| us < b) {
-                            best_here = Some((us, config));
-                        }
-                        rows.push(prefill.row(name, f64::NAN, us, f64::NAN));
-                    }
-                    Err(e) => eprintln!("{case} {name}: {e}"),
-                }
+                rows.extend(time_variant(opts, builder, (prefill, sets), name, Half::Expand, config, &mut best_here, launch));
             }
         }
         best_expand.extend(best_here);
