@@ -4,6 +4,7 @@
 # from CUDA graphs) on the rank-64 qkv and MLA prefill cases.
 #   run 101: VARIANTS= (every tile; qkv R=64 ran out of its 220 s)
 #   run 102: the default and the fastest shrinks of run 101, every expand tile, pairs
+#   run 107: VARIANTS="m4 n12 w2x4 g2 k64 s3 x2,m4 n8 w2x4 g2 k64 s3 x2,tiles expand m1 n8 s2,tiles expand m2 n8 s2"
 #   run(command="bash runtime/scripts/gpu_prefill_tiles.sh", carry=["devbin"])
 source "$(dirname "$0")/gpu_env.sh"
 for f in devbin/*.xz; do [ -e "${f%.xz}" ] || xz -dk "$f"; done
