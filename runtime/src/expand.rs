@@ -327,7 +327,7 @@ impl ExpandKernel {
     /// [`Self::choose`] for an intermediate of `copies` copies of partial sums (a shrink with
     /// that many K splits, [`crate::shrink::ShrinkKernel::intermediate_copies`]): the kernel
     /// adds them up as it stages them (for prefill above rank 32, on 16-token tiles:
-    /// [`MmaExpandConfig::for_batch_summing`]). The scalar kernel where the tensor-core tile's
+    /// [`MmaExpandConfig::batch_summing`]). The scalar kernel where the tensor-core tile's
     /// staged copies would not fit.
     pub fn choose_summing<R: Runtime, F: Float>(
         client: &ComputeClient<R>,
@@ -352,7 +352,7 @@ impl ExpandKernel {
     ) -> Self {
         let props = client.properties();
         let tile = match MmaExpandConfig::for_batch::<F>(props, layout, num_segments, max_segment_len) {
-            Some(_) => MmaExpandConfig::for_batch_summing::<F>(props, layout, num_segments, max_segment_len, copies),
+            Some(tile) => tile.batch_summing::<F>(props, layout, copies),
             None => MmaExpandConfig::for_decode_launch::<F>(props, layout, num_segments, max_segment_len, launch)
                 .and_then(|c| c.summing::<F>(props, copies)),
         };

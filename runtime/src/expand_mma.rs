@@ -152,27 +152,21 @@ impl MmaExpandConfig {
         pipelined.or_else(register_staged)
     }
 
-    /// [`Self::for_batch`] adding up an intermediate of `copies` copies ([`Self::summing`]).
-    /// Above [`PIPELINED_MAX_RANK`], with two or more copies, the default's 32-token
+    /// This tile, the one [`Self::for_batch`] gave the batch, adding up an intermediate of
+    /// `copies` copies ([`Self::summing`]). Above [`PIPELINED_MAX_RANK`], with two or more
+    /// copies, the default's 32-token
     /// pipelined tile becomes a 16-token one: each stage holds every copy's f32 intermediate
     /// rows, so halving the tokens halves what the copies add to a stage. H100, T = 4096 in 8
     /// segments, rank 64, each expand alone from CUDA graphs (runtime/BENCHMARKS.md, run
     /// 102): 2 copies, qkv 79.0 → 76.2 µs, MLA 36.2 → 33.2; 4 copies, 118.7 → 81.0 and
     /// 54.4 → 36.9 (one copy: 76.1 → 72.3 and 30.9 → 31.9, so one copy keeps the 32-token
     /// tile). In MLA's prefill pair after the wide split shrink (run 106, three rounds):
-    /// expand 36.2–36.6 → 33.4–33.8 µs, pair 90.4–91.6 → 87.7–88.4. `None` where
-    /// [`Self::for_batch`] declines or the copies do not fit.
-    pub fn for_batch_summing<F: CubePrimitive>(
-        device: &DeviceProperties,
-        layout: &LoraLayout,
-        num_segments: usize,
-        max_segment_len: u32,
-        copies: u32,
-    ) -> Option<Self> {
-        let tile = Self::for_batch::<F>(device, layout, num_segments, max_segment_len)?;
-        let shorter = || Self::with_tile::<F>(device, layout, 1, tile.n_frags).and_then(|c| c.with_stages::<F>(device, tile.stages));
-        let copies_staged = copies > 1 && tile.stages > 1 && tile.m_frags > 1 && layout.max_rank() > PIPELINED_MAX_RANK;
-        let tile = if copies_staged { shorter().unwrap_or(tile) } else { tile };
+    /// expand 36.2–36.6 → 33.4–33.8 µs, pair 90.4–91.6 → 87.7–88.4. `None` where the copies
+    /// do not fit.
+    pub fn batch_summing<F: CubePrimitive>(self, device: &DeviceProperties, layout: &LoraLayout, copies: u32) -> Option<Self> {
+        let shorter = || Self::with_tile::<F>(device, layout, 1, self.n_frags).and_then(|c| c.with_stages::<F>(device, self.stages));
+        let copies_staged = copies > 1 && self.stages > 1 && self.m_frags > 1 && layout.max_rank() > PIPELINED_MAX_RANK;
+        let tile = if copies_staged { shorter().unwrap_or(self) } else { self };
         tile.summing::<F>(device, copies)
     }
 

@@ -322,8 +322,11 @@ impl ShrinkKernel {
             MmaShrinkConfig::split_k_for_launch::<F>(props, layout, num_segments, max_segment_len, launch)
                 .filter(|c| c.k_splits <= max_copies)
         };
-        let wide = MmaShrinkConfig::wide_split_for::<F>(props, layout, num_segments, max_segment_len).filter(|c| c.k_splits <= max_copies);
-        match wide.or_else(|| MmaShrinkConfig::for_batch::<F>(props, layout, num_segments, max_segment_len)).or_else(split) {
+        let batch = MmaShrinkConfig::for_batch::<F>(props, layout, num_segments, max_segment_len);
+        let wide = batch
+            .and_then(|blocked| blocked.wide_split_for::<F>(props, layout, num_segments, max_segment_len))
+            .filter(|c| c.k_splits <= max_copies);
+        match wide.or(batch).or_else(split) {
             Some(config) => ShrinkKernel::Mma { config, tiles_per_segment: 0 },
             None => ShrinkKernel::Scalar(ShrinkConfig::new(client, layout, size_of::<F>(), num_segments, max_segment_len)),
         }

@@ -358,8 +358,9 @@ impl MmaShrinkConfig {
         staged.or_else(|| Self::split_k_tile::<F>(device, layout, 1, 16, SPLIT_K_COPIES, &[256]))
     }
 
-    /// The wide prefill tile for a batch whose default is the blocked rank-64 tile (64 tokens
-    /// by 4 fragments of A rows, see [`Self::default_for`]), where
+    /// The wide prefill tile for a batch whose tile ([`Self::for_batch`], this one) is the
+    /// blocked rank-64 tile (64 tokens by 4 fragments of A rows, see [`Self::default_for`]),
+    /// where
     /// * the wide tile's grid fills the GPU only with its K split in two (at least three
     ///   quarters of a cube per multiprocessor split, fewer unsplit), and
     /// * the bytes its cubes stage less than the blocked tile's are at least
@@ -381,13 +382,13 @@ impl MmaShrinkConfig {
     /// → 329.9–330.8 (235 MB: slower, not taken). Unsplit wide grids (longer batches) were
     /// not timed: those keep the blocked tile.
     pub fn wide_split_for<F: CubePrimitive>(
+        self,
         device: &DeviceProperties,
         layout: &LoraLayout,
         num_segments: usize,
         max_segment_len: u32,
     ) -> Option<Self> {
-        let blocked = Self::for_batch::<F>(device, layout, num_segments, max_segment_len)?;
-        if (blocked.m_frags, blocked.n_frags, blocked.k_splits) != (4, 4, 1) {
+        if (self.m_frags, self.n_frags, self.k_splits) != (4, 4, 1) {
             return None;
         }
         let wide = Self::wide_split_layout::<F>(device, layout)?;
@@ -401,7 +402,7 @@ impl MmaShrinkConfig {
             let rows = u64::from((c.m_frags + c.n_frags) * TILE);
             c.token_tiles(num_segments, max_segment_len) * u64::from(c.row_blocks()) * rows * u64::from(layout.in_features()) * elem
         };
-        let saved = staged(&blocked).saturating_sub(staged(&wide));
+        let saved = staged(&self).saturating_sub(staged(&wide));
         let columns =
             crate::expand_mma::MmaExpandConfig::supported::<F>(device, layout, max_segment_len).map_or(128, |e| e.block_columns());
         let column_blocks: u64 = layout.slices().iter().map(|s| u64::from(s.width.div_ceil(columns))).sum();
