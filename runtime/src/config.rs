@@ -93,11 +93,7 @@ pub(crate) fn multiprocessors(device: &DeviceProperties) -> u32 {
 
 /// How many ways to split work laid out as `cubes` cubes so the grid has about eight cubes per
 /// multiprocessor (streaming kernels want many loads in flight), between 1 and `max_splits`.
-pub(crate) fn splits_to_fill<R: Runtime>(client: &ComputeClient<R>, cubes: u32, max_splits: u32) -> u32 {
-    splits_to_fill_on(client.properties(), cubes, max_splits)
-}
-
-fn splits_to_fill_on(device: &DeviceProperties, cubes: u32, max_splits: u32) -> u32 {
+pub(crate) fn splits_to_fill_on(device: &DeviceProperties, cubes: u32, max_splits: u32) -> u32 {
     (8 * multiprocessors(device)).div_ceil(cubes.max(1)).clamp(1, max_splits.max(1))
 }
 

@@ -529,15 +529,8 @@ pub(crate) fn launch_expand_cols<R: Runtime, F: Float + CubeElement>(
         }
         ExpandKernel::Mma { config, token_splits } => {
             let segments = segs.num_segments as u32;
-            let tiles = segs.max_segment_len.div_ceil(config.tile_tokens()).max(1);
-            let blocks = config.column_blocks(layout);
-            // By default a segment's tiles are shared out until the grid has about eight cubes
-            // per multiprocessor; each cube loops over the rest, prefetching the next tile.
-            let splits = match token_splits {
-                0 => crate::config::splits_to_fill(client, blocks * segments, tiles),
-                n => n.clamp(1, tiles),
-            }
-            .min((65535 / segments).max(1));
+            // Each cube loops over its share of a segment's tiles, prefetching the next one.
+            let splits = config.token_splits(client.properties(), layout, segs.num_segments, segs.max_segment_len, token_splits);
             let (ny, nb) = (config.out_vector as usize, config.rank_vector as usize);
             let grid = (widest.div_ceil(config.block_columns()), slices, segments * splits);
             // Only the cubes resident at the wait gain, and about four of these fit a

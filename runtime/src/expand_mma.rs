@@ -35,7 +35,12 @@ const DEFAULT_STAGES: u32 = 3;
 
 /// Largest rank whose default tile is the 16-token pipelined one (see
 /// [`MmaExpandConfig::supported`]).
-const PIPELINED_MAX_RANK: u32 = 32;
+const PIPELINED_MAX_RANK: u32 = 64;
+
+/// Largest rank at which the pipelined kernel on tensor cores keeps each warp's B fragments
+/// in registers for all its tiles ([`MmaExpandConfig::b_in_registers`]): four fragments,
+/// 16 registers per thread. Larger ranks (untimed) stage the B block in shared memory.
+const B_REGISTERS_MAX_RANK: u32 = 64;
 
 /// Shared-memory stages of the default tile above [`PIPELINED_MAX_RANK`].
 const HIGH_RANK_STAGES: u32 = 2;
@@ -130,6 +135,12 @@ impl MmaExpandConfig {
     /// [`DEFAULT_STAGES`] stages. Above it: 32 tokens (16 where the longest segment is
     /// shorter) by 128 columns, [`HIGH_RANK_STAGES`] stages.
     ///
+    /// Since the B fragments stay in registers ([`Self::b_in_registers`], H100, run 111 in
+    /// runtime/BENCHMARKS.md), the 16-token tile (256 threads) is also the fastest
+    /// at rank 64: qkv one copy 67.8 µs (the 32-token two-stage tile, B staged) → 63.2, MLA
+    /// 31.1 → 28.5–28.8; the 32-token tile (512 threads) got slower with B in registers
+    /// (fewer cubes fit a multiprocessor's registers).
+    ///
     /// H100 sweeps (runtime/BENCHMARKS.md): at rank 16 the pipelined 16 × 128 tile took
     /// 64.7–69.8 µs for the qkv expand against 73.0–80.2 for the register kernel (runs
     /// 14–16), and 227.7–233.3 against 267.3–267.8 for gate_up; in the sweep of 2026-11-23 it
@@ -154,9 +165,9 @@ impl MmaExpandConfig {
 
     /// This tile, the one [`Self::for_batch`] gave the batch, adding up an intermediate of
     /// `copies` copies ([`Self::summing`]). Above [`PIPELINED_MAX_RANK`], with two or more
-    /// copies, the default's 32-token
-    /// pipelined tile becomes a 16-token one: each stage holds every copy's f32 intermediate
-    /// rows, so halving the tokens halves what the copies add to a stage. H100, T = 4096 in 8
+    /// copies, the default's 32-token pipelined tile becomes a 16-token one (measured at rank
+    /// 64 while the 32-token tile was its default, before run 111): each stage holds every
+    /// copy's f32 intermediate rows, so halving the tokens halves what the copies add to a stage. H100, T = 4096 in 8
     /// segments, rank 64, each expand alone from CUDA graphs (runtime/BENCHMARKS.md, run
     /// 102): 2 copies, qkv 79.0 → 76.2 µs, MLA 36.2 → 33.2; 4 copies, 118.7 → 81.0 and
     /// 54.4 → 36.9 (one copy: 76.1 → 72.3 and 30.9 → 31.9, so one copy keeps the 32-token
@@ -242,6 +253,26 @@ impl MmaExpandConfig {
         layout.slices().iter().map(|s| s.width.div_ceil(self.block_columns())).sum()
     }
 
+    /// Cubes sharing out each segment's token tiles for a batch of `num_segments` segments of
+    /// at most `max_segment_len` tokens: `requested` (clamped to the tiles) or, for 0, the
+    /// default, until the grid has about eight cubes per multiprocessor.
+    pub fn token_splits(
+        &self,
+        device: &DeviceProperties,
+        layout: &LoraLayout,
+        num_segments: usize,
+        max_segment_len: u32,
+        requested: u32,
+    ) -> u32 {
+        let segments = (num_segments as u32).max(1);
+        let tiles = max_segment_len.div_ceil(self.tile_tokens()).max(1);
+        let splits = match requested {
+            0 => crate::config::splits_to_fill_on(device, self.column_blocks(layout) * segments, tiles),
+            n => n.clamp(1, tiles),
+        };
+        splits.min((65535 / segments).max(1))
+    }
+
     /// The `m_frags`-row tile with the widest column block that fits: 8 fragments, else 4.
     fn widest_tile<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout, m_frags: u32) -> Option<Self> {
         Self::with_tile::<F>(device, layout, m_frags, 8).or_else(|| Self::with_tile::<F>(device, layout, m_frags, 4))
@@ -278,16 +309,36 @@ impl MmaExpandConfig {
         self.n_frags * TILE
     }
 
+    /// Shared memory one cube of this configuration holds, for storage type `F`.
+    pub fn shared_memory<F: CubePrimitive>(&self) -> u32 {
+        let elem = size_of::<F>() as u32;
+        if self.stages == 1 { self.shared_bytes(elem) } else { self.pipelined_shared_bytes(elem) }
+    }
+
     /// The staged B block and intermediate tile and the f32 y tile (rows padded by 8 elements).
     fn shared_bytes(&self, elem: u32) -> u32 {
         let rank_stride = self.max_rank + 8;
         (self.block_columns() + self.tile_tokens()) * rank_stride * elem + self.tile_tokens() * (self.block_columns() + 8) * 4
     }
 
-    /// The pipelined kernel's: the same B block, operand and f32 (delta) tiles, and per stage a
-    /// y tile in the storage type and an f32 intermediate tile per copy.
+    /// Whether the pipelined kernel loads each warp's B fragments from the pool into registers
+    /// once for all the cube's tiles instead of staging the B block in shared memory and
+    /// loading its fragments every tile: on tensor cores, up to rank
+    /// [`B_REGISTERS_MAX_RANK`]. A B fragment costs as many instructions to load as the
+    /// intermediate's: with them in registers each rank step loads one fragment, not two.
+    /// H100, prefill expands alone (runtime/BENCHMARKS.md, run 111): the 16-token tiles
+    /// 6–16% faster (qkv R=64 73.4 → 63.2 µs, MLA R=64 two copies 33.3 → 30.0).
+    pub fn b_in_registers(&self) -> bool {
+        self.tensor_cores && self.max_rank <= B_REGISTERS_MAX_RANK
+    }
+
+    /// The pipelined kernel's: the same operand and f32 (delta) tiles, the B block unless its
+    /// fragments are in registers ([`Self::b_in_registers`]), and per stage a y tile in the
+    /// storage type and an f32 intermediate tile per copy.
     fn pipelined_shared_bytes(&self, elem: u32) -> u32 {
-        self.shared_bytes(elem) + self.stages * self.tile_tokens() * (self.block_columns() * elem + self.a_splits * self.max_rank * 4)
+        let unstaged_b = if self.b_in_registers() { self.block_columns() * (self.max_rank + 8) * elem } else { 0 };
+        self.shared_bytes(elem) - unstaged_b
+            + self.stages * self.tile_tokens() * (self.block_columns() * elem + self.a_splits * self.max_rank * 4)
     }
 }
 

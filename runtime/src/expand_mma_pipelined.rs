@@ -13,6 +13,12 @@
 //! intermediate of several copies (a split-K shrink's partial sums, `MmaExpandConfig::a_splits`)
 //! has every copy staged, and the copies are added up where the operand is built.
 //!
+//! Up to rank 64 on tensor cores each warp loads the B fragments of its column fragment from
+//! the pool into registers once, before its first tile (`MmaExpandConfig::b_in_registers`):
+//! a wmma fragment load from shared memory costs as many instructions as the MMA step it
+//! feeds, and the kernel issues instructions about two thirds of its cycles (ncu, run 110).
+//! Above that rank the B block is staged in shared memory once per cube.
+//!
 //! Per tile: wait for its stage's barrier; scale the staged intermediate into the MMA operand
 //! (zero past the slot's rank and the segment); block sync (after which the stage the previous
 //! tile used is free and is refilled); MMAs into an f32 delta tile; block sync; y + delta back
@@ -22,7 +28,7 @@
 use cubecl::prelude::barrier::copy_async;
 use cubecl::prelude::*;
 
-use crate::expand_mma::{MmaExpandConfig, emulate_fragment, expand_cube, multiply_rank_steps, stage_b_block};
+use crate::expand_mma::{ExpandCube, MmaExpandConfig, emulate_fragment, expand_cube, multiply_rank_steps, stage_b_block};
 use crate::shrink_mma::{TILE, zero_accumulator};
 use crate::shrink_mma_pipelined::{StageBarriers, arrive_on_stage, stage_barriers, wait_stage};
 
@@ -77,7 +83,10 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     let a_stage = comptime!(a_splits * tm * a_vecs);
     let mut y_tiles = SharedMemory::<Vector<F, NY>>::new_aligned(comptime!(stages * tm * bw_vecs), 128usize);
     let mut a_tiles = SharedMemory::<Vector<f32, NA>>::new_aligned(comptime!(stages * a_splits * tm * a_vecs), 128usize);
-    let mut b_tile = SharedMemory::<Vector<F, NB>>::new_aligned(comptime!(bw * rs / nb), 128usize);
+    // B fragments in registers (below) need no staged block.
+    let b_registers = comptime!(cfg.b_in_registers());
+    let b_staged = comptime!(if b_registers { nb } else { bw * rs });
+    let mut b_tile = SharedMemory::<Vector<F, NB>>::new_aligned(comptime!(b_staged / nb), 128usize);
     let mut a_tile = SharedMemory::<F>::new_aligned(comptime!(tm * rs), 128usize);
     let mut delta = SharedMemory::<Vector<f32, NY>>::new_aligned(comptime!(tm * ds / ny), 128usize);
     let barriers = stage_barriers(comptime!(threads as u32));
@@ -100,9 +109,13 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
         }
     }
 
-    // B is staged while the first tiles' copies are in flight (the first tile's block sync
-    // publishes it).
-    stage_b_block(b_pool, &mut b_tile, &cube, out_features, cfg);
+    // B is loaded while the first tiles' copies are in flight: each warp's fragments of its
+    // column fragment, once for all its tiles, or the staged block (the first tile's block
+    // sync publishes it).
+    let b_frags = load_b_fragments::<F, NB>(b_pool, &cube, nf, active && b_registers, rank_steps, out_features, cfg);
+    if comptime!(!b_registers) {
+        stage_b_block(b_pool, &mut b_tile, &cube, out_features, cfg);
+    }
 
     // Tile c lives in stage c % stages; its barrier completes phase c / stages when it lands.
     let mut c0 = 0usize.runtime();
@@ -148,7 +161,24 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
                 if comptime!(cfg.tensor_cores) {
                     if active {
                         let acc = zero_accumulator();
-                        multiply_rank_steps::<F, NB>(&acc, &a_tile, &b_tile, mf, nf, rank_steps, cfg);
+                        if comptime!(!b_registers) {
+                            multiply_rank_steps::<F, NB>(&acc, &a_tile, &b_tile, mf, nf, rank_steps, cfg);
+                        }
+                        #[unroll]
+                        for kk in 0..comptime!(if b_registers { max_rank / tile } else { 0 }) {
+                            if kk < rank_steps {
+                                let af = cmma::Matrix::<F>::from_slice(
+                                    cmma::MatrixIdent::A,
+                                    16usize,
+                                    16usize,
+                                    16usize,
+                                    cmma::MatrixLayout::RowMajor,
+                                    &a_tile.slice(mf * tile * rs + kk * tile, comptime!(tm * rs)),
+                                    comptime!(rs as u32),
+                                );
+                                cmma::execute::<F, F, f32, f32>(&af, b_frags.index(kk), &acc, &acc);
+                            }
+                        }
                         let d0 = (mf * tile * ds + nf * tile) / ny;
                         cmma::store(
                             &mut delta.slice_mut(d0, comptime!(tm * dsv)),
@@ -179,6 +209,40 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
         }
         c0 += stages;
     }
+}
+
+/// The B operand fragments of column fragment `nf` of the cube's block where they live in
+/// registers (else none): one per 16-wide rank step up to the configuration's rank, loaded
+/// from the pool (rows of `max_rank` values) where `load` holds and the step is below the
+/// slot's `rank_steps`. Columns past the slot's rank within the last step are the pool's
+/// padding: they meet only the operand's zeros.
+#[cube]
+fn load_b_fragments<F: Float, NB: Size>(
+    b_pool: &Array<Vector<F, NB>>,
+    cube: &ExpandCube,
+    nf: usize,
+    load: bool,
+    rank_steps: usize,
+    out_features: u32,
+    #[comptime] cfg: MmaExpandConfig,
+) -> Sequence<cmma::Matrix<F>> {
+    let tile = comptime!(TILE as usize);
+    let nb = comptime!(cfg.rank_vector as usize);
+    let max_rank = comptime!(cfg.max_rank as usize);
+    let row_vecs = comptime!(max_rank / nb);
+    let row0 = cube.slot * out_features as usize + cube.offset + cube.block0 + nf * tile;
+    let mut frags = Sequence::<cmma::Matrix<F>>::new();
+    #[unroll]
+    for kk in 0..comptime!(if cfg.b_in_registers() { max_rank / tile } else { 0 }) {
+        // Operand B(j, n) = B[slot, column n, j]: the pool's rows are its columns.
+        let bf = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor) };
+        if load && kk < rank_steps {
+            let start = row0 * row_vecs + comptime!(kk * tile / nb);
+            cmma::load(&bf, &b_pool.slice(start, start + comptime!(tile * row_vecs)), comptime!(max_rank as u32));
+        }
+        frags.push(bf);
+    }
+    frags
 }
 
 /// Where a cube's tiles live: the segment's end, the slot's rank, the columns of the block in

@@ -14,9 +14,10 @@
 //! `split_k_sweep`; `--decode-mma-expand` the tensor-core expand in decode pairs, see
 //! `decode_mma_expand`. `--prefill-split-k` times prefill pairs with K split across the
 //! shrink's cubes (see `prefill_split_k`); `--prefill-tiles` larger shrink tiles from CUDA
-//! graphs (see `prefill_tile_sweep`).
+//! graphs (see `prefill_tile_sweep`); `--expand-splits` the prefill expand's token split (see
+//! `prefill_expand_splits`).
 //!
-//! Usage: `lora_bench [--quick] [--prefill-only] [--prefill-split-k] [--prefill-tiles] [--no-graphs] [--case NAME-PART,...] [--variant NAME-PART,...]
+//! Usage: `lora_bench [--quick] [--prefill-only] [--prefill-split-k] [--prefill-tiles] [--expand-splits] [--no-graphs] [--case NAME-PART,...] [--variant NAME-PART,...]
 //! (a case part starting with `^` matches the start of the name)
 //! [--csv FILE] [--profile-pass]`, or `lora_bench --cuda-sources DIR` (no GPU needed: writes
 //! the CUDA C++ of the H100's prefill tensor-core kernels, see `write_cuda_sources`).
@@ -83,6 +84,10 @@ struct Opts {
     /// to every A row, with 1, 2 and 4 K splits (see `prefill_tile_sweep`); leaves out the
     /// launch-timed tile sweep.
     prefill_tiles: bool,
+    /// Prefill cases, from CUDA graphs: the tensor-core expand's token split (how many cubes
+    /// share a segment's token tiles) by tile and depth, on 1 and 2 copies of the
+    /// intermediate (see `prefill_expand_splits`); leaves out the launch-timed tile sweep.
+    expand_splits: bool,
 }
 
 impl Opts {
@@ -369,7 +374,7 @@ fn dense_case<R: Runtime, E: StorageElem>(
     let case = dense_case_name(m, rank, tokens, adapters);
     let dense = DenseCase { layout: &layout, host_segs: &segs, segs: &dev, iters, case: &case, shrink_bytes, expand_bytes, default_shrink };
     let mut rows = vec![time_dense(client, opts, &dense, &dev, &mut data, "segmented", None)];
-    if tokens >= 1024 && !opts.prefill_tiles {
+    if tokens >= 1024 && !opts.prefill_tiles && !opts.expand_splits {
         rows.extend(tile_sweep(client, opts, &layout, &segs, &dev, &mut data, iters, &case, shrink_bytes, expand_bytes));
         if opts.prefill_split_k {
             rows.extend(prefill_split_k(client, opts, &dense, &mut data));
@@ -402,6 +407,9 @@ fn dense_case<R: Runtime, E: StorageElem>(
                 rows.extend(graph_rows(opts, &mut builder, &dense, &mut data));
                 if !decode_batch && opts.prefill_tiles {
                     rows.extend(prefill_tile_sweep(opts, &mut builder, &dense, &mut data));
+                }
+                if !decode_batch && opts.expand_splits {
+                    rows.extend(prefill_expand_splits(opts, &mut builder, &dense, &mut data));
                 }
                 if decode_batch {
                     rows.extend(decode_graph_rows::<R, E>(client, opts, &mut builder, &dense, &mut data));
@@ -1249,6 +1257,60 @@ fn prefill_tile_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, p
     rows
 }
 
+/// `--expand-splits`: the prefill tensor-core expand alone from CUDA graphs, 16- and 32-token
+/// tiles of 128 columns in 2–4 stages, on an intermediate of 1 and 2 copies, with each
+/// segment's token tiles shared out over 1 to 16 cubes (and the default split). The default
+/// aims at about eight cubes per multiprocessor, but the pipelined tiles hold so much shared
+/// memory that about three are resident (run 57, ncu): the other cubes wait their turn, and
+/// each runs only a few tiles through its stages. Each row names its grid and shared memory.
+fn prefill_expand_splits<E: StorageElem>(
+    opts: &Opts,
+    builder: &mut GraphBuilder,
+    prefill: &DenseCase,
+    data: &mut [DenseSet<E>],
+) -> Vec<Row> {
+    let DenseCase { layout, host_segs, segs, .. } = *prefill;
+    let cuda = CudaRuntime::client(&Default::default());
+    let device = cuda.properties();
+    let (num_segments, max_len) = (host_segs.num_segments(), host_segs.max_segment_len());
+    let default = MmaExpandConfig::for_batch::<E>(device, layout, num_segments, max_len);
+    let (mut rows, sets) = (Vec::new(), data.len());
+    for copies in [1, 2] {
+        let partials = prefill.partial_copies(&cuda, sets, copies);
+        let default_here = default.and_then(|d| d.batch_summing::<E>(device, layout, copies));
+        for (m, n, stages) in [(1, 8), (2, 8)].into_iter().flat_map(|(m, n)| [2, 3, 4].map(|stages| (m, n, stages))) {
+            let tile = MmaExpandConfig::with_tile::<E>(device, layout, m, n);
+            let Some(config) = tile.and_then(|t| t.with_stages::<E>(device, stages)).and_then(|c| c.summing::<E>(device, copies)) else {
+                continue;
+            };
+            let mut tried = Vec::new();
+            for requested in [0, 1, 2, 3, 4, 6, 8, 16] {
+                let splits = config.token_splits(device, layout, num_segments, max_len, requested);
+                if requested != 0 && tried.contains(&splits) {
+                    continue;
+                }
+                tried.push(splits);
+                let cubes = config.column_blocks(layout) * num_segments as u32 * splits;
+                let kib = config.shared_memory::<E>().div_ceil(1024);
+                let mark = if requested == 0 && default_here == Some(config) { " (default)" } else { "" };
+                let split = if requested == 0 { "default".to_string() } else { requested.to_string() };
+                let name = format!("expand-splits m{m} n{n} s{stages} x{copies} t{split}={splits} {cubes} cubes {kib} KiB{mark}");
+                if !opts.selects_variant(&name) {
+                    continue;
+                }
+                let kernel = ExpandKernel::Mma { config, token_splits: requested };
+                let launch = |rec: &ComputeClient<RecordingRuntime>| {
+                    data.iter_mut()
+                        .zip(&partials)
+                        .try_for_each(|(d, p)| launch_expand(rec, layout, &d.pool, segs, p, &mut d.y, Some(kernel)))
+                };
+                rows.extend(time_variant(opts, builder, (prefill, sets), name, Half::Expand, config, &mut None, launch));
+            }
+        }
+    }
+    rows
+}
+
 /// The tensor-core shrink variants of the sweep for this layout on this device.
 /// Register-staged: the default tile only (the K-group and chunk sweeps of runs 9-11 chose
 /// its defaults). Pipelined (three stages, or two where three do not fit): 16- to 128-token
@@ -1642,6 +1704,7 @@ fn main() {
         split_k: flag("--split-k"),
         prefill_split_k: flag("--prefill-split-k"),
         prefill_tiles: flag("--prefill-tiles"),
+        expand_splits: flag("--expand-splits"),
     };
     let csv_path = value("--csv");
     if let Some(dir) = value("--cuda-sources") {

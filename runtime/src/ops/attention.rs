@@ -507,7 +507,7 @@ pub fn split_partial_len(tokens: usize, q_heads: u32, head_dim: u32, splits: u32
 /// fewer than `min_splits`, which would not repay the merge launch.
 pub fn decode_splits<R: Runtime>(client: &ComputeClient<R>, tokens: usize, q_heads: u32, min_splits: u32, max_splits: u32) -> u32 {
     let cubes = u32::try_from(tokens * q_heads as usize).unwrap_or(u32::MAX);
-    let splits = crate::config::splits_to_fill(client, cubes, max_splits);
+    let splits = crate::config::splits_to_fill_on(client.properties(), cubes, max_splits);
     if splits < min_splits { 1 } else { splits }
 }
 
