@@ -504,26 +504,40 @@ pub(crate) fn multiply_rank_steps<F: Float, NB: Size>(
     #[comptime] cfg: MmaExpandConfig,
 ) {
     let tile = comptime!(TILE as usize);
-    let tm = comptime!(cfg.tile_tokens() as usize);
     let bw = comptime!(cfg.block_columns() as usize);
     let nb = comptime!(cfg.rank_vector as usize);
     let rs = comptime!(cfg.max_rank as usize + 8);
     let rsv = comptime!(rs / nb);
     for kk in 0..rank_steps {
-        let af = cmma::Matrix::<F>::from_slice(
-            cmma::MatrixIdent::A,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::RowMajor,
-            &a_tile.slice(mf * tile * rs + kk * tile, comptime!(tm * rs)),
-            comptime!(rs as u32),
-        );
+        let af = load_operand_fragment::<F>(a_tile, mf, kk, cfg);
         // Operand B(j, n) = B[slot, column n, j]: the staged rows are its columns.
         let bf = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor) };
         cmma::load(&bf, &b_tile.slice((nf * tile * rs + kk * tile) / nb, comptime!(bw * rsv)), comptime!(rs as u32));
         cmma::execute::<F, F, f32, f32>(&af, &bf, acc, acc);
     }
+}
+
+/// The MMA operand fragment of the staged intermediate `a_tile` (storage type, row stride
+/// `max_rank + 8`) for fragment row `mf` and 16-wide rank step `kk`.
+#[cube]
+pub(crate) fn load_operand_fragment<F: Float>(
+    a_tile: &SharedMemory<F>,
+    mf: usize,
+    kk: usize,
+    #[comptime] cfg: MmaExpandConfig,
+) -> cmma::Matrix<F> {
+    let tile = comptime!(TILE as usize);
+    let tm = comptime!(cfg.tile_tokens() as usize);
+    let rs = comptime!(cfg.max_rank as usize + 8);
+    cmma::Matrix::<F>::from_slice(
+        cmma::MatrixIdent::A,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::RowMajor,
+        &a_tile.slice(mf * tile * rs + kk * tile, comptime!(tm * rs)),
+        comptime!(rs as u32),
+    )
 }
 
 /// A warp's 16×16 fragment product without tensor cores: `out[r, c] (+)= Σ_j a[r, j]·b[c, j]`

@@ -28,7 +28,9 @@
 use cubecl::prelude::barrier::copy_async;
 use cubecl::prelude::*;
 
-use crate::expand_mma::{ExpandCube, MmaExpandConfig, emulate_fragment, expand_cube, multiply_rank_steps, stage_b_block};
+use crate::expand_mma::{
+    ExpandCube, MmaExpandConfig, emulate_fragment, expand_cube, load_operand_fragment, multiply_rank_steps, stage_b_block,
+};
 use crate::shrink_mma::{TILE, zero_accumulator};
 use crate::shrink_mma_pipelined::{StageBarriers, arrive_on_stage, stage_barriers, wait_stage};
 
@@ -112,7 +114,7 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     // B is loaded while the first tiles' copies are in flight: each warp's fragments of its
     // column fragment, once for all its tiles, or the staged block (the first tile's block
     // sync publishes it).
-    let b_frags = load_b_fragments::<F, NB>(b_pool, &cube, nf, active && b_registers, rank_steps, out_features, cfg);
+    let b_frags = load_b_fragments::<F, NB>(b_pool, &cube, nf, active, rank_steps, out_features, cfg);
     if comptime!(!b_registers) {
         stage_b_block(b_pool, &mut b_tile, &cube, out_features, cfg);
     }
@@ -167,15 +169,7 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
                         #[unroll]
                         for kk in 0..comptime!(if b_registers { max_rank / tile } else { 0 }) {
                             if kk < rank_steps {
-                                let af = cmma::Matrix::<F>::from_slice(
-                                    cmma::MatrixIdent::A,
-                                    16usize,
-                                    16usize,
-                                    16usize,
-                                    cmma::MatrixLayout::RowMajor,
-                                    &a_tile.slice(mf * tile * rs + kk * tile, comptime!(tm * rs)),
-                                    comptime!(rs as u32),
-                                );
+                                let af = load_operand_fragment::<F>(&a_tile, mf, kk, cfg);
                                 cmma::execute::<F, F, f32, f32>(&af, b_frags.index(kk), &acc, &acc);
                             }
                         }
