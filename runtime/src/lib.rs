@@ -18,6 +18,9 @@
 //!   ([`moe_grouped`]: pairs grouped by (slot, expert) through the dense kernels, for prefill;
 //!   [`moe_combine`]: the router's weighted sum behind its down expand).
 //!
+//! [`mma_fragments`] says how the tensor-core kernels multiply their fragments and holds the
+//! hand-managed way (`ldmatrix`, m16n8k16 MMAs) the shrink takes on CUDA.
+//!
 //! [`cuda_graph`] replays recorded launches of these kernels as CUDA graphs (decode without
 //! cubecl's per-launch host cost); [`cuda_source`] lowers the tensor-core kernels to CUDA C++
 //! for a described GPU (an H100), so they are expanded and checked without one (CI has no GPU).
@@ -36,6 +39,7 @@ pub mod expand_mma;
 pub mod expand_mma_pipelined;
 pub mod fused;
 pub mod gemm_expand;
+pub mod mma_fragments;
 pub mod moe;
 pub mod moe_combine;
 pub mod moe_grouped;

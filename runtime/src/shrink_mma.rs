@@ -24,13 +24,14 @@
 //! tiles): the intermediate then holds one copy of partial sums per split, which the expand
 //! adds up.
 
-use cubecl::features::MmaConfig;
 use cubecl::ir::DeviceProperties;
 use cubecl::prelude::*;
 use lorac_plan::LoraLayout;
 
 use crate::batch::NO_SLOT;
 use crate::cuda_graph::grid_dependency_point;
+pub(crate) use crate::mma_fragments::cmma_supported;
+use crate::mma_fragments::{self, Fragments, Pair};
 
 /// M, N and K of one MMA.
 pub(crate) const TILE: u32 = 16;
@@ -55,9 +56,11 @@ pub const WIDE_SPLIT_COPIES: u32 = 2;
 const WIDE_MAX_ROW_FRAGS: u32 = 12;
 
 /// How many times the bytes the wide prefill tile's second copy adds to the expand the
-/// staging it saves the shrink must be ([`MmaShrinkConfig::wide_split_for`]): at rank 64 qkv
-/// saved 67 MB for 50 MB of copy reads and its pair was level (H100, runs 103–105).
-const WIDE_SPLIT_MIN_GAIN: u64 = 2;
+/// staging it saves the shrink must be ([`MmaShrinkConfig::wide_split_for`]). At rank 64 qkv
+/// saves 67 MB for 50 MB of copy reads: with `wmma` fragments its pair was level (H100, runs
+/// 103–105, when this was 2), with `ldmatrix` ones 11% faster (run 117: 105.0–105.3 µs
+/// against the blocked tile's 118.0–119.6). gate_up (34 MB for 235 MB) stays blocked.
+const WIDE_SPLIT_MIN_GAIN: u64 = 1;
 
 /// Fewest tokens in a batch's longest segment for which a pair launched programmatically
 /// splits K ([`MmaShrinkConfig::split_k_for_launch`]).
@@ -106,11 +109,11 @@ pub struct MmaShrinkConfig {
     pub k_chunk: u32,
     /// Vector width of the staging loads of x and A.
     pub vector: u32,
-    /// Whether the fragments are multiplied on tensor cores (cmma). Without (a device with no
-    /// 16×16×16 MMA, such as wgpu) each lane computes its eight elements of a fragment with
-    /// FMAs from the same staged tiles: slow, never chosen by [`Self::supported`], but it runs
-    /// the kernels' tiling, staging and stores where CI can test them (lavapipe).
-    pub tensor_cores: bool,
+    /// How the fragments are multiplied: by hand (`ldmatrix`, m16n8k16 MMAs) where the device
+    /// has it, else on cooperative matrices, else emulated (wgpu: never chosen by
+    /// [`Self::supported`], but it runs the kernels' tiling, staging and stores where CI can
+    /// test them, on lavapipe).
+    pub fragments: Fragments,
     /// 1: each chunk's loads go through registers, one chunk ahead ([`shrink_mma_kernel`]).
     /// 2–4: asynchronous copies into that many shared-memory stages, `stages − 1` chunks
     /// ahead ([`crate::shrink_mma_pipelined`]); see [`Self::with_stages`].
@@ -227,11 +230,22 @@ impl MmaShrinkConfig {
             k_groups,
             k_chunk,
             vector,
-            tensor_cores: cmma_supported::<F>(device),
+            fragments: Fragments::best_for::<F>(device),
             stages: 1,
             k_splits: 1,
         };
         (config.shared_bytes_per_cube::<F>() <= device.hardware.max_shared_memory_size as u32).then_some(config)
+    }
+
+    /// This tile with its fragments multiplied `fragments`' way, or `None` where the device
+    /// does not have it for `F`.
+    pub fn with_fragments<F: CubePrimitive>(self, device: &DeviceProperties, fragments: Fragments) -> Option<Self> {
+        let available = match fragments {
+            Fragments::Emulated => true,
+            Fragments::Cmma => cmma_supported::<F>(device),
+            Fragments::Ldmatrix => mma_fragments::ldmatrix_supported::<F>(device),
+        };
+        available.then_some(MmaShrinkConfig { fragments, ..self })
     }
 
     /// The cube's tile and warp blocks.
@@ -258,7 +272,7 @@ impl MmaShrinkConfig {
     /// tokens (on tensor cores where the device has them, else emulated). Row blocks of up to
     /// four fragments. A block of four (64 rows: rank 64, or rank 32 over two slices) takes
     /// 64-token tiles of 2×4-fragment warp blocks, 64-wide chunks, two K groups and three
-    /// stages where the grid still fills the GPU (H100 sweep of 2026-11-23,
+    /// stages, on cooperative matrices, where the grid still fills the GPU (H100 sweep of 2026-11-23,
     /// runtime/BENCHMARKS.md: rank-64 qkv shrink 89 → 62 µs, MLA 103 → 72 µs). Otherwise
     /// [`Self::with_tile`] with 32-token tiles unless that leaves fewer cubes than about one
     /// per multiprocessor (32-token tiles were the best or within 3% of it in every prefill
@@ -277,7 +291,10 @@ impl MmaShrinkConfig {
             num_segments as u64 * tiles * u64::from(row_frags / n_frags) >= target
         };
         if n_frags == 4 && fills(4) {
-            let blocked = Self::with_tile_chunk::<F>(device, layout, ShrinkTile::new(4, 4).with_warps(2, 4), 64, 2);
+            // On cooperative matrices: with `ldmatrix` fragments this tile was slower (H100, run
+            // 119: the gate_up shrink 39.6 → 49.6 µs, qkv 55.8 → 58–60), unlike the wide tile.
+            let blocked = Self::with_tile_chunk::<F>(device, layout, ShrinkTile::new(4, 4).with_warps(2, 4), 64, 2)
+                .map(|c| c.with_fragments::<F>(device, Fragments::Cmma).unwrap_or(c));
             if let Some(config) = blocked.map(|c| c.with_stages::<F>(device, 3).unwrap_or(c)) {
                 return Some(config);
             }
@@ -378,9 +395,11 @@ impl MmaShrinkConfig {
     /// → 54.4–55.5 (235 → 176 MB), gate_up 39.6–40.8 → 34.3–34.7 (134 → 101 MB). Pairs with
     /// the default expand summing the copies, three rounds each: MLA 95.9–100.5 → 90.2–91.3
     /// µs, 90.2–91.0 under programmatic launch (was 107.8–116.4; 18 MB more copy reads:
-    /// taken), qkv 121.7–122.7 → 121.3–122.0 (50 MB: level, not taken), gate_up 302.0–303.5
-    /// → 329.9–330.8 (235 MB: slower, not taken). Unsplit wide grids (longer batches) were
-    /// not timed: those keep the blocked tile.
+    /// taken), qkv 121.7–122.7 → 121.3–122.0 (50 MB: level), gate_up 302.0–303.5
+    /// → 329.9–330.8 (235 MB: slower, not taken). With `ldmatrix` fragments (run 117) the qkv
+    /// wide shrink takes 38.4 µs (45.5 on `wmma`) and its pair 105.0 against 118.0–119.6:
+    /// taken since. Unsplit wide grids (longer batches) were not timed: those keep the blocked
+    /// tile.
     pub fn wide_split_for<F: CubePrimitive>(
         self,
         device: &DeviceProperties,
@@ -419,18 +438,24 @@ impl MmaShrinkConfig {
     /// The wide prefill tile of this layout ([`Self::wide_split_for`]): 64 tokens by the
     /// widest row block of 8 or 12 fragments that divides the A rows (every A row of a
     /// three-slice rank-64 layout, or of a two-slice one), the blocked tile's 2×4-fragment
-    /// warp blocks and two K groups, 64-wide chunks in three stages, K split
-    /// [`WIDE_SPLIT_COPIES`] ways. `None` where no such row block divides the A rows, or
-    /// without tensor cores or asynchronous copies.
+    /// warp blocks, 64-wide chunks in three stages, K split [`WIDE_SPLIT_COPIES`] ways, and
+    /// four K groups where that makes at most [`MIN_SHRINK_WARPS`] warps and fits, else two
+    /// (H100, run 118, MLA's 8-fragment block: 16 warps, 50.4 µs against 55.9 with two
+    /// groups; qkv's 12-fragment block: 12 warps, four groups do not fit). `None` where no
+    /// such row block divides the A rows, or without tensor cores or asynchronous copies.
     pub fn wide_split_layout<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout) -> Option<Self> {
         if !cmma_supported::<F>(device) {
             return None;
         }
         let row_frags = layout.intermediate_width() / TILE;
         let n_frags = [WIDE_MAX_ROW_FRAGS, 8].into_iter().find(|n| row_frags.is_multiple_of(*n))?;
-        Self::with_tile_chunk::<F>(device, layout, ShrinkTile::new(4, n_frags).with_warps(2, 4), 64, 2)?
-            .with_stages::<F>(device, 3)?
-            .with_k_splits(layout, WIDE_SPLIT_COPIES)
+        let tile = ShrinkTile::new(4, n_frags).with_warps(2, 4);
+        [4, 2].into_iter().find_map(|k_groups| {
+            Self::with_tile_chunk::<F>(device, layout, tile, 64, k_groups)
+                .filter(|c| k_groups == 2 || c.warps() <= MIN_SHRINK_WARPS)?
+                .with_stages::<F>(device, 3)?
+                .with_k_splits(layout, WIDE_SPLIT_COPIES)
+        })
     }
 
     /// Tokens from which no batch takes the wide prefill tile: its unsplit grid then holds at
@@ -489,6 +514,7 @@ impl MmaShrinkConfig {
     /// chunk on this layout and device (a hand-made one could overrun shared memory or rows).
     pub fn fits<F: CubePrimitive>(&self, device: &DeviceProperties, layout: &LoraLayout) -> bool {
         Self::with_tile_chunk::<F>(device, layout, self.tile(), self.k_chunk, self.k_groups)
+            .and_then(|base| base.with_fragments::<F>(device, self.fragments))
             .and_then(|base| base.with_stages::<F>(device, self.stages))
             .and_then(|base| base.with_k_splits(layout, self.k_splits))
             == Some(*self)
@@ -508,12 +534,19 @@ impl MmaShrinkConfig {
     }
 
     /// Shared memory one cube uses: the staged x and A tiles (one set per stage, one for the
-    /// register-staged kernel) and one f32 accumulator tile per fragment and K group. It
-    /// bounds how many cubes a multiprocessor holds at once.
+    /// register-staged kernel) and the accumulator tile ([`accumulator_floats`]). It bounds
+    /// how many cubes a multiprocessor holds at once.
     pub fn shared_bytes_per_cube<F: CubePrimitive>(&self) -> u32 {
         let elem = size_of::<F>() as u32;
-        self.stages.max(1) * Self::staged_bytes(self.m_frags, self.n_frags, self.k_chunk, elem)
-            + self.m_frags * self.n_frags * self.k_groups * TILE * TILE * 4
+        self.stages.max(1) * Self::staged_bytes(self.m_frags, self.n_frags, self.k_chunk, elem) + accumulator_floats(*self) as u32 * 4
+    }
+
+    /// Whether each warp writes its sums to the intermediate straight from its registers:
+    /// with hand-managed fragments (whose lanes know the elements they hold) and one K group
+    /// (each warp holds whole sums). Otherwise they go through the accumulator tile in shared
+    /// memory, where the K groups are added up.
+    pub fn stores_from_registers(&self) -> bool {
+        self.fragments == Fragments::Ldmatrix && self.k_groups == 1
     }
 
     /// This tile with K split across `k_splits` cubes (see [`Self::k_splits`]), or `None`
@@ -537,15 +570,6 @@ impl MmaShrinkConfig {
     pub fn row_blocks(&self) -> u32 {
         self.groups * self.max_rank / (self.n_frags * TILE)
     }
-}
-
-/// Whether the device has a 16×16×16 MMA on `F` with f32 accumulation.
-pub(crate) fn cmma_supported<F: CubePrimitive>(device: &DeviceProperties) -> bool {
-    let (Some(elem), Some(f32_ty)) = (F::as_type_native(), f32::as_type_native()) else {
-        return false;
-    };
-    let (elem, f32_ty) = (elem.storage_type(), f32_ty.storage_type());
-    device.features.matmul.cmma.contains(&MmaConfig { a_type: elem, b_type: elem, cd_type: f32_ty, m: TILE, n: TILE, k: TILE })
 }
 
 #[cube(launch_unchecked)]
@@ -656,9 +680,7 @@ pub(crate) fn shrink_mma_kernel<F: Float, N: Size>(
         sync_cube();
         k0 = next;
     }
-    store_accumulators(&mut c_tile, &block, &cube, &accs, cfg);
-    sync_cube();
-    store_tile(out, &c_tile, token_perm, &cube, cfg);
+    write_tile(out, &mut c_tile, token_perm, &block, &cube, &accs, cfg);
 }
 
 /// A warp's block of the cube tile: its first fragment along the tokens (`mf0`) and along the
@@ -689,18 +711,88 @@ pub(crate) fn warp_block(#[comptime] cfg: MmaShrinkConfig) -> WarpBlock {
     }
 }
 
-/// Floats of the accumulator tile: one 16×16 f32 fragment per output fragment and K group.
+/// Floats of the accumulator tile: one 16×16 f32 fragment per output fragment and K group,
+/// or one unused float where the warps store from their registers.
 pub(crate) fn accumulator_floats(cfg: MmaShrinkConfig) -> usize {
-    (cfg.m_frags * cfg.n_frags * cfg.k_groups * TILE * TILE) as usize
+    if cfg.stores_from_registers() { 1 } else { (cfg.m_frags * cfg.n_frags * cfg.k_groups * TILE * TILE) as usize }
+}
+
+/// Writes the cube's sums into the intermediate: from the warps' registers
+/// ([`MmaShrinkConfig::stores_from_registers`]), else through the accumulator tile `c_tile`.
+#[cube]
+pub(crate) fn write_tile(
+    out: &mut Array<f32>,
+    c_tile: &mut SharedMemory<f32>,
+    token_perm: &Array<u32>,
+    block: &WarpBlock,
+    cube: &CubeTile,
+    accs: &Accumulators,
+    #[comptime] cfg: MmaShrinkConfig,
+) {
+    if comptime!(cfg.stores_from_registers()) {
+        store_halves(out, token_perm, block, cube, accs, cfg);
+    } else {
+        store_accumulators(c_tile, block, cube, accs, cfg);
+        sync_cube();
+        store_tile(out, c_tile, token_perm, cube, cfg);
+    }
+}
+
+/// Writes each lane's elements of the warp's live 16×8 accumulators (rows `g`, `g + 8`,
+/// columns `2t`, `2t + 1` of each, see [`crate::mma_fragments`]) for tokens inside the
+/// segment and rows below the slot's rank into the cube's copy of the intermediate.
+#[cube]
+fn store_halves(
+    out: &mut Array<f32>,
+    token_perm: &Array<u32>,
+    block: &WarpBlock,
+    cube: &CubeTile,
+    accs: &Accumulators,
+    #[comptime] cfg: MmaShrinkConfig,
+) {
+    let tile = comptime!(TILE as usize);
+    let max_rank = comptime!(cfg.max_rank as usize);
+    let c_r = comptime!((cfg.groups * cfg.max_rank) as usize);
+    let warp_n = comptime!(cfg.warp_n as usize);
+    let copy = cube.split * (out.len() / comptime!(cfg.k_splits as usize));
+    let lane = UNIT_POS_PLANE as usize;
+    #[unroll]
+    for i in 0..comptime!(cfg.warp_m as usize) {
+        #[unroll]
+        for half_row in 0..2usize {
+            let p = cube.p0 + (block.mf0 + i) * tile + half_row * 8 + lane / 4;
+            if p < cube.end {
+                let t_row = copy + token_perm[p] as usize * c_r;
+                #[unroll]
+                for j in 0..warp_n {
+                    if fragment_live(block, cube, j, cfg) {
+                        #[unroll]
+                        for h in 0..2usize {
+                            let row = cube.row_base + (block.nf0 + j) * tile + h * 8 + lane % 4 * 2;
+                            let sums = accs.halves.index(2 * (i * warp_n + j) + h)[half_row];
+                            if row % max_rank < cube.rank {
+                                out[t_row + row] = sums[0];
+                            }
+                            if (row + 1) % max_rank < cube.rank {
+                                out[t_row + row + 1] = sums[1];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A warp's accumulators for its `warp_m·warp_n` fragments (fragment (i, j) of its block at
-/// `b = i·warp_n + j`): on tensor cores `tiles[b]`; without, lane l holds elements
-/// `l + 32·t` (t < 8, row-major in the 16×16 fragment) at `lanes[8·b + t]`. The other member
-/// is empty (one unused element).
+/// `b = i·warp_n + j`): on cooperative matrices `tiles[b]`; by hand, its 16×8 halves at
+/// `halves[2b]` (columns 0–7) and `halves[2b + 1]` (columns 8–15); emulated, lane l holds
+/// elements `l + 32·t` (t < 8, row-major in the 16×16 fragment) at `lanes[8·b + t]`. The other
+/// members are empty (`lanes`: one unused element).
 #[derive(CubeType)]
 pub(crate) struct Accumulators {
     tiles: Sequence<cmma::Matrix<f32>>,
+    halves: Sequence<Array<Vector<f32, Pair>>>,
     lanes: Array<f32>,
 }
 
@@ -715,20 +807,28 @@ const LANE_ELEMS: usize = 256 / WARP_LANES;
 pub(crate) fn new_accumulators(#[comptime] cfg: MmaShrinkConfig) -> Accumulators {
     let per_warp = comptime!((cfg.warp_m * cfg.warp_n) as usize);
     let mut tiles = Sequence::<cmma::Matrix<f32>>::new();
-    if comptime!(cfg.tensor_cores) {
+    let mut halves = Sequence::<Array<Vector<f32, Pair>>>::new();
+    if comptime!(cfg.fragments == Fragments::Cmma) {
         let lanes = Array::<f32>::new(1usize);
         #[unroll]
         for _ in 0..per_warp {
             tiles.push(zero_accumulator());
         }
-        Accumulators { tiles, lanes }
+        Accumulators { tiles, halves, lanes }
+    } else if comptime!(cfg.fragments == Fragments::Ldmatrix) {
+        let lanes = Array::<f32>::new(1usize);
+        #[unroll]
+        for _ in 0..comptime!(2 * per_warp) {
+            halves.push(mma_fragments::zero_accumulator());
+        }
+        Accumulators { tiles, halves, lanes }
     } else {
         let mut lanes = Array::<f32>::new(comptime!(per_warp * LANE_ELEMS));
         #[unroll]
         for e in 0..comptime!(per_warp * LANE_ELEMS) {
             lanes[e] = 0.0;
         }
-        Accumulators { tiles, lanes }
+        Accumulators { tiles, halves, lanes }
     }
 }
 
@@ -768,9 +868,11 @@ pub(crate) fn multiply_chunk<F: Float, N: Size>(
     let a_len = comptime!((cfg.n_frags * TILE) as usize * stride / nv);
     let warp_m = comptime!(cfg.warp_m as usize);
     let warp_n = comptime!(cfg.warp_n as usize);
-    if comptime!(!cfg.tensor_cores) {
+    if comptime!(cfg.fragments == Fragments::Emulated) {
         // Skips the dead columns itself.
         emulate_chunk::<F, N>(x_tile, x_base, a_tile, a_base, block, cube, &mut accs.lanes, cfg);
+    } else if comptime!(cfg.fragments == Fragments::Ldmatrix) {
+        multiply_chunk_by_hand::<F, N>(x_tile, x_base, a_tile, a_base, block, cube, accs, cfg);
     } else {
         // The x fragments are loaded only if some A fragment is live.
         let mut any_live = false;
@@ -836,12 +938,70 @@ pub(crate) fn store_accumulators(
             if fragment_live(block, cube, j, cfg) {
                 let f = block.group * fragments + (block.mf0 + i) * n_frags + block.nf0 + j;
                 let b = i * warp_n + j;
-                if comptime!(cfg.tensor_cores) {
+                if comptime!(cfg.fragments == Fragments::Cmma) {
                     cmma::store(&mut c_tile.slice_mut(f * 256, f * 256 + 256), accs.tiles.index(b), 16, cmma::MatrixLayout::RowMajor);
+                } else if comptime!(cfg.fragments == Fragments::Ldmatrix) {
+                    mma_fragments::store_accumulator(c_tile, accs.halves.index(2 * b), f * 256, 16usize);
+                    mma_fragments::store_accumulator(c_tile, accs.halves.index(2 * b + 1), f * 256 + 8, 16usize);
                 } else {
                     #[unroll]
                     for t in 0..LANE_ELEMS {
                         c_tile[f * 256 + UNIT_POS_X as usize + t * WARP_LANES] = accs.lanes[b * LANE_ELEMS + t];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`multiply_chunk`] on hand-managed fragments ([`Fragments::Ldmatrix`]): per 16-wide K step
+/// the warp loads each of its `warp_m` x fragments with one `ldmatrix.x4`, and each live A
+/// fragment (two 16×8 B operands) with one more, then runs two m16n8k16 MMAs per output
+/// fragment.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn multiply_chunk_by_hand<F: Float, N: Size>(
+    x_tile: &SharedMemory<Vector<F, N>>,
+    x_base: usize,
+    a_tile: &SharedMemory<Vector<F, N>>,
+    a_base: usize,
+    block: &WarpBlock,
+    cube: &CubeTile,
+    accs: &mut Accumulators,
+    #[comptime] cfg: MmaShrinkConfig,
+) {
+    let tile = comptime!(TILE as usize);
+    let stride = comptime!(cfg.k_chunk as usize + 8);
+    let nv = comptime!(cfg.vector as usize);
+    let warp_m = comptime!(cfg.warp_m as usize);
+    let warp_n = comptime!(cfg.warp_n as usize);
+    let mut any_live = false;
+    #[unroll]
+    for j in 0..warp_n {
+        if fragment_live(block, cube, j, cfg) {
+            any_live = true;
+        }
+    }
+    if any_live {
+        #[unroll]
+        for kk in 0..comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize) {
+            let col = block.group_k + kk * tile;
+            let mut xs = Sequence::<Array<Vector<F, Pair>>>::new();
+            #[unroll]
+            for i in 0..warp_m {
+                xs.push(mma_fragments::load_a::<F, N>(x_tile, x_base * nv + (block.mf0 + i) * tile * stride + col, stride, nv));
+            }
+            #[unroll]
+            for j in 0..warp_n {
+                if fragment_live(block, cube, j, cfg) {
+                    // B(k, n) = A[row0 + n, k0 + k]: A's rows are B's columns.
+                    let first = a_base * nv + (block.nf0 + j) * tile * stride + col;
+                    let (low, high) = mma_fragments::load_b_pair::<F, N>(a_tile, first, stride, nv);
+                    #[unroll]
+                    for i in 0..warp_m {
+                        let b = i * warp_n + j;
+                        mma_fragments::multiply_accumulate::<F>(xs.index(i), &low, accs.halves.index_mut(2 * b));
+                        mma_fragments::multiply_accumulate::<F>(xs.index(i), &high, accs.halves.index_mut(2 * b + 1));
                     }
                 }
             }

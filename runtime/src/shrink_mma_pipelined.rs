@@ -18,8 +18,7 @@ use cubecl::prelude::*;
 
 use crate::cuda_graph::grid_dependency_point;
 use crate::shrink_mma::{
-    MmaShrinkConfig, TILE, accumulator_floats, cube_tile, multiply_chunk, new_accumulators, stage_sources, store_accumulators, store_tile,
-    warp_block,
+    MmaShrinkConfig, TILE, accumulator_floats, cube_tile, multiply_chunk, new_accumulators, stage_sources, warp_block, write_tile,
 };
 
 #[cube(launch_unchecked)]
@@ -113,9 +112,7 @@ pub(crate) fn shrink_mma_pipelined_kernel<F: Float, N: Size>(
         }
         c0 += stages;
     }
-    store_accumulators(&mut c_tile, &block, &cube, &mut accs, cfg);
-    sync_cube();
-    store_tile(out, &c_tile, token_perm, &cube, cfg);
+    write_tile(out, &mut c_tile, token_perm, &block, &cube, &accs, cfg);
 }
 
 /// One block barrier per shared-memory stage (up to four; cubecl 0.10 has no arrays of

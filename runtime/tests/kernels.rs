@@ -16,6 +16,7 @@ use lorac_runtime::expand::{ExpandKernel, launch_expand, launch_pair_expand, ref
 use lorac_runtime::expand_mma::MmaExpandConfig;
 use lorac_runtime::fused::launch_fused;
 use lorac_runtime::gemm_expand::{gemm_width, launch_gemm_expand, reference_gemm_expand};
+use lorac_runtime::mma_fragments::Fragments;
 use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT, launch_moe_expand, launch_moe_shrink, reference_moe};
 use lorac_runtime::moe_combine::PairScratch;
 use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_moe_grouped_expand_weighted, launch_moe_grouped_shrink};
@@ -368,9 +369,12 @@ fn mma_shrink_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLa
         })
     });
     let blocks = blocks.flat_map(|config| [1, 3].into_iter().filter_map(move |stages| config.with_stages::<F>(device, stages)));
+    // Where the device multiplies by hand (CUDA), the warp blocks on cooperative matrices too.
+    let cooperative =
+        blocks.clone().filter(|c| c.fragments == Fragments::Ldmatrix).filter_map(|c| c.with_fragments::<F>(device, Fragments::Cmma));
     // The default for a long prefill batch (for 64-row blocks: 2×4-fragment warp blocks).
     let large_batch = MmaShrinkConfig::default_for::<F>(device, layout, 8, 4096);
-    let mut configs: Vec<MmaShrinkConfig> = groups.chain(pipelined).chain(blocks).collect();
+    let mut configs: Vec<MmaShrinkConfig> = groups.chain(pipelined).chain(blocks).chain(cooperative).collect();
     configs.extend(large_batch.filter(|c| !configs.contains(c)));
     configs
 }
@@ -1202,6 +1206,12 @@ stamp_kernel_tests!(cuda_bf16, cubecl::cuda::CudaRuntime, half::bf16);
 /// that fails to expand or lower for some tile, warp block or pipeline depth fails in CI, not
 /// on the GPU. (Compiling the sources takes NVRTC: `lora_bench --cuda-sources` and
 /// `scripts/nvrtc_check.py`.)
+/// Whether a kernel's CUDA source loads fragments with `ldmatrix` and multiplies them with
+/// manual m16n8k16 MMAs ([`Fragments::Ldmatrix`]).
+fn multiplies_by_hand(source: &str) -> bool {
+    source.contains("__mma_m16n8k16") && source.contains("ldmatrix.sync")
+}
+
 #[test]
 fn tensor_core_kernels_lower_to_cuda_offline() {
     use lorac_runtime::cuda_source::{expand_source, h100_properties, moe_align_source, shrink_source};
@@ -1209,13 +1219,19 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
     let device = h100_properties();
     let (mut shrinks, mut pipelined, mut warp_blocks, mut emulated, mut expands, mut split_k) = (0, 0, 0, 0, 0, 0);
-    let mut summing_expands = 0;
+    let (mut summing_expands, mut by_hand) = (0, 0);
     for seed in PREFILL_SHRINK_SEEDS {
         let (layout, family) = prefill_shrink_layout(seed, &mut Rng::new(600 + seed));
         for config in mma_shrink_configs::<F>(&device, &layout) {
             let source = shrink_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("shrink {family} {config:?}: {e:?}"));
-            assert!(config.tensor_cores && source.contains("mma_sync"), "shrink {family} {config:?}: no MMA in\n{source}");
+            let mma = match config.fragments {
+                Fragments::Ldmatrix => multiplies_by_hand(&source),
+                Fragments::Cmma => source.contains("mma_sync"),
+                Fragments::Emulated => false,
+            };
+            assert!(mma, "shrink {family} {config:?}: no MMA in\n{source}");
             shrinks += 1;
+            by_hand += usize::from(config.fragments == Fragments::Ldmatrix);
             pipelined += usize::from(config.stages > 1);
             warp_blocks += usize::from(config.warp_m * config.warp_n > 1);
         }
@@ -1223,7 +1239,8 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
         // for the expand below).
         for config in mma_shrink_configs::<f32>(&device, &layout) {
             let source = shrink_source::<_, f32>(&client, config).unwrap_or_else(|e| panic!("shrink f32 {family} {config:?}: {e:?}"));
-            assert!(!config.tensor_cores && !source.contains("mma_sync"), "shrink f32 {family} {config:?}: MMA in\n{source}");
+            let mma = source.contains("mma_sync") || source.contains("__mma_m16n8k16");
+            assert!(config.fragments == Fragments::Emulated && !mma, "shrink f32 {family} {config:?}: MMA in\n{source}");
             emulated += 1;
         }
     }
@@ -1234,7 +1251,7 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     let chosen = MmaShrinkConfig::split_k_for::<F>(&device, &qkv64, 8, 16).expect("split-K shrink for rank-64 qkv at T = 128");
     let tile = (chosen.tile(), chosen.k_chunk, chosen.k_groups, chosen.k_splits, chosen.stages);
     assert_eq!(tile, (ShrinkTile::new(1, 1), 128, 4, SPLIT_K_COPIES, 4));
-    assert!(shrink_source::<_, F>(&client, chosen).is_ok_and(|source| source.contains("mma_sync")));
+    assert!(shrink_source::<_, F>(&client, chosen).is_ok_and(|source| multiplies_by_hand(&source)));
     assert_eq!(MmaShrinkConfig::split_k_for::<F>(&device, &qkv64, 8, 4), None);
     // Under programmatic launch the same tile from 4-token segments of a 32-token batch on
     // (where its pairs gained on the H100), still not from single-token or 2-token ones.
@@ -1249,7 +1266,7 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     let qkv = LoraLayout::new(nz(4), nz(16), 256, 3, vec![slice("q", 64, 0), slice("k", 16, 1), slice("v", 16, 2)], None).unwrap();
     for config in split_k_configs::<F>(&device, &qkv) {
         let source = shrink_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("split-K shrink {config:?}: {e:?}"));
-        assert!(config.tensor_cores && source.contains("mma_sync"), "split-K shrink {config:?}: no MMA in\n{source}");
+        assert!(config.fragments == Fragments::Ldmatrix && multiplies_by_hand(&source), "split-K shrink {config:?}: no MMA in\n{source}");
         split_k += 1;
     }
     // Prefill with K splits: the H100's long-batch defaults split two and four ways.
@@ -1257,7 +1274,8 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
         let default = MmaShrinkConfig::default_for::<F>(&device, layout, 8, 4096).expect("a tensor-core default on the H100");
         for config in [2, 4].map(|s| default.with_k_splits(layout, s).expect("K = 4096 splits into whole chunks")) {
             let source = shrink_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("split-K prefill shrink {config:?}: {e:?}"));
-            assert!(source.contains("mma_sync"), "split-K prefill shrink {config:?}: no MMA in\n{source}");
+            let mma = if config.fragments == Fragments::Ldmatrix { multiplies_by_hand(&source) } else { source.contains("mma_sync") };
+            assert!(mma, "split-K prefill shrink {config:?}: no MMA in\n{source}");
             split_k += 1;
         }
     }
@@ -1297,9 +1315,13 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     assert_eq!((default.tile(), default.k_chunk, default.k_groups, default.stages), (ShrinkTile::new(4, 4).with_warps(2, 4), 64, 2, 3));
     // The described H100 must yield the variants the CUDA tests exercise, not an empty list.
     let counts = format!(
-        "{shrinks} shrink configurations ({pipelined} pipelined, {warp_blocks} with warp blocks), {split_k} split-K shrinks, {expands} expands ({summing_expands} summing copies), {emulated} emulated f32 shrinks and expands"
+        "{shrinks} shrink configurations ({pipelined} pipelined, {warp_blocks} with warp blocks, {by_hand} with ldmatrix fragments), {split_k} split-K shrinks, {expands} expands ({summing_expands} summing copies), {emulated} emulated f32 shrinks and expands"
     );
-    assert!(pipelined > 0 && warp_blocks > 0 && split_k > 0 && emulated > 0 && expands > 0 && summing_expands > 0, "{counts}");
+    let both_fragments = by_hand > 0 && by_hand < shrinks;
+    assert!(
+        pipelined > 0 && warp_blocks > 0 && both_fragments && split_k > 0 && emulated > 0 && expands > 0 && summing_expands > 0,
+        "{counts}"
+    );
     eprintln!("lowered {counts}");
 }
 
@@ -1583,21 +1605,22 @@ fn split_k_shrink_follows_the_room() {
         // Decode (one token per segment) never splits.
         assert_eq!(copies(8, 1, 8, 4), 1);
         // Prefill, rank 64, 8 segments of 512 tokens: the wide tile (64 tokens by every A row,
-        // 64 cubes unsplit, K split in two) would stage 67 MB less than the blocked one for
-        // qkv, less than twice the 50 MB its second copy adds to the expand's reads: one copy.
-        assert_eq!(copies(8, 512, 4096, 4), 1);
+        // 64 cubes unsplit, K split in two) stages 67 MB less than the blocked one for qkv,
+        // more than the 50 MB its second copy adds to the expand's reads: two copies.
+        assert_eq!(copies(8, 512, 4096, 4), WIDE_SPLIT_COPIES);
         let prefill = |layout: &LoraLayout, segments: usize, longest: u32, room_copies: usize| {
             let tokens = segments as u32 * longest;
             let room = room_copies * tokens as usize * layout.intermediate_width() as usize;
             ShrinkKernel::choose_for_room::<RecordingRuntime, half::bf16>(rec, layout, segments, longest, tokens, room)
         };
         // MLA's fused q_a / kv_a projection (128 A rows, 17 expand column blocks): 59 MB
-        // saved for 18 MB, so the wide tile where the room holds both copies.
+        // saved for 18 MB, so the wide tile where the room holds both copies, with four K
+        // groups (16 warps).
         let mla = LoraLayout::new(nz(8), nz(64), 7168, 2, vec![slice("q_a", 1536, 0), slice("kv_a", 576, 1)], None).unwrap();
         match prefill(&mla, 8, 512, 2) {
             ShrinkKernel::Mma { config, .. } => {
                 let tile = (config.m_frags, config.n_frags, config.warp_m, config.warp_n, config.k_groups, config.k_chunk, config.stages);
-                assert_eq!((tile, config.k_splits), ((4, 8, 2, 4, 2, 64, 3), WIDE_SPLIT_COPIES));
+                assert_eq!((tile, config.k_splits), ((4, 8, 2, 4, 4, 64, 3), WIDE_SPLIT_COPIES));
             }
             other => panic!("MLA prefill took {other:?}"),
         }

@@ -81,7 +81,8 @@ struct Opts {
     /// (see `prefill_split_k`).
     prefill_split_k: bool,
     /// Prefill cases, from CUDA graphs: tensor-core shrink tiles of 64 and 128 tokens by up
-    /// to every A row, with 1, 2 and 4 K splits (see `prefill_tile_sweep`); leaves out the
+    /// to every A row, by K groups, chunk and stages, with 1, 2 and 4 K splits (see
+    /// `prefill_tile_sweep`); leaves out the
     /// launch-timed tile sweep.
     prefill_tiles: bool,
     /// Prefill cases, from CUDA graphs: the tensor-core expand's token split (how many cubes
@@ -1158,8 +1159,9 @@ fn prefill_split_k<R: Runtime, E: StorageElem>(
 /// 64 A rows at rank 64) re-read x once per row block and A once per token tile, so at rank
 /// 64 a qkv shrink pulls about 200 MB through the L2 for 49 MB of inputs. This times, each
 /// alone in a graph of every rotation set, tiles of 64 and 128 tokens by 4 to 12 row
-/// fragments (up to every A row), warp blocks of 2×2 to 4×4 fragments, one or two K groups,
-/// 64-wide chunks in three stages, with 1, 2 and 4 K splits where the grid holds at least
+/// fragments (up to every A row), warp blocks of 2×2 to 4×4 fragments, one, two or four K
+/// groups (4 to 24 warps), 64- and 128-wide chunks in three or four stages (two where three
+/// do not fit), with 1, 2 and 4 K splits where the grid holds at least
 /// 96 cubes; then the fastest of each split count in a pair with the default expand summing
 /// its copies (`split_k_pair`, plainly and under PDL). The row names give the tile, its
 /// cubes and the megabytes its cubes stage (x and A over their share of K, summed over the
@@ -1183,12 +1185,15 @@ fn prefill_tile_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, p
         let row_blocks = [4, 6, 8, 12].into_iter().filter(|n| row_frags.is_multiple_of(*n));
         let tiles = [4, 8].into_iter().flat_map(|m| row_blocks.clone().map(move |n| (m, n)));
         let blocks = [(2, 2), (2, 4), (4, 2), (2, 3), (4, 3), (4, 4)];
-        let configs = tiles.flat_map(|(m, n)| blocks.into_iter().flat_map(move |(wm, wn)| [1, 2].map(|kg| (m, n, wm, wn, kg))));
-        for (m, n, wm, wn, kg) in configs {
+        let configs = tiles.flat_map(|(m, n)| blocks.into_iter().flat_map(move |(wm, wn)| [1, 2, 4].map(|kg| (m, n, wm, wn, kg))));
+        // 64- and 128-wide chunks in 3 or 4 stages (2 where 3 do not fit).
+        let staging = [(64, 3), (64, 4), (128, 3), (128, 4)];
+        let configs = configs.flat_map(|c| staging.map(|s| (c, s)));
+        for ((m, n, wm, wn, kg), (k_chunk, stages)) in configs {
             let tile = ShrinkTile::new(m, n).with_warps(wm, wn);
-            let config = MmaShrinkConfig::with_tile_chunk::<E>(device, layout, tile, 64, kg)
-                .filter(|c| (4..=16).contains(&c.warps()))
-                .and_then(|c| c.with_stages::<E>(device, 3).or_else(|| c.with_stages::<E>(device, 2)))
+            let config = MmaShrinkConfig::with_tile_chunk::<E>(device, layout, tile, k_chunk, kg)
+                .filter(|c| (4..=24).contains(&c.warps()))
+                .and_then(|c| c.with_stages::<E>(device, stages).or_else(|| (stages == 3).then(|| c.with_stages::<E>(device, 2)).flatten()))
                 .and_then(|c| c.with_k_splits(layout, k_splits));
             let Some(config) = config.filter(|c| !tried.contains(c)) else { continue };
             tried.push(config);
@@ -1198,8 +1203,10 @@ fn prefill_tile_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, p
             }
             // Each cube stages its token tile's x and its row block's A over its share of K.
             let l2_mb = (cubes * u64::from((m + n) * 16) * u64::from(layout.in_features() / k_splits) * elem) as f64 / 1e6;
-            let name =
-                format!("tiles shrink m{m} n{n} w{wm}x{wn} g{kg} k64 s{} x{k_splits} {cubes} cubes {l2_mb:.0} MB staged", config.stages);
+            let name = format!(
+                "tiles shrink m{m} n{n} w{wm}x{wn} g{kg} k{k_chunk} s{} x{k_splits} {cubes} cubes {l2_mb:.0} MB staged",
+                config.stages
+            );
             if !opts.selects_variant(&name) {
                 continue;
             }

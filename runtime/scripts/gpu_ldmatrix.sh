@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs on the device machine: the tensor-core shrink multiplying by hand (ldmatrix loads,
+# m16n8k16 MMAs; new) against cooperative matrices (wmma; devbin/prev/lora_bench).
+#   PART=1: the CUDA shrink tests (every tile, both fragment kinds where the device has
+#           ldmatrix) and the executor's CUDA tests, then one A/B round of the default rows
+#           (graph, graph pdl) on the rank-64 prefill cases.
+#   PART=2: A/B rounds ROUNDS (default "1 2") on CASES (default every prefill case).
+#   PART=3: A/B on the decode cases at T = 32 and 128 with 8 adapters (the tensor-core
+#           shrinks), then a second prefill round on the rank-64 cases.
+#   PART=4: the CUDA shrink tests and the executor's (420 s).
+#   run(command="PART=1 bash runtime/scripts/gpu_ldmatrix.sh", carry=["devbin"])
+source "$(dirname "$0")/gpu_env.sh"
+for f in devbin/*.xz devbin/prev/*.xz; do [ -e "${f%.xz}" ] || xz -dk "$f"; done
+PART=${PART:-1}
+ab_prefill() {  # ab_prefill ROUND CASE...
+  local round=$1 c name bin lb; shift
+  for c in "$@"; do
+    name="$(echo "$c" | tr ' =' '__')"
+    for bin in prev new; do
+      lb=devbin/lora_bench; [ $bin = prev ] && lb=devbin/prev/lora_bench
+      echo "-- $bin round $round"
+      LORA_BENCH=$lb run_bench 120 "${bin}${round}_$name" "^$c T=4096 adapters=8" --variant none | grep -E "rc=|,graph,|graph pdl,"
+    done
+  done
+}
+if [ "$PART" = 1 ]; then
+  cuda_tests_with_executor 280 cuda_bf16::prefill_shrink cuda_bf16::split_k_shrink cuda_bf16::split_k_prefill cuda_bf16::segmented_shrink
+  ab_prefill 1 "qkv R=64" "mla_qkv_a R=64"
+elif [ "$PART" = 2 ]; then
+  IFS=, read -ra cases <<< "${CASES:-qkv R=16,qkv R=64,mla_qkv_a R=16,mla_qkv_a R=64,gate_up R=16,gate_up R=64}"
+  for r in ${ROUNDS:-1 2}; do ab_prefill "$r" "${cases[@]}"; done
+  (cd "$OUT" && tar cJf prefill_ab.tar.xz prev*.csv new*.csv ./*.err && rm -f prev*.csv new*.csv ./*.err)
+elif [ "$PART" = 3 ]; then
+  for t in 32 128; do ab_round "$t" 1 100; done
+  compare_ab
+  ab_prefill 2 "qkv R=64" "mla_qkv_a R=64" "gate_up R=64"
+  (cd "$OUT" && tar cJf ab.tar.xz ./*.csv ./*.err && rm -f ./*.csv ./*.err)
+fi
+if [ "$PART" = 4 ]; then
+  cuda_tests_with_executor 420 cuda_bf16::prefill_shrink cuda_bf16::split_k_prefill cuda_bf16::split_k_shrink cuda_bf16::segmented_shrink
+fi

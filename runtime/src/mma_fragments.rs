@@ -1,0 +1,169 @@
+//! How the tensor-core kernels multiply their 16×16×16 fragments, and the hand-managed way:
+//! operands loaded from shared memory with `ldmatrix` and multiplied with `mma.sync`
+//! m16n8k16 (cubecl's manual MMA), where the device has both.
+//!
+//! cubecl's `cmma` API lowers to CUDA's `wmma`, whose fragment loads take generic pointers:
+//! ptxas turns each 16×16 operand load from shared memory into four generic 32-bit loads
+//! (`LD.E`) with 64-bit address arithmetic around them (H100 run 115, SASS of the rank-64 qkv
+//! prefill shrink: 96 HMMA, 144 LD and 293 IMAD in its code; ncu: 13.7 M instructions for
+//! 1.6 M MMAs, a fixed-latency wait the top stall). `ldmatrix.x4` loads the same fragment in
+//! one shared-memory instruction, and the accumulators are plain registers.
+//!
+//! Register layouts (PTX ISA, `mma.m16n8k16` with 16-bit operands, f32 accumulators), for lane
+//! `l`, `g = l / 4`, `t = l % 4`:
+//! * A (16×16, row-major): registers 0–3 hold rows `g`, `g + 8`, `g`, `g + 8` at columns
+//!   `2t, 2t + 1` (registers 0–1) and `8 + 2t, 8 + 2t + 1` (registers 2–3).
+//! * B (16×8, K × N): registers 0–1 hold column `g` at rows `2t, 2t + 1` and `8 + 2t, 8 + 2t + 1`.
+//! * Accumulator (16×8): vector 0 holds row `g`, vector 1 row `g + 8`, columns `2t, 2t + 1`.
+//!
+//! `ldmatrix.x4` loads four 8×8 matrices, lanes `8i … 8i + 7` giving the row addresses of
+//! matrix `i`, and leaves row `g`, columns `2t, 2t + 1` of matrix `i` in lane `l`'s register
+//! `i`: so the A operand is matrices (rows 0–7 | 8–15) × (columns 0–7 | 8–15) in that order,
+//! and two B operands (N blocks 0–7 and 8–15) come from one load of rows stored N-major (K
+//! contiguous, as the shrink's A rows and the expand's B rows are).
+
+use cubecl::cmma::MmaDefinition;
+use cubecl::features::MmaConfig;
+use cubecl::ir::{DeviceProperties, MatrixIdent};
+use cubecl::prelude::*;
+
+/// M, N and K of one 16×16×16 fragment product.
+const TILE: u32 = 16;
+
+/// Two elements per vector: one 32-bit register of two 16-bit operands, or two f32
+/// accumulators.
+pub type Pair = Const<2>;
+
+/// One lane's registers of an MMA operand or accumulator.
+pub type Registers<E> = Array<Vector<E, Pair>>;
+
+/// How a kernel multiplies its 16×16×16 fragments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fragments {
+    /// No tensor cores (wgpu, lavapipe in CI): each lane computes its elements of a fragment
+    /// with FMAs from the same staged tiles. Slow, but it runs the kernels' tiling, staging and
+    /// stores where there is no GPU.
+    Emulated,
+    /// cubecl's cooperative matrices (CUDA `wmma`): 16×16×16 fragments.
+    Cmma,
+    /// `ldmatrix` loads and `mma.sync` m16n8k16 on hand-managed registers (CUDA, sm_80 on).
+    Ldmatrix,
+}
+
+impl Fragments {
+    /// The fastest way the device has for storage type `F` with f32 accumulation.
+    pub fn best_for<F: CubePrimitive>(device: &DeviceProperties) -> Self {
+        if ldmatrix_supported::<F>(device) {
+            Fragments::Ldmatrix
+        } else if cmma_supported::<F>(device) {
+            Fragments::Cmma
+        } else {
+            Fragments::Emulated
+        }
+    }
+
+    /// Whether the fragments are multiplied on tensor cores.
+    pub fn tensor_cores(self) -> bool {
+        self != Fragments::Emulated
+    }
+}
+
+/// `F` and f32 as cubecl storage types, where `F` has a native one.
+fn storage_types<F: CubePrimitive>() -> Option<(StorageType, StorageType)> {
+    let (elem, f32_ty) = (F::as_type_native()?, f32::as_type_native()?);
+    Some((elem.storage_type(), f32_ty.storage_type()))
+}
+
+/// Whether the device has a 16×16×16 cooperative MMA on `F` with f32 accumulation.
+pub fn cmma_supported<F: CubePrimitive>(device: &DeviceProperties) -> bool {
+    storage_types::<F>().is_some_and(|(elem, f32_ty)| {
+        device.features.matmul.cmma.contains(&MmaConfig { a_type: elem, b_type: elem, cd_type: f32_ty, m: TILE, n: TILE, k: TILE })
+    })
+}
+
+/// Whether the device has `ldmatrix` for `F` and a manual m16n8k16 MMA on `F` with f32
+/// accumulation.
+pub fn ldmatrix_supported<F: CubePrimitive>(device: &DeviceProperties) -> bool {
+    let matmul = &device.features.matmul;
+    storage_types::<F>().is_some_and(|(elem, f32_ty)| {
+        matmul.ldmatrix.contains(&elem)
+            && matmul.mma.contains(&MmaConfig { a_type: elem, b_type: elem, cd_type: f32_ty, m: 16, n: 8, k: 16 })
+    })
+}
+
+/// The m16n8k16 MMA on `F` with f32 accumulation.
+#[cube]
+fn definition<F: Float>() -> MmaDefinition<F, F, f32> {
+    MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize)
+}
+
+/// This lane's A operand (four registers) of the 16×16 block whose top-left element is
+/// element `first` of `tile` (staged vectors of `nv` elements, rows `stride` elements apart,
+/// K contiguous along a row). Every row must start on 16 bytes (`stride` and `first` whole
+/// 8-element blocks).
+#[cube]
+pub(crate) fn load_a<F: Float, N: Size>(
+    tile: &SharedMemory<Vector<F, N>>,
+    first: usize,
+    #[comptime] stride: usize,
+    #[comptime] nv: usize,
+) -> Array<Vector<F, Pair>> {
+    let lane = UNIT_POS_PLANE as usize;
+    let row = lane % 8 + (lane / 8) % 2 * 8;
+    let col = lane / 16 * 8;
+    let start = (first + row * stride + col) / nv;
+    definition::<F>().load_matrix::<Vector<F, N>, Pair>(&tile.slice(start, start + comptime!(8 / nv)), MatrixIdent::A, 4usize, false)
+}
+
+/// This lane's B operands of two 16×8 blocks (N 0–7 and 8–15, two registers each) from the
+/// 16 rows starting at element `first` of `tile`, one row per N index with K contiguous
+/// (`B(k, n) = row n, column k`), rows `stride` elements apart (16-byte aligned as for
+/// [`load_a`]).
+#[cube]
+pub(crate) fn load_b_pair<F: Float, N: Size>(
+    tile: &SharedMemory<Vector<F, N>>,
+    first: usize,
+    #[comptime] stride: usize,
+    #[comptime] nv: usize,
+) -> (Registers<F>, Registers<F>) {
+    let lane = UNIT_POS_PLANE as usize;
+    let row = lane % 8 + lane / 16 * 8;
+    let col = (lane / 8) % 2 * 8;
+    let start = (first + row * stride + col) / nv;
+    let regs =
+        definition::<F>().load_matrix::<Vector<F, N>, Pair>(&tile.slice(start, start + comptime!(8 / nv)), MatrixIdent::B, 4usize, false);
+    let mut low = Array::<Vector<F, Pair>>::new(2usize);
+    let mut high = Array::<Vector<F, Pair>>::new(2usize);
+    low[0] = regs[0];
+    low[1] = regs[1];
+    high[0] = regs[2];
+    high[1] = regs[3];
+    (low, high)
+}
+
+/// A 16×8 f32 accumulator (two vectors of two per lane) holding zeros.
+#[cube]
+pub(crate) fn zero_accumulator() -> Array<Vector<f32, Pair>> {
+    let mut acc = Array::<Vector<f32, Pair>>::new(2usize);
+    acc[0] = Vector::new(0.0);
+    acc[1] = Vector::new(0.0);
+    acc
+}
+
+/// `acc += a · b` on one 16×8 block.
+#[cube]
+pub(crate) fn multiply_accumulate<F: Float>(a: &Array<Vector<F, Pair>>, b: &Array<Vector<F, Pair>>, acc: &mut Array<Vector<f32, Pair>>) {
+    definition::<F>().execute_inplace(a, b, acc);
+}
+
+/// Writes this lane's elements of the 16×8 accumulator `acc` into a row-major f32 tile:
+/// element (r, c) of the block to `out[first + r·stride + c]`.
+#[cube]
+pub(crate) fn store_accumulator(out: &mut SharedMemory<f32>, acc: &Array<Vector<f32, Pair>>, first: usize, #[comptime] stride: usize) {
+    let lane = UNIT_POS_PLANE as usize;
+    let at = first + lane / 4 * stride + lane % 4 * 2;
+    out[at] = acc[0][0];
+    out[at + 1] = acc[0][1];
+    out[at + comptime!(8 * stride)] = acc[1][0];
+    out[at + comptime!(8 * stride) + 1] = acc[1][1];
+}
