@@ -845,6 +845,19 @@ fn fragment_live(block: &WarpBlock, cube: &CubeTile, #[comptime] j: usize, #[com
     (cube.row_base + (block.nf0 + j) * comptime!(TILE as usize)) % comptime!(cfg.max_rank as usize) < cube.rank
 }
 
+/// Whether some fragment of the warp's block has A rows below the slot's rank.
+#[cube]
+fn any_fragment_live(block: &WarpBlock, cube: &CubeTile, #[comptime] cfg: MmaShrinkConfig) -> bool {
+    let mut any_live = false;
+    #[unroll]
+    for j in 0..comptime!(cfg.warp_n as usize) {
+        if fragment_live(block, cube, j, cfg) {
+            any_live = true;
+        }
+    }
+    any_live
+}
+
 /// Multiplies the warp's share of one staged chunk into its accumulators: the x tile starts
 /// at vector `x_base` of `x_tile`, the A tile at `a_base` of `a_tile` (rows padded to
 /// `k_chunk + 8` elements). Per 16-wide K step the warp loads its `warp_m` x fragments once
@@ -871,18 +884,11 @@ pub(crate) fn multiply_chunk<F: Float, N: Size>(
     if comptime!(cfg.fragments == Fragments::Emulated) {
         // Skips the dead columns itself.
         emulate_chunk::<F, N>(x_tile, x_base, a_tile, a_base, block, cube, &mut accs.lanes, cfg);
-    } else if comptime!(cfg.fragments == Fragments::Ldmatrix) {
-        multiply_chunk_by_hand::<F, N>(x_tile, x_base, a_tile, a_base, block, cube, accs, cfg);
-    } else {
-        // The x fragments are loaded only if some A fragment is live.
-        let mut any_live = false;
-        #[unroll]
-        for j in 0..warp_n {
-            if fragment_live(block, cube, j, cfg) {
-                any_live = true;
-            }
-        }
-        if any_live {
+    } else if any_fragment_live(block, cube, cfg) {
+        // (The x fragments are loaded only if some A fragment is live.)
+        if comptime!(cfg.fragments == Fragments::Ldmatrix) {
+            multiply_chunk_by_hand::<F, N>(x_tile, x_base, a_tile, a_base, block, cube, accs, cfg);
+        } else {
             #[unroll]
             for kk in 0..comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize) {
                 let col = block.group_k + kk * tile;
@@ -954,10 +960,10 @@ pub(crate) fn store_accumulators(
     }
 }
 
-/// [`multiply_chunk`] on hand-managed fragments ([`Fragments::Ldmatrix`]): per 16-wide K step
-/// the warp loads each of its `warp_m` x fragments with one `ldmatrix.x4`, and each live A
-/// fragment (two 16×8 B operands) with one more, then runs two m16n8k16 MMAs per output
-/// fragment.
+/// [`multiply_chunk`] on hand-managed fragments ([`Fragments::Ldmatrix`]), for a warp with
+/// a live fragment: per 16-wide K step the warp loads each of its `warp_m` x fragments with
+/// one `ldmatrix.x4`, and each live A fragment (two 16×8 B operands) with one more, then runs
+/// two m16n8k16 MMAs per output fragment.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn multiply_chunk_by_hand<F: Float, N: Size>(
@@ -975,34 +981,25 @@ fn multiply_chunk_by_hand<F: Float, N: Size>(
     let nv = comptime!(cfg.vector as usize);
     let warp_m = comptime!(cfg.warp_m as usize);
     let warp_n = comptime!(cfg.warp_n as usize);
-    let mut any_live = false;
     #[unroll]
-    for j in 0..warp_n {
-        if fragment_live(block, cube, j, cfg) {
-            any_live = true;
-        }
-    }
-    if any_live {
+    for kk in 0..comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize) {
+        let col = block.group_k + kk * tile;
+        let mut xs = Sequence::<Array<Vector<F, Pair>>>::new();
         #[unroll]
-        for kk in 0..comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize) {
-            let col = block.group_k + kk * tile;
-            let mut xs = Sequence::<Array<Vector<F, Pair>>>::new();
-            #[unroll]
-            for i in 0..warp_m {
-                xs.push(mma_fragments::load_a::<F, N>(x_tile, x_base * nv + (block.mf0 + i) * tile * stride + col, stride, nv));
-            }
-            #[unroll]
-            for j in 0..warp_n {
-                if fragment_live(block, cube, j, cfg) {
-                    // B(k, n) = A[row0 + n, k0 + k]: A's rows are B's columns.
-                    let first = a_base * nv + (block.nf0 + j) * tile * stride + col;
-                    let (low, high) = mma_fragments::load_b_pair::<F, N>(a_tile, first, stride, nv);
-                    #[unroll]
-                    for i in 0..warp_m {
-                        let b = i * warp_n + j;
-                        mma_fragments::multiply_accumulate::<F>(xs.index(i), &low, accs.halves.index_mut(2 * b));
-                        mma_fragments::multiply_accumulate::<F>(xs.index(i), &high, accs.halves.index_mut(2 * b + 1));
-                    }
+        for i in 0..warp_m {
+            xs.push(mma_fragments::load_a::<F, N>(x_tile, x_base * nv + (block.mf0 + i) * tile * stride + col, stride, nv));
+        }
+        #[unroll]
+        for j in 0..warp_n {
+            if fragment_live(block, cube, j, cfg) {
+                // B(k, n) = A[row0 + n, k0 + k]: A's rows are B's columns.
+                let first = a_base * nv + (block.nf0 + j) * tile * stride + col;
+                let (low, high) = mma_fragments::load_b_pair::<F, N>(a_tile, first, stride, nv);
+                #[unroll]
+                for i in 0..warp_m {
+                    let b = i * warp_n + j;
+                    mma_fragments::multiply_accumulate::<F>(xs.index(i), &low, accs.halves.index_mut(2 * b));
+                    mma_fragments::multiply_accumulate::<F>(xs.index(i), &high, accs.halves.index_mut(2 * b + 1));
                 }
             }
         }
