@@ -8,6 +8,8 @@
 #   PART=3: A/B on the decode cases at T = 32 and 128 with 8 adapters (the tensor-core
 #           shrinks), then a second prefill round on the rank-64 cases.
 #   PART=4: the CUDA shrink tests and the executor's (420 s).
+#   PART=5: A/B on the MoE cases at T = 1024 (grouped MoE LoRA runs the dense kernels);
+#           run 122: every case (only R=16 finished), run 123: MOE_CASES="R=64 T=1024 adapters".
 #   run(command="PART=1 bash runtime/scripts/gpu_ldmatrix.sh", carry=["devbin"])
 source "$(dirname "$0")/gpu_env.sh"
 for f in devbin/*.xz devbin/prev/*.xz; do [ -e "${f%.xz}" ] || xz -dk "$f"; done
@@ -35,6 +37,14 @@ elif [ "$PART" = 3 ]; then
   compare_ab
   ab_prefill 2 "qkv R=64" "mla_qkv_a R=64" "gate_up R=64"
   (cd "$OUT" && tar cJf ab.tar.xz ./*.csv ./*.err && rm -f ./*.csv ./*.err)
+fi
+if [ "$PART" = 5 ]; then
+  for bin in prev new; do
+    lb=devbin/lora_bench; [ $bin = prev ] && lb=devbin/prev/lora_bench
+    echo "-- $bin"
+    LORA_BENCH=$lb run_bench 140 "moe_$bin" "${MOE_CASES:-T=1024 adapters}" | grep -E "rc=|graph"
+  done
+  (cd "$OUT" && tar cJf moe_ab.tar.xz moe_*.csv moe_*.err && rm -f moe_*.csv moe_*.err)
 fi
 if [ "$PART" = 4 ]; then
   cuda_tests_with_executor 420 cuda_bf16::prefill_shrink cuda_bf16::split_k_prefill cuda_bf16::split_k_shrink cuda_bf16::segmented_shrink
