@@ -13,7 +13,9 @@
 //!
 //! Per K chunk the tile's x rows (gathered through the token permutation) and its A rows are
 //! staged in shared memory; every MMA operand comes from there, so no warp waits on a global
-//! load between MMAs. This file's kernel stages through registers, the next chunk's loads
+//! load between MMAs. On CUDA the operands are loaded with `ldmatrix` and multiplied with
+//! m16n8k16 MMAs on hand-managed registers ([`crate::mma_fragments`]), except in the blocked
+//! rank-64 prefill tile, which measured faster on cooperative matrices (`wmma`). This file's kernel stages through registers, the next chunk's loads
 //! issued before the current chunk's MMAs; [`crate::shrink_mma_pipelined`] copies
 //! asynchronously into 2–4 stages and is the default where the device has `cp.async`. x is
 //! read from memory once per row block, A once per token tile (the L2 serves the repeats).
@@ -272,8 +274,8 @@ impl MmaShrinkConfig {
     /// tokens (on tensor cores where the device has them, else emulated). Row blocks of up to
     /// four fragments. A block of four (64 rows: rank 64, or rank 32 over two slices) takes
     /// 64-token tiles of 2×4-fragment warp blocks, 64-wide chunks, two K groups and three
-    /// stages, on cooperative matrices, where the grid still fills the GPU (H100 sweep of 2026-11-23,
-    /// runtime/BENCHMARKS.md: rank-64 qkv shrink 89 → 62 µs, MLA 103 → 72 µs). Otherwise
+    /// stages, on cooperative matrices, where the grid still fills the GPU (H100 sweep of
+    /// 2026-11-23, runtime/BENCHMARKS.md: rank-64 qkv shrink 89 → 62 µs, MLA 103 → 72 µs). Otherwise
     /// [`Self::with_tile`] with 32-token tiles unless that leaves fewer cubes than about one
     /// per multiprocessor (32-token tiles were the best or within 3% of it in every prefill
     /// case of run 9, and within 15% in run 11, where 16-token tiles won one case).
