@@ -27,8 +27,7 @@ use cubecl::features::MmaConfig;
 use cubecl::ir::{DeviceProperties, MatrixIdent};
 use cubecl::prelude::*;
 
-/// M, N and K of one 16×16×16 fragment product.
-const TILE: u32 = 16;
+use crate::shrink_mma::TILE;
 
 /// Two elements per vector: one 32-bit register of two 16-bit operands, or two f32
 /// accumulators.
@@ -107,7 +106,7 @@ pub(crate) fn load_a<F: Float, N: Size>(
     first: usize,
     #[comptime] stride: usize,
     #[comptime] nv: usize,
-) -> Array<Vector<F, Pair>> {
+) -> Registers<F> {
     let lane = UNIT_POS_PLANE as usize;
     let row = lane % 8 + (lane / 8) % 2 * 8;
     let col = lane / 16 * 8;
@@ -132,8 +131,8 @@ pub(crate) fn load_b_pair<F: Float, N: Size>(
     let start = (first + row * stride + col) / nv;
     let regs =
         definition::<F>().load_matrix::<Vector<F, N>, Pair>(&tile.slice(start, start + comptime!(8 / nv)), MatrixIdent::B, 4usize, false);
-    let mut low = Array::<Vector<F, Pair>>::new(2usize);
-    let mut high = Array::<Vector<F, Pair>>::new(2usize);
+    let mut low = Registers::<F>::new(2usize);
+    let mut high = Registers::<F>::new(2usize);
     low[0] = regs[0];
     low[1] = regs[1];
     high[0] = regs[2];
@@ -143,8 +142,8 @@ pub(crate) fn load_b_pair<F: Float, N: Size>(
 
 /// A 16×8 f32 accumulator (two vectors of two per lane) holding zeros.
 #[cube]
-pub(crate) fn zero_accumulator() -> Array<Vector<f32, Pair>> {
-    let mut acc = Array::<Vector<f32, Pair>>::new(2usize);
+pub(crate) fn zero_accumulator() -> Registers<f32> {
+    let mut acc = Registers::<f32>::new(2usize);
     acc[0] = Vector::new(0.0);
     acc[1] = Vector::new(0.0);
     acc
@@ -152,14 +151,14 @@ pub(crate) fn zero_accumulator() -> Array<Vector<f32, Pair>> {
 
 /// `acc += a · b` on one 16×8 block.
 #[cube]
-pub(crate) fn multiply_accumulate<F: Float>(a: &Array<Vector<F, Pair>>, b: &Array<Vector<F, Pair>>, acc: &mut Array<Vector<f32, Pair>>) {
+pub(crate) fn multiply_accumulate<F: Float>(a: &Registers<F>, b: &Registers<F>, acc: &mut Registers<f32>) {
     definition::<F>().execute_inplace(a, b, acc);
 }
 
 /// Writes this lane's elements of the 16×8 accumulator `acc` into a row-major f32 tile:
 /// element (r, c) of the block to `out[first + r·stride + c]`.
 #[cube]
-pub(crate) fn store_accumulator(out: &mut SharedMemory<f32>, acc: &Array<Vector<f32, Pair>>, first: usize, #[comptime] stride: usize) {
+pub(crate) fn store_accumulator(out: &mut SharedMemory<f32>, acc: &Registers<f32>, first: usize, #[comptime] stride: usize) {
     let lane = UNIT_POS_PLANE as usize;
     let at = first + lane / 4 * stride + lane % 4 * 2;
     out[at] = acc[0][0];

@@ -33,7 +33,7 @@ use lorac_plan::LoraLayout;
 use crate::batch::NO_SLOT;
 use crate::cuda_graph::grid_dependency_point;
 pub(crate) use crate::mma_fragments::cmma_supported;
-use crate::mma_fragments::{self, Fragments, Pair};
+use crate::mma_fragments::{self, Fragments, Registers};
 
 /// M, N and K of one MMA.
 pub(crate) const TILE: u32 = 16;
@@ -794,7 +794,7 @@ fn store_halves(
 #[derive(CubeType)]
 pub(crate) struct Accumulators {
     tiles: Sequence<cmma::Matrix<f32>>,
-    halves: Sequence<Array<Vector<f32, Pair>>>,
+    halves: Sequence<Registers<f32>>,
     lanes: Array<f32>,
 }
 
@@ -809,7 +809,7 @@ const LANE_ELEMS: usize = 256 / WARP_LANES;
 pub(crate) fn new_accumulators(#[comptime] cfg: MmaShrinkConfig) -> Accumulators {
     let per_warp = comptime!((cfg.warp_m * cfg.warp_n) as usize);
     let mut tiles = Sequence::<cmma::Matrix<f32>>::new();
-    let mut halves = Sequence::<Array<Vector<f32, Pair>>>::new();
+    let mut halves = Sequence::<Registers<f32>>::new();
     if comptime!(cfg.fragments == Fragments::Cmma) {
         let lanes = Array::<f32>::new(1usize);
         #[unroll]
@@ -889,7 +889,31 @@ pub(crate) fn multiply_chunk<F: Float, N: Size>(
     } else if any_fragment_live(block, cube, cfg) {
         // (The x fragments are loaded only if some A fragment is live.)
         if comptime!(cfg.fragments == Fragments::Ldmatrix) {
-            multiply_chunk_by_hand::<F, N>(x_tile, x_base, a_tile, a_base, block, cube, accs, cfg);
+            // By hand: per 16-wide K step one `ldmatrix.x4` per x fragment and per live A
+            // fragment (two 16×8 B operands), two m16n8k16 MMAs per output fragment.
+            #[unroll]
+            for kk in 0..comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize) {
+                let col = block.group_k + kk * tile;
+                let mut xs = Sequence::<Registers<F>>::new();
+                #[unroll]
+                for i in 0..warp_m {
+                    xs.push(mma_fragments::load_a::<F, N>(x_tile, x_base * nv + (block.mf0 + i) * tile * stride + col, stride, nv));
+                }
+                #[unroll]
+                for j in 0..warp_n {
+                    if fragment_live(block, cube, j, cfg) {
+                        // B(k, n) = A[row0 + n, k0 + k]: A's rows are B's columns.
+                        let first = a_base * nv + (block.nf0 + j) * tile * stride + col;
+                        let (low, high) = mma_fragments::load_b_pair::<F, N>(a_tile, first, stride, nv);
+                        #[unroll]
+                        for i in 0..warp_m {
+                            let b = i * warp_n + j;
+                            mma_fragments::multiply_accumulate::<F>(xs.index(i), &low, accs.halves.index_mut(2 * b));
+                            mma_fragments::multiply_accumulate::<F>(xs.index(i), &high, accs.halves.index_mut(2 * b + 1));
+                        }
+                    }
+                }
+            }
         } else {
             #[unroll]
             for kk in 0..comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize) {
@@ -956,52 +980,6 @@ pub(crate) fn store_accumulators(
                     for t in 0..LANE_ELEMS {
                         c_tile[f * 256 + UNIT_POS_X as usize + t * WARP_LANES] = accs.lanes[b * LANE_ELEMS + t];
                     }
-                }
-            }
-        }
-    }
-}
-
-/// [`multiply_chunk`] on hand-managed fragments ([`Fragments::Ldmatrix`]), for a warp with
-/// a live fragment: per 16-wide K step the warp loads each of its `warp_m` x fragments with
-/// one `ldmatrix.x4`, and each live A fragment (two 16×8 B operands) with one more, then runs
-/// two m16n8k16 MMAs per output fragment.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn multiply_chunk_by_hand<F: Float, N: Size>(
-    x_tile: &SharedMemory<Vector<F, N>>,
-    x_base: usize,
-    a_tile: &SharedMemory<Vector<F, N>>,
-    a_base: usize,
-    block: &WarpBlock,
-    cube: &CubeTile,
-    accs: &mut Accumulators,
-    #[comptime] cfg: MmaShrinkConfig,
-) {
-    let tile = comptime!(TILE as usize);
-    let stride = comptime!(cfg.k_chunk as usize + 8);
-    let nv = comptime!(cfg.vector as usize);
-    let warp_m = comptime!(cfg.warp_m as usize);
-    let warp_n = comptime!(cfg.warp_n as usize);
-    #[unroll]
-    for kk in 0..comptime!((cfg.k_chunk / TILE / cfg.k_groups) as usize) {
-        let col = block.group_k + kk * tile;
-        let mut xs = Sequence::<Array<Vector<F, Pair>>>::new();
-        #[unroll]
-        for i in 0..warp_m {
-            xs.push(mma_fragments::load_a::<F, N>(x_tile, x_base * nv + (block.mf0 + i) * tile * stride + col, stride, nv));
-        }
-        #[unroll]
-        for j in 0..warp_n {
-            if fragment_live(block, cube, j, cfg) {
-                // B(k, n) = A[row0 + n, k0 + k]: A's rows are B's columns.
-                let first = a_base * nv + (block.nf0 + j) * tile * stride + col;
-                let (low, high) = mma_fragments::load_b_pair::<F, N>(a_tile, first, stride, nv);
-                #[unroll]
-                for i in 0..warp_m {
-                    let b = i * warp_n + j;
-                    mma_fragments::multiply_accumulate::<F>(xs.index(i), &low, accs.halves.index_mut(2 * b));
-                    mma_fragments::multiply_accumulate::<F>(xs.index(i), &high, accs.halves.index_mut(2 * b + 1));
                 }
             }
         }
