@@ -116,3 +116,18 @@ for new in sorted(glob.glob(os.path.join(out, "t*_new*.csv"))):
             print(f"  {key[0][:24]:24} {key[1][:56]:56} {a[key]:7.2f} -> {b[key]:7.2f} ({100 * (b[key] / a[key] - 1):+.1f}%)")
 PY
 }
+
+# ab_prefill ROUND CASE...: each prefill CASE (T = 4096, 8 adapters; default rows only) with
+# devbin/prev/lora_bench, then devbin/lora_bench ($OUT/prevROUND_CASE.csv, newROUND_CASE.csv),
+# printing the graph and graph pdl rows.
+ab_prefill() {
+  local round=$1 c name bin lb; shift
+  for c in "$@"; do
+    name="$(echo "$c" | tr ' =' '__')"
+    for bin in prev new; do
+      lb=devbin/lora_bench; [ $bin = prev ] && lb=devbin/prev/lora_bench
+      echo "-- $bin round $round"
+      LORA_BENCH=$lb run_bench 120 "${bin}${round}_$name" "^$c T=4096 adapters=8" --variant none | grep -E "rc=|,graph,|graph pdl,"
+    done
+  done
+}

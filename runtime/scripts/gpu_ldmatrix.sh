@@ -14,17 +14,6 @@
 source "$(dirname "$0")/gpu_env.sh"
 for f in devbin/*.xz devbin/prev/*.xz; do [ -e "${f%.xz}" ] || xz -dk "$f"; done
 PART=${PART:-1}
-ab_prefill() {  # ab_prefill ROUND CASE...
-  local round=$1 c name bin lb; shift
-  for c in "$@"; do
-    name="$(echo "$c" | tr ' =' '__')"
-    for bin in prev new; do
-      lb=devbin/lora_bench; [ $bin = prev ] && lb=devbin/prev/lora_bench
-      echo "-- $bin round $round"
-      LORA_BENCH=$lb run_bench 120 "${bin}${round}_$name" "^$c T=4096 adapters=8" --variant none | grep -E "rc=|,graph,|graph pdl,"
-    done
-  done
-}
 if [ "$PART" = 1 ]; then
   cuda_tests_with_executor 280 cuda_bf16::prefill_shrink cuda_bf16::split_k_shrink cuda_bf16::split_k_prefill cuda_bf16::segmented_shrink
   ab_prefill 1 "qkv R=64" "mla_qkv_a R=64"

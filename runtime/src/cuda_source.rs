@@ -31,7 +31,7 @@ use crate::shrink_mma_pipelined::shrink_mma_pipelined_kernel::ShrinkMmaPipelined
 
 /// The properties cubecl's CUDA runtime (0.10) reports for an H100 SXM (sm_90, 132
 /// multiprocessors, 227 KiB of opt-in shared memory per cube, 32-lane warps), as far as the
-/// kernel configurations read them: MMA shapes (cooperative and manual), `ldmatrix`, asynchronous copies and block barriers,
+/// kernel configurations read them: MMA shapes (cooperative and manual), `ldmatrix`, `stmatrix`, asynchronous copies and block barriers,
 /// shared memory, multiprocessors, plane width and load width.
 pub fn h100_properties() -> DeviceProperties {
     let hardware = HardwareProperties {
@@ -61,6 +61,7 @@ pub fn h100_properties() -> DeviceProperties {
         props.features.matmul.cmma.insert(MmaConfig { a_type: elem, b_type: elem, cd_type: f32_ty, m: TILE, n: TILE, k: TILE });
         props.features.matmul.mma.insert(MmaConfig { a_type: elem, b_type: elem, cd_type: f32_ty, m: 16, n: 8, k: 16 });
         props.features.matmul.ldmatrix.insert(elem);
+        props.features.matmul.stmatrix.insert(elem);
     }
     props
 }

@@ -22,6 +22,7 @@ use lorac_plan::LoraLayout;
 
 use crate::batch::NO_SLOT;
 use crate::cuda_graph::grid_dependency_point;
+use crate::mma_fragments::{self, Fragments};
 use crate::shrink_mma::{LaunchMode, TILE, cmma_supported};
 
 /// Shared memory the tiles may use: small enough for several cubes per multiprocessor.
@@ -44,6 +45,21 @@ const B_REGISTERS_MAX_RANK: u32 = 64;
 
 /// Shared-memory stages of the default tile above [`PIPELINED_MAX_RANK`].
 const HIGH_RANK_STAGES: u32 = 2;
+
+/// Smallest rank whose pipelined tiles multiply by hand ([`MmaExpandConfig::multiplies_by_hand`];
+/// up to [`B_REGISTERS_MAX_RANK`]). H100, T = 4096, 8 adapters (runtime/BENCHMARKS.md, runs
+/// 124–127): at rank 64 by hand took the expand alone from 64.0 to 58.4 µs (qkv, one copy,
+/// three stages), 66.6 to 61.5 (qkv, two copies) and 28.7 to 26.0 (MLA); at rank 16 it was
+/// level or slower (qkv pair 70.4 → 73.0 µs; ptxas gives the kernel 64 registers instead of
+/// 48, four cubes per multiprocessor instead of five). Rank 32 is untimed.
+const BY_HAND_MIN_RANK: u32 = 32;
+
+/// Smallest rank whose default by-hand tile takes [`BY_HAND_HIGH_RANK_STAGES`] stages, not
+/// [`DEFAULT_STAGES`]: each stage's f32 intermediate rows are as large as its y tile there.
+/// H100, expands alone (run 127): qkv R=64 one copy 58.4 → 56.7 µs, two copies 61.5 → 59.0;
+/// MLA R=64 level (26.0 / 25.9, 27.8 / 27.6).
+const BY_HAND_HIGH_RANK: u32 = 64;
+const BY_HAND_HIGH_RANK_STAGES: u32 = 2;
 
 /// Fewest tokens in a batch's longest segment for which a batch too small to fill the GPU
 /// with 16-token tiles still takes the tensor-core expand ([`MmaExpandConfig::for_decode`]).
@@ -68,11 +84,12 @@ pub struct MmaExpandConfig {
     pub out_vector: u32,
     /// Vector width of the B loads along the rank (divides `max_rank`).
     pub rank_vector: u32,
-    /// Whether the fragments are multiplied on tensor cores (cmma). Without, each lane
-    /// computes its share of a fragment with FMAs from the same staged tiles (see
-    /// [`emulate_fragment`]): never chosen by [`Self::supported`], it lets CI run the kernels'
-    /// tiling on lavapipe.
-    pub tensor_cores: bool,
+    /// How the fragments are multiplied: on tensor cores by hand (`ldmatrix`, m16n8k16 and
+    /// `stmatrix`: the pipelined kernel with B in registers, see [`Self::multiplies_by_hand`]),
+    /// through cubecl's cooperative matrices (`wmma`), or emulated: each lane computes its
+    /// share of a fragment with FMAs from the same staged tiles (see [`emulate_fragment`]),
+    /// never chosen by [`Self::supported`], it lets CI run the kernels' tiling on lavapipe.
+    pub fragments: Fragments,
     /// 1: the next token tile is loaded into registers while the cube works on the current
     /// one ([`expand_mma_kernel`]). 2–4: asynchronous copies into that many shared-memory
     /// stages, `stages − 1` tiles ahead ([`crate::expand_mma_pipelined`]); see
@@ -106,7 +123,7 @@ impl MmaExpandConfig {
             n_frags,
             out_vector: crate::config::vector_size(device, elem, &widths).min(8) as u32,
             rank_vector: crate::config::vector_size(device, elem, &[layout.max_rank()]) as u32,
-            tensor_cores: cmma_supported::<F>(device),
+            fragments: if cmma_supported::<F>(device) { Fragments::Cmma } else { Fragments::Emulated },
             stages: 1,
             a_splits: 1,
         };
@@ -119,20 +136,78 @@ impl MmaExpandConfig {
     /// 1–4, the y vectors are not 16 bytes (the copy size), or the stages overrun the device's
     /// shared memory.
     pub fn with_stages<F: CubePrimitive>(self, device: &DeviceProperties, stages: u32) -> Option<Self> {
-        let base = MmaExpandConfig { stages: 1, ..self };
-        let elem = size_of::<F>() as u32;
-        let shared_max = SHARED_BUDGET.min(device.hardware.max_shared_memory_size as u32);
-        if stages == 1 {
-            return (base.shared_bytes(elem) <= shared_max).then_some(base);
+        if !(1..=4).contains(&stages) {
+            return None;
         }
-        let staged = MmaExpandConfig { stages, ..base };
-        crate::config::pipeline_fits(device, stages, self.out_vector * elem, staged.pipelined_shared_bytes(elem)).then_some(staged)
+        let staged = MmaExpandConfig { stages, ..self }
+            .with_fragments_unchecked::<F>(device, Self::default_fragments::<F>(device, stages, self.max_rank));
+        staged.shared_fits::<F>(device).then_some(staged)
+    }
+
+    /// This configuration multiplying its fragments as `fragments` says, or `None` where the
+    /// device or the kernel lacks that way (by hand: the pipelined kernel with B in registers,
+    /// on a device with `ldmatrix`, m16n8k16 and `stmatrix` for `F`) or the tiles no longer
+    /// fit.
+    pub fn with_fragments<F: CubePrimitive>(self, device: &DeviceProperties, fragments: Fragments) -> Option<Self> {
+        let available = match fragments {
+            Fragments::Emulated => true,
+            Fragments::Cmma => cmma_supported::<F>(device),
+            Fragments::Ldmatrix => Self::by_hand_applies::<F>(device, self.stages, self.max_rank),
+        };
+        let config = self.with_fragments_unchecked::<F>(device, fragments);
+        (available && config.shared_fits::<F>(device)).then_some(config)
+    }
+
+    /// The fastest way the device has for the kernel `stages` and `max_rank` select: by hand
+    /// where it applies, else cooperative matrices where the device has them.
+    fn default_fragments<F: CubePrimitive>(device: &DeviceProperties, stages: u32, max_rank: u32) -> Fragments {
+        if Self::by_hand_applies::<F>(device, stages, max_rank) {
+            Fragments::Ldmatrix
+        } else if cmma_supported::<F>(device) {
+            Fragments::Cmma
+        } else {
+            Fragments::Emulated
+        }
+    }
+
+    /// Whether the fragments of the kernel `stages` and `max_rank` select are multiplied by
+    /// hand on this device: the pipelined kernel with B in registers, from rank
+    /// [`BY_HAND_MIN_RANK`] to [`B_REGISTERS_MAX_RANK`], where the device has `ldmatrix`,
+    /// m16n8k16 and `stmatrix` for `F` (it adds its sums to the staged y with the last).
+    fn by_hand_applies<F: CubePrimitive>(device: &DeviceProperties, stages: u32, max_rank: u32) -> bool {
+        stages > 1
+            && (BY_HAND_MIN_RANK..=B_REGISTERS_MAX_RANK).contains(&max_rank)
+            && mma_fragments::ldmatrix_supported::<F>(device)
+            && mma_fragments::stmatrix_supported::<F>(device)
+    }
+
+    /// `fragments`, with the B vector width its kernel reads: register pairs by hand (one
+    /// 32-bit load per operand register), else the widest that divides the rank.
+    fn with_fragments_unchecked<F: CubePrimitive>(self, device: &DeviceProperties, fragments: Fragments) -> Self {
+        let rank_vector = match fragments {
+            Fragments::Ldmatrix => 2,
+            _ => crate::config::vector_size(device, size_of::<F>(), &[self.max_rank]) as u32,
+        };
+        MmaExpandConfig { fragments, rank_vector, ..self }
+    }
+
+    /// Whether one cube's shared memory fits: within [`SHARED_BUDGET`] for the register-staged
+    /// kernel, within the device's limit for the pipelined one (whose y vectors must also be
+    /// the 16-byte copy size).
+    fn shared_fits<F: CubePrimitive>(&self, device: &DeviceProperties) -> bool {
+        let elem = size_of::<F>() as u32;
+        if self.stages == 1 {
+            self.shared_bytes(elem) <= SHARED_BUDGET.min(device.hardware.max_shared_memory_size as u32)
+        } else {
+            crate::config::pipeline_fits(device, self.stages, self.out_vector * elem, self.pipelined_shared_bytes(elem))
+        }
     }
 
     /// The default tile for segments of at most `max_segment_len` tokens, where the device
     /// has asynchronous copies (else the register-staged 32 × 128 tile). Up to rank
     /// [`PIPELINED_MAX_RANK`]: 16 tokens by 128 columns (64 where 128 does not fit),
-    /// [`DEFAULT_STAGES`] stages. Above it: 32 tokens (16 where the longest segment is
+    /// [`DEFAULT_STAGES`] stages ([`BY_HAND_HIGH_RANK_STAGES`] where the tile multiplies by
+    /// hand from rank [`BY_HAND_HIGH_RANK`]). Above it: 32 tokens (16 where the longest segment is
     /// shorter) by 128 columns, [`HIGH_RANK_STAGES`] stages.
     ///
     /// Since the B fragments stay in registers ([`Self::b_in_registers`], H100, run 111 in
@@ -156,7 +231,10 @@ impl MmaExpandConfig {
         let widest = |m_frags| Self::widest_tile::<F>(device, layout, m_frags);
         let register_staged = || widest(if max_segment_len >= 2 * TILE { 2 } else { 1 });
         let pipelined = if layout.max_rank() <= PIPELINED_MAX_RANK {
-            widest(1).and_then(|config| config.with_stages::<F>(device, DEFAULT_STAGES))
+            let by_hand_high_rank =
+                layout.max_rank() >= BY_HAND_HIGH_RANK && Self::by_hand_applies::<F>(device, DEFAULT_STAGES, layout.max_rank());
+            let stages = if by_hand_high_rank { BY_HAND_HIGH_RANK_STAGES } else { DEFAULT_STAGES };
+            widest(1).and_then(|config| config.with_stages::<F>(device, stages))
         } else {
             register_staged().and_then(|config| config.with_stages::<F>(device, HIGH_RANK_STAGES))
         };
@@ -288,13 +366,27 @@ impl MmaExpandConfig {
         MmaExpandConfig { a_splits, ..self }.with_stages::<F>(device, self.stages)
     }
 
-    /// Whether this is the configuration [`Self::with_tile`], [`Self::summing`] and
-    /// [`Self::with_stages`] derive for its tile, copies and depth on this layout and device.
+    /// Whether this is the configuration [`Self::with_tile`], [`Self::summing`],
+    /// [`Self::with_stages`] and [`Self::with_fragments`] derive for its tile, copies, depth and
+    /// fragments on this layout and device.
     pub fn fits<F: CubePrimitive>(&self, device: &DeviceProperties, layout: &LoraLayout) -> bool {
         Self::with_tile::<F>(device, layout, self.m_frags, self.n_frags)
             .and_then(|base| base.summing::<F>(device, self.a_splits))
             .and_then(|base| base.with_stages::<F>(device, self.stages))
+            .and_then(|base| base.with_fragments::<F>(device, self.fragments))
             == Some(*self)
+    }
+
+    /// Whether the fragments are multiplied on tensor cores.
+    pub fn tensor_cores(&self) -> bool {
+        self.fragments.tensor_cores()
+    }
+
+    /// Whether the pipelined kernel multiplies by hand: A fragments by `ldmatrix`, B operand
+    /// registers from the pool, m16n8k16 MMAs, and each warp adds its sums to the staged y tile
+    /// itself (`ldmatrix` / `stmatrix` on the storage type), with no f32 delta tile.
+    pub fn multiplies_by_hand(&self) -> bool {
+        self.fragments == Fragments::Ldmatrix
     }
 
     pub fn warps(&self) -> u32 {
@@ -329,16 +421,20 @@ impl MmaExpandConfig {
     /// H100, prefill expands alone (runtime/BENCHMARKS.md, run 111): the 16-token tiles
     /// 6–16% faster (qkv R=64 73.4 → 63.2 µs, MLA R=64 two copies 33.3 → 30.0).
     pub fn b_in_registers(&self) -> bool {
-        self.tensor_cores && self.max_rank <= B_REGISTERS_MAX_RANK
+        self.tensor_cores() && self.max_rank <= B_REGISTERS_MAX_RANK
     }
 
-    /// The pipelined kernel's: the same operand and f32 (delta) tiles, the B block unless its
-    /// fragments are in registers ([`Self::b_in_registers`]), and per stage a y tile in the
-    /// storage type and an f32 intermediate tile per copy.
+    /// The pipelined kernel's: the operand tile, the B block unless its fragments are in
+    /// registers ([`Self::b_in_registers`]), the f32 delta tile unless the warps add their sums
+    /// to the staged y themselves ([`Self::multiplies_by_hand`]), and per stage a y tile in the
+    /// storage type (by hand, rows one vector longer: `ldmatrix` and `stmatrix` rows then fall
+    /// in different banks) and an f32 intermediate tile per copy.
     fn pipelined_shared_bytes(&self, elem: u32) -> u32 {
-        let unstaged_b = if self.b_in_registers() { self.block_columns() * (self.max_rank + 8) * elem } else { 0 };
-        self.shared_bytes(elem) - unstaged_b
-            + self.stages * self.tile_tokens() * (self.block_columns() * elem + self.a_splits * self.max_rank * 4)
+        let (tm, bw, rs) = (self.tile_tokens(), self.block_columns(), self.max_rank + 8);
+        let b_block = if self.b_in_registers() { 0 } else { bw * rs * elem };
+        let delta = if self.multiplies_by_hand() { 0 } else { tm * (bw + 8) * 4 };
+        let y_row = bw + if self.multiplies_by_hand() { self.out_vector } else { 0 };
+        tm * rs * elem + b_block + delta + self.stages * tm * (y_row * elem + self.a_splits * self.max_rank * 4)
     }
 }
 
@@ -446,7 +542,7 @@ pub(crate) fn expand_mma_kernel<F: Float, NY: Size, NB: Size>(
             load_a_tile(a, &a_tokens, &mut a_next, p0 + step, end, rank, group, cfg);
             load_y_tile::<F, NY>(y, &y_tokens, &mut y_next, p0 + step, end, cols, y_vecs, y_col, cfg);
         }
-        if comptime!(cfg.tensor_cores) {
+        if comptime!(cfg.tensor_cores()) {
             if active {
                 let acc = unsafe {
                     cmma::Matrix::<f32>::uninitialized(

@@ -31,6 +31,7 @@ use cubecl::prelude::*;
 use crate::expand_mma::{
     ExpandCube, MmaExpandConfig, emulate_fragment, expand_cube, load_operand_fragment, multiply_rank_steps, stage_b_block,
 };
+use crate::mma_fragments::{self, Pair, Registers};
 use crate::shrink_mma::{TILE, zero_accumulator};
 use crate::shrink_mma_pipelined::{StageBarriers, arrive_on_stage, stage_barriers, wait_stage};
 
@@ -65,10 +66,13 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     let a_vecs = comptime!(max_rank / A_VECTOR);
     let stages = comptime!(cfg.stages as usize);
     let a_splits = comptime!(cfg.a_splits as usize);
+    let by_hand = comptime!(cfg.multiplies_by_hand());
     // Padded strides keep the MMA operands' rows out of the same shared-memory banks.
     let rs = comptime!(max_rank + 8);
     let ds = comptime!(bw + 8);
     let dsv = comptime!(ds / ny);
+    // Staged y rows, in vectors (see `TileGeometry::y_stride`).
+    let ysv = comptime!(y_stride(cfg));
 
     let cube = expand_cube(slice_info, seg_indptr, weight_indices, ranks, scales, token_splits, cfg);
     let (rank, end, cols, scale, first, step) = (cube.rank, cube.end, cube.cols, cube.scale, cube.first, cube.step);
@@ -80,17 +84,21 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     let rank_steps = rank.div_ceil(tile);
     let tiles = (end - first).div_ceil(step);
 
-    let y_stage = comptime!(tm * bw_vecs);
+    let y_stage = comptime!(tm * ysv);
     // A stage holds every copy of the tile's intermediate (one per K split of the shrink).
     let a_stage = comptime!(a_splits * tm * a_vecs);
-    let mut y_tiles = SharedMemory::<Vector<F, NY>>::new_aligned(comptime!(stages * tm * bw_vecs), 128usize);
+    let mut y_tiles = SharedMemory::<Vector<F, NY>>::new_aligned(comptime!(stages * tm * ysv), 128usize);
     let mut a_tiles = SharedMemory::<Vector<f32, NA>>::new_aligned(comptime!(stages * a_splits * tm * a_vecs), 128usize);
     // B fragments in registers (below) need no staged block.
     let b_registers = comptime!(cfg.b_in_registers());
     let b_staged = comptime!(if b_registers { nb } else { bw * rs });
     let mut b_tile = SharedMemory::<Vector<F, NB>>::new_aligned(comptime!(b_staged / nb), 128usize);
-    let mut a_tile = SharedMemory::<F>::new_aligned(comptime!(tm * rs), 128usize);
-    let mut delta = SharedMemory::<Vector<f32, NY>>::new_aligned(comptime!(tm * ds / ny), 128usize);
+    // The operand in the storage type: by hand in vectors (one store per staged vector, rows
+    // for `ldmatrix`), else in elements (cubecl's fragment loads); the other holds one vector.
+    let mut a_tile = SharedMemory::<F>::new_aligned(comptime!(if by_hand { A_VECTOR } else { tm * rs }), 128usize);
+    let mut a_vectors = SharedMemory::<Vector<F, NA>>::new_aligned(comptime!(if by_hand { tm * rs / A_VECTOR } else { 1 }), 128usize);
+    // By hand the warps add their sums to the staged y: no delta tile.
+    let mut delta = SharedMemory::<Vector<f32, NY>>::new_aligned(comptime!(if by_hand { 1 } else { tm * ds / ny }), 128usize);
     let barriers = stage_barriers(comptime!(threads as u32));
 
     // The barriers' initialisation is visible to every thread before the first copy.
@@ -115,6 +123,7 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     // column fragment, once for all its tiles, or the staged block (the first tile's block
     // sync publishes it).
     let b_frags = load_b_fragments::<F, NB>(b_pool, &cube, nf, active, rank_steps, out_features, cfg);
+    let b_registers_by_hand = load_b_registers::<F, NB>(b_pool, &cube, nf, active, rank_steps, out_features, cfg);
     if comptime!(!b_registers) {
         stage_b_block(b_pool, &mut b_tile, &cube, out_features, cfg);
     }
@@ -142,13 +151,24 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
                         staged = staged + a_tiles[s * a_stage + copy * comptime!(tm * a_vecs) + v];
                     }
                     let live = p0 + i < end;
-                    #[unroll]
-                    for l in 0..A_VECTOR {
-                        let mut value = F::new(0.0);
-                        if live && j0 + l < rank {
-                            value = F::cast_from(scale * staged[l]);
+                    if comptime!(by_hand) {
+                        let mut values = Vector::<F, NA>::new(F::new(0.0));
+                        #[unroll]
+                        for l in 0..A_VECTOR {
+                            if live && j0 + l < rank {
+                                values[l] = F::cast_from(scale * staged[l]);
+                            }
                         }
-                        a_tile[i * rs + j0 + l] = value;
+                        a_vectors[(i * rs + j0) / A_VECTOR] = values;
+                    } else {
+                        #[unroll]
+                        for l in 0..A_VECTOR {
+                            let mut value = F::new(0.0);
+                            if live && j0 + l < rank {
+                                value = F::cast_from(scale * staged[l]);
+                            }
+                            a_tile[i * rs + j0 + l] = value;
+                        }
                     }
                     v += threads;
                 }
@@ -160,7 +180,24 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
                     let pa = first + ahead * step;
                     fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &barriers, pa, free, &geometry, cfg);
                 }
-                if comptime!(cfg.tensor_cores) {
+                if comptime!(by_hand) {
+                    // Per rank step one `ldmatrix.x4` of the operand and two m16n8k16 MMAs;
+                    // then the warp adds its sums to its block of the staged y.
+                    if active {
+                        let mut low = mma_fragments::zero_accumulator();
+                        let mut high = mma_fragments::zero_accumulator();
+                        #[unroll]
+                        for kk in 0..comptime!(max_rank / tile) {
+                            if kk < rank_steps {
+                                let af = mma_fragments::load_a::<F, NA>(&a_vectors, mf * tile * rs + kk * tile, rs, A_VECTOR);
+                                mma_fragments::multiply_accumulate::<F>(&af, b_registers_by_hand.index(2 * kk), &mut low);
+                                mma_fragments::multiply_accumulate::<F>(&af, b_registers_by_hand.index(2 * kk + 1), &mut high);
+                            }
+                        }
+                        let y0 = (s * y_stage + mf * tile * ysv) * ny + nf * tile;
+                        mma_fragments::add_to_block::<F, NY>(&mut y_tiles, y0, &low, &high, comptime!(ysv * ny), ny);
+                    }
+                } else if comptime!(cfg.tensor_cores()) {
                     if active {
                         let acc = zero_accumulator();
                         if comptime!(!b_registers) {
@@ -193,9 +230,13 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
                     let i = w / bw_vecs;
                     let cv = w % bw_vecs;
                     if p0 + i < end && cv * ny < cols {
-                        let sum = Vector::<f32, NY>::cast_from(y_tiles[s * y_stage + w]) + delta[i * dsv + cv];
                         let yi = token_perm[p0 + i] as usize * y_vecs + y_col + cv;
-                        y[yi] = Vector::<F, NY>::cast_from(sum);
+                        let staged = y_tiles[s * y_stage + i * ysv + cv];
+                        if comptime!(by_hand) {
+                            y[yi] = staged;
+                        } else {
+                            y[yi] = Vector::<F, NY>::cast_from(Vector::<f32, NY>::cast_from(staged) + delta[i * dsv + cv]);
+                        }
                     }
                     w += threads;
                 }
@@ -227,7 +268,7 @@ fn load_b_fragments<F: Float, NB: Size>(
     let row0 = cube.slot * out_features as usize + cube.offset + cube.block0 + nf * tile;
     let mut frags = Sequence::<cmma::Matrix<F>>::new();
     #[unroll]
-    for kk in 0..comptime!(if cfg.b_in_registers() { max_rank / tile } else { 0 }) {
+    for kk in 0..comptime!(if cfg.b_in_registers() && !cfg.multiplies_by_hand() { max_rank / tile } else { 0 }) {
         // Operand B(j, n) = B[slot, column n, j]: the pool's rows are its columns.
         let bf = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::ColMajor) };
         if load && kk < rank_steps {
@@ -237,6 +278,59 @@ fn load_b_fragments<F: Float, NB: Size>(
         frags.push(bf);
     }
     frags
+}
+
+/// The by-hand kernel's B operands of column fragment `nf` of the cube's block
+/// ([`MmaExpandConfig::multiplies_by_hand`], else none), in registers for all its tiles: per
+/// 16-wide rank step `kk` up to the configuration's rank, the 16×8 operands of columns 0–7
+/// (at `2·kk`) and 8–15 (at `2·kk + 1`). Lane `l` holds column `l / 4` of its operand at rank
+/// rows `2t, 2t + 1` and `8 + 2t, 8 + 2t + 1` (`t = l % 4`): two 32-bit loads from the pool,
+/// whose rows are B's columns (`rank_vector` is 2 by hand). Zero where `load` fails or the
+/// step is past the slot's `rank_steps`; columns past the slot's rank within its last step are
+/// the pool's padding and meet only the operand's zeros.
+#[cube]
+fn load_b_registers<F: Float, NB: Size>(
+    b_pool: &Array<Vector<F, NB>>,
+    cube: &ExpandCube,
+    nf: usize,
+    load: bool,
+    rank_steps: usize,
+    out_features: u32,
+    #[comptime] cfg: MmaExpandConfig,
+) -> Sequence<Registers<F>> {
+    let tile = comptime!(TILE as usize);
+    let max_rank = comptime!(cfg.max_rank as usize);
+    let row_pairs = comptime!(max_rank / 2);
+    let lane = UNIT_POS_PLANE as usize;
+    let row0 = cube.slot * out_features as usize + cube.offset + cube.block0 + nf * tile + lane / 4;
+    let mut operands = Sequence::<Registers<F>>::new();
+    #[unroll]
+    for kk in 0..comptime!(if cfg.multiplies_by_hand() { max_rank / tile } else { 0 }) {
+        #[unroll]
+        for half in 0..2usize {
+            let mut regs = Registers::<F>::new(2usize);
+            #[unroll]
+            for r in 0..2usize {
+                let mut pair = Vector::<F, Pair>::new(F::new(0.0));
+                if load && kk < rank_steps {
+                    let at = (row0 + half * 8) * row_pairs + comptime!(kk * tile / 2 + r * 4) + lane % 4;
+                    let loaded = b_pool[at];
+                    pair[0] = loaded[0];
+                    pair[1] = loaded[1];
+                }
+                regs[r] = pair;
+            }
+            operands.push(regs);
+        }
+    }
+    operands
+}
+
+/// Row stride of a staged y tile, in vectors: the block's columns, and by hand one vector
+/// more, so the eight 16-byte rows of an `ldmatrix` / `stmatrix` fall in different banks.
+fn y_stride(cfg: MmaExpandConfig) -> usize {
+    let padding = if cfg.multiplies_by_hand() { 1 } else { 0 };
+    (cfg.block_columns() / cfg.out_vector) as usize + padding
 }
 
 /// Where a cube's tiles live: the segment's end, the slot's rank, the columns of the block in
@@ -277,7 +371,8 @@ fn fill<F: Float, NY: Size, NA: Size>(
     let bw_vecs = comptime!((cfg.block_columns() / cfg.out_vector) as usize);
     let a_vecs = comptime!(cfg.max_rank as usize / A_VECTOR);
     let a_splits = comptime!(cfg.a_splits as usize);
-    let y_base = comptime!(stage * tm * bw_vecs);
+    let ysv = comptime!(y_stride(cfg));
+    let y_base = comptime!(stage * tm * ysv);
     let a_base = comptime!(stage * a_splits * tm * a_vecs);
     let tid = UNIT_POS as usize;
     let mut w = tid;
@@ -286,7 +381,8 @@ fn fill<F: Float, NY: Size, NA: Size>(
         let cv = w % bw_vecs;
         if p0 + i < geometry.end && cv * ny < geometry.cols {
             let src = token_perm[p0 + i] as usize * geometry.y_vecs + geometry.y_col + cv;
-            copy_async(&y.slice(src, src + 1), &mut y_tiles.slice_mut(y_base + w, y_base + w + 1), comptime!(ny as u32));
+            let to = y_base + i * ysv + cv;
+            copy_async(&y.slice(src, src + 1), &mut y_tiles.slice_mut(to, to + 1), comptime!(ny as u32));
         }
         w += threads;
     }

@@ -90,10 +90,28 @@ pub fn ldmatrix_supported<F: CubePrimitive>(device: &DeviceProperties) -> bool {
     })
 }
 
+/// Whether the device has `stmatrix` for `F` (CUDA sm_90 on).
+pub fn stmatrix_supported<F: CubePrimitive>(device: &DeviceProperties) -> bool {
+    storage_types::<F>().is_some_and(|(elem, _)| device.features.matmul.stmatrix.contains(&elem))
+}
+
 /// The m16n8k16 MMA on `F` with f32 accumulation.
 #[cube]
 fn definition<F: Float>() -> MmaDefinition<F, F, f32> {
     MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize)
+}
+
+/// Where this lane's row of an `ldmatrix.x4` / `stmatrix.x4` of the 16×16 block at element
+/// `first` of `tile` (row-major, rows `stride` elements apart) starts, in vectors of `nv`:
+/// lanes 0–7 give rows 0–7 and lanes 8–15 rows 8–15 of columns 0–7, lanes 16–31 the same rows
+/// of columns 8–15. Matrix `i` then lands in register `i`: rows `g` / `g + 8` at columns
+/// `2t, 2t + 1` (registers 0 / 1) and `8 + 2t, 8 + 2t + 1` (registers 2 / 3).
+#[cube]
+fn block_row_start(first: usize, #[comptime] stride: usize, #[comptime] nv: usize) -> usize {
+    let lane = UNIT_POS_PLANE as usize;
+    let row = lane % 8 + (lane / 8) % 2 * 8;
+    let col = lane / 16 * 8;
+    (first + row * stride + col) / nv
 }
 
 /// This lane's A operand (four registers) of the 16×16 block whose top-left element is
@@ -107,10 +125,7 @@ pub(crate) fn load_a<F: Float, N: Size>(
     #[comptime] stride: usize,
     #[comptime] nv: usize,
 ) -> Registers<F> {
-    let lane = UNIT_POS_PLANE as usize;
-    let row = lane % 8 + (lane / 8) % 2 * 8;
-    let col = lane / 16 * 8;
-    let start = (first + row * stride + col) / nv;
+    let start = block_row_start(first, stride, nv);
     definition::<F>().load_matrix::<Vector<F, N>, Pair>(&tile.slice(start, start + comptime!(8 / nv)), MatrixIdent::A, 4usize, false)
 }
 
@@ -165,4 +180,30 @@ pub(crate) fn store_accumulator(out: &mut SharedMemory<f32>, acc: &Registers<f32
     out[at + 1] = acc[0][1];
     out[at + comptime!(8 * stride)] = acc[1][0];
     out[at + comptime!(8 * stride) + 1] = acc[1][1];
+}
+
+/// Adds the 16×16 f32 sums `low` (columns 0–7) and `high` (columns 8–15) to the 16×16 block of
+/// the storage-type tile `tile` at element `first` (rows `stride` elements apart, 16-byte
+/// aligned as for [`load_a`]), in place: one `ldmatrix.x4` brings this lane's elements of the
+/// block in the accumulators' layout, one `stmatrix.x4` writes the sums back. The warp's lanes
+/// touch only this block.
+#[cube]
+pub(crate) fn add_to_block<F: Float, N: Size>(
+    tile: &mut SharedMemory<Vector<F, N>>,
+    first: usize,
+    low: &Registers<f32>,
+    high: &Registers<f32>,
+    #[comptime] stride: usize,
+    #[comptime] nv: usize,
+) {
+    let start = block_row_start(first, stride, nv);
+    let mma = definition::<F>();
+    let staged = mma.load_matrix::<Vector<F, N>, Pair>(&tile.slice(start, start + comptime!(8 / nv)), MatrixIdent::A, 4usize, false);
+    let mut sums = Registers::<F>::new(4usize);
+    #[unroll]
+    for i in 0..2usize {
+        sums[i] = Vector::<F, Pair>::cast_from(Vector::<f32, Pair>::cast_from(staged[i]) + low[i]);
+        sums[i + 2] = Vector::<F, Pair>::cast_from(Vector::<f32, Pair>::cast_from(staged[i + 2]) + high[i]);
+    }
+    mma.store_matrix::<Vector<F, N>, Pair>(&mut tile.slice_mut(start, start + comptime!(8 / nv)), &sums, MatrixIdent::A, 4usize, false);
 }

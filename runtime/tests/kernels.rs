@@ -636,6 +636,11 @@ fn mma_expand_configs<F: StorageElem>(device: &DeviceProperties, layout: &LoraLa
             let corner = config.m_frags <= 2 && [1, 8].contains(&config.n_frags);
             [1, 2, 3, 4].into_iter().filter(move |&s| s == 1 || corner).filter_map(move |stages| config.with_stages::<F>(device, stages))
         })
+        // Tiles multiplied by hand also on cooperative matrices (the kernel keeps both ways).
+        .flat_map(|config| {
+            let cooperative = config.multiplies_by_hand().then(|| config.with_fragments::<F>(device, Fragments::Cmma)).flatten();
+            std::iter::once(config).chain(cooperative)
+        })
         .collect()
 }
 
@@ -1212,6 +1217,16 @@ fn multiplies_by_hand(source: &str) -> bool {
     source.contains("__mma_m16n8k16") && source.contains("ldmatrix.sync")
 }
 
+/// Whether an expand's CUDA source multiplies the way its configuration says: by hand, adding
+/// its sums to the staged y with `stmatrix`, or on cooperative matrices.
+fn expand_multiplies(source: &str, config: MmaExpandConfig) -> bool {
+    if config.multiplies_by_hand() {
+        multiplies_by_hand(source) && source.contains("stmatrix.sync") && !source.contains("wmma::")
+    } else {
+        source.contains("mma_sync")
+    }
+}
+
 #[test]
 fn tensor_core_kernels_lower_to_cuda_offline() {
     use lorac_runtime::cuda_source::{expand_source, h100_properties, moe_align_source, shrink_source};
@@ -1219,7 +1234,7 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
     let device = h100_properties();
     let (mut shrinks, mut pipelined, mut warp_blocks, mut emulated, mut expands, mut split_k) = (0, 0, 0, 0, 0, 0);
-    let (mut summing_expands, mut by_hand) = (0, 0);
+    let (mut summing_expands, mut by_hand, mut expands_by_hand) = (0, 0, 0);
     for seed in PREFILL_SHRINK_SEEDS {
         let (layout, family) = prefill_shrink_layout(seed, &mut Rng::new(600 + seed));
         for config in mma_shrink_configs::<F>(&device, &layout) {
@@ -1283,19 +1298,20 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
         let (layout, family) = prefill_expand_layout(&mut Rng::new(700 + seed));
         for config in mma_expand_configs::<F>(&device, &layout) {
             let source = expand_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("expand {family} {config:?}: {e:?}"));
-            assert!(config.tensor_cores && source.contains("mma_sync"), "expand {family} {config:?}: no MMA in\n{source}");
+            assert!(config.tensor_cores() && expand_multiplies(&source, config), "expand {family} {config:?}: no MMA in\n{source}");
             expands += 1;
+            expands_by_hand += usize::from(config.multiplies_by_hand());
             // Summing the copies of a shrink with K splits (register-staged and pipelined).
             for summing in [2, 4].into_iter().filter_map(|copies| config.summing::<F>(&device, copies)) {
                 let source = expand_source::<_, F>(&client, summing).unwrap_or_else(|e| panic!("expand {family} {summing:?}: {e:?}"));
-                assert!(source.contains("mma_sync"), "expand {family} {summing:?}: no MMA in\n{source}");
+                assert!(expand_multiplies(&source, summing), "expand {family} {summing:?}: no MMA in\n{source}");
                 expands += 1;
                 summing_expands += 1;
             }
         }
         for config in mma_expand_configs::<f32>(&device, &layout) {
             let source = expand_source::<_, f32>(&client, config).unwrap_or_else(|e| panic!("expand f32 {family} {config:?}: {e:?}"));
-            assert!(!config.tensor_cores && !source.contains("mma_sync"), "expand f32 {family} {config:?}: MMA in\n{source}");
+            assert!(!config.tensor_cores() && !source.contains("mma_sync"), "expand f32 {family} {config:?}: MMA in\n{source}");
             emulated += 1;
         }
     }
@@ -1315,9 +1331,9 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     assert_eq!((default.tile(), default.k_chunk, default.k_groups, default.stages), (ShrinkTile::new(4, 4).with_warps(2, 4), 64, 2, 3));
     // The described H100 must yield the variants the CUDA tests exercise, not an empty list.
     let counts = format!(
-        "{shrinks} shrink configurations ({pipelined} pipelined, {warp_blocks} with warp blocks, {by_hand} with ldmatrix fragments), {split_k} split-K shrinks, {expands} expands ({summing_expands} summing copies), {emulated} emulated f32 shrinks and expands"
+        "{shrinks} shrink configurations ({pipelined} pipelined, {warp_blocks} with warp blocks, {by_hand} with ldmatrix fragments), {split_k} split-K shrinks, {expands} expands ({summing_expands} summing copies, {expands_by_hand} by hand), {emulated} emulated f32 shrinks and expands"
     );
-    let both_fragments = by_hand > 0 && by_hand < shrinks;
+    let both_fragments = by_hand > 0 && by_hand < shrinks && expands_by_hand > 0 && expands_by_hand < expands;
     assert!(
         pipelined > 0 && warp_blocks > 0 && both_fragments && split_k > 0 && emulated > 0 && expands > 0 && summing_expands > 0,
         "{counts}"
@@ -1501,11 +1517,11 @@ fn expand_choice_follows_the_longest_segment() {
         match kernel {
             ExpandKernel::Scalar(_) => assert!(*longest < DECODE_MIN_SEGMENT, "{what}"),
             ExpandKernel::Mma { config, .. } if *longest < 512 => {
-                assert!(*longest >= DECODE_MIN_SEGMENT && config.tensor_cores, "{what}");
+                assert!(*longest >= DECODE_MIN_SEGMENT && config.tensor_cores(), "{what}");
                 assert_eq!((config.m_frags, config.n_frags, config.stages, config.a_splits), (1, 8, 1, 1), "{what}");
             }
             // 256 16-token tiles fill the H100's 132 multiprocessors: the prefill tile.
-            ExpandKernel::Mma { config, .. } => assert!(config.tensor_cores && config.stages > 1, "{what}"),
+            ExpandKernel::Mma { config, .. } => assert!(config.tensor_cores() && config.stages > 1, "{what}"),
         }
     }
     assert!(f32.iter().all(|k| matches!(k, ExpandKernel::Scalar(_))), "f32: {f32:?}");
@@ -1625,13 +1641,17 @@ fn split_k_shrink_follows_the_room() {
             other => panic!("MLA prefill took {other:?}"),
         }
         assert_eq!(prefill(&mla, 8, 512, 1).intermediate_copies(), 1);
-        // Its expand, one copy or adding the two up, runs 16-token tiles in three stages (up
-        // to rank 64 the B fragments stay in registers).
-        let expand_tile = |copies| match ExpandKernel::choose_summing::<RecordingRuntime, half::bf16>(rec, &mla, 8, 512, copies) {
-            ExpandKernel::Mma { config, .. } => (config.m_frags, config.n_frags, config.stages, config.a_splits),
-            other => panic!("MLA prefill expand took {other:?}"),
-        };
-        assert_eq!((expand_tile(1), expand_tile(2)), ((1, 8, 3, 1), (1, 8, 3, 2)));
+        // Its expand, one copy or adding the two up, runs 16-token tiles multiplied by hand in
+        // two stages (up to rank 64 the B fragments stay in registers); at rank 16 on
+        // cooperative matrices in three.
+        let expand_tile =
+            |layout: &LoraLayout, copies| match ExpandKernel::choose_summing::<RecordingRuntime, half::bf16>(rec, layout, 8, 512, copies) {
+                ExpandKernel::Mma { config, .. } => (config.m_frags, config.n_frags, config.stages, config.a_splits, config.fragments),
+                other => panic!("prefill expand took {other:?}"),
+            };
+        assert_eq!((expand_tile(&mla, 1), expand_tile(&mla, 2)), ((1, 8, 2, 1, Fragments::Ldmatrix), (1, 8, 2, 2, Fragments::Ldmatrix)));
+        assert_eq!(expand_tile(&wide, 2), (1, 8, 2, 2, Fragments::Ldmatrix));
+        assert_eq!(expand_tile(&narrow, 1), (1, 8, 3, 1, Fragments::Cmma));
         // 8 segments of 1024 (128 cubes unsplit) keep the blocked tile, and so do gate_up
         // (224 column blocks: 235 MB of copy reads for 34 MB saved) and rank 16 (no 64-row
         // blocks).

@@ -38,6 +38,7 @@ use lorac_runtime::cuda_graph::{GraphBuilder, LaunchGraph, RecordingRuntime, rec
 use lorac_runtime::expand::{ExpandKernel, launch_expand, launch_pair_expand};
 use lorac_runtime::expand_mma::MmaExpandConfig;
 use lorac_runtime::fused::launch_fused;
+use lorac_runtime::mma_fragments::Fragments;
 use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, launch_moe_expand, launch_moe_shrink};
 use lorac_runtime::moe_combine::PairScratch;
 use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_moe_grouped_expand_weighted, launch_moe_grouped_shrink};
@@ -509,7 +510,7 @@ fn decode_mma_expand<E: StorageElem>(
     for n_frags in [2, 4, 8] {
         let name = format!("mma expand n{n_frags}");
         let Some(config) = MmaExpandConfig::with_tile::<E>(cuda.properties(), layout, 1, n_frags) else { continue };
-        if !config.tensor_cores || !opts.selects_variant(&name) {
+        if !config.tensor_cores() || !opts.selects_variant(&name) {
             continue;
         }
         if let Some(shrink) = split {
@@ -1287,31 +1288,38 @@ fn prefill_expand_splits<E: StorageElem>(
         let default_here = default.and_then(|d| d.batch_summing::<E>(device, layout, copies));
         for (m, n, stages) in [(1, 8), (2, 8)].into_iter().flat_map(|(m, n)| [2, 3, 4].map(|stages| (m, n, stages))) {
             let tile = MmaExpandConfig::with_tile::<E>(device, layout, m, n);
-            let Some(config) = tile.and_then(|t| t.with_stages::<E>(device, stages)).and_then(|c| c.summing::<E>(device, copies)) else {
+            let Some(by_default) = tile.and_then(|t| t.with_stages::<E>(device, stages)).and_then(|c| c.summing::<E>(device, copies))
+            else {
                 continue;
             };
-            let mut tried = Vec::new();
-            for requested in [0, 1, 2, 3, 4, 6, 8, 16] {
-                let splits = config.token_splits(device, layout, num_segments, max_len, requested);
-                if requested != 0 && tried.contains(&splits) {
-                    continue;
+            // Tiles multiplied by hand also on cooperative matrices (with the f32 delta tile).
+            let cooperative = by_default.multiplies_by_hand().then(|| by_default.with_fragments::<E>(device, Fragments::Cmma)).flatten();
+            for config in std::iter::once(by_default).chain(cooperative) {
+                let fragments = if config.multiplies_by_hand() { "by hand" } else { "wmma" };
+                let mut tried = Vec::new();
+                for requested in [0, 1, 2, 3, 4, 6, 8, 16] {
+                    let splits = config.token_splits(device, layout, num_segments, max_len, requested);
+                    if requested != 0 && tried.contains(&splits) {
+                        continue;
+                    }
+                    tried.push(splits);
+                    let cubes = config.column_blocks(layout) * num_segments as u32 * splits;
+                    let kib = config.shared_memory::<E>().div_ceil(1024);
+                    let mark = if requested == 0 && default_here == Some(config) { " (default)" } else { "" };
+                    let split = if requested == 0 { "default".to_string() } else { requested.to_string() };
+                    let name =
+                        format!("expand-splits m{m} n{n} s{stages} x{copies} {fragments} t{split}={splits} {cubes} cubes {kib} KiB{mark}");
+                    if !opts.selects_variant(&name) {
+                        continue;
+                    }
+                    let kernel = ExpandKernel::Mma { config, token_splits: requested };
+                    let launch = |rec: &ComputeClient<RecordingRuntime>| {
+                        data.iter_mut()
+                            .zip(&partials)
+                            .try_for_each(|(d, p)| launch_expand(rec, layout, &d.pool, segs, p, &mut d.y, Some(kernel)))
+                    };
+                    rows.extend(time_variant(opts, builder, (prefill, sets), name, Half::Expand, config, &mut None, launch));
                 }
-                tried.push(splits);
-                let cubes = config.column_blocks(layout) * num_segments as u32 * splits;
-                let kib = config.shared_memory::<E>().div_ceil(1024);
-                let mark = if requested == 0 && default_here == Some(config) { " (default)" } else { "" };
-                let split = if requested == 0 { "default".to_string() } else { requested.to_string() };
-                let name = format!("expand-splits m{m} n{n} s{stages} x{copies} t{split}={splits} {cubes} cubes {kib} KiB{mark}");
-                if !opts.selects_variant(&name) {
-                    continue;
-                }
-                let kernel = ExpandKernel::Mma { config, token_splits: requested };
-                let launch = |rec: &ComputeClient<RecordingRuntime>| {
-                    data.iter_mut()
-                        .zip(&partials)
-                        .try_for_each(|(d, p)| launch_expand(rec, layout, &d.pool, segs, p, &mut d.y, Some(kernel)))
-                };
-                rows.extend(time_variant(opts, builder, (prefill, sets), name, Half::Expand, config, &mut None, launch));
             }
         }
     }
