@@ -230,12 +230,13 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
                     let i = w / bw_vecs;
                     let cv = w % bw_vecs;
                     if p0 + i < end && cv * ny < cols {
-                        let yi = token_perm[p0 + i] as usize * y_vecs + y_col + cv;
-                        let staged = y_tiles[s * y_stage + i * ysv + cv];
                         if comptime!(by_hand) {
-                            y[yi] = staged;
+                            let yi = token_perm[p0 + i] as usize * y_vecs + y_col + cv;
+                            y[yi] = y_tiles[s * y_stage + i * ysv + cv];
                         } else {
-                            y[yi] = Vector::<F, NY>::cast_from(Vector::<f32, NY>::cast_from(staged) + delta[i * dsv + cv]);
+                            let sum = Vector::<f32, NY>::cast_from(y_tiles[s * y_stage + w]) + delta[i * dsv + cv];
+                            let yi = token_perm[p0 + i] as usize * y_vecs + y_col + cv;
+                            y[yi] = Vector::<F, NY>::cast_from(sum);
                         }
                     }
                     w += threads;
@@ -381,7 +382,8 @@ fn fill<F: Float, NY: Size, NA: Size>(
         let cv = w % bw_vecs;
         if p0 + i < geometry.end && cv * ny < geometry.cols {
             let src = token_perm[p0 + i] as usize * geometry.y_vecs + geometry.y_col + cv;
-            let to = y_base + i * ysv + cv;
+            // (Without padding the stage is row-major in w.)
+            let to = if comptime!(ysv == bw_vecs) { y_base + w } else { y_base + i * ysv + cv };
             copy_async(&y.slice(src, src + 1), &mut y_tiles.slice_mut(to, to + 1), comptime!(ny as u32));
         }
         w += threads;
