@@ -19,6 +19,14 @@
 //! feeds, and the kernel issues instructions about two thirds of its cycles (ncu, run 110).
 //! Above that rank the B block is staged in shared memory once per cube.
 //!
+//! From rank 32 to 64 on devices with `ldmatrix`, m16n8k16 and `stmatrix` the kernel multiplies
+//! by hand ([`MmaExpandConfig::multiplies_by_hand`]): the staged operand is loaded with
+//! `ldmatrix`, the B operands sit in registers as 32-bit pairs, and each warp adds its f32
+//! sums to its 16×16 block of the staged y itself (`ldmatrix` / `stmatrix` on the storage
+//! type, [`crate::mma_fragments::add_to_block`]), so there is no delta tile and the epilogue
+//! only copies the staged y out (H100, runs 124–130: the rank-64 qkv expand of two copies 67
+//! → 58–59 µs).
+//!
 //! Per tile: wait for its stage's barrier; scale the staged intermediate into the MMA operand
 //! (zero past the slot's rank and the segment); block sync (after which the stage the previous
 //! tile used is free and is refilled); MMAs into an f32 delta tile; block sync; y + delta back
@@ -71,7 +79,7 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     let rs = comptime!(max_rank + 8);
     let ds = comptime!(bw + 8);
     let dsv = comptime!(ds / ny);
-    // Staged y rows, in vectors (see `TileGeometry::y_stride`).
+    // Staged y rows, in vectors (see `y_stride`).
     let ysv = comptime!(y_stride(cfg));
 
     let cube = expand_cube(slice_info, seg_indptr, weight_indices, ranks, scales, token_splits, cfg);
@@ -382,7 +390,9 @@ fn fill<F: Float, NY: Size, NA: Size>(
         let cv = w % bw_vecs;
         if p0 + i < geometry.end && cv * ny < geometry.cols {
             let src = token_perm[p0 + i] as usize * geometry.y_vecs + geometry.y_col + cv;
-            // (Without padding the stage is row-major in w.)
+            // Unpadded, the stage is row-major in `w`: the cooperative path keeps that index
+            // (another expression of it, with the epilogue's loads reordered, got 40 registers
+            // from ptxas and ran rank-16 expands 6% slower: H100 run 129, runtime/BENCHMARKS.md).
             let to = if comptime!(ysv == bw_vecs) { y_base + w } else { y_base + i * ysv + cv };
             copy_async(&y.slice(src, src + 1), &mut y_tiles.slice_mut(to, to + 1), comptime!(ny as u32));
         }

@@ -21,6 +21,10 @@
 //! `i`: so the A operand is matrices (rows 0–7 | 8–15) × (columns 0–7 | 8–15) in that order,
 //! and two B operands (N blocks 0–7 and 8–15) come from one load of rows stored N-major (K
 //! contiguous, as the shrink's A rows and the expand's B rows are).
+//!
+//! Since the accumulators' layout is that of an `ldmatrix.x4` of a 16×16 block of 16-bit
+//! elements, a warp can add its sums to such a block in shared memory with one `ldmatrix.x4`
+//! and one `stmatrix.x4` (sm_90 on): [`add_to_block`], the prefill expand's epilogue.
 
 use cubecl::cmma::MmaDefinition;
 use cubecl::features::MmaConfig;
