@@ -134,7 +134,8 @@ impl MmaExpandConfig {
     /// asynchronous copies (`stages` = 1: through registers, within [`SHARED_BUDGET`]), or
     /// `None` where the device has no asynchronous copies or block barriers, `stages` is not
     /// 1–4, the y vectors are not 16 bytes (the copy size), or the stages overrun the device's
-    /// shared memory.
+    /// shared memory. The fragments become the kernel's default for this device (by hand where
+    /// [`Self::multiplies_by_hand`] applies); [`Self::with_fragments`] picks another way.
     pub fn with_stages<F: CubePrimitive>(self, device: &DeviceProperties, stages: u32) -> Option<Self> {
         if !(1..=4).contains(&stages) {
             return None;
