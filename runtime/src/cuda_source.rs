@@ -31,8 +31,9 @@ use crate::shrink_mma_pipelined::shrink_mma_pipelined_kernel::ShrinkMmaPipelined
 
 /// The properties cubecl's CUDA runtime (0.10) reports for an H100 SXM (sm_90, 132
 /// multiprocessors, 227 KiB of opt-in shared memory per cube, 32-lane warps), as far as the
-/// kernel configurations read them: MMA shapes (cooperative and manual), `ldmatrix`, `stmatrix`, asynchronous copies and block barriers,
-/// shared memory, multiprocessors, plane width and load width.
+/// kernel configurations read them: MMA shapes (cooperative and manual), `ldmatrix`,
+/// `stmatrix`, asynchronous copies and block barriers, shared memory, multiprocessors, plane
+/// width and load width.
 pub fn h100_properties() -> DeviceProperties {
     let hardware = HardwareProperties {
         load_width: 128,

@@ -22,8 +22,8 @@ use lorac_plan::LoraLayout;
 
 use crate::batch::NO_SLOT;
 use crate::cuda_graph::grid_dependency_point;
-use crate::mma_fragments::{self, Fragments};
-use crate::shrink_mma::{LaunchMode, TILE, cmma_supported};
+use crate::mma_fragments::{self, Fragments, cmma_supported};
+use crate::shrink_mma::{LaunchMode, TILE};
 
 /// Shared memory the tiles may use: small enough for several cubes per multiprocessor.
 const SHARED_BUDGET: u32 = 50 * 1024;
@@ -150,10 +150,10 @@ impl MmaExpandConfig {
     /// on a device with `ldmatrix`, m16n8k16 and `stmatrix` for `F`) or the tiles no longer
     /// fit.
     pub fn with_fragments<F: CubePrimitive>(self, device: &DeviceProperties, fragments: Fragments) -> Option<Self> {
+        // By hand, the kernel also needs `stmatrix`, stages and a rank with B in registers.
         let available = match fragments {
-            Fragments::Emulated => true,
-            Fragments::Cmma => cmma_supported::<F>(device),
             Fragments::Ldmatrix => Self::by_hand_applies::<F>(device, self.stages, self.max_rank),
+            other => other.available_on::<F>(device),
         };
         let config = self.with_fragments_unchecked::<F>(device, fragments);
         (available && config.shared_fits::<F>(device)).then_some(config)
@@ -178,7 +178,7 @@ impl MmaExpandConfig {
     fn by_hand_applies<F: CubePrimitive>(device: &DeviceProperties, stages: u32, max_rank: u32) -> bool {
         stages > 1
             && (BY_HAND_MIN_RANK..=B_REGISTERS_MAX_RANK).contains(&max_rank)
-            && mma_fragments::ldmatrix_supported::<F>(device)
+            && Fragments::Ldmatrix.available_on::<F>(device)
             && mma_fragments::stmatrix_supported::<F>(device)
     }
 
@@ -208,8 +208,8 @@ impl MmaExpandConfig {
     /// has asynchronous copies (else the register-staged 32 × 128 tile). Up to rank
     /// [`PIPELINED_MAX_RANK`]: 16 tokens by 128 columns (64 where 128 does not fit),
     /// [`DEFAULT_STAGES`] stages ([`BY_HAND_HIGH_RANK_STAGES`] where the tile multiplies by
-    /// hand from rank [`BY_HAND_HIGH_RANK`]). Above it: 32 tokens (16 where the longest segment is
-    /// shorter) by 128 columns, [`HIGH_RANK_STAGES`] stages.
+    /// hand from rank [`BY_HAND_HIGH_RANK`]). Above it: 32 tokens (16 where the longest segment
+    /// is shorter) by 128 columns, [`HIGH_RANK_STAGES`] stages.
     ///
     /// Since the B fragments stay in registers ([`Self::b_in_registers`], H100, run 111 in
     /// runtime/BENCHMARKS.md), the 16-token tile (256 threads) is also the fastest

@@ -69,6 +69,15 @@ impl Fragments {
     pub fn tensor_cores(self) -> bool {
         self != Fragments::Emulated
     }
+
+    /// Whether the device has this way for storage type `F` (emulated: always).
+    pub fn available_on<F: CubePrimitive>(self, device: &DeviceProperties) -> bool {
+        match self {
+            Fragments::Emulated => true,
+            Fragments::Cmma => cmma_supported::<F>(device),
+            Fragments::Ldmatrix => ldmatrix_supported::<F>(device),
+        }
+    }
 }
 
 /// `F` and f32 as cubecl storage types, where `F` has a native one.

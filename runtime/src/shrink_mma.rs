@@ -15,8 +15,9 @@
 //! staged in shared memory; every MMA operand comes from there, so no warp waits on a global
 //! load between MMAs. On CUDA the operands are loaded with `ldmatrix` and multiplied with
 //! m16n8k16 MMAs on hand-managed registers ([`crate::mma_fragments`]), except in the blocked
-//! rank-64 prefill tile, which measured faster on cooperative matrices (`wmma`). This file's kernel stages through registers, the next chunk's loads
-//! issued before the current chunk's MMAs; [`crate::shrink_mma_pipelined`] copies
+//! rank-64 prefill tile, which measured faster on cooperative matrices (`wmma`). This file's
+//! kernel stages through registers, the next chunk's loads issued before the current chunk's
+//! MMAs; [`crate::shrink_mma_pipelined`] copies
 //! asynchronously into 2–4 stages and is the default where the device has `cp.async`. x is
 //! read from memory once per row block, A once per token tile (the L2 serves the repeats).
 //! Rows past the slot's rank are neither loaded nor computed where a whole fragment lies past
@@ -32,8 +33,7 @@ use lorac_plan::LoraLayout;
 
 use crate::batch::NO_SLOT;
 use crate::cuda_graph::grid_dependency_point;
-pub(crate) use crate::mma_fragments::cmma_supported;
-use crate::mma_fragments::{self, Fragments, Registers};
+use crate::mma_fragments::{self, Fragments, Registers, cmma_supported};
 
 /// M, N and K of one MMA.
 pub(crate) const TILE: u32 = 16;
@@ -242,12 +242,7 @@ impl MmaShrinkConfig {
     /// This tile with its fragments multiplied `fragments`' way, or `None` where the device
     /// does not have it for `F`.
     pub fn with_fragments<F: CubePrimitive>(self, device: &DeviceProperties, fragments: Fragments) -> Option<Self> {
-        let available = match fragments {
-            Fragments::Emulated => true,
-            Fragments::Cmma => cmma_supported::<F>(device),
-            Fragments::Ldmatrix => mma_fragments::ldmatrix_supported::<F>(device),
-        };
-        available.then_some(MmaShrinkConfig { fragments, ..self })
+        fragments.available_on::<F>(device).then_some(MmaShrinkConfig { fragments, ..self })
     }
 
     /// The cube's tile and warp blocks.
@@ -275,8 +270,8 @@ impl MmaShrinkConfig {
     /// four fragments. A block of four (64 rows: rank 64, or rank 32 over two slices) takes
     /// 64-token tiles of 2×4-fragment warp blocks, 64-wide chunks, two K groups and three
     /// stages, on cooperative matrices, where the grid still fills the GPU (H100 sweep of
-    /// 2026-11-23, runtime/BENCHMARKS.md: rank-64 qkv shrink 89 → 62 µs, MLA 103 → 72 µs). Otherwise
-    /// [`Self::with_tile`] with 32-token tiles unless that leaves fewer cubes than about one
+    /// 2026-11-23, runtime/BENCHMARKS.md: rank-64 qkv shrink 89 → 62 µs, MLA 103 → 72 µs).
+    /// Otherwise [`Self::with_tile`] with 32-token tiles unless that leaves fewer cubes than about one
     /// per multiprocessor (32-token tiles were the best or within 3% of it in every prefill
     /// case of run 9, and within 15% in run 11, where 16-token tiles won one case).
     pub fn default_for<F: CubePrimitive>(

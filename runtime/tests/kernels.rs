@@ -1205,28 +1205,31 @@ stamp_kernel_tests!(cuda_f32, cubecl::cuda::CudaRuntime, f32);
 #[cfg(feature = "cuda-tests")]
 stamp_kernel_tests!(cuda_bf16, cubecl::cuda::CudaRuntime, half::bf16);
 
+/// Whether a kernel's CUDA source multiplies its fragments `fragments`' way: by hand
+/// (`ldmatrix` loads, manual m16n8k16 MMAs), on cooperative matrices (`wmma`), or emulated (no
+/// MMA at all).
+fn multiplies_as(source: &str, fragments: Fragments) -> bool {
+    let by_hand = source.contains("__mma_m16n8k16") && source.contains("ldmatrix.sync");
+    match fragments {
+        Fragments::Ldmatrix => by_hand,
+        Fragments::Cmma => source.contains("mma_sync"),
+        Fragments::Emulated => !source.contains("mma_sync") && !source.contains("__mma_m16n8k16"),
+    }
+}
+
+/// Whether an expand's CUDA source multiplies the way its configuration says: by hand, adding
+/// its sums to the staged y with `stmatrix`, or on cooperative matrices.
+fn expand_multiplies(source: &str, config: MmaExpandConfig) -> bool {
+    let by_hand_update = !config.multiplies_by_hand() || (source.contains("stmatrix.sync") && !source.contains("wmma::"));
+    multiplies_as(source, config.fragments) && by_hand_update
+}
+
 /// The tensor-core kernels run only on NVIDIA GPUs, so the lavapipe tests above never reach
 /// them. Here every configuration the CUDA prefill tests use is derived for a described H100
 /// (as a live client would derive it) and lowered by cubecl's CUDA code generator: a kernel
 /// that fails to expand or lower for some tile, warp block or pipeline depth fails in CI, not
 /// on the GPU. (Compiling the sources takes NVRTC: `lora_bench --cuda-sources` and
 /// `scripts/nvrtc_check.py`.)
-/// Whether a kernel's CUDA source loads fragments with `ldmatrix` and multiplies them with
-/// manual m16n8k16 MMAs ([`Fragments::Ldmatrix`]).
-fn multiplies_by_hand(source: &str) -> bool {
-    source.contains("__mma_m16n8k16") && source.contains("ldmatrix.sync")
-}
-
-/// Whether an expand's CUDA source multiplies the way its configuration says: by hand, adding
-/// its sums to the staged y with `stmatrix`, or on cooperative matrices.
-fn expand_multiplies(source: &str, config: MmaExpandConfig) -> bool {
-    if config.multiplies_by_hand() {
-        multiplies_by_hand(source) && source.contains("stmatrix.sync") && !source.contains("wmma::")
-    } else {
-        source.contains("mma_sync")
-    }
-}
-
 #[test]
 fn tensor_core_kernels_lower_to_cuda_offline() {
     use lorac_runtime::cuda_source::{expand_source, h100_properties, moe_align_source, shrink_source};
@@ -1239,11 +1242,7 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
         let (layout, family) = prefill_shrink_layout(seed, &mut Rng::new(600 + seed));
         for config in mma_shrink_configs::<F>(&device, &layout) {
             let source = shrink_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("shrink {family} {config:?}: {e:?}"));
-            let mma = match config.fragments {
-                Fragments::Ldmatrix => multiplies_by_hand(&source),
-                Fragments::Cmma => source.contains("mma_sync"),
-                Fragments::Emulated => false,
-            };
+            let mma = config.fragments.tensor_cores() && multiplies_as(&source, config.fragments);
             assert!(mma, "shrink {family} {config:?}: no MMA in\n{source}");
             shrinks += 1;
             by_hand += usize::from(config.fragments == Fragments::Ldmatrix);
@@ -1254,8 +1253,8 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
         // for the expand below).
         for config in mma_shrink_configs::<f32>(&device, &layout) {
             let source = shrink_source::<_, f32>(&client, config).unwrap_or_else(|e| panic!("shrink f32 {family} {config:?}: {e:?}"));
-            let mma = source.contains("mma_sync") || source.contains("__mma_m16n8k16");
-            assert!(config.fragments == Fragments::Emulated && !mma, "shrink f32 {family} {config:?}: MMA in\n{source}");
+            let emulated_here = config.fragments == Fragments::Emulated && multiplies_as(&source, Fragments::Emulated);
+            assert!(emulated_here, "shrink f32 {family} {config:?}: MMA in\n{source}");
             emulated += 1;
         }
     }
@@ -1266,7 +1265,7 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     let chosen = MmaShrinkConfig::split_k_for::<F>(&device, &qkv64, 8, 16).expect("split-K shrink for rank-64 qkv at T = 128");
     let tile = (chosen.tile(), chosen.k_chunk, chosen.k_groups, chosen.k_splits, chosen.stages);
     assert_eq!(tile, (ShrinkTile::new(1, 1), 128, 4, SPLIT_K_COPIES, 4));
-    assert!(shrink_source::<_, F>(&client, chosen).is_ok_and(|source| multiplies_by_hand(&source)));
+    assert!(shrink_source::<_, F>(&client, chosen).is_ok_and(|source| multiplies_as(&source, Fragments::Ldmatrix)));
     assert_eq!(MmaShrinkConfig::split_k_for::<F>(&device, &qkv64, 8, 4), None);
     // Under programmatic launch the same tile from 4-token segments of a 32-token batch on
     // (where its pairs gained on the H100), still not from single-token or 2-token ones.
@@ -1281,7 +1280,10 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
     let qkv = LoraLayout::new(nz(4), nz(16), 256, 3, vec![slice("q", 64, 0), slice("k", 16, 1), slice("v", 16, 2)], None).unwrap();
     for config in split_k_configs::<F>(&device, &qkv) {
         let source = shrink_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("split-K shrink {config:?}: {e:?}"));
-        assert!(config.fragments == Fragments::Ldmatrix && multiplies_by_hand(&source), "split-K shrink {config:?}: no MMA in\n{source}");
+        assert!(
+            config.fragments == Fragments::Ldmatrix && multiplies_as(&source, Fragments::Ldmatrix),
+            "split-K shrink {config:?}: no MMA in\n{source}"
+        );
         split_k += 1;
     }
     // Prefill with K splits: the H100's long-batch defaults split two and four ways.
@@ -1289,7 +1291,7 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
         let default = MmaShrinkConfig::default_for::<F>(&device, layout, 8, 4096).expect("a tensor-core default on the H100");
         for config in [2, 4].map(|s| default.with_k_splits(layout, s).expect("K = 4096 splits into whole chunks")) {
             let source = shrink_source::<_, F>(&client, config).unwrap_or_else(|e| panic!("split-K prefill shrink {config:?}: {e:?}"));
-            let mma = if config.fragments == Fragments::Ldmatrix { multiplies_by_hand(&source) } else { source.contains("mma_sync") };
+            let mma = config.fragments.tensor_cores() && multiplies_as(&source, config.fragments);
             assert!(mma, "split-K prefill shrink {config:?}: no MMA in\n{source}");
             split_k += 1;
         }
@@ -1304,7 +1306,7 @@ fn tensor_core_kernels_lower_to_cuda_offline() {
             // Summing the copies of a shrink with K splits (register-staged and pipelined).
             for summing in [2, 4].into_iter().filter_map(|copies| config.summing::<F>(&device, copies)) {
                 let source = expand_source::<_, F>(&client, summing).unwrap_or_else(|e| panic!("expand {family} {summing:?}: {e:?}"));
-                assert!(expand_multiplies(&source, summing), "expand {family} {summing:?}: no MMA in\n{source}");
+                assert!(summing.tensor_cores() && expand_multiplies(&source, summing), "expand {family} {summing:?}: no MMA in\n{source}");
                 expands += 1;
                 summing_expands += 1;
             }

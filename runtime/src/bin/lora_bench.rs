@@ -83,8 +83,7 @@ struct Opts {
     prefill_split_k: bool,
     /// Prefill cases, from CUDA graphs: tensor-core shrink tiles of 64 and 128 tokens by up
     /// to every A row, by K groups, chunk and stages, with 1, 2 and 4 K splits (see
-    /// `prefill_tile_sweep`); leaves out the
-    /// launch-timed tile sweep.
+    /// `prefill_tile_sweep`); leaves out the launch-timed tile sweep.
     prefill_tiles: bool,
     /// Prefill cases, from CUDA graphs: the tensor-core expand's token split (how many cubes
     /// share a segment's token tiles) by tile and depth, on 1 and 2 copies of the
