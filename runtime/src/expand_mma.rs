@@ -61,6 +61,18 @@ const BY_HAND_MIN_RANK: u32 = 32;
 const BY_HAND_HIGH_RANK: u32 = 64;
 const BY_HAND_HIGH_RANK_STAGES: u32 = 2;
 
+/// Registers per thread of the by-hand pipelined kernels, as ptxas allocates them for the
+/// rank-64 qkv and MLA tiles (ncu, H100 run 132): with the register file of
+/// [`SM_REGISTERS`], five 256-thread cubes per multiprocessor
+/// ([`MmaExpandConfig::balanced_token_splits`]).
+const BY_HAND_REGISTERS: u32 = 48;
+const SM_REGISTERS: u32 = 65536;
+
+/// What starting a cube costs in its tiles' time, in the token-split model
+/// ([`MmaExpandConfig::balanced_token_splits`]): with 2 the model picks the fastest split of
+/// the H100 sweeps for qkv and MLA at rank 64 (runs 132–133).
+const CUBE_OVERHEAD_TILES: u32 = 2;
+
 /// Fewest tokens in a batch's longest segment for which a batch too small to fill the GPU
 /// with 16-token tiles still takes the tensor-core expand ([`MmaExpandConfig::for_decode`]).
 pub const DECODE_MIN_SEGMENT: u32 = 8;
@@ -104,10 +116,29 @@ pub struct MmaExpandConfig {
 impl MmaExpandConfig {
     /// The configuration for a `16·m_frags`-token × `16·n_frags`-column cube tile (on tensor
     /// cores where the device has a 16×16×16 MMA with f32 accumulation for this storage type),
-    /// or `None` where it does not apply: a rank or slice width that is not a multiple of 16,
-    /// more than [`MAX_WARPS`] warps, or a tile that overruns [`SHARED_BUDGET`] or the
-    /// device's shared memory.
+    /// staged through registers, or `None` where it does not apply: a rank or slice width that
+    /// is not a multiple of 16, more than [`MAX_WARPS`] warps, or a tile that overruns
+    /// [`SHARED_BUDGET`] or the device's shared memory.
     pub fn with_tile<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout, m_frags: u32, n_frags: u32) -> Option<Self> {
+        Self::tile_unchecked::<F>(device, layout, m_frags, n_frags)?.with_stages::<F>(device, 1)
+    }
+
+    /// The tile of [`Self::with_tile`] staged in `stages` shared-memory buffers
+    /// ([`Self::with_stages`]), whether or not its register-staged form fits: a 256-column
+    /// block at rank 64 does not fit the register-staged budget, but its pipelined stages do.
+    pub fn with_pipelined_tile<F: CubePrimitive>(
+        device: &DeviceProperties,
+        layout: &LoraLayout,
+        m_frags: u32,
+        n_frags: u32,
+        stages: u32,
+    ) -> Option<Self> {
+        Self::tile_unchecked::<F>(device, layout, m_frags, n_frags)?.with_stages::<F>(device, stages)
+    }
+
+    /// The tile's configuration before its staging is checked: `None` only where the rank or a
+    /// slice width is not a multiple of 16 or the tile has no warps or too many.
+    fn tile_unchecked<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout, m_frags: u32, n_frags: u32) -> Option<Self> {
         let widths: Vec<u32> = layout.slices().iter().map(|s| s.width).collect();
         if layout.max_rank() % TILE != 0 || widths.iter().any(|w| w % TILE != 0) {
             return None;
@@ -116,7 +147,7 @@ impl MmaExpandConfig {
             return None;
         }
         let elem = size_of::<F>();
-        let cfg = MmaExpandConfig {
+        Some(MmaExpandConfig {
             groups: layout.groups(),
             max_rank: layout.max_rank(),
             m_frags,
@@ -126,8 +157,7 @@ impl MmaExpandConfig {
             fragments: if cmma_supported::<F>(device) { Fragments::Cmma } else { Fragments::Emulated },
             stages: 1,
             a_splits: 1,
-        };
-        cfg.with_stages::<F>(device, 1)
+        })
     }
 
     /// This tile with its token tiles staged through `stages` shared-memory buffers filled by
@@ -334,7 +364,8 @@ impl MmaExpandConfig {
 
     /// Cubes sharing out each segment's token tiles for a batch of `num_segments` segments of
     /// at most `max_segment_len` tokens: `requested` (clamped to the tiles) or, for 0, the
-    /// default, until the grid has about eight cubes per multiprocessor.
+    /// default: for tiles multiplied by hand the split of [`Self::balanced_token_splits`],
+    /// else until the grid has about eight cubes per multiprocessor.
     pub fn token_splits(
         &self,
         device: &DeviceProperties,
@@ -346,10 +377,39 @@ impl MmaExpandConfig {
         let segments = (num_segments as u32).max(1);
         let tiles = max_segment_len.div_ceil(self.tile_tokens()).max(1);
         let splits = match requested {
+            0 if self.multiplies_by_hand() => self.balanced_token_splits(device, self.column_blocks(layout) * segments, tiles),
             0 => crate::config::splits_to_fill_on(device, self.column_blocks(layout) * segments, tiles),
             n => n.clamp(1, tiles),
         };
         splits.min((65535 / segments).max(1))
+    }
+
+    /// The token split, from 1 to `tiles`, with the shortest makespan for `cubes_per_split`
+    /// cubes per split: the grid runs in waves of [`Self::resident_cubes_by_hand`] per
+    /// multiprocessor,
+    /// each wave as long as a cube's tiles plus [`CUBE_OVERHEAD_TILES`] (filling its stages
+    /// and loading its B operands), the first of equals. Eight cubes per multiprocessor, the
+    /// rule before, put 1.65 waves of cubes with 4 tiles on MLA's grid; the model picks 0.82
+    /// waves of 8 tiles. H100, T = 4096 in 8 segments, rank 64, two stages, the expand alone
+    /// (runtime/BENCHMARKS.md, runs 132–133): MLA 25.8 → 23.7–23.9 µs (one copy) and
+    /// 27.4 → 24.8 (two); qkv keeps its split of 3, the fastest of 1–16 in both runs.
+    fn balanced_token_splits(&self, device: &DeviceProperties, cubes_per_split: u32, tiles: u32) -> u32 {
+        let slots = u64::from(crate::config::multiprocessors(device) * self.resident_cubes_by_hand(device));
+        (1..=tiles.max(1))
+            .min_by_key(|&splits| {
+                let waves = (u64::from(cubes_per_split) * u64::from(splits)).div_ceil(slots.max(1));
+                waves * u64::from(tiles.div_ceil(splits) + CUBE_OVERHEAD_TILES)
+            })
+            .unwrap_or(1)
+    }
+
+    /// Cubes of this by-hand configuration one multiprocessor holds at once, by its shared
+    /// memory (a 16-bit storage type: the only kind multiplied by hand) and by
+    /// [`BY_HAND_REGISTERS`] registers per thread (at least one).
+    fn resident_cubes_by_hand(&self, device: &DeviceProperties) -> u32 {
+        let by_registers = SM_REGISTERS / (BY_HAND_REGISTERS * self.warps() * 32).max(1);
+        let by_shared = device.hardware.max_shared_memory_size as u32 / self.pipelined_shared_bytes(2).max(1);
+        by_registers.min(by_shared).max(1)
     }
 
     /// The `m_frags`-row tile with the widest column block that fits: 8 fragments, else 4.
@@ -367,13 +427,12 @@ impl MmaExpandConfig {
         MmaExpandConfig { a_splits, ..self }.with_stages::<F>(device, self.stages)
     }
 
-    /// Whether this is the configuration [`Self::with_tile`], [`Self::summing`],
-    /// [`Self::with_stages`] and [`Self::with_fragments`] derive for its tile, copies, depth and
-    /// fragments on this layout and device.
+    /// Whether this is the configuration [`Self::with_pipelined_tile`], [`Self::summing`] and
+    /// [`Self::with_fragments`] derive for its tile, depth, copies and fragments on this layout
+    /// and device.
     pub fn fits<F: CubePrimitive>(&self, device: &DeviceProperties, layout: &LoraLayout) -> bool {
-        Self::with_tile::<F>(device, layout, self.m_frags, self.n_frags)
+        Self::with_pipelined_tile::<F>(device, layout, self.m_frags, self.n_frags, self.stages)
             .and_then(|base| base.summing::<F>(device, self.a_splits))
-            .and_then(|base| base.with_stages::<F>(device, self.stages))
             .and_then(|base| base.with_fragments::<F>(device, self.fragments))
             == Some(*self)
     }

@@ -292,7 +292,7 @@ impl ShrinkKernel {
     }
 
     /// [`Self::choose`] for a caller whose intermediate can hold up to `max_copies` copies:
-    /// with room for [`crate::shrink_mma::WIDE_SPLIT_COPIES`], the wide prefill tile where
+    /// the wide prefill tile of at most that many K splits where
     /// [`MmaShrinkConfig::wide_split_for`] applies; with room for
     /// [`crate::shrink_mma::SPLIT_K_COPIES`], the tensor-core kernel with K splits where
     /// [`MmaShrinkConfig::split_k_for`] applies. Size the intermediate by
@@ -323,9 +323,7 @@ impl ShrinkKernel {
                 .filter(|c| c.k_splits <= max_copies)
         };
         let batch = MmaShrinkConfig::for_batch::<F>(props, layout, num_segments, max_segment_len);
-        let wide = batch
-            .and_then(|blocked| blocked.wide_split_for::<F>(props, layout, num_segments, max_segment_len))
-            .filter(|c| c.k_splits <= max_copies);
+        let wide = batch.and_then(|blocked| blocked.wide_split_for::<F>(props, layout, num_segments, max_segment_len, max_copies));
         match wide.or(batch).or_else(split) {
             Some(config) => ShrinkKernel::Mma { config, tiles_per_segment: 0 },
             None => ShrinkKernel::Scalar(ShrinkConfig::new(client, layout, size_of::<F>(), num_segments, max_segment_len)),
@@ -350,17 +348,18 @@ impl ShrinkKernel {
     /// Floats of an intermediate for batches of up to `max_tokens` tokens that leaves
     /// [`Self::choose_for_room`] the copies a K split wants on this layout: one copy for every
     /// token, the extra decode copies for the tokens up to
-    /// [`MmaShrinkConfig::split_k_max_tokens`], and room for the wide prefill tile's copies
-    /// of batches up to [`MmaShrinkConfig::wide_split_max_tokens`].
+    /// [`MmaShrinkConfig::split_k_max_tokens`], and room for the copies of the wide prefill
+    /// tiles ([`MmaShrinkConfig::wide_split_layouts`]) of batches up to their
+    /// [`MmaShrinkConfig::wide_split_max_tokens`].
     pub fn intermediate_len<R: Runtime, F: Float>(client: &ComputeClient<R>, layout: &LoraLayout, max_tokens: usize) -> usize {
         let width = layout.intermediate_width() as usize;
         let props = client.properties();
         let extra = MmaShrinkConfig::split_k_layout::<F>(props, layout).map_or(0, |c| c.k_splits as usize - 1);
         let split_tokens = max_tokens.min(MmaShrinkConfig::split_k_max_tokens(props) as usize);
-        let wide = MmaShrinkConfig::wide_split_layout::<F>(props, layout).map_or(0, |c| {
-            let tokens = max_tokens.min(MmaShrinkConfig::wide_split_max_tokens(props) as usize);
-            c.k_splits as usize * tokens
-        });
+        let wide = MmaShrinkConfig::wide_split_layouts::<F>(props, layout)
+            .map(|c| c.k_splits as usize * max_tokens.min(c.wide_split_max_tokens(props) as usize))
+            .max()
+            .unwrap_or(0);
         (max_tokens + extra * split_tokens).max(wide) * width
     }
 

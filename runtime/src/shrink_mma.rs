@@ -54,15 +54,13 @@ pub const SPLIT_K_COPIES: u32 = 4;
 /// K splits of the wide prefill tile ([`MmaShrinkConfig::wide_split_for`]).
 pub const WIDE_SPLIT_COPIES: u32 = 2;
 
+/// K splits of the tall wide prefill tile, 128 tokens by every A row
+/// ([`MmaShrinkConfig::tall_split_layout`]): half the token tiles of the wide one, so each
+/// split needs twice the cubes to fill the GPU.
+pub const TALL_SPLIT_COPIES: u32 = 4;
+
 /// Most A-row fragments in the wide prefill tile's row block.
 const WIDE_MAX_ROW_FRAGS: u32 = 12;
-
-/// How many times the bytes the wide prefill tile's second copy adds to the expand the
-/// staging it saves the shrink must be ([`MmaShrinkConfig::wide_split_for`]). At rank 64 qkv
-/// saves 67 MB for 50 MB of copy reads: with `wmma` fragments its pair was level (H100, runs
-/// 103–105, when this was 2), with `ldmatrix` ones 11% faster (run 117: 105.0–105.3 µs
-/// against the blocked tile's 118.0–119.6). gate_up (34 MB for 235 MB) stays blocked.
-const WIDE_SPLIT_MIN_GAIN: u64 = 1;
 
 /// Fewest tokens in a batch's longest segment for which a pair launched programmatically
 /// splits K ([`MmaShrinkConfig::split_k_for_launch`]).
@@ -372,18 +370,23 @@ impl MmaShrinkConfig {
         staged.or_else(|| Self::split_k_tile::<F>(device, layout, 1, 16, SPLIT_K_COPIES, &[256]))
     }
 
-    /// The wide prefill tile for a batch whose tile ([`Self::for_batch`], this one) is the
-    /// blocked rank-64 tile (64 tokens by 4 fragments of A rows, see [`Self::default_for`]),
-    /// where
-    /// * the wide tile's grid fills the GPU only with its K split in two (at least three
-    ///   quarters of a cube per multiprocessor split, fewer unsplit), and
-    /// * the bytes its cubes stage less than the blocked tile's are at least
-    ///   [`WIDE_SPLIT_MIN_GAIN`] times the bytes its second copy of the intermediate adds to
-    ///   the default expand (each column block reads its tokens' rank columns once per copy).
+    /// The wide prefill tile ([`Self::wide_split_layouts`]: the tall one, 128 tokens split four
+    /// ways, or the 64-token one split in two) for a batch whose tile ([`Self::for_batch`],
+    /// this one) is the blocked rank-64 tile (64 tokens by 4 fragments of A rows, see
+    /// [`Self::default_for`]), among those where
+    /// * the wide tile's grid fills the GPU only with its K split (at least three quarters of
+    ///   a cube per multiprocessor split, fewer unsplit), and
+    /// * the bytes its cubes stage less than the blocked tile's are at least the bytes its
+    ///   extra copies of the intermediate add to the default expand (each column block reads
+    ///   its tokens' rank columns once per copy),
     ///
-    /// `None` for any other batch, or where the layout has no wide tile
-    /// ([`Self::wide_split_layout`]). A caller needs room for [`WIDE_SPLIT_COPIES`] copies of
-    /// the intermediate (see `ShrinkKernel::intermediate_len`).
+    /// the one saving the most bytes net. At rank 64, 8 segments of 512 tokens: MLA saves
+    /// 118 MB for 53 MB of copy reads on the tall tile, 59 MB for 18 MB on the 64-token one
+    /// (tall: its pair 77.5 → 75.4 µs, H100 run 134); qkv 117 MB for 150 MB and 67 MB for 50
+    /// (64-token: the tall tile's pair took 99.6 µs against 95.9); gate_up neither.
+    ///
+    /// Only tiles of at most `max_copies` K splits (the intermediate's room) count. `None` for
+    /// any other batch, or where the layout has no wide tile that counts.
     ///
     /// Why: the blocked tile re-reads x once per row block and A once per token tile, so at
     /// rank 64 its cubes stage several times the shrink's inputs from the L2. H100, T = 4096
@@ -403,28 +406,36 @@ impl MmaShrinkConfig {
         layout: &LoraLayout,
         num_segments: usize,
         max_segment_len: u32,
+        max_copies: u32,
     ) -> Option<Self> {
         if (self.m_frags, self.n_frags, self.k_splits) != (4, 4, 1) {
             return None;
         }
-        let wide = Self::wide_split_layout::<F>(device, layout)?;
-        let unsplit = wide.token_tiles(num_segments, max_segment_len) * u64::from(wide.row_blocks());
         let target = u64::from(crate::config::multiprocessors(device)) * 3 / 4;
-        if unsplit >= target || unsplit * u64::from(wide.k_splits) < target {
-            return None;
-        }
         let elem = size_of::<F>() as u64;
         let staged = |c: &Self| {
             let rows = u64::from((c.m_frags + c.n_frags) * TILE);
             c.token_tiles(num_segments, max_segment_len) * u64::from(c.row_blocks()) * rows * u64::from(layout.in_features()) * elem
         };
-        let saved = staged(&self).saturating_sub(staged(&wide));
         let columns =
             crate::expand_mma::MmaExpandConfig::supported::<F>(device, layout, max_segment_len).map_or(128, |e| e.block_columns());
         let column_blocks: u64 = layout.slices().iter().map(|s| u64::from(s.width.div_ceil(columns))).sum();
         let tokens = num_segments as u64 * u64::from(max_segment_len);
-        let copy_reads = u64::from(wide.k_splits - 1) * column_blocks * tokens * u64::from(layout.max_rank()) * 4;
-        (saved >= WIDE_SPLIT_MIN_GAIN * copy_reads).then_some(wide)
+        let copy_reads = |c: &Self| u64::from(c.k_splits - 1) * column_blocks * tokens * u64::from(layout.max_rank()) * 4;
+        Self::wide_split_layouts::<F>(device, layout)
+            .filter(|wide| {
+                if wide.k_splits > max_copies {
+                    return false;
+                }
+                let unsplit = wide.token_tiles(num_segments, max_segment_len) * u64::from(wide.row_blocks());
+                unsplit < target && unsplit * u64::from(wide.k_splits) >= target
+            })
+            .filter_map(|wide| {
+                let net = i128::from(staged(&self)) - i128::from(staged(&wide)) - i128::from(copy_reads(&wide));
+                (net >= 0).then_some((net, wide))
+            })
+            .max_by_key(|(net, _)| *net)
+            .map(|(_, wide)| wide)
     }
 
     /// Token tiles of this tile's grid for a batch: each segment's share of the longest.
@@ -455,10 +466,30 @@ impl MmaShrinkConfig {
         })
     }
 
-    /// Tokens from which no batch takes the wide prefill tile: its unsplit grid then holds at
-    /// least one 64-token tile per three quarters of a multiprocessor ([`Self::wide_split_for`]).
-    pub fn wide_split_max_tokens(device: &DeviceProperties) -> u32 {
-        crate::config::multiprocessors(device) * 3 / 4 * 4 * TILE
+    /// The tall wide prefill tile of this layout ([`Self::wide_split_for`]): 128 tokens by the
+    /// wide tile's row block (every A row), 4×4-fragment warp blocks, two K groups, 64-wide
+    /// chunks in three stages (two where three do not fit), K split
+    /// [`TALL_SPLIT_COPIES`] ways. H100, MLA R=64, T = 4096 in 8 segments (run 134, the
+    /// fastest of 41 wide shrink tiles): 45.96 µs against the wide tile's 50.40, its pair
+    /// with the default expand 75.4 against 77.5 µs. `None` where the wide tile is, or
+    /// where this one does not divide or fit.
+    pub fn tall_split_layout<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout) -> Option<Self> {
+        let n_frags = Self::wide_split_layout::<F>(device, layout)?.n_frags;
+        let tile = ShrinkTile::new(8, n_frags).with_warps(4, 4);
+        let config = Self::with_tile_chunk::<F>(device, layout, tile, 64, 2)?;
+        config.with_stages::<F>(device, 3).or_else(|| config.with_stages::<F>(device, 2))?.with_k_splits(layout, TALL_SPLIT_COPIES)
+    }
+
+    /// The wide prefill tiles of this layout [`Self::wide_split_for`] chooses from: the tall
+    /// one and the 64-token one, where they apply.
+    pub fn wide_split_layouts<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout) -> impl Iterator<Item = Self> {
+        [Self::tall_split_layout::<F>(device, layout), Self::wide_split_layout::<F>(device, layout)].into_iter().flatten()
+    }
+
+    /// Tokens from which no batch takes this wide prefill tile: its unsplit grid then holds at
+    /// least one token tile per three quarters of a multiprocessor ([`Self::wide_split_for`]).
+    pub fn wide_split_max_tokens(&self, device: &DeviceProperties) -> u32 {
+        crate::config::multiprocessors(device) * 3 / 4 * self.tile_tokens()
     }
 
     /// Tokens from which [`Self::for_batch`] takes every batch it has a tile for, so that

@@ -21,7 +21,7 @@ use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, NO_EXPERT, launch_moe_
 use lorac_runtime::moe_combine::PairScratch;
 use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_moe_grouped_expand_weighted, launch_moe_grouped_shrink};
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink, reference_shrink};
-use lorac_runtime::shrink_mma::{LaunchMode, MmaShrinkConfig, SPLIT_K_COPIES, ShrinkTile, WIDE_SPLIT_COPIES};
+use lorac_runtime::shrink_mma::{LaunchMode, MmaShrinkConfig, SPLIT_K_COPIES, ShrinkTile, TALL_SPLIT_COPIES, WIDE_SPLIT_COPIES};
 use lorac_runtime::testing::{Rng, StorageElem, relative_error};
 use lorac_runtime::{AdapterPool, DeviceBuffer, ExpandConfig, LoraError, NO_SLOT, Segments, ShrinkConfig};
 
@@ -520,18 +520,26 @@ pub fn split_k_prefill<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
     let device = client.properties();
     let (mut shrinks, mut tensor_core_expands) = (0, 0);
     // Seeds 0 and 1: random layouts of rank up to 32; seed 2: rank 64 over three slices (192 A
-    // rows), which takes the wide prefill tile where the device has it.
-    for seed in 0..3 {
+    // rows), which takes the wide prefill tile where the device has it; seed 3: rank 64 over
+    // two slices (128 A rows, as MLA's), which has the tall wide tile too.
+    for seed in 0..4 {
         let rng = &mut Rng::new(950 + seed);
-        let (layout, family) = if seed < 2 {
-            prefill_expand_layout(rng)
-        } else {
-            let slices = vec![slice("q", 128, 0), slice("k", 64, 1), slice("v", 64, 2)];
-            (LoraLayout::new(nz(4), nz(64), 24, 3, slices, None).unwrap(), "qkv (wide tile)")
+        let (layout, family) = match seed {
+            0 | 1 => prefill_expand_layout(rng),
+            2 => {
+                let slices = vec![slice("q", 128, 0), slice("k", 64, 1), slice("v", 64, 2)];
+                (LoraLayout::new(nz(4), nz(64), 24, 3, slices, None).unwrap(), "qkv (wide tile)")
+            }
+            _ => {
+                let slices = vec![slice("q_a", 96, 0), slice("kv_a", 48, 1)];
+                (LoraLayout::new(nz(4), nz(64), 24, 2, slices, None).unwrap(), "MLA (wide and tall tiles)")
+            }
         };
-        // K of six 64-wide chunks: whole chunks per split for two and three splits.
+        // K of six 64-wide chunks: whole chunks per split for two and three splits; eight for
+        // the tall tile's four.
         let max_rank = if seed < 2 { layout.max_rank().min(32) } else { 64 };
-        let layout = LoraLayout::new(nz(layout.slots()), nz(max_rank), 384, layout.groups(), layout.slices().to_vec(), None).unwrap();
+        let k = if seed < 3 { 384 } else { 512 };
+        let layout = LoraLayout::new(nz(layout.slots()), nz(max_rank), k, layout.groups(), layout.slices().to_vec(), None).unwrap();
         let ranks = prefill_ranks(rng, &layout);
         let scales = (0..layout.slots()).map(|_| 0.5 + rng.value().abs() as f32).collect();
         let adapters = Adapters::<F>::with_ranks(client, rng, &layout, ranks, scales);
@@ -555,11 +563,15 @@ pub fn split_k_prefill<R: Runtime, F: StorageElem>(client: &ComputeClient<R>) {
             let staged = bases.flat_map(|base| [base].into_iter().chain(base.with_stages::<F>(device, 3)));
             staged.flat_map(|c| [2, 3].map(|s| c.with_k_splits(&layout, s).expect("K = 384 splits into 64-wide chunks"))).collect()
         } else {
-            let wide = MmaShrinkConfig::wide_split_layout::<F>(device, &layout);
-            if let Some(config) = wide {
-                assert_eq!((config.m_frags, config.n_frags, config.k_splits), (4, 12, WIDE_SPLIT_COPIES), "{config:?}");
+            let wide: Vec<MmaShrinkConfig> = MmaShrinkConfig::wide_split_layouts::<F>(device, &layout).collect();
+            let shapes: Vec<_> = wide.iter().map(|c| (c.m_frags, c.n_frags, c.k_splits)).collect();
+            if !wide.is_empty() {
+                // The tall tile's accumulators for 12 row fragments overrun the shared memory.
+                let expected =
+                    if seed == 2 { vec![(4, 12, WIDE_SPLIT_COPIES)] } else { vec![(8, 8, TALL_SPLIT_COPIES), (4, 8, WIDE_SPLIT_COPIES)] };
+                assert_eq!(shapes, expected, "{wide:?}");
             }
-            wide.into_iter().collect()
+            wide
         };
         for config in configs {
             let what = format!("split-K prefill {family} seed {seed} {tokens} tokens {config:?} {layout:?}");
@@ -1643,6 +1655,22 @@ fn split_k_shrink_follows_the_room() {
             other => panic!("MLA prefill took {other:?}"),
         }
         assert_eq!(prefill(&mla, 8, 512, 1).intermediate_copies(), 1);
+        // With room for four copies, the tall wide tile (128 tokens, 4×4-fragment warp blocks,
+        // two K groups, two stages: three do not fit): 118 MB saved for 53 MB.
+        match prefill(&mla, 8, 512, 4) {
+            ShrinkKernel::Mma { config, .. } => {
+                let tile = (config.m_frags, config.n_frags, config.warp_m, config.warp_n, config.k_groups, config.k_chunk, config.stages);
+                assert_eq!((tile, config.k_splits), ((8, 8, 4, 4, 2, 64, 2), TALL_SPLIT_COPIES));
+            }
+            other => panic!("MLA prefill took {other:?}"),
+        }
+        // qkv's tall tile (12 row fragments) does not fit: the 64-token one however large the
+        // room.
+        assert_eq!(copies(8, 512, 4096, 8), WIDE_SPLIT_COPIES);
+        assert_eq!(
+            ShrinkKernel::intermediate_len::<RecordingRuntime, half::bf16>(rec, &mla, 4096),
+            TALL_SPLIT_COPIES as usize * 4096 * 128
+        );
         // Its expand, one copy or adding the two up, runs 16-token tiles multiplied by hand in
         // two stages (up to rank 64 the B fragments stay in registers); at rank 16 on
         // cooperative matrices in three.
@@ -1654,6 +1682,15 @@ fn split_k_shrink_follows_the_room() {
         assert_eq!((expand_tile(&mla, 1), expand_tile(&mla, 2)), ((1, 8, 2, 1, Fragments::Ldmatrix), (1, 8, 2, 2, Fragments::Ldmatrix)));
         assert_eq!(expand_tile(&wide, 2), (1, 8, 2, 2, Fragments::Ldmatrix));
         assert_eq!(expand_tile(&narrow, 1), (1, 8, 3, 1, Fragments::Cmma));
+        // The by-hand tiles' token splits (five cubes per multiprocessor): MLA's 136 column
+        // blocks of segments in four, one wave of 8 tiles each; qkv's 384 in three.
+        let token_splits =
+            |layout: &LoraLayout, copies| match ExpandKernel::choose_summing::<RecordingRuntime, half::bf16>(rec, layout, 8, 512, copies) {
+                ExpandKernel::Mma { config, .. } => config.token_splits(rec.properties(), layout, 8, 512, 0),
+                other => panic!("prefill expand took {other:?}"),
+            };
+        assert_eq!((token_splits(&mla, 1), token_splits(&mla, 2), token_splits(&mla, 4)), (4, 4, 4));
+        assert_eq!((token_splits(&wide, 1), token_splits(&wide, 2)), (3, 3));
         // 8 segments of 1024 (128 cubes unsplit) keep the blocked tile, and so do gate_up
         // (224 column blocks: 235 MB of copy reads for 34 MB saved) and rank 16 (no 64-row
         // blocks).

@@ -1265,7 +1265,7 @@ fn prefill_tile_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, p
 }
 
 /// `--expand-splits`: the prefill tensor-core expand alone from CUDA graphs, 16- and 32-token
-/// tiles of 128 columns in 2–4 stages, on an intermediate of 1 and 2 copies, with each
+/// tiles of 128 columns and 16-token tiles of 256 in 2–4 stages, on an intermediate of 1 and 2 copies, with each
 /// segment's token tiles shared out over 1 to 16 cubes (and the default split). The default
 /// aims at about eight cubes per multiprocessor, but the pipelined tiles hold so much shared
 /// memory that about three are resident (run 57, ncu): the other cubes wait their turn, and
@@ -1285,10 +1285,9 @@ fn prefill_expand_splits<E: StorageElem>(
     for copies in [1, 2] {
         let partials = prefill.partial_copies(&cuda, sets, copies);
         let default_here = default.and_then(|d| d.batch_summing::<E>(device, layout, copies));
-        for (m, n, stages) in [(1, 8), (2, 8)].into_iter().flat_map(|(m, n)| [2, 3, 4].map(|stages| (m, n, stages))) {
-            let tile = MmaExpandConfig::with_tile::<E>(device, layout, m, n);
-            let Some(by_default) = tile.and_then(|t| t.with_stages::<E>(device, stages)).and_then(|c| c.summing::<E>(device, copies))
-            else {
+        for (m, n, stages) in [(1, 8), (2, 8), (1, 16)].into_iter().flat_map(|(m, n)| [2, 3, 4].map(|stages| (m, n, stages))) {
+            let tile = MmaExpandConfig::with_pipelined_tile::<E>(device, layout, m, n, stages);
+            let Some(by_default) = tile.and_then(|c| c.summing::<E>(device, copies)) else {
                 continue;
             };
             // Tiles multiplied by hand also on cooperative matrices (with the f32 delta tile).
