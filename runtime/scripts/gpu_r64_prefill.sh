@@ -2,6 +2,7 @@
 # Runs on the device machine (2026-11-25): what bounds the rank-64 prefill pairs after runs
 # 124-131, and whether a 256-column expand tile (half the intermediate re-reads per y byte)
 # beats the 128-column default.
+#   PART=5: A/B (devbin/prev = 2b2eb6d) on the rank-64 MoE cases and the prefill cases left alone.
 #   PART=4: CUDA tests and A/B (devbin/prev) of the tall MLA shrink and the expand split model.
 #   PART=3: --prefill-tiles over the wide shrink tiles of both cases (ldmatrix fragments).
 #   PART=2: the same sweep with the 16 x 256 tiles (by hand), beside the default.
@@ -63,4 +64,14 @@ if [ "$PART" = 4 ]; then
     LORA_BENCH=$lb run_bench 100 "moe_${bin}" "moe_gate_up R=64 T=1024,moe_down_per_pair R=64 T=1024" --variant grouped | grep -E "rc=|graph"
   done
   (cd "$OUT" && tar cJf part4.tar.xz prev*.csv new*.csv moe_*.csv ./*.err && rm -f prev*.csv new*.csv moe_*.csv ./*.err)
+fi
+if [ "$PART" = 5 ]; then
+  # A/B against devbin/prev = 2b2eb6d: the rank-64 MoE cases at T = 1024 (grouped rows) and one
+  # round of the prefill cases the change should leave alone (rank 16, gate_up R=64).
+  for bin in prev new; do
+    lb=devbin/lora_bench; [ $bin = prev ] && lb=devbin/prev/lora_bench
+    LORA_BENCH=$lb run_bench 120 "moe_${bin}" "moe_gate_up R=64 T=1024,moe_down_per_pair R=64 T=1024" --variant grouped | grep -E "rc=|graph"
+  done
+  ab_prefill 1 "gate_up R=64" "qkv R=16" "mla_qkv_a R=16"
+  (cd "$OUT" && tar cJf part5.tar.xz prev*.csv new*.csv moe_*.csv ./*.err && rm -f prev*.csv new*.csv moe_*.csv ./*.err)
 fi
