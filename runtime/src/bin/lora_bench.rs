@@ -1265,11 +1265,12 @@ fn prefill_tile_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, p
 }
 
 /// `--expand-splits`: the prefill tensor-core expand alone from CUDA graphs, 16- and 32-token
-/// tiles of 128 columns and 16-token tiles of 256 in 2–4 stages, on an intermediate of 1 and 2 copies, with each
-/// segment's token tiles shared out over 1 to 16 cubes (and the default split). The default
-/// aims at about eight cubes per multiprocessor, but the pipelined tiles hold so much shared
-/// memory that about three are resident (run 57, ncu): the other cubes wait their turn, and
-/// each runs only a few tiles through its stages. Each row names its grid and shared memory.
+/// tiles of 128 columns and 16-token tiles of 256 in 2–4 stages, on an intermediate of 1 and
+/// 2 copies, with each segment's token tiles shared out over 1 to 16 cubes (and the default
+/// split). Before runs 132–133 the default aimed at about eight cubes per multiprocessor, but
+/// the pipelined tiles hold so much shared memory and so many registers that three to five
+/// are resident (runs 57 and 132, ncu): the other cubes wait their turn, and each runs only a
+/// few tiles through its stages. Each row names its grid and shared memory.
 fn prefill_expand_splits<E: StorageElem>(
     opts: &Opts,
     builder: &mut GraphBuilder,
