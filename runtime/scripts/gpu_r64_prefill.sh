@@ -2,13 +2,14 @@
 # Runs on the device machine (2026-11-25): what bounds the rank-64 prefill pairs after runs
 # 124-131, and whether a 256-column expand tile (half the intermediate re-reads per y byte)
 # beats the 128-column default.
-#   PART=5: A/B (devbin/prev = 2b2eb6d) on the rank-64 MoE cases and the prefill cases left alone.
-#   PART=4: CUDA tests and A/B (devbin/prev) of the tall MLA shrink and the expand split model.
-#   PART=3: --prefill-tiles over the wide shrink tiles of both cases (ldmatrix fragments).
-#   PART=2: the same sweep with the 16 x 256 tiles (by hand), beside the default.
 #   PART=1: lora_bench --expand-splits on qkv and MLA R=64 (the 16 x 128 and 16 x 256 tiles,
 #           both fragment kinds), then ncu (chosen sections) of the default shrink and expand
 #           of both cases: third launch, caches flushed, unlocked clocks.
+#   PART=2: the same sweep with the 16 x 256 tiles (by hand), beside the default.
+#   PART=3: --prefill-tiles over the wide shrink tiles of both cases (ldmatrix fragments).
+#   PART=4: CUDA tests and A/B (devbin/prev) of the tall MLA shrink and the expand split model.
+#   PART=5: A/B (devbin/prev = 2b2eb6d) on the rank-64 MoE cases and the prefill cases left alone.
+#   PART=6: ncu of the new MLA R=64 pair kernels, with the raw page (stall reasons).
 #   run(command="PART=1 bash runtime/scripts/gpu_r64_prefill.sh", carry=["devbin"])
 source "$(dirname "$0")/gpu_env.sh"
 for f in devbin/*.xz devbin/prev/*.xz; do [ -e "${f%.xz}" ] || xz -dk "$f"; done
@@ -74,4 +75,21 @@ if [ "$PART" = 5 ]; then
   done
   ab_prefill 1 "gate_up R=64" "qkv R=16" "mla_qkv_a R=16"
   (cd "$OUT" && tar cJf part5.tar.xz prev*.csv new*.csv moe_*.csv ./*.err && rm -f prev*.csv new*.csv moe_*.csv ./*.err)
+fi
+if [ "$PART" = 6 ]; then
+  # ncu of the new MLA R=64 prefill pair (the tall wide shrink, the expand of four copies split
+  # four ways): the sections of PART=1, and from the raw page the warp stall reasons.
+  for k in shrink_mma expand_mma; do
+    tag="mla_R64_$k"
+    timeout 150 ncu --cache-control all --clock-control none \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+      -k regex:"$k" --launch-skip 2 -c 1 -o "$OUT/$tag" -f \
+      devbin/lora_bench --profile-pass --no-graphs --variant none --case "^mla_qkv_a R=64 T=4096 adapters=8" > "$OUT/${tag}_run.txt" 2>&1
+    echo "$k: ncu rc=$?"
+    ncu --import "$OUT/$tag.ncu-rep" --page details --csv > "$OUT/${tag}_details.csv" 2>&1
+    ncu --import "$OUT/$tag.ncu-rep" --page raw --csv > "$OUT/${tag}_raw.csv" 2>&1
+    rm -f "$OUT/$tag.ncu-rep"
+  done
+  (cd "$OUT" && tar cJf part6.tar.xz ./*.csv ./*_run.txt && rm -f ./*.csv ./*_run.txt)
 fi
