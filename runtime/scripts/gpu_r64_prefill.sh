@@ -10,6 +10,8 @@
 #   PART=4: CUDA tests and A/B (devbin/prev) of the tall MLA shrink and the expand split model.
 #   PART=5: A/B (devbin/prev = 2b2eb6d) on the rank-64 MoE cases and the prefill cases left alone.
 #   PART=6: ncu of the new MLA R=64 pair kernels, with the raw page (stall reasons).
+#   PART=7: the expand with token rows read a tile ahead (new) against devbin/prev, alone.
+#   PART=8: CUDA tests and pair A/B of the three-stage prefetching expand of two copies.
 #   run(command="PART=1 bash runtime/scripts/gpu_r64_prefill.sh", carry=["devbin"])
 source "$(dirname "$0")/gpu_env.sh"
 for f in devbin/*.xz devbin/prev/*.xz; do [ -e "${f%.xz}" ] || xz -dk "$f"; done
@@ -92,4 +94,27 @@ if [ "$PART" = 6 ]; then
     rm -f "$OUT/$tag.ncu-rep"
   done
   (cd "$OUT" && tar cJf part6.tar.xz ./*.csv ./*_run.txt && rm -f ./*.csv ./*_run.txt)
+fi
+if [ "$PART" = 7 ]; then
+  # Token rows read a tile ahead in the by-hand expand (new) against devbin/prev: each expand
+  # alone, two and three stages, two copies, every token split, qkv and MLA R=64.
+  for c in "qkv R=64" "mla_qkv_a R=64"; do
+    for bin in prev new; do
+      lb=devbin/lora_bench; [ $bin = prev ] && lb=devbin/prev/lora_bench
+      name="rows_${bin}_$(echo "$c" | tr ' =' '__')"
+      echo "-- $bin $c"
+      LORA_BENCH=$lb run_bench 150 "$name" "^$c T=4096 adapters=8" --prefill-only --expand-splits \
+        --variant "m1 n8 s2 x2 by hand,m1 n8 s3 x2 by hand" | grep -E "rc=|by hand" | cut -d, -f2,4 | sed 's/expand-splits m1 n8 //'
+    done
+  done
+  (cd "$OUT" && tar cJf part7.tar.xz ./*.csv ./*.err && rm -f ./*.csv ./*.err)
+fi
+if [ "$PART" = 8 ]; then
+  # The rank-64 by-hand expand adding up two copies in three stages, reading token rows a tile
+  # ahead (new) against devbin/prev: CUDA tests, then the qkv R=64 pair (two rounds) and MLA
+  # R=64 (one round; its expand of four copies should not change).
+  cuda_tests_with_executor 300 cuda_bf16::prefill_expand cuda_bf16::split_k_prefill
+  for r in 1 2; do ab_prefill "$r" "qkv R=64"; done
+  ab_prefill 1 "mla_qkv_a R=64"
+  (cd "$OUT" && tar cJf part8.tar.xz prev*.csv new*.csv ./*.err tests.txt executor_cuda.txt summary.txt && rm -f prev*.csv new*.csv ./*.err tests.txt executor_cuda.txt)
 fi

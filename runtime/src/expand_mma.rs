@@ -61,6 +61,11 @@ const BY_HAND_MIN_RANK: u32 = 32;
 const BY_HAND_HIGH_RANK: u32 = 64;
 const BY_HAND_HIGH_RANK_STAGES: u32 = 2;
 
+/// Copies of the intermediate for which a by-hand tile from [`BY_HAND_HIGH_RANK`] takes
+/// [`DEFAULT_STAGES`] stages after all ([`MmaExpandConfig::batch_summing`]): the wide
+/// prefill shrink's two.
+const BY_HAND_DEEP_COPIES: u32 = 2;
+
 /// Registers per thread of the by-hand pipelined kernels, as ptxas allocates them for the
 /// rank-64 qkv and MLA tiles (ncu, H100 run 132): with the register file of
 /// [`SM_REGISTERS`], five 256-thread cubes per multiprocessor
@@ -283,11 +288,27 @@ impl MmaExpandConfig {
     /// tile). In MLA's prefill pair after the wide split shrink (run 106, three rounds):
     /// expand 36.2–36.6 → 33.4–33.8 µs, pair 90.4–91.6 → 87.7–88.4. `None` where the copies
     /// do not fit.
+    ///
+    /// A tile multiplied by hand from rank [`BY_HAND_HIGH_RANK`] adding up exactly
+    /// [`BY_HAND_DEEP_COPIES`] copies takes [`DEFAULT_STAGES`] stages, where the kernel reads
+    /// each tile's token rows a tile ahead (`prefetches_rows`). H100, T = 4096 in 8 segments,
+    /// rank 64, two copies, each expand alone at the default split (run 139): qkv 58.6 µs in
+    /// two stages → 53.7 in three, MLA 25.1 → 23.6. In two stages the same reads cost ptxas 64
+    /// registers instead of 48 (four cubes per multiprocessor): they stay off there. One and
+    /// four copies were not timed with them and keep two stages.
     pub fn batch_summing<F: CubePrimitive>(self, device: &DeviceProperties, layout: &LoraLayout, copies: u32) -> Option<Self> {
         let shorter = || Self::with_tile::<F>(device, layout, 1, self.n_frags).and_then(|c| c.with_stages::<F>(device, self.stages));
         let copies_staged = copies > 1 && self.stages > 1 && self.m_frags > 1 && layout.max_rank() > PIPELINED_MAX_RANK;
         let tile = if copies_staged { shorter().unwrap_or(self) } else { self };
-        tile.summing::<F>(device, copies)
+        let deep = tile.multiplies_by_hand() && tile.max_rank >= BY_HAND_HIGH_RANK && copies == BY_HAND_DEEP_COPIES;
+        let deep = deep.then(|| tile.with_stages::<F>(device, DEFAULT_STAGES).filter(|c| c.multiplies_by_hand())).flatten();
+        deep.and_then(|c| c.summing::<F>(device, copies)).or_else(|| tile.summing::<F>(device, copies))
+    }
+
+    /// Whether the pipelined kernel reads each tile's token rows a tile ahead of its copies:
+    /// by hand, in three or four stages (see [`Self::batch_summing`]).
+    pub fn prefetches_rows(&self) -> bool {
+        self.multiplies_by_hand() && self.stages >= 3
     }
 
     /// [`Self::supported`], and only for batches with enough 16-token tiles to fill the GPU

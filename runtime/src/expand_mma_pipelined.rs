@@ -75,6 +75,7 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     let stages = comptime!(cfg.stages as usize);
     let a_splits = comptime!(cfg.a_splits as usize);
     let by_hand = comptime!(cfg.multiplies_by_hand());
+    let prefetch = comptime!(cfg.prefetches_rows());
     // Padded strides keep the MMA operands' rows out of the same shared-memory banks.
     let rs = comptime!(max_rank + 8);
     let ds = comptime!(bw + 8);
@@ -119,11 +120,20 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
     let a_copy = a.len() / a_splits;
     let geometry = TileGeometry { end, rank, cols, y_vecs, y_col, a_row, a_col, a_copy };
 
+    // Prefetching, each tile's token rows are read a tile ahead of its copies (below).
+    let mut y_rows = Array::<u32>::new(comptime!(if prefetch { (tm * bw_vecs).div_ceil(threads) } else { 1 }));
+    let mut a_rows = Array::<u32>::new(comptime!(if prefetch { (tm * a_vecs).div_ceil(threads) } else { 1 }));
+
     // Fill every stage but the last before the first tile.
     #[unroll]
     for s in 0..comptime!(stages - 1) {
         if s < tiles {
-            fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &barriers, first + s * step, s, &geometry, cfg);
+            if comptime!(prefetch) {
+                load_tile_rows(token_perm, first + s * step, &geometry, &mut y_rows, &mut a_rows, cfg);
+                fill_rows::<F, NY, NA>(a, y, &y_rows, &a_rows, &mut y_tiles, &mut a_tiles, &barriers, first + s * step, s, &geometry, cfg);
+            } else {
+                fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &barriers, first + s * step, s, &geometry, cfg);
+            }
         }
     }
 
@@ -144,6 +154,15 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
             let c = c0 + s;
             if c < tiles {
                 let p0 = first + c * step;
+                let ahead = c + stages - 1;
+                // Prefetching, the rows of the tile to copy next are read now: their latency
+                // passes while this tile lands and its operand is built (run 138: the expand's
+                // largest stall was on global loads).
+                if comptime!(prefetch) {
+                    if ahead < tiles {
+                        load_tile_rows(token_perm, first + ahead * step, &geometry, &mut y_rows, &mut a_rows, cfg);
+                    }
+                }
                 wait_stage(&barriers, s, c, cfg.stages);
                 // The scaled intermediate in the storage type (its copies added up): zero past
                 // the rank and the segment (the stage holds stale data there). One staged
@@ -182,11 +201,14 @@ pub(crate) fn expand_mma_pipelined_kernel<F: Float, NY: Size, NB: Size, NA: Size
                 }
                 sync_cube();
                 // Every thread is past the previous tile's epilogue: its stage is free.
-                let ahead = c + stages - 1;
                 if ahead < tiles {
                     let free = comptime!((s + stages - 1) % stages);
                     let pa = first + ahead * step;
-                    fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &barriers, pa, free, &geometry, cfg);
+                    if comptime!(prefetch) {
+                        fill_rows::<F, NY, NA>(a, y, &y_rows, &a_rows, &mut y_tiles, &mut a_tiles, &barriers, pa, free, &geometry, cfg);
+                    } else {
+                        fill::<F, NY, NA>(a, y, token_perm, &mut y_tiles, &mut a_tiles, &barriers, pa, free, &geometry, cfg);
+                    }
                 }
                 if comptime!(by_hand) {
                     // Per rank step one `ldmatrix.x4` of the operand and two m16n8k16 MMAs;
@@ -411,6 +433,99 @@ fn fill<F: Float, NY: Size, NA: Size>(
             }
         }
         v += threads;
+    }
+    arrive_on_stage(barriers, stage);
+}
+
+/// This thread's token rows (through the permutation) for the copies of the token tile at `p0`
+/// in [`fill_rows`]: per copy it issues, in the order it issues them, the row of its y vector
+/// (`y_rows`) and of its intermediate vectors (`a_rows`); 0 past the segment.
+#[cube]
+fn load_tile_rows(
+    token_perm: &Array<u32>,
+    p0: usize,
+    geometry: &TileGeometry,
+    y_rows: &mut Array<u32>,
+    a_rows: &mut Array<u32>,
+    #[comptime] cfg: MmaExpandConfig,
+) {
+    let tm = comptime!(cfg.tile_tokens() as usize);
+    let threads = comptime!(cfg.warps() as usize * 32);
+    let bw_vecs = comptime!((cfg.block_columns() / cfg.out_vector) as usize);
+    let a_vecs = comptime!(cfg.max_rank as usize / A_VECTOR);
+    let tid = UNIT_POS as usize;
+    #[unroll]
+    for k in 0..comptime!((tm * bw_vecs).div_ceil(threads)) {
+        let i = (tid + k * threads) / bw_vecs;
+        let mut row = 0u32;
+        if p0 + i < geometry.end {
+            row = token_perm[p0 + i];
+        }
+        y_rows[k] = row;
+    }
+    #[unroll]
+    for k in 0..comptime!((tm * a_vecs).div_ceil(threads)) {
+        let i = (tid + k * threads) / a_vecs;
+        let mut row = 0u32;
+        if p0 + i < geometry.end {
+            row = token_perm[p0 + i];
+        }
+        a_rows[k] = row;
+    }
+}
+
+/// [`fill`] from token rows read beforehand ([`load_tile_rows`] for the same `p0`), for the
+/// by-hand kernel that prefetches them (`MmaExpandConfig::prefetches_rows`; staged y rows
+/// padded, see [`y_stride`]).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fill_rows<F: Float, NY: Size, NA: Size>(
+    a: &Array<Vector<f32, NA>>,
+    y: &Array<Vector<F, NY>>,
+    y_rows: &Array<u32>,
+    a_rows: &Array<u32>,
+    y_tiles: &mut SharedMemory<Vector<F, NY>>,
+    a_tiles: &mut SharedMemory<Vector<f32, NA>>,
+    barriers: &StageBarriers,
+    p0: usize,
+    #[comptime] stage: usize,
+    geometry: &TileGeometry,
+    #[comptime] cfg: MmaExpandConfig,
+) {
+    let tm = comptime!(cfg.tile_tokens() as usize);
+    let threads = comptime!(cfg.warps() as usize * 32);
+    let ny = comptime!(cfg.out_vector as usize);
+    let bw_vecs = comptime!((cfg.block_columns() / cfg.out_vector) as usize);
+    let a_vecs = comptime!(cfg.max_rank as usize / A_VECTOR);
+    let a_splits = comptime!(cfg.a_splits as usize);
+    let ysv = comptime!(y_stride(cfg));
+    let y_base = comptime!(stage * tm * ysv);
+    let a_base = comptime!(stage * a_splits * tm * a_vecs);
+    let tid = UNIT_POS as usize;
+    #[unroll]
+    for k in 0..comptime!((tm * bw_vecs).div_ceil(threads)) {
+        let w = tid + k * threads;
+        let i = w / bw_vecs;
+        let cv = w % bw_vecs;
+        if w < comptime!(tm * bw_vecs) && p0 + i < geometry.end && cv * ny < geometry.cols {
+            let src = y_rows[k] as usize * geometry.y_vecs + geometry.y_col + cv;
+            let to = y_base + i * ysv + cv;
+            copy_async(&y.slice(src, src + 1), &mut y_tiles.slice_mut(to, to + 1), comptime!(ny as u32));
+        }
+    }
+    #[unroll]
+    for k in 0..comptime!((tm * a_vecs).div_ceil(threads)) {
+        let v = tid + k * threads;
+        let i = v / a_vecs;
+        let j0 = (v % a_vecs) * A_VECTOR;
+        if v < comptime!(tm * a_vecs) && p0 + i < geometry.end && j0 < geometry.rank {
+            let src = a_rows[k] as usize * geometry.a_row + geometry.a_col + j0 / A_VECTOR;
+            #[unroll]
+            for copy in 0..a_splits {
+                let (from, to) = (copy * geometry.a_copy + src, a_base + copy * comptime!(tm * a_vecs) + v);
+                copy_async(&a.slice(from, from + 1), &mut a_tiles.slice_mut(to, to + 1), comptime!(A_VECTOR as u32));
+            }
+        }
     }
     arrive_on_stage(barriers, stage);
 }

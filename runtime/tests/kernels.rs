@@ -1673,16 +1673,23 @@ fn split_k_shrink_follows_the_room() {
             ShrinkKernel::intermediate_len::<RecordingRuntime, half::bf16>(rec, &mla, 4096),
             TALL_SPLIT_COPIES as usize * 4096 * 128
         );
-        // Its expand, one copy or adding the two up, runs 16-token tiles multiplied by hand in
-        // two stages (up to rank 64 the B fragments stay in registers); at rank 16 on
+        // Its expand, one copy or adding the two up, runs 16-token tiles multiplied by hand (up
+        // to rank 64 the B fragments stay in registers), in two stages, or three reading the
+        // token rows a tile ahead when it adds up the wide tile's two copies; at rank 16 on
         // cooperative matrices in three.
         let expand_tile =
             |layout: &LoraLayout, copies| match ExpandKernel::choose_summing::<RecordingRuntime, half::bf16>(rec, layout, 8, 512, copies) {
                 ExpandKernel::Mma { config, .. } => (config.m_frags, config.n_frags, config.stages, config.a_splits, config.fragments),
                 other => panic!("prefill expand took {other:?}"),
             };
-        assert_eq!((expand_tile(&mla, 1), expand_tile(&mla, 2)), ((1, 8, 2, 1, Fragments::Ldmatrix), (1, 8, 2, 2, Fragments::Ldmatrix)));
-        assert_eq!(expand_tile(&wide, 2), (1, 8, 2, 2, Fragments::Ldmatrix));
+        assert_eq!((expand_tile(&mla, 1), expand_tile(&mla, 2)), ((1, 8, 2, 1, Fragments::Ldmatrix), (1, 8, 3, 2, Fragments::Ldmatrix)));
+        assert_eq!((expand_tile(&mla, 4), expand_tile(&wide, 2)), ((1, 8, 2, 4, Fragments::Ldmatrix), (1, 8, 3, 2, Fragments::Ldmatrix)));
+        let prefetching =
+            |layout: &LoraLayout, copies| match ExpandKernel::choose_summing::<RecordingRuntime, half::bf16>(rec, layout, 8, 512, copies) {
+                ExpandKernel::Mma { config, .. } => config.prefetches_rows(),
+                other => panic!("prefill expand took {other:?}"),
+            };
+        assert_eq!([1, 2, 4].map(|copies| prefetching(&mla, copies)), [false, true, false]);
         assert_eq!(expand_tile(&narrow, 1), (1, 8, 3, 1, Fragments::Cmma));
         // The by-hand tiles' token splits (five cubes per multiprocessor): MLA's 136 column
         // blocks of segments in four, one wave of 8 tiles each; qkv's 384 in three.
