@@ -67,7 +67,8 @@ const BY_HAND_HIGH_RANK_STAGES: u32 = 2;
 const BY_HAND_DEEP_COPIES: u32 = 2;
 
 /// Registers per thread of the by-hand pipelined kernels, as ptxas allocates them for the
-/// rank-64 qkv and MLA tiles (ncu, H100 run 132): with the register file of
+/// rank-64 qkv and MLA tiles (ncu, H100 run 132; offline also in three stages reading rows
+/// ahead, `MmaExpandConfig::prefetches_rows`): with the register file of
 /// [`SM_REGISTERS`], five 256-thread cubes per multiprocessor
 /// ([`MmaExpandConfig::balanced_token_splits`]).
 const BY_HAND_REGISTERS: u32 = 48;
@@ -293,9 +294,10 @@ impl MmaExpandConfig {
     /// [`BY_HAND_DEEP_COPIES`] copies takes [`DEFAULT_STAGES`] stages, where the kernel reads
     /// each tile's token rows a tile ahead (`prefetches_rows`). H100, T = 4096 in 8 segments,
     /// rank 64, two copies, each expand alone at the default split (run 139): qkv 58.6 µs in
-    /// two stages → 53.7 in three, MLA 25.1 → 23.6. In two stages the same reads cost ptxas 64
-    /// registers instead of 48 (four cubes per multiprocessor): they stay off there. One and
-    /// four copies were not timed with them and keep two stages.
+    /// two stages → 53.7 in three, MLA 25.1 → 23.6; the qkv pair (run 140, two rounds) 94.9–95.7
+    /// → 90.5–93.1 µs. In two stages the same reads cost ptxas 64 registers instead of 48 (four
+    /// cubes per multiprocessor): they stay off there. One and four copies were not timed with
+    /// them and keep two stages.
     pub fn batch_summing<F: CubePrimitive>(self, device: &DeviceProperties, layout: &LoraLayout, copies: u32) -> Option<Self> {
         let shorter = || Self::with_tile::<F>(device, layout, 1, self.n_frags).and_then(|c| c.with_stages::<F>(device, self.stages));
         let copies_staged = copies > 1 && self.stages > 1 && self.m_frags > 1 && layout.max_rank() > PIPELINED_MAX_RANK;

@@ -27,6 +27,12 @@
 //! only copies the staged y out (H100, runs 124–130: the rank-64 qkv expand of two copies 67
 //! → 58–59 µs).
 //!
+//! By hand in three or four stages (`MmaExpandConfig::prefetches_rows`: the rank-64 tile adding
+//! up the wide prefill shrink's two copies) each thread reads the token rows of the tile it
+//! copies next at the top of the current one, so the permutation's latency passes while the
+//! current tile lands (H100, runs 138–140: the expand's largest stall was on these loads; the
+//! qkv R=64 pair 94.9–95.7 → 90.5–93.1 µs).
+//!
 //! Per tile: wait for its stage's barrier; scale the staged intermediate into the MMA operand
 //! (zero past the slot's rank and the segment); block sync (after which the stage the previous
 //! tile used is free and is refilled); MMAs into an f32 delta tile; block sync; y + delta back
