@@ -410,9 +410,9 @@ impl MmaExpandConfig {
     /// The token split, from 1 to `tiles`, with the shortest makespan for `cubes_per_split`
     /// cubes per split (the first of equals): the grid runs in waves of
     /// [`Self::resident_cubes_by_hand`] per multiprocessor, each wave as long as a cube's
-    /// tiles plus [`CUBE_OVERHEAD_TILES`] (filling its stages and loading its B operands). Eight cubes per multiprocessor, the
-    /// rule before, put 1.65 waves of cubes with 4 tiles on MLA's grid; the model picks 0.82
-    /// waves of 8 tiles. H100, T = 4096 in 8 segments, rank 64, two stages, the expand alone
+    /// tiles plus [`CUBE_OVERHEAD_TILES`] (filling its stages and loading its B operands).
+    /// Eight cubes per multiprocessor, the rule before, put 1.65 waves of cubes with 4 tiles
+    /// on MLA's grid; the model picks 0.82 waves of 8 tiles. H100, T = 4096 in 8 segments, rank 64, two stages, the expand alone
     /// (runtime/BENCHMARKS.md, runs 132–133): MLA 25.8 → 23.7–23.9 µs (one copy) and
     /// 27.4 → 24.8 (two); qkv keeps its split of 3, the fastest of 1–16 in both runs.
     fn balanced_token_splits(&self, device: &DeviceProperties, cubes_per_split: u32, tiles: u32) -> u32 {

@@ -422,16 +422,14 @@ impl MmaShrinkConfig {
         let column_blocks: u64 = layout.slices().iter().map(|s| u64::from(s.width.div_ceil(columns))).sum();
         let tokens = num_segments as u64 * u64::from(max_segment_len);
         let copy_reads = |c: &Self| u64::from(c.k_splits - 1) * column_blocks * tokens * u64::from(layout.max_rank()) * 4;
+        let blocked = i128::from(staged(&self));
         Self::wide_split_layouts::<F>(device, layout)
             .filter(|wide| {
-                if wide.k_splits > max_copies {
-                    return false;
-                }
                 let unsplit = wide.token_tiles(num_segments, max_segment_len) * u64::from(wide.row_blocks());
-                unsplit < target && unsplit * u64::from(wide.k_splits) >= target
+                wide.k_splits <= max_copies && unsplit < target && unsplit * u64::from(wide.k_splits) >= target
             })
             .filter_map(|wide| {
-                let net = i128::from(staged(&self)) - i128::from(staged(&wide)) - i128::from(copy_reads(&wide));
+                let net = blocked - i128::from(staged(&wide)) - i128::from(copy_reads(&wide));
                 (net >= 0).then_some((net, wide))
             })
             .max_by_key(|(net, _)| *net)
@@ -474,8 +472,12 @@ impl MmaShrinkConfig {
     /// with the default expand 75.4 against 77.5 µs. `None` where the wide tile is, or
     /// where this one does not divide or fit.
     pub fn tall_split_layout<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout) -> Option<Self> {
-        let n_frags = Self::wide_split_layout::<F>(device, layout)?.n_frags;
-        let tile = ShrinkTile::new(8, n_frags).with_warps(4, 4);
+        Self::tall_split_of::<F>(device, layout, &Self::wide_split_layout::<F>(device, layout)?)
+    }
+
+    /// [`Self::tall_split_layout`] of the layout whose 64-token wide tile is `wide`.
+    fn tall_split_of<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout, wide: &Self) -> Option<Self> {
+        let tile = ShrinkTile::new(8, wide.n_frags).with_warps(4, 4);
         let config = Self::with_tile_chunk::<F>(device, layout, tile, 64, 2)?;
         config.with_stages::<F>(device, 3).or_else(|| config.with_stages::<F>(device, 2))?.with_k_splits(layout, TALL_SPLIT_COPIES)
     }
@@ -483,7 +485,9 @@ impl MmaShrinkConfig {
     /// The wide prefill tiles of this layout [`Self::wide_split_for`] chooses from: the tall
     /// one and the 64-token one, where they apply.
     pub fn wide_split_layouts<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout) -> impl Iterator<Item = Self> {
-        [Self::tall_split_layout::<F>(device, layout), Self::wide_split_layout::<F>(device, layout)].into_iter().flatten()
+        let wide = Self::wide_split_layout::<F>(device, layout);
+        let tall = wide.as_ref().and_then(|wide| Self::tall_split_of::<F>(device, layout, wide));
+        [tall, wide].into_iter().flatten()
     }
 
     /// Tokens from which no batch takes this wide prefill tile: its unsplit grid then holds at

@@ -1677,27 +1677,22 @@ fn split_k_shrink_follows_the_room() {
         // to rank 64 the B fragments stay in registers), in two stages, or three reading the
         // token rows a tile ahead when it adds up the wide tile's two copies; at rank 16 on
         // cooperative matrices in three.
-        let expand_tile =
+        let expand_config =
             |layout: &LoraLayout, copies| match ExpandKernel::choose_summing::<RecordingRuntime, half::bf16>(rec, layout, 8, 512, copies) {
-                ExpandKernel::Mma { config, .. } => (config.m_frags, config.n_frags, config.stages, config.a_splits, config.fragments),
+                ExpandKernel::Mma { config, .. } => config,
                 other => panic!("prefill expand took {other:?}"),
             };
+        let expand_tile = |layout: &LoraLayout, copies| {
+            let config = expand_config(layout, copies);
+            (config.m_frags, config.n_frags, config.stages, config.a_splits, config.fragments)
+        };
         assert_eq!((expand_tile(&mla, 1), expand_tile(&mla, 2)), ((1, 8, 2, 1, Fragments::Ldmatrix), (1, 8, 3, 2, Fragments::Ldmatrix)));
         assert_eq!((expand_tile(&mla, 4), expand_tile(&wide, 2)), ((1, 8, 2, 4, Fragments::Ldmatrix), (1, 8, 3, 2, Fragments::Ldmatrix)));
-        let prefetching =
-            |layout: &LoraLayout, copies| match ExpandKernel::choose_summing::<RecordingRuntime, half::bf16>(rec, layout, 8, 512, copies) {
-                ExpandKernel::Mma { config, .. } => config.prefetches_rows(),
-                other => panic!("prefill expand took {other:?}"),
-            };
-        assert_eq!([1, 2, 4].map(|copies| prefetching(&mla, copies)), [false, true, false]);
+        assert_eq!([1, 2, 4].map(|copies| expand_config(&mla, copies).prefetches_rows()), [false, true, false]);
         assert_eq!(expand_tile(&narrow, 1), (1, 8, 3, 1, Fragments::Cmma));
         // The by-hand tiles' token splits (five cubes per multiprocessor): MLA's 136 column
         // blocks of segments in four, one wave of 8 tiles each; qkv's 384 in three.
-        let token_splits =
-            |layout: &LoraLayout, copies| match ExpandKernel::choose_summing::<RecordingRuntime, half::bf16>(rec, layout, 8, 512, copies) {
-                ExpandKernel::Mma { config, .. } => config.token_splits(rec.properties(), layout, 8, 512, 0),
-                other => panic!("prefill expand took {other:?}"),
-            };
+        let token_splits = |layout: &LoraLayout, copies| expand_config(layout, copies).token_splits(rec.properties(), layout, 8, 512, 0);
         assert_eq!((token_splits(&mla, 1), token_splits(&mla, 2), token_splits(&mla, 4)), (4, 4, 4));
         assert_eq!((token_splits(&wide, 1), token_splits(&wide, 2)), (3, 3));
         // 8 segments of 1024 (128 cubes unsplit) keep the blocked tile, and so do gate_up
