@@ -87,6 +87,11 @@ pub(crate) fn pipeline_fits(props: &DeviceProperties, stages: u32, copy_bytes: u
     async_copies && (2..=4).contains(&stages) && copy_bytes == 16 && shared_bytes <= props.hardware.max_shared_memory_size as u32
 }
 
+/// 32-bit registers per multiprocessor (every NVIDIA architecture from sm_50 to sm_90): with
+/// the registers ptxas gives a kernel, it bounds how many of its threads a multiprocessor
+/// holds. cubecl 0.10's device properties do not report it.
+pub(crate) const SM_REGISTERS: u32 = 65536;
+
 pub(crate) fn multiprocessors(device: &DeviceProperties) -> u32 {
     device.hardware.num_streaming_multiprocessors.unwrap_or(64)
 }

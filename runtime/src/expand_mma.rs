@@ -69,10 +69,9 @@ const BY_HAND_DEEP_COPIES: u32 = 2;
 /// Registers per thread of the by-hand pipelined kernels, as ptxas allocates them for the
 /// rank-64 qkv and MLA tiles (ncu, H100 run 132; offline also in three stages reading rows
 /// ahead, `MmaExpandConfig::prefetches_rows`): with the register file of
-/// [`SM_REGISTERS`], five 256-thread cubes per multiprocessor
+/// [`crate::config::SM_REGISTERS`], five 256-thread cubes per multiprocessor
 /// ([`MmaExpandConfig::balanced_token_splits`]).
 const BY_HAND_REGISTERS: u32 = 48;
-const SM_REGISTERS: u32 = 65536;
 
 /// What starting a cube costs in its tiles' time, in the token-split model
 /// ([`MmaExpandConfig::balanced_token_splits`]): with 2 the model picks the fastest split of
@@ -296,8 +295,11 @@ impl MmaExpandConfig {
     /// rank 64, two copies, each expand alone at the default split (run 139): qkv 58.6 µs in
     /// two stages → 53.7 in three, MLA 25.1 → 23.6; the qkv pair (run 140, two rounds) 94.9–95.7
     /// → 90.5–93.1 µs. In two stages the same reads cost ptxas 64 registers instead of 48 (four
-    /// cubes per multiprocessor): they stay off there. One and four copies were not timed with
-    /// them and keep two stages.
+    /// cubes per multiprocessor): they stay off there. Four copies (MLA's tall shrink) keep
+    /// two stages: in three, 60 registers and 63 KiB give three cubes per multiprocessor, and
+    /// the expand alone took 29.3 µs at its split against 25.7 in two (run 142; no split of
+    /// the three-stage tile came under 29); the 16 × 256 tiles took 27.4 at best (run 148).
+    /// One copy was not timed with them.
     pub fn batch_summing<F: CubePrimitive>(self, device: &DeviceProperties, layout: &LoraLayout, copies: u32) -> Option<Self> {
         let shorter = || Self::with_tile::<F>(device, layout, 1, self.n_frags).and_then(|c| c.with_stages::<F>(device, self.stages));
         let copies_staged = copies > 1 && self.stages > 1 && self.m_frags > 1 && layout.max_rank() > PIPELINED_MAX_RANK;
@@ -429,7 +431,7 @@ impl MmaExpandConfig {
     /// memory (a 16-bit storage type: the only kind multiplied by hand) and by
     /// [`BY_HAND_REGISTERS`] registers per thread (at least one).
     fn resident_cubes_by_hand(&self, device: &DeviceProperties) -> u32 {
-        let by_registers = SM_REGISTERS / (BY_HAND_REGISTERS * self.warps() * 32).max(1);
+        let by_registers = crate::config::SM_REGISTERS / (BY_HAND_REGISTERS * self.warps() * 32).max(1);
         let by_shared = device.hardware.max_shared_memory_size as u32 / self.pipelined_shared_bytes(2).max(1);
         by_registers.min(by_shared).max(1)
     }

@@ -59,6 +59,23 @@ pub const WIDE_SPLIT_COPIES: u32 = 2;
 /// split needs twice the cubes to fill the GPU.
 pub const TALL_SPLIT_COPIES: u32 = 4;
 
+/// Fewest fragments in a tile with several K groups whose first group stores from registers
+/// ([`MmaShrinkConfig::stores_from_registers`]): there the accumulator tile shrinks by a
+/// group, 16 KiB or more. H100, T = 4096 in 8 segments, rank 64, from graphs
+/// (runtime/BENCHMARKS.md, runs 141–148): MLA's tall tile (64 fragments, two groups) fits
+/// three stages and its shrink went from 45.8–46.9 to 43.2–43.4 µs; qkv's wide tile (48
+/// fragments, two groups, three stages as before) from 42.2–42.3 to 39.8–40.1. The decode
+/// tiles with K split (1–4 fragments, four groups, at most 4 KiB of accumulator tile to
+/// save) gain no stage from it; with it they were level but for gate_up R=64 T=32, 5%
+/// slower in one round, a case that swung 5% the other way between identical kernels in the
+/// next. They keep storing through the tile, with all the cube's threads.
+const REGISTER_STORE_MIN_FRAGMENTS: u32 = 16;
+
+/// Registers per thread ptxas gives the tall wide tile's kernel, whose 4×4-fragment warp
+/// blocks hold 128 f32 accumulators per thread (H100 ncu, MLA R=64, run 138): the register
+/// file holds eight of its warps, so a row block needing more does not take the tall tile.
+const TALL_TILE_REGISTERS: u32 = 184;
+
 /// Most A-row fragments in the wide prefill tile's row block.
 const WIDE_MAX_ROW_FRAGS: u32 = 12;
 
@@ -468,9 +485,12 @@ impl MmaShrinkConfig {
     /// wide tile's row block (every A row), 4×4-fragment warp blocks, two K groups, 64-wide
     /// chunks in three stages (two where three do not fit), K split
     /// [`TALL_SPLIT_COPIES`] ways. H100, MLA R=64, T = 4096 in 8 segments (run 134, the
-    /// fastest of 41 wide shrink tiles): 45.96 µs against the wide tile's 50.40, its pair
-    /// with the default expand 75.4 against 77.5 µs. `None` where the wide tile is, or
-    /// where this one does not divide or fit.
+    /// fastest of 41 wide shrink tiles, two stages then): 45.96 µs against the wide tile's
+    /// 50.40, its pair with the default expand 75.4 against 77.5 µs. Since its first K group
+    /// stores from registers (run 141, `--prefill-tiles`): two stages 44.90 µs, three 43.08–43.54,
+    /// four 43.81; 128-wide chunks in two stages 43.95 (run 142). `None` where the wide tile
+    /// is, or where this one does not divide, fit in shared memory, or its warps'
+    /// [`TALL_TILE_REGISTERS`] in the register file.
     pub fn tall_split_layout<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout) -> Option<Self> {
         Self::tall_split_of::<F>(device, layout, &Self::wide_split_layout::<F>(device, layout)?)
     }
@@ -478,7 +498,8 @@ impl MmaShrinkConfig {
     /// [`Self::tall_split_layout`] of the layout whose 64-token wide tile is `wide`.
     fn tall_split_of<F: CubePrimitive>(device: &DeviceProperties, layout: &LoraLayout, wide: &Self) -> Option<Self> {
         let tile = ShrinkTile::new(8, wide.n_frags).with_warps(4, 4);
-        let config = Self::with_tile_chunk::<F>(device, layout, tile, 64, 2)?;
+        let config = Self::with_tile_chunk::<F>(device, layout, tile, 64, 2)
+            .filter(|c| c.warps() * 32 * TALL_TILE_REGISTERS <= crate::config::SM_REGISTERS)?;
         config.with_stages::<F>(device, 3).or_else(|| config.with_stages::<F>(device, 2))?.with_k_splits(layout, TALL_SPLIT_COPIES)
     }
 
@@ -573,12 +594,15 @@ impl MmaShrinkConfig {
         self.stages.max(1) * Self::staged_bytes(self.m_frags, self.n_frags, self.k_chunk, elem) + accumulator_floats(*self) as u32 * 4
     }
 
-    /// Whether each warp writes its sums to the intermediate straight from its registers:
-    /// with hand-managed fragments (whose lanes know the elements they hold) and one K group
-    /// (each warp holds whole sums). Otherwise they go through the accumulator tile in shared
-    /// memory, where the K groups are added up.
+    /// Whether the warps write the sums to the intermediate straight from their registers:
+    /// with hand-managed fragments, whose lanes know the elements they hold, and one K group
+    /// or tiles of at least [`REGISTER_STORE_MIN_FRAGMENTS`]. With several K groups the first
+    /// group's warps add the other groups' partial sums, which pass through the accumulator
+    /// tile ([`accumulator_floats`]), to their own before they store. Otherwise every group's
+    /// sums go through the accumulator tile, where all the cube's threads add them up and
+    /// store them.
     pub fn stores_from_registers(&self) -> bool {
-        self.fragments == Fragments::Ldmatrix && self.k_groups == 1
+        self.fragments == Fragments::Ldmatrix && (self.k_groups == 1 || self.m_frags * self.n_frags >= REGISTER_STORE_MIN_FRAGMENTS)
     }
 
     /// This tile with K split across `k_splits` cubes (see [`Self::k_splits`]), or `None`
@@ -744,13 +768,18 @@ pub(crate) fn warp_block(#[comptime] cfg: MmaShrinkConfig) -> WarpBlock {
 }
 
 /// Floats of the accumulator tile: one 16×16 f32 fragment per output fragment and K group,
-/// or one unused float where the warps store from their registers.
+/// but for the first group where the warps store from their registers (one unused float
+/// with a single group). Where the warps store from registers the tile holds only partial
+/// sums, so at two K groups it is half the size: MLA's tall prefill tile (128 tokens × 128
+/// rows, two groups) needs 64 KiB instead of 128 and has room for more stages.
 pub(crate) fn accumulator_floats(cfg: MmaShrinkConfig) -> usize {
-    if cfg.stores_from_registers() { 1 } else { (cfg.m_frags * cfg.n_frags * cfg.k_groups * TILE * TILE) as usize }
+    let partial_groups = if cfg.stores_from_registers() { cfg.k_groups - 1 } else { cfg.k_groups };
+    ((cfg.m_frags * cfg.n_frags * partial_groups * TILE * TILE) as usize).max(1)
 }
 
-/// Writes the cube's sums into the intermediate: from the warps' registers
-/// ([`MmaShrinkConfig::stores_from_registers`]), else through the accumulator tile `c_tile`.
+/// Writes the cube's sums into the intermediate: from the first K group's registers, the
+/// other groups' partial sums added through `c_tile` ([`MmaShrinkConfig::stores_from_registers`]),
+/// else every group's through the accumulator tile `c_tile`.
 #[cube]
 pub(crate) fn write_tile(
     out: &mut Array<f32>,
@@ -762,7 +791,15 @@ pub(crate) fn write_tile(
     #[comptime] cfg: MmaShrinkConfig,
 ) {
     if comptime!(cfg.stores_from_registers()) {
-        store_halves(out, token_perm, block, cube, accs, cfg);
+        if comptime!(cfg.k_groups > 1) {
+            if block.group > 0 {
+                store_accumulators(c_tile, block, cube, accs, cfg);
+            }
+            sync_cube();
+        }
+        if block.group == 0 {
+            store_halves(out, c_tile, token_perm, block, cube, accs, cfg);
+        }
     } else {
         store_accumulators(c_tile, block, cube, accs, cfg);
         sync_cube();
@@ -772,10 +809,13 @@ pub(crate) fn write_tile(
 
 /// Writes each lane's elements of the warp's live 16×8 accumulators (rows `g`, `g + 8`,
 /// columns `2t`, `2t + 1` of each, see [`crate::mma_fragments`]) for tokens inside the
-/// segment and rows below the slot's rank into the cube's copy of the intermediate.
+/// segment and rows below the slot's rank into the cube's copy of the intermediate, each
+/// plus the same elements of the other K groups' partial sums in `c_tile`
+/// ([`store_accumulators`]). Called by the first group's warps only.
 #[cube]
 fn store_halves(
     out: &mut Array<f32>,
+    c_tile: &SharedMemory<f32>,
     token_perm: &Array<u32>,
     block: &WarpBlock,
     cube: &CubeTile,
@@ -787,6 +827,8 @@ fn store_halves(
     let c_r = comptime!((cfg.groups * cfg.max_rank) as usize);
     let warp_n = comptime!(cfg.warp_n as usize);
     let copy = cube.split * (out.len() / comptime!(cfg.k_splits as usize));
+    let fragments = comptime!((cfg.m_frags * cfg.n_frags) as usize);
+    let n_frags = comptime!(cfg.n_frags as usize);
     let lane = UNIT_POS_PLANE as usize;
     #[unroll]
     for i in 0..comptime!(cfg.warp_m as usize) {
@@ -802,11 +844,21 @@ fn store_halves(
                         for h in 0..2usize {
                             let row = cube.row_base + (block.nf0 + j) * tile + h * 8 + lane % 4 * 2;
                             let sums = accs.halves.index(2 * (i * warp_n + j) + h)[half_row];
+                            let mut low = sums[0];
+                            let mut high = sums[1];
+                            // This lane's elements of the fragment as `store_accumulator` lays them out.
+                            let f = (block.mf0 + i) * n_frags + block.nf0 + j;
+                            let at = f * 256 + (half_row * 8 + lane / 4) * tile + h * 8 + lane % 4 * 2;
+                            #[unroll]
+                            for g in 0..comptime!(cfg.k_groups as usize - 1) {
+                                low += c_tile[g * comptime!(fragments * 256) + at];
+                                high += c_tile[g * comptime!(fragments * 256) + at + 1];
+                            }
                             if row % max_rank < cube.rank {
-                                out[t_row + row] = sums[0];
+                                out[t_row + row] = low;
                             }
                             if (row + 1) % max_rank < cube.rank {
-                                out[t_row + row + 1] = sums[1];
+                                out[t_row + row + 1] = high;
                             }
                         }
                     }
@@ -981,7 +1033,8 @@ pub(crate) fn multiply_chunk<F: Float, N: Size>(
 
 /// Stores the warp's live accumulators into the accumulator tile: fragment f of the cube tile
 /// (row-major, `f = mf·n_frags + nf`) for K group g at floats `(g·fragments + f)·256`, the
-/// layout [`store_tile`] sums.
+/// layout [`store_tile`] sums; where the first group stores from registers, group g's
+/// partial sums at `((g − 1)·fragments + f)·256`, where [`store_halves`] reads them.
 #[cube]
 pub(crate) fn store_accumulators(
     c_tile: &mut SharedMemory<f32>,
@@ -998,7 +1051,9 @@ pub(crate) fn store_accumulators(
         #[unroll]
         for j in 0..warp_n {
             if fragment_live(block, cube, j, cfg) {
-                let f = block.group * fragments + (block.mf0 + i) * n_frags + block.nf0 + j;
+                // With registers storing, group g > 0 leaves its partial sums at g − 1.
+                let partial = if comptime!(cfg.stores_from_registers()) { block.group - 1 } else { block.group };
+                let f = partial * fragments + (block.mf0 + i) * n_frags + block.nf0 + j;
                 let b = i * warp_n + j;
                 if comptime!(cfg.fragments == Fragments::Cmma) {
                     cmma::store(&mut c_tile.slice_mut(f * 256, f * 256 + 256), accs.tiles.index(b), 16, cmma::MatrixLayout::RowMajor);

@@ -1657,16 +1657,19 @@ fn split_k_shrink_follows_the_room() {
         }
         assert_eq!(prefill(&mla, 8, 512, 1).intermediate_copies(), 1);
         // With room for four copies, the tall wide tile (128 tokens, 4×4-fragment warp blocks,
-        // two K groups, two stages: three do not fit): 118 MB saved for 53 MB.
+        // two K groups, three stages: its first group stores from registers, so the
+        // accumulator tile holds one group's partial sums): 118 MB saved for 53 MB.
         match prefill(&mla, 8, 512, 4) {
             ShrinkKernel::Mma { config, .. } => {
                 let tile = (config.m_frags, config.n_frags, config.warp_m, config.warp_n, config.k_groups, config.k_chunk, config.stages);
-                assert_eq!((tile, config.k_splits), ((8, 8, 4, 4, 2, 64, 2), TALL_SPLIT_COPIES));
+                assert_eq!((tile, config.k_splits), ((8, 8, 4, 4, 2, 64, 3), TALL_SPLIT_COPIES));
+                assert!(config.stores_from_registers());
+                assert_eq!(config.shared_bytes_per_cube::<half::bf16>(), 3 * 2 * 128 * 72 * 2 + 128 * 128 * 4);
             }
             other => panic!("MLA prefill took {other:?}"),
         }
-        // qkv's tall tile (12 row fragments) does not fit: the 64-token one however large the
-        // room.
+        // qkv's tall tile (12 row fragments: 12 warps of 4×4-fragment blocks) would need more
+        // registers than a multiprocessor has: the 64-token one however large the room.
         assert_eq!(MmaShrinkConfig::tall_split_layout::<half::bf16>(rec.properties(), &wide), None);
         assert_eq!(copies(8, 512, 4096, 8), WIDE_SPLIT_COPIES);
         assert_eq!(

@@ -43,7 +43,7 @@ use lorac_runtime::moe::{MoeInput, MoeOutput, MoeRouting, launch_moe_expand, lau
 use lorac_runtime::moe_combine::PairScratch;
 use lorac_runtime::moe_grouped::{MoeGroups, launch_moe_grouped_expand, launch_moe_grouped_expand_weighted, launch_moe_grouped_shrink};
 use lorac_runtime::shrink::{ShrinkKernel, launch_shrink};
-use lorac_runtime::shrink_mma::{LaunchMode, MmaShrinkConfig, SPLIT_K_COPIES, ShrinkTile};
+use lorac_runtime::shrink_mma::{LaunchMode, MmaShrinkConfig, SPLIT_K_COPIES, ShrinkTile, TALL_SPLIT_COPIES, WIDE_SPLIT_COPIES};
 use lorac_runtime::testing::{Rng, StorageElem};
 use lorac_runtime::{AdapterPool, DeviceBuffer, DeviceSegments, ExpandConfig, Segments, ShrinkConfig};
 
@@ -1186,14 +1186,14 @@ fn prefill_tile_sweep<E: StorageElem>(opts: &Opts, builder: &mut GraphBuilder, p
         let tiles = [4, 8].into_iter().flat_map(|m| row_blocks.clone().map(move |n| (m, n)));
         let blocks = [(2, 2), (2, 4), (4, 2), (2, 3), (4, 3), (4, 4)];
         let configs = tiles.flat_map(|(m, n)| blocks.into_iter().flat_map(move |(wm, wn)| [1, 2, 4].map(|kg| (m, n, wm, wn, kg))));
-        // 64- and 128-wide chunks in 3 or 4 stages (2 where 3 do not fit).
-        let staging = [(64, 3), (64, 4), (128, 3), (128, 4)];
-        let configs = configs.flat_map(|c| staging.map(|s| (c, s)));
+        // 64- and 128-wide chunks in 2 to 4 stages.
+        let staging = [64, 128].map(|k_chunk| [2, 3, 4].map(|stages| (k_chunk, stages)));
+        let configs = configs.flat_map(|c| staging.into_iter().flatten().map(move |s| (c, s)));
         for ((m, n, wm, wn, kg), (k_chunk, stages)) in configs {
             let tile = ShrinkTile::new(m, n).with_warps(wm, wn);
             let config = MmaShrinkConfig::with_tile_chunk::<E>(device, layout, tile, k_chunk, kg)
                 .filter(|c| (4..=24).contains(&c.warps()))
-                .and_then(|c| c.with_stages::<E>(device, stages).or_else(|| (stages == 3).then(|| c.with_stages::<E>(device, 2)).flatten()))
+                .and_then(|c| c.with_stages::<E>(device, stages))
                 .and_then(|c| c.with_k_splits(layout, k_splits));
             let Some(config) = config.filter(|c| !tried.contains(c)) else { continue };
             tried.push(config);
@@ -1283,7 +1283,7 @@ fn prefill_expand_splits<E: StorageElem>(
     let (num_segments, max_len) = (host_segs.num_segments(), host_segs.max_segment_len());
     let default = MmaExpandConfig::for_batch::<E>(device, layout, num_segments, max_len);
     let (mut rows, sets) = (Vec::new(), data.len());
-    for copies in [1, 2] {
+    for copies in [1, 2, TALL_SPLIT_COPIES] {
         let partials = prefill.partial_copies(&cuda, sets, copies);
         let default_here = default.and_then(|d| d.batch_summing::<E>(device, layout, copies));
         for (m, n, stages) in [(1, 8), (2, 8), (1, 16)].into_iter().flat_map(|(m, n)| [2, 3, 4].map(|stages| (m, n, stages))) {
@@ -1430,12 +1430,33 @@ fn write_cuda_sources(dir: &str) -> std::io::Result<()> {
                 Some(format!("// lorac: grid cubes {cubes}, staged MB {:.0}\n", staged as f64 / 1e6))
             };
             let shrinks = default_shrink.map(|c| ("shrink default".to_string(), c)).into_iter();
-            for (name, config) in shrinks.chain(shrink_variants::<bf16>(&device, &layout, default_shrink)) {
+            // The wide prefill tiles with K splits (`wide_split_for`) at every depth that fits.
+            let device = &device;
+            let wide = MmaShrinkConfig::wide_split_layouts::<bf16>(device, &layout).flat_map(|wide| {
+                (2..=4).filter_map(move |stages| wide.with_stages::<bf16>(device, stages)).map(|c| {
+                    let name = format!(
+                        "shrink wide m{} n{} w{}x{} g{} s{} x{}",
+                        c.m_frags, c.n_frags, c.warp_m, c.warp_n, c.k_groups, c.stages, c.k_splits
+                    );
+                    (name, c)
+                })
+            });
+            for (name, config) in shrinks.chain(shrink_variants::<bf16>(&device, &layout, default_shrink)).chain(wide) {
                 sources.push((name, shrink_source::<_, bf16>(&client, config), shrink_cubes(&config)));
             }
             let default_expand = MmaExpandConfig::for_batch::<bf16>(&device, &layout, segments, tokens);
             let variants = expand_variants::<bf16>(&device, &layout).into_iter().filter(|(_, _, splits)| *splits == 0);
-            let expands = default_expand.map(|c| ("expand default".to_string(), c)).into_iter().chain(variants.map(|(n, c, _)| (n, c)));
+            // The default adding up the wide tiles' copies, and the same tile in 2–3 stages.
+            let summing = [WIDE_SPLIT_COPIES, TALL_SPLIT_COPIES].into_iter().flat_map(|copies| {
+                let tile = default_expand.and_then(|d| d.batch_summing::<bf16>(device, &layout, copies));
+                let depths = [2, 3].map(|stages| tile.and_then(|t| t.with_stages::<bf16>(device, stages)?.summing::<bf16>(device, copies)));
+                tile.into_iter().chain(depths.into_iter().flatten()).map(move |c| (format!("expand summing x{copies} s{}", c.stages), c))
+            });
+            let expands = default_expand
+                .map(|c| ("expand default".to_string(), c))
+                .into_iter()
+                .chain(variants.map(|(n, c, _)| (n, c)))
+                .chain(summing);
             for (name, config) in expands {
                 sources.push((name, expand_source::<_, bf16>(&client, config), None));
             }
