@@ -72,9 +72,10 @@ pub const TALL_SPLIT_COPIES: u32 = 4;
 const REGISTER_STORE_MIN_FRAGMENTS: u32 = 16;
 
 /// Registers per thread ptxas gives the tall wide tile's kernel, whose 4×4-fragment warp
-/// blocks hold 128 f32 accumulators per thread (H100 ncu, MLA R=64, run 138): the register
-/// file holds eight of its warps, so a row block needing more does not take the tall tile.
-const TALL_TILE_REGISTERS: u32 = 184;
+/// blocks hold 128 f32 accumulators per thread: MLA R=64, 184 in two stages (H100 ncu, run
+/// 138), 196 in three (offline, `nvrtc_check.py`). The register file holds eight of its
+/// warps, so a row block needing more does not take the tall tile.
+const TALL_TILE_REGISTERS: u32 = 196;
 
 /// Most A-row fragments in the wide prefill tile's row block.
 const WIDE_MAX_ROW_FRAGS: u32 = 12;
