@@ -16,6 +16,23 @@
 source "$(dirname "$0")/gpu_env.sh"
 for f in devbin/*.xz devbin/prev/*.xz; do [ -e "${f%.xz}" ] || xz -dk "$f"; done
 PART=${PART:-1}
+
+# ncu_prefill TAG KERNEL CASE: ncu (the sections below) of the third launch of the kernels
+# matching KERNEL in one profiling pass of CASE at T = 4096 with 8 adapters, caches flushed,
+# unlocked clocks: $OUT/TAG_details.csv (and with RAW=1 the raw page, $OUT/TAG_raw.csv), the
+# bench's output in $OUT/TAG_run.txt.
+ncu_prefill() {
+  local tag=$1 k=$2 c=$3
+  timeout 150 ncu --cache-control all --clock-control none \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+    -k regex:"$k" --launch-skip 2 -c 1 -o "$OUT/$tag" -f \
+    devbin/lora_bench --profile-pass --no-graphs --variant none --case "^$c T=4096 adapters=8" > "$OUT/${tag}_run.txt" 2>&1
+  echo "$c $k: ncu rc=$?"
+  ncu --import "$OUT/$tag.ncu-rep" --page details --csv > "$OUT/${tag}_details.csv" 2>&1
+  [ -n "${RAW:-}" ] && ncu --import "$OUT/$tag.ncu-rep" --page raw --csv > "$OUT/${tag}_raw.csv" 2>&1
+  rm -f "$OUT/$tag.ncu-rep"
+}
 if [ "$PART" = 1 ]; then
   for c in "qkv R=64" "mla_qkv_a R=64"; do
     name="splits_$(echo "$c" | tr ' =' '__')"
@@ -24,17 +41,7 @@ if [ "$PART" = 1 ]; then
   done
   ncu --version | tail -1
   for c in "qkv R=64" "mla_qkv_a R=64"; do
-    for k in shrink_mma expand_mma; do
-      tag=$(echo "$c $k" | tr -c 'A-Za-z0-9' '_')
-      timeout 150 ncu --cache-control all --clock-control none \
-        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-        --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
-        -k regex:"$k" --launch-skip 2 -c 1 -o "$OUT/$tag" -f \
-        devbin/lora_bench --profile-pass --no-graphs --variant none --case "^$c T=4096 adapters=8" > "$OUT/${tag}_run.txt" 2>&1
-      echo "$c $k: ncu rc=$?"
-      ncu --import "$OUT/$tag.ncu-rep" --page details --csv > "$OUT/${tag}_details.csv" 2>&1
-      rm -f "$OUT/$tag.ncu-rep"
-    done
+    for k in shrink_mma expand_mma; do ncu_prefill "$(echo "$c $k" | tr -c 'A-Za-z0-9' '_')" "$k" "$c"; done
   done
   (cd "$OUT" && tar cJf part1.tar.xz ./*.csv ./*.err ./*_run.txt && rm -f ./*.csv ./*.err ./*_run.txt)
 fi
@@ -81,18 +88,7 @@ fi
 if [ "$PART" = 6 ]; then
   # ncu of the new MLA R=64 prefill pair (the tall wide shrink, the expand of four copies split
   # four ways): the sections of PART=1, and from the raw page the warp stall reasons.
-  for k in shrink_mma expand_mma; do
-    tag="mla_R64_$k"
-    timeout 150 ncu --cache-control all --clock-control none \
-      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-      --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
-      -k regex:"$k" --launch-skip 2 -c 1 -o "$OUT/$tag" -f \
-      devbin/lora_bench --profile-pass --no-graphs --variant none --case "^mla_qkv_a R=64 T=4096 adapters=8" > "$OUT/${tag}_run.txt" 2>&1
-    echo "$k: ncu rc=$?"
-    ncu --import "$OUT/$tag.ncu-rep" --page details --csv > "$OUT/${tag}_details.csv" 2>&1
-    ncu --import "$OUT/$tag.ncu-rep" --page raw --csv > "$OUT/${tag}_raw.csv" 2>&1
-    rm -f "$OUT/$tag.ncu-rep"
-  done
+  for k in shrink_mma expand_mma; do RAW=1 ncu_prefill "mla_R64_$k" "$k" "mla_qkv_a R=64"; done
   (cd "$OUT" && tar cJf part6.tar.xz ./*.csv ./*_run.txt && rm -f ./*.csv ./*_run.txt)
 fi
 if [ "$PART" = 7 ]; then

@@ -462,22 +462,22 @@ fn load_tile_rows(
     let tid = UNIT_POS as usize;
     #[unroll]
     for k in 0..comptime!((tm * bw_vecs).div_ceil(threads)) {
-        let i = (tid + k * threads) / bw_vecs;
-        let mut row = 0u32;
-        if p0 + i < geometry.end {
-            row = token_perm[p0 + i];
-        }
-        y_rows[k] = row;
+        y_rows[k] = token_row(token_perm, p0 + (tid + k * threads) / bw_vecs, geometry.end);
     }
     #[unroll]
     for k in 0..comptime!((tm * a_vecs).div_ceil(threads)) {
-        let i = (tid + k * threads) / a_vecs;
-        let mut row = 0u32;
-        if p0 + i < geometry.end {
-            row = token_perm[p0 + i];
-        }
-        a_rows[k] = row;
+        a_rows[k] = token_row(token_perm, p0 + (tid + k * threads) / a_vecs, geometry.end);
     }
+}
+
+/// The token row at position `p` of the permutation, or 0 from the segment's `end` on.
+#[cube]
+fn token_row(token_perm: &Array<u32>, p: usize, end: usize) -> u32 {
+    let mut row = 0u32;
+    if p < end {
+        row = token_perm[p];
+    }
+    row
 }
 
 /// [`fill`] from token rows read beforehand ([`load_tile_rows`] for the same `p0`), for the

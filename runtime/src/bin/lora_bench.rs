@@ -1405,7 +1405,7 @@ fn write_cuda_sources(dir: &str) -> std::io::Result<()> {
     };
     std::fs::create_dir_all(dir)?;
     let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
-    let device = h100_properties();
+    let device = &h100_properties();
     let (segments, tokens) = (8, 4096 / 8);
     // 8 slots × 64 experts (counts in shared memory) and × 4096 experts (in global memory).
     for dense_slots in [512, 32768] {
@@ -1419,7 +1419,7 @@ fn write_cuda_sources(dir: &str) -> std::io::Result<()> {
         for rank in [16, 64] {
             let layout = LoraLayout::new(nz(SLOTS), nz(rank), m.in_features, m.groups, m.slices.clone(), None).unwrap();
             let case = format!("{}_R{rank}", m.name);
-            let default_shrink = MmaShrinkConfig::for_batch::<bf16>(&device, &layout, segments, tokens);
+            let default_shrink = MmaShrinkConfig::for_batch::<bf16>(device, &layout, segments, tokens);
             // (variant, source, header: the shrink's grid size for this batch and the bytes its
             // cubes stage from L2, x once per row block and A once per cube).
             let mut sources = Vec::new();
@@ -1431,7 +1431,6 @@ fn write_cuda_sources(dir: &str) -> std::io::Result<()> {
             };
             let shrinks = default_shrink.map(|c| ("shrink default".to_string(), c)).into_iter();
             // The wide prefill tiles with K splits (`wide_split_for`) at every depth that fits.
-            let device = &device;
             let wide = MmaShrinkConfig::wide_split_layouts::<bf16>(device, &layout).flat_map(|wide| {
                 (2..=4).filter_map(move |stages| wide.with_stages::<bf16>(device, stages)).map(|c| {
                     let name = format!(
@@ -1441,16 +1440,17 @@ fn write_cuda_sources(dir: &str) -> std::io::Result<()> {
                     (name, c)
                 })
             });
-            for (name, config) in shrinks.chain(shrink_variants::<bf16>(&device, &layout, default_shrink)).chain(wide) {
+            for (name, config) in shrinks.chain(shrink_variants::<bf16>(device, &layout, default_shrink)).chain(wide) {
                 sources.push((name, shrink_source::<_, bf16>(&client, config), shrink_cubes(&config)));
             }
-            let default_expand = MmaExpandConfig::for_batch::<bf16>(&device, &layout, segments, tokens);
-            let variants = expand_variants::<bf16>(&device, &layout).into_iter().filter(|(_, _, splits)| *splits == 0);
-            // The default adding up the wide tiles' copies, and the same tile in 2–3 stages.
+            let default_expand = MmaExpandConfig::for_batch::<bf16>(device, &layout, segments, tokens);
+            let variants = expand_variants::<bf16>(device, &layout).into_iter().filter(|(_, _, splits)| *splits == 0);
+            // The default tile adding up the wide tiles' copies in 2 and 3 stages (its own depth
+            // is one of them).
             let summing = [WIDE_SPLIT_COPIES, TALL_SPLIT_COPIES].into_iter().flat_map(|copies| {
                 let tile = default_expand.and_then(|d| d.batch_summing::<bf16>(device, &layout, copies));
                 let depths = [2, 3].map(|stages| tile.and_then(|t| t.with_stages::<bf16>(device, stages)?.summing::<bf16>(device, copies)));
-                tile.into_iter().chain(depths.into_iter().flatten()).map(move |c| (format!("expand summing x{copies} s{}", c.stages), c))
+                depths.into_iter().flatten().map(move |c| (format!("expand summing x{copies} s{}", c.stages), c))
             });
             let expands = default_expand
                 .map(|c| ("expand default".to_string(), c))
@@ -1461,7 +1461,7 @@ fn write_cuda_sources(dir: &str) -> std::io::Result<()> {
                 sources.push((name, expand_source::<_, bf16>(&client, config), None));
             }
             // The decode expand of T = 32 tokens over the 8 adapters.
-            let decode = ExpandConfig::for_device(&device, &layout, 2, segments, 32 / segments as u32);
+            let decode = ExpandConfig::for_device(device, &layout, 2, segments, 32 / segments as u32);
             sources.push(("expand scalar decode T32".into(), scalar_expand_source::<_, bf16>(&client, decode), None));
             for (name, source, cubes) in sources {
                 let source = source.map_err(|e| std::io::Error::other(format!("{case} {name}: {e:?}")))?;
